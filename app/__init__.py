@@ -1,0 +1,71 @@
+"""The Job Service API: an application factory that runs a list of init steps."""
+from __future__ import annotations
+
+import logging
+import time
+
+from flask import Flask, g, request
+from flask.wrappers import Response
+
+from app import logs
+from app.api import Api
+from app.db import Database
+from config import Settings, flask_config
+
+log = logging.getLogger("jobservice.api")
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    settings = settings or Settings.from_env()
+    if not settings.database_url:
+        raise RuntimeError(
+            "DATABASE_URL is not set: run `jobservice run`, which starts the embedded PostgreSQL and Redis, "
+            "or point DATABASE_URL and REDIS_URL at your servers"
+        )
+    logs.configure(settings.log_level, settings.log_format)
+    app = Flask(__name__)
+    app.config.update(flask_config(settings))
+
+    from app.api import context, errors, health, jobs
+
+    context.register(app, Database(settings.database_url))
+    _register_access_log(app)
+    errors.register(app)
+    api = Api(app)
+    api.register_blueprint(jobs.blp)
+    api.register_blueprint(health.blp)
+    health.register(app)
+    _register_cli(app)
+    return app
+
+
+def _register_access_log(app: Flask) -> None:
+    @app.before_request
+    def _start_timer() -> None:
+        g.request_started = time.perf_counter()
+
+    @app.after_request
+    def _log_request(response: Response) -> Response:
+        elapsed_ms = (time.perf_counter() - g.get("request_started", time.perf_counter())) * 1000
+        log.info(
+            "%s %s %s %.1fms",
+            request.method,
+            request.path,
+            response.status_code,
+            elapsed_ms,
+            extra={"request_id": g.get("request_id")},
+        )
+        return response
+
+
+def _register_cli(app: Flask) -> None:
+    from flask_migrate import Migrate
+
+    # env.py reads the URL and metadata itself; Flask-Migrate supplies the `flask db` commands.
+    Migrate(directory=_migrations_dir()).init_app(app)
+
+
+def _migrations_dir() -> str:
+    import os
+
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "migrations")

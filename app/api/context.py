@@ -1,0 +1,32 @@
+"""Per-request access to the database session and settings."""
+from __future__ import annotations
+
+from flask import Flask, current_app, g
+from sqlalchemy.orm import Session
+
+from app.db import Database
+from config import Settings
+
+
+def database() -> Database:
+    return current_app.extensions["jobservice.database"]
+
+
+def settings() -> Settings:
+    return current_app.config["JOBSERVICE_SETTINGS"]
+
+
+def session() -> Session:
+    if "db_session" not in g:
+        g.db_session = database().sessions()
+    return g.db_session
+
+
+def register(app: Flask, db: Database) -> None:
+    app.extensions["jobservice.database"] = db
+
+    @app.teardown_appcontext
+    def _close_session(_exc: BaseException | None) -> None:
+        s = g.pop("db_session", None)
+        if s is not None:
+            s.close()

@@ -1,0 +1,77 @@
+"""Liveness and readiness probes (no authentication)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import redis
+from flask import Flask, current_app
+from flask.views import MethodView
+from sqlalchemy import text
+
+from app.api import Blueprint
+from app.api.context import database, settings
+
+blp = Blueprint("health", __name__, url_prefix="/api/v1/health", description="Probes")
+
+ReadinessCheck = Callable[[], str]  # returns "ok", "error" or "disabled"
+
+
+def check_database() -> str:
+    try:
+        with database().engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        return "ok"
+    except Exception:  # noqa: BLE001 - any failure means not ready
+        return "error"
+
+
+def check_redis() -> str:
+    url = settings().redis_url
+    if not url:
+        return "error"
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+        try:
+            return "ok" if client.ping() else "error"
+        finally:
+            client.close()
+    except Exception:  # noqa: BLE001
+        return "error"
+
+
+def check_kubernetes() -> str:
+    return "disabled"
+
+
+def register_check(app: Flask, name: str, check: ReadinessCheck) -> None:
+    app.extensions.setdefault("jobservice.readiness", {})[name] = check
+
+
+def readiness() -> tuple[dict[str, Any], int]:
+    checks = {name: check() for name, check in current_app.extensions["jobservice.readiness"].items()}
+    healthy = all(result in ("ok", "disabled") for result in checks.values())
+    return {"status": "ok" if healthy else "degraded", "checks": checks}, 200 if healthy else 503
+
+
+@blp.route("/live")
+class Live(MethodView):
+    def get(self) -> dict[str, str]:
+        """The process is up"""
+        return {"status": "ok"}
+
+
+@blp.route("/ready")
+class Ready(MethodView):
+    def get(self) -> tuple[dict[str, Any], int]:
+        """Database, Redis and Kubernetes are reachable"""
+        return readiness()
+
+
+def register(app: Flask) -> None:
+    register_check(app, "database", check_database)
+    register_check(app, "redis", check_redis)
+    register_check(app, "kubernetes", check_kubernetes)
+    # Kubernetes probes conventionally hit the root paths; serve both.
+    app.add_url_rule("/health/live", "health_live_root", lambda: {"status": "ok"})
+    app.add_url_rule("/health/ready", "health_ready_root", readiness)

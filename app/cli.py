@@ -1,0 +1,72 @@
+"""`jobservice`: run the whole service (embedded defaults included), or one of its processes."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from app import logs
+from app.embedded import ensure_services
+from config import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+log = logging.getLogger("jobservice")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start PostgreSQL/Redis if no URL is set, apply migrations, then every Procfile process."""
+    settings = Settings.from_env()
+    services = ensure_services(settings.database_url, settings.redis_url, settings.data_dir, settings.embedded_redis_port)
+    env = dict(os.environ, DATABASE_URL=services.database_url or "", REDIS_URL=services.redis_url or "")
+    env.update(dev_auth_env(settings))
+    try:
+        subprocess.run([sys.executable, "-m", "flask", "--app", "app", "db", "upgrade"], env=env, cwd=ROOT, check=True)
+        command = [sys.executable, "-m", "honcho", "-f", str(ROOT / "Procfile"), "start"]
+        if args.processes:
+            command += args.processes
+        return subprocess.call(command, env=env, cwd=ROOT)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        services.stop()
+
+
+def dev_auth_env(settings: Settings) -> dict[str, str]:
+    """A development signing secret kept in the data folder, unless keys are configured."""
+    if settings.jwt_secret_key or settings.jwt_public_key or settings.jwt_jwks_url:
+        return {}
+    secret_file = Path(settings.data_dir).resolve() / "jwt-secret"
+    if not secret_file.exists():
+        import secrets
+
+        secret_file.parent.mkdir(parents=True, exist_ok=True)
+        secret_file.write_text(secrets.token_urlsafe(48))
+        secret_file.chmod(0o600)
+    return {"JWT_SECRET_KEY": secret_file.read_text().strip()}
+
+
+def scheduler(args: argparse.Namespace) -> int:
+    from app.scheduler import run_forever
+
+    run_forever(Settings.from_env())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="jobservice", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_parser = commands.add_parser("run", help="run API, scheduler, worker and Flower (embedded PostgreSQL/Redis if no URL is set)")
+    run_parser.add_argument("processes", nargs="*", help="only these Procfile processes (default: all)")
+    run_parser.set_defaults(func=run)
+    commands.add_parser("scheduler", help="run the scheduler loop").set_defaults(func=scheduler)
+    args = parser.parse_args(argv)
+    settings = Settings.from_env()
+    logs.configure(settings.log_level, settings.log_format)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Kubernetes resource quantities ("500m", "2", "8Gi", "1.5G") parsed into canonical integers."""
+from __future__ import annotations
+
+import re
+from decimal import Decimal, InvalidOperation
+
+_BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+_DECIMAL = {
+    "n": Decimal("1e-9"),
+    "u": Decimal("1e-6"),
+    "m": Decimal("1e-3"),
+    "": Decimal(1),
+    "k": Decimal(10**3),
+    "M": Decimal(10**6),
+    "G": Decimal(10**9),
+    "T": Decimal(10**12),
+    "P": Decimal(10**15),
+    "E": Decimal(10**18),
+}
+_QUANTITY = re.compile(r"^(?P<number>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?P<suffix>[KMGTPE]i|[numkMGTPE]?)$")
+
+
+def parse_quantity(value: str) -> Decimal:
+    """The quantity's value in base units; raises ValueError for anything Kubernetes would refuse."""
+    match = _QUANTITY.match(str(value).strip())
+    if not match:
+        raise ValueError(f"{value!r} is not a Kubernetes quantity (examples: '2', '500m', '8Gi')")
+    try:
+        number = Decimal(match["number"])
+    except InvalidOperation as exc:  # pragma: no cover - the regex admits only decimals
+        raise ValueError(f"{value!r} is not a number") from exc
+    suffix = match["suffix"]
+    return number * (_BINARY[suffix] if suffix in _BINARY else _DECIMAL[suffix])
+
+
+def cpu_to_millis(value: str) -> int:
+    millis = parse_quantity(value) * 1000
+    if millis != millis.to_integral_value():
+        raise ValueError(f"cpu {value!r} is finer than a millicore")
+    return int(millis)
+
+
+def memory_to_bytes(value: str) -> int:
+    amount = parse_quantity(value)
+    if amount != amount.to_integral_value():
+        raise ValueError(f"memory {value!r} is not a whole number of bytes")
+    return int(amount)
+
+
+def format_millis(millis: int) -> str:
+    return str(millis // 1000) if millis % 1000 == 0 else f"{millis}m"
+
+
+def format_bytes(amount: int) -> str:
+    for suffix in ("Ei", "Pi", "Ti", "Gi", "Mi", "Ki"):
+        unit = _BINARY[suffix]
+        if amount and amount % unit == 0:
+            return f"{amount // unit}{suffix}"
+    return str(amount)

