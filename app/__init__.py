@@ -26,13 +26,16 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__)
     app.config.update(flask_config(settings))
 
-    from app.api import context, errors, health, jobs
+    from app.api import auth, context, errors, health, jobs, logs as job_logs, ratelimit
 
     context.register(app, Database(settings.database_url))
     _register_access_log(app)
     errors.register(app)
+    auth.register(app)  # before the limiter: it keys on the caller this sets
+    ratelimit.register(app)
     api = Api(app)
     api.register_blueprint(jobs.blp)
+    api.register_blueprint(job_logs.blp)
     api.register_blueprint(health.blp)
     health.register(app)
     _register_cli(app)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,15 +22,23 @@ def run(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     services = ensure_services(settings.database_url, settings.redis_url, settings.data_dir, settings.embedded_redis_port)
     env = dict(os.environ, DATABASE_URL=services.database_url or "", REDIS_URL=services.redis_url or "")
+    # The Procfile's commands (gunicorn, celery, jobservice) live beside this interpreter.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update(dev_auth_env(settings))
     try:
         subprocess.run([sys.executable, "-m", "flask", "--app", "app", "db", "upgrade"], env=env, cwd=ROOT, check=True)
-        command = [sys.executable, "-m", "honcho", "-f", str(ROOT / "Procfile"), "start"]
+        # honcho hands out $PORT from --port, in steps of 100 in Procfile order: `web` comes first.
+        command = [sys.executable, "-m", "honcho", "-f", str(ROOT / "Procfile"), "start", "--port", str(settings.port)]
         if args.processes:
             command += args.processes
-        return subprocess.call(command, env=env, cwd=ROOT)
-    except KeyboardInterrupt:
-        return 130
+        processes = subprocess.Popen(command, env=env, cwd=ROOT)
+        # A SIGTERM must stop the processes and the embedded servers too, not orphan them.
+        signal.signal(signal.SIGTERM, lambda *_: processes.send_signal(signal.SIGTERM))
+        try:
+            return processes.wait()
+        except KeyboardInterrupt:
+            processes.send_signal(signal.SIGINT)
+            return processes.wait()
     finally:
         services.stop()
 

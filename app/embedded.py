@@ -5,7 +5,9 @@ with nothing installed but this package. Both keep their data under the data fol
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import socket
 import subprocess
 import time
@@ -37,10 +39,34 @@ class EmbeddedServices:
             self._postgres.cleanup()
 
 
+def _forget_dead_handles(pgdata: Path) -> None:
+    """pgserver stops the server when its last user exits, counting users in a pid list; a user
+    killed without cleanup stays listed and the server would never stop. Drop the dead ones."""
+    handles = pgdata / ".handle_pids.json"
+    if not handles.exists():
+        return
+    try:
+        pids = json.loads(handles.read_text() or "[]")
+    except ValueError:
+        pids = []
+    handles.write_text(json.dumps([pid for pid in pids if _alive(pid)]))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def start_postgres(data_dir: Path) -> tuple[Any, str]:
     import pgserver
 
     data_dir.mkdir(parents=True, exist_ok=True)
+    _forget_dead_handles(data_dir / "postgres")
     server = pgserver.get_server(data_dir / "postgres", cleanup_mode="stop")
     exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE_NAME}';")
     if "(1 row)" not in exists:

@@ -58,12 +58,7 @@ class Job(Base):
         ),
         Index("ix_jobs_owner_created", "owner", "created_at"),
         Index("ix_jobs_status_created", "status", "created_at"),
-        Index(
-            "ix_jobs_active_node",
-            "cluster",
-            "node",
-            postgresql_where=text("status IN ('queued', 'running')"),
-        ),
+        Index("ix_jobs_holding_node", "cluster", "node", postgresql_where=text("holds_resources")),
     )
 
     id: Mapped[str] = mapped_column(Text, primary_key=True)
@@ -102,6 +97,8 @@ class Job(Base):
     cluster: Mapped[str | None] = mapped_column(Text)
     node: Mapped[str | None] = mapped_column(Text)
     gpu_indices: Mapped[list[Any] | None] = mapped_column(JSONB)
+    # True from admission until the attempt's processes are gone (a cancelled job may still be stopping).
+    holds_resources: Mapped[bool] = mapped_column(Boolean, server_default="false")
     dispatch_token: Mapped[str | None] = mapped_column(Text)
     worker_id: Mapped[str | None] = mapped_column(Text)
     exit_code: Mapped[int | None] = mapped_column(Integer)

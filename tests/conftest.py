@@ -34,6 +34,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def make_token(
+    sub: str | None,
+    scopes: str | list[str] | None = "jobs:read jobs:write",
+    *,
+    key: Any = TEST_JWT_SECRET,
+    algorithm: str = "HS256",
+    headers: dict[str, Any] | None = None,
+    expires_in: int = 600,
+    **claims: Any,
+) -> str:
+    """A signed JWT as an identity provider would issue it; `claims` add or override (None drops one)."""
+    import time
+
+    import jwt
+
+    now = int(time.time())
+    payload: dict[str, Any] = {"sub": sub, "iat": now, "nbf": now, "exp": now + expires_in, "scope": scopes, **claims}
+    return jwt.encode({k: v for k, v in payload.items() if v is not None}, key, algorithm=algorithm, headers=headers)
+
+
 @pytest.fixture(scope="session")
 def backing_services() -> Iterator[tuple[str, str]]:
     data_dir = tempfile.mkdtemp(prefix="jobservice-test-")
@@ -153,3 +173,135 @@ def api(live_server: LiveServer) -> ApiClient:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # Slow end-to-end modules last, so quick failures show first.
     items.sort(key=lambda item: 1 if "e2e" in Path(str(item.fspath)).name else 0)
+
+
+# --- Real workers and a real scheduler, for end-to-end tests -------------------------------------
+
+FAST_TIMINGS = {
+    "SCHEDULER_INTERVAL_SECONDS": "0.5",
+    "OUTBOX_REPUBLISH_AFTER_SECONDS": "2",
+    "JOB_HEARTBEAT_SECONDS": "0.5",
+    "JOB_LEASE_SECONDS": "3",
+    "NODE_LEASE_SECONDS": "6",
+    "RETRY_BACKOFF_BASE_SECONDS": "0.5",
+    "KILL_GRACE_SECONDS": "2",
+}
+
+
+class WorkerProcess:
+    """`celery --app workers.celery_app worker` as a subprocess in its own process group."""
+
+    def __init__(self, env: dict[str, str], node: str, concurrency: int, workdir: str) -> None:
+        import subprocess
+        import sys
+
+        self.node = node
+        self.log_path = Path(workdir) / f"worker-{node}.log"
+        self.log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "celery", "--app", "workers.celery_app", "worker", "--loglevel", "INFO",
+             "--concurrency", str(concurrency), "--prefetch-multiplier", "1", "--without-gossip", "--without-mingle",
+             "--hostname", f"{node}@%h"],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+
+    def kill(self) -> None:
+        import signal
+
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait(10)
+        self.log.close()
+
+
+@pytest.fixture
+def e2e_env(service_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, **service_env, **FAST_TIMINGS, "WORKER_WORKDIR": str(tmp_path / "work"), "LOG_LEVEL": "INFO"}
+
+
+@pytest.fixture
+def start_worker(e2e_env: dict[str, str], database: Database, tmp_path: Path) -> Iterator[Any]:
+    """start_worker(node, concurrency=2, gpus=0, **env) -> WorkerProcess, once its node has registered."""
+    import time
+
+    workers: list[WorkerProcess] = []
+
+    def start(node: str = "node-a", concurrency: int = 2, gpus: int = 0, **extra_env: str) -> WorkerProcess:
+        env = {**e2e_env, "WORKER_NODE": node, "WORKER_GPU_COUNT": str(gpus), **extra_env}
+        worker = WorkerProcess(env, node, concurrency, str(tmp_path))
+        workers.append(worker)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with database.engine.connect() as conn:
+                if conn.execute(text("SELECT 1 FROM nodes WHERE name = :n"), {"n": node}).first():
+                    return worker
+            if worker.process.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"worker {node} did not register:\n{worker.log_path.read_text()[-3000:]}")
+
+    yield start
+    for worker in workers:
+        worker.kill()
+
+
+@pytest.fixture
+def e2e_settings(e2e_env: dict[str, str]) -> Settings:
+    return Settings.from_env(e2e_env)
+
+
+@pytest.fixture
+def start_scheduler(e2e_env: dict[str, str], database: Database) -> Iterator[Any]:
+    """start_scheduler(**env) -> Scheduler: the real scheduler loop in a thread (same code as `jobservice scheduler`)."""
+    from app.dispatch import CeleryPublisher
+    from app.scheduler import Scheduler
+
+    running: list[tuple[Any, threading.Event, threading.Thread, Any]] = []
+
+    def start(**extra_env: str) -> Scheduler:
+        settings = Settings.from_env({**e2e_env, **extra_env})
+        publisher = CeleryPublisher(settings)
+        instance = Scheduler(settings, Database(settings.database_url or "", pool_size=2), publisher)
+        stop = threading.Event()
+        thread = threading.Thread(target=instance.run_forever, args=(stop,), daemon=True)
+        thread.start()
+        running.append((instance, stop, thread, publisher))
+        return instance
+
+    yield start
+    for instance, stop, thread, publisher in running:
+        stop.set()
+        thread.join(10)
+        publisher.close()
+        instance.database.dispose()
+
+
+def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.1, message: str = "condition") -> Any:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def wait_for_status(api: ApiClient, job_id: str, statuses: set[str] | str, timeout: float = 30.0) -> dict[str, Any]:
+    wanted = {statuses} if isinstance(statuses, str) else statuses
+    last: dict[str, Any] = {}
+
+    def reached() -> dict[str, Any] | None:
+        nonlocal last
+        last = api.get(f"/jobs/{job_id}").json()
+        return last if last["status"] in wanted else None
+
+    try:
+        return wait_for(reached, timeout, message=f"{job_id} to reach {wanted}")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last seen: {last}") from None

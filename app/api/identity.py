@@ -1,7 +1,8 @@
 """The caller of the current request: the one place the API learns who is asking."""
 from __future__ import annotations
 
-from flask import abort, current_app, g
+from flask import current_app, g
+from flask_smorest import abort  # unlike flask.abort, it carries `message` to the envelope
 
 from app.domain.callers import LOCAL_ADMIN, Caller
 

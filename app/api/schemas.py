@@ -18,14 +18,15 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _RESERVED_ENV = {"JOB_ID", "JOB_CONFIG", "JOB_RANK", "JOB_WORLD_SIZE", "CUDA_VISIBLE_DEVICES"}
 
 
-class Timestamp(ma.fields.DateTime):
+def format_timestamp(value: datetime) -> str:
     """RFC 3339 in UTC with a `Z`, e.g. 2024-01-15T10:00:00.123Z."""
+    value = value.astimezone(timezone.utc)
+    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
 
+
+class Timestamp(ma.fields.DateTime):
     def _serialize(self, value: datetime | None, attr: str | None, obj: Any, **kwargs: Any) -> str | None:
-        if value is None:
-            return None
-        value = value.astimezone(timezone.utc)
-        return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+        return None if value is None else format_timestamp(value)
 
 
 class Quantity(ma.fields.String):

@@ -13,7 +13,6 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.domain.quantities import format_bytes, format_millis
-from app.domain.states import ACTIVE
 from app.models import Job, Node
 
 LOCAL_CLUSTER = "local"
@@ -72,7 +71,7 @@ def load_nodes(session: Session, *, alive_since: datetime | None = None) -> list
     members = func.greatest(1, func.coalesce(Job.gang_min_members, 1))
     held = session.execute(
         select(Job.cluster, Job.node, Job.gpu_indices, Job.cpu_millis, Job.memory_bytes, Job.gang_enabled, members).where(
-            Job.status.in_([s.value for s in ACTIVE]), Job.node.is_not(None)
+            Job.holds_resources.is_(True)
         )
     )
     for cluster, node_name, gpu_indices, cpu, memory, gang, count in held:

@@ -158,6 +158,13 @@ def get(session: Session, caller: Caller, job_id: str) -> Job:
     return job
 
 
+def current_status(session: Session, job_id: str) -> str:
+    status = session.scalar(select(Job.status).where(Job.id == job_id))
+    if status is None:
+        raise NotFound(f"Job {job_id} not found")
+    return status
+
+
 def list_jobs(session: Session, caller: Caller, filters: JobFilters) -> tuple[list[Job], int]:
     conditions = [_visible(caller), Job.priority >= filters.priority_min]
     if filters.status:
@@ -205,12 +212,26 @@ def cancel(session: Session, caller: Caller, job_id: str) -> Job:
         if JobStatus(job.status) in TERMINAL:
             raise Conflict(f"Job {job_id} is already {job.status}")
         now = utcnow()
-        # The worker running it sees the state change and stops the processes.
+        if job.status != JobStatus.RUNNING:
+            # Nothing runs yet: its resources are free now. A running job keeps them until its
+            # worker has stopped the processes (see execution.end).
+            job.holds_resources = False
         record_transition(session, job, JobStatus.CANCELLED, reason=f"cancelled by {caller.sub}", actor=caller.sub, at=now)
         job.cancelled_at = now
         job.completed_at = now
         notify_scheduler(session, "cancel")
     return job
+
+
+def clear_placement(job: Job) -> None:
+    """The job goes back to the backlog: no node, no GPUs, and its old task becomes stale."""
+    job.node = None
+    job.cluster = None
+    job.gpu_indices = None
+    job.holds_resources = False
+    job.dispatch_token = None
+    job.worker_id = None
+    job.heartbeat_at = None
 
 
 def fail_unrunnable(session: Session, job: Job, reason: str) -> None:

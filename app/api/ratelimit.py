@@ -1,0 +1,90 @@
+"""Per-client rate limits (flask-limiter), counted in Redis so that every API process shares them.
+
+The client is the authenticated `sub` (set by app.api.auth, whose hook must run first) or, for
+calls without a caller, the client address. Limits: RATELIMIT_SUBMIT for POST /jobs/,
+RATELIMIT_LIST for GET /jobs/, RATELIMIT_DEFAULT for each other endpoint and method; health
+probes are not limited.
+"""
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, current_app, g, request
+from flask.wrappers import Response
+from flask_limiter import Limit, Limiter
+
+from app.api.auth import is_health_probe
+from config import Settings
+
+log = logging.getLogger(__name__)
+
+JOBS_COLLECTION_RULE = "/api/v1/jobs/"
+# A Redis that hangs (rather than refusing connections) must not hang every request with it.
+REDIS_TIMEOUT_SECONDS = 1.0
+
+
+def client_key() -> str:
+    caller = g.get("caller")
+    if caller is not None:
+        return f"sub:{caller.sub}"
+    return f"addr:{request.remote_addr or 'unknown'}"
+
+
+def limit_for_request() -> str:
+    settings: Settings = current_app.config["JOBSERVICE_SETTINGS"]
+    rule = request.url_rule
+    if rule is not None and rule.rule == JOBS_COLLECTION_RULE:
+        if request.method == "POST":
+            return settings.ratelimit_submit
+        if request.method == "GET":
+            return settings.ratelimit_list
+    return settings.ratelimit_default
+
+
+def _breach_message() -> str:
+    return f"Rate limit of {limit_for_request()} exceeded; retry after the number of seconds in the Retry-After header"
+
+
+def _retry_after_only_on_refusals(response: Response) -> Response:
+    # flask-limiter sets Retry-After on every limited response; it means "come back later" only on a 429.
+    if response.status_code not in (429, 503):
+        response.headers.pop("Retry-After", None)
+    return response
+
+
+def register(app: Flask) -> None:
+    """Register after app.api.auth: flask-limiter's check runs as a before_request hook, in order."""
+    settings: Settings = app.config["JOBSERVICE_SETTINGS"]
+    if not settings.ratelimit_enabled:
+        return
+    if not settings.redis_url:
+        log.warning("REDIS_URL is not set: rate limits are counted per process, not shared")
+    app.config.update(
+        {
+            "RATELIMIT_ENABLED": True,
+            "RATELIMIT_STORAGE_URI": settings.redis_url or "memory://",
+            "RATELIMIT_STORAGE_OPTIONS": (
+                {"socket_connect_timeout": REDIS_TIMEOUT_SECONDS, "socket_timeout": REDIS_TIMEOUT_SECONDS}
+                if settings.redis_url
+                else {}
+            ),
+            # Moving window: exactly N per rolling minute, no double burst at a fixed window's edge.
+            "RATELIMIT_STRATEGY": "moving-window",
+            "RATELIMIT_KEY_PREFIX": "jobservice",
+            "RATELIMIT_HEADERS_ENABLED": True,
+            # Redis down: keep serving, counting in this process's memory until Redis answers again
+            # (flask-limiter logs the switch); swallow anything else the limiter trips over.
+            "RATELIMIT_IN_MEMORY_FALLBACK_ENABLED": True,
+            "RATELIMIT_SWALLOW_ERRORS": True,
+        }
+    )
+    # Registered before the limiter's own after_request so that it runs after it (Flask runs them in reverse).
+    app.after_request(_retry_after_only_on_refusals)
+    limiter = Limiter(
+        client_key,
+        default_limits=[Limit(limit_for_request, per_method=True, error_message=_breach_message)],
+    )
+    limiter.request_filter(is_health_probe)
+    limiter.init_app(app)
+    app.extensions["jobservice.limiter"] = limiter
+

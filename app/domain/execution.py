@@ -1,0 +1,149 @@
+"""The job lifecycle as seen by a worker: claim, heartbeat, end; and the worker's node registration."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from app.db import transaction
+from app.domain.jobs import notify_scheduler, record_transition, utcnow
+from app.domain.scheduling import end_attempt
+from app.domain.states import JobStatus
+from app.models import Job, Node
+from config import Settings
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """What a worker needs to run one attempt of a job: plain data, no ORM object.
+    Its fields are those of the executors' JobSpec, which is built from it field for field."""
+
+    job_id: str
+    attempt: int
+    image: str | None
+    command: list[str] | None
+    env: dict[str, str]
+    config: dict[str, Any]
+    cpu_millis: int
+    memory_bytes: int
+    gpus: int
+    members: int
+    timeout_seconds: int | None
+    cluster: str
+    node: str | None
+    gpu_indices: list[int]
+
+
+def claim(session: Session, job_id: str, dispatch_token: str, worker_id: str, now: datetime | None = None) -> ClaimedJob | None:
+    """queued -> running for this admission's task; None for a duplicate or stale delivery."""
+    now = now or utcnow()
+    with transaction(session):
+        job = session.get(Job, job_id, with_for_update=True)
+        if job is None or job.status != JobStatus.QUEUED.value or job.dispatch_token != dispatch_token:
+            return None
+        job.worker_id = worker_id
+        record_transition(session, job, JobStatus.RUNNING, reason=f"started by {worker_id}", actor=worker_id, at=now)
+        job.started_at = now
+        job.heartbeat_at = now
+        return ClaimedJob(
+            job_id=job.id,
+            attempt=job.retry_count,
+            image=job.image,
+            command=list(job.command) if job.command else None,
+            env=dict(job.env or {}),
+            config=dict(job.config or {}),
+            cpu_millis=job.cpu_millis,
+            memory_bytes=job.memory_bytes,
+            gpus=job.gpus,
+            members=job.gang_min_members if job.gang_enabled else 1,
+            timeout_seconds=job.timeout_seconds,
+            cluster=job.cluster or "",
+            node=job.node,
+            gpu_indices=[int(g) for g in job.gpu_indices or []],
+        )
+
+
+def still_running(session: Session, job_id: str, dispatch_token: str, *, heartbeat: bool) -> bool:
+    """True while this attempt still owns the job; renews its lease when `heartbeat` is set."""
+    with transaction(session):
+        if heartbeat:
+            renewed = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.dispatch_token == dispatch_token)
+                .values(heartbeat_at=utcnow())
+            )
+            return bool(renewed.rowcount)
+        status = session.scalar(select(Job.status).where(Job.id == job_id, Job.dispatch_token == dispatch_token))
+        return status == JobStatus.RUNNING.value
+
+
+def end(
+    session: Session,
+    settings: Settings,
+    job_id: str,
+    dispatch_token: str,
+    *,
+    succeeded: bool,
+    retryable: bool,
+    reason: str,
+    actor: str,
+    exit_code: int | None = None,
+    details: dict[str, Any] | None = None,
+) -> str:
+    """Record how this attempt ended; returns the job's status afterwards (unchanged if it was cancelled)."""
+    with transaction(session):
+        job = session.get(Job, job_id, with_for_update=True)
+        if job is None:
+            return "missing"
+        if job.status != JobStatus.RUNNING.value or job.dispatch_token != dispatch_token:
+            if job.dispatch_token == dispatch_token and job.holds_resources:
+                job.holds_resources = False  # cancelled while running: its processes are gone now
+                notify_scheduler(session, "resources-released")
+            return job.status
+        end_attempt(
+            session, job, settings, succeeded=succeeded, retryable=retryable, reason=reason, actor=actor,
+            exit_code=exit_code, details=details,
+        )
+        return job.status
+
+
+def register_node(
+    session: Session,
+    *,
+    cluster: str,
+    name: str,
+    gpu_indices: list[int],
+    gpu_type: str | None,
+    cpu_millis: int,
+    memory_bytes: int,
+    slots: int,
+) -> None:
+    now = utcnow()
+    values = dict(
+        cluster=cluster, name=name, gpu_indices=gpu_indices, gpu_type=gpu_type, cpu_millis=cpu_millis,
+        memory_bytes=memory_bytes, slots=slots, ready=True, heartbeat_at=now, started_at=now,
+    )
+    with transaction(session):
+        statement = insert(Node).values(**values)
+        session.execute(
+            statement.on_conflict_do_update(
+                index_elements=[Node.cluster, Node.name],
+                set_={k: statement.excluded[k] for k in values if k not in ("cluster", "name")},
+            )
+        )
+        notify_scheduler(session, "node-registered")
+
+
+def node_heartbeat(session: Session, cluster: str, name: str) -> bool:
+    with transaction(session):
+        result = session.execute(update(Node).where(Node.cluster == cluster, Node.name == name).values(heartbeat_at=utcnow()))
+        return bool(result.rowcount)
+
+
+def deregister_node(session: Session, cluster: str, name: str) -> None:
+    with transaction(session):
+        session.execute(delete(Node).where(Node.cluster == cluster, Node.name == name))

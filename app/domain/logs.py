@@ -1,0 +1,61 @@
+"""A job's log store: lines kept in PostgreSQL as they are produced, so they outlive the process or pod."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import delete, insert, select
+from sqlalchemy.orm import Session
+
+from app.db import transaction
+from app.domain.jobs import utcnow
+from app.models import JobLogLine
+
+MAX_LINE_CHARS = 16_384
+
+
+@dataclass(frozen=True)
+class StoredLine:
+    id: int
+    at: datetime
+    stream: str
+    member: int
+    line: str
+
+
+def append(session: Session, job_id: str, attempt: int, lines: Sequence[tuple[datetime, str, int, str]]) -> None:
+    """Store (at, stream, member, line) tuples in one statement."""
+    if not lines:
+        return
+    with transaction(session):
+        session.execute(
+            insert(JobLogLine),
+            [
+                {"job_id": job_id, "attempt": attempt, "at": at, "stream": stream, "member": member, "line": line[:MAX_LINE_CHARS]}
+                for at, stream, member, line in lines
+            ],
+        )
+
+
+def _rows(session: Session, query) -> list[StoredLine]:  # type: ignore[no-untyped-def]
+    return [StoredLine(r.id, r.at, r.stream, r.member, r.line) for r in session.execute(query)]
+
+
+def tail(session: Session, job_id: str, count: int) -> list[StoredLine]:
+    columns = (JobLogLine.id, JobLogLine.at, JobLogLine.stream, JobLogLine.member, JobLogLine.line)
+    newest = _rows(session, select(*columns).where(JobLogLine.job_id == job_id).order_by(JobLogLine.id.desc()).limit(count))
+    return list(reversed(newest))
+
+
+def after(session: Session, job_id: str, last_id: int, limit: int = 1000) -> list[StoredLine]:
+    columns = (JobLogLine.id, JobLogLine.at, JobLogLine.stream, JobLogLine.member, JobLogLine.line)
+    return _rows(
+        session, select(*columns).where(JobLogLine.job_id == job_id, JobLogLine.id > last_id).order_by(JobLogLine.id).limit(limit)
+    )
+
+
+def purge_older_than(session: Session, days: int) -> int:
+    with transaction(session):
+        result = session.execute(delete(JobLogLine).where(JobLogLine.at < utcnow() - timedelta(days=days)))
+    return result.rowcount or 0

@@ -1,0 +1,101 @@
+"""The scheduler process: woken by PostgreSQL NOTIFY (submit, job end), and periodically as a safety net.
+
+Each tick recovers lost work, admits what fits, publishes the admitted jobs' tasks, and re-publishes
+any outbox message a crashed publisher left behind. Several schedulers may run; one admits at a time.
+"""
+from __future__ import annotations
+
+import logging
+import select
+import signal
+import threading
+import time
+
+import psycopg2
+import psycopg2.extensions
+
+from app.db import Database
+from app.dispatch import CeleryPublisher, TaskPublisher, outbox_ids_for, publish_outbox, republish_cutoff
+from app.domain import logs as log_store
+from app.domain.jobs import SCHEDULER_CHANNEL, utcnow
+from app.domain.scheduling import AdmissionResult, admit, recover_lost
+from config import Settings
+
+log = logging.getLogger("jobservice.scheduler")
+PURGE_EVERY_SECONDS = 3600.0
+
+
+class Scheduler:
+    def __init__(self, settings: Settings, database: Database, publisher: TaskPublisher) -> None:
+        self.settings = settings
+        self.database = database
+        self.publisher = publisher
+        self._last_sweep = 0.0
+        self._last_purge = 0.0
+
+    def tick(self) -> AdmissionResult:
+        with self.database.session() as session:
+            now_mono = time.monotonic()
+            if now_mono - self._last_sweep >= self.settings.scheduler_interval_seconds:
+                self._last_sweep = now_mono
+                recovered = recover_lost(session, self.settings)
+                if recovered:
+                    log.warning("recovered %d lost job(s): %s", len(recovered), ", ".join(recovered))
+                publish_outbox(session, self.publisher, older_than=republish_cutoff(self.settings))
+            if now_mono - self._last_purge >= PURGE_EVERY_SECONDS:
+                self._last_purge = now_mono
+                log_store.purge_older_than(session, self.settings.log_retention_days)
+            result = admit(session, self.settings)
+            if result.admitted:
+                publish_outbox(session, self.publisher, outbox_ids_for(session, result.admitted))
+                log.info("admitted %d job(s)", len(result.admitted))
+            return result
+
+    def run_forever(self, stop: threading.Event | None = None) -> None:
+        stop = stop or threading.Event()
+        listener = self._listen()
+        while not stop.is_set():
+            try:
+                result = self.tick()
+            except Exception:  # noqa: BLE001 - a scheduler must outlive a bad tick (database restart, broker blip)
+                log.exception("scheduler tick failed")
+                result = AdmissionResult()
+                time.sleep(1)
+            timeout = self.settings.scheduler_interval_seconds
+            if result.next_wakeup is not None:
+                timeout = max(0.0, min(timeout, (result.next_wakeup - utcnow()).total_seconds()))
+            try:
+                self._wait(listener, timeout)
+            except psycopg2.Error:
+                log.exception("lost the LISTEN connection; reconnecting")
+                time.sleep(1)
+                listener = self._listen()
+        listener.close()
+
+    def _listen(self) -> psycopg2.extensions.connection:
+        connection = psycopg2.connect(self.database.engine.url.render_as_string(hide_password=False).replace("+psycopg2", ""))
+        connection.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
+        connection.cursor().execute(f"LISTEN {SCHEDULER_CHANNEL}")
+        return connection
+
+    @staticmethod
+    def _wait(listener: psycopg2.extensions.connection, timeout: float) -> None:
+        """Sleep until a notification or the timeout; a burst of notifications makes one wake-up."""
+        if select.select([listener], [], [], timeout) != ([], [], []):
+            listener.poll()
+            listener.notifies.clear()
+
+
+def run_forever(settings: Settings) -> None:
+    database = Database(settings.database_url or "", pool_size=2)
+    publisher = CeleryPublisher(settings)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    log.info("scheduler started; queues: %s", ", ".join(f"{q.name} (max {q.max_concurrency})" for q in settings.queues))
+    try:
+        Scheduler(settings, database, publisher).run_forever(stop)
+    finally:
+        publisher.close()
+        database.dispose()
+

@@ -1,0 +1,167 @@
+"""Dispatch benchmark: submit N jobs of `true` over HTTP and measure submit rate and dispatch latency.
+
+Starts the real stack (gunicorn API, scheduler, Celery workers) against DATABASE_URL/REDIS_URL, or
+the embedded PostgreSQL and Redis when they are unset. Dispatch latency is measured from each job's
+recorded times: created_at (submit committed) -> the `running` event (a worker claimed it).
+
+    python benchmarks/dispatch.py --jobs 500 --workers 1 --concurrency 4 --clients 8
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import requests
+from sqlalchemy import text
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from app.db import Database  # noqa: E402
+from app.embedded import ensure_services  # noqa: E402
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=500)
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (nodes)")
+    parser.add_argument("--concurrency", type=int, default=4, help="prefork processes per worker")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent HTTP submitters")
+    parser.add_argument("--rate", type=float, default=0.0, help="cap on submissions per second (0: as fast as possible)")
+    args = parser.parse_args()
+
+    data_dir = tempfile.mkdtemp(prefix="jobservice-bench-")
+    services = ensure_services(os.environ.get("DATABASE_URL"), os.environ.get("REDIS_URL"), data_dir, free_port())
+    port = free_port()
+    env = {
+        **os.environ,
+        "DATABASE_URL": services.database_url or "",
+        "REDIS_URL": services.redis_url or "",
+        "AUTH_ENABLED": "false",
+        "RATELIMIT_ENABLED": "false",
+        "LOG_LEVEL": "WARNING",
+        "WORKER_CPU": "1000",  # `true` needs no capacity: let the slots be the only limit
+        "WORKER_WORKDIR": str(Path(data_dir) / "work"),
+        "JOB_QUEUES": "high-priority:50-100:1000,default:0-49:1000",
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    }
+    database = Database(env["DATABASE_URL"])
+    subprocess.run([sys.executable, "-m", "flask", "--app", "app", "db", "upgrade"], env=env, cwd=ROOT, check=True, capture_output=True)
+    with database.engine.begin() as conn:
+        conn.execute(text("TRUNCATE job_log_lines, job_events, outbox, jobs, nodes CASCADE"))
+
+    processes = [
+        subprocess.Popen(
+            ["gunicorn", "--worker-class", "gthread", "--workers", "2", "--threads", "8", "--bind", f"127.0.0.1:{port}",
+             "--log-level", "warning", "app:create_app()"],
+            env=env, cwd=ROOT, start_new_session=True,
+        ),
+        subprocess.Popen([sys.executable, "-m", "app.cli", "scheduler"], env=env, cwd=ROOT, start_new_session=True),
+    ]
+    for index in range(args.workers):
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "celery", "--app", "workers.celery_app", "worker", "--loglevel", "WARNING",
+                 "--concurrency", str(args.concurrency), "--prefetch-multiplier", "1", "--without-gossip",
+                 "--without-mingle", "--hostname", f"bench{index}@%h"],
+                env={**env, "WORKER_NODE": f"bench-{index}"}, cwd=ROOT, start_new_session=True,
+            )
+        )
+    base = f"http://127.0.0.1:{port}/api/v1"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with database.engine.connect() as conn:
+                nodes = conn.execute(text("SELECT count(*) FROM nodes")).scalar()
+            try:
+                ready = requests.get(f"{base}/health/ready", timeout=2).status_code == 200
+            except requests.RequestException:
+                ready = False
+            if ready and nodes == args.workers:
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit("the stack did not come up within 60 s")
+            time.sleep(0.2)
+
+        session = requests.Session()
+        body = {"job_type": "bench", "command": ["true"], "priority": 10, "resources": {"cpu": "1m", "memory": "1Mi"}}
+
+        def submit(index: int) -> str:
+            if args.rate:
+                time.sleep(max(0.0, started + index / args.rate - time.perf_counter()))
+            response = session.post(f"{base}/jobs/", json=body, timeout=30)
+            response.raise_for_status()
+            return response.json()["id"]
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(args.clients) as pool:
+            ids = list(pool.map(submit, range(args.jobs)))
+        submit_seconds = time.perf_counter() - started
+
+        deadline = time.monotonic() + 600
+        while True:
+            with database.engine.connect() as conn:
+                left = conn.execute(text("SELECT count(*) FROM jobs WHERE status NOT IN ('succeeded', 'failed', 'cancelled')")).scalar()
+            if not left:
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{left} jobs still unfinished after 600 s")
+            time.sleep(0.2)
+        total_seconds = time.perf_counter() - started
+
+        with database.engine.connect() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT extract(epoch FROM e.at - j.created_at) * 1000 FROM jobs j "
+                    "JOIN job_events e ON e.job_id = j.id AND e.to_status = 'running'"
+                )
+            ).scalars().all()
+            failed = conn.execute(text("SELECT count(*) FROM jobs WHERE status <> 'succeeded'")).scalar()
+        latencies = [float(v) for v in rows]
+        print(f"jobs: {len(ids)}  workers: {args.workers} x {args.concurrency} processes  HTTP clients: {args.clients}")
+        print(f"submissions/s: {len(ids) / submit_seconds:.1f}  ({submit_seconds:.2f} s for {len(ids)})")
+        print(f"completed/s (submit to last finish): {len(ids) / total_seconds:.1f}")
+        print(
+            f"dispatch latency submitted->running ms: p50 {percentile(latencies, 0.5):.1f}  "
+            f"p99 {percentile(latencies, 0.99):.1f}  mean {statistics.fmean(latencies):.1f}  max {max(latencies):.1f}"
+        )
+        print(f"not succeeded: {failed}")
+    finally:
+        for process in processes:
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for process in processes:
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+        database.dispose()
+        services.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""The Celery application of the workers (`celery --app workers.celery_app worker`), also read by Flower."""
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery, signals
+from kombu import Queue
+
+from app import logs
+from app.domain.capacity import LOCAL_CLUSTER
+from app.domain.scheduling import broker_queue
+from config import Settings
+
+
+def create_celery_app(settings: Settings) -> Celery:
+    celery = Celery("jobservice", broker=settings.redis_url, include=["workers.tasks"])
+    celery.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        # Acknowledge on start: a job may run for days, and an unacknowledged message would be
+        # redelivered after the visibility timeout. A dead worker is found by its job's lease.
+        task_acks_late=False,
+        worker_prefetch_multiplier=1,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        # This worker's node queues, high-priority band first.
+        task_queues=[Queue(broker_queue(q.name, LOCAL_CLUSTER, settings.worker_node)) for q in settings.queues],
+        task_create_missing_queues=True,
+    )
+    return celery
+
+
+settings = Settings.from_env()
+app = create_celery_app(settings)
+_membership: Any = None
+
+
+@signals.setup_logging.connect
+def _configure_logging(**_: Any) -> None:
+    logs.configure(settings.log_level, settings.log_format)
+
+
+@signals.worker_ready.connect
+def _join_cluster(sender: Any = None, **_: Any) -> None:
+    global _membership
+    from workers.node import NodeMembership
+
+    concurrency = getattr(getattr(sender, "pool", None), "limit", None) or app.conf.worker_concurrency or settings.worker_concurrency
+    _membership = NodeMembership(settings, slots=int(concurrency))
+    _membership.start()
+
+
+@signals.worker_shutdown.connect
+def _leave_cluster(**_: Any) -> None:
+    if _membership is not None:
+        _membership.stop()

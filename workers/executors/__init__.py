@@ -1,0 +1,1 @@
+"""Executors behind one interface (see base.py): local processes, Kubernetes Jobs."""
