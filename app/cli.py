@@ -57,6 +57,17 @@ def dev_auth_env(settings: Settings) -> dict[str, str]:
     return {"JWT_SECRET_KEY": secret_file.read_text().strip()}
 
 
+def token(args: argparse.Namespace) -> int:
+    """A development token signed with JWT_SECRET_KEY, or the secret `jobservice run` keeps in the data folder."""
+    from app.api.auth import mint_token, parse_scopes
+
+    settings = Settings.from_env()
+    secret = settings.jwt_secret_key or dev_auth_env(settings).get("JWT_SECRET_KEY")
+    scopes = parse_scopes(args.scope) or ["jobs:read", "jobs:write"]
+    print(mint_token(settings.with_overrides(jwt_secret_key=secret), args.sub, scopes, args.expires_in))
+    return 0
+
+
 def scheduler(args: argparse.Namespace) -> int:
     from app.scheduler import run_forever
 
@@ -71,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     run_parser.add_argument("processes", nargs="*", help="only these Procfile processes (default: all)")
     run_parser.set_defaults(func=run)
     commands.add_parser("scheduler", help="run the scheduler loop").set_defaults(func=scheduler)
+    token_parser = commands.add_parser("token", help="print a development token for SUB (no database needed)")
+    token_parser.add_argument("sub")
+    token_parser.add_argument("--scope", action="append", default=[], help='e.g. "jobs:read jobs:write" (default: both)')
+    token_parser.add_argument("--expires-in", type=int, default=24 * 3600, help="lifetime in seconds")
+    token_parser.set_defaults(func=token)
     args = parser.parse_args(argv)
     settings = Settings.from_env()
     logs.configure(settings.log_level, settings.log_format)
