@@ -26,17 +26,24 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__)
     app.config.update(flask_config(settings))
 
-    from app.api import auth, context, errors, health, jobs, logs as job_logs, ratelimit
+    from app.api import auth, clusters, context, errors, health, jobs, logs as job_logs, ratelimit
+    from app.api import metrics, prometheus, queues, timeline
 
     context.register(app, Database(settings.database_url))
     _register_access_log(app)
     errors.register(app)
+    clusters.register(app)
     auth.register(app)  # before the limiter: it keys on the caller this sets
     ratelimit.register(app)
     api = Api(app)
     api.register_blueprint(jobs.blp)
     api.register_blueprint(job_logs.blp)
     api.register_blueprint(health.blp)
+    api.register_blueprint(clusters.blp)
+    api.register_blueprint(queues.blp)
+    api.register_blueprint(metrics.blp)
+    api.register_blueprint(timeline.blp)
+    api.register_blueprint(prometheus.blp)  # GET /metrics, at the root: Prometheus' default path
     health.register(app)
     _register_cli(app)
     return app

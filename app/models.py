@@ -59,6 +59,8 @@ class Job(Base):
         Index("ix_jobs_owner_created", "owner", "created_at"),
         Index("ix_jobs_status_created", "status", "created_at"),
         Index("ix_jobs_holding_node", "cluster", "node", postgresql_where=text("holds_resources")),
+        # The oldest job of each queue's backlog (GET /queues/): one index probe per queue.
+        Index("ix_jobs_pending_since", "queue", "pending_since", postgresql_where=text("status = 'pending'")),
     )
 
     id: Mapped[str] = mapped_column(Text, primary_key=True)
@@ -86,6 +88,8 @@ class Job(Base):
 
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    # When it entered the backlog: its submit, or its latest return to pending (a retry, a lost node).
+    pending_since: Mapped[datetime] = mapped_column(server_default=func.now())
     not_before: Mapped[datetime | None]
     queued_at: Mapped[datetime | None]
     started_at: Mapped[datetime | None]
@@ -97,6 +101,8 @@ class Job(Base):
     cluster: Mapped[str | None] = mapped_column(Text)
     node: Mapped[str | None] = mapped_column(Text)
     gpu_indices: Mapped[list[Any] | None] = mapped_column(JSONB)
+    # Where the members were placed: [{"node", "members", "gpu_indices"}]; a Kubernetes gang may span nodes.
+    placement: Mapped[list[Any] | None] = mapped_column(JSONB)
     # True from admission until the attempt's processes are gone (a cancelled job may still be stopping).
     holds_resources: Mapped[bool] = mapped_column(Boolean, server_default="false")
     dispatch_token: Mapped[str | None] = mapped_column(Text)
@@ -108,7 +114,10 @@ class JobEvent(Base):
     """One row per state transition: the job's timeline."""
 
     __tablename__ = "job_events"
-    __table_args__ = (Index("ix_job_events_job", "job_id", "id"),)
+    __table_args__ = (
+        Index("ix_job_events_job", "job_id", "id"),
+        Index("ix_job_events_to_status_at", "to_status", "at"),  # recent throughput (GET /metrics/)
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(Text, ForeignKey("jobs.id", ondelete="CASCADE"))
@@ -171,3 +180,74 @@ class Node(Base):
     ready: Mapped[bool] = mapped_column(Boolean, server_default="true")
     heartbeat_at: Mapped[datetime] = mapped_column(server_default=func.now())
     started_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+# --- Counters and roll-ups, maintained by PostgreSQL triggers (migration 0002_observability) -----
+# Triggers on `jobs` and `job_events` append to the *_deltas tables in the writer's transaction;
+# app.domain.counters.fold moves the deltas into the folded tables. Readers add both up.
+
+
+class JobCount(Base):
+    __tablename__ = "job_counts"
+
+    queue: Mapped[str] = mapped_column(Text, primary_key=True)
+    status: Mapped[str] = mapped_column(Text, primary_key=True)
+    priority: Mapped[int] = mapped_column(Integer, primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger)
+
+
+class JobCountDelta(Base):
+    __tablename__ = "job_count_deltas"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    queue: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(Text)
+    priority: Mapped[int] = mapped_column(Integer)
+    delta: Mapped[int] = mapped_column(BigInteger)
+
+
+class JobStat(Base):
+    """Roll-up of job events per minute, per hour and since ever: count and sum of each metric."""
+
+    __tablename__ = "job_stats"
+    __table_args__ = (
+        CheckConstraint("span IN ('minute', 'hour', 'total')", name="span_known"),
+        Index("ix_job_stats_metric", "span", "metric", "period_start"),
+    )
+
+    span: Mapped[str] = mapped_column(Text, primary_key=True)
+    period_start: Mapped[datetime] = mapped_column(primary_key=True)
+    queue: Mapped[str] = mapped_column(Text, primary_key=True)
+    metric: Mapped[str] = mapped_column(Text, primary_key=True)
+    label: Mapped[str] = mapped_column(Text, primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger)
+    total: Mapped[float] = mapped_column(Float)
+
+
+class JobStatBucket(Base):
+    """Histograms of the timed metrics per hour and since ever (percentiles, Prometheus buckets)."""
+
+    __tablename__ = "job_stat_buckets"
+    __table_args__ = (CheckConstraint("span IN ('hour', 'total')", name="span_known"),)
+
+    span: Mapped[str] = mapped_column(Text, primary_key=True)
+    period_start: Mapped[datetime] = mapped_column(primary_key=True)
+    queue: Mapped[str] = mapped_column(Text, primary_key=True)
+    metric: Mapped[str] = mapped_column(Text, primary_key=True)
+    label: Mapped[str] = mapped_column(Text, primary_key=True)
+    bucket: Mapped[int] = mapped_column(Integer, primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger)
+    total: Mapped[float] = mapped_column(Float)
+
+
+class JobStatDelta(Base):
+    __tablename__ = "job_stats_deltas"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    minute: Mapped[datetime]
+    queue: Mapped[str] = mapped_column(Text)
+    metric: Mapped[str] = mapped_column(Text)
+    label: Mapped[str] = mapped_column(Text)
+    bucket: Mapped[int] = mapped_column(Integer)
+    count: Mapped[int] = mapped_column(BigInteger)
+    total: Mapped[float] = mapped_column(Float)

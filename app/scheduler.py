@@ -13,10 +13,11 @@ import time
 
 import psycopg2
 import psycopg2.extensions
+from sqlalchemy.orm import Session
 
 from app.db import Database
 from app.dispatch import CeleryPublisher, TaskPublisher, outbox_ids_for, publish_outbox, republish_cutoff
-from app.domain import logs as log_store
+from app.domain import counters, logs as log_store
 from app.domain.jobs import SCHEDULER_CHANNEL, utcnow
 from app.domain.scheduling import AdmissionResult, admit, recover_lost
 from config import Settings
@@ -39,17 +40,27 @@ class Scheduler:
             if now_mono - self._last_sweep >= self.settings.scheduler_interval_seconds:
                 self._last_sweep = now_mono
                 recovered = recover_lost(session, self.settings)
-                if recovered:
-                    log.warning("recovered %d lost job(s): %s", len(recovered), ", ".join(recovered))
+                for job_id in recovered:
+                    log.warning("recovered a lost job: its worker or node stopped heartbeating", extra={"job_id": job_id})
                 publish_outbox(session, self.publisher, older_than=republish_cutoff(self.settings))
+                self._fold_counters(session)
             if now_mono - self._last_purge >= PURGE_EVERY_SECONDS:
                 self._last_purge = now_mono
                 log_store.purge_older_than(session, self.settings.log_retention_days)
             result = admit(session, self.settings)
             if result.admitted:
                 publish_outbox(session, self.publisher, outbox_ids_for(session, result.admitted))
-                log.info("admitted %d job(s)", len(result.admitted))
+                for job_id in result.admitted:
+                    log.info("admitted", extra={"job_id": job_id})
             return result
+
+    @staticmethod
+    def _fold_counters(session: Session) -> None:
+        """Keep the counters' delta tables short (readers add them up); never at admission's expense."""
+        try:
+            counters.fold(session)
+        except Exception:  # noqa: BLE001 - stale deltas only make reads a little slower; admission goes on
+            log.exception("folding the job counters failed")
 
     def run_forever(self, stop: threading.Event | None = None) -> None:
         stop = stop or threading.Event()

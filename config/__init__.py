@@ -40,6 +40,17 @@ def parse_queues(spec: str) -> tuple[QueueConfig, ...]:
     return tuple(sorted(queues, key=lambda q: -q.max_priority))
 
 
+def parse_clusters(spec: str) -> tuple[tuple[str, str | None], ...]:
+    """`name=context,...`; the context `in-cluster` (or none) means the pod's service account."""
+    clusters = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, _, context = item.partition("=")
+        if not name or name == "local":
+            raise ValueError(f"KUBERNETES_CLUSTERS entry {item!r}: a cluster needs a name other than 'local'")
+        clusters.append((name, None if context in ("", "in-cluster") else context))
+    return tuple(clusters)
+
+
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
     return int(env.get(name, default))
 
@@ -112,8 +123,21 @@ class Settings:
     kill_grace_seconds: float = 10.0
     nvidia_smi: str = "nvidia-smi"
 
-    # Kubernetes
-    kubernetes_enabled: bool = False
+    # Kubernetes: named clusters, each a kubeconfig context (or the in-cluster service account)
+    kubernetes_clusters: tuple[tuple[str, str | None], ...] = ()
+    kubeconfig: str | None = None
+    kubernetes_namespace: str = "jobservice"
+    kubernetes_gpu_resource: str = "nvidia.com/gpu"
+    kubernetes_gpu_product_label: str = "nvidia.com/gpu.product"
+    kubernetes_service_account: str | None = None
+    gang_start_timeout_seconds: float = 600.0
+    inventory_sync_seconds: float = 10.0
+    worker_executor: str = "local"
+    worker_cluster: str | None = None
+
+    @property
+    def kubernetes_enabled(self) -> bool:
+        return bool(self.kubernetes_clusters)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -163,7 +187,16 @@ class Settings:
             worker_workdir=env.get("WORKER_WORKDIR", os.path.join(env.get("JOBSERVICE_DATA_DIR", ".jobservice"), "work")),
             kill_grace_seconds=_float(env, "KILL_GRACE_SECONDS", 10.0),
             nvidia_smi=env.get("NVIDIA_SMI", "nvidia-smi"),
-            kubernetes_enabled=_bool(env, "KUBERNETES_ENABLED", False),
+            kubernetes_clusters=parse_clusters(env.get("KUBERNETES_CLUSTERS", "")),
+            kubeconfig=_optional(env, "KUBECONFIG"),
+            kubernetes_namespace=env.get("KUBERNETES_NAMESPACE", "jobservice"),
+            kubernetes_gpu_resource=env.get("KUBERNETES_GPU_RESOURCE", "nvidia.com/gpu"),
+            kubernetes_gpu_product_label=env.get("KUBERNETES_GPU_PRODUCT_LABEL", "nvidia.com/gpu.product"),
+            kubernetes_service_account=_optional(env, "KUBERNETES_SERVICE_ACCOUNT"),
+            gang_start_timeout_seconds=_float(env, "GANG_START_TIMEOUT_SECONDS", 600.0),
+            inventory_sync_seconds=_float(env, "INVENTORY_SYNC_SECONDS", 10.0),
+            worker_executor=env.get("WORKER_EXECUTOR", "local"),
+            worker_cluster=_optional(env, "WORKER_CLUSTER"),
         )
 
     def with_overrides(self, **changes: object) -> "Settings":

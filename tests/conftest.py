@@ -24,7 +24,7 @@ from app.db import Database
 from app.embedded import ensure_services
 from config import Settings
 
-TABLES = ("job_log_lines", "job_events", "outbox", "jobs", "nodes")
+TABLES = ("job_log_lines", "job_events", "outbox", "jobs", "nodes", "job_counts", "job_count_deltas", "job_stats", "job_stat_buckets", "job_stats_deltas")
 TEST_JWT_SECRET = "test-secret-that-is-long-enough-for-hs256-0123456789"
 
 
@@ -229,14 +229,15 @@ def start_worker(e2e_env: dict[str, str], database: Database, tmp_path: Path) ->
 
     workers: list[WorkerProcess] = []
 
-    def start(node: str = "node-a", concurrency: int = 2, gpus: int = 0, **extra_env: str) -> WorkerProcess:
+    def start(node: str = "node-a", concurrency: int = 2, gpus: int = 0, registers: str | None = None, **extra_env: str) -> WorkerProcess:
+        """`registers`: the node row to wait for (a Kubernetes worker registers its cluster's nodes)."""
         env = {**e2e_env, "WORKER_NODE": node, "WORKER_GPU_COUNT": str(gpus), **extra_env}
         worker = WorkerProcess(env, node, concurrency, str(tmp_path))
         workers.append(worker)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             with database.engine.connect() as conn:
-                if conn.execute(text("SELECT 1 FROM nodes WHERE name = :n"), {"n": node}).first():
+                if conn.execute(text("SELECT 1 FROM nodes WHERE name = :n"), {"n": registers or node}).first():
                     return worker
             if worker.process.poll() is not None:
                 break

@@ -12,6 +12,14 @@ from app.domain.scheduling import broker_queue
 from config import Settings
 
 
+def worker_queues(settings: Settings) -> list[str]:
+    if settings.worker_executor == "kubernetes":
+        from workers.context import served_cluster
+
+        return [broker_queue(q.name, served_cluster(settings), None) for q in settings.queues]
+    return [broker_queue(q.name, LOCAL_CLUSTER, settings.worker_node) for q in settings.queues]
+
+
 def create_celery_app(settings: Settings) -> Celery:
     celery = Celery("jobservice", broker=settings.redis_url, include=["workers.tasks"])
     celery.conf.update(
@@ -26,8 +34,8 @@ def create_celery_app(settings: Settings) -> Celery:
         task_send_sent_event=True,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
-        # This worker's node queues, high-priority band first.
-        task_queues=[Queue(broker_queue(q.name, LOCAL_CLUSTER, settings.worker_node)) for q in settings.queues],
+        # This worker's queues, high-priority band first: its host's, or its Kubernetes cluster's.
+        task_queues=[Queue(name) for name in worker_queues(settings)],
         task_create_missing_queues=True,
     )
     return celery
@@ -46,10 +54,13 @@ def _configure_logging(**_: Any) -> None:
 @signals.worker_ready.connect
 def _join_cluster(sender: Any = None, **_: Any) -> None:
     global _membership
-    from workers.node import NodeMembership
+    from workers.node import ClusterMembership, NodeMembership
 
     concurrency = getattr(getattr(sender, "pool", None), "limit", None) or app.conf.worker_concurrency or settings.worker_concurrency
-    _membership = NodeMembership(settings, slots=int(concurrency))
+    if settings.worker_executor == "kubernetes":
+        _membership = ClusterMembership(settings, slots=int(concurrency), publish=app.send_task)
+    else:
+        _membership = NodeMembership(settings, slots=int(concurrency))
     _membership.start()
 
 

@@ -7,7 +7,7 @@ from functools import lru_cache
 
 from app.db import Database
 from config import Settings
-from workers.executors.local import LocalExecutor
+from workers.executors.base import Executor
 from workers.runner import Runner
 
 
@@ -18,12 +18,44 @@ class WorkerContext:
     runner: Runner
 
 
+def build_executor(settings: Settings) -> Executor:
+    """The executor this worker runs jobs with: processes on its host, or Jobs on its Kubernetes cluster."""
+    if settings.worker_executor == "kubernetes":
+        from app.kube import build_api_client
+        from workers.executors.kubernetes import KubernetesExecutor
+
+        cluster = served_cluster(settings)
+        context = dict(settings.kubernetes_clusters)[cluster]
+        return KubernetesExecutor(
+            build_api_client(settings.kubeconfig if context else None, context),
+            settings.kubernetes_namespace,
+            cluster,
+            settings.kubernetes_gpu_resource,
+            gang_start_timeout_seconds=settings.gang_start_timeout_seconds,
+            # The scheduler counts capacity per node: a single-node placement is pinned there.
+            pin_to_node=True,
+            service_account_name=settings.kubernetes_service_account,
+        )
+    if settings.worker_executor != "local":
+        raise ValueError(f"WORKER_EXECUTOR={settings.worker_executor!r}: use local or kubernetes")
+    from workers.executors.local import LocalExecutor
+
+    return LocalExecutor(settings.worker_workdir, settings.kill_grace_seconds)
+
+
+def served_cluster(settings: Settings) -> str:
+    names = [name for name, _ in settings.kubernetes_clusters]
+    cluster = settings.worker_cluster or (names[0] if len(names) == 1 else None)
+    if cluster not in names:
+        raise ValueError(f"WORKER_CLUSTER={settings.worker_cluster!r} is not one of KUBERNETES_CLUSTERS ({', '.join(names) or 'none'})")
+    return cluster
+
+
 @lru_cache(maxsize=None)
 def _context_for(pid: int) -> WorkerContext:
     settings = Settings.from_env()
     database = Database(settings.database_url or "", pool_size=2)
-    executor = LocalExecutor(settings.worker_workdir, settings.kill_grace_seconds)
-    runner = Runner(settings, database, executor, worker_id=f"worker-{settings.worker_node}-{pid}")
+    runner = Runner(settings, database, build_executor(settings), worker_id=f"worker-{settings.worker_node}-{pid}")
     return WorkerContext(settings, database, runner)
 
 

@@ -1,8 +1,15 @@
-"""The worker host as a node of the `local` cluster: registered at start, kept alive by heartbeats."""
+"""Where a worker's jobs run, as the scheduler sees it.
+
+A local worker registers its host as a node of the `local` cluster and heartbeats. A Kubernetes worker
+copies its cluster's nodes from the live API into the node registry, re-adopts the running jobs that no
+worker watches any more (after a restart), and deletes the Kubernetes Jobs no attempt owns.
+"""
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
+from datetime import timedelta
 
 from app.db import Database
 from app.domain import execution
@@ -62,4 +69,76 @@ class NodeMembership:
         self._stop.set()
         with self.database.session() as session:
             execution.deregister_node(session, LOCAL_CLUSTER, self.settings.worker_node)
+        self.database.dispose()
+
+
+class ClusterMembership:
+    def __init__(self, settings: Settings, slots: int, publish: Callable[..., object]) -> None:
+        from workers.context import build_executor, served_cluster
+
+        self.settings = settings
+        self.slots = slots
+        self.publish = publish
+        self.cluster = served_cluster(settings)
+        self.executor = build_executor(settings)
+        self.database = Database(settings.database_url or "", pool_size=1)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="cluster-sync", daemon=True)
+
+    def start(self) -> None:
+        self.sync()
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.settings.inventory_sync_seconds):
+            try:
+                self.sync()
+            except Exception:  # noqa: BLE001 - an API server blip: the next round retries
+                log.exception("syncing cluster %s failed", self.cluster)
+
+    def sync(self) -> None:
+        from app.kube import read_inventory
+
+        s = self.settings
+        inventory = read_inventory(self.executor.api_client, self.cluster, s.kubernetes_gpu_resource, s.kubernetes_gpu_product_label)
+        rows = [
+            {
+                "name": n.name,
+                # What others' pods take is gone; the service's own jobs are held by the scheduler itself.
+                "gpu_indices": list(range(max(0, n.gpu_allocatable - n.foreign_gpu_used))),
+                "gpu_type": n.gpu_type,
+                "cpu_millis": max(0, n.cpu_millis - n.foreign_cpu_used_millis),
+                "memory_bytes": max(0, n.memory_bytes - n.foreign_memory_used_bytes),
+                "slots": self.slots,
+                "ready": n.ready and n.schedulable,
+            }
+            for n in inventory
+        ]
+        with self.database.session() as session:
+            execution.sync_cluster_nodes(session, self.cluster, rows)
+        self._adopt_silent_jobs()
+        self._remove_orphans()
+
+    def _adopt_silent_jobs(self) -> None:
+        from app.domain.scheduling import ADOPT_TASK, broker_queue
+        from app.domain.jobs import utcnow
+
+        silent_since = utcnow() - timedelta(seconds=2 * self.settings.job_heartbeat_seconds)
+        with self.database.session() as session:
+            silent = execution.adoptable(session, self.cluster, silent_since)
+        queue = broker_queue(self.settings.queues[0].name, self.cluster, None)
+        for job_id, token in silent:
+            log.warning("job watched by no worker: adopting it", extra={"job_id": job_id})
+            self.publish(ADOPT_TASK, args=[job_id, token], queue=queue)
+
+    def _remove_orphans(self) -> None:
+        managed = {(job_id, attempt): name for job_id, attempt, name in self.executor.list_managed_jobs()}
+        with self.database.session() as session:
+            orphans = execution.orphaned_attempts(session, list(managed))
+        for job_id, attempt in orphans:
+            log.warning("deleting Kubernetes Job %s: attempt %d no longer runs", managed[(job_id, attempt)], attempt, extra={"job_id": job_id})
+            self.executor.remove_job(managed[(job_id, attempt)])
+
+    def stop(self) -> None:
+        self._stop.set()
         self.database.dispose()

@@ -10,12 +10,14 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 from app.db import Database
 from app.domain import execution, logs as log_store
 from app.domain.execution import ClaimedJob
+from app.domain.jobs import utcnow
 from config import Settings
-from workers.executors.base import EndKind, Executor, JobSpec, LogLine, Outcome
+from workers.executors.base import EndKind, Execution, Executor, JobSpec, LogLine, Outcome
 
 log = logging.getLogger("jobservice.worker")
 
@@ -65,6 +67,40 @@ class LogWriter:
         self.flush()
 
 
+class Lease(threading.Thread):
+    """Renews a running attempt's lease in PostgreSQL and notices when the attempt no longer owns the job."""
+
+    def __init__(self, database: Database, job_id: str, dispatch_token: str, heartbeat_seconds: float) -> None:
+        super().__init__(name=f"lease-{job_id}", daemon=True)
+        self.database = database
+        self.job_id = job_id
+        self.dispatch_token = dispatch_token
+        self.heartbeat_seconds = heartbeat_seconds
+        self.lost = threading.Event()
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        last_heartbeat = time.monotonic()
+        while not self._stop_event.wait(min(STATUS_CHECK_SECONDS, self.heartbeat_seconds)):
+            now = time.monotonic()
+            beat = now - last_heartbeat >= self.heartbeat_seconds
+            try:
+                with self.database.session() as session:
+                    owned = execution.still_running(session, self.job_id, self.dispatch_token, heartbeat=beat)
+            except Exception:  # noqa: BLE001 - a database blip must not stop a running job
+                log.exception("lease renewal failed", extra={"job_id": self.job_id})
+                continue
+            if beat:
+                last_heartbeat = now
+            if not owned:
+                self.lost.set()
+                return
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=5)
+
+
 @dataclass
 class Runner:
     settings: Settings
@@ -76,7 +112,7 @@ class Runner:
         with self.database.session() as session:
             job = execution.claim(session, job_id, dispatch_token, self.worker_id)
         if job is None:
-            log.info("ignoring stale or duplicate delivery", extra={"job_id": job_id})
+            log.info("ignoring stale or duplicate delivery", extra={"job_id": job_id, "worker_id": self.worker_id})
             return "ignored"
         log.info("running attempt %d", job.attempt, extra={"job_id": job_id, "worker_id": self.worker_id})
         writer = LogWriter(self.database, job.job_id, job.attempt)
@@ -86,28 +122,45 @@ class Runner:
             writer.close()
         return self._report(job, dispatch_token, outcome)
 
-    def _watch(self, job: ClaimedJob, dispatch_token: str, writer: LogWriter) -> Outcome:
-        handle = self.executor.launch(to_spec(job), writer)
-        last_check = last_heartbeat = time.monotonic()
-        while True:
-            outcome = handle.poll()
-            if outcome is not None:
-                return outcome
-            now = time.monotonic()
-            if now - last_check >= STATUS_CHECK_SECONDS:
-                last_check = now
-                beat = now - last_heartbeat >= self.settings.job_heartbeat_seconds
-                if beat:
-                    last_heartbeat = now
-                try:
-                    with self.database.session() as session:
-                        owned = execution.still_running(session, job.job_id, dispatch_token, heartbeat=beat)
-                except Exception:  # noqa: BLE001 - a database blip must not kill a running job
-                    log.exception("status check failed", extra={"job_id": job.job_id})
-                    owned = True
-                if not owned:
+    def adopt(self, job_id: str, dispatch_token: str) -> str:
+        """Take over a running job whose worker went silent (a restart): watch its execution again."""
+        silent_since = utcnow() - timedelta(seconds=2 * self.settings.job_heartbeat_seconds)
+        with self.database.session() as session:
+            job = execution.take_over(session, job_id, dispatch_token, self.worker_id, silent_since)
+            logs_since = log_store.last_line_at(session, job_id, job.attempt) if job else None
+        adopt = getattr(self.executor, "adopt", None)
+        if job is None or adopt is None:
+            return "ignored"
+        log.info("re-adopting attempt %d", job.attempt, extra={"job_id": job_id, "worker_id": self.worker_id})
+        writer = LogWriter(self.database, job.job_id, job.attempt)
+        try:
+            handle = adopt(to_spec(job), writer, logs_since=logs_since)
+            if handle is None:
+                outcome = Outcome(EndKind.LOST, "its execution vanished while no worker watched it")
+            else:
+                outcome = self._watch(job, dispatch_token, writer, handle)
+        finally:
+            writer.close()
+        return self._report(job, dispatch_token, outcome)
+
+    def _watch(self, job: ClaimedJob, dispatch_token: str, writer: LogWriter, handle: Execution | None = None) -> Outcome:
+        # The lease is kept by its own thread: an executor's poll may block a while (draining a pod's
+        # last log lines) and the job must not look abandoned meanwhile.
+        lease = Lease(self.database, job.job_id, dispatch_token, self.settings.job_heartbeat_seconds)
+        lease.start()
+        try:
+            handle = handle or self.executor.launch(to_spec(job), writer)
+            stopping = False
+            while True:
+                outcome = handle.poll()
+                if outcome is not None:
+                    return outcome
+                if lease.lost.is_set() and not stopping:
+                    stopping = True  # cancelled, or taken over: stop everything it started
                     handle.cancel(EndKind.CANCELLED, "cancelled")
-            time.sleep(POLL_SECONDS)
+                time.sleep(POLL_SECONDS)
+        finally:
+            lease.stop()
 
     def _report(self, job: ClaimedJob, dispatch_token: str, outcome: Outcome) -> str:
         details = {"end": outcome.kind.value, **outcome.details}
@@ -116,8 +169,9 @@ class Runner:
                 session, self.settings, job.job_id, dispatch_token,
                 succeeded=outcome.succeeded, retryable=outcome.retryable, reason=outcome.reason,
                 actor=self.worker_id, exit_code=outcome.exit_code, details=details,
+                requeue=outcome.kind == EndKind.UNPLACED,
             )
-        log.info("attempt %d ended: %s -> %s", job.attempt, outcome.reason, status, extra={"job_id": job.job_id})
+        log.info("attempt %d ended: %s -> %s", job.attempt, outcome.reason, status, extra={"job_id": job.job_id, "worker_id": self.worker_id})
         return status
 
 

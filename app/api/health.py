@@ -40,8 +40,23 @@ def check_redis() -> str:
         return "error"
 
 
-def check_kubernetes() -> str:
-    return "disabled"
+def kubernetes_checks(app: Flask) -> dict[str, ReadinessCheck]:
+    """One `kubernetes/<name>` check per configured cluster; `kubernetes` sums them up."""
+    from app.api.clusters import cluster_clients_of
+    from app.kube import check_cluster
+
+    registry = cluster_clients_of(app)
+
+    def for_cluster(name: str) -> ReadinessCheck:
+        def check() -> str:
+            try:
+                return check_cluster(registry.client(name), timeout=3.0)
+            except Exception:  # noqa: BLE001 - a bad kubeconfig means not ready, not a 500
+                return "error"
+
+        return check
+
+    return {f"kubernetes/{name}": for_cluster(name) for name in registry.names}
 
 
 def register_check(app: Flask, name: str, check: ReadinessCheck) -> None:
@@ -50,6 +65,8 @@ def register_check(app: Flask, name: str, check: ReadinessCheck) -> None:
 
 def readiness() -> tuple[dict[str, Any], int]:
     checks = {name: check() for name, check in current_app.extensions["jobservice.readiness"].items()}
+    clusters = [result for name, result in checks.items() if name.startswith("kubernetes/")]
+    checks["kubernetes"] = ("ok" if all(r == "ok" for r in clusters) else "error") if clusters else "disabled"
     healthy = all(result in ("ok", "disabled") for result in checks.values())
     return {"status": "ok" if healthy else "degraded", "checks": checks}, 200 if healthy else 503
 
@@ -71,7 +88,8 @@ class Ready(MethodView):
 def register(app: Flask) -> None:
     register_check(app, "database", check_database)
     register_check(app, "redis", check_redis)
-    register_check(app, "kubernetes", check_kubernetes)
+    for name, check in kubernetes_checks(app).items():
+        register_check(app, name, check)
     # Kubernetes probes conventionally hit the root paths; serve both.
     app.add_url_rule("/health/live", "health_live_root", lambda: {"status": "ok"})
     app.add_url_rule("/health/ready", "health_ready_root", readiness)

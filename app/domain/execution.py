@@ -49,22 +49,26 @@ def claim(session: Session, job_id: str, dispatch_token: str, worker_id: str, no
         record_transition(session, job, JobStatus.RUNNING, reason=f"started by {worker_id}", actor=worker_id, at=now)
         job.started_at = now
         job.heartbeat_at = now
-        return ClaimedJob(
-            job_id=job.id,
-            attempt=job.retry_count,
-            image=job.image,
-            command=list(job.command) if job.command else None,
-            env=dict(job.env or {}),
-            config=dict(job.config or {}),
-            cpu_millis=job.cpu_millis,
-            memory_bytes=job.memory_bytes,
-            gpus=job.gpus,
-            members=job.gang_min_members if job.gang_enabled else 1,
-            timeout_seconds=job.timeout_seconds,
-            cluster=job.cluster or "",
-            node=job.node,
-            gpu_indices=[int(g) for g in job.gpu_indices or []],
-        )
+        return _claimed(job)
+
+
+def _claimed(job: Job) -> ClaimedJob:
+    return ClaimedJob(
+        job_id=job.id,
+        attempt=job.retry_count,
+        image=job.image,
+        command=list(job.command) if job.command else None,
+        env=dict(job.env or {}),
+        config=dict(job.config or {}),
+        cpu_millis=job.cpu_millis,
+        memory_bytes=job.memory_bytes,
+        gpus=job.gpus,
+        members=job.gang_min_members if job.gang_enabled else 1,
+        timeout_seconds=job.timeout_seconds,
+        cluster=job.cluster or "",
+        node=job.node,
+        gpu_indices=[int(g) for g in job.gpu_indices or []],
+    )
 
 
 def still_running(session: Session, job_id: str, dispatch_token: str, *, heartbeat: bool) -> bool:
@@ -93,6 +97,7 @@ def end(
     actor: str,
     exit_code: int | None = None,
     details: dict[str, Any] | None = None,
+    requeue: bool = False,
 ) -> str:
     """Record how this attempt ended; returns the job's status afterwards (unchanged if it was cancelled)."""
     with transaction(session):
@@ -106,7 +111,7 @@ def end(
             return job.status
         end_attempt(
             session, job, settings, succeeded=succeeded, retryable=retryable, reason=reason, actor=actor,
-            exit_code=exit_code, details=details,
+            exit_code=exit_code, details=details, requeue=requeue,
         )
         return job.status
 
@@ -147,3 +152,63 @@ def node_heartbeat(session: Session, cluster: str, name: str) -> bool:
 def deregister_node(session: Session, cluster: str, name: str) -> None:
     with transaction(session):
         session.execute(delete(Node).where(Node.cluster == cluster, Node.name == name))
+
+
+def sync_cluster_nodes(session: Session, cluster: str, nodes: list[dict[str, Any]]) -> None:
+    """Replace a Kubernetes cluster's node rows with what its API reports now (one transaction)."""
+    now = utcnow()
+    with transaction(session):
+        names = [n["name"] for n in nodes]
+        session.execute(delete(Node).where(Node.cluster == cluster, Node.name.not_in(names)))
+        for node in nodes:
+            values = {**node, "cluster": cluster, "heartbeat_at": now}
+            statement = insert(Node).values(**values, started_at=now)
+            session.execute(
+                statement.on_conflict_do_update(
+                    index_elements=[Node.cluster, Node.name],
+                    set_={k: statement.excluded[k] for k in values if k not in ("cluster", "name")},
+                )
+            )
+        notify_scheduler(session, "inventory")
+
+
+def orphaned_attempts(session: Session, attempts: list[tuple[str, int]]) -> set[tuple[str, int]]:
+    """Of (job id, attempt) pairs found running somewhere, those no running attempt of the job owns."""
+    if not attempts:
+        return set()
+    running = {
+        (job_id, attempt)
+        for job_id, attempt in session.execute(
+            select(Job.id, Job.retry_count).where(
+                Job.id.in_([job_id for job_id, _ in attempts]), Job.status == JobStatus.RUNNING.value
+            )
+        )
+    }
+    return {pair for pair in attempts if pair not in running}
+
+
+def adoptable(session: Session, cluster: str, silent_since: datetime) -> list[tuple[str, str]]:
+    """Running jobs of a cluster whose worker stopped watching them: (job id, dispatch token)."""
+    rows = session.execute(
+        select(Job.id, Job.dispatch_token).where(
+            Job.cluster == cluster, Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < silent_since
+        )
+    )
+    return [(job_id, token) for job_id, token in rows if token]
+
+
+def take_over(session: Session, job_id: str, dispatch_token: str, worker_id: str, silent_since: datetime) -> ClaimedJob | None:
+    """A worker adopts a running job whose watcher went silent; only one adopter wins."""
+    now = utcnow()
+    with transaction(session):
+        job = session.get(Job, job_id, with_for_update=True)
+        if (
+            job is None
+            or job.status != JobStatus.RUNNING.value
+            or job.dispatch_token != dispatch_token
+            or (job.heartbeat_at is not None and job.heartbeat_at >= silent_since)
+        ):
+            return None
+        job.worker_id = worker_id
+        job.heartbeat_at = now
+        return _claimed(job)

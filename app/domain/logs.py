@@ -59,3 +59,10 @@ def purge_older_than(session: Session, days: int) -> int:
     with transaction(session):
         result = session.execute(delete(JobLogLine).where(JobLogLine.at < utcnow() - timedelta(days=days)))
     return result.rowcount or 0
+
+
+def last_line_at(session: Session, job_id: str, attempt: int) -> datetime | None:
+    """When the newest stored line of an attempt was produced: where a re-attached stream resumes."""
+    return session.scalar(
+        select(JobLogLine.at).where(JobLogLine.job_id == job_id, JobLogLine.attempt == attempt).order_by(JobLogLine.id.desc()).limit(1)
+    )

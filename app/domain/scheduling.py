@@ -26,6 +26,7 @@ from app.models import Job, Node, OutboxMessage
 from config import Settings
 
 EXECUTE_TASK = "jobservice.execute_job"
+ADOPT_TASK = "jobservice.adopt_job"
 ADMISSION_LOCK = 7_311_001  # pg advisory lock key shared by every scheduler process
 ADMISSION_BATCH = 500
 
@@ -71,12 +72,11 @@ def admit(session: Session, settings: Settings, now: datetime | None = None) -> 
             if capacity_blocked:
                 break  # strict priority: nothing overtakes a job waiting for capacity
             members = job.gang_min_members if job.gang_enabled else 1
-            node = capacity.best_fit(nodes, job.cpu_millis, job.memory_bytes, job.gpus, members)
-            if node is None:
+            placement = capacity.place(nodes, job.cpu_millis, job.memory_bytes, job.gpus, members, has_command=bool(job.command))
+            if placement is None:
                 capacity_blocked = True
                 continue
-            gpu_indices = node.reserve(job.cpu_millis, job.memory_bytes, job.gpus, members)
-            _place(session, job, node, gpu_indices, now)
+            _place(session, job, placement, now)
             active[job.queue] = active.get(job.queue, 0) + 1
             result.admitted.append(job.id)
         result.next_wakeup = session.scalar(
@@ -85,27 +85,31 @@ def admit(session: Session, settings: Settings, now: datetime | None = None) -> 
     return result
 
 
-def _place(session: Session, job: Job, node: capacity.NodeCapacity, gpu_indices: list[int], now: datetime) -> None:
-    job.cluster = node.cluster
-    job.node = node.name
-    job.gpu_indices = gpu_indices
+def _place(session: Session, job: Job, placement: capacity.Placement, now: datetime) -> None:
+    job.cluster = placement.cluster
+    job.node = placement.node
+    job.placement = placement.as_json()
+    job.gpu_indices = placement.gpu_indices
     job.holds_resources = True
     job.dispatch_token = secrets.token_hex(8)
     job.queued_at = now
+    where = ", ".join(f"{node} x{members}" if members > 1 else node for node, members, _ in placement.parts)
+    gpus = placement.gpu_indices
     record_transition(
         session,
         job,
         JobStatus.QUEUED,
-        reason=f"admitted to {node.cluster}/{node.name}" + (f" with GPUs {gpu_indices}" if gpu_indices else ""),
+        reason=f"admitted to {placement.cluster} ({where})" + (f" with GPUs {gpus}" if gpus else ""),
         actor="scheduler",
         at=now,
-        details={"gpu_indices": gpu_indices},
+        details={"placement": job.placement},
     )
     session.add(
         OutboxMessage(
             job_id=job.id,
             task_name=EXECUTE_TASK,
-            queue=broker_queue(job.queue, node.cluster, node.name),
+            # Local jobs go to their host's worker; a Kubernetes cluster's workers share its queues.
+            queue=broker_queue(job.queue, placement.cluster, placement.node if placement.cluster == capacity.LOCAL_CLUSTER else None),
             args=[job.id, job.dispatch_token],
             created_at=now,
         )
@@ -128,12 +132,25 @@ def end_attempt(
     exit_code: int | None = None,
     details: dict | None = None,
     now: datetime | None = None,
+    requeue: bool = False,
 ) -> None:
-    """A running job's attempt ended: success, a retry after its backoff, or failure. Caller commits."""
+    """A running job's attempt ended: success, a retry after its backoff, a requeue, or failure. Caller commits.
+
+    `requeue`: the attempt never really started (a gang not placed whole): back to the backlog after the
+    base backoff, without spending one of the job's retries.
+    """
     now = now or utcnow()
     job.exit_code = exit_code
     job.holds_resources = False
-    if succeeded:
+    if requeue:
+        delay = settings.retry_backoff_base_seconds
+        record_transition(
+            session, job, JobStatus.PENDING, reason=f"{reason}; requeued in {delay:g}s", actor=actor, at=now,
+            details={**(details or {}), "backoff_seconds": delay},
+        )
+        job.not_before = now + timedelta(seconds=delay)
+        clear_placement(job)
+    elif succeeded:
         record_transition(session, job, JobStatus.SUCCEEDED, reason=reason, actor=actor, at=now, exit_code=exit_code, details=details)
         job.completed_at = now
     elif retryable and job.retry_count < job.max_retries:

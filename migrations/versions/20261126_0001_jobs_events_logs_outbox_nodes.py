@@ -48,6 +48,7 @@ def upgrade() -> None:
     sa.Column('cluster', sa.Text(), nullable=True),
     sa.Column('node', sa.Text(), nullable=True),
     sa.Column('gpu_indices', postgresql.JSONB(astext_type=sa.Text()), nullable=True),
+    sa.Column('placement', postgresql.JSONB(astext_type=sa.Text()), nullable=True),
     sa.Column('holds_resources', sa.Boolean(), server_default='false', nullable=False),
     sa.Column('dispatch_token', sa.Text(), nullable=True),
     sa.Column('worker_id', sa.Text(), nullable=True),

@@ -1,0 +1,186 @@
+"""The Kubernetes executor inside the service: real scheduler, real Celery worker, the real kubernetes
+client against the fake API server (tests/k8s_fake), real PostgreSQL and HTTP."""
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, text
+
+from app.db import Database
+from app.models import JobEvent
+from config import Settings
+from tests.conftest import ApiClient, LiveServer, wait_for, wait_for_status
+from tests.k8s_fake import FakeKubernetes, FakeNode, Script
+
+CLUSTER = "gpu-east"
+NAMESPACE = "jobs"
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeKubernetes]:
+    with FakeKubernetes([FakeNode("gpu-node-1", gpus=4), FakeNode("gpu-node-2", gpus=2, gpu_product="NVIDIA-H100-80GB-HBM3")]) as server:
+        yield server
+
+
+@pytest.fixture
+def kube_env(fake: FakeKubernetes, tmp_path: Path) -> dict[str, str]:
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        f"""apiVersion: v1
+kind: Config
+clusters: [{{name: fake, cluster: {{server: "{fake.url}"}}}}]
+users: [{{name: fake, user: {{token: test}}}}]
+contexts: [{{name: fake-east, context: {{cluster: fake, user: fake}}}}]
+current-context: fake-east
+"""
+    )
+    return {
+        "KUBERNETES_CLUSTERS": f"{CLUSTER}=fake-east",
+        "KUBECONFIG": str(kubeconfig),
+        "KUBERNETES_NAMESPACE": NAMESPACE,
+        "INVENTORY_SYNC_SECONDS": "0.5",
+        "GANG_START_TIMEOUT_SECONDS": "2",
+    }
+
+
+@pytest.fixture
+def kube_api(settings: Settings, database: Database, kube_env: dict[str, str]) -> Iterator[ApiClient]:
+    overrides = Settings.from_env({**kube_env})
+    server = LiveServer(settings.with_overrides(kubernetes_clusters=overrides.kubernetes_clusters, kubeconfig=overrides.kubeconfig))
+    yield ApiClient(server.url)
+    server.stop()
+
+
+@pytest.fixture
+def kube_worker(start_worker, kube_env: dict[str, str]):  # type: ignore[no-untyped-def]
+    def start(name: str = "k8s-worker", **env: str):  # type: ignore[no-untyped-def]
+        return start_worker(name, concurrency=4, registers="gpu-node-1", WORKER_EXECUTOR="kubernetes", WORKER_CLUSTER=CLUSTER, **{**kube_env, **env})
+
+    return start
+
+
+def test_a_job_runs_as_a_kubernetes_job_and_keeps_its_logs(kube_api: ApiClient, kube_worker, start_scheduler, fake: FakeKubernetes) -> None:
+    kube_worker()
+    start_scheduler()
+    job = kube_api.submit(image="test/succeed", resources={"gpu": 1, "cpu": "2", "memory": "4Gi"}, config={"model": "m"})
+    done = wait_for_status(kube_api, job["id"], {"succeeded", "failed"})
+    assert done["status"] == "succeeded" and done["exit_code"] == 0 and done["cluster"] == CLUSTER
+    (created,) = [o for o in fake.objects("jobs", NAMESPACE) if o["metadata"]["annotations"].get("jobservice.io/job-id") == job["id"]] or [None]
+    if created is not None:  # the orphan sweep may already have removed the finished Job
+        container = created["spec"]["template"]["spec"]["containers"][0]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    logs = kube_api.get(f"/jobs/{job['id']}/logs", params={"timestamps": "false"}).text.splitlines()
+    assert logs == ["starting rank 0 of 1", "working", "done"]
+
+
+def test_a_failing_pod_reports_its_exit_code(kube_api: ApiClient, kube_worker, start_scheduler) -> None:
+    kube_worker()
+    start_scheduler()
+    job = kube_api.submit(image="test/fail-3")
+    done = wait_for_status(kube_api, job["id"], {"succeeded", "failed"})
+    assert done["status"] == "failed" and done["exit_code"] == 3
+
+
+def test_cancel_deletes_the_kubernetes_job(kube_api: ApiClient, kube_worker, start_scheduler, fake: FakeKubernetes) -> None:
+    kube_worker()
+    start_scheduler()
+    job = kube_api.submit(image="test/sleep")
+    wait_for_status(kube_api, job["id"], "running")
+    wait_for(lambda: fake.objects("jobs", NAMESPACE), 10, message="the Kubernetes Job")
+    assert kube_api.delete(f"/jobs/{job['id']}").status_code == 200
+    wait_for(lambda: any(d[0] == "jobs" and d[3] == "Foreground" for d in fake.deletions), 15, message="a foreground delete")
+    wait_for(lambda: not fake.objects("jobs", NAMESPACE), 15, message="the Job to be gone")
+
+
+def test_a_gang_spans_the_cluster_and_gets_ranks(kube_api: ApiClient, kube_worker, start_scheduler) -> None:
+    kube_worker()
+    start_scheduler()
+    # 3 members of 2 GPUs: no node holds all of them, the cluster does (4 + 2 GPUs).
+    job = kube_api.submit(image="test/succeed", resources={"gpu": 2}, gang={"enabled": True, "min_members": 3})
+    done = wait_for_status(kube_api, job["id"], {"succeeded", "failed"}, timeout=40)
+    assert done["status"] == "succeeded"
+    lines = kube_api.get(f"/jobs/{job['id']}/logs", params={"timestamps": "false"}).text.splitlines()
+    assert sorted(l for l in lines if "starting" in l) == [f"[rank {r}] starting rank {r} of 3" for r in range(3)]
+
+
+def test_a_gang_bigger_than_the_cluster_is_refused(kube_api: ApiClient, kube_worker) -> None:
+    kube_worker()
+    response = kube_api.post("/jobs/", json={"job_type": "t", "image": "test/succeed", "resources": {"gpu": 4}, "gang": {"enabled": True, "min_members": 2}})
+    assert response.status_code == 400 and response.json()["error"]["details"][0]["field"] == "resources"
+
+
+def test_a_gang_that_cannot_start_whole_is_requeued_without_spending_a_retry(kube_api: ApiClient, kube_worker, start_scheduler, fake: FakeKubernetes, database: Database) -> None:
+    kube_worker(INVENTORY_SYNC_SECONDS="3600")  # the service keeps believing node 2 is usable
+    start_scheduler(RETRY_BACKOFF_BASE_SECONDS="30")
+    # The node is cordoned after the inventory was read: the gang (2 + 2 + 2 GPUs) cannot start whole.
+    fake.set_nodes([FakeNode("gpu-node-1", gpus=4), FakeNode("gpu-node-2", gpus=2, gpu_product="NVIDIA-H100-80GB-HBM3", unschedulable=True)])
+    job = kube_api.submit(image="test/sleep", resources={"gpu": 2}, gang={"enabled": True, "min_members": 3}, retry_policy={"max_retries": 0})
+
+    def requeued() -> bool:
+        with database.session() as s:
+            return any("gang incomplete" in e.reason for e in s.scalars(select(JobEvent).where(JobEvent.job_id == job["id"])))
+
+    wait_for(requeued, 30, message="the gang to be requeued")
+    after = kube_api.get(f"/jobs/{job['id']}").json()
+    assert after["status"] == "pending" and after["retry_count"] == 0
+    assert "2 of 3 members running" in after["status_reason"]
+    wait_for(lambda: not fake.objects("jobs", NAMESPACE), 15, message="the incomplete gang to be torn down")
+
+
+def test_clusters_report_live_nodes_and_gpus(kube_api: ApiClient, kube_worker, start_worker, start_scheduler, fake: FakeKubernetes) -> None:
+    kube_worker()
+    start_worker("local-host", gpus=2)
+    start_scheduler()
+    running = kube_api.submit(image="test/sleep", resources={"gpu": 1})
+    wait_for_status(kube_api, running["id"], "running")
+    wait_for(lambda: fake.objects("pods", NAMESPACE) and all(p["status"].get("phase") == "Running" for p in fake.objects("pods", NAMESPACE)), 10, message="the pod to run")
+    listing = {c["name"]: c for c in kube_api.get("/clusters/").json()["clusters"]}
+    assert set(listing) == {"local", CLUSTER}
+    east = listing[CLUSTER]
+    assert east["status"] == "healthy" and east["total_nodes"] == 2 and east["total_gpus"] == 6
+    assert east["available_gpus"] == 5 and east["running_jobs"] == 1
+    assert listing["local"]["total_gpus"] == 2 and listing["local"]["available_gpus"] == 2
+    detail = kube_api.get(f"/clusters/{CLUSTER}").json()
+    nodes = {n["name"]: n for n in detail["nodes"]}
+    busy = fake.objects("pods", NAMESPACE)[0]["spec"]["nodeName"]
+    for name, node in nodes.items():
+        assert node["gpus"]["available"] == node["gpus"]["total"] - (1 if name == busy else 0)
+    assert nodes["gpu-node-2"]["gpus"]["type"] == "NVIDIA-H100-80GB-HBM3" and nodes["gpu-node-2"]["gpus"]["total"] == 2
+    assert nodes["gpu-node-1"]["status"] == "ready" and nodes["gpu-node-1"]["cpu"]["total"] == "31500m"
+    assert detail["capacity"]["current_jobs"] == 1 and detail["capacity"]["max_jobs"] > 0
+    assert kube_api.get("/clusters/nowhere").status_code == 404
+    ready = kube_api.get("/health/ready").json()
+    assert ready["checks"]["kubernetes"] == "ok" and ready["checks"][f"kubernetes/{CLUSTER}"] == "ok"
+    kube_api.delete(f"/jobs/{running['id']}")
+
+
+def test_readiness_reports_an_unreachable_cluster(kube_api: ApiClient, fake: FakeKubernetes) -> None:
+    fake.stop()
+    response = kube_api.get("/health/ready")
+    assert response.status_code == 503 and response.json()["checks"]["kubernetes"] == "error"
+    summary = {c["name"]: c for c in kube_api.get("/clusters/").json()["clusters"]}
+    assert summary[CLUSTER]["status"] == "unreachable"
+    assert kube_api.get(f"/clusters/{CLUSTER}").status_code == 503
+
+
+def test_a_restarted_worker_re_adopts_the_job_it_launched(kube_api: ApiClient, kube_worker, start_scheduler, fake: FakeKubernetes, database: Database) -> None:
+    fake.scripts["test/slow"] = Script(lines=[f"tick {i}" for i in range(12)], line_interval=0.5)
+    first = kube_worker("k8s-worker-1")
+    start_scheduler(JOB_LEASE_SECONDS="30")
+    job = kube_api.submit(image="test/slow", retry_policy={"max_retries": 2})
+    wait_for_status(kube_api, job["id"], "running")
+    wait_for(lambda: "tick 1" in kube_api.get(f"/jobs/{job['id']}/logs").text, 15, message="the first lines")
+    os.killpg(first.process.pid, signal.SIGKILL)
+    kube_worker("k8s-worker-2")
+    done = wait_for_status(kube_api, job["id"], {"succeeded", "failed"}, timeout=60)
+    assert done["status"] == "succeeded" and done["retry_count"] == 0, done
+    assert done["worker_id"].startswith("worker-k8s-worker-2-")
+    lines = kube_api.get(f"/jobs/{job['id']}/logs", params={"timestamps": "false"}).text.splitlines()
+    assert lines == [f"tick {i}" for i in range(12)]  # every line once, across the restart
+    with database.engine.connect() as conn:
+        launches = conn.execute(text("SELECT count(*) FROM job_events WHERE job_id = :j AND to_status = 'running'"), {"j": job["id"]}).scalar()
+    assert launches == 1
