@@ -56,6 +56,14 @@ class Job(Base):
             "id",
             postgresql_where=text("status = 'pending'"),
         ),
+        # The scheduler's walk over the whole backlog: strict priority, then age, across queues.
+        Index(
+            "ix_jobs_admission_order",
+            text("priority DESC"),
+            "created_at",
+            "id",
+            postgresql_where=text("status = 'pending'"),
+        ),
         Index("ix_jobs_owner_created", "owner", "created_at"),
         Index("ix_jobs_status_created", "status", "created_at"),
         Index("ix_jobs_holding_node", "cluster", "node", postgresql_where=text("holds_resources")),

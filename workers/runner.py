@@ -21,7 +21,9 @@ from workers.executors.base import EndKind, Execution, Executor, JobSpec, LogLin
 
 log = logging.getLogger("jobservice.worker")
 
-POLL_SECONDS = 0.05
+# Short jobs are noticed at once, long ones cost little: the poll interval grows from 5 ms to 100 ms.
+FIRST_POLL_SECONDS = 0.005
+MAX_POLL_SECONDS = 0.1
 STATUS_CHECK_SECONDS = 1.0
 LOG_FLUSH_SECONDS = 0.2
 LOG_FLUSH_LINES = 500
@@ -151,6 +153,7 @@ class Runner:
         try:
             handle = handle or self.executor.launch(to_spec(job), writer)
             stopping = False
+            interval = FIRST_POLL_SECONDS
             while True:
                 outcome = handle.poll()
                 if outcome is not None:
@@ -158,7 +161,8 @@ class Runner:
                 if lease.lost.is_set() and not stopping:
                     stopping = True  # cancelled, or taken over: stop everything it started
                     handle.cancel(EndKind.CANCELLED, "cancelled")
-                time.sleep(POLL_SECONDS)
+                time.sleep(interval)
+                interval = min(MAX_POLL_SECONDS, interval * 1.5)
         finally:
             lease.stop()
 

@@ -2,28 +2,20 @@
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Iterator
 from typing import Any
 
 import marshmallow as ma
-from flask import Response, request
 from flask.views import MethodView
 
-from app.api import Blueprint
+from app.api import Blueprint, sse
 from app.api.context import database, session, settings
 from app.api.identity import require_scope
 from app.api.schemas import Timestamp, format_timestamp
-from app.db import Database
 from app.domain import explain, jobs, timeline
 from app.domain.callers import SCOPE_READ
-from app.domain.states import TERMINAL, JobStatus
 
 blp = Blueprint("timeline", __name__, url_prefix="/api/v1/jobs", description="Job timeline and scheduling explanations")
 
-FOLLOW_POLL_SECONDS = 0.25
-KEEPALIVE_SECONDS = 15.0
-FOLLOW_MAX_SECONDS = 3600.0  # as for log streams: the client resumes with Last-Event-ID
 PAGE = 1000
 
 
@@ -107,9 +99,12 @@ class JobTimeline(MethodView):
         caller = require_scope(SCOPE_READ)
         job = jobs.get(session(), caller, job_id)
         if args["follow"]:
-            resume_after = request.headers.get("Last-Event-ID", "")
-            stream = follow(database(), job.id, int(resume_after) if resume_after.isdigit() else 0)
-            return Response(stream, mimetype="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            schema = EventSchema()
+            stream = sse.follow(
+                database(), job.id, sse.last_event_id() or 0, lambda s, last: timeline.events(s, job.id, last, PAGE),
+                lambda event: event.id, lambda event: json.dumps(schema.dump(event), separators=(",", ":")),
+            )
+            return sse.response(stream)
         events: list[timeline.Event] = []
         while True:
             page = timeline.events(session(), job.id, events[-1].id if events else 0, PAGE)
@@ -128,31 +123,3 @@ class JobExplanation(MethodView):
         caller = require_scope(SCOPE_READ)
         job = jobs.get(session(), caller, job_id)
         return explain.explain(session(), job, settings())
-
-
-def follow(db: Database, job_id: str, after_id: int) -> Iterator[str]:
-    """`id: <event id>` / `data: <event as JSON>`; a final `event: end` carries the job's final status."""
-    schema = EventSchema()
-    started = last_sent = time.monotonic()
-    last_id = after_id
-    with db.session() as s:
-        while True:
-            ended = JobStatus(jobs.current_status(s, job_id)) in TERMINAL
-            fresh = timeline.events(s, job_id, last_id, PAGE)
-            s.rollback()  # no transaction held open between polls
-            for event in fresh:
-                last_id = event.id
-                yield f"id: {event.id}\ndata: {json.dumps(schema.dump(event), separators=(',', ':'))}\n\n"
-            if fresh:
-                last_sent = time.monotonic()
-                continue
-            if ended:
-                yield f"event: end\ndata: {jobs.current_status(s, job_id)}\n\n"
-                return
-            now = time.monotonic()
-            if now - started > FOLLOW_MAX_SECONDS:
-                return
-            if now - last_sent > KEEPALIVE_SECONDS:
-                last_sent = now
-                yield ": keep-alive\n\n"
-            time.sleep(FOLLOW_POLL_SECONDS)

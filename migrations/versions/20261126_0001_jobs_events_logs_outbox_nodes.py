@@ -59,6 +59,7 @@ def upgrade() -> None:
     sa.CheckConstraint('retry_count >= 0 AND max_retries >= 0', name=op.f('ck_jobs_retries_non_negative')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_jobs'))
     )
+    op.create_index('ix_jobs_admission_order', 'jobs', [sa.literal_column('priority DESC'), 'created_at', 'id'], unique=False, postgresql_where=sa.text("status = 'pending'"))
     op.create_index('ix_jobs_holding_node', 'jobs', ['cluster', 'node'], unique=False, postgresql_where=sa.text('holds_resources'))
     op.create_index('ix_jobs_owner_created', 'jobs', ['owner', 'created_at'], unique=False)
     op.create_index('ix_jobs_pending_order', 'jobs', ['queue', sa.literal_column('priority DESC'), 'created_at', 'id'], unique=False, postgresql_where=sa.text("status = 'pending'"))
@@ -130,5 +131,6 @@ def downgrade() -> None:
     op.drop_index('ix_jobs_status_created', table_name='jobs')
     op.drop_index('ix_jobs_pending_order', table_name='jobs', postgresql_where=sa.text("status = 'pending'"))
     op.drop_index('ix_jobs_owner_created', table_name='jobs')
+    op.drop_index('ix_jobs_admission_order', table_name='jobs', postgresql_where=sa.text("status = 'pending'"))
     op.drop_index('ix_jobs_holding_node', table_name='jobs', postgresql_where=sa.text('holds_resources'))
     op.drop_table('jobs')
