@@ -244,6 +244,7 @@ def main() -> None:
         measure("GET /api/v1/jobs/{middle}/explain", lambda: http.get(f"{url}/jobs/{middle.id}/explain"), args.requests, results)
         measure("GET /api/v1/jobs/{middle} (queue_position)", lambda: http.get(f"{url}/jobs/{middle.id}"), args.requests, results)
         measure("GET /api/v1/jobs/{last} (queue_position)", lambda: http.get(f"{url}/jobs/{last.id}"), args.requests, results)
+        measure("GET /api/v1/jobs/?status=pending (list with total, admin)", lambda: http.get(f"{url}/jobs/", params={"status": "pending"}), args.requests, results)
         measure("GET /api/v1/jobs/{middle}/events", lambda: http.get(f"{url}/jobs/{middle.id}/events"), args.requests, results)
 
         def submit() -> requests.Response:

@@ -119,6 +119,22 @@ def counts_by_queue_and_status(session: Session) -> dict[str, dict[str, int]]:
     return dict(result)
 
 
+_COUNT_MATCHING = text(
+    """
+    SELECT coalesce(sum(n), 0)::bigint
+    FROM (SELECT status, priority, count AS n FROM job_counts
+          UNION ALL
+          SELECT status, priority, delta FROM job_count_deltas) AS c
+    WHERE priority >= :priority_min AND (CAST(:status AS text) IS NULL OR status = :status)
+    """
+)
+
+
+def count_jobs(session: Session, status: str | None, priority_min: int) -> int:
+    """Jobs of every owner with this status (any when None) and at least this priority, without a scan."""
+    return int(session.scalar(_COUNT_MATCHING, {"status": status, "priority_min": priority_min}) or 0)
+
+
 _POSITION = text(
     """
     WITH c AS (

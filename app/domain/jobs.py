@@ -176,7 +176,11 @@ def list_jobs(session: Session, caller: Caller, filters: JobFilters) -> tuple[li
         conditions.append(Job.status == filters.status)
     if filters.job_type:
         conditions.append(Job.job_type == filters.job_type)
-    total = session.scalar(select(func.count()).select_from(Job).where(*conditions)) or 0
+    if caller.is_admin and not filters.job_type:
+        # Everyone's jobs: the counters answer without counting a million rows.
+        total = counters.count_jobs(session, filters.status, filters.priority_min)
+    else:
+        total = session.scalar(select(func.count()).select_from(Job).where(*conditions)) or 0
     items = session.scalars(
         select(Job)
         .where(*conditions)
