@@ -270,7 +270,7 @@ def main() -> None:
         admit = sql_ms(database, ADMIT_CANDIDATES, {}, 3)
         print(f"  scheduler's candidate query (admit(), ORDER BY over every queue): {admit[0]:.1f} / {admit[1]:.1f}")
         listing = sql_ms(database, "SELECT count(*) FROM jobs WHERE priority >= 0", {}, 3)
-        print(f"  GET /jobs/'s total (COUNT(*) of the caller's jobs, an admin here): {listing[0]:.1f} / {listing[1]:.1f}")
+        print(f"  COUNT(*) of every job, what GET /jobs/'s total costs a non-admin with as many jobs (admins read the counters): {listing[0]:.1f} / {listing[1]:.1f}")
     finally:
         if server is not None:
             os.killpg(server.pid, signal.SIGTERM)
