@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Protocol
 
 from celery import Celery
-from sqlalchemy import delete, select
+from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
 from app.db import transaction
@@ -36,18 +36,12 @@ class CeleryPublisher:
         self.celery.close()
 
 
-def publish_outbox(session: Session, publisher: TaskPublisher, message_ids: list[int] | None = None, *, older_than: datetime | None = None) -> int:
-    """Publish outbox messages (the given ones, or every one older than `older_than`), then delete them.
+def publish(session: Session, publisher: TaskPublisher, messages: list[OutboxMessage]) -> int:
+    """Publish committed outbox messages, then delete them.
 
     A crash between publish and delete publishes the message again later: workers ignore a task
     whose dispatch token no longer matches, so a duplicate costs nothing.
     """
-    if message_ids is not None:
-        query = select(OutboxMessage).where(OutboxMessage.id.in_(message_ids)).order_by(OutboxMessage.id)
-        messages = list(session.scalars(query)) if message_ids else []
-    else:
-        messages = stale_outbox(session, older_than or utcnow())
-    session.rollback()  # end the read transaction: publishing must not hold row locks
     published: list[int] = []
     for message in messages:
         try:
@@ -61,11 +55,9 @@ def publish_outbox(session: Session, publisher: TaskPublisher, message_ids: list
     return len(published)
 
 
-def outbox_ids_for(session: Session, job_ids: list[str]) -> list[int]:
-    if not job_ids:
-        return []
-    return list(session.scalars(select(OutboxMessage.id).where(OutboxMessage.job_id.in_(job_ids))))
-
-
-def republish_cutoff(settings: Settings) -> datetime:
-    return utcnow() - timedelta(seconds=settings.outbox_republish_after_seconds)
+def publish_stale(session: Session, publisher: TaskPublisher, settings: Settings) -> int:
+    """The sweep: publish what a crashed publisher left in the outbox."""
+    cutoff = utcnow() - timedelta(seconds=settings.outbox_republish_after_seconds)
+    messages = stale_outbox(session, cutoff)
+    session.rollback()  # end the read transaction: publishing must not hold it open
+    return publish(session, publisher, messages)

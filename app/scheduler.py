@@ -16,7 +16,7 @@ import psycopg2.extensions
 from sqlalchemy.orm import Session
 
 from app.db import Database
-from app.dispatch import CeleryPublisher, TaskPublisher, outbox_ids_for, publish_outbox, republish_cutoff
+from app.dispatch import CeleryPublisher, TaskPublisher, publish, publish_stale
 from app.domain import counters, logs as log_store
 from app.domain.jobs import SCHEDULER_CHANNEL, utcnow
 from app.domain.scheduling import AdmissionResult, admit, recover_lost
@@ -42,14 +42,14 @@ class Scheduler:
                 recovered = recover_lost(session, self.settings)
                 for job_id in recovered:
                     log.warning("recovered a lost job: its worker or node stopped heartbeating", extra={"job_id": job_id})
-                publish_outbox(session, self.publisher, older_than=republish_cutoff(self.settings))
+                publish_stale(session, self.publisher, self.settings)
                 self._fold_counters(session)
             if now_mono - self._last_purge >= PURGE_EVERY_SECONDS:
                 self._last_purge = now_mono
                 log_store.purge_older_than(session, self.settings.log_retention_days)
             result = admit(session, self.settings)
             if result.admitted:
-                publish_outbox(session, self.publisher, outbox_ids_for(session, result.admitted))
+                publish(session, self.publisher, result.messages)
                 for job_id in result.admitted:
                     log.info("admitted", extra={"job_id": job_id})
             return result

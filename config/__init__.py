@@ -135,10 +135,6 @@ class Settings:
     worker_executor: str = "local"
     worker_cluster: str | None = None
 
-    @property
-    def kubernetes_enabled(self) -> bool:
-        return bool(self.kubernetes_clusters)
-
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
         env = os.environ if env is None else env

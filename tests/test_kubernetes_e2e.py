@@ -64,15 +64,19 @@ def kube_worker(start_worker, kube_env: dict[str, str]):  # type: ignore[no-unty
 
 
 def test_a_job_runs_as_a_kubernetes_job_and_keeps_its_logs(kube_api: ApiClient, kube_worker, start_scheduler, fake: FakeKubernetes) -> None:
+    fake.scripts["test/steady"] = Script(lines=["starting rank $JOB_RANK of $JOB_WORLD_SIZE", "working", "done"], line_interval=0.5)
     kube_worker()
     start_scheduler()
-    job = kube_api.submit(image="test/succeed", resources={"gpu": 1, "cpu": "2", "memory": "4Gi"}, config={"model": "m"})
+    job = kube_api.submit(image="test/steady", resources={"gpu": 1, "cpu": "2", "memory": "4Gi"}, config={"model": "m"})
+    wait_for_status(kube_api, job["id"], "running")
+    created = wait_for(lambda: fake.objects("jobs", NAMESPACE), 10, message="the Kubernetes Job")[0]
+    assert created["metadata"]["annotations"]["jobservice.io/job-id"] == job["id"]
+    limits = created["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert (limits["nvidia.com/gpu"], limits["cpu"]) == ("1", "2000m")
     done = wait_for_status(kube_api, job["id"], {"succeeded", "failed"})
     assert done["status"] == "succeeded" and done["exit_code"] == 0 and done["cluster"] == CLUSTER
-    (created,) = [o for o in fake.objects("jobs", NAMESPACE) if o["metadata"]["annotations"].get("jobservice.io/job-id") == job["id"]] or [None]
-    if created is not None:  # the orphan sweep may already have removed the finished Job
-        container = created["spec"]["template"]["spec"]["containers"][0]
-        assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    # The finished Job is deleted; its logs stay in the service's store.
+    wait_for(lambda: not fake.objects("jobs", NAMESPACE), 15, message="the finished Job to be removed")
     logs = kube_api.get(f"/jobs/{job['id']}/logs", params={"timestamps": "false"}).text.splitlines()
     assert logs == ["starting rank 0 of 1", "working", "done"]
 

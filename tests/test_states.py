@@ -76,10 +76,14 @@ def test_memory_quantities(text: str, amount: int) -> None:
     assert memory_to_bytes(text) == amount
 
 
-@pytest.mark.parametrize("text", ["", "abc", "1.2.3", "5 Gi", "8GB", "-1", "1e3x", "0.5m"])
-def test_bad_quantities(text: str) -> None:
+@pytest.mark.parametrize(
+    "parse, text",
+    [(memory_to_bytes, t) for t in ["", "abc", "1.2.3", "5 Gi", "8GB", "-1", "1e3x", "0.5"]]
+    + [(cpu_to_millis, t) for t in ["two", "0.0005", "0.5m", "-2"]],
+)
+def test_bad_quantities(parse, text: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError):
-        memory_to_bytes(text) if not text.endswith("m") else cpu_to_millis("0.0005")
+        parse(text)
 
 
 def test_quantity_formatting_round_trips() -> None:

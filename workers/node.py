@@ -21,19 +21,45 @@ from workers.gpus import host_resources
 log = logging.getLogger("jobservice.worker")
 
 
-class NodeMembership:
+class Membership:
+    """Joins at start, then refreshes every `interval` seconds on a thread of the worker's main process."""
+
+    interval: float
+
     def __init__(self, settings: Settings, slots: int) -> None:
         self.settings = settings
         self.slots = slots
         self.database = Database(settings.database_url or "", pool_size=1)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name="node-heartbeat", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=type(self).__name__, daemon=True)
 
     def start(self) -> None:
-        self._register()
+        self.join()
         self._thread.start()
 
-    def _register(self) -> None:
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.refresh()
+            except Exception:  # noqa: BLE001 - a database or API server blip: the next round retries
+                log.exception("%s refresh failed", type(self).__name__)
+
+    def join(self) -> None:
+        raise NotImplementedError
+
+    def refresh(self) -> None:
+        raise NotImplementedError
+
+
+
+class NodeMembership(Membership):
+    """This host as a node of the `local` cluster, kept alive by heartbeats."""
+
+    def __init__(self, settings: Settings, slots: int) -> None:
+        super().__init__(settings, slots)
+        self.interval = max(1.0, settings.node_lease_seconds / 3)
+
+    def join(self) -> None:
         s = self.settings
         resources = host_resources(
             gpus=s.worker_gpus,
@@ -54,49 +80,34 @@ class NodeMembership:
             s.worker_node, resources.gpu_indices, resources.cpu_millis, resources.memory_bytes, self.slots,
         )
 
-    def _beat(self) -> None:
-        interval = max(1.0, self.settings.node_lease_seconds / 3)
-        while not self._stop.wait(interval):
-            try:
-                with self.database.session() as session:
-                    known = execution.node_heartbeat(session, LOCAL_CLUSTER, self.settings.worker_node)
-                if not known:  # the row was removed (an operator, a reset): join again
-                    self._register()
-            except Exception:  # noqa: BLE001 - try again next beat
-                log.exception("node heartbeat failed")
+    def refresh(self) -> None:
+        with self.database.session() as session:
+            known = execution.node_heartbeat(session, LOCAL_CLUSTER, self.settings.worker_node)
+        if not known:  # the row was removed (an operator, a reset): join again
+            self.join()
 
     def stop(self) -> None:
-        self._stop.set()
         with self.database.session() as session:
             execution.deregister_node(session, LOCAL_CLUSTER, self.settings.worker_node)
-        self.database.dispose()
+        super().stop()
 
 
-class ClusterMembership:
+class ClusterMembership(Membership):
+    """A Kubernetes cluster's nodes copied into the registry; silent jobs adopted; orphaned Jobs deleted."""
+
     def __init__(self, settings: Settings, slots: int, publish: Callable[..., object]) -> None:
         from workers.context import build_executor, served_cluster
 
-        self.settings = settings
-        self.slots = slots
+        super().__init__(settings, slots)
+        self.interval = settings.inventory_sync_seconds
         self.publish = publish
         self.cluster = served_cluster(settings)
         self.executor = build_executor(settings)
-        self.database = Database(settings.database_url or "", pool_size=1)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="cluster-sync", daemon=True)
 
-    def start(self) -> None:
-        self.sync()
-        self._thread.start()
+    def join(self) -> None:
+        self.refresh()
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.settings.inventory_sync_seconds):
-            try:
-                self.sync()
-            except Exception:  # noqa: BLE001 - an API server blip: the next round retries
-                log.exception("syncing cluster %s failed", self.cluster)
-
-    def sync(self) -> None:
+    def refresh(self) -> None:
         from app.kube import read_inventory
 
         s = self.settings
@@ -138,7 +149,3 @@ class ClusterMembership:
         for job_id, attempt in orphans:
             log.warning("deleting Kubernetes Job %s: attempt %d no longer runs", managed[(job_id, attempt)], attempt, extra={"job_id": job_id})
             self.executor.remove_job(managed[(job_id, attempt)])
-
-    def stop(self) -> None:
-        self._stop.set()
-        self.database.dispose()

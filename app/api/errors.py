@@ -116,9 +116,9 @@ def register(app: Flask) -> None:
 
     @app.before_request
     def _require_json_body() -> Response | None:
-        if request.method in ("POST", "PUT", "PATCH") and request.content_length != 0 and request.mimetype != "application/json":
-            if request.content_length or request.headers.get("Transfer-Encoding"):
-                return envelope(415, _default_message(415, HTTPException()))
+        has_body = bool(request.content_length) or "Transfer-Encoding" in request.headers
+        if request.method in ("POST", "PUT", "PATCH") and has_body and request.mimetype != "application/json":
+            return envelope(415, _default_message(415, HTTPException()))
         return None
 
     @app.after_request

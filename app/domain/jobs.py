@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from app.db import transaction
 from app.domain import capacity, counters
-from app.domain.callers import SYSTEM, Caller
+from app.domain.callers import Caller
 from app.domain.errors import Conflict, InvalidRequest, NotFound
 from app.domain.states import TERMINAL, JobStatus, can_transition
 from app.models import Job, JobEvent
@@ -229,9 +229,3 @@ def clear_placement(job: Job) -> None:
     job.dispatch_token = None
     job.worker_id = None
     job.heartbeat_at = None
-
-
-def fail_unrunnable(session: Session, job: Job, reason: str) -> None:
-    """A pending job that can no longer be placed anywhere (called by the scheduler)."""
-    record_transition(session, job, JobStatus.FAILED, reason=reason, actor=SYSTEM)
-    job.completed_at = utcnow()

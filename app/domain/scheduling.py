@@ -38,9 +38,13 @@ def broker_queue(queue: str, cluster: str, node: str | None) -> str:
 
 @dataclass
 class AdmissionResult:
-    admitted: list[str] = field(default_factory=list)
+    messages: list[OutboxMessage] = field(default_factory=list)  # to publish once the admission committed
     locked_out: bool = False
     next_wakeup: datetime | None = None  # earliest backoff expiry among waiting jobs
+
+    @property
+    def admitted(self) -> list[str]:
+        return [message.job_id for message in self.messages]
 
 
 def admit(session: Session, settings: Settings, now: datetime | None = None) -> AdmissionResult:
@@ -76,16 +80,15 @@ def admit(session: Session, settings: Settings, now: datetime | None = None) -> 
             if placement is None:
                 capacity_blocked = True
                 continue
-            _place(session, job, placement, now)
+            result.messages.append(_place(session, job, placement, now))
             active[job.queue] = active.get(job.queue, 0) + 1
-            result.admitted.append(job.id)
         result.next_wakeup = session.scalar(
             select(func.min(Job.not_before)).where(Job.status == JobStatus.PENDING.value, Job.not_before > now)
         )
     return result
 
 
-def _place(session: Session, job: Job, placement: capacity.Placement, now: datetime) -> None:
+def _place(session: Session, job: Job, placement: capacity.Placement, now: datetime) -> OutboxMessage:
     job.cluster = placement.cluster
     job.node = placement.node
     job.placement = placement.as_json()
@@ -104,16 +107,16 @@ def _place(session: Session, job: Job, placement: capacity.Placement, now: datet
         at=now,
         details={"placement": job.placement},
     )
-    session.add(
-        OutboxMessage(
-            job_id=job.id,
-            task_name=EXECUTE_TASK,
-            # Local jobs go to their host's worker; a Kubernetes cluster's workers share its queues.
-            queue=broker_queue(job.queue, placement.cluster, placement.node if placement.cluster == capacity.LOCAL_CLUSTER else None),
-            args=[job.id, job.dispatch_token],
-            created_at=now,
-        )
+    message = OutboxMessage(
+        job_id=job.id,
+        task_name=EXECUTE_TASK,
+        # Local jobs go to their host's worker; a Kubernetes cluster's workers share its queues.
+        queue=broker_queue(job.queue, placement.cluster, placement.node if placement.cluster == capacity.LOCAL_CLUSTER else None),
+        args=[job.id, job.dispatch_token],
+        created_at=now,
     )
+    session.add(message)
+    return message
 
 
 def retry_delay_seconds(settings: Settings, job: Job) -> float:
@@ -194,7 +197,7 @@ def recover_lost(session: Session, settings: Settings, now: datetime | None = No
             recovered.append(job.id)
         released = session.execute(
             update(Job)
-            .where(Job.status == JobStatus.CANCELLED.value, Job.holds_resources.is_(True), Job.heartbeat_at < lease)
+            .where(Job.status == JobStatus.CANCELLED.value, Job.holds_resources, Job.heartbeat_at < lease)
             .values(holds_resources=False)
         )
         if released.rowcount:

@@ -143,12 +143,13 @@ class LocalExecutor:
                     reader.start()
                     readers.append(reader)
         except OSError as exc:
+            reason = f"could not start {spec.command[0]!r}: {exc.strerror or exc}"
             # All members start or none: stop the ones already running.
-            execution = LocalExecution(spec, processes, readers, 0)
-            execution.cancel(EndKind.LAUNCH_FAILED, f"could not start {spec.command[0]!r}: {exc.strerror or exc}")
-            while processes and execution.poll() is None:
+            started = LocalExecution(spec, processes, readers, kill_grace_seconds=0)
+            started.cancel(EndKind.LAUNCH_FAILED, reason)
+            while processes and started.poll() is None:
                 time.sleep(0.05)
-            return FinishedExecution(Outcome(EndKind.LAUNCH_FAILED, f"could not start {spec.command[0]!r}: {exc.strerror or exc}"))
+            return FinishedExecution(Outcome(EndKind.LAUNCH_FAILED, reason))
         return LocalExecution(spec, processes, readers, self.kill_grace_seconds)
 
     @staticmethod
