@@ -29,7 +29,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from app.api import auth, clusters, context, errors, health, jobs, logs as job_logs, ratelimit
     from app.api import metrics, prometheus, queues, timeline
 
-    context.register(app, Database(settings.database_url))
+    context.register(app, Database(settings.database_url, application_name="jobservice-api"))
     _register_access_log(app)
     errors.register(app)
     clusters.register(app)

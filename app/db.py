@@ -1,12 +1,29 @@
-"""Engine and session factory: built from settings by whoever runs (API, scheduler, worker)."""
+"""Engine and session factory: built from settings by whoever runs (API, scheduler, worker).
+
+Also the one place that knows which database errors are a dropped connection (worth retrying) and
+which are bugs (never retried): `is_connection_error`, `retry_on_disconnect`, `Database.retrying`.
+"""
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any, TypeVar
 
+import psycopg2
 from sqlalchemy import create_engine
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
+
+log = logging.getLogger("jobservice.db")
+T = TypeVar("T")
+
+# SQLSTATEs PostgreSQL sends when it ends a session itself: class 08 (connection exception), and
+# admin_shutdown (pg_terminate_backend, a fast shutdown), crash_shutdown, cannot_connect_now (starting up).
+_SESSION_ENDED_STATES = ("57P01", "57P02", "57P03")
 
 
 def sqlalchemy_url(url: str) -> str:
@@ -17,11 +34,82 @@ def sqlalchemy_url(url: str) -> str:
     return url
 
 
+def is_connection_error(exc: BaseException) -> bool:
+    """True when `exc` means the database connection broke or could not be made, not that the statement was wrong.
+
+    A statement on a dropped connection may or may not have committed, so callers that retry must be
+    idempotent. Everything else (an IntegrityError, a cancelled statement, a deadlock) is not a blip and
+    must surface.
+    """
+    if isinstance(exc, sa_exc.DisconnectionError):
+        return True  # the pool's pre-ping gave up on a connection
+    if isinstance(exc, sa_exc.DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        exc = exc.orig  # type: ignore[assignment]
+    if isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)):
+        code = getattr(exc, "pgcode", None)
+        # No SQLSTATE: libpq's own error (server closed the connection, could not connect).
+        return code is None or code.startswith("08") or code in _SESSION_ENDED_STATES
+    return False
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.partition("\n")[0] or type(exc).__name__
+
+
+def retry_on_disconnect(
+    operation: Callable[[], T],
+    *,
+    what: str,
+    give_up_after: float | None = 30.0,
+    first_delay: float = 0.05,
+    max_delay: float = 2.0,
+    log_every: int = 10,
+    extra: Mapping[str, Any] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """Run `operation` until it completes, retrying with capped exponential backoff on connection errors only.
+
+    `give_up_after`: seconds after which the last connection error is raised (None: retry as long as this
+    process lives). The first failure and every `log_every`-th one are logged as one WARNING line each.
+    """
+    started = time.monotonic()
+    delay = first_delay
+    failures = 0
+    while True:
+        try:
+            result = operation()
+        except Exception as exc:
+            if not is_connection_error(exc):
+                raise
+            failures += 1
+            elapsed = time.monotonic() - started
+            if give_up_after is not None and elapsed + delay > give_up_after:
+                log.warning("%s: database connection lost, giving up after %d tries in %.1fs: %s",
+                            what, failures, elapsed, first_line(exc), extra=dict(extra or {}))
+                raise
+            if failures == 1 or failures % log_every == 0:
+                log.warning("%s: database connection lost (try %d, retrying with backoff): %s",
+                            what, failures, first_line(exc), extra=dict(extra or {}))
+            sleep(delay * random.uniform(0.5, 1.0))  # jitter: many workers reconnect at once after a restart
+            delay = min(max_delay, delay * 2)
+            continue
+        if failures:
+            log.warning("%s: succeeded after %d failed tries (%.1fs)", what, failures, time.monotonic() - started,
+                        extra=dict(extra or {}))
+        return result
+
+
 class Database:
-    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+    def __init__(self, url: str, *, pool_size: int = 10, application_name: str = "jobservice") -> None:
+        """`application_name` names this process's sessions in pg_stat_activity (operators and tests target them)."""
         self.url = url
+        self.application_name = application_name[:63]
         self.engine: Engine = create_engine(
-            sqlalchemy_url(url), pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size * 2
+            sqlalchemy_url(url), pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size * 2,
+            connect_args={"application_name": self.application_name},
         )
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
@@ -32,6 +120,16 @@ class Database:
             yield session
         finally:
             session.close()
+
+    def retrying(self, work: Callable[[Session], T], *, what: str, **options: Any) -> T:
+        """`work` in a fresh session per try, retried on connection errors (see retry_on_disconnect).
+        `work` must be idempotent: a try whose commit was acknowledged by nobody may have committed."""
+
+        def once() -> T:
+            with self.session() as session:
+                return work(session)
+
+        return retry_on_disconnect(once, what=what, **options)
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -15,15 +15,16 @@ import psycopg2
 import psycopg2.extensions
 from sqlalchemy.orm import Session
 
-from app.db import Database
+from app.db import Database, first_line, is_connection_error
 from app.dispatch import CeleryPublisher, TaskPublisher, publish, publish_stale
 from app.domain import counters, logs as log_store
 from app.domain.jobs import SCHEDULER_CHANNEL, utcnow
-from app.domain.scheduling import AdmissionResult, admit, recover_lost
+from app.domain.scheduling import AdmissionResult, admit, recover_lost, requeue_unclaimed
 from config import Settings
 
 log = logging.getLogger("jobservice.scheduler")
 PURGE_EVERY_SECONDS = 3600.0
+SCHEDULER_APPLICATION = "jobservice-scheduler"  # application_name of its database sessions
 
 
 class Scheduler:
@@ -33,6 +34,7 @@ class Scheduler:
         self.publisher = publisher
         self._last_sweep = 0.0
         self._last_purge = 0.0
+        self._listen_failures = 0
 
     def tick(self) -> AdmissionResult:
         with self.database.session() as session:
@@ -42,6 +44,9 @@ class Scheduler:
                 recovered = recover_lost(session, self.settings)
                 for job_id in recovered:
                     log.warning("recovered a lost job: its worker or node stopped heartbeating", extra={"job_id": job_id})
+                for job_id in requeue_unclaimed(session, self.settings):
+                    log.warning("returned a queued job to the backlog: no worker claimed it within %gs",
+                                self.settings.claim_timeout_seconds, extra={"job_id": job_id})
                 publish_stale(session, self.publisher, self.settings)
                 self._fold_counters(session)
             if now_mono - self._last_purge >= PURGE_EVERY_SECONDS:
@@ -64,27 +69,50 @@ class Scheduler:
 
     def run_forever(self, stop: threading.Event | None = None) -> None:
         stop = stop or threading.Event()
-        listener = self._listen()
+        listener = self._reconnect()
         while not stop.is_set():
             try:
                 result = self.tick()
-            except Exception:  # noqa: BLE001 - a scheduler must outlive a bad tick (database restart, broker blip)
-                log.exception("scheduler tick failed")
+            except Exception as exc:  # noqa: BLE001 - a scheduler must outlive a bad tick (database restart, broker blip)
+                if is_connection_error(exc):
+                    log.warning("scheduler tick lost its database connection; the next tick retries: %s", first_line(exc))
+                else:
+                    log.exception("scheduler tick failed")
                 result = AdmissionResult()
                 time.sleep(1)
             timeout = self.settings.scheduler_interval_seconds
             if result.next_wakeup is not None:
                 timeout = max(0.0, min(timeout, (result.next_wakeup - utcnow()).total_seconds()))
+            if listener is None:  # no LISTEN session: tick on the interval until one is back
+                stop.wait(timeout)
+                listener = self._reconnect()
+                continue
             try:
                 self._wait(listener, timeout)
-            except psycopg2.Error:
-                log.exception("lost the LISTEN connection; reconnecting")
-                time.sleep(1)
-                listener = self._listen()
-        listener.close()
+            except psycopg2.Error as exc:
+                # The server ended the LISTEN session (restart, pg_terminate_backend): expected, not a bug.
+                log.warning("lost the LISTEN connection; reconnecting: %s", first_line(exc))
+                listener.close()
+                listener = self._reconnect()
+        if listener is not None:
+            listener.close()
+
+    def _reconnect(self) -> psycopg2.extensions.connection | None:
+        """A new LISTEN session, or None (one WARNING line for the first failure and every 30th after)."""
+        try:
+            listener = self._listen()
+        except psycopg2.Error as exc:
+            self._listen_failures += 1
+            if self._listen_failures % 30 == 1:
+                log.warning("LISTEN reconnect failed (%d tries); ticking on the interval meanwhile: %s",
+                            self._listen_failures, first_line(exc))
+            return None
+        self._listen_failures = 0
+        return listener
 
     def _listen(self) -> psycopg2.extensions.connection:
-        connection = psycopg2.connect(self.database.engine.url.render_as_string(hide_password=False).replace("+psycopg2", ""))
+        url = self.database.engine.url.render_as_string(hide_password=False).replace("+psycopg2", "")
+        connection = psycopg2.connect(url, application_name=SCHEDULER_APPLICATION)
         connection.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
         connection.cursor().execute(f"LISTEN {SCHEDULER_CHANNEL}")
         return connection
@@ -98,7 +126,7 @@ class Scheduler:
 
 
 def run_forever(settings: Settings) -> None:
-    database = Database(settings.database_url or "", pool_size=2)
+    database = Database(settings.database_url or "", pool_size=2, application_name=SCHEDULER_APPLICATION)
     publisher = CeleryPublisher(settings)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -105,6 +105,7 @@ class Settings:
     queues: tuple[QueueConfig, ...] = field(default_factory=lambda: parse_queues(DEFAULT_QUEUES))
     scheduler_interval_seconds: float = 2.0
     outbox_republish_after_seconds: float = 5.0
+    claim_timeout_seconds: float = 10.0
     job_heartbeat_seconds: float = 5.0
     job_lease_seconds: float = 30.0
     node_lease_seconds: float = 30.0
@@ -168,6 +169,7 @@ class Settings:
             queues=parse_queues(env.get("JOB_QUEUES", DEFAULT_QUEUES)),
             scheduler_interval_seconds=_float(env, "SCHEDULER_INTERVAL_SECONDS", 2.0),
             outbox_republish_after_seconds=_float(env, "OUTBOX_REPUBLISH_AFTER_SECONDS", 5.0),
+            claim_timeout_seconds=_float(env, "CLAIM_TIMEOUT_SECONDS", 10.0),
             job_heartbeat_seconds=_float(env, "JOB_HEARTBEAT_SECONDS", 5.0),
             job_lease_seconds=_float(env, "JOB_LEASE_SECONDS", 30.0),
             node_lease_seconds=_float(env, "NODE_LEASE_SECONDS", 30.0),

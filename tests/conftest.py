@@ -258,14 +258,14 @@ def e2e_settings(e2e_env: dict[str, str]) -> Settings:
 def start_scheduler(e2e_env: dict[str, str], database: Database) -> Iterator[Any]:
     """start_scheduler(**env) -> Scheduler: the real scheduler loop in a thread (same code as `jobservice scheduler`)."""
     from app.dispatch import CeleryPublisher
-    from app.scheduler import Scheduler
+    from app.scheduler import SCHEDULER_APPLICATION, Scheduler
 
     running: list[tuple[Any, threading.Event, threading.Thread, Any]] = []
 
     def start(**extra_env: str) -> Scheduler:
         settings = Settings.from_env({**e2e_env, **extra_env})
         publisher = CeleryPublisher(settings)
-        instance = Scheduler(settings, Database(settings.database_url or "", pool_size=2), publisher)
+        instance = Scheduler(settings, Database(settings.database_url or "", pool_size=2, application_name=SCHEDULER_APPLICATION), publisher)
         stop = threading.Event()
         thread = threading.Thread(target=instance.run_forever, args=(stop,), daemon=True)
         thread.start()

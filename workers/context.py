@@ -54,7 +54,7 @@ def served_cluster(settings: Settings) -> str:
 @lru_cache(maxsize=None)
 def _context_for(pid: int) -> WorkerContext:
     settings = Settings.from_env()
-    database = Database(settings.database_url or "", pool_size=2)
+    database = Database(settings.database_url or "", pool_size=2, application_name=f"jobservice-worker/{settings.worker_node}")
     runner = Runner(settings, database, build_executor(settings), worker_id=f"worker-{settings.worker_node}-{pid}")
     return WorkerContext(settings, database, runner)
 

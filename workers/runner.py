@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import secrets
 import threading
 import time
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from app.db import Database
+from sqlalchemy.orm import Session
+
+from app.db import Database, first_line, is_connection_error
 from app.domain import execution, logs as log_store
 from app.domain.execution import ClaimedJob
 from app.domain.jobs import utcnow
@@ -27,10 +30,17 @@ MAX_POLL_SECONDS = 0.1
 STATUS_CHECK_SECONDS = 1.0
 LOG_FLUSH_SECONDS = 0.2
 LOG_FLUSH_LINES = 500
+LOG_RETRY_SECONDS = 2.0  # a flush gives up after this; its lines stay for the next one
+LOG_FAILURES_PER_WARNING = 20  # a long outage logs one line per this many failures, not one per try
+REPORT_MAX_BACKOFF_SECONDS = 5.0
 
 
 class LogWriter:
-    """Collects lines from the executor's threads and stores them in batches."""
+    """Collects lines from the executor's threads and stores them in batches.
+
+    A batch that meets a dropped connection is kept and stored by a later flush, once; a batch the
+    database refuses for another reason is dropped (and logged) so that it cannot block the lines after it.
+    """
 
     def __init__(self, database: Database, job_id: str, attempt: int) -> None:
         self.database = database
@@ -38,6 +48,8 @@ class LogWriter:
         self.attempt = attempt
         self._pending: list[LogLine] = []
         self._lock = threading.Lock()
+        self._flushing = threading.Lock()  # one flush at a time keeps the lines in order
+        self._failures = 0
         self._stop = threading.Event()
         self._flusher = threading.Thread(target=self._run, daemon=True)
         self._flusher.start()
@@ -47,26 +59,53 @@ class LogWriter:
             self._pending.extend(lines)
             full = len(self._pending) >= LOG_FLUSH_LINES
         if full:
-            self.flush()
+            try:
+                self.flush()
+            except Exception:  # noqa: BLE001 - the lines are kept; the flusher thread retries and logs
+                pass
 
-    def flush(self) -> None:
-        with self._lock:
-            batch, self._pending = self._pending, []
-        if batch:
-            with self.database.session() as session:
-                log_store.append(session, self.job_id, self.attempt, [(l.at, l.stream, l.member, l.line) for l in batch])
+    def flush(self, give_up_after: float | None = LOG_RETRY_SECONDS) -> None:
+        with self._flushing:
+            with self._lock:
+                batch, self._pending = self._pending, []
+            if not batch:
+                return
+            rows = [(l.at, l.stream, l.member, l.line) for l in batch]
+            tries = 0
+
+            def store(session: Session) -> None:
+                nonlocal tries
+                tries += 1
+                # A try after a dropped connection may follow one that committed unacknowledged.
+                if tries > 1 and log_store.contains(session, self.job_id, self.attempt, rows[0]):
+                    return
+                log_store.append(session, self.job_id, self.attempt, rows)
+
+            try:
+                self.database.retrying(store, what="storing log lines", give_up_after=give_up_after,
+                                       extra={"job_id": self.job_id})
+            except Exception as exc:
+                if is_connection_error(exc):
+                    with self._lock:
+                        self._pending[:0] = batch
+                    raise
+                log.exception("storing %d log lines failed; they are dropped", len(batch), extra={"job_id": self.job_id})
 
     def _run(self) -> None:
         while not self._stop.wait(LOG_FLUSH_SECONDS):
             try:
                 self.flush()
-            except Exception:  # noqa: BLE001 - keep the lines; the next flush retries
-                log.exception("storing log lines failed", extra={"job_id": self.job_id})
+                self._failures = 0
+            except Exception as exc:  # noqa: BLE001 - the lines are kept; the next flush retries
+                self._failures += 1
+                if self._failures % LOG_FAILURES_PER_WARNING == 1:
+                    log.warning("storing log lines failed %d times; kept for the next flush: %s", self._failures,
+                                first_line(exc), extra={"job_id": self.job_id})
 
     def close(self) -> None:
         self._stop.set()
         self._flusher.join()
-        self.flush()
+        self.flush(give_up_after=None)  # while this worker lives, its lines are stored before the attempt's end
 
 
 class Lease(threading.Thread):
@@ -83,15 +122,24 @@ class Lease(threading.Thread):
 
     def run(self) -> None:
         last_heartbeat = time.monotonic()
+        failures = 0
         while not self._stop_event.wait(min(STATUS_CHECK_SECONDS, self.heartbeat_seconds)):
             now = time.monotonic()
             beat = now - last_heartbeat >= self.heartbeat_seconds
             try:
-                with self.database.session() as session:
-                    owned = execution.still_running(session, self.job_id, self.dispatch_token, heartbeat=beat)
-            except Exception:  # noqa: BLE001 - a database blip must not stop a running job
-                log.exception("lease renewal failed", extra={"job_id": self.job_id})
+                owned = self.database.retrying(
+                    lambda session: execution.still_running(session, self.job_id, self.dispatch_token, heartbeat=beat),
+                    what="lease renewal", give_up_after=self.heartbeat_seconds, extra={"job_id": self.job_id},
+                )
+            except Exception as exc:  # noqa: BLE001 - a database blip must not stop a running job
+                failures += 1
+                if is_connection_error(exc):
+                    if failures % LOG_FAILURES_PER_WARNING == 1:
+                        log.warning("lease renewal failed %d times: %s", failures, first_line(exc), extra={"job_id": self.job_id})
+                else:
+                    log.exception("lease renewal failed", extra={"job_id": self.job_id})
                 continue
+            failures = 0
             if beat:
                 last_heartbeat = now
             if not owned:
@@ -111,70 +159,98 @@ class Runner:
     worker_id: str
 
     def run(self, job_id: str, dispatch_token: str) -> str:
-        with self.database.session() as session:
-            job = execution.claim(session, job_id, dispatch_token, self.worker_id)
+        claim_id = secrets.token_hex(8)
+        try:
+            job = self.database.retrying(
+                lambda session: execution.claim(session, job_id, dispatch_token, self.worker_id, claim_id=claim_id),
+                what="claim", give_up_after=self.settings.claim_timeout_seconds,
+                extra={"job_id": job_id, "worker_id": self.worker_id},
+            )
+        except Exception as exc:
+            if not is_connection_error(exc):
+                raise
+            # Unclaimed, it holds no worker: the scheduler returns it to the backlog (CLAIM_TIMEOUT_SECONDS).
+            log.error("could not claim the job: %s", first_line(exc), extra={"job_id": job_id, "worker_id": self.worker_id})
+            return "unclaimed"
         if job is None:
             log.info("ignoring stale or duplicate delivery", extra={"job_id": job_id, "worker_id": self.worker_id})
             return "ignored"
         log.info("running attempt %d", job.attempt, extra={"job_id": job_id, "worker_id": self.worker_id})
-        writer = LogWriter(self.database, job.job_id, job.attempt)
+        # The lease lives until the end is recorded: a worker retrying its report is not a lost worker.
+        lease = self._lease(job, dispatch_token)
         try:
-            outcome = self._watch(job, dispatch_token, writer)
+            writer = LogWriter(self.database, job.job_id, job.attempt)
+            try:
+                outcome = self._watch(job, dispatch_token, writer, lease)
+            finally:
+                writer.close()
+            return self._report(job, dispatch_token, outcome)
         finally:
-            writer.close()
-        return self._report(job, dispatch_token, outcome)
+            lease.stop()
 
     def adopt(self, job_id: str, dispatch_token: str) -> str:
         """Take over a running job whose worker went silent (a restart): watch its execution again."""
         silent_since = utcnow() - timedelta(seconds=2 * self.settings.job_heartbeat_seconds)
-        with self.database.session() as session:
+
+        def take_over(session: Session) -> tuple[ClaimedJob | None, datetime | None]:
             job = execution.take_over(session, job_id, dispatch_token, self.worker_id, silent_since)
-            logs_since = log_store.last_line_at(session, job_id, job.attempt) if job else None
+            return job, (log_store.last_line_at(session, job_id, job.attempt) if job else None)
+
+        job, logs_since = self.database.retrying(take_over, what="adoption", extra={"job_id": job_id, "worker_id": self.worker_id})
         adopt = getattr(self.executor, "adopt", None)
         if job is None or adopt is None:
             return "ignored"
         log.info("re-adopting attempt %d", job.attempt, extra={"job_id": job_id, "worker_id": self.worker_id})
-        writer = LogWriter(self.database, job.job_id, job.attempt)
+        lease = self._lease(job, dispatch_token)
         try:
-            handle = adopt(to_spec(job), writer, logs_since=logs_since)
-            if handle is None:
-                outcome = Outcome(EndKind.LOST, "its execution vanished while no worker watched it")
-            else:
-                outcome = self._watch(job, dispatch_token, writer, handle)
+            writer = LogWriter(self.database, job.job_id, job.attempt)
+            try:
+                handle = adopt(to_spec(job), writer, logs_since=logs_since)
+                if handle is None:
+                    outcome = Outcome(EndKind.LOST, "its execution vanished while no worker watched it")
+                else:
+                    outcome = self._watch(job, dispatch_token, writer, lease, handle)
+            finally:
+                writer.close()
+            return self._report(job, dispatch_token, outcome)
         finally:
-            writer.close()
-        return self._report(job, dispatch_token, outcome)
+            lease.stop()
 
-    def _watch(self, job: ClaimedJob, dispatch_token: str, writer: LogWriter, handle: Execution | None = None) -> Outcome:
+    def _lease(self, job: ClaimedJob, dispatch_token: str) -> Lease:
         # The lease is kept by its own thread: an executor's poll may block a while (draining a pod's
         # last log lines) and the job must not look abandoned meanwhile.
         lease = Lease(self.database, job.job_id, dispatch_token, self.settings.job_heartbeat_seconds)
         lease.start()
-        try:
-            handle = handle or self.executor.launch(to_spec(job), writer)
-            stopping = False
-            interval = FIRST_POLL_SECONDS
-            while True:
-                outcome = handle.poll()
-                if outcome is not None:
-                    return outcome
-                if lease.lost.is_set() and not stopping:
-                    stopping = True  # cancelled, or taken over: stop everything it started
-                    handle.cancel(EndKind.CANCELLED, "cancelled")
-                time.sleep(interval)
-                interval = min(MAX_POLL_SECONDS, interval * 1.5)
-        finally:
-            lease.stop()
+        return lease
+
+    def _watch(self, job: ClaimedJob, dispatch_token: str, writer: LogWriter, lease: Lease, handle: Execution | None = None) -> Outcome:
+        handle = handle or self.executor.launch(to_spec(job), writer)
+        stopping = False
+        interval = FIRST_POLL_SECONDS
+        while True:
+            outcome = handle.poll()
+            if outcome is not None:
+                return outcome
+            if lease.lost.is_set() and not stopping:
+                stopping = True  # cancelled, or taken over: stop everything it started
+                handle.cancel(EndKind.CANCELLED, "cancelled")
+            time.sleep(interval)
+            interval = min(MAX_POLL_SECONDS, interval * 1.5)
 
     def _report(self, job: ClaimedJob, dispatch_token: str, outcome: Outcome) -> str:
+        """Record the outcome; kept and retried on connection errors for as long as this worker lives.
+        The end is a compare-and-set on the dispatch token, so a retry never ends the job twice."""
         details = {"end": outcome.kind.value, **outcome.details}
-        with self.database.session() as session:
-            status = execution.end(
+        status = self.database.retrying(
+            lambda session: execution.end(
                 session, self.settings, job.job_id, dispatch_token,
                 succeeded=outcome.succeeded, retryable=outcome.retryable, reason=outcome.reason,
                 actor=self.worker_id, exit_code=outcome.exit_code, details=details,
                 requeue=outcome.kind == EndKind.UNPLACED,
-            )
+            ),
+            what=f"recording the end of attempt {job.attempt}", give_up_after=None, max_delay=REPORT_MAX_BACKOFF_SECONDS,
+            log_every=LOG_FAILURES_PER_WARNING, extra={"job_id": job.job_id, "worker_id": self.worker_id},
+        )
         log.info("attempt %d ended: %s -> %s", job.attempt, outcome.reason, status, extra={"job_id": job.job_id, "worker_id": self.worker_id})
         return status
 

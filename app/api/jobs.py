@@ -38,9 +38,7 @@ class JobCollection(MethodView):
     def post(self, request: jobs.JobRequest) -> Any:
         """Submit a job"""
         caller = require_scope(SCOPE_WRITE)
-        job = jobs.submit(session(), caller, request, settings())
-        job.queue_position = jobs.queue_position(session(), job)
-        return job
+        return jobs.submit(session(), caller, request, settings())  # queue_position computed before the commit
 
 
 @blp.route("/<string:job_id>")

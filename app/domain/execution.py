@@ -13,7 +13,7 @@ from app.db import transaction
 from app.domain.jobs import notify_scheduler, record_transition, utcnow
 from app.domain.scheduling import end_attempt
 from app.domain.states import JobStatus
-from app.models import Job, Node
+from app.models import Job, JobEvent, Node
 from config import Settings
 
 
@@ -38,18 +38,75 @@ class ClaimedJob:
     gpu_indices: list[int]
 
 
-def claim(session: Session, job_id: str, dispatch_token: str, worker_id: str, now: datetime | None = None) -> ClaimedJob | None:
-    """queued -> running for this admission's task; None for a duplicate or stale delivery."""
+def claim(
+    session: Session,
+    job_id: str,
+    dispatch_token: str,
+    worker_id: str,
+    now: datetime | None = None,
+    *,
+    claim_id: str | None = None,
+) -> ClaimedJob | None:
+    """queued -> running for this admission's task; None for a duplicate or stale delivery.
+
+    `claim_id` names this delivery's claim, so that a retry whose earlier try committed unacknowledged
+    (the connection dropped during the commit) gets the job back instead of ignoring its own claim.
+    """
     now = now or utcnow()
     with transaction(session):
         job = session.get(Job, job_id, with_for_update=True)
-        if job is None or job.status != JobStatus.QUEUED.value or job.dispatch_token != dispatch_token:
+        if job is None or job.dispatch_token != dispatch_token:
+            return None
+        if job.status == JobStatus.RUNNING.value and claim_id is not None and job.worker_id == worker_id:
+            claimed = _claim_event(session, job_id, dispatch_token, job.retry_count)
+            return _claimed(job) if claimed is not None and claimed.details.get("claim") == claim_id else None
+        if job.status != JobStatus.QUEUED.value:
             return None
         job.worker_id = worker_id
-        record_transition(session, job, JobStatus.RUNNING, reason=f"started by {worker_id}", actor=worker_id, at=now)
+        record_transition(
+            session, job, JobStatus.RUNNING, reason=f"started by {worker_id}", actor=worker_id, at=now,
+            details={"dispatch_token": dispatch_token, **({"claim": claim_id} if claim_id else {})},
+        )
         job.started_at = now
         job.heartbeat_at = now
         return _claimed(job)
+
+
+def _claim_event(session: Session, job_id: str, dispatch_token: str, attempt: int) -> JobEvent | None:
+    """The event of the claim that started this admission's attempt (its details carry the dispatch token)."""
+    return session.scalars(
+        select(JobEvent)
+        .where(
+            JobEvent.job_id == job_id,
+            JobEvent.to_status == JobStatus.RUNNING.value,
+            JobEvent.attempt == attempt,
+            JobEvent.details["dispatch_token"].astext == dispatch_token,
+        )
+        .order_by(JobEvent.id.desc())
+        .limit(1)
+    ).first()
+
+
+def recorded_end(session: Session, job_id: str, dispatch_token: str) -> str | None:
+    """How the attempt started by this admission ended, as recorded: the status its running state left for."""
+    claimed = session.scalars(
+        select(JobEvent)
+        .where(
+            JobEvent.job_id == job_id,
+            JobEvent.to_status == JobStatus.RUNNING.value,
+            JobEvent.details["dispatch_token"].astext == dispatch_token,
+        )
+        .order_by(JobEvent.id.desc())
+        .limit(1)
+    ).first()
+    if claimed is None:
+        return None
+    return session.scalar(
+        select(JobEvent.to_status)
+        .where(JobEvent.job_id == job_id, JobEvent.id > claimed.id, JobEvent.from_status == JobStatus.RUNNING.value)
+        .order_by(JobEvent.id)
+        .limit(1)
+    )
 
 
 def _claimed(job: Job) -> ClaimedJob:
@@ -99,7 +156,12 @@ def end(
     details: dict[str, Any] | None = None,
     requeue: bool = False,
 ) -> str:
-    """Record how this attempt ended; returns the job's status afterwards (unchanged if it was cancelled)."""
+    """Record how this attempt ended; returns the job's status afterwards (unchanged if it was cancelled).
+
+    A compare-and-set on the dispatch token, so it is safe to retry: a retry whose earlier try committed
+    unacknowledged finds the job no longer running under this token and returns what that try recorded
+    (never ending the job twice, nor ending a later attempt).
+    """
     with transaction(session):
         job = session.get(Job, job_id, with_for_update=True)
         if job is None:
@@ -108,7 +170,7 @@ def end(
             if job.dispatch_token == dispatch_token and job.holds_resources:
                 job.holds_resources = False  # cancelled while running: its processes are gone now
                 notify_scheduler(session, "resources-released")
-            return job.status
+            return recorded_end(session, job_id, dispatch_token) or job.status
         end_attempt(
             session, job, settings, succeeded=succeeded, retryable=retryable, reason=reason, actor=actor,
             exit_code=exit_code, details=details, requeue=requeue,

@@ -5,6 +5,7 @@ Each verb that changes a job is one transaction: it locks the row, checks the tr
 """
 from __future__ import annotations
 
+import logging
 import secrets
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -13,7 +14,7 @@ from typing import Any
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from app.db import transaction
+from app.db import first_line, is_connection_error, transaction
 from app.domain import capacity, counters
 from app.domain.callers import Caller
 from app.domain.errors import Conflict, InvalidRequest, NotFound
@@ -22,6 +23,7 @@ from app.models import Job, JobEvent
 from config import Settings
 
 SCHEDULER_CHANNEL = "jobservice_scheduler"
+log = logging.getLogger("jobservice.jobs")
 
 
 def utcnow() -> datetime:
@@ -148,7 +150,27 @@ def submit(session: Session, caller: Caller, request: JobRequest, settings: Sett
             JobEvent(job_id=job.id, at=now, from_status=None, to_status=job.status, reason="submitted", actor=caller.sub)
         )
         notify_scheduler(session, "submit")
+        # The answer is computed before the commit: after it, nothing may turn a created job into an error
+        # (a client that retries a 500 would submit it twice).
+        session.flush()
+        job.queue_position = _position_or_none(session, job)
     return job
+
+
+def _position_or_none(session: Session, job: Job) -> int | None:
+    """The job's queue position inside the caller's transaction; None (logged) if it cannot be computed.
+
+    A savepoint keeps a failed read (a cancelled statement, a timeout) from aborting the write it answers.
+    A dropped connection still fails the whole transaction: then nothing was committed either.
+    """
+    try:
+        with session.begin_nested():
+            return queue_position(session, job)
+    except Exception as exc:
+        if is_connection_error(exc):
+            raise
+        log.warning("queue position of %s not computed; answering without it: %s", job.id, first_line(exc), extra={"job_id": job.id})
+        return None
 
 
 def _visible(caller: Caller):  # type: ignore[no-untyped-def]

@@ -38,6 +38,17 @@ def append(session: Session, job_id: str, attempt: int, lines: Sequence[tuple[da
         )
 
 
+def contains(session: Session, job_id: str, attempt: int, line: tuple[datetime, str, int, str]) -> bool:
+    """Whether this (at, stream, member, line) of the attempt is stored: a retried batch checks its first line."""
+    at, stream, member, text_ = line
+    return session.scalar(
+        select(JobLogLine.id).where(
+            JobLogLine.at == at, JobLogLine.job_id == job_id, JobLogLine.attempt == attempt,
+            JobLogLine.stream == stream, JobLogLine.member == member, JobLogLine.line == text_[:MAX_LINE_CHARS],
+        ).limit(1)
+    ) is not None
+
+
 def _rows(session: Session, query) -> list[StoredLine]:  # type: ignore[no-untyped-def]
     return [StoredLine(r.id, r.at, r.stream, r.member, r.line) for r in session.execute(query)]
 

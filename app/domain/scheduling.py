@@ -14,7 +14,7 @@ import secrets
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.orm import Session
 
 from app.db import transaction
@@ -217,6 +217,40 @@ def recover_lost(session: Session, settings: Settings, now: datetime | None = No
         if orphaned:
             notify_scheduler(session, "requeued")
     return recovered
+
+
+def requeue_unclaimed(session: Session, settings: Settings, now: datetime | None = None) -> list[str]:
+    """Queued jobs no worker claimed within CLAIM_TIMEOUT_SECONDS go back to the backlog.
+
+    Admission places a job only on a free worker slot, so a claim normally follows within milliseconds;
+    a job still queued long after lost its task on the way (broker lost the message, the worker's claim
+    failed, the worker process died holding it). Holding capacity requires a claim: the job releases its
+    placement and gets a new admission and dispatch token, which turns any late claim of the old task
+    into a no-op (the claim is a compare-and-set on the token).
+    """
+    now = now or utcnow()
+    timeout = settings.claim_timeout_seconds
+    with transaction(session):
+        unclaimed = session.scalars(
+            select(Job)
+            .where(Job.status == JobStatus.QUEUED.value, Job.queued_at < now - timedelta(seconds=timeout))
+            .order_by(Job.queued_at)
+            .limit(ADMISSION_BATCH)
+            .with_for_update(skip_locked=True)  # a worker claiming it right now wins
+        ).all()
+        for job in unclaimed:
+            waited = (now - job.queued_at).total_seconds() if job.queued_at else timeout
+            record_transition(
+                session, job, JobStatus.PENDING, actor=SYSTEM, at=now,
+                reason=f"not claimed by a worker within {timeout:g}s of its admission to {job.cluster}/{job.node or '*'}; back to the backlog",
+                details={"unclaimed_seconds": round(waited, 3), "placement": job.placement},
+            )
+            clear_placement(job)
+        if unclaimed:
+            ids = [job.id for job in unclaimed]
+            session.execute(delete(OutboxMessage).where(OutboxMessage.job_id.in_(ids)))  # stale tasks: no use sending them
+            notify_scheduler(session, "requeued")
+    return [job.id for job in unclaimed]
 
 
 def stale_outbox(session: Session, older_than: datetime) -> list[OutboxMessage]:
