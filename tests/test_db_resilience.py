@@ -1,0 +1,214 @@
+"""Dropped database connections, on real PostgreSQL: what is retried, what is idempotent, what is requeued.
+
+The worker-side and scheduler-side end-to-end checks (real processes) are in test_db_faults_e2e.py.
+"""
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import select, text
+from sqlalchemy.exc import IntegrityError
+
+from app.db import Database, is_connection_error, retry_on_disconnect
+from app.domain import execution
+from app.domain.jobs import utcnow
+from app.domain.scheduling import admit, requeue_unclaimed
+from app.models import Job, JobEvent, OutboxMessage
+from config import Settings
+from tests.conftest import ApiClient, wait_for
+
+
+def backend_pids(database: Database, application: str, *, waiting_on_lock: bool = False, query_like: str = "%") -> list[int]:
+    """Server processes of the sessions that `application` (application_name, LIKE pattern) has open."""
+    with database.engine.connect() as conn:
+        return list(conn.execute(
+            text(
+                "SELECT pid FROM pg_stat_activity WHERE application_name LIKE :app AND pid <> pg_backend_pid()"
+                " AND query ILIKE :query" + (" AND wait_event_type = 'Lock'" if waiting_on_lock else "")
+            ),
+            {"app": application, "query": query_like},
+        ).scalars())
+
+
+def signal_backend(database: Database, pid: int, function: str = "pg_terminate_backend") -> None:
+    assert function in ("pg_terminate_backend", "pg_cancel_backend")
+    with database.engine.connect() as conn:
+        assert conn.execute(text(f"SELECT {function}(:pid)"), {"pid": pid}).scalar()
+
+
+def events(database: Database, job_id: str) -> list[JobEvent]:
+    with database.session() as s:
+        return list(s.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)))
+
+
+def register(database: Database, name: str = "node-a", slots: int = 2) -> None:
+    with database.session() as s:
+        execution.register_node(s, cluster="local", name=name, gpu_indices=[], gpu_type=None, cpu_millis=8000,
+                                memory_bytes=16 * 2**30, slots=slots)
+
+
+def admitted_job(api: ApiClient, database: Database, settings: Settings, **fields: Any) -> tuple[str, str]:
+    """A job admitted to node-a (no worker listens): (job id, dispatch token)."""
+    register(database)
+    job = api.submit(command=["true"], **fields)
+    with database.session() as s:
+        assert job["id"] in admit(s, settings).admitted
+        return job["id"], s.get(Job, job["id"]).dispatch_token
+
+
+# --- the retry helper ---------------------------------------------------------------------------------
+
+def test_a_terminated_session_is_retried_on_a_new_connection(database: Database) -> None:
+    db = Database(database.url, pool_size=1, application_name="jobservice-test-retry")
+    try:
+        with db.session() as s:
+            first_pid = s.scalar(text("SELECT pg_backend_pid()"))
+            s.rollback()  # back to the pool, idle
+        tries: list[int] = []
+
+        def work(session: Any) -> int:
+            pid = session.scalar(text("SELECT pg_backend_pid()"))
+            tries.append(pid)
+            if len(tries) == 1:
+                signal_backend(database, pid)  # dies under its own statement, as pg_terminate_backend does in a drill
+                session.execute(text("SELECT 1"))
+            return pid
+
+        pid = db.retrying(work, what="test", sleep=lambda _: None)
+        assert len(tries) == 2 and pid != first_pid and pid == tries[1]
+    finally:
+        db.dispose()
+
+
+def test_errors_other_than_a_dropped_connection_are_never_retried(database: Database) -> None:
+    calls: list[int] = []
+
+    def duplicate_key() -> None:
+        calls.append(1)
+        with database.engine.begin() as conn:
+            conn.execute(text("INSERT INTO nodes (cluster, name, gpu_indices, cpu_millis, memory_bytes, slots, ready, heartbeat_at, started_at)"
+                              " VALUES ('local', 'dup', '{}', 1, 1, 1, true, now(), now())"))
+            conn.execute(text("INSERT INTO nodes (cluster, name, gpu_indices, cpu_millis, memory_bytes, slots, ready, heartbeat_at, started_at)"
+                              " VALUES ('local', 'dup', '{}', 1, 1, 1, true, now(), now())"))
+
+    with pytest.raises(IntegrityError) as raised:
+        retry_on_disconnect(duplicate_key, what="test", sleep=lambda _: None)
+    assert calls == [1] and not is_connection_error(raised.value)
+
+
+def test_a_cancelled_statement_is_not_a_connection_error(database: Database) -> None:
+    with database.engine.connect() as conn:
+        conn.execute(text("SET statement_timeout = '10ms'"))
+        with pytest.raises(Exception) as raised:
+            conn.execute(text("SELECT pg_sleep(1)"))
+    assert not is_connection_error(raised.value)
+
+
+def test_retrying_gives_up_after_its_bound(database: Database) -> None:
+    db = Database("postgresql://postgres@127.0.0.1:1/nothing", pool_size=1)  # nothing listens there
+    try:
+        slept: list[float] = []
+        with pytest.raises(Exception) as raised:
+            db.retrying(lambda s: s.scalar(text("SELECT 1")), what="test", give_up_after=0.3, sleep=slept.append)
+        assert is_connection_error(raised.value) and slept and max(slept) <= 2.0
+    finally:
+        db.dispose()
+
+
+# --- idempotent claim and end --------------------------------------------------------------------------
+
+def test_a_claim_retried_after_its_commit_gets_the_job_back_and_no_one_else_does(api: ApiClient, database: Database, settings: Settings) -> None:
+    job_id, token = admitted_job(api, database, settings)
+    with database.session() as s:
+        first = execution.claim(s, job_id, token, "worker-a-1", claim_id="c1")
+    assert first is not None
+    with database.session() as s:  # the same claim again: its acknowledgement was lost
+        again = execution.claim(s, job_id, token, "worker-a-1", claim_id="c1")
+        other_delivery = execution.claim(s, job_id, token, "worker-a-1", claim_id="c2")
+        other_worker = execution.claim(s, job_id, token, "worker-b-1", claim_id="c1")
+        stale = execution.claim(s, job_id, "stale", "worker-a-1", claim_id="c1")
+    assert again == first
+    assert other_delivery is None and other_worker is None and stale is None
+    assert [e.to_status for e in events(database, job_id)].count("running") == 1
+
+
+def test_an_end_report_retried_after_its_commit_returns_what_was_recorded(api: ApiClient, database: Database, settings: Settings) -> None:
+    job_id, token = admitted_job(api, database, settings)
+    with database.session() as s:
+        execution.claim(s, job_id, token, "worker-a-1", claim_id="c1")
+    report = dict(succeeded=True, retryable=False, reason="exited with code 0", actor="worker-a-1", exit_code=0)
+    with database.session() as s:
+        assert execution.end(s, settings, job_id, token, **report) == "succeeded"
+    with database.session() as s:  # the retry of a report whose acknowledgement was lost
+        assert execution.end(s, settings, job_id, token, **{**report, "succeeded": False, "retryable": True}) == "succeeded"
+    assert [e.to_status for e in events(database, job_id)] == ["pending", "queued", "running", "succeeded"]
+
+
+def test_a_late_end_report_never_ends_a_later_attempt(api: ApiClient, database: Database, settings: Settings) -> None:
+    job_id, token = admitted_job(api, database, settings, retry_policy={"max_retries": 1})
+    with database.session() as s:
+        execution.claim(s, job_id, token, "worker-a-1", claim_id="c1")
+    failed = dict(succeeded=False, retryable=True, reason="exited with code 1", actor="worker-a-1", exit_code=1)
+    with database.session() as s:
+        assert execution.end(s, settings, job_id, token, **failed) == "pending"
+        s.execute(text("UPDATE jobs SET not_before = NULL WHERE id = :id"), {"id": job_id})
+        s.commit()
+        assert job_id in admit(s, settings).admitted
+        second_token = s.get(Job, job_id, populate_existing=True).dispatch_token
+        assert execution.claim(s, job_id, second_token, "worker-a-2", claim_id="c2") is not None
+    with database.session() as s:  # attempt 0's report retried late: it answers what it recorded, and changes nothing
+        assert execution.end(s, settings, job_id, token, **failed) == "pending"
+        job = s.get(Job, job_id)
+        assert job.status == "running" and job.retry_count == 1 and job.dispatch_token == second_token and job.holds_resources
+
+
+# --- no job stays queued without a worker that owns it --------------------------------------------------
+
+def test_an_unclaimed_queued_job_returns_to_the_backlog_and_its_late_claim_is_a_no_op(api: ApiClient, database: Database, settings: Settings) -> None:
+    job_id, token = admitted_job(api, database, settings)
+    fresh_id, _ = admitted_job(api, database, settings)
+    with database.session() as s:
+        s.execute(text("UPDATE jobs SET queued_at = :at WHERE id = :id"), {"id": job_id, "at": utcnow() - timedelta(seconds=60)})
+        s.commit()
+        assert requeue_unclaimed(s, settings.with_overrides(claim_timeout_seconds=10)) == [job_id]
+    with database.session() as s:
+        job, fresh = s.get(Job, job_id), s.get(Job, fresh_id)
+        assert job.status == "pending" and job.dispatch_token is None and job.node is None and not job.holds_resources
+        assert job.retry_count == 0  # it never started: no retry spent
+        assert fresh.status == "queued"  # within its bound: left alone
+        assert s.scalar(select(OutboxMessage.id).where(OutboxMessage.job_id == job_id)) is None
+        assert execution.claim(s, job_id, token, "worker-late-1", claim_id="c1") is None
+    last = events(database, job_id)[-1]
+    assert (last.from_status, last.to_status, last.actor) == ("queued", "pending", "system")
+    assert "not claimed by a worker within 10s" in last.reason and last.details["unclaimed_seconds"] >= 60
+    with database.session() as s:  # the next admission gives it a new token
+        assert job_id in admit(s, settings).admitted
+        new_token = s.get(Job, job_id).dispatch_token
+        assert new_token and new_token != token
+        assert execution.claim(s, job_id, token, "worker-late-1", claim_id="c1") is None
+
+
+# --- an answer reflects what was committed --------------------------------------------------------------
+
+def test_submit_answers_201_when_its_queue_position_cannot_be_read(api: ApiClient, database: Database) -> None:
+    """The position read fails (statement cancelled) while the job's insert succeeds: 201, position null."""
+    answer: dict[str, Any] = {}
+    with database.engine.connect() as conn:
+        locked = conn.begin()
+        conn.execute(text("LOCK TABLE job_counts IN ACCESS EXCLUSIVE MODE"))  # only the position read touches it
+        submit = threading.Thread(target=lambda: answer.update(response=api.post("/jobs/", json={"job_type": "t", "image": "i:1"})))
+        submit.start()
+        pid = wait_for(lambda: backend_pids(database, "jobservice-api", waiting_on_lock=True), 10, message="the position read")[0]
+        signal_backend(database, pid, "pg_cancel_backend")
+        submit.join(30)
+        locked.rollback()
+    response = answer["response"]
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["queue_position"] is None and body["status"] == "pending"
+    with database.session() as s:
+        assert s.get(Job, body["id"]) is not None
+    assert api.get(f"/jobs/{body['id']}").json()["queue_position"] == 1
