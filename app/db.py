@@ -67,13 +67,15 @@ def retry_on_disconnect(
     first_delay: float = 0.05,
     max_delay: float = 2.0,
     log_every: int = 10,
+    quiet: bool = False,
     extra: Mapping[str, Any] | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> T:
     """Run `operation` until it completes, retrying with capped exponential backoff on connection errors only.
 
     `give_up_after`: seconds after which the last connection error is raised (None: retry as long as this
-    process lives). The first failure and every `log_every`-th one are logged as one WARNING line each.
+    process lives). The first failure and every `log_every`-th one are logged as one WARNING line each, and
+    so is a success after failures; `quiet` leaves the failures to a caller that calls again in a loop.
     """
     started = time.monotonic()
     delay = first_delay
@@ -87,10 +89,11 @@ def retry_on_disconnect(
             failures += 1
             elapsed = time.monotonic() - started
             if give_up_after is not None and elapsed + delay > give_up_after:
-                log.warning("%s: database connection lost, giving up after %d tries in %.1fs: %s",
-                            what, failures, elapsed, first_line(exc), extra=dict(extra or {}))
+                if not quiet:
+                    log.warning("%s: database connection lost, giving up after %d tries in %.1fs: %s",
+                                what, failures, elapsed, first_line(exc), extra=dict(extra or {}))
                 raise
-            if failures == 1 or failures % log_every == 0:
+            if not quiet and (failures == 1 or failures % log_every == 0):
                 log.warning("%s: database connection lost (try %d, retrying with backoff): %s",
                             what, failures, first_line(exc), extra=dict(extra or {}))
             sleep(delay * random.uniform(0.5, 1.0))  # jitter: many workers reconnect at once after a restart

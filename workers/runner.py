@@ -83,6 +83,7 @@ class LogWriter:
 
             try:
                 self.database.retrying(store, what="storing log lines", give_up_after=give_up_after,
+                                       quiet=give_up_after is not None, log_every=LOG_FAILURES_PER_WARNING,
                                        extra={"job_id": self.job_id})
             except Exception as exc:
                 if is_connection_error(exc):
@@ -129,7 +130,7 @@ class Lease(threading.Thread):
             try:
                 owned = self.database.retrying(
                     lambda session: execution.still_running(session, self.job_id, self.dispatch_token, heartbeat=beat),
-                    what="lease renewal", give_up_after=self.heartbeat_seconds, extra={"job_id": self.job_id},
+                    what="lease renewal", give_up_after=self.heartbeat_seconds, quiet=True, extra={"job_id": self.job_id},
                 )
             except Exception as exc:  # noqa: BLE001 - a database blip must not stop a running job
                 failures += 1
