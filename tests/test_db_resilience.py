@@ -13,7 +13,7 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 
 from app.db import Database, is_connection_error, retry_on_disconnect
-from app.domain import execution
+from app.domain import execution, logs as log_store
 from app.domain.jobs import utcnow
 from app.domain.scheduling import admit, requeue_unclaimed
 from app.models import Job, JobEvent, OutboxMessage
@@ -163,6 +163,20 @@ def test_a_late_end_report_never_ends_a_later_attempt(api: ApiClient, database: 
         assert execution.end(s, settings, job_id, token, **failed) == "pending"
         job = s.get(Job, job_id)
         assert job.status == "running" and job.retry_count == 1 and job.dispatch_token == second_token and job.holds_resources
+
+
+def test_a_log_batch_retried_after_its_commit_is_stored_once(api: ApiClient, database: Database) -> None:
+    job = api.submit(command=["true"])
+    now = utcnow()
+    batch = [(now, "stdout", 0, "one"), (now, "stdout", 0, "two")]
+    with database.session() as s:
+        assert log_store.append_once(s, job["id"], 0, batch, retry=False)
+    with database.session() as s:  # the retry of a flush whose acknowledgement was lost
+        assert not log_store.append_once(s, job["id"], 0, batch, retry=True)
+        assert log_store.append_once(s, job["id"], 0, [(now, "stdout", 0, "three")], retry=True)
+        assert log_store.append_once(s, job["id"], 1, batch, retry=True)  # another attempt's lines are its own
+    with database.session() as s:
+        assert [line.line for line in log_store.tail(s, job["id"], 10)] == ["one", "two", "three", "one", "two"]
 
 
 # --- no job stays queued without a worker that owns it --------------------------------------------------

@@ -77,9 +77,7 @@ class LogWriter:
                 nonlocal tries
                 tries += 1
                 # A try after a dropped connection may follow one that committed unacknowledged.
-                if tries > 1 and log_store.contains(session, self.job_id, self.attempt, rows[0]):
-                    return
-                log_store.append(session, self.job_id, self.attempt, rows)
+                log_store.append_once(session, self.job_id, self.attempt, rows, retry=tries > 1)
 
             try:
                 self.database.retrying(store, what="storing log lines", give_up_after=give_up_after,

@@ -38,8 +38,17 @@ def append(session: Session, job_id: str, attempt: int, lines: Sequence[tuple[da
         )
 
 
-def contains(session: Session, job_id: str, attempt: int, line: tuple[datetime, str, int, str]) -> bool:
-    """Whether this (at, stream, member, line) of the attempt is stored: a retried batch checks its first line."""
+def append_once(session: Session, job_id: str, attempt: int, lines: Sequence[tuple[datetime, str, int, str]], *, retry: bool) -> bool:
+    """`append`, made safe to retry: a retry first checks whether the batch (one statement, so all or
+    nothing) was stored by a try whose commit went unacknowledged. False when it was."""
+    if retry and lines and _contains(session, job_id, attempt, lines[0]):
+        session.rollback()
+        return False
+    append(session, job_id, attempt, lines)
+    return True
+
+
+def _contains(session: Session, job_id: str, attempt: int, line: tuple[datetime, str, int, str]) -> bool:
     at, stream, member, text_ = line
     return session.scalar(
         select(JobLogLine.id).where(
