@@ -72,33 +72,21 @@ def claim(
         return _claimed(job)
 
 
-def _claim_event(session: Session, job_id: str, dispatch_token: str, attempt: int) -> JobEvent | None:
+def _claim_event(session: Session, job_id: str, dispatch_token: str, attempt: int | None = None) -> JobEvent | None:
     """The event of the claim that started this admission's attempt (its details carry the dispatch token)."""
-    return session.scalars(
-        select(JobEvent)
-        .where(
-            JobEvent.job_id == job_id,
-            JobEvent.to_status == JobStatus.RUNNING.value,
-            JobEvent.attempt == attempt,
-            JobEvent.details["dispatch_token"].astext == dispatch_token,
-        )
-        .order_by(JobEvent.id.desc())
-        .limit(1)
-    ).first()
+    conditions = [
+        JobEvent.job_id == job_id,
+        JobEvent.to_status == JobStatus.RUNNING.value,
+        JobEvent.details["dispatch_token"].astext == dispatch_token,
+    ]
+    if attempt is not None:
+        conditions.append(JobEvent.attempt == attempt)
+    return session.scalars(select(JobEvent).where(*conditions).order_by(JobEvent.id.desc()).limit(1)).first()
 
 
 def recorded_end(session: Session, job_id: str, dispatch_token: str) -> str | None:
     """How the attempt started by this admission ended, as recorded: the status its running state left for."""
-    claimed = session.scalars(
-        select(JobEvent)
-        .where(
-            JobEvent.job_id == job_id,
-            JobEvent.to_status == JobStatus.RUNNING.value,
-            JobEvent.details["dispatch_token"].astext == dispatch_token,
-        )
-        .order_by(JobEvent.id.desc())
-        .limit(1)
-    ).first()
+    claimed = _claim_event(session, job_id, dispatch_token)
     if claimed is None:
         return None
     return session.scalar(
