@@ -51,6 +51,15 @@ def _configure_logging(**_: Any) -> None:
     logs.configure(settings.log_level, settings.log_format)
 
 
+@signals.worker_init.connect
+def _contain_jobs(**_: Any) -> None:
+    """Before the pool starts: set up the jobs' cgroup and kill what a previous worker on this host left running."""
+    if settings.worker_executor == "local":
+        from workers.executors import containment
+
+        containment.sweep(containment.prepare_jobs_cgroup(settings.worker_cgroup, move_self=True))
+
+
 @signals.worker_ready.connect
 def _join_cluster(sender: Any = None, **_: Any) -> None:
     global _membership

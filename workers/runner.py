@@ -17,7 +17,8 @@ from app.domain import execution, logs as log_store
 from app.domain.execution import ClaimedJob
 from app.domain.jobs import utcnow
 from config import Settings
-from workers.executors.base import EndKind, Execution, Executor, JobSpec, LogLine, Outcome
+from workers.executors.base import EndKind, Execution, Executor, JobSpec, LogLine, LogSink, Outcome
+from workers.log_budget import LogBudget
 
 log = logging.getLogger("jobservice.worker")
 
@@ -118,9 +119,11 @@ class Runner:
             return "ignored"
         log.info("running attempt %d", job.attempt, extra={"job_id": job_id, "worker_id": self.worker_id})
         writer = LogWriter(self.database, job.job_id, job.attempt)
+        logs = LogBudget.start(writer, self.settings, job.attempt)
         try:
-            outcome = self._watch(job, dispatch_token, writer)
+            outcome = self._watch(job, dispatch_token, logs)
         finally:
+            logs.close()
             writer.close()
         return self._report(job, dispatch_token, outcome)
 
@@ -130,22 +133,25 @@ class Runner:
         with self.database.session() as session:
             job = execution.take_over(session, job_id, dispatch_token, self.worker_id, silent_since)
             logs_since = log_store.last_line_at(session, job_id, job.attempt) if job else None
+            logs_used = log_store.attempt_usage(session, job_id, job.attempt) if job else (0, 0)
         adopt = getattr(self.executor, "adopt", None)
         if job is None or adopt is None:
             return "ignored"
         log.info("re-adopting attempt %d", job.attempt, extra={"job_id": job_id, "worker_id": self.worker_id})
         writer = LogWriter(self.database, job.job_id, job.attempt)
+        logs = LogBudget(writer, self.settings, *logs_used)
         try:
-            handle = adopt(to_spec(job), writer, logs_since=logs_since)
+            handle = adopt(to_spec(job), logs, logs_since=logs_since)
             if handle is None:
                 outcome = Outcome(EndKind.LOST, "its execution vanished while no worker watched it")
             else:
-                outcome = self._watch(job, dispatch_token, writer, handle)
+                outcome = self._watch(job, dispatch_token, logs, handle)
         finally:
+            logs.close()
             writer.close()
         return self._report(job, dispatch_token, outcome)
 
-    def _watch(self, job: ClaimedJob, dispatch_token: str, writer: LogWriter, handle: Execution | None = None) -> Outcome:
+    def _watch(self, job: ClaimedJob, dispatch_token: str, writer: LogSink, handle: Execution | None = None) -> Outcome:
         # The lease is kept by its own thread: an executor's poll may block a while (draining a pod's
         # last log lines) and the job must not look abandoned meanwhile.
         lease = Lease(self.database, job.job_id, dispatch_token, self.settings.job_heartbeat_seconds)
