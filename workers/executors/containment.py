@@ -140,9 +140,15 @@ def _prctl(option: int, value: int) -> bool:
         return False
 
 
+_subreaper_of: int | None = None  # the pid that became a subreaper (a forked child is none)
+
+
 def become_subreaper() -> bool:
     """Orphaned descendants of this process come back to it (not to init): it can find and reap them."""
-    return _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    global _subreaper_of
+    if _subreaper_of != os.getpid() and _prctl(_PR_SET_CHILD_SUBREAPER, 1):
+        _subreaper_of = os.getpid()
+    return _subreaper_of == os.getpid()
 
 
 # Members of the executions running in this process: orphans are told apart from them, and never reaped
@@ -384,6 +390,8 @@ class Containment:
 
     def pids(self) -> set[int]:
         """Every live process of the attempt (zombies have exited already)."""
+        if self.cgroup is not None:
+            return _cgroup_pids(self.cgroup)  # nothing leaves it but by writing to cgroupfs (see README)
         processes = list_processes()
         me = os.getpid()
         found = descendants(self.members, processes)
@@ -397,11 +405,10 @@ class Containment:
                 marker = read_marker(info.pid)
                 if marker == self.marker or (marker is None and alone and info.start >= self.since):
                     found |= descendants([info.pid], processes)
-        for pid in processes:
-            if pid not in found and pid != me and read_marker(pid) == self.marker:
-                found |= descendants([pid], processes)
-        if self.cgroup is not None:
-            found |= {p for p in _cgroup_pids(self.cgroup) if p in processes}
+        if _subreaper_of != me:  # orphans went to init: only their marker tells
+            for pid in processes:
+                if pid not in found and pid != me and read_marker(pid) == self.marker:
+                    found |= descendants([pid], processes)
         found.discard(me)
         return {p for p in found if processes[p].state != "Z"} if found else found
 
@@ -412,15 +419,17 @@ class Containment:
 
     def kill_all(self, rounds: int = 20) -> bool:
         """SIGKILL until nothing of the attempt is left; True once it is empty."""
-        for _ in range(rounds):
+        for attempt in range(rounds):
             if self.cgroup is not None:
+                if not _populated(self.cgroup):
+                    return True
                 _kill_cgroup(self.cgroup)
-            left = self.pids()
-            reap_orphans()
-            if not left and not (self.cgroup is not None and _populated(self.cgroup)):
-                return True
-            kill_pids(left, signal.SIGKILL)
-            time.sleep(0.01)
+            else:
+                left = self.pids()
+                if not left:
+                    return True
+                kill_pids(left, signal.SIGKILL)
+            time.sleep(0.002 * (attempt + 1))
         return False
 
     def release(self) -> None:
