@@ -79,3 +79,15 @@ def test_attempt_usage_counts_what_an_attempt_stored(database: Database) -> None
         log_store.append(s, "job-usage", 0, [(now, "stdout", 0, "older attempt")])
         assert log_store.attempt_usage(s, "job-usage", 1) == (2, 5)
         assert log_store.attempt_usage(s, "job-usage", 7) == (0, 0)
+
+
+def test_a_full_log_is_drained_in_bulk_and_every_dropped_line_counted(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.test_local_executor import run_until_end, spec
+    from workers.executors.local import LocalExecutor
+
+    stored: list[LogLine] = []
+    sink = LogBudget(stored.extend, Settings.from_env({"LOG_MAX_LINES_PER_ATTEMPT": "10"}))
+    execution = LocalExecutor(tmp_path, kill_grace_seconds=1).launch(spec(["sh", "-c", "yes | head -n 300000; printf end"]), sink)
+    run_until_end(execution)
+    sink.close()
+    assert len(stored) == 11 and stored[-1].line.startswith("[log truncated: 299991 more lines (299993 bytes) were dropped;")

@@ -43,6 +43,16 @@ class LogBudget:
     def truncated(self) -> bool:
         return self.dropped_lines > 0
 
+    @property
+    def full(self) -> bool:
+        """Everything from now on is dropped: a reader may count what it drops (`dropped`) without sending it."""
+        return self.truncated or self._closed
+
+    def dropped(self, lines: int, size: int) -> None:
+        with self._lock:
+            self.dropped_lines += lines
+            self.dropped_bytes += size
+
     def __call__(self, lines: list[LogLine]) -> None:
         kept: list[LogLine] = []
         with self._lock:

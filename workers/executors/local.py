@@ -15,6 +15,7 @@ import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Callable
 from typing import IO
 
 from workers.executors import containment
@@ -211,3 +212,23 @@ def _pump(pipe: IO[bytes], stream: str, member: int, logs: LogSink) -> None:
         for raw in iter(lambda: pipe.readline(PIECE_BYTES), b""):
             line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
             logs([LogLine(datetime.now(timezone.utc), stream, line, member)])
+            if getattr(logs, "full", False):
+                _discard(pipe, logs.dropped)  # type: ignore[attr-defined]
+                return
+
+
+def _discard(pipe: IO[bytes], dropped: Callable[[int, int], None]) -> None:
+    """The log is full: read on (the job must not block on its pipe), counting lines and bytes in bulk
+    instead of a Python object per line (`yes` would keep a core busy)."""
+    lines = size = 0
+    partial = False
+    read = getattr(pipe, "read1", pipe.read)
+    for chunk in iter(lambda: read(PIECE_BYTES), b""):
+        newlines = chunk.count(b"\n")
+        lines += newlines
+        size += len(chunk) - newlines
+        partial = not chunk.endswith(b"\n")
+        if lines >= 100_000:
+            dropped(lines, size)
+            lines = size = 0
+    dropped(lines + (1 if partial else 0), size)
