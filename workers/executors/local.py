@@ -44,13 +44,12 @@ class FinishedExecution:
 
 class LocalExecution:
     def __init__(
-        self, spec: JobSpec, logs: LogSink, folder: Path, environment: dict[str, str], contained: containment.Containment,
+        self, spec: JobSpec, logs: LogSink, folder: Path, contained: containment.Containment,
         kill_grace_seconds: float, launch_slice_seconds: float = LAUNCH_SLICE_SECONDS,
     ) -> None:
         self.spec = spec
         self.logs = logs
         self.folder = folder
-        self.environment = environment
         self.contained = contained
         self.processes: list[subprocess.Popen[bytes]] = []
         self.readers: list[threading.Thread] = []
@@ -114,7 +113,7 @@ class LocalExecution:
             process = subprocess.Popen(
                 self.spec.command,
                 cwd=self.folder,
-                env=LocalExecutor._environment(self.spec, rank, self.folder) | self.environment,
+                env=LocalExecutor._environment(self.spec, rank, self.folder) | self.contained.environment(),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -190,9 +189,7 @@ class LocalExecutor:
         folder = self.workdir / spec.job_id / f"attempt-{spec.attempt}"
         folder.mkdir(parents=True, exist_ok=True)
         contained = containment.Containment(spec.job_id, spec.attempt, self.jobs_cgroup)
-        return LocalExecution(
-            spec, logs, folder, contained.environment(), contained, self.kill_grace_seconds, self.launch_slice_seconds,
-        )
+        return LocalExecution(spec, logs, folder, contained, self.kill_grace_seconds, self.launch_slice_seconds)
 
     @staticmethod
     def _environment(spec: JobSpec, rank: int, folder: Path) -> dict[str, str]:
