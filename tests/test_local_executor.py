@@ -18,7 +18,7 @@ from workers.executors import containment
 from workers.executors.base import EndKind, JobSpec, LogLine, Outcome
 from workers.executors.local import PIECE_BYTES, LocalExecution, LocalExecutor
 
-CGROUP = containment.prepare_jobs_cgroup("auto")
+CGROUP = containment.prepare_jobs_cgroup("auto", delegate=True)  # as a worker does before its pool starts
 MODES = ["off"] + (["auto"] if CGROUP is not None else [])
 
 

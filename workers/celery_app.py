@@ -60,7 +60,7 @@ def _contain_jobs(**_: Any) -> None:
     from workers.executors import containment
 
     try:
-        containment.sweep(containment.prepare_jobs_cgroup(settings.worker_cgroup, move_self=True))
+        containment.sweep(containment.prepare_jobs_cgroup(settings.worker_cgroup, delegate=True))
     except Exception:  # noqa: BLE001 - the node's heartbeats sweep again; a worker that cannot start helps no one
         logging.getLogger("jobservice.worker").exception("sweeping leftover job processes failed")
 

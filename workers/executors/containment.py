@@ -250,11 +250,12 @@ def _enable_controllers(cgroup: Path, wanted: set[str]) -> set[str]:
     return (wanted & available)
 
 
-def prepare_jobs_cgroup(setting: str, move_self: bool = False) -> Path | None:
-    """Create the jobs' cgroup folder and delegate `memory`/`cpu` to it where the host allows; None if unusable.
+def prepare_jobs_cgroup(setting: str, delegate: bool = False) -> Path | None:
+    """The jobs' cgroup folder (created if missing), or None where cgroup v2 is not usable.
 
-    A non-root cgroup hands controllers to its children only while it holds no process itself: with
-    `move_self`, the calling worker moves into a leaf of its own cgroup to make that possible.
+    With `delegate` (the worker's main process, before its pool starts) the `memory` and `cpu` controllers
+    are handed down to it where the host allows. A non-root cgroup hands controllers to its children only
+    while it holds no process itself: the worker first moves into a leaf of its own cgroup for that.
     """
     jobs = find_jobs_cgroup(setting)
     if jobs is None:
@@ -266,25 +267,23 @@ def prepare_jobs_cgroup(setting: str, move_self: bool = False) -> Path | None:
     except OSError as exc:
         log.warning("no cgroup for jobs (%s): containment by process tree and marker only", exc)
         return None
+    if not delegate:
+        return jobs
     wanted = {"memory", "cpu"}
     base = jobs.parent
     try:
-        _enable_controllers(base, wanted)
-    except OSError as exc:
-        if exc.errno == errno.EBUSY and move_self:
-            try:
-                leaf = base / WORKER_LEAF
-                leaf.mkdir(exist_ok=True)
-                _write(leaf / "cgroup.procs", "0")
-                _enable_controllers(base, wanted)
-            except OSError as again:
-                log.warning("cgroup %s keeps its controllers (%s): job limits not enforced", base, again)
-        else:
-            log.warning("cgroup %s keeps its controllers (%s): job limits not enforced", base, exc)
-    try:
+        try:
+            _enable_controllers(base, wanted)
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                raise
+            leaf = base / WORKER_LEAF
+            leaf.mkdir(exist_ok=True)
+            _write(leaf / "cgroup.procs", "0")
+            _enable_controllers(base, wanted)
         _enable_controllers(jobs, wanted)
     except OSError as exc:
-        log.warning("cgroup %s: cannot delegate controllers (%s): job limits not enforced", jobs, exc)
+        log.warning("cgroup %s cannot delegate memory/cpu (%s): job limits are not enforced", base, exc)
     return jobs
 
 
