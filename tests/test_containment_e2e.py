@@ -5,6 +5,7 @@ import os
 import signal
 from pathlib import Path
 
+import pytest
 from sqlalchemy import text
 
 from app.db import Database
@@ -54,8 +55,9 @@ def test_timeout_kills_processes_that_left_the_job(api: ApiClient, start_schedul
     assert [p for p in pids_in(pids, 2) if process_alive(p)] == []
 
 
-def test_processes_a_killed_worker_left_behind_die_when_a_worker_starts_on_the_host(api: ApiClient, start_scheduler, start_worker, tmp_path: Path) -> None:
-    doomed = start_worker("node-doomed")
+@pytest.mark.parametrize("cgroup", ["auto", "off"])  # a cgroup per attempt where the host has one, and without
+def test_processes_a_killed_worker_left_behind_die_when_a_worker_starts_on_the_host(api: ApiClient, start_scheduler, start_worker, tmp_path: Path, cgroup: str) -> None:
+    doomed = start_worker("node-doomed", WORKER_CGROUP=cgroup)
     start_scheduler()
     pids = tmp_path / "pids"
     job = api.submit(command=sh(ESCAPES.format(pids=pids) + "sleep 100"))
@@ -64,7 +66,7 @@ def test_processes_a_killed_worker_left_behind_die_when_a_worker_starts_on_the_h
     os.killpg(doomed.process.pid, signal.SIGKILL)  # no shutdown of any kind
     doomed.process.wait(10)
     assert all(process_alive(p) for p in escaped), "PDEATHSIG only reaches the members themselves"
-    start_worker("node-b")  # any worker on this host sweeps before it takes jobs
+    start_worker("node-b", WORKER_CGROUP=cgroup)  # any worker on this host sweeps before it takes jobs
     assert [p for p in escaped if process_alive(p)] == []
 
 
