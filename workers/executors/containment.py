@@ -55,8 +55,11 @@ class ProcessInfo:
 
 def read_process(pid: int) -> ProcessInfo | None:
     try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            raw = stat.read()
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
+        try:
+            raw = os.read(fd, 4096)
+        finally:
+            os.close(fd)
     except OSError:
         return None
     # The command name may hold spaces and parentheses: the fields start after the last ')'.
@@ -176,18 +179,26 @@ def register_member(pid: int) -> None:
         _live_members.add(pid)
 
 
-def reap_orphans(processes: dict[int, ProcessInfo] | None = None) -> None:
-    """Collect exited orphans re-parented to this subreaper (they would stay zombies otherwise)."""
-    me = os.getpid()
-    processes = list_processes() if processes is None else processes
-    with _registry_lock:
-        members = set(_live_members)
-    for info in processes.values():
-        if info.ppid == me and info.state == "Z" and info.pid not in members:
-            try:
-                os.waitpid(info.pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
+def reap_orphans() -> None:
+    """Collect exited orphans re-parented to this subreaper (they would stay zombies otherwise).
+
+    `waitid(WNOWAIT)` peeks at an exited child without collecting it: a member's exit status belongs to its
+    Popen object, so collection stops at the first one of those.
+    """
+    while True:
+        try:
+            exited = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return
+        if exited is None:
+            return
+        with _registry_lock:
+            if exited.si_pid in _live_members:
+                return
+        try:
+            os.waitpid(exited.si_pid, os.WNOHANG)
+        except ChildProcessError:
+            return
 
 
 # --- cgroup v2 ---------------------------------------------------------------------------------------
