@@ -77,6 +77,8 @@ def test_every_process_a_job_started_is_gone_when_its_end_is_reported(executor: 
     outcome = run_until_end(execution)
     # Nothing it started may live once its end is known: its GPUs go to the next job then.
     assert [p for p in started if alive(p)] == []
+    # Re-parented to this process (a subreaper), they are collected, not left as zombies.
+    assert [p for p in started if (info := containment.read_process(p)) and info.ppid == os.getpid()] == []
     expected = {"cancel": EndKind.CANCELLED, "timeout": EndKind.TIMEOUT, "exit": EndKind.EXITED}[stop]
     assert outcome.kind == expected
     if executor.jobs_cgroup is not None:
