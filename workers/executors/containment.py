@@ -68,8 +68,12 @@ def read_process(pid: int) -> ProcessInfo | None:
 
 
 def list_processes() -> dict[int, ProcessInfo]:
-    processes = {}
-    for entry in os.listdir("/proc"):
+    processes: dict[int, ProcessInfo] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:  # not Linux: process groups and PDEATHSIG-less members are all there is
+        return processes
+    for entry in entries:
         if entry.isdigit():
             info = read_process(int(entry))
             if info is not None:
@@ -105,7 +109,8 @@ def owner_alive(token: str) -> bool:
 
 def _ticks_now() -> int:
     # /proc/PID/stat's start time counts clock ticks of CLOCK_BOOTTIME.
-    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK"))
+    clock = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+    return int(time.clock_gettime(clock) * os.sysconf("SC_CLK_TCK"))
 
 
 def kill_pids(pids: Iterable[int], sig: signal.Signals) -> None:
