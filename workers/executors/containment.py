@@ -356,14 +356,13 @@ class Containment:
         self.owner = owner_token()
         self.marker = f"{job_id}:{attempt}:{self.owner}"
         self.cgroup: Path | None = None
-        self.controllers: set[str] = set()
         self.members: list[int] = []
         self.since = _ticks_now()
         if jobs_cgroup is not None:
             cgroup = jobs_cgroup / f"{_SAFE_NAME.sub('_', job_id)}.{attempt}.{self.owner}"
             try:
                 cgroup.mkdir(exist_ok=True)
-                self.controllers = _enable_controllers(cgroup, {"memory", "cpu"})
+                _enable_controllers(cgroup, {"memory", "cpu"})
                 self.cgroup = cgroup
             except OSError as exc:
                 log.warning("no cgroup for attempt %d (%s): containment by process tree and marker", attempt, exc, extra={"job_id": job_id})
@@ -374,6 +373,7 @@ class Containment:
 
     def member_setup(self, rank: int, cpu_millis: int, memory_bytes: int) -> tuple[Callable[[], None], Callable[[], None]]:
         """(preexec_fn for the member's child, cleanup for the parent after Popen)."""
+        become_subreaper()  # idempotent; and libc is loaded here, not in the forked child
         fd = -1
         if self.cgroup is not None:
             leaf = self.cgroup / f"m{rank}"
