@@ -69,7 +69,8 @@ def test_every_process_a_job_started_is_gone_when_its_end_is_reported(executor: 
     lines: list[LogLine] = []
     execution = executor.launch(spec(["sh", "-c", ESCAPES.format(pids=pids) + tail], timeout=1 if stop == "timeout" else None), lines.extend)
     assert isinstance(execution, LocalExecution)
-    assert execution.poll() is None
+    first = execution.poll()  # starts the member; one that exits at once may end in this very poll
+    assert first is None or stop == "exit"
     started = wait_pids(pids, 3)
     if stop == "cancel":
         assert all(alive(p) for p in started)
