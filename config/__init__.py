@@ -111,6 +111,9 @@ class Settings:
     node_lease_seconds: float = 30.0
     retry_backoff_base_seconds: float = 10.0
     log_retention_days: int = 30
+    log_max_lines_per_attempt: int = 100_000
+    log_max_bytes_per_attempt: int = 10 * 1024 * 1024
+    log_max_line_bytes: int = 16_384
 
     # Worker (one worker = one node of the `local` cluster)
     worker_node: str = field(default_factory=socket.gethostname)
@@ -122,6 +125,7 @@ class Settings:
     worker_concurrency: int = 4
     worker_workdir: str = ".jobservice/work"
     kill_grace_seconds: float = 10.0
+    worker_cgroup: str = "auto"
     nvidia_smi: str = "nvidia-smi"
 
     # Kubernetes: named clusters, each a kubeconfig context (or the in-cluster service account)
@@ -175,6 +179,9 @@ class Settings:
             node_lease_seconds=_float(env, "NODE_LEASE_SECONDS", 30.0),
             retry_backoff_base_seconds=_float(env, "RETRY_BACKOFF_BASE_SECONDS", 10.0),
             log_retention_days=_int(env, "LOG_RETENTION_DAYS", 30),
+            log_max_lines_per_attempt=max(1, _int(env, "LOG_MAX_LINES_PER_ATTEMPT", 100_000)),
+            log_max_bytes_per_attempt=max(1, _int(env, "LOG_MAX_BYTES_PER_ATTEMPT", 10 * 1024 * 1024)),
+            log_max_line_bytes=min(16_384, max(64, _int(env, "LOG_MAX_LINE_BYTES", 16_384))),
             worker_node=env.get("WORKER_NODE") or socket.gethostname(),
             worker_gpus=tuple(int(g) for g in gpus.split(",")) if gpus else None,
             worker_gpu_count=int(gpu_count) if gpu_count else None,
@@ -184,6 +191,7 @@ class Settings:
             worker_concurrency=_int(env, "WORKER_CONCURRENCY", 4),
             worker_workdir=env.get("WORKER_WORKDIR", os.path.join(env.get("JOBSERVICE_DATA_DIR", ".jobservice"), "work")),
             kill_grace_seconds=_float(env, "KILL_GRACE_SECONDS", 10.0),
+            worker_cgroup=env.get("WORKER_CGROUP", "auto").strip() or "auto",
             nvidia_smi=env.get("NVIDIA_SMI", "nvidia-smi"),
             kubernetes_clusters=parse_clusters(env.get("KUBERNETES_CLUSTERS", "")),
             kubeconfig=_optional(env, "KUBECONFIG"),

@@ -90,7 +90,8 @@ def test_retries_wait_their_backoff(api: ApiClient, start_scheduler, start_worke
         assert waited >= 0.4 * 3**attempt, (attempt, waited)  # base * multiplier ** n
         assert timeline[index].details["backoff_seconds"] == pytest.approx(0.4 * 3**attempt)
     logs = api.get(f"/jobs/{job['id']}/logs", params={"timestamps": "false"}).text.splitlines()
-    assert logs == ["attempt 0", "attempt 1", "attempt 2"]
+    # Each retry's lines start below a marker line.
+    assert logs == ["attempt 0", "=== attempt 1 begins (retry 1) ===", "attempt 1", "=== attempt 2 begins (retry 2) ===", "attempt 2"]
 
 
 def test_a_timeout_kills_the_process_group_and_is_not_retried(api: ApiClient, start_scheduler, start_worker, tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """The Celery application of the workers (`celery --app workers.celery_app worker`), also read by Flower."""
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import Celery, signals
@@ -49,6 +50,19 @@ _membership: Any = None
 @signals.setup_logging.connect
 def _configure_logging(**_: Any) -> None:
     logs.configure(settings.log_level, settings.log_format)
+
+
+@signals.worker_init.connect
+def _contain_jobs(**_: Any) -> None:
+    """Before the pool starts: set up the jobs' cgroup and kill what a previous worker on this host left running."""
+    if settings.worker_executor != "local":
+        return
+    from workers.executors import containment
+
+    try:
+        containment.sweep(containment.prepare_jobs_cgroup(settings.worker_cgroup, delegate=True))
+    except Exception:  # noqa: BLE001 - the node's heartbeats sweep again; a worker that cannot start helps no one
+        logging.getLogger("jobservice.worker").exception("sweeping leftover job processes failed")
 
 
 @signals.worker_ready.connect

@@ -40,7 +40,7 @@ def build_executor(settings: Settings) -> Executor:
         raise ValueError(f"WORKER_EXECUTOR={settings.worker_executor!r}: use local or kubernetes")
     from workers.executors.local import LocalExecutor
 
-    return LocalExecutor(settings.worker_workdir, settings.kill_grace_seconds)
+    return LocalExecutor(settings.worker_workdir, settings.kill_grace_seconds, cgroup=settings.worker_cgroup)
 
 
 def served_cluster(settings: Settings) -> str:

@@ -16,6 +16,7 @@ from app.domain import execution
 from app.domain.capacity import LOCAL_CLUSTER
 from app.domain.quantities import cpu_to_millis, memory_to_bytes
 from config import Settings
+from workers.executors import containment
 from workers.gpus import host_resources
 
 log = logging.getLogger("jobservice.worker")
@@ -44,12 +45,24 @@ class Membership:
             except Exception:  # noqa: BLE001 - a database or API server blip: the next round retries
                 log.exception("%s refresh failed", type(self).__name__)
 
+    def stop(self) -> None:
+        """Leave at worker shutdown: the refresh thread ends first, so that no refresh joins again after `leave`."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=max(5.0, self.interval))
+        try:
+            self.leave()
+        finally:
+            self.database.dispose()
+
     def join(self) -> None:
         raise NotImplementedError
 
     def refresh(self) -> None:
         raise NotImplementedError
 
+    def leave(self) -> None:
+        """What a clean stop undoes; nothing by default (a Kubernetes cluster's nodes outlive its worker)."""
 
 
 class NodeMembership(Membership):
@@ -85,11 +98,12 @@ class NodeMembership(Membership):
             known = execution.node_heartbeat(session, LOCAL_CLUSTER, self.settings.worker_node)
         if not known:  # the row was removed (an operator, a reset): join again
             self.join()
+        # A pool process that died (OOM killer, crash) leaves its job's escaped processes behind.
+        containment.sweep(containment.find_jobs_cgroup(self.settings.worker_cgroup))
 
-    def stop(self) -> None:
+    def leave(self) -> None:
         with self.database.session() as session:
             execution.deregister_node(session, LOCAL_CLUSTER, self.settings.worker_node)
-        super().stop()
 
 
 class ClusterMembership(Membership):

@@ -20,7 +20,8 @@ from app.domain import execution, logs as log_store
 from app.domain.execution import ClaimedJob
 from app.domain.jobs import utcnow
 from config import Settings
-from workers.executors.base import EndKind, Execution, Executor, JobSpec, LogLine, Outcome
+from workers.executors.base import EndKind, Execution, Executor, JobSpec, LogLine, LogSink, Outcome
+from workers.log_budget import LogBudget
 
 log = logging.getLogger("jobservice.worker")
 
@@ -179,9 +180,11 @@ class Runner:
         lease = self._lease(job, dispatch_token)
         try:
             writer = LogWriter(self.database, job.job_id, job.attempt)
+            logs = LogBudget.start(writer, self.settings, job.attempt)
             try:
-                outcome = self._watch(job, dispatch_token, writer, lease)
+                outcome = self._watch(job, dispatch_token, logs, lease)
             finally:
+                logs.close()
                 writer.close()
             return self._report(job, dispatch_token, outcome)
         finally:
@@ -191,11 +194,15 @@ class Runner:
         """Take over a running job whose worker went silent (a restart): watch its execution again."""
         silent_since = utcnow() - timedelta(seconds=2 * self.settings.job_heartbeat_seconds)
 
-        def take_over(session: Session) -> tuple[ClaimedJob | None, datetime | None]:
+        def take_over(session: Session) -> tuple[ClaimedJob | None, datetime | None, tuple[int, int]]:
             job = execution.take_over(session, job_id, dispatch_token, self.worker_id, silent_since)
-            return job, (log_store.last_line_at(session, job_id, job.attempt) if job else None)
+            if job is None:
+                return None, None, (0, 0)
+            return job, log_store.last_line_at(session, job_id, job.attempt), log_store.attempt_usage(session, job_id, job.attempt)
 
-        job, logs_since = self.database.retrying(take_over, what="adoption", extra={"job_id": job_id, "worker_id": self.worker_id})
+        job, logs_since, logs_used = self.database.retrying(
+            take_over, what="adoption", extra={"job_id": job_id, "worker_id": self.worker_id}
+        )
         adopt = getattr(self.executor, "adopt", None)
         if job is None or adopt is None:
             return "ignored"
@@ -203,13 +210,16 @@ class Runner:
         lease = self._lease(job, dispatch_token)
         try:
             writer = LogWriter(self.database, job.job_id, job.attempt)
+            # A re-adopted attempt continues the budget its earlier watcher used.
+            logs = LogBudget(writer, self.settings, *logs_used)
             try:
-                handle = adopt(to_spec(job), writer, logs_since=logs_since)
+                handle = adopt(to_spec(job), logs, logs_since=logs_since)
                 if handle is None:
                     outcome = Outcome(EndKind.LOST, "its execution vanished while no worker watched it")
                 else:
-                    outcome = self._watch(job, dispatch_token, writer, lease, handle)
+                    outcome = self._watch(job, dispatch_token, logs, lease, handle)
             finally:
+                logs.close()
                 writer.close()
             return self._report(job, dispatch_token, outcome)
         finally:
@@ -222,8 +232,8 @@ class Runner:
         lease.start()
         return lease
 
-    def _watch(self, job: ClaimedJob, dispatch_token: str, writer: LogWriter, lease: Lease, handle: Execution | None = None) -> Outcome:
-        handle = handle or self.executor.launch(to_spec(job), writer)
+    def _watch(self, job: ClaimedJob, dispatch_token: str, logs: LogSink, lease: Lease, handle: Execution | None = None) -> Outcome:
+        handle = handle or self.executor.launch(to_spec(job), logs)
         stopping = False
         interval = FIRST_POLL_SECONDS
         while True:

@@ -5,7 +5,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, func, insert, select
 from sqlalchemy.orm import Session
 
 from app.db import transaction
@@ -13,6 +13,12 @@ from app.domain.jobs import utcnow
 from app.models import JobLogLine
 
 MAX_LINE_CHARS = 16_384
+# Lines the service writes into a job's log itself (where a retry begins, what was truncated), not the job.
+SYSTEM_STREAM = "system"
+
+
+def attempt_marker(attempt: int) -> str:
+    return f"=== attempt {attempt} begins (retry {attempt}) ==="
 
 
 @dataclass(frozen=True)
@@ -86,3 +92,13 @@ def last_line_at(session: Session, job_id: str, attempt: int) -> datetime | None
     return session.scalar(
         select(JobLogLine.at).where(JobLogLine.job_id == job_id, JobLogLine.attempt == attempt).order_by(JobLogLine.id.desc()).limit(1)
     )
+
+
+def attempt_usage(session: Session, job_id: str, attempt: int) -> tuple[int, int]:
+    """Lines and bytes an attempt has stored: the part of its log budget already spent."""
+    lines, size = session.execute(
+        select(func.count(), func.coalesce(func.sum(func.octet_length(JobLogLine.line)), 0)).where(
+            JobLogLine.job_id == job_id, JobLogLine.attempt == attempt
+        )
+    ).one()
+    return int(lines), int(size)

@@ -1,11 +1,13 @@
 """The local executor: a job's command as processes on the worker's own host (bare GPU hosts, the embedded default).
 
-Each member runs in its own session (process group) so that a timeout or a cancel kills everything
-the job started, and dies with the worker (PR_SET_PDEATHSIG) rather than outliving it unsupervised.
+Each member runs in its own session (process group) and dies with the worker (PR_SET_PDEATHSIG). What a
+member starts is contained (workers/executors/containment.py: a cgroup per attempt where the host has
+cgroup v2, a subreaper and an environment marker everywhere), so a timeout, a cancel or the end of the
+job kills everything it started, and the end is reported only once all of it is gone. A gang's members
+are started a few at a time from `poll()`, so a cancel or a timeout stops a launch in progress.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -13,20 +15,18 @@ import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Callable
 from typing import IO
 
+from workers.executors import containment
 from workers.executors.base import EndKind, JobSpec, LogLine, LogSink, Outcome
 
 # Variables a job inherits from the worker; everything else (database URLs, secrets) stays out.
 INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER", "LD_LIBRARY_PATH")
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:  # not Linux: the worker's lease recovery still covers a dead worker
-        pass
+# A line longer than this reaches the log sink in pieces: a line with no newline must not fill the worker's memory.
+PIECE_BYTES = 65_536
+LAUNCH_SLICE_SECONDS = 0.05  # members started per poll: the watch loop sees a cancel between slices
+REAP_EVERY_SECONDS = 2.0
 
 
 class FinishedExecution:
@@ -43,16 +43,29 @@ class FinishedExecution:
 
 
 class LocalExecution:
-    def __init__(self, spec: JobSpec, processes: list[subprocess.Popen[bytes]], readers: list[threading.Thread], kill_grace_seconds: float) -> None:
+    def __init__(
+        self, spec: JobSpec, logs: LogSink, folder: Path, contained: containment.Containment,
+        kill_grace_seconds: float, launch_slice_seconds: float = LAUNCH_SLICE_SECONDS,
+    ) -> None:
         self.spec = spec
-        self.processes = processes
-        self.readers = readers
+        self.logs = logs
+        self.folder = folder
+        self.contained = contained
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.readers: list[threading.Thread] = []
         self.kill_grace_seconds = kill_grace_seconds
+        self.launch_slice_seconds = launch_slice_seconds
         self.started = time.monotonic()
         self._stop_outcome: Outcome | None = None
         self._term_sent_at: float | None = None
+        self._reaped_at = self.started
+        self._outcome: Outcome | None = None
 
     def poll(self) -> Outcome | None:
+        if self._outcome is not None:
+            return self._outcome
+        if self._stop_outcome is None and len(self.processes) < self.spec.members:
+            self._launch_some()
         codes = [p.poll() for p in self.processes]
         if self._stop_outcome is None:
             self._check_for_stop(codes)
@@ -61,14 +74,61 @@ class LocalExecution:
                 self._signal_members()
                 return None
             return self._finish(self._stop_outcome)
-        if all(code == 0 for code in codes):
+        if len(codes) == self.spec.members and all(code == 0 for code in codes):
             return self._finish(Outcome(EndKind.EXITED, "exit code 0", exit_code=0))
+        if time.monotonic() - self._reaped_at >= REAP_EVERY_SECONDS:
+            self._reaped_at = time.monotonic()
+            containment.reap_orphans()  # daemons of the job that exited by themselves
         return None
 
     def cancel(self, kind: EndKind = EndKind.CANCELLED, reason: str = "cancelled") -> None:
         if self._stop_outcome is None:
             self._stop_outcome = Outcome(kind, reason)
         self._signal_members()
+
+    @property
+    def launched(self) -> int:
+        return len(self.processes)
+
+    def _launch_some(self) -> None:
+        """Start members until all are running or this poll's slice is spent; a failure stops the gang."""
+        deadline = time.monotonic() + self.launch_slice_seconds
+        while len(self.processes) < self.spec.members:
+            rank = len(self.processes)
+            try:
+                self._spawn(rank)
+            except (OSError, subprocess.SubprocessError) as exc:
+                command = self.spec.command[0] if self.spec.command else "?"
+                reason = f"could not start {command!r}: {getattr(exc, 'strerror', None) or exc}"
+                # All members start or none: the ones already running are stopped at once.
+                self._stop_outcome = Outcome(EndKind.LAUNCH_FAILED, reason)
+                return
+            if time.monotonic() >= deadline:
+                return
+
+    def _spawn(self, rank: int) -> None:
+        assert self.spec.command
+        preexec, close = self.contained.member_setup(rank, self.spec.cpu_millis, self.spec.memory_bytes)
+        try:
+            process = subprocess.Popen(
+                self.spec.command,
+                cwd=self.folder,
+                env=LocalExecutor._environment(self.spec, rank, self.folder) | self.contained.environment(),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                preexec_fn=preexec,
+            )
+        finally:
+            close()
+        self.processes.append(process)
+        self.contained.add_member(process.pid)
+        for stream, pipe in (("stdout", process.stdout), ("stderr", process.stderr)):
+            assert pipe is not None
+            reader = threading.Thread(target=_pump, args=(pipe, stream, rank, self.logs), daemon=True)
+            reader.start()
+            self.readers.append(reader)
 
     def _check_for_stop(self, codes: list[int | None]) -> None:
         timeout = self.spec.timeout_seconds
@@ -77,7 +137,7 @@ class LocalExecution:
             return
         for rank, code in enumerate(codes):
             if code not in (None, 0):
-                who = f"member {rank} of {len(codes)} " if len(codes) > 1 else ""
+                who = f"member {rank} of {self.spec.members} " if self.spec.members > 1 else ""
                 reason = f"{who}exited with code {code}" if code > 0 else f"{who}killed by signal {-code}"
                 # One member failing fails the gang: the others are stopped.
                 self._stop_outcome = Outcome(EndKind.EXITED, reason, exit_code=code, details={"member": rank})
@@ -85,72 +145,51 @@ class LocalExecution:
                 return
 
     def _signal_members(self) -> None:
-        """SIGTERM the members' process groups, then SIGKILL after the grace period."""
+        """SIGTERM everything the attempt started, then SIGKILL after the grace period."""
         now = time.monotonic()
+        grace = 0.0 if self._stop_outcome and self._stop_outcome.kind == EndKind.LAUNCH_FAILED else self.kill_grace_seconds
         if self._term_sent_at is None:
             self._term_sent_at = now
-            self._kill_groups(signal.SIGTERM)
-        elif now - self._term_sent_at >= self.kill_grace_seconds:
-            self._kill_groups(signal.SIGKILL)
+            self.contained.signal(signal.SIGKILL if grace <= 0 else signal.SIGTERM)
+        elif now - self._term_sent_at >= grace:
+            self.contained.signal(signal.SIGKILL)
 
-    def _kill_groups(self, sig: signal.Signals) -> None:
-        for process in self.processes:
-            try:
-                os.killpg(process.pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-
-    def _finish(self, outcome: Outcome) -> Outcome:
-        # Leave nothing behind: a member's children may outlive the member itself.
-        self._kill_groups(signal.SIGKILL)
+    def _finish(self, outcome: Outcome) -> Outcome | None:
+        # Leave nothing behind: what the members started may outlive them (escaped, daemonized). Until it
+        # is all gone the attempt has not ended: its GPUs are not free yet.
+        if not self.contained.kill_all():
+            return None
+        deadline = time.monotonic() + 5
         for reader in self.readers:
-            reader.join(timeout=5)
+            reader.join(timeout=max(0.0, deadline - time.monotonic()))
+        self.contained.release()
+        self._outcome = outcome
         return outcome
 
 
 class LocalExecutor:
     name = "local"
 
-    def __init__(self, workdir: str | Path, kill_grace_seconds: float = 10.0) -> None:
+    def __init__(
+        self, workdir: str | Path, kill_grace_seconds: float = 10.0, cgroup: str = "auto",
+        launch_slice_seconds: float = LAUNCH_SLICE_SECONDS,
+    ) -> None:
         self.workdir = Path(workdir)
         self.kill_grace_seconds = kill_grace_seconds
+        self.launch_slice_seconds = launch_slice_seconds
+        self.jobs_cgroup = containment.prepare_jobs_cgroup(cgroup)
+        containment.become_subreaper()
 
     def launch(self, spec: JobSpec, logs: LogSink) -> LocalExecution | FinishedExecution:
+        """Members start from the execution's first polls on (a slice per poll), so that a cancel interrupts a launch."""
         if not spec.command:
             return FinishedExecution(
                 Outcome(EndKind.LAUNCH_FAILED, "the local executor cannot run an image: the job has no command")
             )
         folder = self.workdir / spec.job_id / f"attempt-{spec.attempt}"
         folder.mkdir(parents=True, exist_ok=True)
-        processes: list[subprocess.Popen[bytes]] = []
-        readers: list[threading.Thread] = []
-        try:
-            for rank in range(spec.members):
-                process = subprocess.Popen(
-                    spec.command,
-                    cwd=folder,
-                    env=self._environment(spec, rank, folder),
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    start_new_session=True,
-                    preexec_fn=_die_with_parent,
-                )
-                processes.append(process)
-                for stream, pipe in (("stdout", process.stdout), ("stderr", process.stderr)):
-                    assert pipe is not None
-                    reader = threading.Thread(target=_pump, args=(pipe, stream, rank, logs), daemon=True)
-                    reader.start()
-                    readers.append(reader)
-        except OSError as exc:
-            reason = f"could not start {spec.command[0]!r}: {exc.strerror or exc}"
-            # All members start or none: stop the ones already running.
-            started = LocalExecution(spec, processes, readers, kill_grace_seconds=0)
-            started.cancel(EndKind.LAUNCH_FAILED, reason)
-            while processes and started.poll() is None:
-                time.sleep(0.05)
-            return FinishedExecution(Outcome(EndKind.LAUNCH_FAILED, reason))
-        return LocalExecution(spec, processes, readers, self.kill_grace_seconds)
+        contained = containment.Containment(spec.job_id, spec.attempt, self.jobs_cgroup)
+        return LocalExecution(spec, logs, folder, contained, self.kill_grace_seconds, self.launch_slice_seconds)
 
     @staticmethod
     def _environment(spec: JobSpec, rank: int, folder: Path) -> dict[str, str]:
@@ -167,6 +206,26 @@ class LocalExecutor:
 
 def _pump(pipe: IO[bytes], stream: str, member: int, logs: LogSink) -> None:
     with pipe:
-        for raw in iter(pipe.readline, b""):
+        for raw in iter(lambda: pipe.readline(PIECE_BYTES), b""):
             line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
             logs([LogLine(datetime.now(timezone.utc), stream, line, member)])
+            if getattr(logs, "full", False):
+                _discard(pipe, logs.dropped)  # type: ignore[attr-defined]
+                return
+
+
+def _discard(pipe: IO[bytes], dropped: Callable[[int, int], None]) -> None:
+    """The log is full: read on (the job must not block on its pipe), counting lines and bytes in bulk
+    instead of a Python object per line (`yes` would keep a core busy)."""
+    lines = size = 0
+    partial = False
+    read = getattr(pipe, "read1", pipe.read)
+    for chunk in iter(lambda: read(PIECE_BYTES), b""):
+        newlines = chunk.count(b"\n")
+        lines += newlines
+        size += len(chunk) - newlines
+        partial = not chunk.endswith(b"\n")
+        if lines >= 100_000:
+            dropped(lines, size)
+            lines = size = 0
+    dropped(lines + (1 if partial else 0), size)

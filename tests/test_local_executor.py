@@ -1,0 +1,208 @@
+"""The local executor with real processes: containment of what a job starts, interruptible gang launches,
+bounded log lines. Run under each containment the host offers (a cgroup v2 per attempt where it is
+writable, else process tree + subreaper + environment marker)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from workers.executors import containment
+from workers.executors.base import EndKind, JobSpec, LogLine, Outcome
+from workers.executors.local import PIECE_BYTES, LocalExecution, LocalExecutor
+
+CGROUP = containment.prepare_jobs_cgroup("auto", delegate=True)  # as a worker does before its pool starts
+MODES = ["off"] + (["auto"] if CGROUP is not None else [])
+
+
+def alive(pid: int) -> bool:
+    info = containment.read_process(pid)
+    return info is not None and info.state != "Z"
+
+
+def spec(command: list[str], members: int = 1, timeout: int | None = None, job_id: str = "job-exec-test", **extra: object) -> JobSpec:
+    return JobSpec(
+        job_id=job_id, attempt=0, image=None, command=command, env={}, config={}, cpu_millis=100,
+        memory_bytes=256 * 2**20, gpus=0, members=members, timeout_seconds=timeout, cluster="local", node="n",
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+def run_until_end(execution: LocalExecution, limit: float = 30) -> Outcome:
+    deadline = time.monotonic() + limit
+    while (outcome := execution.poll()) is None:
+        assert time.monotonic() < deadline, "the execution did not end"
+        time.sleep(0.02)
+    return outcome
+
+
+def wait_pids(path: Path, count: int, limit: float = 10) -> list[int]:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        pids = [int(p) for p in path.read_text().split()] if path.exists() else []
+        if len(pids) >= count:
+            return pids
+        time.sleep(0.02)
+    raise AssertionError(f"{path} holds fewer than {count} pids")
+
+
+@pytest.fixture(params=MODES)
+def executor(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LocalExecutor]:
+    yield LocalExecutor(tmp_path / "work", kill_grace_seconds=1, cgroup=request.param)
+
+
+# setsid: a new session; ( ... & ): a double fork whose parent exits at once; env -i: no marker either.
+ESCAPES = 'setsid sleep 231 & echo $! >> {pids}; (sleep 232 & echo $! >> {pids}); (env -i setsid sleep 233 & echo $! >> {pids}); '
+
+
+@pytest.mark.parametrize("stop", ["cancel", "timeout", "exit"])
+def test_every_process_a_job_started_is_gone_when_its_end_is_reported(executor: LocalExecutor, tmp_path: Path, stop: str) -> None:
+    pids = tmp_path / "pids"
+    tail = "exit 0" if stop == "exit" else "sleep 100"
+    lines: list[LogLine] = []
+    execution = executor.launch(spec(["sh", "-c", ESCAPES.format(pids=pids) + tail], timeout=1 if stop == "timeout" else None), lines.extend)
+    assert isinstance(execution, LocalExecution)
+    first = execution.poll()  # starts the member; one that exits at once may end in this very poll
+    assert first is None or stop == "exit"
+    started = wait_pids(pids, 3)
+    if stop == "cancel":
+        assert all(alive(p) for p in started)
+        execution.cancel()
+    outcome = run_until_end(execution)
+    # Nothing it started may live once its end is known: its GPUs go to the next job then.
+    assert [p for p in started if alive(p)] == []
+    # Re-parented to this process (a subreaper), they are collected, not left as zombies.
+    assert [p for p in started if (info := containment.read_process(p)) and info.ppid == os.getpid()] == []
+    expected = {"cancel": EndKind.CANCELLED, "timeout": EndKind.TIMEOUT, "exit": EndKind.EXITED}[stop]
+    assert outcome.kind == expected
+    if executor.jobs_cgroup is not None:
+        assert not list(executor.jobs_cgroup.glob("job-exec-test.*")), "the attempt's cgroup is removed"
+
+
+def test_a_gang_launch_is_interrupted_by_cancel_and_leaves_no_member(tmp_path: Path) -> None:
+    executor = LocalExecutor(tmp_path / "work", kill_grace_seconds=1, cgroup="auto", launch_slice_seconds=0)
+    pids = tmp_path / "pids"
+    execution = executor.launch(spec(["sh", "-c", f"echo $$ >> {pids}; exec sleep 30"], members=50), lambda lines: None)
+    assert isinstance(execution, LocalExecution)
+    for _ in range(5):
+        assert execution.poll() is None
+    assert 0 < execution.launched < 50  # one member per poll here: the launch is in progress
+    execution.cancel()
+    launched = execution.launched
+    outcome = run_until_end(execution)
+    assert outcome.kind == EndKind.CANCELLED and execution.launched == launched, "no member starts after the cancel"
+    started = [int(p) for p in pids.read_text().split()] if pids.exists() else []
+    assert len(started) <= launched and [p for p in started if alive(p)] == []
+
+
+def test_a_timeout_stops_a_gang_launch_too(tmp_path: Path) -> None:
+    executor = LocalExecutor(tmp_path / "work", kill_grace_seconds=1, cgroup="auto", launch_slice_seconds=0)
+    execution = executor.launch(spec(["sleep", "30"], members=10_000, timeout=1), lambda lines: None)
+    assert isinstance(execution, LocalExecution)
+    outcome = run_until_end(execution, limit=60)
+    assert outcome.kind == EndKind.TIMEOUT and execution.launched < 10_000
+    assert all(p.poll() is not None for p in execution.processes)
+
+
+def test_a_whole_gang_starts_when_not_interrupted(tmp_path: Path) -> None:
+    executor = LocalExecutor(tmp_path / "work", kill_grace_seconds=1)
+    lines: list[LogLine] = []
+    execution = executor.launch(spec(["sh", "-c", "echo rank=$JOB_RANK"], members=20), lines.extend)
+    assert run_until_end(execution).kind == EndKind.EXITED
+    assert sorted(line.line for line in lines) == sorted(f"rank={r}" for r in range(20))
+
+
+def test_a_member_that_cannot_start_fails_the_launch_and_stops_the_others(tmp_path: Path) -> None:
+    executor = LocalExecutor(tmp_path / "work", kill_grace_seconds=5)
+    execution = executor.launch(spec(["/nonexistent/program"], members=3), lambda lines: None)
+    outcome = run_until_end(execution, limit=5)
+    assert outcome.kind == EndKind.LAUNCH_FAILED and "could not start" in outcome.reason
+
+
+def test_a_line_without_end_reaches_the_sink_in_bounded_pieces(executor: LocalExecutor) -> None:
+    lines: list[LogLine] = []
+    size = 3 * PIECE_BYTES + 10
+    execution = executor.launch(spec(["sh", "-c", f"head -c {size} /dev/zero | tr '\\0' a; echo; echo next"]), lines.extend)
+    assert run_until_end(execution).kind == EndKind.EXITED
+    assert max(len(line.line) for line in lines) <= PIECE_BYTES
+    assert sum(len(line.line) for line in lines if line.line != "next") == size and lines[-1].line == "next"
+
+
+def test_the_job_environment_carries_the_attempt_marker(executor: LocalExecutor) -> None:
+    lines: list[LogLine] = []
+    execution = executor.launch(spec(["sh", "-c", f"echo ${containment.MARKER}"], job_id="job-marker"), lines.extend)
+    assert run_until_end(execution).kind == EndKind.EXITED
+    assert lines[0].line.startswith("job-marker:0:")
+
+
+LAUNCHER = textwrap.dedent(
+    """
+    import sys, time
+    from workers.executors.local import LocalExecutor
+    from tests.test_local_executor import spec
+    executor = LocalExecutor(sys.argv[1], kill_grace_seconds=1, cgroup=sys.argv[2])
+    execution = executor.launch(spec(["sh", "-c", sys.argv[3]], job_id="job-orphaned"), lambda lines: None)
+    while True:
+        execution.poll()
+        time.sleep(0.05)
+    """
+)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_sweep_kills_what_a_dead_worker_left_running(tmp_path: Path, mode: str) -> None:
+    pids = tmp_path / "pids"
+    script = f"setsid sleep 231 & echo $! >> {pids}; (sleep 232 & echo $! >> {pids}); sleep 100"
+    root = Path(__file__).resolve().parent.parent
+    worker = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(tmp_path / "work"), mode, script], cwd=root)
+    try:
+        started = wait_pids(pids, 2)
+        os.kill(worker.pid, signal.SIGKILL)  # no cleanup of any kind: PDEATHSIG takes the member, not its escapees
+        worker.wait()
+        time.sleep(0.2)
+        assert all(alive(p) for p in started)
+        assert containment.sweep(containment.find_jobs_cgroup(mode)) >= 1
+        deadline = time.monotonic() + 5
+        while any(alive(p) for p in started) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert [p for p in started if alive(p)] == []
+    finally:
+        worker.kill()
+
+
+def test_a_sweep_leaves_the_processes_of_a_live_worker_alone(tmp_path: Path) -> None:
+    executor = LocalExecutor(tmp_path / "work", kill_grace_seconds=1)
+    pids = tmp_path / "pids"
+    execution = executor.launch(spec(["sh", "-c", f"setsid sleep 60 & echo $! >> {pids}; sleep 60"]), lambda lines: None)
+    execution.poll()
+    started = wait_pids(pids, 1)
+    containment.sweep(executor.jobs_cgroup)
+    assert alive(started[0])
+    execution.cancel()
+    run_until_end(execution)
+    assert not alive(started[0])
+
+
+def test_requests_become_cgroup_limits_where_the_controllers_are_delegated(tmp_path: Path) -> None:
+    assert containment.cpu_max(500) == "50000 100000"
+    assert containment.cpu_max(1) == "1000 100000"  # the kernel's smallest quota
+    if CGROUP is None or "memory" not in (CGROUP / "cgroup.subtree_control").read_text().split():
+        pytest.skip("this host delegates no memory controller to cgroup v2 (hybrid hierarchy): limits are not enforced here")
+    executor = LocalExecutor(tmp_path / "work", kill_grace_seconds=1)
+    execution = executor.launch(spec(["sleep", "30"], job_id="job-limits"), lambda lines: None)
+    execution.poll()
+    try:
+        leaf = next(CGROUP.glob("job-limits.0.*")) / "m0"
+        assert (leaf / "memory.max").read_text().strip() == str(256 * 2**20)
+        if (leaf / "cpu.max").exists():
+            assert (leaf / "cpu.max").read_text().strip() == "10000 100000"
+    finally:
+        execution.cancel()
+        run_until_end(execution)
