@@ -37,6 +37,8 @@ class ErrorEnvelopeSchema(ma.Schema):
 
 class Parser(FlaskParser):
     DEFAULT_VALIDATION_STATUS = 400
+    # A misspelt filter (`?stauts=failed`) would otherwise list everything as if it had matched.
+    DEFAULT_UNKNOWN_BY_LOCATION = {**FlaskParser.DEFAULT_UNKNOWN_BY_LOCATION, "query": ma.RAISE, "querystring": ma.RAISE}
 
     def _raw_load_json(self, req: flask.Request) -> Any:
         if not is_json_request(req):

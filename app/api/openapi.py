@@ -93,6 +93,15 @@ _BODIES: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {
 }
 
 
+# Path parameters: what the service ever issues (job ids are `job-` and 12 hex digits; queue and cluster names
+# come from configuration). Anything else is simply not found (404), never an error of the server.
+_PATH_PARAMETERS = {
+    "job_id": {"type": "string", "pattern": "^job-[0-9a-f]{12}$", "maxLength": 16, "example": "job-3f9a1c2b7d4e"},
+    "queue_name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", "maxLength": 63},
+    "cluster_name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", "maxLength": 63},
+}
+
+
 def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/responses/{name}"}
 
@@ -153,6 +162,9 @@ def complete(api: flask_smorest.Api) -> None:
         spec.components.schema(name, schema)
     # apispec keeps registered paths in `_paths`; it has no public way to amend an operation afterwards.
     for path, item in spec._paths.items():  # noqa: SLF001
+        for parameter in item.get("parameters", []):
+            if parameter.get("in") == "path" and parameter.get("name") in _PATH_PARAMETERS:
+                parameter["schema"] = dict(_PATH_PARAMETERS[parameter["name"]])
         for method in _HTTP_METHODS:
             if method in item:
                 _complete_operation(path, method, item[method])
