@@ -186,6 +186,17 @@ def test_control_characters_in_a_header_are_refused(live_server: LiveServer) -> 
     assert json.loads(body)["error"]["code"] == "VALIDATION_ERROR"
 
 
+@pytest.mark.parametrize("value", ["\xb2", "9" * 19, "-1", "abc"])
+def test_a_last_event_id_that_is_not_an_id_is_refused(api: ApiClient, value: str) -> None:
+    job = api.submit()
+    api.delete(f"/jobs/{job['id']}")
+    for path in (f"/jobs/{job['id']}/events", f"/jobs/{job['id']}/logs"):
+        response = api.get(path, params={"follow": "true"}, headers={"Last-Event-ID": value.encode("latin-1")})
+        assert_invalid(response, "Last-Event-ID")
+    resumed = api.get(f"/jobs/{job['id']}/events", params={"follow": "true"}, headers={"Last-Event-ID": "1"})
+    assert resumed.status_code == 200 and "event: end" in resumed.text
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [

@@ -6,6 +6,7 @@ then sees broken JSON (a 400). Both are decided here, once, for every route.
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from flask import Flask, request
@@ -18,6 +19,7 @@ from app.api.errors import envelope
 
 # Header values are latin-1 text; beyond these, control characters are refused (HTAB is legal in values).
 _HEADER_CONTROL = {chr(c) for c in range(0x20) if c != 0x09} | {"\x7f"}
+_EVENT_ID = re.compile(r"[0-9]{1,18}")
 
 
 class StrictJSONProvider(DefaultJSONProvider):
@@ -45,6 +47,10 @@ def check_request() -> Response | None:
     for name, value in request.headers.items():
         if any(c in _HEADER_CONTROL for c in value):
             return _bad(name, "header values must not contain control characters")
+    resume = request.headers.get("Last-Event-ID", "")
+    if resume and not _EVENT_ID.fullmatch(resume):
+        # The streams take it as a row id (bigint); "²" passes str.isdigit() and then fails int().
+        return _bad("Last-Event-ID", "must be an event id this API sent (1-18 decimal digits)")
     _enforce_body_limit()
     return None
 

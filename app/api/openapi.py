@@ -143,13 +143,22 @@ def _complete_operation(path: str, method: str, operation: dict[str, Any]) -> No
                 "description": "A dependency is down (the same body, status degraded)",
                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Readiness"}}},
             }
-    parameters = operation.get("parameters", [])
+    parameters = operation.setdefault("parameters", [])
     if any(p.get("in") == "query" and p.get("name") == "follow" for p in parameters):
         ok = responses.setdefault("200", {"description": "OK"})
         content = ok.setdefault("content", {})
         content["text/event-stream"] = {
             "schema": {"type": "string", "description": "With follow=true: server-sent events (id, data; `event: end` last)"}
         }
+        parameters.append(
+            {
+                "in": "header",
+                "name": "Last-Event-ID",
+                "required": False,
+                "description": "With follow=true: resume after this event id (the SSE `id` last received)",
+                "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"},
+            }
+        )
 
 
 def complete(api: flask_smorest.Api) -> None:
