@@ -438,7 +438,8 @@ def test_the_openapi_document_states_bounds_security_and_errors(api: ApiClient) 
         assert status in listing["responses"], status
     assert set(paths["/api/v1/jobs/{job_id}"]["delete"]["responses"]) >= {"200", "401", "403", "404", "409"}
     assert paths["/api/v1/health/live"]["get"]["security"] == []
-    assert "text/event-stream" in paths["/api/v1/jobs/{job_id}/logs"]["get"]["responses"]["200"]["content"]
+    assert set(paths["/api/v1/jobs/{job_id}/logs"]["get"]["responses"]["200"]["content"]) == {"text/plain", "text/event-stream"}
+    assert "text/plain" in paths["/metrics"]["get"]["responses"]["200"]["content"]
     assert "text/event-stream" in paths["/api/v1/jobs/{job_id}/events"]["get"]["responses"]["200"]["content"]
     not_found = doc["components"]["responses"]["NOT_FOUND"]
     assert not_found["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorEnvelope"}

@@ -101,6 +101,12 @@ _PATH_PARAMETERS = {
     "cluster_name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", "maxLength": 63},
 }
 
+# Views that answer text (flask-smorest documents their status, not their body).
+_TEXT_BODIES = {
+    ("/api/v1/jobs/{job_id}/logs", "get"): "One log line per line, oldest first (`timestamps=true`: RFC 3339 time first)",
+    ("/metrics", "get"): "Prometheus text exposition format",
+}
+
 
 def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/responses/{name}"}
@@ -143,6 +149,9 @@ def _complete_operation(path: str, method: str, operation: dict[str, Any]) -> No
                 "description": "A dependency is down (the same body, status degraded)",
                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Readiness"}}},
             }
+    if (path, method) in _TEXT_BODIES:
+        ok = responses.setdefault("200", {"description": "OK"})
+        ok.setdefault("content", {})["text/plain"] = {"schema": {"type": "string", "description": _TEXT_BODIES[(path, method)]}}
     parameters = operation.setdefault("parameters", [])
     if any(p.get("in") == "query" and p.get("name") == "follow" for p in parameters):
         ok = responses.setdefault("200", {"description": "OK"})
