@@ -3,8 +3,8 @@
 The real app is served over real HTTP with authentication on and an admin token, so every protected
 operation is reached. It fails on any 500, any response that breaks its documented status, content type,
 headers or schema, any invalid input that is accepted, and any error that is not the envelope with the
-code of its status. FUZZ_MAX_EXAMPLES sets the examples per operation (the default keeps the run near a
-minute on a 2-core machine).
+code of its status. FUZZ_MAX_EXAMPLES sets the examples per operation: the default 200 (about 1,800
+examples) takes about 20 s on an idle 2-core machine and about a minute on a busy one.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from app.api.errors import ERROR_CODES, CLIENT_ERROR, SERVER_ERROR
 from config import Settings
 from tests.conftest import LiveServer, make_token
 
-MAX_EXAMPLES = int(os.environ.get("FUZZ_MAX_EXAMPLES", "300"))
+MAX_EXAMPLES = int(os.environ.get("FUZZ_MAX_EXAMPLES", "200"))
 
 
 @pytest.fixture(scope="module")
