@@ -2,7 +2,7 @@
 
 The client is the authenticated `sub` (set by app.api.auth, whose hook must run first) or, for
 calls without a caller, the client address. Limits: RATELIMIT_SUBMIT for POST /jobs/,
-RATELIMIT_LIST for GET /jobs/, RATELIMIT_DEFAULT for each other endpoint and method; health
+RATELIMIT_LIST for GET and HEAD /jobs/ (one counter), RATELIMIT_DEFAULT for each other endpoint and method; health
 probes are not limited.
 """
 from __future__ import annotations
