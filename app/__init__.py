@@ -25,25 +25,32 @@ def create_app(settings: Settings | None = None) -> Flask:
     logs.configure(settings.log_level, settings.log_format)
     app = Flask(__name__)
     app.config.update(flask_config(settings))
+    # `/api/v1/jobs` is `/api/v1/jobs/`: answer it, never with werkzeug's HTML 308 redirect.
+    app.url_map.strict_slashes = False
+    app.url_map.merge_slashes = False
 
-    from app.api import auth, clusters, context, errors, health, jobs, logs as job_logs, ratelimit
-    from app.api import metrics, prometheus, queues, timeline
+    from app.api import auth, clusters, context, errors, guards, health, jobs, logs as job_logs, ratelimit
+    from app.api import metrics, openapi, prometheus, queues, timeline
 
     context.register(app, Database(settings.database_url, application_name="jobservice-api"))
     _register_access_log(app)
     errors.register(app)
+    guards.register(app)  # before auth: a NUL in a header is refused before anything reads it
     clusters.register(app)
     auth.register(app)  # before the limiter: it keys on the caller this sets
     ratelimit.register(app)
     api = Api(app)
-    api.register_blueprint(jobs.blp)
-    api.register_blueprint(job_logs.blp)
-    api.register_blueprint(health.blp)
-    api.register_blueprint(clusters.blp)
-    api.register_blueprint(queues.blp)
-    api.register_blueprint(metrics.blp)
-    api.register_blueprint(timeline.blp)
-    api.register_blueprint(prometheus.blp)  # GET /metrics, at the root: Prometheus' default path
+    # Bounds that come from settings (app.api.schemas.SettingRange) are read while the document is built.
+    with app.app_context():
+        api.register_blueprint(jobs.blp)
+        api.register_blueprint(job_logs.blp)
+        api.register_blueprint(health.blp)
+        api.register_blueprint(clusters.blp)
+        api.register_blueprint(queues.blp)
+        api.register_blueprint(metrics.blp)
+        api.register_blueprint(timeline.blp)
+        api.register_blueprint(prometheus.blp)  # GET /metrics, at the root: Prometheus' default path
+    openapi.complete(api)
     health.register(app)
     _register_cli(app)
     return app

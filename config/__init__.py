@@ -100,6 +100,15 @@ class Settings:
     ratelimit_submit: str = "100/minute"
     ratelimit_list: str = "300/minute"
     ratelimit_default: str = "600/minute"
+    jwt_max_token_lifetime_seconds: int = 31 * 86400
+
+    # Input bounds (the API answers 400 beyond them; the OpenAPI document states them)
+    max_job_timeout_seconds: int = 7 * 86400
+    max_retries: int = 100
+    max_gang_members: int = 64
+    max_job_gpus: int = 64
+    max_job_cpu: str = "1024"
+    max_job_memory: str = "64Ti"
 
     # Scheduling
     queues: tuple[QueueConfig, ...] = field(default_factory=lambda: parse_queues(DEFAULT_QUEUES))
@@ -170,6 +179,13 @@ class Settings:
             ratelimit_submit=env.get("RATELIMIT_SUBMIT", "100/minute"),
             ratelimit_list=env.get("RATELIMIT_LIST", "300/minute"),
             ratelimit_default=env.get("RATELIMIT_DEFAULT", "600/minute"),
+            jwt_max_token_lifetime_seconds=_int(env, "JWT_MAX_TOKEN_LIFETIME_SECONDS", 31 * 86400),
+            max_job_timeout_seconds=_int(env, "MAX_JOB_TIMEOUT_SECONDS", 7 * 86400),
+            max_retries=_int(env, "MAX_RETRIES", 100),
+            max_gang_members=_int(env, "MAX_GANG_MEMBERS", 64),
+            max_job_gpus=_int(env, "MAX_JOB_GPUS", 64),
+            max_job_cpu=env.get("MAX_JOB_CPU", "1024"),
+            max_job_memory=env.get("MAX_JOB_MEMORY", "64Ti"),
             queues=parse_queues(env.get("JOB_QUEUES", DEFAULT_QUEUES)),
             scheduler_interval_seconds=_float(env, "SCHEDULER_INTERVAL_SECONDS", 2.0),
             outbox_republish_after_seconds=_float(env, "OUTBOX_REPUBLISH_AFTER_SECONDS", 5.0),

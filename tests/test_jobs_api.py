@@ -238,12 +238,12 @@ def test_request_id_is_echoed_or_generated(api: ApiClient) -> None:
 
 def test_framework_errors_use_the_envelope(api: ApiClient) -> None:
     assert_error(api.get("/no-such-route"), 404, "NOT_FOUND")
-    error = assert_error(api.request("PUT", "/jobs/"), 405, "NOT_FOUND")
+    error = assert_error(api.request("PUT", "/jobs/"), 405, "METHOD_NOT_ALLOWED")
     assert "PUT" in error["message"]
-    assert_error(api.post("/jobs/", data="job_type=x", headers={"Content-Type": "application/x-www-form-urlencoded"}), 415, "VALIDATION_ERROR")
+    assert_error(api.post("/jobs/", data="job_type=x", headers={"Content-Type": "application/x-www-form-urlencoded"}), 415, "UNSUPPORTED_MEDIA_TYPE")
     assert_error(api.post("/jobs/", data="{not json", headers={"Content-Type": "application/json"}), 400, "VALIDATION_ERROR")
     huge = {**REFERENCE_BODY, "config": {"blob": "x" * (2 * 1024 * 1024)}}
-    assert_error(api.post("/jobs/", json=huge), 413, "VALIDATION_ERROR")
+    assert_error(api.post("/jobs/", json=huge), 413, "PAYLOAD_TOO_LARGE")
 
 
 def test_a_server_failure_is_a_500_in_the_envelope(settings) -> None:

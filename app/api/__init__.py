@@ -1,33 +1,55 @@
 """flask-smorest, adapted: errors in the service's envelope, validation failures as 400."""
 from __future__ import annotations
 
+from typing import Any
+
+import flask
 import flask_smorest
 import marshmallow as ma
 from flask import Response
-from webargs.flaskparser import FlaskParser
+from webargs import core
+from webargs.flaskparser import FlaskParser, abort, is_json_request
 from werkzeug.exceptions import HTTPException
 
-from app.api.errors import http_exception_response
+from app.api import strictjson
+from app.api.errors import ALL_CODES, http_exception_response
 
 
 class ErrorDetailSchema(ma.Schema):
-    field = ma.fields.String()
-    message = ma.fields.String()
+    field = ma.fields.String(required=True)
+    message = ma.fields.String(required=True)
 
 
 class ErrorBodySchema(ma.Schema):
-    code = ma.fields.String(metadata={"description": "One of the error codes of the reference"})
-    message = ma.fields.String()
-    details = ma.fields.List(ma.fields.Nested(ErrorDetailSchema))
-    request_id = ma.fields.String()
+    code = ma.fields.String(
+        required=True,
+        validate=ma.validate.OneOf(ALL_CODES),
+        metadata={"description": "One of the error codes of the reference"},
+    )
+    message = ma.fields.String(required=True)
+    details = ma.fields.List(ma.fields.Nested(ErrorDetailSchema), required=True)
+    request_id = ma.fields.String(required=True)
 
 
 class ErrorEnvelopeSchema(ma.Schema):
-    error = ma.fields.Nested(ErrorBodySchema)
+    error = ma.fields.Nested(ErrorBodySchema, required=True)
 
 
 class Parser(FlaskParser):
     DEFAULT_VALIDATION_STATUS = 400
+    # A misspelt filter (`?stauts=failed`) would otherwise list everything as if it had matched.
+    DEFAULT_UNKNOWN_BY_LOCATION = {**FlaskParser.DEFAULT_UNKNOWN_BY_LOCATION, "query": ma.RAISE, "querystring": ma.RAISE}
+
+    def _raw_load_json(self, req: flask.Request) -> Any:
+        if not is_json_request(req):
+            return core.missing
+        data = req.get_data(cache=True)
+        if not data:
+            return core.missing
+        try:
+            return strictjson.loads(data)
+        except strictjson.JsonRejected as exc:
+            abort(400, messages={"json": {exc.path or "_body": [exc.message]}})
 
 
 class Api(flask_smorest.Api):

@@ -44,6 +44,8 @@ _PUBLIC_RULES = frozenset({"/api/v1/openapi.json", "/api/v1/docs", "/metrics"})
 # bounds how often forged kids can make us hit the identity provider.
 JWKS_FORCED_REFETCH_INTERVAL_SECONDS = 5.0
 JWKS_FETCH_TIMEOUT_SECONDS = 5.0
+MAX_SUB_LENGTH = 256
+_BEARER = "bearer"
 _KEY_TYPES_BY_FAMILY: dict[str, tuple[type, ...]] = {
     "RS": (rsa.RSAPublicKey,),
     "PS": (rsa.RSAPublicKey,),
@@ -203,13 +205,26 @@ def scopes_from_claim(value: Any) -> frozenset[str]:
     return frozenset()
 
 
-def caller_from_claims(claims: dict[str, Any], scope_claim: str) -> Caller:
+def _has_control_characters(value: str) -> bool:
+    return any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 or 0xD800 <= ord(c) < 0xE000 for c in value)
+
+
+def caller_from_claims(claims: dict[str, Any], scope_claim: str, max_lifetime_seconds: float | None = None) -> Caller:
     sub = claims.get("sub")
     if not isinstance(sub, str) or not sub.strip():
         raise jwt.InvalidTokenError("Token has no 'sub' claim")
+    # `sub` becomes the owner of every job the caller submits (a text column) and a rate-limit key.
+    if len(sub) > MAX_SUB_LENGTH or _has_control_characters(sub):
+        raise jwt.InvalidTokenError(f"Token 'sub' must be at most {MAX_SUB_LENGTH} characters without control characters")
     if "exp" not in claims:
         # A token that never expires cannot be withdrawn short of rotating the key.
         raise jwt.MissingRequiredClaimError("exp")
+    exp = claims["exp"]
+    # PyJWT takes int(exp), so 1e308 would pass as a token valid for ever.
+    if isinstance(exp, bool) or not isinstance(exp, (int, float)) or not math.isfinite(exp) or exp != int(exp):
+        raise jwt.InvalidTokenError("Token 'exp' must be an integer number of seconds")
+    if max_lifetime_seconds is not None and exp > time.time() + max_lifetime_seconds:
+        raise jwt.InvalidTokenError(f"Token 'exp' lies more than {int(max_lifetime_seconds)} seconds ahead")
     return Caller(sub, scopes_from_claim(claims.get(scope_claim)))
 
 
@@ -253,10 +268,14 @@ def authenticate() -> Response | None:
     """before_request: set g.caller from the bearer token, or answer 401 (503 if keys are unreachable)."""
     if is_public():
         return None
+    _normalize_scheme()
+    settings: Settings = current_app.config["JOBSERVICE_SETTINGS"]
     try:
         if verify_jwt_in_request(verify_type=False) is None:
             return None  # OPTIONS (CORS preflight) carries no token; views still demand a caller
-        g.caller = caller_from_claims(get_jwt(), current_app.config["JOBSERVICE_SETTINGS"].jwt_scope_claim)
+        g.caller = caller_from_claims(
+            get_jwt(), settings.jwt_scope_claim, settings.jwt_max_token_lifetime_seconds + settings.jwt_leeway_seconds
+        )
     except NoAuthorizationError:
         return unauthorized(f"Missing bearer token: {_HOW_TO_SEND}", error=None)
     except InvalidHeaderError:
@@ -269,6 +288,16 @@ def authenticate() -> Response | None:
         log.warning("token refused by an unexpected error", exc_info=True, extra={"request_id": g.get("request_id")})
         return unauthorized("Invalid token")
     return None
+
+
+def _normalize_scheme() -> None:
+    """RFC 7235: the scheme is case-insensitive; flask-jwt-extended compares it to "Bearer" exactly."""
+    value = request.environ.get("HTTP_AUTHORIZATION")
+    if not value:
+        return
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() == _BEARER and scheme != "Bearer":
+        request.environ["HTTP_AUTHORIZATION"] = f"Bearer {token.strip()}"
 
 
 def _route_library_errors_to_envelope(manager: JWTManager) -> None:

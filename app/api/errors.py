@@ -18,16 +18,29 @@ ERROR_CODES = {
     401: "UNAUTHORIZED",
     403: "FORBIDDEN",
     404: "NOT_FOUND",
-    # Not in the reference's table: the nearest code that names the problem.
-    405: "NOT_FOUND",
     409: "CONFLICT",
-    413: "VALIDATION_ERROR",
-    415: "VALIDATION_ERROR",
     422: "VALIDATION_ERROR",
     429: "RATE_LIMITED",
     500: "INTERNAL_ERROR",
     503: "SERVICE_UNAVAILABLE",
+    # Not in the reference's table: each names its status, so a client can tell them apart.
+    405: "METHOD_NOT_ALLOWED",
+    406: "NOT_ACCEPTABLE",
+    408: "REQUEST_TIMEOUT",
+    411: "LENGTH_REQUIRED",
+    413: "PAYLOAD_TOO_LARGE",
+    414: "URI_TOO_LONG",
+    415: "UNSUPPORTED_MEDIA_TYPE",
+    416: "RANGE_NOT_SATISFIABLE",
+    431: "REQUEST_HEADER_FIELDS_TOO_LARGE",
+    501: "NOT_IMPLEMENTED",
+    502: "BAD_GATEWAY",
+    504: "GATEWAY_TIMEOUT",
 }
+# Statuses without a code of their own fall back to these.
+CLIENT_ERROR = "BAD_REQUEST"
+SERVER_ERROR = "INTERNAL_ERROR"
+ALL_CODES = tuple(sorted({*ERROR_CODES.values(), CLIENT_ERROR, SERVER_ERROR}))
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
@@ -44,7 +57,7 @@ def envelope(status: int, message: str, details: list[dict[str, Any]] | None = N
     response = jsonify(
         {
             "error": {
-                "code": code or ERROR_CODES.get(status, "INTERNAL_ERROR" if status >= 500 else "VALIDATION_ERROR"),
+                "code": code or ERROR_CODES.get(status, SERVER_ERROR if status >= 500 else CLIENT_ERROR),
                 "message": message,
                 "details": details or [],
                 "request_id": request_id(),

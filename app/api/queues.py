@@ -10,8 +10,11 @@ from marshmallow import validate
 from app.api import Blueprint
 from app.api.context import session, settings
 from app.api.identity import current_caller
-from app.api.schemas import Timestamp
+from app.api.schemas import MAX_CURSOR_LENGTH, FullMatch, Timestamp
 from app.domain import stats
+
+# Cursors are unpadded URL-safe base64 (app.domain.stats.encode_cursor).
+CURSOR_PATTERN = r"^[A-Za-z0-9_-]+$"
 
 blp = Blueprint("queues", __name__, url_prefix="/api/v1/queues", description="Queue status and backlog")
 
@@ -55,7 +58,11 @@ class QueueDetailSchema(QueueSummarySchema):
 
 class QueueDetailQuerySchema(ma.Schema):
     limit = ma.fields.Integer(load_default=50, validate=validate.Range(min=1, max=100, error="limit must be between 1 and 100"))
-    after = ma.fields.String(load_default=None, metadata={"description": "The `next` cursor of the previous page"})
+    after = ma.fields.String(
+        load_default=None,
+        validate=[validate.Length(min=1, max=MAX_CURSOR_LENGTH), FullMatch(CURSOR_PATTERN, error="not a cursor of this API")],
+        metadata={"description": "The `next` cursor of the previous page"},
+    )
 
 
 @blp.route("/")

@@ -2,7 +2,7 @@
 
 The client is the authenticated `sub` (set by app.api.auth, whose hook must run first) or, for
 calls without a caller, the client address. Limits: RATELIMIT_SUBMIT for POST /jobs/,
-RATELIMIT_LIST for GET /jobs/, RATELIMIT_DEFAULT for each other endpoint and method; health
+RATELIMIT_LIST for GET and HEAD /jobs/ (one counter), RATELIMIT_DEFAULT for each other endpoint and method; health
 probes are not limited.
 """
 from __future__ import annotations
@@ -36,9 +36,14 @@ def limit_for_request() -> str:
     if rule is not None and rule.rule == JOBS_COLLECTION_RULE:
         if request.method == "POST":
             return settings.ratelimit_submit
-        if request.method == "GET":
+        if request.method in ("GET", "HEAD"):
             return settings.ratelimit_list
     return settings.ratelimit_default
+
+
+def method_scope(_endpoint: str) -> str:
+    """Counters are per endpoint and method, but HEAD is a GET without its body: one counter for both."""
+    return "GET" if request.method == "HEAD" else request.method
 
 
 def _breach_message() -> str:
@@ -82,7 +87,7 @@ def register(app: Flask) -> None:
     app.after_request(_retry_after_only_on_refusals)
     limiter = Limiter(
         client_key,
-        default_limits=[Limit(limit_for_request, per_method=True, error_message=_breach_message)],
+        default_limits=[Limit(limit_for_request, scope=method_scope, error_message=_breach_message)],
     )
     limiter.request_filter(is_health_probe)
     limiter.init_app(app)

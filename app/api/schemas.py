@@ -1,21 +1,64 @@
-"""Request and response schemas: they validate input and generate the OpenAPI document."""
+"""Request and response schemas: they validate input and generate the OpenAPI document.
+
+Every number and string a caller sends is bounded here, and each bound is a validator that apispec
+writes into the OpenAPI document (minimum, maximum, maxLength, maxItems, pattern), so a schema-driven
+client knows it. Bounds an operator may want to change come from settings (`SettingRange`); the rest,
+mostly the kernel's exec limits, are constants below. README.md ("Limits") lists them all.
+"""
 from __future__ import annotations
 
+import json
 import re
 from datetime import datetime, timezone
 from typing import Any
 
 import marshmallow as ma
+from flask import current_app, has_app_context
 from marshmallow import validate
 
 from app.domain.jobs import JobFilters, JobRequest
 from app.domain.quantities import cpu_to_millis, memory_to_bytes
 from app.domain.states import ALL_STATES
+from config import Settings
 
 DEFAULT_CPU = "1"
 DEFAULT_MEMORY = "1Gi"
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _RESERVED_ENV = {"JOB_ID", "JOB_CONFIG", "JOB_RANK", "JOB_WORLD_SIZE", "CUDA_VISIBLE_DEVICES"}
+
+# PostgreSQL `integer` columns (timeout, retries, gang size, gpus) hold no more than this, whatever the settings say.
+INT32_MAX = 2**31 - 1
+# Linux refuses one exec argument or environment string of 128 KiB or more (MAX_ARG_STRLEN) and all of
+# them together beyond about 2 MiB (ARG_MAX less the stack's share): stay well below both.
+MAX_COMMAND_ITEMS = 1024
+MAX_ARG_BYTES = 64 * 1024
+MAX_ENV_VARS = 256
+MAX_ENV_NAME_LENGTH = 256
+MAX_EXEC_BYTES = 1024 * 1024  # command + env + JOB_CONFIG together
+# `config` reaches the job as the JOB_CONFIG environment string, so it too stays below MAX_ARG_STRLEN.
+MAX_CONFIG_BYTES = 64 * 1024
+MAX_CONFIG_DEPTH = 32
+MAX_IMAGE_LENGTH = 512
+MAX_QUANTITY_LENGTH = 32
+MAX_OFFSET = 10_000_000  # deep offsets cost a scan each; far from bigint's range
+MAX_CURSOR_LENGTH = 512
+JOB_TYPE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$"
+# A Kubernetes quantity (app.domain.quantities), as a pattern a schema-driven client can generate from.
+QUANTITY_PATTERN = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE])?$"
+# Image references are printable ASCII without spaces (registry/name:tag@digest).
+IMAGE_PATTERN = r"^[!-~]+$"
+
+_DEFAULT_SETTINGS: Settings | None = None
+
+
+def current_settings() -> Settings:
+    """The app's settings inside a request or while the document is built; the defaults outside one."""
+    global _DEFAULT_SETTINGS
+    if has_app_context():
+        return current_app.config["JOBSERVICE_SETTINGS"]
+    if _DEFAULT_SETTINGS is None:
+        _DEFAULT_SETTINGS = Settings()
+    return _DEFAULT_SETTINGS
 
 
 def format_timestamp(value: datetime) -> str:
@@ -29,84 +72,225 @@ class Timestamp(ma.fields.DateTime):
         return None if value is None else format_timestamp(value)
 
 
+# --- validators and strict fields --------------------------------------------------------------
+
+
+class SettingRange(validate.Range):
+    """A Range whose maximum is a setting, read when it validates and when the document is built."""
+
+    def __init__(self, min: int, setting: str, name: str, ceiling: int = INT32_MAX) -> None:  # noqa: A002
+        self.min = min
+        self.setting = setting
+        self.ceiling = ceiling
+        self.min_inclusive = self.max_inclusive = True
+        self.error = f"{name} must be between {{min}} and {{max}}"
+
+    @property
+    def max(self) -> int:  # type: ignore[override]
+        return min(int(getattr(current_settings(), self.setting)), self.ceiling)
+
+    @max.setter
+    def max(self, value: int) -> None:  # pragma: no cover - Range.__init__ is not called
+        raise AttributeError("SettingRange.max comes from settings")
+
+
+class FullMatch(validate.Regexp):
+    """`re.match` with `$` lets a trailing newline through: the whole string must match."""
+
+    def __call__(self, value: Any) -> Any:
+        if self.regex.fullmatch(value) is None:
+            raise ma.ValidationError(self._format_error(value))
+        return value
+
+
+class StrictInteger(ma.fields.Integer):
+    """A JSON integer: not a bool, not 1.0, not "1" (marshmallow's strict mode already refuses bools)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(strict=True, **kwargs)
+
+
+class StrictFloat(ma.fields.Float):
+    """A JSON number, never a string ("2") or a bool; finite (marshmallow refuses NaN and inf)."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.make_error("invalid")
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
+class StrictBoolean(ma.fields.Boolean):
+    """`true` or `false` only: marshmallow also takes 0, 1, "yes", "on" and friends."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
+        if not isinstance(value, bool):
+            raise self.make_error("invalid")
+        return value
+
+
 class Quantity(ma.fields.String):
-    def __init__(self, parse: Any, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    """A Kubernetes quantity string ("2", "500m", "8Gi"), more than zero and at most a setting."""
+
+    def __init__(self, parse: Any, unit: str, maximum_setting: str, **kwargs: Any) -> None:
+        super().__init__(
+            validate=[validate.Length(min=1, max=MAX_QUANTITY_LENGTH), FullMatch(QUANTITY_PATTERN, error="not a quantity")],
+            **kwargs,
+        )
         self.parse = parse
+        self.unit = unit
+        self.maximum_setting = maximum_setting
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = str(value)
+        if not isinstance(value, str):
+            # A bare number is ambiguous (is memory 8 bytes or 8 Gi?): Kubernetes takes strings, so do we.
+            raise ma.ValidationError(f"must be a string quantity such as \"2\" or \"8Gi\", not {type(value).__name__}")
         text = super()._deserialize(value, attr, data, **kwargs)
+        if len(text) > MAX_QUANTITY_LENGTH:
+            raise ma.ValidationError(f"at most {MAX_QUANTITY_LENGTH} characters")
         try:
-            self.parse(text)
+            amount = self.parse(text)
+            ceiling = self.parse(getattr(current_settings(), self.maximum_setting))
         except ValueError as exc:
             raise ma.ValidationError(str(exc)) from exc
+        if amount <= 0:
+            raise ma.ValidationError(f"must be more than zero (at least 1 {self.unit})")
+        if amount > ceiling:
+            raise ma.ValidationError(f"must be at most {getattr(current_settings(), self.maximum_setting)}")
         return text
 
 
+def _utf8_size(value: str) -> int:
+    return len(value.encode("utf-8", "surrogatepass"))
+
+
+def _depth(value: Any) -> int:
+    # Bodies nest at most app.api.strictjson.MAX_BODY_DEPTH levels, so recursion stays shallow.
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    return 0
+
+
+def _validate_config(value: dict[str, Any]) -> None:
+    if _depth(value) > MAX_CONFIG_DEPTH:
+        raise ma.ValidationError(f"config nests deeper than {MAX_CONFIG_DEPTH} levels")
+    size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass"))
+    if size > MAX_CONFIG_BYTES:
+        raise ma.ValidationError(f"config is {size} bytes as JSON; at most {MAX_CONFIG_BYTES}")
+
+
+def _validate_env(value: dict[str, str]) -> None:
+    if len(value) > MAX_ENV_VARS:
+        raise ma.ValidationError(f"at most {MAX_ENV_VARS} variables")
+    long = [k for k in value if len(k) > MAX_ENV_NAME_LENGTH]
+    if long:
+        raise ma.ValidationError(f"variable names are at most {MAX_ENV_NAME_LENGTH} characters")
+    bad = [k for k in value if not _ENV_NAME.fullmatch(k) or k in _RESERVED_ENV]
+    if bad:
+        raise ma.ValidationError(f"invalid or reserved environment variable names: {', '.join(sorted(bad))}")
+    big = sorted(k for k, v in value.items() if _utf8_size(k) + 1 + _utf8_size(v) > MAX_ARG_BYTES)
+    if big:
+        raise ma.ValidationError(f"each NAME=value is at most {MAX_ARG_BYTES} bytes: {', '.join(big)}")
+
+
+def _validate_command(value: list[str]) -> None:
+    big = [i for i, arg in enumerate(value) if _utf8_size(arg) > MAX_ARG_BYTES]
+    if big:
+        raise ma.ValidationError(f"each argument is at most {MAX_ARG_BYTES} bytes (argument {big[0]} is larger)")
+
+
 class ResourcesSchema(ma.Schema):
-    cpu = Quantity(cpu_to_millis, load_default=DEFAULT_CPU, metadata={"example": "2"})
-    memory = Quantity(memory_to_bytes, load_default=DEFAULT_MEMORY, metadata={"example": "8Gi"})
-    gpu = ma.fields.Integer(
-        load_default=0, strict=True, validate=validate.Range(min=0, error="GPU count must be a non-negative integer")
+    cpu = Quantity(
+        cpu_to_millis,
+        "m",
+        "max_job_cpu",
+        load_default=DEFAULT_CPU,
+        metadata={"example": "2", "description": "CPU per member: a quantity string, 1m .. MAX_JOB_CPU (default 1024)"},
     )
+    memory = Quantity(
+        memory_to_bytes,
+        "byte",
+        "max_job_memory",
+        load_default=DEFAULT_MEMORY,
+        metadata={"example": "8Gi", "description": "Memory per member: a quantity string, 1 .. MAX_JOB_MEMORY (default 64Ti)"},
+    )
+    gpu = StrictInteger(load_default=0, validate=SettingRange(0, "max_job_gpus", "gpu"), metadata={"description": "GPUs per member"})
 
 
 class GangSchema(ma.Schema):
-    enabled = ma.fields.Boolean(load_default=False)
-    min_members = ma.fields.Integer(
-        load_default=1, strict=True, validate=validate.Range(min=1, error="min_members must be at least 1")
-    )
+    enabled = StrictBoolean(load_default=False)
+    min_members = StrictInteger(load_default=1, validate=SettingRange(1, "max_gang_members", "min_members"))
 
 
 class RetryPolicySchema(ma.Schema):
-    max_retries = ma.fields.Integer(
-        load_default=0, strict=True, validate=validate.Range(min=0, error="max_retries must be 0 or more")
-    )
-    backoff_multiplier = ma.fields.Float(
-        load_default=2.0, validate=validate.Range(min=1, error="backoff_multiplier must be at least 1")
+    max_retries = StrictInteger(load_default=0, validate=SettingRange(0, "max_retries", "max_retries"))
+    backoff_multiplier = StrictFloat(
+        load_default=2.0, validate=validate.Range(min=1, max=10, error="backoff_multiplier must be between {min} and {max}")
     )
 
 
 class JobCreateSchema(ma.Schema):
     job_type = ma.fields.String(
         required=True,
-        validate=validate.Regexp(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$", error="job_type must be 1-63 letters, digits, '-', '_' or '.'"),
+        validate=FullMatch(JOB_TYPE_PATTERN, error="job_type must be 1-63 letters, digits, '-', '_' or '.'"),
         metadata={"example": "inference"},
     )
-    priority = ma.fields.Integer(
-        load_default=50, strict=True, validate=validate.Range(min=0, max=100, error="Priority must be between 0 and 100")
+    priority = StrictInteger(
+        load_default=50, validate=validate.Range(min=0, max=100, error="Priority must be between 0 and 100")
     )
     image = ma.fields.String(
-        load_default=None, allow_none=True, validate=validate.Length(min=1, max=512), metadata={"example": "pytorch-inference:v1.0"}
+        load_default=None,
+        allow_none=True,
+        validate=[validate.Length(min=1, max=MAX_IMAGE_LENGTH), FullMatch(IMAGE_PATTERN, error="image must be printable ASCII without spaces")],
+        metadata={"example": "pytorch-inference:v1.0"},
     )
-    config = ma.fields.Dict(keys=ma.fields.String(), load_default=dict)
+    config = ma.fields.Dict(
+        keys=ma.fields.String(),
+        load_default=dict,
+        validate=_validate_config,
+        metadata={"description": f"Free-form; at most {MAX_CONFIG_DEPTH} levels deep and {MAX_CONFIG_BYTES} bytes as JSON"},
+    )
     resources = ma.fields.Nested(ResourcesSchema, load_default=lambda: ResourcesSchema().load({}))
     gang = ma.fields.Nested(GangSchema, load_default=lambda: GangSchema().load({}))
-    timeout_seconds = ma.fields.Integer(
-        load_default=None, allow_none=True, strict=True, validate=validate.Range(min=1, error="timeout_seconds must be greater than 0")
+    timeout_seconds = StrictInteger(
+        load_default=None, allow_none=True, validate=SettingRange(1, "max_job_timeout_seconds", "timeout_seconds")
     )
     retry_policy = ma.fields.Nested(RetryPolicySchema, load_default=lambda: RetryPolicySchema().load({}))
     command = ma.fields.List(
-        ma.fields.String(),
+        ma.fields.String(validate=validate.Length(max=MAX_ARG_BYTES)),
         load_default=None,
         allow_none=True,
-        validate=validate.Length(min=1, error="command must have at least one element"),
-        metadata={"description": "Overrides the image's entrypoint, like a Kubernetes container's command"},
+        validate=[
+            validate.Length(min=1, max=MAX_COMMAND_ITEMS, error="command must have 1 to {max} elements"),
+            _validate_command,
+        ],
+        metadata={
+            "description": "Overrides the image's entrypoint, like a Kubernetes container's command; "
+            f"each argument at most {MAX_ARG_BYTES} bytes"
+        },
     )
-    env = ma.fields.Dict(keys=ma.fields.String(), values=ma.fields.String(), load_default=dict)
-
-    @ma.validates("env")
-    def _env_names(self, value: dict[str, str], **kwargs: Any) -> None:
-        bad = [k for k in value if not _ENV_NAME.match(k) or k in _RESERVED_ENV]
-        if bad:
-            raise ma.ValidationError(f"invalid or reserved environment variable names: {', '.join(sorted(bad))}")
+    env = ma.fields.Dict(
+        keys=ma.fields.String(validate=validate.Length(min=1, max=MAX_ENV_NAME_LENGTH)),
+        values=ma.fields.String(validate=validate.Length(max=MAX_ARG_BYTES)),
+        load_default=dict,
+        validate=_validate_env,
+        metadata={
+            "maxProperties": MAX_ENV_VARS,
+            "description": f"Names match {_ENV_NAME.pattern} (not {', '.join(sorted(_RESERVED_ENV))}); "
+            f"each NAME=value at most {MAX_ARG_BYTES} bytes",
+        },
+    )
 
     @ma.validates_schema
     def _runnable(self, data: dict[str, Any], **kwargs: Any) -> None:
         if not data.get("image") and not data.get("command"):
             raise ma.ValidationError("a job needs an image, a command, or both", "image")
+        exec_bytes = sum(_utf8_size(arg) + 1 for arg in data.get("command") or [])
+        exec_bytes += sum(_utf8_size(k) + _utf8_size(v) + 2 for k, v in (data.get("env") or {}).items())
+        exec_bytes += len(json.dumps(data.get("config") or {}, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+        if exec_bytes > MAX_EXEC_BYTES:
+            raise ma.ValidationError(f"command, env and config together are at most {MAX_EXEC_BYTES} bytes", "command")
 
     @ma.post_load
     def _to_request(self, data: dict[str, Any], **kwargs: Any) -> JobRequest:
@@ -152,10 +336,12 @@ class JobSummarySchema(ma.Schema):
 
 class JobListQuerySchema(ma.Schema):
     status = ma.fields.String(validate=validate.OneOf(ALL_STATES))
-    job_type = ma.fields.String()
+    job_type = ma.fields.String(validate=validate.Length(min=1, max=63))
     priority_min = ma.fields.Integer(load_default=0, validate=validate.Range(min=0, max=100))
     limit = ma.fields.Integer(load_default=50, validate=validate.Range(min=1, max=100, error="limit must be between 1 and 100"))
-    offset = ma.fields.Integer(load_default=0, validate=validate.Range(min=0, error="offset must be 0 or more"))
+    offset = ma.fields.Integer(
+        load_default=0, validate=validate.Range(min=0, max=MAX_OFFSET, error="offset must be between {min} and {max}")
+    )
 
     @ma.post_load
     def _to_filters(self, data: dict[str, Any], **kwargs: Any) -> JobFilters:

@@ -352,7 +352,10 @@ def decode_cursor(cursor: str) -> tuple[int, datetime, str]:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         priority, created_at, job_id = json.loads(raw)
         parsed = datetime.fromisoformat(created_at)
-        if not isinstance(priority, int) or not isinstance(job_id, str) or parsed.tzinfo is None:
+        # bool is an int to Python but not to PostgreSQL; NUL cannot be a text parameter.
+        if type(priority) is not int or not 0 <= priority <= 100 or parsed.tzinfo is None:
+            raise ValueError("wrong types")
+        if not isinstance(job_id, str) or not 0 < len(job_id) <= 128 or "\x00" in job_id:
             raise ValueError("wrong types")
         return priority, parsed, job_id
     except (ValueError, TypeError, binascii.Error, json.JSONDecodeError) as exc:
