@@ -26,7 +26,8 @@ def backend_pids(database: Database, application: str, *, waiting_on_lock: bool 
     with database.engine.connect() as conn:
         return list(conn.execute(
             text(
-                "SELECT pid FROM pg_stat_activity WHERE application_name LIKE :app AND pid <> pg_backend_pid()"
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE :app"
+                " AND pid <> pg_backend_pid()"
                 " AND query ILIKE :query" + (" AND wait_event_type = 'Lock'" if waiting_on_lock else "")
             ),
             {"app": application, "query": query_like},
