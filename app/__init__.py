@@ -27,9 +27,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config.update(flask_config(settings))
 
     from app.api import auth, clusters, context, errors, health, jobs, logs as job_logs, ratelimit
-    from app.api import metrics, prometheus, queues, timeline
+    from app.api import metrics, prometheus, queues, streams, timeline
 
     context.register(app, Database(settings.database_url))
+    streams.register(app)
     _register_access_log(app)
     errors.register(app)
     clusters.register(app)

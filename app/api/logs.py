@@ -8,7 +8,7 @@ from flask import Response
 from flask.views import MethodView
 from marshmallow import validate
 
-from app.api import Blueprint, sse
+from app.api import Blueprint, sse, streams
 from app.api.context import database, session
 from app.api.identity import require_scope
 from app.api.schemas import format_timestamp
@@ -44,13 +44,17 @@ class JobLogs(MethodView):
             lines = logs.tail(session(), job.id, args["tail"]) if args["tail"] else []
             body = "".join(render(line, args["timestamps"], ranked) + "\n" for line in lines)
             return Response(body, mimetype="text/plain")
-        resume_after = sse.last_event_id()
-        backlog, after_id = ([], resume_after) if resume_after is not None else _first_line_id(database(), job.id, args["tail"])
-        stream = sse.follow(
-            database(), job.id, after_id, lambda s, last: logs.after(s, job.id, last), lambda line: line.id,
-            lambda line: render(line, args["timestamps"], ranked), backlog,
-        )
-        return sse.response(stream)
+        stream = sse.open_stream(streams.LOG_LINES, job.id)
+        if isinstance(stream, Response):
+            return stream
+        try:
+            resume_after = sse.last_event_id()
+            backlog, after_id = ([], resume_after) if resume_after is not None else _first_line_id(database(), job.id, args["tail"])
+        except BaseException:
+            stream.close()
+            raise
+        events = sse.follow(stream, after_id, lambda line: line.id, lambda line: render(line, args["timestamps"], ranked), backlog)
+        return sse.response(stream, events)
 
 
 def _first_line_id(db: Database, job_id: str, tail: int) -> tuple[list[logs.StoredLine], int]:
