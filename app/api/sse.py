@@ -56,6 +56,9 @@ def follow(
     started = last_sent = time.monotonic()
     deadline = started + settings.stream_max_seconds  # a client reconnects with Last-Event-ID
     try:
+        # Servers send the status line and headers with the first chunk: without this a client would wait
+        # for them until the first row or keep-alive.
+        yield ": open\n\n"
         for row in backlog:
             yield f"id: {row_id(row)}\ndata: {render(row)}\n\n"
         subscription = stream.subscribe(after_id)
