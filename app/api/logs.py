@@ -35,6 +35,8 @@ class JobLogs(MethodView):
     @blp.arguments(LogQuerySchema, location="query")
     @blp.response(200, content_type="text/plain")
     @blp.alt_response(404, description="Job not found")
+    @blp.alt_response(429, description="follow=true: the caller already holds STREAMS_PER_CALLER streams (Retry-After)")
+    @blp.alt_response(503, description="follow=true: this API process holds STREAMS_PER_PROCESS streams (Retry-After)")
     def get(self, args: dict[str, Any], job_id: str) -> Response:
         """Logs of a job, kept after it ends"""
         caller = require_scope(SCOPE_READ)

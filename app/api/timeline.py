@@ -95,6 +95,8 @@ class JobTimeline(MethodView):
     @blp.arguments(TimelineQuerySchema, location="query")
     @blp.response(200, TimelineSchema)
     @blp.alt_response(404, description="Job not found")
+    @blp.alt_response(429, description="follow=true: the caller already holds STREAMS_PER_CALLER streams (Retry-After)")
+    @blp.alt_response(503, description="follow=true: this API process holds STREAMS_PER_PROCESS streams (Retry-After)")
     def get(self, args: dict[str, Any], job_id: str) -> Any:
         """Every transition of a job, oldest first, kept for the job's life"""
         caller = require_scope(SCOPE_READ)
