@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 import redis
-import requests
 
 from app.api.streams import KEY_PREFIX, StreamRefused, StreamSlots
 from app.db import Database
@@ -218,3 +217,17 @@ def test_stream_ids_that_are_not_row_ids_start_from_the_beginning(serve, databas
         assert follower.response.status_code == 200, bogus
         assert follower.next_event()["data"]  # the submit event, from the start
         follower.close()
+
+
+def test_every_row_of_a_long_log_is_out_before_the_end(serve, database: Database) -> None:
+    server = serve()
+    alice = as_user(server, "alice")
+    job = alice.submit()
+    lines = [f"line {i}" for i in range(2500)]  # more than one tick's page (ROWS_PER_TICK) per follower
+    append(database, job["id"], *lines)
+    assert alice.delete(f"/jobs/{job['id']}").status_code == 200
+    events = Follower(alice, job["id"], last_event_id="0", timestamps="false").events_until_end()
+    assert [e["data"] for e in events[:-1]] == lines
+    assert events[-1] == {"event": "end", "data": "cancelled"}
+    tail = Follower(alice, job["id"], kind="logs", tail="3", timestamps="false").events_until_end()
+    assert [e["data"] for e in tail] == lines[-3:] + ["cancelled"]
