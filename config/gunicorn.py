@@ -5,7 +5,8 @@
 - `reuse_port`: a master restarted after a SIGKILL binds at once, although the dead master's orphaned
   workers may still hold the port for a moment; `graceful_timeout` keeps that moment short.
 - gunicorn's own refusals (bad request line, 414, 431, ...) answer in the API's JSON error envelope.
-- No gunicorn access log: the app writes one JSON line per request itself (app._register_access_log).
+- No gunicorn access log: the app writes one JSON line per request itself (app._register_access_log);
+  gunicorn's own lines are JSON too when LOG_FORMAT is `json`.
 
 Every value comes from config.Settings, the one reader of the environment.
 """
@@ -17,6 +18,7 @@ import math
 import resource
 import socket
 import uuid
+from datetime import datetime, timezone
 from typing import Any
 
 from gunicorn import util
@@ -41,6 +43,33 @@ control_socket_disable = True
 limit_request_line = 4094
 limit_request_fields = 100
 limit_request_field_size = 8190
+
+
+
+class JsonLines(logging.Formatter):
+    """The shape of app.logs.JsonFormatter; importing app here would load Flask and SQLAlchemy into the
+    master before the workers' gevent patching."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+loglevel = _settings.log_level.lower()
+if _settings.log_format == "json":
+    logconfig_dict = {
+        "root": {"level": _settings.log_level, "handlers": []},
+        "loggers": {"gunicorn.error": {"level": _settings.log_level, "handlers": ["error_console"], "propagate": False}},
+        "handlers": {"error_console": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
+        "formatters": {"json": {"()": JsonLines}},
+    }
 
 ERROR_CODES = {
     400: "BAD_REQUEST",  # not HTTP at all (request line, header syntax, chunking): no body was validated

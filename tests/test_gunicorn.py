@@ -1,12 +1,14 @@
 """The `web` process as the Procfile runs it: real gunicorn masters with config/gunicorn.py, over real HTTP."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +85,6 @@ def raw_request(port: int, data: bytes) -> tuple[int, dict[str, str], bytes]:
 
 
 def assert_envelope(status: int, headers: dict[str, str], body: bytes, expected: int, code: str) -> None:
-    import json
-
     assert status == expected, body
     assert headers["content-type"] == "application/json"
     error = json.loads(body)["error"]
@@ -94,7 +94,7 @@ def assert_envelope(status: int, headers: dict[str, str], body: bytes, expected:
 
 
 def test_gunicorns_own_refusals_answer_in_the_envelope(gunicorn) -> None:
-    server = gunicorn(WEB_CONCURRENCY="1")
+    server = gunicorn(WEB_CONCURRENCY="1", LOG_FORMAT="json", LOG_LEVEL="INFO")
     server.wait_ready()
     port = server.port
     long_uri = b"GET /api/v1/jobs/" + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -108,9 +108,12 @@ def test_gunicorns_own_refusals_answer_in_the_envelope(gunicorn) -> None:
     response = requests.get(f"{server.url}/api/v1/nothing-here", timeout=10, headers={"X-Request-ID": "probe-1"})
     assert response.status_code == 404 and response.json()["error"]["request_id"] == "probe-1"
     server.stop()
-    log = server.log_path.read_text()
-    assert '"GET /api/v1/nothing-here HTTP/1.1" 404' not in log
-    assert "EnvelopeGeventWorker" in log
+    # One JSON line per request (the app's), gunicorn's own lines JSON too, no access log beside them.
+    lines = [json.loads(line) for line in server.log_path.read_text().splitlines()]
+    mentions = [line for line in lines if "nothing-here" in line["message"]]
+    assert len(mentions) == 1 and mentions[0]["request_id"] == "probe-1" and mentions[0]["logger"] == "jobservice.api"
+    assert any(line["logger"] == "gunicorn.error" and "EnvelopeGeventWorker" in line["message"] for line in lines)
+    assert any(line["level"] == "WARNING" and "Request Line is too large" in line["message"] for line in lines)
 
 
 def test_probes_and_lists_answer_while_many_streams_are_open(gunicorn) -> None:
@@ -128,12 +131,24 @@ def test_probes_and_lists_answer_while_many_streams_are_open(gunicorn) -> None:
         assert requests.get(f"{server.url}/health/live", timeout=10).status_code == 200
         listed = api.get("/jobs/", timeout=10)
         assert listed.status_code == 200 and listed.json()["total"] == 1
+        # More concurrent requests than the database pool holds (10 + 20): greenlets wait for a connection.
+        with ThreadPoolExecutor(50) as pool:
+            answers = list(pool.map(lambda _: requests.get(api.url("/jobs/"), timeout=30).status_code, range(100)))
+        assert answers == [200] * 100
         assert api.delete(f"/jobs/{job['id']}").status_code == 200
         for stream in streams:  # every follower still gets its end
             assert any(line == "event: end" for line in stream.iter_lines(decode_unicode=True))
     finally:
         for stream in streams:
             stream.close()
+
+
+def test_rate_limits_count_in_redis_under_gevent_workers(gunicorn) -> None:
+    server = gunicorn(WEB_CONCURRENCY="2", RATELIMIT_ENABLED="true", RATELIMIT_LIST="5/minute")
+    server.wait_ready()
+    # Fresh connections, so that both processes answer: the count is shared through Redis.
+    codes = [requests.get(f"{server.url}/api/v1/jobs/", timeout=10, headers={"Connection": "close"}).status_code for _ in range(7)]
+    assert codes == [200] * 5 + [429] * 2
 
 
 def listeners_on(port: int) -> int:
