@@ -7,12 +7,12 @@ import marshmallow as ma
 from flask import Response
 from flask.views import MethodView
 from marshmallow import validate
+from sqlalchemy.orm import Session
 
 from app.api import Blueprint, sse, streams
-from app.api.context import database, session
+from app.api.context import session
 from app.api.identity import require_scope
 from app.api.schemas import format_timestamp
-from app.db import Database
 from app.domain import jobs, logs
 from app.domain.callers import SCOPE_READ
 
@@ -51,7 +51,7 @@ class JobLogs(MethodView):
             return stream
         try:
             resume_after = sse.last_event_id()
-            backlog, after_id = ([], resume_after) if resume_after is not None else _first_line_id(database(), job.id, args["tail"])
+            backlog, after_id = ([], resume_after) if resume_after is not None else _first_line_id(session(), job.id, args["tail"])
         except BaseException:
             stream.close()
             raise
@@ -59,11 +59,11 @@ class JobLogs(MethodView):
         return sse.response(stream, events)
 
 
-def _first_line_id(db: Database, job_id: str, tail: int) -> tuple[list[logs.StoredLine], int]:
-    """The last `tail` lines to send first, and the id after which new lines follow."""
-    with db.session() as s:
-        backlog = logs.tail(s, job_id, tail) if tail else []
-        if backlog:
-            return backlog, backlog[-1].id
-        newest = logs.tail(s, job_id, 1)
-        return [], newest[-1].id if newest else 0
+def _first_line_id(s: Session, job_id: str, tail: int) -> tuple[list[logs.StoredLine], int]:
+    """The last `tail` lines to send first, and the id after which new lines follow (on the request's
+    session: opening a stream takes one pooled connection, not two)."""
+    backlog = logs.tail(s, job_id, tail) if tail else []
+    if backlog:
+        return backlog, backlog[-1].id
+    newest = logs.tail(s, job_id, 1)
+    return [], newest[-1].id if newest else 0
