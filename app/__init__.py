@@ -30,9 +30,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.url_map.merge_slashes = False
 
     from app.api import auth, clusters, context, errors, guards, health, jobs, logs as job_logs, ratelimit
-    from app.api import metrics, openapi, prometheus, queues, timeline
+    from app.api import metrics, openapi, prometheus, queues, streams, timeline
 
     context.register(app, Database(settings.database_url, application_name="jobservice-api"))
+    streams.register(app)
     _register_access_log(app)
     errors.register(app)
     guards.register(app)  # before auth: a NUL in a header is refused before anything reads it

@@ -85,6 +85,17 @@ class Settings:
     log_level: str = "INFO"
     log_format: str = "json"
 
+    # gunicorn (config/gunicorn.py) and follow streams (app.api.streams)
+    web_concurrency: int = 2
+    web_worker_connections: int = 4096
+    web_graceful_timeout_seconds: float = 5.0
+    stream_max_seconds: float = 3600.0
+    stream_keepalive_seconds: float = 15.0
+    stream_poll_seconds: float = 0.25
+    streams_per_caller: int = 20
+    streams_per_process: int = 1000
+    stream_slot_lease_seconds: float = 60.0
+
     # Authentication (JWT) and rate limits
     auth_enabled: bool = True
     jwt_secret_key: str | None = None
@@ -163,6 +174,15 @@ class Settings:
             max_content_length=_int(env, "MAX_CONTENT_LENGTH", 1024 * 1024),
             log_level=env.get("LOG_LEVEL", "INFO").upper(),
             log_format=env.get("LOG_FORMAT", "json"),
+            web_concurrency=_int(env, "WEB_CONCURRENCY", 2),
+            web_worker_connections=_int(env, "WEB_WORKER_CONNECTIONS", 4096),
+            web_graceful_timeout_seconds=_float(env, "WEB_GRACEFUL_TIMEOUT_SECONDS", 5.0),
+            stream_max_seconds=_float(env, "STREAM_MAX_SECONDS", 3600.0),
+            stream_keepalive_seconds=_float(env, "STREAM_KEEPALIVE_SECONDS", 15.0),
+            stream_poll_seconds=_float(env, "STREAM_POLL_SECONDS", 0.25),
+            streams_per_caller=_int(env, "STREAMS_PER_CALLER", 20),
+            streams_per_process=_int(env, "STREAMS_PER_PROCESS", 1000),
+            stream_slot_lease_seconds=_float(env, "STREAM_SLOT_LEASE_SECONDS", 60.0),
             auth_enabled=_bool(env, "AUTH_ENABLED", True),
             jwt_secret_key=_optional(env, "JWT_SECRET_KEY"),
             jwt_public_key=_optional(env, "JWT_PUBLIC_KEY"),

@@ -7,12 +7,12 @@ import marshmallow as ma
 from flask import Response
 from flask.views import MethodView
 from marshmallow import validate
+from sqlalchemy.orm import Session
 
-from app.api import Blueprint, sse
-from app.api.context import database, session
+from app.api import Blueprint, sse, streams
+from app.api.context import session
 from app.api.identity import require_scope
 from app.api.schemas import format_timestamp
-from app.db import Database
 from app.domain import jobs, logs
 from app.domain.callers import SCOPE_READ
 
@@ -35,6 +35,8 @@ class JobLogs(MethodView):
     @blp.arguments(LogQuerySchema, location="query")
     @blp.response(200, content_type="text/plain")
     @blp.alt_response(404, description="Job not found")
+    @blp.alt_response(429, description="follow=true: the caller already holds STREAMS_PER_CALLER streams (Retry-After)")
+    @blp.alt_response(503, description="follow=true: this API process holds STREAMS_PER_PROCESS streams (Retry-After)")
     def get(self, args: dict[str, Any], job_id: str) -> Response:
         """Logs of a job, kept after it ends"""
         caller = require_scope(SCOPE_READ)
@@ -44,20 +46,24 @@ class JobLogs(MethodView):
             lines = logs.tail(session(), job.id, args["tail"]) if args["tail"] else []
             body = "".join(render(line, args["timestamps"], ranked) + "\n" for line in lines)
             return Response(body, mimetype="text/plain")
-        resume_after = sse.last_event_id()
-        backlog, after_id = ([], resume_after) if resume_after is not None else _first_line_id(database(), job.id, args["tail"])
-        stream = sse.follow(
-            database(), job.id, after_id, lambda s, last: logs.after(s, job.id, last), lambda line: line.id,
-            lambda line: render(line, args["timestamps"], ranked), backlog,
-        )
-        return sse.response(stream)
+        stream = sse.open_stream(streams.LOG_LINES, job.id)
+        if isinstance(stream, Response):
+            return stream
+        try:
+            resume_after = sse.last_event_id()
+            backlog, after_id = ([], resume_after) if resume_after is not None else _first_line_id(session(), job.id, args["tail"])
+        except BaseException:
+            stream.close()
+            raise
+        events = sse.follow(stream, after_id, lambda line: line.id, lambda line: render(line, args["timestamps"], ranked), backlog)
+        return sse.response(stream, events)
 
 
-def _first_line_id(db: Database, job_id: str, tail: int) -> tuple[list[logs.StoredLine], int]:
-    """The last `tail` lines to send first, and the id after which new lines follow."""
-    with db.session() as s:
-        backlog = logs.tail(s, job_id, tail) if tail else []
-        if backlog:
-            return backlog, backlog[-1].id
-        newest = logs.tail(s, job_id, 1)
-        return [], newest[-1].id if newest else 0
+def _first_line_id(s: Session, job_id: str, tail: int) -> tuple[list[logs.StoredLine], int]:
+    """The last `tail` lines to send first, and the id after which new lines follow (on the request's
+    session: opening a stream takes one pooled connection, not two)."""
+    backlog = logs.tail(s, job_id, tail) if tail else []
+    if backlog:
+        return backlog, backlog[-1].id
+    newest = logs.tail(s, job_id, 1)
+    return [], newest[-1].id if newest else 0

@@ -5,10 +5,11 @@ import json
 from typing import Any
 
 import marshmallow as ma
+from flask import Response
 from flask.views import MethodView
 
-from app.api import Blueprint, sse
-from app.api.context import database, session, settings
+from app.api import Blueprint, sse, streams
+from app.api.context import session, settings
 from app.api.identity import require_scope
 from app.api.schemas import Timestamp, format_timestamp
 from app.domain import explain, jobs, timeline
@@ -94,17 +95,21 @@ class JobTimeline(MethodView):
     @blp.arguments(TimelineQuerySchema, location="query")
     @blp.response(200, TimelineSchema)
     @blp.alt_response(404, description="Job not found")
+    @blp.alt_response(429, description="follow=true: the caller already holds STREAMS_PER_CALLER streams (Retry-After)")
+    @blp.alt_response(503, description="follow=true: this API process holds STREAMS_PER_PROCESS streams (Retry-After)")
     def get(self, args: dict[str, Any], job_id: str) -> Any:
         """Every transition of a job, oldest first, kept for the job's life"""
         caller = require_scope(SCOPE_READ)
         job = jobs.get(session(), caller, job_id)
         if args["follow"]:
             schema = EventSchema()
-            stream = sse.follow(
-                database(), job.id, sse.last_event_id() or 0, lambda s, last: timeline.events(s, job.id, last, PAGE),
-                lambda event: event.id, lambda event: json.dumps(schema.dump(event), separators=(",", ":")),
+            stream = sse.open_stream(streams.EVENTS, job.id)
+            if isinstance(stream, Response):
+                return stream
+            events = sse.follow(
+                stream, sse.last_event_id() or 0, lambda event: event.id, lambda event: json.dumps(schema.dump(event), separators=(",", ":")),
             )
-            return sse.response(stream)
+            return sse.response(stream, events)
         events: list[timeline.Event] = []
         while True:
             page = timeline.events(session(), job.id, events[-1].id if events else 0, PAGE)

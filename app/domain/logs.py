@@ -5,7 +5,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import BigInteger, Text, bindparam, cast, delete, func, insert, select, true
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
 from app.db import transaction
@@ -79,6 +80,37 @@ def after(session: Session, job_id: str, last_id: int, limit: int = 1000) -> lis
     return _rows(
         session, select(*columns).where(JobLogLine.job_id == job_id, JobLogLine.id > last_id).order_by(JobLogLine.id).limit(limit)
     )
+
+
+def cursor_table(cursors: Sequence[tuple[str, int]]):  # type: ignore[no-untyped-def]
+    """(job_id, after_id) pairs as a FROM item, sent as two arrays (one bind each, whatever their number)."""
+    return select(
+        func.unnest(cast(bindparam("job_ids", [c[0] for c in cursors]), ARRAY(Text))).label("job_id"),
+        func.unnest(cast(bindparam("after_ids", [c[1] for c in cursors]), ARRAY(BigInteger))).label("after_id"),
+    ).subquery("c")
+
+
+def after_many(session: Session, cursors: Sequence[tuple[str, int]], limit: int = 1000) -> dict[tuple[str, int], list[StoredLine]]:
+    """For each (job id, last id) the next `limit` lines, in one statement: what a stream hub fetches per tick.
+
+    A LATERAL subquery per cursor keeps each lookup on ix_job_log_lines_job and bounds every job alike, so
+    one job with a large backlog cannot crowd the others out of a tick.
+    """
+    if not cursors:
+        return {}
+    wanted = cursor_table(cursors)
+    lines = (
+        select(JobLogLine.id, JobLogLine.at, JobLogLine.stream, JobLogLine.member, JobLogLine.line)
+        .where(JobLogLine.job_id == wanted.c.job_id, JobLogLine.id > wanted.c.after_id)
+        .order_by(JobLogLine.id)
+        .limit(limit)
+        .lateral("l")
+    )
+    query = select(wanted.c.job_id, wanted.c.after_id, lines).select_from(wanted).join(lines, true()).order_by(lines.c.id)
+    found: dict[tuple[str, int], list[StoredLine]] = {(job_id, after_id): [] for job_id, after_id in cursors}
+    for r in session.execute(query):
+        found[(r.job_id, r.after_id)].append(StoredLine(r.id, r.at, r.stream, r.member, r.line))
+    return found
 
 
 def purge_older_than(session: Session, days: int) -> int:
