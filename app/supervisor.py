@@ -87,9 +87,9 @@ def _group_members(pgid: int) -> list[int]:
     members = []
     for pid in psutil.pids():
         try:
-            if os.getpgid(pid) == pgid:
+            if os.getpgid(pid) == pgid and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
                 members.append(pid)
-        except OSError:
+        except (OSError, psutil.Error):
             continue
     return members
 
