@@ -272,13 +272,14 @@ class Chaos:
         return self.faults[-1] if self.faults else self.warmup
 
     def submit(self, session: requests.Session, plan: dict[str, Any], job_type: str = "chaos") -> str | None:
-        fault = self.current_fault()
+        """POST one job; the answer (or error) counts toward the fault under way when it came back."""
         try:
             response = session.post(f"{self.base}/jobs/", json=self.body(plan, job_type), timeout=10)
         except requests.RequestException as exc:
             outcome = type(exc).__name__
         else:
             if response.status_code == 201:
+                fault = self.current_fault()
                 job_id = response.json()["id"]
                 with self.accepted_lock:
                     self.accepted[job_id] = {**plan, "job_type": job_type}
@@ -287,6 +288,7 @@ class Chaos:
                 return job_id
             outcome = f"HTTP {response.status_code}"
         if job_type == "chaos":  # a failed submit is counted, not retried: a retry could duplicate a job
+            fault = self.current_fault()
             fault.errors[outcome] += 1
             fault.submitted += 1
         return None
@@ -379,10 +381,14 @@ class Chaos:
             time.sleep(0.1)
 
     def chaos(self) -> None:
+        """One fault at a time, spread over the submissions so that each meets the load."""
         order = list(self.args.faults)
         self.rng.shuffle(order)
-        time.sleep(self.args.warmup)
-        for name in order:
+        load_started = time.monotonic()
+        load_seconds = min(self.args.jobs / self.args.rate, self.submit_until - load_started)
+        spacing = max(0.0, load_seconds - self.args.warmup) / len(order)
+        for index, name in enumerate(order):
+            time.sleep(max(0.0, load_started + self.args.warmup + index * spacing - time.monotonic()))
             if time.monotonic() > self.deadline - self.args.drain_timeout:
                 print(f"skipped {name}: out of time", flush=True)
                 continue
@@ -394,7 +400,7 @@ class Chaos:
             self.wait_for_recovery(fault)
             recovery = f"{fault.recovered_after:.1f} s" if fault.recovered_after is not None else "none"
             print(f"{time.monotonic() - self.started:6.1f} s  {name} ({fault.detail}): recovered after {recovery}", flush=True)
-            time.sleep(self.rng.uniform(2.0, 5.0))
+            time.sleep(self.rng.uniform(2.0, 5.0))  # at least a few seconds of calm load between faults
         # Faults always end before the drain; the load after the last fault counts as "after" it.
 
     # --- drain and verdict -------------------------------------------------------------------------
@@ -488,7 +494,8 @@ class Chaos:
             "committed_despite_error_answer": len([j for j in jobs if j not in self.accepted]),
             "malformed_record_lines": malformed,
             "examples": {"lost": lost[:5], "stuck": stuck[:5], "twice": sorted(overlaps)[:5], "too_many": too_many[:5],
-                         "rerun": rerun[:5], "contradictions": contradictions[:5]},
+                         "rerun": rerun[:5], "contradictions": contradictions[:5],
+                         "explained": (explained + rerun_explained)[:5]},
             "stuck_statuses": dict(Counter(jobs[j].status for j in stuck)),
             "contradiction_reasons": dict(Counter((jobs[j].status, (jobs[j].status_reason or "")[:60]) for j in contradictions).most_common(5)),
             "faults": [
@@ -560,8 +567,8 @@ def print_table(result: dict[str, Any], elapsed: float) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--jobs", type=bounded(1, 100_000), default=2500, help="load jobs to submit")
-    parser.add_argument("--rate", type=bounded(0.1, 1000, float), default=16.0, help="submissions per second, all clients")
+    parser.add_argument("--jobs", type=bounded(1, 100_000), default=2000, help="load jobs to submit")
+    parser.add_argument("--rate", type=bounded(0.1, 1000, float), default=12.0, help="submissions per second, all clients (about what 2 cores drain)")
     parser.add_argument("--clients", type=bounded(1, 64), default=4, help="HTTP client threads")
     parser.add_argument("--concurrency", type=bounded(1, 64), default=4, help="worker processes (celery --concurrency)")
     parser.add_argument("--faults", type=fault_list, default=list(FAULTS), help=f"'all' or some of {','.join(FAULTS)}")
