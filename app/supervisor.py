@@ -140,7 +140,7 @@ class Child:
     started_at: float = 0.0
     failures: int = 0  # deaths in a row that came before the process was up long enough to count as stable
     restart_at: float | None = None
-    started_wall: float | None = None
+    create_time: float | None = None
 
 
 @dataclass
@@ -173,6 +173,10 @@ class Supervisor:
             log.info("received %s: stopping %s", signal.Signals(self._signals[0]).name, ", ".join(s.name for s in self.specs))
             self.stop()
             return 0
+        except BaseException:
+            log.exception("the supervisor failed: stopping every process")
+            self.stop(grace_seconds=0.0)
+            raise
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -226,7 +230,7 @@ class Supervisor:
             start_new_session=True, preexec_fn=die_with_supervisor,
         )
         child.started_at = time.monotonic()
-        child.started_wall = _identity(child.process.pid)
+        child.create_time = _identity(child.process.pid)
         child.restart_at = None
         assert child.process.stdout is not None
         threading.Thread(target=self._copy_output, args=(child.spec.name, child.process.stdout), daemon=True).start()
@@ -246,7 +250,7 @@ class Supervisor:
                     except (OSError, ValueError):
                         pass  # our own output is gone (a closed terminal): keep draining the pipe
 
-    def stop(self) -> None:
+    def stop(self, grace_seconds: float | None = None) -> None:
         """SIGTERM to each process, SIGKILL to what is left after the grace (or at once on a second signal)."""
         running = [c for c in self.children if c.process is not None and c.process.poll() is None]
         for child in running:
@@ -255,7 +259,7 @@ class Supervisor:
                 child.process.send_signal(signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + self.stop_grace_seconds
+        deadline = time.monotonic() + (self.stop_grace_seconds if grace_seconds is None else grace_seconds)
         signals_before = len(self._signals)
         while time.monotonic() < deadline and len(self._signals) == signals_before:
             if all(c.process is None or c.process.poll() is not None for c in running):
@@ -275,7 +279,7 @@ class Supervisor:
         state = {
             "supervisor": {"pid": os.getpid(), "started": _identity(os.getpid())},
             "groups": {
-                c.spec.name: {"pid": c.process.pid, "started": c.started_wall}
+                c.spec.name: {"pid": c.process.pid, "started": c.create_time}
                 for c in self.children if c.process is not None
             },
             "others": [{"pid": pid, "started": _identity(pid)} for pid in self.others],

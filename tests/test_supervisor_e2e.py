@@ -231,7 +231,7 @@ def test_probe_passes_on_a_fresh_heartbeat_and_fails_on_a_stale_or_missing_one(t
     old = time.time() - 120
     os.utime(beat, (old, old))
     stale = probe(env, "scheduler", "--max-age", "30")
-    assert stale.returncode == 1 and "last heartbeat 120 s ago" in stale.stderr
+    assert stale.returncode == 1 and "(more than 30 s)" in stale.stderr
     assert probe(env, "scheduler", "--max-age", "0").returncode == 2  # bounded: argparse refuses
 
 
