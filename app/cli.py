@@ -41,13 +41,17 @@ def run(args: argparse.Namespace) -> int:
     env.update(dev_auth_env(settings))
     try:
         subprocess.run([sys.executable, "-m", "flask", "--app", "app", "db", "upgrade"], env=env, cwd=ROOT, check=True)
-        supervisor = Supervisor(
-            specs, env, ROOT, state_file,
-            backoff_seconds=settings.restart_backoff_seconds,
-            backoff_max_seconds=settings.restart_backoff_max_seconds,
-            stop_grace_seconds=settings.stop_grace_seconds,
-            others=services.pids(),
-        )
+        try:
+            supervisor = Supervisor(
+                specs, env, ROOT, state_file,
+                backoff_seconds=settings.restart_backoff_seconds,
+                backoff_max_seconds=settings.restart_backoff_max_seconds,
+                stop_grace_seconds=settings.stop_grace_seconds,
+                others=services.pids(),
+            )
+        except ValueError as exc:
+            log.error("%s", exc)
+            return 2
         return supervisor.run()
     finally:
         services.stop()

@@ -156,6 +156,8 @@ class Supervisor:
     output: IO[str] = field(default_factory=lambda: sys.stdout)
 
     def __post_init__(self) -> None:
+        if not (0 < self.backoff_seconds <= self.backoff_max_seconds <= 3600) or not 0 <= self.stop_grace_seconds <= 3600:
+            raise ValueError("restart backoff must be 0 < first <= max <= 3600 s, the stop grace 0..3600 s")
         self.children = [Child(spec) for spec in self.specs]
         self._signals: list[int] = []
         self._output_lock = threading.Lock()
