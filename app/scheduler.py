@@ -15,6 +15,7 @@ import psycopg2
 import psycopg2.extensions
 from sqlalchemy.orm import Session
 
+from app import heartbeat
 from app.db import Database, first_line, is_connection_error
 from app.dispatch import CeleryPublisher, TaskPublisher, publish, publish_stale
 from app.domain import counters, logs as log_store
@@ -70,9 +71,11 @@ class Scheduler:
     def run_forever(self, stop: threading.Event | None = None) -> None:
         stop = stop or threading.Event()
         listener = self._reconnect()
+        heartbeat_file = heartbeat.path_for(self.settings, "scheduler")
         while not stop.is_set():
             try:
                 result = self.tick()
+                heartbeat.touch(heartbeat_file)  # only a tick that worked proves liveness
             except Exception as exc:  # noqa: BLE001 - a scheduler must outlive a bad tick (database restart, broker blip)
                 if is_connection_error(exc):
                     log.warning("scheduler tick lost its database connection; the next tick retries: %s", first_line(exc))

@@ -160,6 +160,12 @@ class Settings:
     worker_executor: str = "local"
     worker_cluster: str | None = None
 
+    # `jobservice run`: restarts with backoff, graceful stop; liveness files for the exec probes
+    restart_backoff_seconds: float = 1.0
+    restart_backoff_max_seconds: float = 30.0
+    stop_grace_seconds: float = 30.0
+    heartbeat_dir: str = ".jobservice/heartbeats"
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
         env = os.environ if env is None else env
@@ -239,6 +245,10 @@ class Settings:
             inventory_sync_seconds=_float(env, "INVENTORY_SYNC_SECONDS", 10.0),
             worker_executor=env.get("WORKER_EXECUTOR", "local"),
             worker_cluster=_optional(env, "WORKER_CLUSTER"),
+            restart_backoff_seconds=_float(env, "RESTART_BACKOFF_SECONDS", 1.0),
+            restart_backoff_max_seconds=_float(env, "RESTART_BACKOFF_MAX_SECONDS", 30.0),
+            stop_grace_seconds=_float(env, "STOP_GRACE_SECONDS", 30.0),
+            heartbeat_dir=env.get("HEARTBEAT_DIR", os.path.join(env.get("JOBSERVICE_DATA_DIR", ".jobservice"), "heartbeats")),
         )
 
     def with_overrides(self, **changes: object) -> "Settings":
