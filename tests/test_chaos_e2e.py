@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from sqlalchemy.engine import make_url
 
 ROOT = Path(__file__).resolve().parent.parent
