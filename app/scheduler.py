@@ -5,9 +5,14 @@ any outbox message a crashed publisher left behind. Several schedulers may run; 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import logging
+import os
+import secrets
 import select
 import signal
+import socket
 import threading
 import time
 
@@ -17,13 +22,14 @@ from sqlalchemy.orm import Session
 
 from app.db import Database
 from app.dispatch import CeleryPublisher, TaskPublisher, publish, publish_stale
-from app.domain import counters, logs as log_store
+from app.domain import counters, liveness, logs as log_store
 from app.domain.jobs import SCHEDULER_CHANNEL, utcnow
 from app.domain.scheduling import AdmissionResult, admit, recover_lost
 from config import Settings
 
 log = logging.getLogger("jobservice.scheduler")
 PURGE_EVERY_SECONDS = 3600.0
+PASS_RECORD_EVERY_SECONDS = 1.0  # a burst of NOTIFY wake-ups records its pass once
 
 
 class Scheduler:
@@ -33,8 +39,12 @@ class Scheduler:
         self.publisher = publisher
         self._last_sweep = 0.0
         self._last_purge = 0.0
+        self._last_pass_recorded = float("-inf")
+        self.name = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
     def tick(self) -> AdmissionResult:
+        """One pass. Each job is handled on its own (app.domain.scheduling.isolated): a job whose handling
+        raises is failed and the pass goes on; only trouble with the database itself fails the pass."""
         with self.database.session() as session:
             now_mono = time.monotonic()
             if now_mono - self._last_sweep >= self.settings.scheduler_interval_seconds:
@@ -52,7 +62,18 @@ class Scheduler:
                 publish(session, self.publisher, result.messages)
                 for job_id in result.admitted:
                     log.info("admitted", extra={"job_id": job_id})
+            if now_mono - self._last_pass_recorded >= PASS_RECORD_EVERY_SECONDS:
+                liveness.passed(session, self.name)
+                self._last_pass_recorded = now_mono
             return result
+
+    def _record(self, record: Callable[[Session], None]) -> None:
+        """Best effort: the liveness rows must never be what stops the scheduler."""
+        try:
+            with self.database.session() as session:
+                record(session)
+        except Exception:  # noqa: BLE001
+            log.warning("could not record the scheduler's liveness", exc_info=True)
 
     @staticmethod
     def _fold_counters(session: Session) -> None:
@@ -64,12 +85,14 @@ class Scheduler:
 
     def run_forever(self, stop: threading.Event | None = None) -> None:
         stop = stop or threading.Event()
+        self._record(lambda session: liveness.started(session, self.name))
         listener = self._listen()
         while not stop.is_set():
             try:
                 result = self.tick()
-            except Exception:  # noqa: BLE001 - a scheduler must outlive a bad tick (database restart, broker blip)
+            except Exception as exc:  # noqa: BLE001 - a scheduler must outlive a bad tick (database restart, broker blip)
                 log.exception("scheduler tick failed")
+                self._record(lambda session: liveness.failed(session, self.name, f"{type(exc).__name__}: {exc}"))
                 result = AdmissionResult()
                 time.sleep(1)
             timeout = self.settings.scheduler_interval_seconds
@@ -82,6 +105,7 @@ class Scheduler:
                 time.sleep(1)
                 listener = self._listen()
         listener.close()
+        self._record(lambda session: liveness.stopped(session, self.name))
 
     def _listen(self) -> psycopg2.extensions.connection:
         connection = psycopg2.connect(self.database.engine.url.render_as_string(hide_password=False).replace("+psycopg2", ""))

@@ -109,6 +109,8 @@ class Settings:
     job_lease_seconds: float = 30.0
     node_lease_seconds: float = 30.0
     retry_backoff_base_seconds: float = 10.0
+    retry_backoff_max_seconds: float = 3600.0
+    scheduler_health_intervals: float = 5.0
     log_retention_days: int = 30
 
     # Worker (one worker = one node of the `local` cluster)
@@ -172,6 +174,8 @@ class Settings:
             job_lease_seconds=_float(env, "JOB_LEASE_SECONDS", 30.0),
             node_lease_seconds=_float(env, "NODE_LEASE_SECONDS", 30.0),
             retry_backoff_base_seconds=_float(env, "RETRY_BACKOFF_BASE_SECONDS", 10.0),
+            retry_backoff_max_seconds=_float(env, "RETRY_BACKOFF_MAX_SECONDS", 3600.0),
+            scheduler_health_intervals=_float(env, "SCHEDULER_HEALTH_INTERVALS", 5.0),
             log_retention_days=_int(env, "LOG_RETENTION_DAYS", 30),
             worker_node=env.get("WORKER_NODE") or socket.gethostname(),
             worker_gpus=tuple(int(g) for g in gpus.split(",")) if gpus else None,

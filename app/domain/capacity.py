@@ -86,9 +86,11 @@ class NodeCapacity:
         return chosen
 
 
-def load_nodes(session: Session, *, alive_since: datetime | None = None) -> list[NodeCapacity]:
+def load_nodes(session: Session, *, alive_since: datetime | None = None, ready_only: bool = True) -> list[NodeCapacity]:
     """Nodes (alive ones when `alive_since` is given) with what admitted jobs hold on each."""
-    query = select(Node).where(Node.ready.is_(True))
+    query = select(Node)
+    if ready_only:
+        query = query.where(Node.ready.is_(True))
     if alive_since is not None:
         query = query.where(Node.heartbeat_at >= alive_since)
     nodes = {
@@ -188,8 +190,13 @@ def _spread(nodes: list[NodeCapacity], cpu_millis: int, memory_bytes: int, gpus:
 def why_never_fits(
     session: Session, cpu_millis: int, memory_bytes: int, gpus: int, members: int, *, has_command: bool = True
 ) -> str | None:
-    """Why no known node could ever run the request, even empty; None if one could (or none is known)."""
-    nodes = load_nodes(session)
+    """Why no known node could ever run the request, even empty; None if one could (or none is known).
+
+    Every known node counts, ready or not, alive or not: a node that is NotReady for a moment (or a
+    worker restarting) must not turn a valid job away. A job that fits none of the nodes live now
+    waits, and the scheduler lets it block nobody.
+    """
+    nodes = load_nodes(session, ready_only=False)
     empty = [n.emptied() for n in nodes]
     if not nodes or place(empty, cpu_millis, memory_bytes, gpus, members, has_command=has_command) is not None:
         return None
@@ -200,6 +207,18 @@ def why_never_fits(
         f"has {len(biggest.gpu_indices)} GPU(s), {format_millis(biggest.cpu_millis)} CPU, "
         f"{format_bytes(biggest.memory_bytes)} memory"
     )
+
+
+MAX_MEMBERS = 100_000  # far beyond any fleet; rows beyond it can only be corrupt or hostile
+
+
+def malformed(cpu_millis: int, memory_bytes: int, gpus: int, members: int) -> str | None:
+    """What makes a stored request impossible to reason about (negative amounts would create capacity)."""
+    if min(cpu_millis, memory_bytes, gpus) < 0:
+        return f"negative resources (cpu {cpu_millis}m, memory {memory_bytes} bytes, {gpus} GPUs)"
+    if not 1 <= members <= MAX_MEMBERS:
+        return f"gang of {members} members (1 to {MAX_MEMBERS})"
+    return None
 
 
 def node_alive_since(now: datetime, lease_seconds: float) -> datetime:

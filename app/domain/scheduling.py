@@ -10,10 +10,15 @@ crash is published again by the next pass's sweep.
 """
 from __future__ import annotations
 
+import logging
+import math
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import TypeVar
 
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
@@ -21,9 +26,12 @@ from app.db import transaction
 from app.domain import capacity
 from app.domain.callers import SYSTEM
 from app.domain.jobs import clear_placement, notify_scheduler, record_transition, utcnow
-from app.domain.states import JobStatus
+from app.domain.states import TERMINAL, JobStatus
 from app.models import Job, Node, OutboxMessage
 from config import Settings
+
+log = logging.getLogger("jobservice.scheduler")
+T = TypeVar("T")
 
 EXECUTE_TASK = "jobservice.execute_job"
 ADOPT_TASK = "jobservice.adopt_job"
@@ -41,6 +49,7 @@ class AdmissionResult:
     messages: list[OutboxMessage] = field(default_factory=list)  # to publish once the admission committed
     locked_out: bool = False
     next_wakeup: datetime | None = None  # earliest backoff expiry among waiting jobs
+    failed: list[str] = field(default_factory=list)  # jobs whose handling raised: ended as failed
 
     @property
     def admitted(self) -> list[str]:
@@ -68,6 +77,7 @@ def admit(session: Session, settings: Settings, now: datetime | None = None) -> 
             .with_for_update(skip_locked=True)
         ).all()
         capacity_blocked = False
+        unhandled: list[tuple[str, str]] = []
         for job in candidates:
             queue = settings.queue_named(job.queue)
             limit = queue.max_concurrency if queue else 0
@@ -75,16 +85,30 @@ def admit(session: Session, settings: Settings, now: datetime | None = None) -> 
                 continue  # this queue is full; other queues may still admit
             if capacity_blocked:
                 break  # strict priority: nothing overtakes a job waiting for capacity
-            members = job.gang_min_members if job.gang_enabled else 1
-            placement = capacity.place(nodes, job.cpu_millis, job.memory_bytes, job.gpus, members, has_command=bool(job.command))
-            if placement is None:
-                capacity_blocked = True
+            try:
+                members = job.gang_min_members if job.gang_enabled else 1
+                problem = capacity.malformed(job.cpu_millis, job.memory_bytes, job.gpus, members)
+                if problem:
+                    raise ValueError(problem)
+                placement = capacity.place(nodes, job.cpu_millis, job.memory_bytes, job.gpus, members, has_command=bool(job.command))
+                if placement is None:
+                    empty = [n.emptied() for n in nodes]
+                    if capacity.place(empty, job.cpu_millis, job.memory_bytes, job.gpus, members, has_command=bool(job.command)) is None:
+                        continue  # not even the empty live fleet holds it: it waits (explain says why), blocking nobody
+                    capacity_blocked = True
+                    continue
+            except Exception as exc:  # noqa: BLE001 - one job must never stop admission of the others
+                log.exception("admission failed for one job; failing that job", extra={"job_id": job.id})
+                unhandled.append((job.id, f"the scheduler could not admit this job: {type(exc).__name__}: {exc}"[:1000]))
                 continue
             result.messages.append(_place(session, job, placement, now))
             active[job.queue] = active.get(job.queue, 0) + 1
         result.next_wakeup = session.scalar(
             select(func.min(Job.not_before)).where(Job.status == JobStatus.PENDING.value, Job.not_before > now)
         )
+    for job_id, reason in unhandled:
+        if fail_unhandled(session, job_id, reason, now):
+            result.failed.append(job_id)
     return result
 
 
@@ -120,7 +144,18 @@ def _place(session: Session, job: Job, placement: capacity.Placement, now: datet
 
 
 def retry_delay_seconds(settings: Settings, job: Job) -> float:
-    return settings.retry_backoff_base_seconds * job.backoff_multiplier ** job.retry_count
+    """base * multiplier ** retries, capped at RETRY_BACKOFF_MAX_SECONDS; never overflows.
+
+    The cap holds for any row in the database (a multiplier of 1e12, infinity or NaN written before
+    the API bounded it), so neither a worker nor the scheduler's recovery can raise here.
+    """
+    cap = max(0.0, settings.retry_backoff_max_seconds)
+    multiplier = 1.0 if job.backoff_multiplier is None else float(job.backoff_multiplier)
+    try:
+        delay = settings.retry_backoff_base_seconds * multiplier ** max(0, job.retry_count or 0)
+    except OverflowError:  # float ** int raises rather than returning infinity
+        return cap
+    return cap if math.isnan(delay) else min(cap, max(0.0, delay))
 
 
 def end_attempt(
@@ -177,24 +212,57 @@ def end_attempt(
     notify_scheduler(session, "attempt-ended")
 
 
+# Errors that say the database (not the job) is in trouble: the whole tick fails and is retried.
+_INFRASTRUCTURE_ERRORS = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError, sa_exc.TimeoutError)
+
+
+def isolated(session: Session, job_id: str, handle: Callable[[], T], now: datetime, step: str) -> T | None:
+    """Run one job's handling in its own transaction; if it raises, end that job, not the tick.
+
+    A job whose handling raises (a row no code path expects) is failed in a transaction of its own,
+    with the error in its timeline, so the next tick does not trip over it again.
+    """
+    try:
+        with transaction(session):
+            return handle()
+    except _INFRASTRUCTURE_ERRORS:
+        raise
+    except Exception as exc:  # noqa: BLE001 - one job must never stop the scheduler
+        log.exception("%s failed for one job; failing that job", step, extra={"job_id": job_id})
+        fail_unhandled(session, job_id, f"the scheduler could not {step} this job: {type(exc).__name__}: {exc}"[:1000], now)
+        return None
+
+
+def fail_unhandled(session: Session, job_id: str, reason: str, now: datetime | None = None) -> bool:
+    """End a job the scheduler cannot handle: failed, with the reason in its timeline. True if it was ended."""
+    now = now or utcnow()
+    with transaction(session):
+        job = session.get(Job, job_id, with_for_update=True, populate_existing=True)
+        if job is None or JobStatus(job.status) in TERMINAL:
+            return False
+        record_transition(session, job, JobStatus.FAILED, reason=reason, actor="scheduler", at=now)
+        job.completed_at = now
+        # Its lease expired (recovery) or it never held anything (admission): nothing runs for it any more.
+        job.holds_resources = False
+        notify_scheduler(session, "job-failed")
+        return True
+
+
 def recover_lost(session: Session, settings: Settings, now: datetime | None = None) -> list[str]:
-    """Running jobs whose worker stopped heartbeating, and queued jobs whose node died, are not left hanging."""
+    """Running jobs whose worker stopped heartbeating, and queued jobs whose node died, are not left hanging.
+
+    Each job is handled in its own transaction (see `isolated`): one bad row cannot stop the others.
+    """
     now = now or utcnow()
     recovered: list[str] = []
     lease = now - timedelta(seconds=settings.job_lease_seconds)
+    node_lease = now - timedelta(seconds=settings.node_lease_seconds)
+    node_alive = select(Node.name).where(Node.cluster == Job.cluster, Node.name == Job.node, Node.heartbeat_at >= node_lease)
+    stale_running = (Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < lease)
+    orphaned_queued = (Job.status == JobStatus.QUEUED.value, Job.queued_at < node_lease, ~node_alive.exists())
     with transaction(session):
-        stale_running = session.scalars(
-            select(Job)
-            .where(Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < lease)
-            .with_for_update(skip_locked=True)
-        ).all()
-        for job in stale_running:
-            silent = (now - job.heartbeat_at).total_seconds() if job.heartbeat_at else settings.job_lease_seconds
-            end_attempt(
-                session, job, settings, succeeded=False, retryable=True, actor=SYSTEM, now=now,
-                reason=f"worker {job.worker_id} lost: no heartbeat for {silent:.0f}s",
-            )
-            recovered.append(job.id)
+        stale_ids = list(session.scalars(select(Job.id).where(*stale_running)))
+        orphaned_ids = list(session.scalars(select(Job.id).where(*orphaned_queued)))
         released = session.execute(
             update(Job)
             .where(Job.status == JobStatus.CANCELLED.value, Job.holds_resources, Job.heartbeat_at < lease)
@@ -202,20 +270,40 @@ def recover_lost(session: Session, settings: Settings, now: datetime | None = No
         )
         if released.rowcount:
             notify_scheduler(session, "resources-released")
-        node_lease = now - timedelta(seconds=settings.node_lease_seconds)
-        node_alive = select(Node.name).where(Node.cluster == Job.cluster, Node.name == Job.node, Node.heartbeat_at >= node_lease)
-        orphaned = session.scalars(
-            select(Job)
-            .where(Job.status == JobStatus.QUEUED.value, Job.queued_at < node_lease, ~node_alive.exists())
-            .with_for_update(skip_locked=True)
-        ).all()
-        for job in orphaned:
+
+    def lost(job_id: str) -> Callable[[], bool]:
+        def handle() -> bool:
+            job = session.scalars(select(Job).where(Job.id == job_id, *stale_running).with_for_update(skip_locked=True)).first()
+            if job is None:
+                return False  # it heartbeated, ended or is being handled meanwhile
+            silent = (now - job.heartbeat_at).total_seconds() if job.heartbeat_at else settings.job_lease_seconds
+            end_attempt(
+                session, job, settings, succeeded=False, retryable=True, actor=SYSTEM, now=now,
+                reason=f"worker {job.worker_id} lost: no heartbeat for {silent:.0f}s",
+            )
+            return True
+
+        return handle
+
+    def orphaned(job_id: str) -> Callable[[], bool]:
+        def handle() -> bool:
+            job = session.scalars(select(Job).where(Job.id == job_id, *orphaned_queued).with_for_update(skip_locked=True)).first()
+            if job is None:
+                return False
             node = f"{job.cluster}/{job.node}"
             record_transition(session, job, JobStatus.PENDING, reason=f"node {node} lost before the job started", actor=SYSTEM, at=now)
             clear_placement(job)
-            recovered.append(job.id)
-        if orphaned:
             notify_scheduler(session, "requeued")
+            return True
+
+        return handle
+
+    for job_id in stale_ids:
+        if isolated(session, job_id, lost(job_id), now, "recover"):
+            recovered.append(job_id)
+    for job_id in orphaned_ids:
+        if isolated(session, job_id, orphaned(job_id), now, "requeue"):
+            recovered.append(job_id)
     return recovered
 
 
