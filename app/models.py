@@ -74,6 +74,9 @@ class Job(Base):
             "id",
             postgresql_where=text("status = 'pending'"),
         ),
+        # The head of each pool's backlog (GPU jobs, CPU-only jobs), in admission order.
+        Index("ix_jobs_pending_gpu", text("priority DESC"), "created_at", "id", postgresql_where=text("status = 'pending' AND gpus > 0")),
+        Index("ix_jobs_pending_cpu", text("priority DESC"), "created_at", "id", postgresql_where=text("status = 'pending' AND gpus = 0")),
         Index("ix_jobs_status_created", "status", "created_at"),
         Index("ix_jobs_holding_node", "cluster", "node", postgresql_where=text("holds_resources")),
         # The oldest job of each queue's backlog (GET /queues/): one index probe per queue.

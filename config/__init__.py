@@ -51,6 +51,21 @@ def parse_clusters(spec: str) -> tuple[tuple[str, str | None], ...]:
     return tuple(clusters)
 
 
+def parse_weights(spec: str) -> tuple[tuple[str, float], ...]:
+    """`owner=weight,...`, e.g. `team-a=2,batch=0.5`; owners not listed weigh 1."""
+    weights = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        owner, _, value = item.rpartition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = -1.0
+        if not owner or not 0 < weight < 1e6:
+            raise ValueError(f"FAIR_SHARE_WEIGHTS entry {item!r} is not owner=weight with 0 < weight < 1e6")
+        weights.append((owner, weight))
+    return tuple(weights)
+
+
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
     return int(env.get(name, default))
 
@@ -111,6 +126,10 @@ class Settings:
     retry_backoff_base_seconds: float = 10.0
     retry_backoff_max_seconds: float = 3600.0
     scheduler_health_intervals: float = 5.0
+    scheduler_reservation_depth: int = 4
+    scheduler_scan_limit: int = 2000
+    fair_share_half_life_seconds: float = 3600.0
+    fair_share_weights: tuple[tuple[str, float], ...] = ()
     log_retention_days: int = 30
 
     # Worker (one worker = one node of the `local` cluster)
@@ -176,6 +195,10 @@ class Settings:
             retry_backoff_base_seconds=_float(env, "RETRY_BACKOFF_BASE_SECONDS", 10.0),
             retry_backoff_max_seconds=_float(env, "RETRY_BACKOFF_MAX_SECONDS", 3600.0),
             scheduler_health_intervals=_float(env, "SCHEDULER_HEALTH_INTERVALS", 5.0),
+            scheduler_reservation_depth=_int(env, "SCHEDULER_RESERVATION_DEPTH", 4),
+            scheduler_scan_limit=_int(env, "SCHEDULER_SCAN_LIMIT", 2000),
+            fair_share_half_life_seconds=_float(env, "FAIR_SHARE_HALF_LIFE_SECONDS", 3600.0),
+            fair_share_weights=parse_weights(env.get("FAIR_SHARE_WEIGHTS", "")),
             log_retention_days=_int(env, "LOG_RETENTION_DAYS", 30),
             worker_node=env.get("WORKER_NODE") or socket.gethostname(),
             worker_gpus=tuple(int(g) for g in gpus.split(",")) if gpus else None,

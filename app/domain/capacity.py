@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -86,8 +87,13 @@ class NodeCapacity:
         return chosen
 
 
-def load_nodes(session: Session, *, alive_since: datetime | None = None, ready_only: bool = True) -> list[NodeCapacity]:
-    """Nodes (alive ones when `alive_since` is given) with what admitted jobs hold on each."""
+def load_nodes(
+    session: Session, *, alive_since: datetime | None = None, ready_only: bool = True, holders: list[Any] | None = None
+) -> list[NodeCapacity]:
+    """Nodes (alive ones when `alive_since` is given) with what admitted jobs hold on each.
+
+    `holders`, when given, receives the rows of the jobs holding resources (the scheduler's running attempts).
+    """
     query = select(Node)
     if ready_only:
         query = query.where(Node.ready.is_(True))
@@ -101,9 +107,13 @@ def load_nodes(session: Session, *, alive_since: datetime | None = None, ready_o
     }
     held = session.execute(
         # Plain `holds_resources`, not IS TRUE: only this form uses the partial index ix_jobs_holding_node.
-        select(Job.cluster, Job.placement, Job.cpu_millis, Job.memory_bytes, Job.gpus).where(Job.holds_resources)
+        select(Job.cluster, Job.placement, Job.cpu_millis, Job.memory_bytes, Job.gpus, Job.id, Job.owner, Job.status,
+               Job.queued_at, Job.started_at, Job.timeout_seconds).where(Job.holds_resources)
     )
-    for cluster, placement, cpu, memory, gpus in held:
+    for row in held:
+        cluster, placement, cpu, memory, gpus = row[:5]
+        if holders is not None:
+            holders.append(row)
         for index, part in enumerate(placement or []):
             node = nodes.get((cluster, part["node"]))
             if node is None:

@@ -226,7 +226,7 @@ def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCap
             return Wait(job, NOT_EXAMINED, f"More than {config.scan_limit} jobs of its kind are ahead of it this pass")
         problem = capacity.malformed(job.cpu_millis, job.memory_bytes, job.gpus, job.members)
         if problem:
-            return Fail(job, f"the scheduler cannot admit this job: {problem}")
+            return Fail(job, f"the scheduler could not admit this job: {problem}")
         if room is not None and room.get(job.queue, 0) <= 0:
             return Wait(job, QUEUE_FULL, f"Queue {job.queue} is at its max_concurrency")
         end = now + job.duration
@@ -444,7 +444,8 @@ class _Timeline:
                 i = self.index.get((attempt.cluster, name))
                 if i is not None:
                     vec = [attempt.gpus * members, attempt.cpu_millis * members, attempt.memory_bytes * members, 1 if part == 0 else 0]
-                    self.releases[i].append((attempt.ends_at, vec))
+                    # An attempt past its end is ending (being killed): it frees its capacity any moment now.
+                    self.releases[i].append((max(attempt.ends_at, now + 1e-3), vec))
         for events in self.releases:
             events.sort(key=lambda e: e[0])
         self.reservations: list[_Reservation] = []

@@ -16,14 +16,14 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
 from app.db import transaction
-from app.domain import capacity
+from app.domain import capacity, fairshare, policy
 from app.domain.callers import SYSTEM
 from app.domain.jobs import clear_placement, notify_scheduler, record_transition, utcnow
 from app.domain.states import TERMINAL, JobStatus
@@ -50,6 +50,7 @@ class AdmissionResult:
     locked_out: bool = False
     next_wakeup: datetime | None = None  # earliest backoff expiry among waiting jobs
     failed: list[str] = field(default_factory=list)  # jobs whose handling raised: ended as failed
+    plan: "policy.Plan | None" = None
 
     @property
     def admitted(self) -> list[str]:
@@ -57,52 +58,44 @@ class AdmissionResult:
 
 
 def admit(session: Session, settings: Settings, now: datetime | None = None) -> AdmissionResult:
+    """One admission pass: load the snapshot, let the policy decide, write its admissions."""
     now = now or utcnow()
     result = AdmissionResult()
+    unhandled: list[tuple[str, str]] = []
     with transaction(session):
         if not session.scalar(text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": ADMISSION_LOCK}):
             result.locked_out = True
             return result
-        nodes = capacity.load_nodes(session, alive_since=capacity.node_alive_since(now, settings.node_lease_seconds))
-        active = dict(
-            session.execute(
-                select(Job.queue, func.count()).where(Job.status.in_(["queued", "running"])).group_by(Job.queue)
-            ).all()
-        )
-        candidates = session.scalars(
-            select(Job)
-            .where(Job.status == JobStatus.PENDING.value, (Job.not_before.is_(None)) | (Job.not_before <= now))
-            .order_by(Job.priority.desc(), Job.created_at, Job.id)
-            .limit(ADMISSION_BATCH)
-            .with_for_update(skip_locked=True)
-        ).all()
-        capacity_blocked = False
-        unhandled: list[tuple[str, str]] = []
-        for job in candidates:
-            queue = settings.queue_named(job.queue)
-            limit = queue.max_concurrency if queue else 0
-            if active.get(job.queue, 0) >= limit:
-                continue  # this queue is full; other queues may still admit
-            if capacity_blocked:
-                break  # strict priority: nothing overtakes a job waiting for capacity
-            try:
-                members = job.gang_min_members if job.gang_enabled else 1
-                problem = capacity.malformed(job.cpu_millis, job.memory_bytes, job.gpus, members)
-                if problem:
-                    raise ValueError(problem)
-                placement = capacity.place(nodes, job.cpu_millis, job.memory_bytes, job.gpus, members, has_command=bool(job.command))
-                if placement is None:
-                    empty = [n.emptied() for n in nodes]
-                    if capacity.place(empty, job.cpu_millis, job.memory_bytes, job.gpus, members, has_command=bool(job.command)) is None:
-                        continue  # not even the empty live fleet holds it: it waits (explain says why), blocking nobody
-                    capacity_blocked = True
+        fairshare.accrue(session, now, settings.fair_share_half_life_seconds)
+        snapshot = load_snapshot(session, settings, now)
+        plan = policy.decide(snapshot, policy_config(settings))
+        result.plan = plan
+        unhandled = [(d.job.id, d.reason) for d in plan.decisions.values() if isinstance(d, policy.Fail)]
+        admits = plan.admitted
+        if admits:
+            # Locked only now, and skipped if someone (a cancel) holds the row: it is simply not admitted.
+            locked = {
+                job.id: job
+                for job in session.scalars(
+                    select(Job)
+                    .where(Job.id.in_([d.job.id for d in admits]), Job.status == JobStatus.PENDING.value)
+                    .with_for_update(skip_locked=True)
+                )
+            }
+            for decision in admits:
+                job = locked.get(decision.job.id)
+                if job is None:
                     continue
-            except Exception as exc:  # noqa: BLE001 - one job must never stop admission of the others
-                log.exception("admission failed for one job; failing that job", extra={"job_id": job.id})
-                unhandled.append((job.id, f"the scheduler could not admit this job: {type(exc).__name__}: {exc}"[:1000]))
-                continue
-            result.messages.append(_place(session, job, placement, now))
-            active[job.queue] = active.get(job.queue, 0) + 1
+                try:
+                    with session.begin_nested():  # a row that cannot be written fails alone
+                        message = _place(session, job, decision.placement, now)
+                except _INFRASTRUCTURE_ERRORS:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - one job must never stop admission of the others
+                    log.exception("writing an admission failed; failing that job", extra={"job_id": job.id})
+                    unhandled.append((job.id, f"the scheduler could not admit this job: {type(exc).__name__}: {exc}"[:1000]))
+                    continue
+                result.messages.append(message)
         result.next_wakeup = session.scalar(
             select(func.min(Job.not_before)).where(Job.status == JobStatus.PENDING.value, Job.not_before > now)
         )
@@ -110,6 +103,95 @@ def admit(session: Session, settings: Settings, now: datetime | None = None) -> 
         if fail_unhandled(session, job_id, reason, now):
             result.failed.append(job_id)
     return result
+
+
+def policy_config(settings: Settings) -> policy.PolicyConfig:
+    return policy.PolicyConfig(
+        reservation_depth=settings.scheduler_reservation_depth,
+        half_life_seconds=settings.fair_share_half_life_seconds,
+        weights=dict(settings.fair_share_weights),
+        scan_limit=settings.scheduler_scan_limit,
+    )
+
+
+# The backlog the policy sees, pruned per owner and per pool in PostgreSQL: the head of every owner's
+# backlog (fair share must see a light owner's job however long a heavy owner's burst is) and the
+# head of each pool (a CPU-only job is seen however many GPU jobs are ahead of it). Each part is an
+# index range scan; nothing sorts the whole backlog.
+BACKLOG_PER_OWNER = 200
+BACKLOG_PER_POOL = 500
+_PENDING_COLUMNS = """
+    j.id, j.owner, j.priority, j.queue, j.created_at, j.cpu_millis, j.memory_bytes, j.gpus,
+    CASE WHEN j.gang_enabled THEN j.gang_min_members ELSE 1 END AS members,
+    CASE WHEN jsonb_typeof(j.command) = 'array' THEN jsonb_array_length(j.command) > 0 ELSE false END AS has_command,
+    j.timeout_seconds
+"""
+_ONE_PENDING = text(f"SELECT {_PENDING_COLUMNS} FROM jobs j WHERE j.id = :id AND j.status = 'pending'")
+_BACKLOG = text(
+    """
+    WITH RECURSIVE owners(owner) AS (
+        (SELECT owner FROM jobs WHERE status = 'pending' ORDER BY owner LIMIT 1)
+        UNION ALL
+        SELECT (SELECT j.owner FROM jobs j WHERE j.status = 'pending' AND j.owner > o.owner ORDER BY j.owner LIMIT 1)
+        FROM owners o WHERE o.owner IS NOT NULL
+    ), heads AS (
+        SELECT h.id FROM owners o CROSS JOIN LATERAL (
+            SELECT j.id FROM jobs j
+            WHERE j.status = 'pending' AND j.owner = o.owner
+              AND (j.not_before IS NULL OR j.not_before <= :now) AND NOT (j.queue = ANY(CAST(:full AS text[])))
+            ORDER BY j.priority DESC, j.created_at, j.id LIMIT :per_owner) h
+        WHERE o.owner IS NOT NULL
+        UNION
+        (SELECT id FROM jobs WHERE status = 'pending' AND gpus > 0
+           AND (not_before IS NULL OR not_before <= :now) AND NOT (queue = ANY(CAST(:full AS text[])))
+         ORDER BY priority DESC, created_at, id LIMIT :per_pool)
+        UNION
+        (SELECT id FROM jobs WHERE status = 'pending' AND gpus = 0
+           AND (not_before IS NULL OR not_before <= :now) AND NOT (queue = ANY(CAST(:full AS text[])))
+         ORDER BY priority DESC, created_at, id LIMIT :per_pool)
+    )
+    SELECT """ + _PENDING_COLUMNS + """
+    FROM jobs j JOIN heads USING (id)
+    """
+)
+
+
+def load_snapshot(session: Session, settings: Settings, now: datetime, *, include: str | None = None) -> policy.Snapshot:
+    """What the policy needs, read in the caller's transaction. `include`: a job to add if pruning left it out."""
+    holders: list = []
+    nodes = capacity.load_nodes(session, alive_since=capacity.node_alive_since(now, settings.node_lease_seconds), holders=holders)
+    active = dict(
+        session.execute(select(Job.queue, func.count()).where(Job.status.in_(["queued", "running"])).group_by(Job.queue)).all()
+    )
+    room = {q.name: q.max_concurrency - active.get(q.name, 0) for q in settings.queues}
+    full = sorted(name for name, left in room.items() if left <= 0)
+    rows = list(session.execute(_BACKLOG, {"now": now, "full": full, "per_owner": BACKLOG_PER_OWNER, "per_pool": BACKLOG_PER_POOL}))
+    if include is not None and not any(r.id == include for r in rows):
+        rows += list(session.execute(_ONE_PENDING, {"id": include}))
+    backlog = [
+        policy.Pending(
+            r.id, r.owner, r.priority, r.queue, r.created_at.timestamp(), r.cpu_millis, r.memory_bytes, r.gpus,
+            r.members, bool(r.has_command), r.timeout_seconds,
+        )
+        for r in rows
+    ]
+    running = [_running(row, now, settings) for row in holders]
+    owners = {job.owner for job in backlog} | {attempt.owner for attempt in running}
+    usage = fairshare.usage_of(session, owners, now, settings.fair_share_half_life_seconds)
+    return policy.Snapshot(now.timestamp(), nodes, running, backlog, usage, room)
+
+
+def _running(row: Any, now: datetime, settings: Settings) -> policy.Running:
+    """An attempt holding capacity, and the latest it ends: its start plus its timeout."""
+    parts = tuple((part["node"], int(part["members"])) for part in row.placement or [])
+    if row.status == JobStatus.CANCELLED.value:
+        ends = now.timestamp() + settings.job_lease_seconds  # released by its worker, or by recovery after the lease
+    elif row.timeout_seconds:
+        started = row.started_at or now  # not started yet: it may start any moment
+        ends = max(started.timestamp() + row.timeout_seconds + settings.kill_grace_seconds, now.timestamp())
+    else:
+        ends = policy.INF
+    return policy.Running(row.id, row.owner, row.cluster or "", parts, row.cpu_millis, row.memory_bytes, row.gpus, ends)
 
 
 def _place(session: Session, job: Job, placement: capacity.Placement, now: datetime) -> OutboxMessage:

@@ -9,7 +9,8 @@ Create Date: 2026-11-27 15:00:00
 - `fair_share_usage`: each owner's decayed resource-seconds (GPU, CPU, memory), accrued by the
   admitting scheduler; `scheduler_state` remembers when usage was last accrued.
 - `ix_jobs_pending_owner`: each owner's backlog in admission order, so the scheduler reads the head of
-  every owner's backlog without sorting the whole backlog.
+  every owner's backlog without sorting the whole backlog; `ix_jobs_pending_gpu` / `_cpu`: the head
+  of each pool (GPU jobs, CPU-only jobs) in admission order.
 """
 from alembic import op
 import sqlalchemy as sa
@@ -50,9 +51,15 @@ def upgrade() -> None:
         'ix_jobs_pending_owner', 'jobs', ['owner', sa.text('priority DESC'), 'created_at', 'id'], unique=False,
         postgresql_where=sa.text("status = 'pending'"),
     )
+    op.create_index('ix_jobs_pending_gpu', 'jobs', [sa.text('priority DESC'), 'created_at', 'id'], unique=False,
+                    postgresql_where=sa.text("status = 'pending' AND gpus > 0"))
+    op.create_index('ix_jobs_pending_cpu', 'jobs', [sa.text('priority DESC'), 'created_at', 'id'], unique=False,
+                    postgresql_where=sa.text("status = 'pending' AND gpus = 0"))
 
 
 def downgrade() -> None:
+    op.drop_index('ix_jobs_pending_cpu', table_name='jobs', postgresql_where=sa.text("status = 'pending' AND gpus = 0"))
+    op.drop_index('ix_jobs_pending_gpu', table_name='jobs', postgresql_where=sa.text("status = 'pending' AND gpus > 0"))
     op.drop_index('ix_jobs_pending_owner', table_name='jobs', postgresql_where=sa.text("status = 'pending'"))
     op.drop_table('scheduler_state')
     op.drop_table('fair_share_usage')
