@@ -29,7 +29,7 @@ import dataclasses
 import heapq
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from app.domain import capacity
@@ -216,7 +216,8 @@ def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCap
     room = dict(snapshot.queue_room) if snapshot.queue_room is not None else None
     examined: dict[tuple[str, bool], int] = defaultdict(int)
     reserved: dict[tuple[str, bool], list[Reserve]] = defaultdict(list)
-    misfits: set[tuple[int, int, int, int, bool]] = set()  # shapes that do not fit the free capacity now
+    misfits = _Misfits()  # shapes that do not fit the free capacity now (it only shrinks during a pass)
+    free = _FreeIndex(nodes)
     never: dict[tuple[int, int, int, int, bool], bool] = {}
 
     def _one(job: Pending) -> Decision:
@@ -230,10 +231,10 @@ def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCap
         if room is not None and room.get(job.queue, 0) <= 0:
             return Wait(job, QUEUE_FULL, f"Queue {job.queue} is at its max_concurrency")
         end = now + job.duration
-        if job.shape not in misfits:
-            placement = _place(nodes, job)
+        if not misfits.covers(job):
+            placement = free.place(job)
             if placement is None:
-                misfits.add(job.shape)
+                misfits.add(job)
             else:
                 conflict = timeline.conflict(placement, job, end)
                 if conflict is None:
@@ -241,7 +242,8 @@ def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCap
                     if room is not None:
                         room[job.queue] = room.get(job.queue, 0) - 1
                     return Admit(job, placement, backfilled=timeline.has_reservations)
-                _unplace(nodes, placement, job)
+                _unplace(free.by_name, placement, job)
+                free.refresh(placement)
                 slack = max(0.0, conflict.start - now)
                 return Wait(
                     job, BACKFILL_WINDOW,
@@ -313,13 +315,63 @@ def _isolated(job: Pending, decide_one: Callable[[Pending], Decision]) -> Decisi
         return Fail(job, f"the scheduler could not admit this job: {type(exc).__name__}: {exc}"[:1000])
 
 
+class _Misfits:
+    """Requests known not to fit now; a request at least as large in every way does not fit either."""
+
+    def __init__(self) -> None:
+        self.shapes: dict[tuple[bool, int], list[tuple[int, int, int]]] = defaultdict(list)
+
+    def covers(self, job: Pending) -> bool:
+        key = (job.has_command, job.members)
+        return any(job.gpus >= g and job.cpu_millis >= c and job.memory_bytes >= m for g, c, m in self.shapes.get(key, ()))
+
+    def add(self, job: Pending) -> None:
+        self.shapes[(job.has_command, job.members)].append((job.gpus, job.cpu_millis, job.memory_bytes))
+
+
+class _FreeIndex:
+    """Nodes by free GPU count, so that placing a GPU job looks only at nodes with enough free GPUs."""
+
+    def __init__(self, nodes: list[NodeCapacity]) -> None:
+        self.nodes = nodes
+        self.by_name = {(n.cluster, n.name): n for n in nodes}
+        self.elsewhere = any(n.cluster != LOCAL_CLUSTER for n in nodes)
+        self.buckets: dict[int, dict[tuple[str, str], NodeCapacity]] = defaultdict(dict)
+        self.count: dict[tuple[str, str], int] = {}
+        for n in nodes:
+            self._file(n)
+
+    def _file(self, node: NodeCapacity) -> None:
+        key = (node.cluster, node.name)
+        old = self.count.get(key)
+        if old is not None:
+            self.buckets[old].pop(key, None)
+        count = node.gpus_free_count
+        self.count[key] = count
+        self.buckets[count][key] = node
+
+    def refresh(self, placement: Placement) -> None:
+        for name, _, _ in placement.parts:
+            self._file(self.by_name[(placement.cluster, name)])
+
+    def place(self, job: Pending) -> Placement | None:
+        if job.gpus > 0:
+            candidates = [n for count, bucket in self.buckets.items() if count >= job.gpus for n in bucket.values()]
+        else:
+            candidates = self.nodes
+        placement = capacity.place(candidates, job.cpu_millis, job.memory_bytes, job.gpus, job.members,
+                                   has_command=job.has_command, elsewhere=self.elsewhere)
+        if placement is not None:
+            self.refresh(placement)
+        return placement
+
+
 def _place(nodes: list[NodeCapacity], job: Pending) -> Placement | None:
     return capacity.place(nodes, job.cpu_millis, job.memory_bytes, job.gpus, job.members, has_command=job.has_command)
 
 
-def _unplace(nodes: list[NodeCapacity], placement: Placement, job: Pending) -> None:
-    """Undo a trial `_place` (a backfill candidate that would delay a reservation)."""
-    by_key = {(n.cluster, n.name): n for n in nodes if n.cluster == placement.cluster}
+def _unplace(by_key: Mapping[tuple[str, str], NodeCapacity], placement: Placement, job: Pending) -> None:
+    """Undo a trial placement (a backfill candidate that would delay a reservation)."""
     for index, (name, members, gpu_indices) in enumerate(placement.parts):
         node = by_key[(placement.cluster, name)]
         if gpu_indices:
@@ -450,6 +502,7 @@ class _Timeline:
             events.sort(key=lambda e: e[0])
         self.reservations: list[_Reservation] = []
         self.by_node: dict[int, list[_Reservation]] = defaultdict(list)
+        self._cumulative: dict[int, tuple[list[float], list[Vec]]] = {}
 
     @property
     def has_reservations(self) -> bool:
@@ -462,10 +515,17 @@ class _Timeline:
     def available(self, i: int, t: float) -> Vec:
         """Free on node i at time t: now's free, plus releases by t, minus reservations active at t."""
         vec = self.free(i)
-        for at, released in self.releases[i]:
-            if at > t:
-                break
-            vec = [a + b for a, b in zip(vec, released)]
+        cumulative = self._cumulative.get(i)
+        if cumulative is None:
+            times, sums, total = [], [], [0, 0, 0, 0]
+            for at, released in self.releases[i]:
+                total = [a + b for a, b in zip(total, released)]
+                times.append(at)
+                sums.append(total)
+            cumulative = self._cumulative[i] = (times, sums)
+        k = bisect.bisect_right(cumulative[0], t)
+        if k:
+            vec = [a + b for a, b in zip(vec, cumulative[1][k - 1])]
         for r in self.by_node.get(i, ()):
             if r.start <= t < r.end:
                 vec = [a - b for a, b in zip(vec, r.demand[i])]
@@ -488,6 +548,7 @@ class _Timeline:
             i = self.index[(placement.cluster, name)]
             vec = [job.gpus * members, job.cpu_millis * members, job.memory_bytes * members, 1 if part == 0 else 0]
             bisect.insort(self.releases[i], (end, vec), key=lambda e: e[0])
+            self._cumulative.pop(i, None)
 
     def reserve(self, job: Pending, *, commit: bool) -> _Reservation | None:
         """The earliest start (and nodes) at which `job` fits without delaying an existing reservation.
@@ -514,14 +575,28 @@ class _Timeline:
                 for i in r.demand:
                     if i in eligible:
                         changes[r.end].add(i)
-        # Per Kubernetes cluster: how many members each node could take over the window.
+        # Per Kubernetes cluster: how many members each node could take over the window, and their sum.
         spread: dict[str, dict[int, tuple[int, Vec]]] = {c: {} for c in clusters if c != LOCAL_CLUSTER}
+        totals: dict[str, int] = defaultdict(int)
+        reserved_in = {c: [i for i in by_cluster.get(c, []) if i in self.by_node] for c in clusters}
+
+        def members_fit(i: int, t: float, end: float) -> tuple[int, Vec]:
+            vec = self._window(i, t, end)
+            fits = min((vec[r] // need[r] for r in range(3) if need[r] > 0), default=job.members)
+            return (max(0, min(fits, job.members)) if min(vec[:3]) >= 0 else 0, vec)
+
+        def refit(cluster: str, nodes: Iterable[int], t: float, end: float) -> None:
+            caps = spread[cluster]
+            for i in nodes:
+                old = caps.get(i, (0, []))[0]
+                caps[i] = members_fit(i, t, end)
+                totals[cluster] += caps[i][0] - old
+
         steps = [(self.now, eligible)] + [(t, changes[t]) for t in sorted(changes)]
         for t, changed in steps:
             end = t + job.duration
             for cluster in clusters:
-                members_of = by_cluster.get(cluster, [])
-                touched = [i for i in members_of if i in changed]
+                touched = [i for i in by_cluster.get(cluster, []) if i in changed] if changed is not eligible else by_cluster.get(cluster, [])
                 if cluster == LOCAL_CLUSTER:
                     best: tuple[int, int] | None = None
                     for i in touched:
@@ -530,15 +605,14 @@ class _Timeline:
                             best = (vec[0] - whole[0], i)
                     if best is not None:
                         return self._made(job, t, end, {best[1]: whole}, cluster, commit)
-                elif touched or any(i in self.by_node for i in members_of):
-                    caps = spread[cluster]
-                    for i in set(touched) | {i for i in members_of if i in self.by_node}:
-                        vec = self._window(i, t, end)
-                        fits = min((vec[r] // need[r] for r in range(3) if need[r] > 0), default=job.members)
-                        caps[i] = (max(0, min(fits, job.members)) if min(vec[:3]) >= 0 else 0, vec)
-                    demand = _spread(caps, job.members, need)
-                    if demand is not None:
-                        return self._made(job, t, end, demand, cluster, commit)
+                elif touched:
+                    refit(cluster, touched, t, end)
+                    if totals[cluster] >= job.members:
+                        # Nodes holding reservations may have lost room as the window moved: count them afresh.
+                        refit(cluster, reserved_in[cluster], t, end)
+                        demand = _spread(spread[cluster], job.members, need) if totals[cluster] >= job.members else None
+                        if demand is not None:
+                            return self._made(job, t, end, demand, cluster, commit)
         return None
 
     def _made(self, job: Pending, t: float, end: float, demand: dict[int, Vec], cluster: str, commit: bool) -> _Reservation:
