@@ -217,6 +217,7 @@ def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCap
     examined: dict[tuple[str, bool], int] = defaultdict(int)
     reserved: dict[tuple[str, bool], list[Reserve]] = defaultdict(list)
     misfits = _Misfits()  # shapes that do not fit the free capacity now (it only shrinks during a pass)
+    first_blocked: dict[tuple[str, bool], str] = {}  # per pool, the first job that did not fit now
     free = _FreeIndex(nodes)
     never: dict[tuple[int, int, int, int, bool], bool] = {}
 
@@ -255,17 +256,20 @@ def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCap
             never[job.shape] = _place([n.emptied() for n in nodes], job) is None
         if never[job.shape]:
             return Wait(job, NEVER_FITS_LIVE, "No live node could hold it even empty; it waits for such a node and holds nothing back")
+        blocker = first_blocked.setdefault(job.pool, job.id)
+        blocked_by = blocker if blocker != job.id else None
         ahead = reserved[job.pool]
         if len(ahead) < config.reservation_depth or job.id == snapshot.focus:
             found = timeline.reserve(job, commit=len(ahead) < config.reservation_depth)
             if found is None:
-                return Wait(job, NO_RESERVATION, "What holds the capacity it needs has no timeout: no start time can be promised")
+                return Wait(job, NO_RESERVATION, "What holds the capacity it needs has no timeout: no start time can be promised",
+                            blocked_by=blocked_by)
             if len(ahead) < config.reservation_depth:
                 decision = Reserve(job, found.start, found.cluster, found.nodes)
                 ahead.append(decision)
                 return decision
-            return Wait(job, CAPACITY, _capacity_message(ahead), blocked_by=ahead[0].job.id, estimated_start_at=found.start)
-        return Wait(job, CAPACITY, _capacity_message(ahead), blocked_by=ahead[0].job.id if ahead else None)
+            return Wait(job, CAPACITY, _capacity_message(ahead), blocked_by=blocked_by, estimated_start_at=found.start)
+        return Wait(job, CAPACITY, _capacity_message(ahead), blocked_by=blocked_by)
 
     for job in shares.order(snapshot.backlog) if config.fair_share else sorted(snapshot.backlog, key=_strict_key):
         plan.order.append(job.id)
