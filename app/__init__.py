@@ -27,7 +27,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config.update(flask_config(settings))
 
     from app.api import auth, clusters, context, errors, health, jobs, logs as job_logs, ratelimit
-    from app.api import metrics, prometheus, queues, timeline
+    from app.api import fairness, metrics, prometheus, queues, timeline
 
     context.register(app, Database(settings.database_url))
     _register_access_log(app)
@@ -43,6 +43,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     api.register_blueprint(queues.blp)
     api.register_blueprint(metrics.blp)
     api.register_blueprint(timeline.blp)
+    api.register_blueprint(fairness.blp)
     api.register_blueprint(prometheus.blp)  # GET /metrics, at the root: Prometheus' default path
     health.register(app)
     _register_cli(app)

@@ -70,3 +70,4 @@ def usage_of(session: Session, owners: Iterable[str] | None, now: datetime, half
         factor = 0.5 ** (max(0.0, (now - row.updated_at).total_seconds()) / max(half_life_seconds, 1.0))
         result[row.owner] = Usage(row.gpu_seconds * factor, row.cpu_seconds * factor, row.memory_gib_seconds * factor)
     return result
+

@@ -207,6 +207,11 @@ def decide(snapshot: Snapshot, config: PolicyConfig = PolicyConfig()) -> Plan:
     return plan
 
 
+def owner_shares(snapshot: Snapshot, config: PolicyConfig, waiting: Iterable[str] = ()) -> dict[str, OwnerShare]:
+    """Every owner's fair share as the policy sees it; `waiting`: owners with a backlog (ranked)."""
+    return _Shares(snapshot, config, _totals(snapshot.nodes), waiting).report()
+
+
 # --- the passes ------------------------------------------------------------------------------------
 
 
@@ -406,7 +411,7 @@ def dominant_fraction(gpus: float, cpu_millis: float, memory_bytes: float, total
 class _Shares:
     """Owners' dominant shares: decayed usage (as a steady-state fraction of the fleet) plus what they hold."""
 
-    def __init__(self, snapshot: Snapshot, config: PolicyConfig, totals: tuple[float, float, float]) -> None:
+    def __init__(self, snapshot: Snapshot, config: PolicyConfig, totals: tuple[float, float, float], waiting: Iterable[str] = ()) -> None:
         self.config = config
         self.totals = totals
         mean_life = max(config.half_life_seconds, 1e-9) / math.log(2)  # steady state of decayed usage = rate * mean life
@@ -420,7 +425,7 @@ class _Shares:
             held[0] += attempt.gpus * members
             held[1] += attempt.cpu_millis * members
             held[2] += attempt.memory_bytes * members
-        self.owners_waiting = sorted({job.owner for job in snapshot.backlog})
+        self.owners_waiting = sorted({job.owner for job in snapshot.backlog} | set(waiting))
 
     def share(self, owner: str) -> float:
         used = self.used.get(owner, (0.0, 0.0, 0.0))

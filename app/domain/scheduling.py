@@ -175,13 +175,13 @@ def load_snapshot(session: Session, settings: Settings, now: datetime, *, includ
         )
         for r in rows
     ]
-    running = [_running(row, now, settings) for row in holders]
+    running = [running_attempt(row, now, settings) for row in holders]
     owners = {job.owner for job in backlog} | {attempt.owner for attempt in running}
     usage = fairshare.usage_of(session, owners, now, settings.fair_share_half_life_seconds)
     return policy.Snapshot(now.timestamp(), nodes, running, backlog, usage, room)
 
 
-def _running(row: Any, now: datetime, settings: Settings) -> policy.Running:
+def running_attempt(row: Any, now: datetime, settings: Settings) -> policy.Running:
     """An attempt holding capacity, and the latest it ends: its start plus its timeout."""
     parts = tuple((part["node"], int(part["members"])) for part in row.placement or [])
     if row.status == JobStatus.CANCELLED.value:
