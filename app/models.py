@@ -76,6 +76,7 @@ class Job(Base):
         ),
         # The head of each pool's backlog (GPU jobs, CPU-only jobs), in admission order.
         Index("ix_jobs_pending_gpu", text("priority DESC"), "created_at", "id", postgresql_where=text("status = 'pending' AND gpus > 0")),
+        Index("ix_jobs_pending_retry", "not_before", postgresql_where=text("status = 'pending' AND not_before IS NOT NULL")),
         Index("ix_jobs_pending_cpu", text("priority DESC"), "created_at", "id", postgresql_where=text("status = 'pending' AND gpus = 0")),
         Index("ix_jobs_status_created", "status", "created_at"),
         Index("ix_jobs_holding_node", "cluster", "node", postgresql_where=text("holds_resources")),

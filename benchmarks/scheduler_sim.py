@@ -32,7 +32,7 @@ from app.domain.policy import (  # noqa: E402
 GIB = 1 << 30
 CLUSTER = "gpu-cluster"
 BANDS = ((0, 24), (25, 49), (50, 74), (75, 100))
-PER_OWNER, PER_POOL = 200, 500  # the same pruning as app.domain.scheduling.load_snapshot
+PER_OWNER, PER_POOL = 100, 300  # the same pruning as app.domain.scheduling.load_snapshot
 
 
 @dataclass

@@ -97,7 +97,8 @@ def load_nodes(
 
     `holders`, when given, receives the rows of the jobs holding resources (the scheduler's running attempts).
     """
-    query = select(Node)
+    # Plain rows, not ORM objects: the scheduler reads every node on every pass.
+    query = select(Node.cluster, Node.name, Node.gpu_indices, Node.gpu_type, Node.cpu_millis, Node.memory_bytes, Node.slots)
     if ready_only:
         query = query.where(Node.ready.is_(True))
     if alive_since is not None:
@@ -106,7 +107,7 @@ def load_nodes(
         (n.cluster, n.name): NodeCapacity(
             n.cluster, n.name, sorted(int(g) for g in n.gpu_indices), n.gpu_type, n.cpu_millis, n.memory_bytes, n.slots
         )
-        for n in session.scalars(query)
+        for n in session.execute(query)
     }
     held = session.execute(
         # Plain `holds_resources`, not IS TRUE: only this form uses the partial index ix_jobs_holding_node.

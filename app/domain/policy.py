@@ -258,7 +258,7 @@ def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCap
                     blocked_by=conflict.job_id, estimated_start_at=None,
                 )
         if job.shape not in never:
-            never[job.shape] = _place([n.emptied() for n in nodes], job) is None
+            never[job.shape] = _never_fits(nodes, job)
         if never[job.shape]:
             return Wait(job, NEVER_FITS_LIVE, "No live node could hold it even empty; it waits for such a node and holds nothing back")
         blocker = first_blocked.setdefault(job.pool, job.id)
@@ -373,6 +373,25 @@ class _FreeIndex:
         if placement is not None:
             self.refresh(placement)
         return placement
+
+
+def _never_fits(nodes: Sequence[NodeCapacity], job: Pending) -> bool:
+    """Whether no live node could hold the job even with nothing running (as capacity.place, on empty nodes)."""
+    need = (job.gpus, job.cpu_millis, job.memory_bytes)
+    for cluster in _eligible_clusters(nodes, job):
+        members = [n for n in nodes if n.cluster == cluster and n.slots >= 1]
+        if cluster == LOCAL_CLUSTER:
+            if any(len(n.gpu_indices) >= need[0] * job.members and n.cpu_millis >= need[1] * job.members
+                   and n.memory_bytes >= need[2] * job.members for n in members):
+                return False
+        else:
+            room = 0
+            for n in members:
+                limits = [total // amount for total, amount in zip((len(n.gpu_indices), n.cpu_millis, n.memory_bytes), need) if amount]
+                room += min(limits) if limits else job.members
+                if room >= job.members:
+                    return False
+    return True
 
 
 def _place(nodes: list[NodeCapacity], job: Pending) -> Placement | None:
@@ -601,11 +620,18 @@ class _Timeline:
                 caps[i] = members_fit(i, t, end)
                 totals[cluster] += caps[i][0] - old
 
-        steps = [(self.now, eligible)] + [(t, changes[t]) for t in sorted(changes)]
+        # At `now` only nodes with enough free of what it needs (or holding reservations) can take a member.
+        def roomy(i: int) -> bool:
+            n = self.nodes[i]
+            return (n.gpus_free_count >= need[0] and n.cpu_millis - n.used_cpu_millis >= need[1]
+                    and n.memory_bytes - n.used_memory_bytes >= need[2]) or i in self.by_node
+
+        at_now = {i for i in eligible if roomy(i)}
+        steps = [(self.now, at_now)] + [(t, changes[t]) for t in sorted(changes)]
         for t, changed in steps:
             end = t + job.duration
             for cluster in clusters:
-                touched = [i for i in by_cluster.get(cluster, []) if i in changed] if changed is not eligible else by_cluster.get(cluster, [])
+                touched = [i for i in by_cluster.get(cluster, []) if i in changed]
                 if cluster == LOCAL_CLUSTER:
                     best: tuple[int, int] | None = None
                     for i in touched:

@@ -118,8 +118,8 @@ def policy_config(settings: Settings) -> policy.PolicyConfig:
 # backlog (fair share must see a light owner's job however long a heavy owner's burst is) and the
 # head of each pool (a CPU-only job is seen however many GPU jobs are ahead of it). Each part is an
 # index range scan; nothing sorts the whole backlog.
-BACKLOG_PER_OWNER = 200
-BACKLOG_PER_POOL = 500
+BACKLOG_PER_OWNER = 100
+BACKLOG_PER_POOL = 300
 _PENDING_COLUMNS = """
     j.id, j.owner, j.priority, j.queue, j.created_at, j.cpu_millis, j.memory_bytes, j.gpus,
     CASE WHEN j.gang_enabled THEN j.gang_min_members ELSE 1 END AS members,
@@ -127,31 +127,23 @@ _PENDING_COLUMNS = """
     j.timeout_seconds
 """
 _ONE_PENDING = text(f"SELECT {_PENDING_COLUMNS} FROM jobs j WHERE j.id = :id AND j.status = 'pending'")
+_ELIGIBLE = "j.status = 'pending' AND (j.not_before IS NULL OR j.not_before <= :now) AND NOT (j.queue = ANY(CAST(:full AS text[])))"
 _BACKLOG = text(
-    """
+    f"""
     WITH RECURSIVE owners(owner) AS (
         (SELECT owner FROM jobs WHERE status = 'pending' ORDER BY owner LIMIT 1)
         UNION ALL
         SELECT (SELECT j.owner FROM jobs j WHERE j.status = 'pending' AND j.owner > o.owner ORDER BY j.owner LIMIT 1)
         FROM owners o WHERE o.owner IS NOT NULL
-    ), heads AS (
-        SELECT h.id FROM owners o CROSS JOIN LATERAL (
-            SELECT j.id FROM jobs j
-            WHERE j.status = 'pending' AND j.owner = o.owner
-              AND (j.not_before IS NULL OR j.not_before <= :now) AND NOT (j.queue = ANY(CAST(:full AS text[])))
-            ORDER BY j.priority DESC, j.created_at, j.id LIMIT :per_owner) h
-        WHERE o.owner IS NOT NULL
-        UNION
-        (SELECT id FROM jobs WHERE status = 'pending' AND gpus > 0
-           AND (not_before IS NULL OR not_before <= :now) AND NOT (queue = ANY(CAST(:full AS text[])))
-         ORDER BY priority DESC, created_at, id LIMIT :per_pool)
-        UNION
-        (SELECT id FROM jobs WHERE status = 'pending' AND gpus = 0
-           AND (not_before IS NULL OR not_before <= :now) AND NOT (queue = ANY(CAST(:full AS text[])))
-         ORDER BY priority DESC, created_at, id LIMIT :per_pool)
     )
-    SELECT """ + _PENDING_COLUMNS + """
-    FROM jobs j JOIN heads USING (id)
+    SELECT h.* FROM owners o CROSS JOIN LATERAL (
+        SELECT {_PENDING_COLUMNS} FROM jobs j WHERE {_ELIGIBLE} AND j.owner = o.owner
+        ORDER BY j.priority DESC, j.created_at, j.id LIMIT :per_owner) h
+    WHERE o.owner IS NOT NULL
+    UNION
+    (SELECT {_PENDING_COLUMNS} FROM jobs j WHERE {_ELIGIBLE} AND j.gpus > 0 ORDER BY j.priority DESC, j.created_at, j.id LIMIT :per_pool)
+    UNION
+    (SELECT {_PENDING_COLUMNS} FROM jobs j WHERE {_ELIGIBLE} AND j.gpus = 0 ORDER BY j.priority DESC, j.created_at, j.id LIMIT :per_pool)
     """
 )
 

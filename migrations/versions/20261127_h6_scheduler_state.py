@@ -10,7 +10,8 @@ Create Date: 2026-11-27 15:00:00
   admitting scheduler; `scheduler_state` remembers when usage was last accrued.
 - `ix_jobs_pending_owner`: each owner's backlog in admission order, so the scheduler reads the head of
   every owner's backlog without sorting the whole backlog; `ix_jobs_pending_gpu` / `_cpu`: the head
-  of each pool (GPU jobs, CPU-only jobs) in admission order.
+  of each pool (GPU jobs, CPU-only jobs) in admission order; `ix_jobs_pending_retry`: the next backoff
+  to end (the scheduler's next wake-up) without scanning the backlog.
 """
 from alembic import op
 import sqlalchemy as sa
@@ -53,11 +54,14 @@ def upgrade() -> None:
     )
     op.create_index('ix_jobs_pending_gpu', 'jobs', [sa.text('priority DESC'), 'created_at', 'id'], unique=False,
                     postgresql_where=sa.text("status = 'pending' AND gpus > 0"))
+    op.create_index('ix_jobs_pending_retry', 'jobs', ['not_before'], unique=False,
+                    postgresql_where=sa.text("status = 'pending' AND not_before IS NOT NULL"))
     op.create_index('ix_jobs_pending_cpu', 'jobs', [sa.text('priority DESC'), 'created_at', 'id'], unique=False,
                     postgresql_where=sa.text("status = 'pending' AND gpus = 0"))
 
 
 def downgrade() -> None:
+    op.drop_index('ix_jobs_pending_retry', table_name='jobs', postgresql_where=sa.text("status = 'pending' AND not_before IS NOT NULL"))
     op.drop_index('ix_jobs_pending_cpu', table_name='jobs', postgresql_where=sa.text("status = 'pending' AND gpus = 0"))
     op.drop_index('ix_jobs_pending_gpu', table_name='jobs', postgresql_where=sa.text("status = 'pending' AND gpus > 0"))
     op.drop_index('ix_jobs_pending_owner', table_name='jobs', postgresql_where=sa.text("status = 'pending'"))
