@@ -68,7 +68,7 @@ class Job(Base):
         # Each owner's backlog in admission order: the scheduler reads the head of each (fair share).
         Index(
             "ix_jobs_pending_owner",
-            "owner",
+            text("COALESCE(tenant, owner)"),
             text("priority DESC"),
             "created_at",
             "id",
@@ -86,6 +86,8 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(Text, primary_key=True)
     owner: Mapped[str] = mapped_column(Text)
+    # Whom fair share counts the job for (JWT_TENANT_CLAIM); None: its owner.
+    tenant: Mapped[str | None] = mapped_column(Text)
     job_type: Mapped[str] = mapped_column(Text)
     priority: Mapped[int] = mapped_column(Integer)
     queue: Mapped[str] = mapped_column(Text)

@@ -109,6 +109,7 @@ class Settings:
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
     jwt_scope_claim: str = "scope"
+    jwt_tenant_claim: str | None = None
     jwt_leeway_seconds: int = 0
     jwks_cache_seconds: int = 300
     ratelimit_enabled: bool = True
@@ -180,6 +181,7 @@ class Settings:
             jwt_issuer=_optional(env, "JWT_ISSUER"),
             jwt_audience=_optional(env, "JWT_AUDIENCE"),
             jwt_scope_claim=env.get("JWT_SCOPE_CLAIM", "scope"),
+            jwt_tenant_claim=_optional(env, "JWT_TENANT_CLAIM"),
             jwt_leeway_seconds=_int(env, "JWT_LEEWAY_SECONDS", 0),
             jwks_cache_seconds=_int(env, "JWKS_CACHE_SECONDS", 300),
             ratelimit_enabled=_bool(env, "RATELIMIT_ENABLED", True),

@@ -119,3 +119,18 @@ def test_a_light_users_job_overtakes_a_burst_at_equal_priority_only(auth_api: Li
     assert order == [burst[0]["id"], urgent["id"], mine["id"], *(job["id"] for job in burst[1:])], order
     after = {row["owner"]: row for row in admin.get("/fairness/").json()["owners"]}
     assert after["heavy"]["cpu_seconds"] > after["light"]["cpu_seconds"] > 0
+
+
+def test_a_tenant_claim_makes_one_fair_share_owner_of_its_members(e2e_settings: Settings, database: Database) -> None:
+    server = LiveServer(e2e_settings.with_overrides(auth_enabled=True, jwt_tenant_claim="team"))
+    try:
+        for sub, team in (("alice", "research"), ("bob", "research"), ("carol", None)):
+            user = ApiClient(server.url, {"Authorization": f"Bearer {make_token(sub, team=team)}"})
+            user.submit(command=["true"], resources=TINY)
+        admin = ApiClient(server.url, {"Authorization": f"Bearer {make_token('ops', 'admin')}"})
+        owners = {row["owner"]: row["pending"] for row in admin.get("/fairness/").json()["owners"]}
+        assert owners == {"research": 2, "carol": 1}
+        bob = ApiClient(server.url, {"Authorization": f"Bearer {make_token('bob', team='research')}"})
+        assert [row["owner"] for row in bob.get("/fairness/").json()["owners"]] == ["research"]
+    finally:
+        server.stop()

@@ -15,7 +15,7 @@ blp = Blueprint("fairness", __name__, url_prefix="/api/v1/fairness", description
 
 
 class OwnerShareSchema(ma.Schema):
-    owner = ma.fields.String(metadata={"description": "The token's sub"})
+    owner = ma.fields.String(metadata={"description": "The submitters' tenant claim (JWT_TENANT_CLAIM), else the token's sub"})
     weight = ma.fields.Float(metadata={"description": "FAIR_SHARE_WEIGHTS; 1 when not set"})
     gpu_seconds = ma.fields.Float(metadata={"description": "Decayed GPU-seconds used"})
     cpu_seconds = ma.fields.Float()
@@ -38,4 +38,4 @@ class Fairness(MethodView):
     def get(self) -> fairness.FairnessReport:
         """Per-owner usage, weight, share and backlog, as the scheduler ranks them"""
         caller = require_scope(SCOPE_READ)
-        return fairness.report(session(), settings(), utcnow(), owner=None if caller.is_admin else caller.sub)
+        return fairness.report(session(), settings(), utcnow(), owner=None if caller.is_admin else caller.fair_share_owner)

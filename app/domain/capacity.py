@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.domain.quantities import format_bytes, format_millis
@@ -111,7 +111,7 @@ def load_nodes(
     }
     held = session.execute(
         # Plain `holds_resources`, not IS TRUE: only this form uses the partial index ix_jobs_holding_node.
-        select(Job.cluster, Job.placement, Job.cpu_millis, Job.memory_bytes, Job.gpus, Job.id, Job.owner, Job.status,
+        select(Job.cluster, Job.placement, Job.cpu_millis, Job.memory_bytes, Job.gpus, Job.id, func.coalesce(Job.tenant, Job.owner).label("owner"), Job.status,
                Job.queued_at, Job.started_at, Job.timeout_seconds).where(Job.holds_resources)
     )
     for row in held:

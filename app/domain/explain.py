@@ -188,7 +188,7 @@ def _explain_pending(session: Session, job: Job, settings: Settings, now: dateti
         return answer(Reason.NO_NODES, f"No live node: none has heartbeated in the last {settings.node_lease_seconds:g}s")
     plan = policy.decide(dataclasses.replace(snapshot, focus=job.id), scheduling.policy_config(settings))
     decision = plan.decisions.get(job.id)
-    share = plan.shares.get(job.owner)
+    share = plan.shares.get(job.tenant or job.owner)
     fair = None if share is None else {
         "owner": share.owner, "weight": share.weight, "share": round(share.share, 6), "rank": share.rank,
         "owners_waiting": sum(1 for s in plan.shares.values() if s.rank),

@@ -39,7 +39,8 @@ def report(session: Session, settings: Settings, now: datetime, owner: str | Non
     holders: list = []
     nodes = capacity.load_nodes(session, alive_since=capacity.node_alive_since(now, settings.node_lease_seconds), holders=holders)
     running = [scheduling.running_attempt(row, now, settings) for row in holders]
-    pending = dict(session.execute(select(Job.owner, func.count()).where(Job.status == JobStatus.PENDING.value).group_by(Job.owner)).all())
+    owner_of = func.coalesce(Job.tenant, Job.owner)
+    pending = dict(session.execute(select(owner_of, func.count()).where(Job.status == JobStatus.PENDING.value).group_by(owner_of)).all())
     usage = fairshare.usage_of(session, None, now, settings.fair_share_half_life_seconds)
     config = scheduling.policy_config(settings)
     shares = policy.owner_shares(policy.Snapshot(now.timestamp(), nodes, running, [], usage), config, waiting=pending)

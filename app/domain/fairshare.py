@@ -25,7 +25,7 @@ _ACCRUE = text(
            sum(cpu_millis * members) / 1000.0 * :dt,
            sum(memory_bytes * members) / 1073741824.0 * :dt,
            :now
-    FROM (SELECT owner, gpus, cpu_millis, memory_bytes,
+    FROM (SELECT COALESCE(tenant, owner) AS owner, gpus, cpu_millis, memory_bytes,
                  CASE WHEN gang_enabled THEN gang_min_members ELSE 1 END AS members
           FROM jobs WHERE holds_resources) AS held
     GROUP BY owner

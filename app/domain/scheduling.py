@@ -115,13 +115,14 @@ def policy_config(settings: Settings) -> policy.PolicyConfig:
 
 
 # The backlog the policy sees, pruned per owner and per pool in PostgreSQL: the head of every owner's
+# (its fair-share owner: the tenant when JWT_TENANT_CLAIM set one, else the submitter)
 # backlog (fair share must see a light owner's job however long a heavy owner's burst is) and the
 # head of each pool (a CPU-only job is seen however many GPU jobs are ahead of it). Each part is an
 # index range scan; nothing sorts the whole backlog.
 BACKLOG_PER_OWNER = 100
 BACKLOG_PER_POOL = 300
 _PENDING_COLUMNS = """
-    j.id, j.owner, j.priority, j.queue, j.created_at, j.cpu_millis, j.memory_bytes, j.gpus,
+    j.id, COALESCE(j.tenant, j.owner) AS owner, j.priority, j.queue, j.created_at, j.cpu_millis, j.memory_bytes, j.gpus,
     CASE WHEN j.gang_enabled THEN j.gang_min_members ELSE 1 END AS members,
     CASE WHEN jsonb_typeof(j.command) = 'array' THEN jsonb_array_length(j.command) > 0 ELSE false END AS has_command,
     j.timeout_seconds
@@ -131,13 +132,14 @@ _ELIGIBLE = "j.status = 'pending' AND (j.not_before IS NULL OR j.not_before <= :
 _BACKLOG = text(
     f"""
     WITH RECURSIVE owners(owner) AS (
-        (SELECT owner FROM jobs WHERE status = 'pending' ORDER BY owner LIMIT 1)
+        (SELECT COALESCE(tenant, owner) FROM jobs WHERE status = 'pending' ORDER BY COALESCE(tenant, owner) LIMIT 1)
         UNION ALL
-        SELECT (SELECT j.owner FROM jobs j WHERE j.status = 'pending' AND j.owner > o.owner ORDER BY j.owner LIMIT 1)
+        SELECT (SELECT COALESCE(j.tenant, j.owner) FROM jobs j WHERE j.status = 'pending' AND COALESCE(j.tenant, j.owner) > o.owner
+                ORDER BY COALESCE(j.tenant, j.owner) LIMIT 1)
         FROM owners o WHERE o.owner IS NOT NULL
     )
     SELECT h.* FROM owners o CROSS JOIN LATERAL (
-        SELECT {_PENDING_COLUMNS} FROM jobs j WHERE {_ELIGIBLE} AND j.owner = o.owner
+        SELECT {_PENDING_COLUMNS} FROM jobs j WHERE {_ELIGIBLE} AND COALESCE(j.tenant, j.owner) = o.owner
         ORDER BY j.priority DESC, j.created_at, j.id LIMIT :per_owner) h
     WHERE o.owner IS NOT NULL
     UNION

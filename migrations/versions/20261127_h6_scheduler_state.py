@@ -8,7 +8,8 @@ Create Date: 2026-11-27 15:00:00
   reads it for the `scheduler` readiness check.
 - `fair_share_usage`: each owner's decayed resource-seconds (GPU, CPU, memory), accrued by the
   admitting scheduler; `scheduler_state` remembers when usage was last accrued.
-- `ix_jobs_pending_owner`: each owner's backlog in admission order, so the scheduler reads the head of
+- `jobs.tenant`: whom fair share counts a job for (the JWT_TENANT_CLAIM of its submitter; NULL: its owner).
+- `ix_jobs_pending_owner`: each fair-share owner's (COALESCE(tenant, owner)) backlog in admission order, so the scheduler reads the head of
   every owner's backlog without sorting the whole backlog; `ix_jobs_pending_gpu` / `_cpu`: the head
   of each pool (GPU jobs, CPU-only jobs) in admission order; `ix_jobs_pending_retry`: the next backoff
   to end (the scheduler's next wake-up) without scanning the backlog.
@@ -48,8 +49,9 @@ def upgrade() -> None:
         sa.CheckConstraint('id = 1', name=op.f('ck_scheduler_state_single_row')),
         sa.PrimaryKeyConstraint('id', name=op.f('pk_scheduler_state')),
     )
+    op.add_column('jobs', sa.Column('tenant', sa.Text(), nullable=True))
     op.create_index(
-        'ix_jobs_pending_owner', 'jobs', ['owner', sa.text('priority DESC'), 'created_at', 'id'], unique=False,
+        'ix_jobs_pending_owner', 'jobs', [sa.text('COALESCE(tenant, owner)'), sa.text('priority DESC'), 'created_at', 'id'], unique=False,
         postgresql_where=sa.text("status = 'pending'"),
     )
     op.create_index('ix_jobs_pending_gpu', 'jobs', [sa.text('priority DESC'), 'created_at', 'id'], unique=False,
@@ -68,3 +70,4 @@ def downgrade() -> None:
     op.drop_table('scheduler_state')
     op.drop_table('fair_share_usage')
     op.drop_table('scheduler_heartbeats')
+    op.drop_column('jobs', 'tenant')
