@@ -109,6 +109,7 @@ class PolicyConfig:
     default_weight: float = 1.0
     scan_limit: int = 2000  # jobs examined per pool in one pass; the rest wait for the next
     backfill: bool = True  # False: the old strict policy (priority then age; the first misfit stops all)
+    end_margin_seconds: float = 0.0  # after its timeout a job may still hold its capacity this long (the kill grace)
     fair_share: bool = True
 
     def weight(self, owner: str) -> float:
@@ -217,7 +218,7 @@ def owner_shares(snapshot: Snapshot, config: PolicyConfig, waiting: Iterable[str
 
 def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCapacity], shares: "_Shares", plan: Plan) -> None:
     now = snapshot.now
-    timeline = _Timeline(nodes, snapshot.running, now)
+    timeline = _Timeline(nodes, snapshot.running, now, config.end_margin_seconds)
     room = dict(snapshot.queue_room) if snapshot.queue_room is not None else None
     examined: dict[tuple[str, bool], int] = defaultdict(int)
     reserved: dict[tuple[str, bool], list[Reserve]] = defaultdict(list)
@@ -236,7 +237,7 @@ def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCap
             return Fail(job, f"the scheduler could not admit this job: {problem}")
         if room is not None and room.get(job.queue, 0) <= 0:
             return Wait(job, QUEUE_FULL, f"Queue {job.queue} is at its max_concurrency")
-        end = now + job.duration
+        end = now + job.duration + config.end_margin_seconds
         if not misfits.covers(job):
             placement = free.place(job)
             if placement is None:
@@ -514,9 +515,10 @@ class _Timeline:
     """Capacity over time per node: free now, plus what running (and just admitted) attempts release at
     their ends, minus what reservations take from their start to their end."""
 
-    def __init__(self, nodes: list[NodeCapacity], running: Sequence[Running], now: float) -> None:
+    def __init__(self, nodes: list[NodeCapacity], running: Sequence[Running], now: float, margin: float = 0.0) -> None:
         self.nodes = nodes
         self.now = now
+        self.margin = margin
         self.index = {(n.cluster, n.name): i for i, n in enumerate(nodes)}
         self.releases: list[list[tuple[float, Vec]]] = [[] for _ in nodes]
         for attempt in running:
@@ -629,7 +631,7 @@ class _Timeline:
         at_now = {i for i in eligible if roomy(i)}
         steps = [(self.now, at_now)] + [(t, changes[t]) for t in sorted(changes)]
         for t, changed in steps:
-            end = t + job.duration
+            end = t + job.duration + self.margin
             for cluster in clusters:
                 touched = [i for i in by_cluster.get(cluster, []) if i in changed]
                 if cluster == LOCAL_CLUSTER:

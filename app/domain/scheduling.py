@@ -111,6 +111,7 @@ def policy_config(settings: Settings) -> policy.PolicyConfig:
         half_life_seconds=settings.fair_share_half_life_seconds,
         weights=dict(settings.fair_share_weights),
         scan_limit=settings.scheduler_scan_limit,
+        end_margin_seconds=settings.kill_grace_seconds,
     )
 
 
