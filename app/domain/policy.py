@@ -254,8 +254,8 @@ def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCap
                 slack = max(0.0, conflict.start - now)
                 return Wait(
                     job, BACKFILL_WINDOW,
-                    f"It fits now but would run into the reservation of job {conflict.job_id} at "
-                    f"{conflict.start:.0f} (in {slack:.0f}s); a timeout of at most {math.floor(slack)}s would let it start now",
+                    f"It fits now but would still run when job {conflict.job_id} is reserved to start, in {slack:.0f}s; "
+                    f"a timeout of at most {max(0, math.floor(slack - config.end_margin_seconds))}s would let it start now",
                     blocked_by=conflict.job_id, estimated_start_at=None,
                 )
         if job.shape not in never:
