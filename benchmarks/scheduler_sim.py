@@ -360,7 +360,7 @@ def fairness(result: Result, tenants: dict[str, float]) -> tuple[float, dict[str
 
 def big_backlog_pass(fleet: list[NodeCapacity], config: PolicyConfig, pending: int, seed: int, tenants: dict[str, float],
                      busy_fraction: float) -> tuple[float, int, int]:
-    """One pass with `pending` jobs waiting and `busy_fraction` of the GPU nodes busy: (seconds, decisions, admitted).
+    """One pass with `pending` jobs waiting and `busy_fraction` of the GPU nodes busy: (median seconds, decisions, admitted).
     Timed from the pruning of the backlog (the scheduler's SQL does that part) to the decisions."""
     trace = make_trace(seed, 2.0, sum(len(n.gpu_indices) for n in fleet), tenants, 1.2)
     rng = random.Random(seed)
@@ -375,12 +375,18 @@ def big_backlog_pass(fleet: list[NodeCapacity], config: PolicyConfig, pending: i
     gpu_nodes = [n for n in nodes if n.gpu_indices]
     for i, node in enumerate(gpu_nodes[: int(len(gpu_nodes) * busy_fraction)]):
         node.used_anonymous_gpus = len(node.gpu_indices)
+        node.used_cpu_millis = node.cpu_millis - 2000  # a saturated node: its job takes (nearly) all of it
+        node.used_memory_bytes = node.memory_bytes // 2
         node.used_slots = 1
-        running.append(Running(f"r{i}", "research", node.cluster, ((node.name, 1),), 0, 0, len(node.gpu_indices), 3600.0 + i * 10))
-    started = time.perf_counter()
-    snapshot = Snapshot(3600.0, nodes, running, backlog.pruned(), {})
-    plan = decide(snapshot, config)
-    return time.perf_counter() - started, len(plan.decisions), len(plan.admitted)
+        running.append(Running(f"r{i}", "research", node.cluster, ((node.name, 1),), node.used_cpu_millis, node.used_memory_bytes,
+                               len(node.gpu_indices), 3600.0 + i * 10))
+    times = []
+    for _ in range(7):  # the median of a few: this machine is shared, single timings are noisy
+        started = time.perf_counter()
+        snapshot = Snapshot(3600.0, nodes, running, backlog.pruned(), {})
+        plan = decide(snapshot, config)  # never changes the snapshot: every run makes the same decisions
+        times.append(time.perf_counter() - started)
+    return statistics.median(times), len(plan.decisions), len(plan.admitted)
 
 
 def main() -> None:

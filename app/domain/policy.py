@@ -368,7 +368,8 @@ class _FreeIndex:
         if job.gpus > 0:
             candidates = [n for count, bucket in self.buckets.items() if count >= job.gpus for n in bucket.values()]
         else:
-            candidates = self.nodes
+            candidates = [n for n in self.nodes if n.cpu_millis - n.used_cpu_millis >= job.cpu_millis
+                          and n.memory_bytes - n.used_memory_bytes >= job.memory_bytes]
         placement = capacity.place(candidates, job.cpu_millis, job.memory_bytes, job.gpus, job.members,
                                    has_command=job.has_command, elsewhere=self.elsewhere)
         if placement is not None:
