@@ -10,6 +10,7 @@ import pytest
 from app.db import Database
 from config import Settings
 from tests.conftest import ApiClient, LiveServer, make_token, wait_for, wait_for_status
+from tests.test_observability_e2e import sample, scrape
 
 TINY = {"cpu": "100m", "memory": "64Mi"}
 
@@ -112,6 +113,9 @@ def test_a_light_users_job_overtakes_a_burst_at_equal_priority_only(auth_api: Li
     assert everyone["light"]["rank"] == 1 and everyone["heavy"]["rank"] == 2 and everyone["heavy"]["pending"] == 4
     assert everyone["heavy"]["share"] > everyone["light"]["share"] == 0
     assert [row["owner"] for row in light.get("/fairness/").json()["owners"]] == ["light"]
+    metrics = scrape(auth_api.url)
+    assert sample(metrics, "jobservice_fair_share_backlog", owner="heavy") == 4
+    assert sample(metrics, "jobservice_fair_share", owner="heavy") > sample(metrics, "jobservice_fair_share", owner="light") == 0
 
     done = {job["id"]: wait_for_status(admin, job["id"], {"succeeded", "failed"}, timeout=60) for job in [*burst, mine, urgent]}
     order = sorted(done, key=lambda job_id: done[job_id]["started_at"])
