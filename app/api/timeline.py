@@ -5,6 +5,7 @@ import json
 from typing import Any
 
 import marshmallow as ma
+from flask import current_app
 from flask.views import MethodView
 
 from app.api import Blueprint, sse
@@ -133,4 +134,5 @@ class JobExplanation(MethodView):
         """Why a job is not running yet (or what happened to it)"""
         caller = require_scope(SCOPE_READ)
         job = jobs.get(session(), caller, job_id)
-        return explain.explain(session(), job, settings())
+        plans = current_app.extensions.setdefault("jobservice.explain_plans", explain.PlanCache())
+        return explain.explain(session(), job, settings(), plans=plans)

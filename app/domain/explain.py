@@ -25,17 +25,22 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
+import math
+import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import StrEnum
 
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.domain import capacity, counters, jobs, policy, scheduling
 from app.domain.capacity import NodeCapacity
 from app.domain.quantities import format_bytes, format_millis
 from app.domain.states import TERMINAL, JobStatus
-from app.models import Job
+from app.models import Job, JobEvent, Node
 from config import Settings
 
 
@@ -134,12 +139,12 @@ class _Candidate:
         return (-self.priority, self.created_at, self.id)
 
 
-def explain(session: Session, job: Job, settings: Settings, now: datetime | None = None) -> Explanation:
-    """Why `job` (already authorized by the caller) is where it is."""
+def explain(session: Session, job: Job, settings: Settings, now: datetime | None = None, plans: PlanCache | None = None) -> Explanation:
+    """Why `job` (already authorized by the caller) is where it is; `plans` shares recent plans between calls."""
     now = now or jobs.utcnow()
     status = JobStatus(job.status)
     if status is JobStatus.PENDING:
-        return _explain_pending(session, job, settings, now)
+        return _explain_pending(session, job, settings, now, plans)
     base = dict(job_id=job.id, status=job.status, queue=job.queue, cluster=job.cluster, node=job.node, attempt=job.retry_count)
     if status is JobStatus.QUEUED:
         return Explanation(
@@ -158,7 +163,33 @@ def explain(session: Session, job: Job, settings: Settings, now: datetime | None
     )
 
 
-def _explain_pending(session: Session, job: Job, settings: Settings, now: datetime) -> Explanation:
+class PlanCache:
+    """The last plan, shared by the explain calls of one API process (a plan costs a scheduler pass: tens of
+    milliseconds with a big backlog). It is reused while no job changed state (the newest event id is the same)
+    and no node registered, for at most `ttl_seconds`: only a node's death can be that much older than the answer."""
+
+    def __init__(self, ttl_seconds: float = 1.0) -> None:
+        self.ttl_seconds = ttl_seconds
+        self._lock = threading.Lock()
+        self._made_at = -math.inf
+        self._version: tuple[object, ...] | None = None
+        self._entry: tuple[policy.Snapshot, policy.Plan] | None = None
+
+    def get(self, session: Session, settings: Settings, now: datetime) -> tuple[policy.Snapshot, policy.Plan]:
+        version = tuple(session.execute(select(
+            select(func.max(JobEvent.id)).scalar_subquery(),
+            select(func.count()).select_from(Node).scalar_subquery(),
+            select(func.max(Node.started_at)).scalar_subquery(),
+        )).one())
+        with self._lock:
+            if self._entry is None or version != self._version or time.monotonic() - self._made_at > self.ttl_seconds:
+                snapshot = scheduling.load_snapshot(session, settings, now)
+                self._entry = (snapshot, policy.decide(snapshot, scheduling.policy_config(settings)))
+                self._made_at, self._version = time.monotonic(), version
+            return self._entry
+
+
+def _explain_pending(session: Session, job: Job, settings: Settings, now: datetime, plans: PlanCache | None = None) -> Explanation:
     position = jobs.queue_position(session, job)
     retry_at = job.not_before if job.not_before and job.not_before > now else None
 
@@ -183,11 +214,25 @@ def _explain_pending(session: Session, job: Job, settings: Settings, now: dateti
     full = _queue_full(settings, job.queue, active)
     if full:
         return answer(Reason.QUEUE_CONCURRENCY_LIMIT, full)
-    snapshot = scheduling.load_snapshot(session, settings, now, include=job.id)
+    snapshot, plan = plans.get(session, settings, now) if plans is not None else (None, None)
+    decision = plan.decisions.get(job.id) if plan is not None else None
+    if decision is None and plan is not None and snapshot is not None and job.pending_since.timestamp() <= snapshot.now:
+        # In the backlog when the plan was made, yet not among the jobs the scheduler considers: pruned.
+        return answer(
+            Reason.HIGHER_PRIORITY_AHEAD,
+            f"Many jobs are ahead of it: the scheduler considers the first {scheduling.BACKLOG_PER_OWNER} of each owner's "
+            f"backlog and the first {scheduling.BACKLOG_PER_POOL} of each pool in a pass, and this is not among them yet",
+            _after_reservations(plan, _pending_of(job), lambda start, basis: at(start, basis)),
+        )
+    if decision is None:
+        # Not in the shared plan (pruned, or newer than it): plan again with this job in.
+        snapshot = scheduling.load_snapshot(session, settings, now, include=job.id)
+        if snapshot.nodes:
+            plan = policy.decide(dataclasses.replace(snapshot, focus=job.id), scheduling.policy_config(settings))
+            decision = plan.decisions.get(job.id)
+    assert snapshot is not None and plan is not None
     if not snapshot.nodes:
         return answer(Reason.NO_NODES, f"No live node: none has heartbeated in the last {settings.node_lease_seconds:g}s")
-    plan = policy.decide(dataclasses.replace(snapshot, focus=job.id), scheduling.policy_config(settings))
-    decision = plan.decisions.get(job.id)
     share = plan.shares.get(job.tenant or job.owner)
     fair = None if share is None else {
         "owner": share.owner, "weight": share.weight, "share": round(share.share, 6), "rank": share.rank,
@@ -215,7 +260,7 @@ def _explain_pending(session: Session, job: Job, settings: Settings, now: dateti
     if isinstance(decision, policy.Fail):
         return answer(Reason.NO_FITTING_NODE, decision.reason, **extra)
     estimate = at(decision.estimated_start_at, "The start the scheduler would reserve for it, from the running jobs' ends") \
-        if decision.estimated_start_at is not None else None
+        if decision.estimated_start_at is not None else _after_reservations(plan, pending, at)
     if decision.reason == policy.QUEUE_FULL:
         return answer(Reason.QUEUE_CONCURRENCY_LIMIT, decision.message, **extra)
     if decision.reason == policy.NO_NODES:
@@ -243,6 +288,20 @@ def _explain_pending(session: Session, job: Job, settings: Settings, now: dateti
     elif decision.reason == policy.NO_RESERVATION:
         message += "; what holds that capacity has no timeout, so no start can be promised"
     return answer(reason, message, estimate, blocking=blocking, **extra)
+
+
+def _after_reservations(plan: policy.Plan, job: policy.Pending, at: Callable[[float, str], Estimate]) -> Estimate | None:
+    """Beyond its pool's reservations: no earlier than the last of them."""
+    starts = [r.start_at for r in plan.reserved if r.job.pool == job.pool]
+    if not starts:
+        return None
+    return at(max(starts), f"No earlier than the last of the {len(starts)} reservation(s) ahead of it for the same capacity")
+
+
+def _pending_of(job: Job) -> policy.Pending:
+    members = job.gang_min_members if job.gang_enabled else 1
+    return policy.Pending(job.id, job.tenant or job.owner, job.priority, job.queue, job.created_at.timestamp(), job.cpu_millis,
+                          job.memory_bytes, job.gpus, members, bool(job.command), job.timeout_seconds)
 
 
 def _candidate(job: policy.Pending) -> _Candidate:
