@@ -106,3 +106,56 @@ def test_kubernetes_gangs_reserve_across_nodes() -> None:
     plan = decide(Snapshot(NOW, nodes, busy, [gang]))
     reserved = plan.decisions["gang"]
     assert isinstance(reserved, Reserve) and reserved.start_at == NOW + 200 and sorted(reserved.nodes) == ["k0", "k1"]
+
+
+def _holding(nodes: list[NodeCapacity], cluster: str, parts, cpu: int, memory: int, gpus: int) -> None:  # type: ignore[no-untyped-def]
+    by_name = {n.name: n for n in nodes}
+    for index, (name, members) in enumerate(parts):
+        node = by_name[name]
+        node.used_anonymous_gpus += gpus * members
+        node.used_cpu_millis += cpu * members
+        node.used_memory_bytes += memory * members
+        node.used_slots += 1 if index == 0 else 0
+
+
+def test_backfill_never_delays_the_first_reservation_on_random_fleets() -> None:
+    """Whatever is admitted now, the first reserved job still fits at its reserved start, even if every
+    running and admitted job runs to its timeout (and the margin after it)."""
+    import random
+
+    from app.domain.capacity import place
+
+    checked = 0
+    for seed in range(150):
+        rng = random.Random(seed)
+        names = [f"n{i}" for i in range(rng.randint(1, 5))]
+        fresh = lambda: [NodeCapacity("local", n, list(range(8)), "H100", 32_000, 256 * GIB, 8) for n in names]  # noqa: E731
+        nodes = fresh()
+        running = []
+        for r in range(rng.randint(0, 12)):
+            gpus = rng.choice((1, 2, 4, 8))
+            placement = place(nodes, 2000, 8 * GIB, gpus, 1)
+            if placement is not None:
+                running.append(Running(f"r{r}", "x", "local", ((placement.node, 1),), 2000, 8 * GIB, gpus, NOW + rng.randint(10, 5000)))
+        backlog = [
+            Pending(f"p{j}", rng.choice("abc"), rng.choice((10, 50, 90)), "q", NOW - rng.randint(0, 900), rng.choice((1000, 4000)),
+                    rng.choice((GIB, 16 * GIB)), rng.choice((0, 1, 2, 4, 8)), timeout_seconds=rng.choice((60, 600, 3600, None)))
+            for j in range(rng.randint(1, 25))
+        ]
+        margin = 5.0
+        plan = decide(Snapshot(NOW, nodes, running, backlog), PolicyConfig(end_margin_seconds=margin))
+        first = next((plan.decisions[j] for j in plan.order if isinstance(plan.decisions[j], Reserve)), None)
+        if first is None:
+            continue
+        later = fresh()
+        for attempt in running:
+            if attempt.ends_at > first.start_at:
+                _holding(later, "local", attempt.parts, attempt.cpu_millis, attempt.memory_bytes, attempt.gpus)
+        for admitted in plan.admitted:
+            if NOW + admitted.job.duration + margin > first.start_at:
+                parts = tuple((name, members) for name, members, _ in admitted.placement.parts)
+                _holding(later, "local", parts, admitted.job.cpu_millis, admitted.job.memory_bytes, admitted.job.gpus)
+        job = first.job
+        assert place(later, job.cpu_millis, job.memory_bytes, job.gpus, job.members) is not None, (seed, first)
+        checked += 1
+    assert checked > 20
