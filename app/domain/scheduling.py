@@ -2,9 +2,11 @@
 
 One admission pass, in one transaction:
 - only one scheduler admits at a time (an advisory lock), so capacity is never promised twice;
-- pending jobs are taken in strict order (priority, then age) with FOR UPDATE SKIP LOCKED, so a job
-  being cancelled at that instant is skipped rather than waited for;
-- each admitted job gets a placement (node, GPUs), a fresh dispatch token, and an outbox row.
+- it accrues fair-share usage, loads the snapshot (live nodes and what holds them until when, the
+  backlog pruned per owner and per pool) and lets the policy decide (app.domain.policy);
+- the jobs the policy admits are locked with FOR UPDATE SKIP LOCKED, so a job being cancelled at that
+  instant is skipped rather than waited for, and each gets a placement (node, GPUs), a fresh dispatch
+  token and an outbox row, in a savepoint of its own (a row that cannot be written fails alone).
 The outbox rows are published after the commit (see app.dispatch); a row left unpublished by a
 crash is published again by the next pass's sweep.
 """
@@ -36,7 +38,6 @@ T = TypeVar("T")
 EXECUTE_TASK = "jobservice.execute_job"
 ADOPT_TASK = "jobservice.adopt_job"
 ADMISSION_LOCK = 7_311_001  # pg advisory lock key shared by every scheduler process
-ADMISSION_BATCH = 500
 
 
 def broker_queue(queue: str, cluster: str, node: str | None) -> str:
