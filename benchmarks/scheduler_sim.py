@@ -6,7 +6,7 @@ for their true run time (at most their timeout) and free their capacity. The sam
 the old strict policy (priority then age, the first misfit stops the pass) and the new one
 (reservations, backfill, pools, fair share), and the figures are printed side by side.
 
-    python benchmarks/scheduler_sim.py                      # the default: 3 simulated hours, 1,000 GPUs
+    python benchmarks/scheduler_sim.py                      # the default: 6 simulated hours, 1,000 GPUs
     python benchmarks/scheduler_sim.py --hours 12 --seed 7 --gpu-nodes 250
 """
 from __future__ import annotations
@@ -103,7 +103,7 @@ def make_trace(seed: int, hours: float, gpus: int, tenants: dict[str, float], lo
         add("cpu", at, rng.choice(names))
     # The burst: the last tenant submits a mass of inference and training jobs at once, after 1 hour.
     burst_at = min(3600.0, horizon / 4)
-    for i in range(int(gpus * 2)):
+    for i in range(int(gpus * 4)):
         add("inference" if i % 10 else "train-8", burst_at + i * 0.01, names[-1])
     jobs.sort(key=lambda j: j.pending.submitted_at)
     return jobs
@@ -392,7 +392,7 @@ def big_backlog_pass(fleet: list[NodeCapacity], config: PolicyConfig, pending: i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--hours", type=float, default=3.0)
+    parser.add_argument("--hours", type=float, default=6.0)
     parser.add_argument("--gpu-nodes", type=int, default=125, help="nodes of 8 GPUs (default 125: 1,000 GPUs)")
     parser.add_argument("--cpu-nodes", type=int, default=25)
     parser.add_argument("--load", type=float, default=2.0, help="offered GPU demand / GPUs")
