@@ -5,8 +5,6 @@ any outbox message a crashed publisher left behind. Several schedulers may run; 
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import logging
 import os
 import secrets
@@ -15,6 +13,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import psycopg2
 import psycopg2.extensions
