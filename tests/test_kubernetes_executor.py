@@ -247,6 +247,18 @@ def test_success_delivers_logs_that_outlive_the_pod(fake: FakeKubernetes, execut
     assert sink.texts() == ["starting rank 0 of 1", "working", "done"]  # kept by the sink
 
 
+def test_no_call_of_the_executor_is_refused_by_content_negotiation(fake: FakeKubernetes, executor: KubernetesExecutor) -> None:
+    """The log follower once sent `Accept: text/plain`, which a real API server answers with 406: no log at all."""
+    sink = Sink()
+    spec = make_spec("test/succeed", members=2)
+    assert outcome_of(executor.launch(spec, sink)).succeeded
+    assert sink.texts(0) == ["starting rank 0 of 2", "working", "done"]
+    assert sink.texts(1) == ["starting rank 1 of 2", "working", "done"]
+    logs = fake.served("GET", r"/pods/[^/]+/log$")
+    assert logs and all(r.status == 200 for r in logs)
+    assert [(r.method, r.path, r.refused_accept) for r in fake.requests if r.status in (406, 415)] == []
+
+
 def test_failure_reports_the_exit_code(executor: KubernetesExecutor) -> None:
     outcome = outcome_of(executor.launch(make_spec("test/fail-3"), Sink()))
     assert outcome.kind == EndKind.EXITED and outcome.exit_code == 3 and outcome.retryable
@@ -543,6 +555,58 @@ def test_inventory_reports_gpus_by_type_and_what_is_used(fake: FakeKubernetes, e
     assert (cpu.gpu_type, cpu.gpu_total, cpu.gpu_used) == (None, 0, 0)
     execution.cancel()
     outcome_of(execution)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The fake refuses what a real API server refuses
+
+
+NEGOTIATED_PATHS = [
+    "/api/v1/nodes", "/api/v1/pods", "/api/v1/namespaces/jobs/pods", "/apis/batch/v1/namespaces/jobs/jobs",
+    "/api/v1/namespaces/jobs/pods/{pod}", "/api/v1/namespaces/jobs/pods/{pod}/log",
+    "/apis/batch/v1/namespaces/jobs/jobs/{job}", "/api/v1/namespaces/jobs/pods?watch=true&timeoutSeconds=0",
+]
+ACCEPTS = [
+    ("text/plain", 406), ("text/html, text/*", 406), ("application/json;q=0", 406),
+    ("application/json;stream=bogus", 406), ("application/json;as=Table;g=meta.k8s.io;v=v1", 406),
+    (None, 200), ("application/json", 200), ("*/*", 200), ("application/*", 200),
+    ("text/plain, application/json;q=0.5", 200), ("application/json;charset=utf-8", 200),
+]
+
+
+def test_the_fake_negotiates_content_like_the_api_server(fake: FakeKubernetes, executor: KubernetesExecutor) -> None:
+    """Every endpoint it serves, pods/log included, answers 406 where kube-apiserver's negotiation does."""
+    import urllib3
+
+    spec = make_spec("test/sleep")
+    execution = executor.launch(spec, Sink())
+    (pod,) = wait_for(lambda: [p for p in fake.objects("pods", NAMESPACE, f"jobservice.io/job-id={spec.job_id}")
+                               if p["status"].get("phase") == "Running"], what="a running pod")
+    answers = {}
+    try:
+        for path in NEGOTIATED_PATHS:
+            url = fake.url + path.format(pod=pod["metadata"]["name"], job=job_name(spec.job_id, 1))
+            for accept, _ in ACCEPTS:
+                headers = {"Accept": accept} if accept is not None else {}
+                answer = urllib3.request("GET", url, headers=headers, preload_content=False, timeout=5)
+                answers[path, accept] = answer.status
+                if answer.status == 406:
+                    assert json.loads(answer.read())["reason"] == "NotAcceptable"
+                answer.release_conn()
+    finally:
+        execution.cancel()
+        outcome_of(execution)
+    assert answers == {(path, accept): code for path in NEGOTIATED_PATHS for accept, code in ACCEPTS}
+
+
+def test_the_fake_refuses_a_body_it_cannot_read(fake: FakeKubernetes) -> None:
+    import urllib3
+
+    body = json.dumps({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+                       "spec": {"containers": [{"name": "c", "image": "test/succeed"}]}})
+    url = fake.url + "/api/v1/namespaces/jobs/pods"
+    assert urllib3.request("POST", url, body=body, headers={"Content-Type": "text/plain"}).status == 415
+    assert urllib3.request("POST", url, body=body, headers={"Content-Type": "application/json"}).status == 201
 
 
 def test_check_cluster(fake: FakeKubernetes, api: client.ApiClient) -> None:

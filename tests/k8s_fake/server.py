@@ -16,6 +16,13 @@ Behind the API sit three small controllers, all driven by one timer thread:
 - a kubelet that runs each pod's first container by a SCRIPT chosen by image name (succeed, fail-N, oom,
   bad-image, sleep, evicted, ...) and serves its logs with RFC3339Nano timestamps.
 
+Content negotiation is the real server's (k8s.io/apiserver endpoints/handlers/negotiation): `Accept` must
+name a media type the server serializes (`application/json`, `application/yaml`,
+`application/vnd.kubernetes.protobuf`, or `*/*` / `application/*`), with only the parameters it knows
+(`stream=watch`, `pretty`; others ignored), else 406 NotAcceptable; `pods/log` negotiates the same way although
+its body is plain text. A request body must be `application/json` or carry no Content-Type (yaml/protobuf too on the real
+server), else 415. This fake writes JSON only, so it also answers 406 where yaml or protobuf alone is asked for.
+
 Left out on purpose: authentication, PATCH/PUT, protobuf, paging, bookmarks, most admission checks.
 Test controls: `set_nodes`, `scripts`, `break_watches`, `break_log_streams`, `compact`, `inject_error`,
 and the `requests` / `deletions` logs; `objects` and `get` read the state.
@@ -117,6 +124,7 @@ class Request:
     query: dict[str, str]
     status: int | None = None
     watch_error: int | None = None  # the code of an ERROR event sent on a watch (410 after compaction)
+    refused_accept: str | None = None  # the Accept header of a request answered 406
 
 
 @dataclass
@@ -247,6 +255,48 @@ def field_matcher(resource: str, selector: str | None) -> Callable[[Obj], bool]:
             raise SelectorError(f'field label not supported: {path}')
         tests.append(lambda obj, g=getter, v=value, neg=(op == "!="): (g(obj) == v) != neg)
     return lambda obj: all(test(obj) for test in tests)
+
+
+# What the real API server can serialize for the built-in resources, and the media-type parameters it accepts.
+REAL_MEDIA_TYPES = ("application/json", "application/yaml", "application/vnd.kubernetes.protobuf")
+SERVED_MEDIA_TYPE = "application/json"  # what this fake writes
+
+
+def negotiate(accept: str | None) -> str | None:
+    """The media type an `Accept` header gets from the real API server, or None where it answers 406.
+
+    No header (or an empty one) means JSON. Clauses are taken by quality (q=0 refuses); unknown parameters
+    (`charset`) are ignored as the real server ignores them, `stream` must be `watch`, and a conversion
+    (`as`/`g`/`v`: Table, PartialObjectMetadata) is not served by this fake: that clause is skipped.
+    """
+    if accept is None or not accept.strip():
+        return SERVED_MEDIA_TYPE
+    clauses: list[tuple[float, int, str, dict[str, str]]] = []
+    for order, raw in enumerate(accept.split(",")):
+        kind, *raw_params = [part.strip() for part in raw.split(";")]
+        params: dict[str, str] = {}
+        quality = 1.0
+        for param in raw_params:
+            key, _, value = param.partition("=")
+            key, value = key.strip().lower(), value.strip()
+            if key == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+            elif key:
+                params[key] = value
+        clauses.append((-quality, order, kind.lower(), params))
+    for negative_quality, _, kind, params in sorted(clauses):
+        if negative_quality >= 0:
+            continue
+        if params.get("stream", "watch") != "watch" or any(key in params for key in ("as", "g", "v")):
+            continue
+        chosen = REAL_MEDIA_TYPES[0] if kind in ("*/*", "application/*") else kind
+        if chosen in REAL_MEDIA_TYPES:
+            # The real server would answer; this fake can only when the choice is JSON.
+            return chosen if chosen == SERVED_MEDIA_TYPE else None
+    return None
 
 
 def status_object(code: int, reason: str, message: str, details: Obj | None = None) -> Obj:
@@ -1185,6 +1235,8 @@ class _Handler(BaseHTTPRequestHandler):
             for route_method, pattern, handler in self.ROUTES:
                 match = pattern.match(url.path)
                 if match and route_method == method:
+                    if handler != "version":
+                        self._negotiate(query, raw)
                     groups = match.groupdict()
                     body = json.loads(raw) if raw else {}
                     answer = getattr(self, f"_{handler}")
@@ -1199,6 +1251,22 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(answer.code, answer.body, answer.headers)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+
+    def _negotiate(self, query: dict[str, str], raw: bytes) -> None:
+        """406 / 415 where the real API server refuses the request's media types (see `negotiate`)."""
+        accept = self.headers.get("Accept")
+        if negotiate(accept) is None:
+            self.request_record.refused_accept = accept
+            raise ApiError(406, "NotAcceptable", "the server was unable to respond with a content type that the client "
+                           f"supports (Accept: {accept!r}); only the following media types are accepted: "
+                           + ", ".join(REAL_MEDIA_TYPES))
+        # No Content-Type is read as the first serializer's type, JSON (NegotiateInputSerializerForMediaType).
+        content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower() or SERVED_MEDIA_TYPE
+        if raw and content_type not in REAL_MEDIA_TYPES:
+            raise ApiError(415, "UnsupportedMediaType", f'the body of the request was in an unknown format - accepted '
+                           f'media types include: {", ".join(REAL_MEDIA_TYPES)} (got {content_type!r})')
+        if raw and content_type != SERVED_MEDIA_TYPE:
+            raise ApiError(415, "UnsupportedMediaType", f"this fake reads JSON bodies only (got {content_type!r})")
 
     @staticmethod
     def _resource(path: str) -> str:

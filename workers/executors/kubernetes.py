@@ -570,7 +570,9 @@ class _LogFollower:
             resource_path="/api/v1/namespaces/{namespace}/pods/{name}/log",
             path_params={"namespace": self._namespace, "name": self._pod},
             query_params=query,
-            header_params={"Accept": "text/plain"},
+            # The API server negotiates pods/log like any endpoint: only JSON, YAML or protobuf (or */*) are
+            # acceptable in Accept, whatever the body; text/plain gets 406. The official client sends JSON.
+            header_params={"Accept": "application/json"},
             auth_settings=["BearerToken"],
         )
         answer = self._api.call_api(method, url, header_params=headers,
