@@ -186,5 +186,36 @@ def test_a_restarted_worker_re_adopts_the_job_it_launched(kube_api: ApiClient, k
     lines = kube_api.get(f"/jobs/{job['id']}/logs", params={"timestamps": "false"}).text.splitlines()
     assert lines == [f"tick {i}" for i in range(12)]  # every line once, across the restart
     with database.engine.connect() as conn:
-        launches = conn.execute(text("SELECT count(*) FROM job_events WHERE job_id = :j AND to_status = 'running'"), {"j": job["id"]}).scalar()
+        launches = conn.execute(text("SELECT count(*) FROM job_events WHERE job_id = :j AND to_status = 'running' AND from_status <> 'running'"), {"j": job["id"]}).scalar()
     assert launches == 1
+
+
+def test_an_attempt_outlives_a_worker_silent_past_the_lease_and_is_taken_over(kube_api: ApiClient, kube_worker, start_scheduler, fake: FakeKubernetes, database: Database) -> None:
+    """The scheduler once ended such an attempt as "worker lost" (and its Job was deleted): the cluster's
+    other workers adopt it instead, and the takeover is on the timeline."""
+    import time
+
+    fake.scripts["test/slow"] = Script(lines=[f"tick {i}" for i in range(16)], line_interval=0.5)
+    fast = {"JOB_HEARTBEAT_SECONDS": "0.5"}
+    first = kube_worker("k8s-worker-1", **fast)
+    start_scheduler(JOB_LEASE_SECONDS="2", SCHEDULER_INTERVAL_SECONDS="0.5")
+    job = kube_api.submit(image="test/slow", retry_policy={"max_retries": 0})
+    wait_for_status(kube_api, job["id"], "running")
+    wait_for(lambda: "tick 1" in kube_api.get(f"/jobs/{job['id']}/logs").text, 15, message="the first lines")
+    os.killpg(first.process.pid, signal.SIGKILL)
+    time.sleep(4)  # twice the lease, with the scheduler's recovery running every half second
+    during = kube_api.get(f"/jobs/{job['id']}").json()
+    assert during["status"] == "running", during
+    assert fake.objects("jobs", NAMESPACE), "the running Job was deleted"
+
+    kube_worker("k8s-worker-2", **fast)
+    done = wait_for_status(kube_api, job["id"], {"succeeded", "failed"}, timeout=60)
+    assert done["status"] == "succeeded" and done["retry_count"] == 0, done
+    events = kube_api.get(f"/jobs/{job['id']}/events").json()
+    events = events.get("events", events) if isinstance(events, dict) else events
+    takeovers = [e for e in events if e["from_status"] == "running" and e["to_status"] == "running"]
+    assert len(takeovers) == 1 and "taken over by worker worker-k8s-worker-2-" in takeovers[0]["reason"], events
+    assert "k8s-worker-1" in takeovers[0]["reason"]
+    assert not any("lost" in e["reason"] for e in events), events
+    lines = kube_api.get(f"/jobs/{job['id']}/logs", params={"timestamps": "false"}).text.splitlines()
+    assert lines == [f"tick {i}" for i in range(16)]

@@ -91,7 +91,8 @@ def recorded_end(session: Session, job_id: str, dispatch_token: str) -> str | No
         return None
     return session.scalar(
         select(JobEvent.to_status)
-        .where(JobEvent.job_id == job_id, JobEvent.id > claimed.id, JobEvent.from_status == JobStatus.RUNNING.value)
+        .where(JobEvent.job_id == job_id, JobEvent.id > claimed.id, JobEvent.from_status == JobStatus.RUNNING.value,
+               JobEvent.to_status != JobStatus.RUNNING.value)  # a takeover is no end
         .order_by(JobEvent.id)
         .limit(1)
     )
@@ -259,6 +260,20 @@ def take_over(session: Session, job_id: str, dispatch_token: str, worker_id: str
             or (job.heartbeat_at is not None and job.heartbeat_at >= silent_since)
         ):
             return None
+        previous, silent = job.worker_id, (now - job.heartbeat_at).total_seconds() if job.heartbeat_at else None
         job.worker_id = worker_id
         job.heartbeat_at = now
+        _record_takeover(session, job, previous, silent, now)
         return _claimed(job)
+
+
+def _record_takeover(session: Session, job: Job, previous: str | None, silent: float | None, at: datetime) -> None:
+    """A takeover changes who watches the attempt, not its state: a running -> running event on the timeline
+    (no dispatch token in its details, so it is never taken for the attempt's claim)."""
+    quiet = f" after {silent:.0f}s of silence" if silent is not None else ""
+    session.add(JobEvent(
+        job_id=job.id, at=at, from_status=job.status, to_status=job.status,
+        reason=f"taken over by worker {job.worker_id} from worker {previous}{quiet}", actor=job.worker_id or "worker",
+        attempt=job.retry_count, worker_id=job.worker_id, cluster=job.cluster, node=job.node,
+        details={"takeover": True, "previous_worker": previous, "silent_seconds": round(silent, 3) if silent is not None else None},
+    ))

@@ -183,9 +183,11 @@ def recover_lost(session: Session, settings: Settings, now: datetime | None = No
     recovered: list[str] = []
     lease = now - timedelta(seconds=settings.job_lease_seconds)
     with transaction(session):
+        # Only local attempts die with their worker. A Kubernetes attempt's truth is in its cluster: the
+        # cluster's other workers adopt it (workers/node.py) and end it only when its Job is gone or failed.
         stale_running = session.scalars(
             select(Job)
-            .where(Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < lease)
+            .where(Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < lease, Job.cluster == capacity.LOCAL_CLUSTER)
             .with_for_update(skip_locked=True)
         ).all()
         for job in stale_running:
