@@ -133,6 +133,10 @@ class Settings:
     kubernetes_service_account: str | None = None
     gang_start_timeout_seconds: float = 600.0
     inventory_sync_seconds: float = 10.0
+    # Finished Kubernetes Jobs (and their pods, logs, events) are kept this long; a failed one at least as
+    # long as a succeeded one (from_env raises the failed TTL to the succeeded one).
+    kubernetes_job_ttl_succeeded_seconds: float = 3600.0
+    kubernetes_job_ttl_failed_seconds: float = 86400.0
     worker_executor: str = "local"
     worker_cluster: str | None = None
 
@@ -193,6 +197,12 @@ class Settings:
             kubernetes_service_account=_optional(env, "KUBERNETES_SERVICE_ACCOUNT"),
             gang_start_timeout_seconds=_float(env, "GANG_START_TIMEOUT_SECONDS", 600.0),
             inventory_sync_seconds=_float(env, "INVENTORY_SYNC_SECONDS", 10.0),
+            kubernetes_job_ttl_succeeded_seconds=max(0.0, _float(env, "KUBERNETES_JOB_TTL_SUCCEEDED_SECONDS", 3600.0)),
+            kubernetes_job_ttl_failed_seconds=max(
+                0.0,
+                _float(env, "KUBERNETES_JOB_TTL_SUCCEEDED_SECONDS", 3600.0),
+                _float(env, "KUBERNETES_JOB_TTL_FAILED_SECONDS", 86400.0),
+            ),
             worker_executor=env.get("WORKER_EXECUTOR", "local"),
             worker_cluster=_optional(env, "WORKER_CLUSTER"),
         )

@@ -219,3 +219,38 @@ def test_an_attempt_outlives_a_worker_silent_past_the_lease_and_is_taken_over(ku
     assert not any("lost" in e["reason"] for e in events), events
     lines = kube_api.get(f"/jobs/{job['id']}/logs", params={"timestamps": "false"}).text.splitlines()
     assert lines == [f"tick {i}" for i in range(16)]
+
+
+def test_finished_jobs_are_kept_for_their_retention_and_only_true_orphans_go_at_once(kube_api: ApiClient, kube_worker, start_scheduler, fake: FakeKubernetes) -> None:
+    """The inventory sync once deleted every finished Job at once (as an "orphan"): a failed member's pod and
+    its events vanished seconds after the failure, and ttlSecondsAfterFinished never applied."""
+    import time
+
+    from kubernetes import client
+
+    from workers.executors.base import JobSpec
+    from workers.executors.kubernetes import build_job_manifest
+
+    kube_worker(KUBERNETES_JOB_TTL_SUCCEEDED_SECONDS="0.5", KUBERNETES_JOB_TTL_FAILED_SECONDS="6")
+    start_scheduler()
+    stranger = JobSpec(job_id="job-nobody0wns", attempt=0, image="test/sleep", command=None, env={}, config={}, cpu_millis=100,
+                       memory_bytes=2**20, gpus=0, members=1, timeout_seconds=None, cluster=CLUSTER, node=None)
+    with client.ApiClient(client.Configuration(host=fake.url)) as api:
+        client.BatchV1Api(api).create_namespaced_job(NAMESPACE, build_job_manifest(stranger, NAMESPACE))
+    failed = kube_api.submit(image="test/fail-3", retry_policy={"max_retries": 0})
+    succeeded = kube_api.submit(image="test/succeed")
+
+    def job_of(job_id: str) -> list[dict]:
+        return fake.objects("jobs", NAMESPACE, f"jobservice.io/job-id={job_id}")
+
+    wait_for(lambda: not job_of(stranger.job_id), 15, message="the orphan to be deleted")
+    assert wait_for_status(kube_api, failed["id"], {"succeeded", "failed"})["status"] == "failed"
+    assert wait_for_status(kube_api, succeeded["id"], {"succeeded", "failed"})["status"] == "succeeded"
+    ttl = {j["metadata"]["name"]: j["spec"]["ttlSecondsAfterFinished"] for j in job_of(failed["id"]) + job_of(succeeded["id"])}
+    assert set(ttl.values()) == {6}, ttl  # the cluster's own backstop: the longer retention
+    wait_for(lambda: not job_of(succeeded["id"]), 15, message="the succeeded Job to go after its retention")
+    time.sleep(1.5)  # three inventory syncs
+    (kept,) = job_of(failed["id"])
+    assert any(c["type"] == "Failed" for c in kept["status"]["conditions"])
+    assert fake.objects("pods", NAMESPACE, f"jobservice.io/job-id={failed['id']}"), "the failed member's pod is gone"
+    wait_for(lambda: not job_of(failed["id"]), 20, message="the failed Job to go after its retention")

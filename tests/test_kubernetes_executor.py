@@ -216,6 +216,33 @@ def test_pod_failure_details_and_verdicts() -> None:
     assert pod_verdict(creating) is None
 
 
+def test_jobs_to_delete_keeps_finished_jobs_for_their_retention() -> None:
+    from datetime import timedelta
+
+    from workers.executors.kubernetes import ManagedJob, Retention, jobs_to_delete
+
+    now = datetime(2026, 11, 27, 12, tzinfo=UTC)
+    ago = lambda seconds: now - timedelta(seconds=seconds)  # noqa: E731
+    jobs = [
+        ManagedJob("job-a", 0, "running"),
+        ManagedJob("job-b", 0, "stranger"),
+        ManagedJob("job-c", 0, "done-fresh", "Complete", ago(50)),
+        ManagedJob("job-c", 1, "done-old", "Complete", ago(70)),
+        ManagedJob("job-d", 0, "failed-fresh", "Failed", ago(70)),
+        ManagedJob("job-d", 1, "failed-old", "Failed", ago(130)),
+        ManagedJob("job-e", 0, "stray", None),
+        ManagedJob("job-f", 0, "going", None, deleting=True),
+        ManagedJob("job-g", 0, "running-finished", "Failed", ago(1000)),
+    ]
+    running = {("job-a", 0), ("job-g", 0)}
+    ours = running | {("job-c", 0), ("job-c", 1), ("job-d", 0), ("job-d", 1), ("job-e", 0), ("job-f", 0)}
+    doomed = {job.name: why for job, why in jobs_to_delete(jobs, running, ours, now, Retention(60, 120))}
+    assert set(doomed) == {"stranger", "done-old", "failed-old", "stray"}
+    assert "no attempt" in doomed["stranger"] and "still active" in doomed["stray"]
+    # A failed Job is kept at least as long as a succeeded one, whatever is configured.
+    assert [j.name for j, _ in jobs_to_delete(jobs[4:5], set(), ours, now, Retention(100, 10))] == []
+
+
 def test_log_timestamps_keep_nanosecond_order() -> None:
     early, at = parse_log_timestamp("2024-05-01T12:00:00.1234567Z")
     later, _ = parse_log_timestamp("2024-05-01T12:00:00.12345671Z")

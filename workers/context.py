@@ -35,6 +35,8 @@ def build_executor(settings: Settings) -> Executor:
             # The scheduler counts capacity per node: a single-node placement is pinned there.
             pin_to_node=True,
             service_account_name=settings.kubernetes_service_account,
+            # The cluster's TTL controller is the backstop; the inventory sync deletes succeeded Jobs sooner.
+            ttl_seconds_after_finished=int(settings.kubernetes_job_ttl_failed_seconds),
         )
     if settings.worker_executor != "local":
         raise ValueError(f"WORKER_EXECUTOR={settings.worker_executor!r}: use local or kubernetes")

@@ -238,6 +238,17 @@ def orphaned_attempts(session: Session, attempts: list[tuple[str, int]]) -> set[
     return {pair for pair in attempts if pair not in running}
 
 
+def attempts_of_ours(session: Session, attempts: list[tuple[str, int]]) -> set[tuple[str, int]]:
+    """Of (job id, attempt) pairs found in a cluster, those that are attempts of a job the service knows
+    (its current attempt or an earlier one); the others are true orphans."""
+    if not attempts:
+        return set()
+    latest = dict(session.execute(
+        select(Job.id, Job.retry_count).where(Job.id.in_({job_id for job_id, _ in attempts}))
+    ).all())
+    return {(job_id, attempt) for job_id, attempt in attempts if job_id in latest and 0 <= attempt <= latest[job_id]}
+
+
 def adoptable(session: Session, cluster: str, silent_since: datetime) -> list[tuple[str, str]]:
     """Running jobs of a cluster whose worker stopped watching them: (job id, dispatch token)."""
     rows = session.execute(

@@ -987,6 +987,48 @@ class _Ended:
 # The executor
 
 
+@dataclass(frozen=True)
+class ManagedJob:
+    job_id: str
+    attempt: int
+    name: str
+    finished: str | None = None  # "Complete" or "Failed"; None while it runs
+    finished_at: datetime | None = None
+    deleting: bool = False
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How long finished Jobs are kept (with their pods, whose logs and events tell what happened)."""
+
+    succeeded_seconds: float = 3600.0
+    failed_seconds: float = 86400.0
+
+
+def jobs_to_delete(jobs: Iterable[ManagedJob], running: set[tuple[str, int]], ours: set[tuple[str, int]],
+                   now: datetime, retention: Retention) -> list[tuple[ManagedJob, str]]:
+    """Which of the service's Jobs go, and why: a Job no attempt of ours owns (a true orphan) at once; a Job
+    still active whose attempt is over (its worker died mid-teardown) at once; a finished Job once it has
+    been kept for its retention (the failed one at least as long as the succeeded one). A running
+    attempt's Job is its worker's business."""
+    doomed = []
+    for job in jobs:
+        key = (job.job_id, job.attempt)
+        if job.deleting or key in running:
+            continue
+        if key not in ours:
+            doomed.append((job, "no attempt of the service owns it"))
+        elif job.finished is None:
+            doomed.append((job, f"attempt {job.attempt} is over but the Job is still active"))
+        else:
+            keep = retention.succeeded_seconds if job.finished == "Complete" else max(retention.failed_seconds,
+                                                                                      retention.succeeded_seconds)
+            age = (now - job.finished_at).total_seconds() if job.finished_at else None
+            if age is None or age >= keep:
+                doomed.append((job, f"{job.finished.lower()} and kept for {keep:g}s"))
+    return doomed
+
+
 class KubernetesExecutor:
     """Launches each attempt as one Indexed Job in `namespace` of `cluster`; re-attaches after a restart.
 
@@ -1090,6 +1132,10 @@ class KubernetesExecutor:
 
     def list_managed_jobs(self) -> list[tuple[str, int, str]]:
         """(job id, attempt, Job name) for every Job this service manages in the namespace."""
+        return [(m.job_id, m.attempt, m.name) for m in self.list_managed()]
+
+    def list_managed(self) -> list[ManagedJob]:
+        """Every Job this service manages in the namespace, with whether and when it finished."""
         listed = self.retry.call("list managed Jobs", lambda: self._batch.list_namespaced_job(
             self.namespace, label_selector=f"{LABEL_MANAGED_BY}={MANAGER}", _request_timeout=REQUEST_TIMEOUT))
         found = []
@@ -1097,7 +1143,15 @@ class KubernetesExecutor:
             annotations = job.metadata.annotations or {}
             attempt = annotations.get(ANNOTATION_ATTEMPT, "")
             if ANNOTATION_JOB_ID in annotations and attempt.isdigit():
-                found.append((annotations[ANNOTATION_JOB_ID], int(attempt), job.metadata.name))
+                terminal = next((c for c in (job.status.conditions if job.status else None) or []
+                                 if c.status == "True" and c.type in ("Complete", "Failed")), None)
+                found.append(ManagedJob(
+                    annotations[ANNOTATION_JOB_ID], int(attempt), job.metadata.name,
+                    finished=terminal.type if terminal else None,
+                    finished_at=(terminal.last_transition_time or (job.status.completion_time if job.status else None))
+                    if terminal else None,
+                    deleting=job.metadata.deletion_timestamp is not None,
+                ))
         return found
 
     def remove_job(self, name: str) -> None:
