@@ -254,3 +254,23 @@ def test_finished_jobs_are_kept_for_their_retention_and_only_true_orphans_go_at_
     assert any(c["type"] == "Failed" for c in kept["status"]["conditions"])
     assert fake.objects("pods", NAMESPACE, f"jobservice.io/job-id={failed['id']}"), "the failed member's pod is gone"
     wait_for(lambda: not job_of(failed["id"]), 20, message="the failed Job to go after its retention")
+
+
+def test_a_gang_spread_over_nodes_reports_every_members_node(kube_api: ApiClient, kube_worker, start_scheduler, fake: FakeKubernetes) -> None:
+    """explain once said "Running on gpu-east/None" and the events showed node None for such a gang."""
+    kube_worker()
+    start_scheduler()
+    # 3 members of 2 GPUs over nodes of 4 and 2 GPUs: two nodes, whichever way it is placed.
+    job = kube_api.submit(image="test/sleep", resources={"gpu": 2}, gang={"enabled": True, "min_members": 3})
+    wait_for_status(kube_api, job["id"], "running", timeout=30)
+    explained = kube_api.get(f"/jobs/{job['id']}/explain").json()
+    assert explained["reason"] == "RUNNING" and "None" not in explained["message"], explained
+    assert "gpu-east/gpu-node-1 (2 members)" in explained["message"] and "gpu-east/gpu-node-2 (1 member)" in explained["message"]
+    assert sorted(explained["node"].split(",")) == ["gpu-node-1", "gpu-node-2"]
+    pods = wait_for(lambda: [p for p in fake.objects("pods", NAMESPACE, f"jobservice.io/job-id={job['id']}") if p["spec"].get("nodeName")] or None, 15)
+    assert kube_api.delete(f"/jobs/{job['id']}").status_code == 200
+    wait_for_status(kube_api, job["id"], "cancelled")
+    events = kube_api.get(f"/jobs/{job['id']}/events").json()["events"]
+    placed = [e for e in events if e["to_status"] in ("queued", "running", "cancelled")]
+    assert placed and all(e["node"] and sorted(e["node"].split(",")) == ["gpu-node-1", "gpu-node-2"] for e in placed), placed
+    assert pods

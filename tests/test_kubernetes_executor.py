@@ -336,6 +336,9 @@ def test_gang_of_two_runs_with_ranks_from_the_completion_index(fake: FakeKuberne
     assert sorted(p["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"] for p in pods) == ["0", "1"]
     (job,) = jobs_in(fake, spec)
     assert job["status"]["completedIndexes"] == "0-1"
+    # Each member's node, as the cluster placed it, goes with the outcome (the end event's details).
+    assert outcome.details["member_nodes"] == {
+        p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]: p["spec"]["nodeName"] for p in pods}
 
 
 def test_one_failing_member_fails_the_gang_with_its_details(fake: FakeKubernetes, executor: KubernetesExecutor) -> None:

@@ -10,7 +10,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from app.db import transaction
-from app.domain.jobs import notify_scheduler, record_transition, utcnow
+from app.domain.jobs import notify_scheduler, placed_nodes, record_transition, utcnow
 from app.domain.scheduling import end_attempt
 from app.domain.states import JobStatus
 from app.models import Job, JobEvent, Node
@@ -285,6 +285,6 @@ def _record_takeover(session: Session, job: Job, previous: str | None, silent: f
     session.add(JobEvent(
         job_id=job.id, at=at, from_status=job.status, to_status=job.status,
         reason=f"taken over by worker {job.worker_id} from worker {previous}{quiet}", actor=job.worker_id or "worker",
-        attempt=job.retry_count, worker_id=job.worker_id, cluster=job.cluster, node=job.node,
+        attempt=job.retry_count, worker_id=job.worker_id, cluster=job.cluster, node=placed_nodes(job),
         details={"takeover": True, "previous_worker": previous, "silent_seconds": round(silent, 3) if silent is not None else None},
     ))

@@ -866,7 +866,10 @@ class KubernetesExecution:
         return min(failures, key=lambda f: f[0]) if failures else None
 
     def _job_details(self) -> dict[str, Any]:
-        return {"job_name": self.name, "namespace": self.namespace, "members": self.spec.members}
+        # Where each member really ran: a spread gang is placed by the kube-scheduler, member by member.
+        nodes = {m.index: m.pod.spec.node_name for m in self._members.values() if m.pod.spec and m.pod.spec.node_name}
+        return {"job_name": self.name, "namespace": self.namespace, "members": self.spec.members,
+                "member_nodes": {str(index): nodes[index] for index in sorted(nodes)}}
 
     def _logs_drained(self) -> bool:
         return all(m.ended and (m.follower is None or not m.follower.is_alive()) for m in self._members.values())
