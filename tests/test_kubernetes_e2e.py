@@ -65,7 +65,7 @@ def kube_worker(start_worker, kube_env: dict[str, str]):  # type: ignore[no-unty
 
 def test_a_job_runs_as_a_kubernetes_job_and_keeps_its_logs(kube_api: ApiClient, kube_worker, start_scheduler, fake: FakeKubernetes) -> None:
     fake.scripts["test/steady"] = Script(lines=["starting rank $JOB_RANK of $JOB_WORLD_SIZE", "working", "done"], line_interval=0.5)
-    kube_worker()
+    kube_worker(KUBERNETES_JOB_TTL_SUCCEEDED_SECONDS="0")
     start_scheduler()
     job = kube_api.submit(image="test/steady", resources={"gpu": 1, "cpu": "2", "memory": "4Gi"}, config={"model": "m"})
     wait_for_status(kube_api, job["id"], "running")
@@ -75,7 +75,7 @@ def test_a_job_runs_as_a_kubernetes_job_and_keeps_its_logs(kube_api: ApiClient, 
     assert (limits["nvidia.com/gpu"], limits["cpu"]) == ("1", "2000m")
     done = wait_for_status(kube_api, job["id"], {"succeeded", "failed"})
     assert done["status"] == "succeeded" and done["exit_code"] == 0 and done["cluster"] == CLUSTER
-    # The finished Job is deleted; its logs stay in the service's store.
+    # The finished Job is deleted once its retention (here none) is over; its logs stay in the service's store.
     wait_for(lambda: not fake.objects("jobs", NAMESPACE), 15, message="the finished Job to be removed")
     logs = kube_api.get(f"/jobs/{job['id']}/logs", params={"timestamps": "false"}).text.splitlines()
     assert logs == ["starting rank 0 of 1", "working", "done"]
@@ -274,3 +274,18 @@ def test_a_gang_spread_over_nodes_reports_every_members_node(kube_api: ApiClient
     placed = [e for e in events if e["to_status"] in ("queued", "running", "cancelled")]
     assert placed and all(e["node"] and sorted(e["node"].split(",")) == ["gpu-node-1", "gpu-node-2"] for e in placed), placed
     assert pods
+
+
+def test_a_gpu_job_selects_the_gpu_model_it_was_counted_on_and_tolerates_the_gpu_taint(kube_api: ApiClient, kube_worker, start_scheduler, fake: FakeKubernetes) -> None:
+    kube_worker()
+    start_scheduler()
+    job = kube_api.submit(image="test/sleep", resources={"gpu": 2})
+    wait_for_status(kube_api, job["id"], "running")
+    node = kube_api.get(f"/jobs/{job['id']}/explain").json()["node"]
+    (k8s_job,) = wait_for(lambda: fake.objects("jobs", NAMESPACE, f"jobservice.io/job-id={job['id']}"), 10)
+    pod = k8s_job["spec"]["template"]["spec"]
+    product = {"gpu-node-1": "NVIDIA-A100-SXM4-80GB", "gpu-node-2": "NVIDIA-H100-80GB-HBM3"}[node]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": product}
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    kube_api.delete(f"/jobs/{job['id']}")
+    wait_for_status(kube_api, job["id"], "cancelled")

@@ -37,6 +37,8 @@ def build_executor(settings: Settings) -> Executor:
             service_account_name=settings.kubernetes_service_account,
             # The cluster's TTL controller is the backstop; the inventory sync deletes succeeded Jobs sooner.
             ttl_seconds_after_finished=int(settings.kubernetes_job_ttl_failed_seconds),
+            gpu_tolerations=settings.kubernetes_gpu_tolerations,
+            gpu_product_label=settings.kubernetes_gpu_product_label,
         )
     if settings.worker_executor != "local":
         raise ValueError(f"WORKER_EXECUTOR={settings.worker_executor!r}: use local or kubernetes")

@@ -7,9 +7,10 @@ from typing import Any
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 
 from app.db import transaction
+from app.domain.capacity import LOCAL_CLUSTER
 from app.domain.jobs import notify_scheduler, placed_nodes, record_transition, utcnow
 from app.domain.scheduling import end_attempt
 from app.domain.states import JobStatus
@@ -36,6 +37,7 @@ class ClaimedJob:
     cluster: str
     node: str | None
     gpu_indices: list[int]
+    gpu_type: str | None = None  # of the nodes it was placed on, when they share one (Kubernetes: node selector)
 
 
 def claim(
@@ -114,7 +116,19 @@ def _claimed(job: Job) -> ClaimedJob:
         cluster=job.cluster or "",
         node=job.node,
         gpu_indices=[int(g) for g in job.gpu_indices or []],
+        gpu_type=_placed_gpu_type(job),
     )
+
+
+def _placed_gpu_type(job: Job) -> str | None:
+    """The GPU model the scheduler counted for a Kubernetes job's GPUs: the kube-scheduler must not place its
+    members on another model. None without GPUs, on the local cluster, or over nodes of mixed models."""
+    session = object_session(job)
+    names = (placed_nodes(job) or "").split(",")
+    if session is None or not job.gpus or job.cluster in (None, LOCAL_CLUSTER) or not any(names):
+        return None
+    types = set(session.scalars(select(Node.gpu_type).where(Node.cluster == job.cluster, Node.name.in_(names))))
+    return types.pop() if len(types) == 1 else None
 
 
 def still_running(session: Session, job_id: str, dispatch_token: str, *, heartbeat: bool) -> bool:

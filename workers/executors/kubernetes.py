@@ -39,7 +39,7 @@ import urllib3
 from kubernetes import client, watch
 from kubernetes.client import ApiClient, ApiException
 
-from workers.executors.base import EndKind, JobSpec, LogLine, LogSink, Outcome
+from workers.executors.base import DEFAULT_MASTER_PORT, RANK_VARIABLES, EndKind, JobSpec, LogLine, LogSink, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,17 @@ def label_value(value: str) -> str:
     return _dns_label(value, 63)
 
 
+def service_name(job: str) -> str:
+    """The headless Service of a gang's Job: the Job's name, which must here also be a DNS-1035 label."""
+    return job if job[:1].isalpha() else f"s{job}"[:MAX_JOB_NAME + 1].rstrip("-")
+
+
+def master_address(job: str, namespace: str) -> str:
+    """Member 0's stable DNS name: `<hostname>.<subdomain>.<namespace>.svc` (Indexed pods are named
+    `<job>-<index>` as hosts; the subdomain is the headless Service)."""
+    return f"{job}-0.{service_name(job)}.{namespace}.svc"
+
+
 def owner_selector(job_id: str, attempt: int | None = None) -> str:
     terms = [f"{LABEL_MANAGED_BY}={MANAGER}", f"{LABEL_JOB_ID}={label_value(job_id)}"]
     if attempt is not None:
@@ -99,11 +110,17 @@ def build_job_manifest(
     ttl_seconds_after_finished: int | None = 3600,
     node_name: str | None = None,
     service_account_name: str | None = None,
+    gpu_tolerations: Iterable[tuple[str, str | None, str | None]] = (),
+    gpu_product_label: str | None = None,
 ) -> client.V1Job:
     """The batch/v1 Job for one attempt of `spec`: Indexed, one completion per gang member, no retries.
 
-    Quantities are strings (the client validates them as such). JOB_RANK comes from the pod's completion index
-    through the downward API, so every member sees its own rank from one shared template.
+    Quantities are strings (the client validates them as such). JOB_RANK, RANK and NODE_RANK come from the
+    pod's completion index through the downward API, so every member sees its own rank from one shared
+    template. A gang's pods live under the subdomain of a headless Service (`build_service_manifest`), so
+    MASTER_ADDR (member 0) resolves; a single member rendezvouses with itself on 127.0.0.1.
+    Pods that request GPUs tolerate `gpu_tolerations` and, when the scheduler counted a GPU model
+    (spec.gpu_type), select nodes of that model by `gpu_product_label`.
     """
     if not spec.image:
         raise ValueError("the job has no image: the Kubernetes executor runs containers")
@@ -127,16 +144,18 @@ def build_job_manifest(
     if spec.gpus > 0:
         amounts[gpu_resource] = str(spec.gpus)  # extended resources must have requests == limits
 
-    # The service's variables win over the job's own; the rank is per pod, from the completion index.
+    gang = spec.members > 1
+    spec = spec.with_rendezvous(master_address(name, namespace) if gang else "127.0.0.1", DEFAULT_MASTER_PORT)
+    # The service's variables win over the job's own; the ranks are per pod, from the completion index.
     variables = {**spec.env, **spec.base_environment(rank=0)}
     env = [
         client.V1EnvVar(
-            name="JOB_RANK",
+            name=key,
             value_from=client.V1EnvVarSource(
                 field_ref=client.V1ObjectFieldSelector(field_path=f"metadata.annotations['{COMPLETION_INDEX}']")
             ),
         )
-        if key == "JOB_RANK"
+        if key in RANK_VARIABLES
         else client.V1EnvVar(name=key, value=str(value))
         for key, value in variables.items()
     ]
@@ -163,6 +182,11 @@ def build_job_manifest(
                 )
             )
         )
+    tolerations = [
+        client.V1Toleration(key=key, operator="Equal" if value is not None else "Exists", value=value, effect=effect)
+        for key, value, effect in gpu_tolerations
+    ] if spec.gpus > 0 else []
+    node_selector = {gpu_product_label: spec.gpu_type} if spec.gpus > 0 and spec.gpu_type and gpu_product_label else None
     pod_spec = client.V1PodSpec(
         containers=[container],
         restart_policy="Never",
@@ -170,6 +194,9 @@ def build_job_manifest(
         enable_service_links=False,
         affinity=affinity,
         service_account_name=service_account_name,
+        subdomain=service_name(name) if gang else None,
+        tolerations=tolerations or None,
+        node_selector=node_selector,
     )
     return client.V1Job(
         api_version="batch/v1",
@@ -188,6 +215,30 @@ def build_job_manifest(
                 metadata=client.V1ObjectMeta(labels=dict(labels), annotations=dict(annotations)),
                 spec=pod_spec,
             ),
+        ),
+    )
+
+
+def build_service_manifest(spec: JobSpec, namespace: str, job: client.V1Job) -> client.V1Service:
+    """The headless Service that gives a gang's members DNS names (`<job>-<index>.<service>`), as JobSet and
+    PyTorchJob do. Owned by the Job, so the garbage collector removes it with the Job and its pods.
+    Not-ready addresses are published: members resolve each other before any is Ready."""
+    name = job.metadata.name
+    labels = {LABEL_MANAGED_BY: MANAGER, LABEL_JOB_ID: label_value(spec.job_id), LABEL_ATTEMPT: str(spec.attempt)}
+    owner = client.V1OwnerReference(api_version="batch/v1", kind="Job", name=name, uid=job.metadata.uid,
+                                    controller=False, block_owner_deletion=False)
+    return client.V1Service(
+        api_version="v1",
+        kind="Service",
+        metadata=client.V1ObjectMeta(name=service_name(name), namespace=namespace, labels=labels,
+                                     annotations={ANNOTATION_JOB_ID: spec.job_id, ANNOTATION_ATTEMPT: str(spec.attempt)},
+                                     owner_references=[owner]),
+        spec=client.V1ServiceSpec(
+            cluster_ip="None",
+            selector=dict(labels),
+            publish_not_ready_addresses=True,
+            ports=[client.V1ServicePort(name="rendezvous", port=DEFAULT_MASTER_PORT, target_port=DEFAULT_MASTER_PORT,
+                                        protocol="TCP")],
         ),
     )
 
@@ -1054,6 +1105,8 @@ class KubernetesExecutor:
         service_account_name: str | None = None,
         timings: Timings | None = None,
         retry: RetryPolicy | None = None,
+        gpu_tolerations: Iterable[tuple[str, str | None, str | None]] = (("nvidia.com/gpu", None, "NoSchedule"),),
+        gpu_product_label: str | None = "nvidia.com/gpu.product",
     ) -> None:
         self.api_client = api_client
         self.namespace = namespace
@@ -1066,7 +1119,10 @@ class KubernetesExecutor:
         if gang_start_timeout_seconds is not None:
             self.timings = dataclasses.replace(self.timings, gang_start_timeout_seconds=gang_start_timeout_seconds)
         self.retry = retry or RetryPolicy()
+        self.gpu_tolerations = tuple(gpu_tolerations)
+        self.gpu_product_label = gpu_product_label
         self._batch = client.BatchV1Api(api_client)
+        self._core = client.CoreV1Api(api_client)
 
     def manifest(self, spec: JobSpec) -> client.V1Job:
         return build_job_manifest(
@@ -1074,6 +1130,8 @@ class KubernetesExecutor:
             ttl_seconds_after_finished=self.ttl_seconds_after_finished,
             node_name=spec.node if self.pin_to_node else None,
             service_account_name=self.service_account_name,
+            gpu_tolerations=self.gpu_tolerations,
+            gpu_product_label=self.gpu_product_label,
         )
 
     def launch(self, spec: JobSpec, logs: LogSink) -> KubernetesExecution | _Ended:
@@ -1084,14 +1142,17 @@ class KubernetesExecutor:
         name = manifest.metadata.name
         where = {"job_name": name, "namespace": self.namespace}
         try:
-            self.retry.call(f"create Job {name}", lambda: self._batch.create_namespaced_job(
+            created = self.retry.call(f"create Job {name}", lambda: self._batch.create_namespaced_job(
                 self.namespace, manifest, _request_timeout=REQUEST_TIMEOUT))
         except ApiException as error:
             if error.status != 409:
                 return _Ended(self._launch_error(error, where))
             # A redelivered launch: this attempt's Job exists already. Watch it rather than fail.
             try:
-                adopted = self.adopt(spec, logs)
+                existing = self._find(spec)
+                if existing is not None:
+                    self._ensure_service(spec, existing)
+                adopted = self._adopt_job(spec, logs, existing)
             except Exception as adopt_error:
                 return _Ended(self._launch_error(adopt_error, where))
             if adopted is None:
@@ -1102,7 +1163,29 @@ class KubernetesExecutor:
         except Exception as error:
             return _Ended(self._launch_error(error, where))
         log.info("created Job %s/%s for job %s attempt %s", self.namespace, name, spec.job_id, spec.attempt)
+        try:
+            self._ensure_service(spec, created)
+        except Exception as error:
+            # Without its Service a gang's members cannot find member 0: take the Job back rather than let it hang.
+            log.error("could not create the Service of Job %s: %s", name, _describe(error))
+            try:
+                self.remove_job(name)
+            except Exception as remove_error:  # noqa: BLE001 - the inventory sync deletes it as a stray later
+                log.error("could not delete Job %s: %s", name, _describe(remove_error))
+            return _Ended(self._launch_error(error, where))
         return self._track(spec, logs, name, started_at=time.time())
+
+    def _ensure_service(self, spec: JobSpec, job: client.V1Job) -> None:
+        """The gang's headless Service (none for a single member); one that exists already is fine."""
+        if spec.members <= 1:
+            return
+        service = build_service_manifest(spec, self.namespace, job)
+        try:
+            self.retry.call(f"create Service {service.metadata.name}", lambda: self._core.create_namespaced_service(
+                self.namespace, service, _request_timeout=REQUEST_TIMEOUT))
+        except ApiException as error:
+            if error.status != 409:
+                raise
 
     @staticmethod
     def _launch_error(error: Exception, where: dict[str, Any]) -> Outcome:
@@ -1122,11 +1205,17 @@ class KubernetesExecutor:
 
         `logs_since`: the time of the last log line already stored, so that lines are not delivered twice.
         """
+        return self._adopt_job(spec, logs, self._find(spec), logs_since)
+
+    def _find(self, spec: JobSpec) -> client.V1Job | None:
         listed = self.retry.call(f"list Jobs of {spec.job_id}", lambda: self._batch.list_namespaced_job(
             self.namespace, label_selector=owner_selector(spec.job_id, spec.attempt), _request_timeout=REQUEST_TIMEOUT))
-        job = next((j for j in listed.items or []
-                    if (j.metadata.annotations or {}).get(ANNOTATION_JOB_ID) == spec.job_id
-                    and (j.metadata.annotations or {}).get(ANNOTATION_ATTEMPT) == str(spec.attempt)), None)
+        return next((j for j in listed.items or []
+                     if (j.metadata.annotations or {}).get(ANNOTATION_JOB_ID) == spec.job_id
+                     and (j.metadata.annotations or {}).get(ANNOTATION_ATTEMPT) == str(spec.attempt)), None)
+
+    def _adopt_job(self, spec: JobSpec, logs: LogSink, job: client.V1Job | None,
+                   logs_since: datetime | None = None) -> KubernetesExecution | None:
         if job is None:
             return None
         created = job.metadata.creation_timestamp
