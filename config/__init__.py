@@ -160,6 +160,9 @@ class Settings:
     kubernetes_job_ttl_succeeded_seconds: float = 3600.0
     kubernetes_job_ttl_failed_seconds: float = 86400.0
     # Pods that request GPUs tolerate these taints (GPU nodes are commonly tainted nvidia.com/gpu:NoSchedule).
+    # Client-side rate limit of each Kubernetes API client (client-go's QPS/burst); qps 0: unlimited.
+    kubernetes_qps: float = 50.0
+    kubernetes_burst: int = 100
     kubernetes_gpu_tolerations: tuple[tuple[str, str | None, str | None], ...] = field(
         default_factory=lambda: parse_tolerations(DEFAULT_GPU_TOLERATIONS))
     worker_executor: str = "local"
@@ -222,6 +225,8 @@ class Settings:
             kubernetes_service_account=_optional(env, "KUBERNETES_SERVICE_ACCOUNT"),
             gang_start_timeout_seconds=_float(env, "GANG_START_TIMEOUT_SECONDS", 600.0),
             inventory_sync_seconds=_float(env, "INVENTORY_SYNC_SECONDS", 10.0),
+            kubernetes_qps=min(100_000.0, max(0.0, _float(env, "KUBERNETES_QPS", 50.0))),
+            kubernetes_burst=min(100_000, max(1, _int(env, "KUBERNETES_BURST", 100))),
             kubernetes_gpu_tolerations=parse_tolerations(env.get("KUBERNETES_GPU_TOLERATIONS", DEFAULT_GPU_TOLERATIONS)),
             kubernetes_job_ttl_succeeded_seconds=max(0.0, _float(env, "KUBERNETES_JOB_TTL_SUCCEEDED_SECONDS", 3600.0)),
             kubernetes_job_ttl_failed_seconds=max(

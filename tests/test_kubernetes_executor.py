@@ -655,7 +655,51 @@ def test_build_api_client_from_a_kubeconfig_context(fake: FakeKubernetes, tmp_pa
         "contexts": [{"name": "fake-ctx", "context": {"cluster": "fake", "user": "tester"}},
                      {"name": "elsewhere", "context": {"cluster": "other", "user": "tester"}}],
     }))
-    api = build_api_client(str(kubeconfig), "fake-ctx")
+    api = build_api_client(str(kubeconfig), "fake-ctx", qps=7, burst=9)
     assert api.configuration.host == fake.url
+    assert (api.limiter.qps, api.limiter.burst) == (7, 9)  # every request is rate limited client-side
     assert api.configuration.connection_pool_maxsize >= 64
     assert check_cluster(api) == "ok"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Client-side rate limit
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def test_the_token_bucket_allows_a_burst_then_paces_requests_at_qps() -> None:
+    from app.kube import TokenBucket
+
+    clock = FakeClock()
+    bucket = TokenBucket(qps=10, burst=3, clock=clock, sleep=clock.sleep)
+    assert [bucket.acquire() for _ in range(3)] == [0.0, 0.0, 0.0]  # the burst
+    assert bucket.acquire() == pytest.approx(0.1) and bucket.acquire() == pytest.approx(0.1)
+    clock.now += 10  # idle: the bucket refills, but never beyond the burst
+    assert [bucket.acquire() for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert bucket.acquire() == pytest.approx(0.1)
+    assert bucket.taken == 9 and TokenBucket(qps=0, burst=1, clock=clock, sleep=clock.sleep).acquire() == 0.0
+
+
+def test_every_request_of_the_executor_goes_through_the_limiter(fake: FakeKubernetes) -> None:
+    from app.kube import RateLimitedApiClient, TokenBucket
+
+    limiter = TokenBucket(qps=1000, burst=1000)
+    api = RateLimitedApiClient(client.Configuration(host=fake.url), limiter)
+    executor = KubernetesExecutor(api, NAMESPACE, "test-cluster", timings=TIMINGS, retry=RetryPolicy(base_delay=0.05))
+    sink = Sink()
+    assert outcome_of(executor.launch(make_spec("test/succeed", members=2, gpus=0), sink)).succeeded
+    read_inventory(api, "test-cluster")
+    api.close()
+    assert limiter.taken == len(fake.requests) > 5  # creates, lists, watches, log streams, the inventory

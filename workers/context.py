@@ -27,7 +27,8 @@ def build_executor(settings: Settings) -> Executor:
         cluster = served_cluster(settings)
         context = dict(settings.kubernetes_clusters)[cluster]
         return KubernetesExecutor(
-            build_api_client(settings.kubeconfig if context else None, context),
+            build_api_client(settings.kubeconfig if context else None, context,
+                             qps=settings.kubernetes_qps, burst=settings.kubernetes_burst),
             settings.kubernetes_namespace,
             cluster,
             settings.kubernetes_gpu_resource,
