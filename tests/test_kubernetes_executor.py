@@ -111,8 +111,10 @@ def api(fake: FakeKubernetes) -> Iterator[client.ApiClient]:
 
 
 @pytest.fixture
-def executor(api: client.ApiClient) -> KubernetesExecutor:
-    return KubernetesExecutor(api, NAMESPACE, "test-cluster", timings=TIMINGS, retry=RetryPolicy(base_delay=0.05))
+def executor(api: client.ApiClient) -> Iterator[KubernetesExecutor]:
+    executor = KubernetesExecutor(api, NAMESPACE, "test-cluster", timings=TIMINGS, retry=RetryPolicy(base_delay=0.05))
+    yield executor
+    executor.close()
 
 
 def jobs_in(fake: FakeKubernetes, spec: JobSpec) -> list[dict[str, Any]]:
@@ -703,3 +705,29 @@ def test_every_request_of_the_executor_goes_through_the_limiter(fake: FakeKubern
     read_inventory(api, "test-cluster")
     api.close()
     assert limiter.taken == len(fake.requests) > 5  # creates, lists, watches, log streams, the inventory
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared informers
+
+
+def test_running_attempts_share_two_watches_per_cluster(fake: FakeKubernetes, executor: KubernetesExecutor) -> None:
+    """Each attempt once opened its own two watches (its Job, its pods): 2,000 for 1,000 running jobs."""
+    specs = [make_spec("test/sleep", gpus=0, cpu_millis=100, memory_bytes=2**20) for _ in range(12)]
+    executions = [executor.launch(spec, Sink()) for spec in specs]
+    wait_for(lambda: len([p for p in fake.objects("pods", NAMESPACE) if p["status"].get("phase") == "Running"]) == 12,
+             what="every pod running")
+    watches = [r for r in fake.requests if r.query.get("watch") == "true"]
+    assert sorted(r.path.rsplit("/", 1)[-1] for r in watches) == ["jobs", "pods"], [r.path for r in watches]
+    assert all(r.query["labelSelector"] == "app.kubernetes.io/managed-by=jobservice" for r in watches)
+    jobs, pods = executor.informers()
+    assert jobs.watched == pods.watched == 12 and len(pods) == 12
+    executions[3].cancel()
+    assert outcome_of(executions[3]).kind == EndKind.CANCELLED  # one attempt's end reaches only its own handler
+    assert all(e.poll() is None for i, e in enumerate(executions) if i != 3)
+    assert jobs.watched == 11
+    for execution in executions:
+        execution.cancel()
+    for execution in executions:
+        outcome_of(execution)
+    assert jobs.watched == pods.watched == 0

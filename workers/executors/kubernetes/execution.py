@@ -15,7 +15,8 @@ from kubernetes.client import ApiClient, ApiException
 from workers.executors.base import EndKind, JobSpec, LogLine, LogSink, Outcome
 from workers.executors.kubernetes.calls import REQUEST_TIMEOUT, RetryPolicy, _describe
 from workers.executors.kubernetes.logs import _LogFollower
-from workers.executors.kubernetes.manifest import owner_selector
+from workers.executors.kubernetes.informers import SharedInformer, version_at_least
+from workers.executors.kubernetes.manifest import label_value, owner_selector
 from workers.executors.kubernetes.outcomes import (
     Verdict,
     _container_statuses,
@@ -25,7 +26,6 @@ from workers.executors.kubernetes.outcomes import (
     pod_failure_details,
     pod_verdict,
 )
-from workers.executors.kubernetes.watches import _Reflector
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,9 @@ class KubernetesExecution:
         timings: Timings,
         retry: RetryPolicy,
         logs_since: datetime | None = None,
+        *,
+        informers: tuple[SharedInformer, SharedInformer],
+        known_version: str | None = None,
     ) -> None:
         self.name = name
         self.namespace = namespace
@@ -103,17 +106,15 @@ class KubernetesExecution:
         self._known_at: float | None = None  # monotonic time the outcome became known
         self._final: Outcome | None = None
         self._closed = False
-        selector = owner_selector(spec.job_id, spec.attempt)
-        self._reflectors = [
-            _Reflector(f"job-{name}", self._batch.list_namespaced_job, namespace,
-                       {"field_selector": f"metadata.name={name}"}, self._sync_job, self._job_event,
-                       timings.watch_timeout_seconds),
-            _Reflector(f"pods-{name}", self._core.list_namespaced_pod, namespace,
-                       {"label_selector": selector}, self._sync_pods, self._pod_event,
-                       timings.watch_timeout_seconds),
-        ]
-        for reflector in self._reflectors:
-            reflector.start()
+        # The Job as written by its creation (or read at adoption): a cache at least this new that lacks it
+        # means it is gone; an older one only has not seen it yet.
+        self._known_version = known_version
+        # State comes from the executor's shared informers (one watch of Jobs, one of pods, per cluster).
+        self._informers = informers
+        self._key = (label_value(spec.job_id), str(spec.attempt))
+        jobs, pods = informers
+        jobs.subscribe(self._key, self, self._sync_job, self._job_event)
+        pods.subscribe(self._key, self, self._sync_pods, self._pod_event)
 
     # -- the Execution protocol -------------------------------------------------------------------------
 
@@ -176,13 +177,13 @@ class KubernetesExecution:
         with self._lock:
             self._closed = True
             followers = [m.follower for m in self._members.values() if m.follower is not None]
-        for reflector in self._reflectors:
-            reflector.stop()
+        for informer in self._informers:
+            informer.unsubscribe(self._key, self)
         for follower in followers:
             follower.stop()
 
     def watch_stats(self) -> dict[str, int]:
-        return {"lists": sum(r.lists for r in self._reflectors), "resumes": sum(r.resumes for r in self._reflectors)}
+        return {"lists": sum(i.lists for i in self._informers), "resumes": sum(i.resumes for i in self._informers)}
 
     # -- deciding ---------------------------------------------------------------------------------------
 
@@ -276,22 +277,25 @@ class KubernetesExecution:
 
     # -- what the watches report ------------------------------------------------------------------------
 
-    def _sync_job(self, items: list[client.V1Job]) -> None:
+    def _sync_job(self, items: list[client.V1Job], version: str | None = None) -> None:
         with self._lock:
             current = next((j for j in items if j.metadata.name == self.name), None)
             if current is None:
-                self._job_gone = True
+                if version_at_least(version, self._known_version):
+                    self._job_gone = True
             else:
                 self._job = current
 
     def _job_event(self, kind: str, job: client.V1Job) -> None:
+        if job.metadata.name != self.name:
+            return
         with self._lock:
             if kind == "DELETED":
                 self._job_gone = True
             else:
                 self._job = job
 
-    def _sync_pods(self, items: list[client.V1Pod]) -> None:
+    def _sync_pods(self, items: list[client.V1Pod], version: str | None = None) -> None:
         with self._lock:
             self._pods_synced = True
             listed = {p.metadata.name for p in items}

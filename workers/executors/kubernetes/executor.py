@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from kubernetes.client import ApiClient, ApiException
 from workers.executors.base import EndKind, JobSpec, LogSink, Outcome
 from workers.executors.kubernetes.calls import REQUEST_TIMEOUT, RetryPolicy, _api_message, _describe, is_transient
 from workers.executors.kubernetes.execution import KubernetesExecution, Timings, _Ended
+from workers.executors.kubernetes.informers import SharedInformer
 from workers.executors.kubernetes.manifest import (
     ANNOTATION_ATTEMPT,
     ANNOTATION_JOB_ID,
@@ -110,6 +112,8 @@ class KubernetesExecutor:
         self.gpu_product_label = gpu_product_label
         self._batch = client.BatchV1Api(api_client)
         self._core = client.CoreV1Api(api_client)
+        self._informers: tuple[SharedInformer, SharedInformer] | None = None
+        self._informers_lock = threading.Lock()
 
     def manifest(self, spec: JobSpec) -> client.V1Job:
         return build_job_manifest(
@@ -160,7 +164,7 @@ class KubernetesExecutor:
             except Exception as remove_error:  # noqa: BLE001 - the inventory sync deletes it as a stray later
                 log.error("could not delete Job %s: %s", name, _describe(remove_error))
             return _Ended(self._launch_error(error, where))
-        return self._track(spec, logs, name, started_at=time.time())
+        return self._track(spec, logs, name, started_at=time.time(), known_version=created.metadata.resource_version)
 
     def _ensure_service(self, spec: JobSpec, job: client.V1Job) -> None:
         """The gang's headless Service (none for a single member); one that exists already is fine."""
@@ -207,7 +211,7 @@ class KubernetesExecutor:
             return None
         created = job.metadata.creation_timestamp
         started_at = created.timestamp() if created else time.time()
-        return self._track(spec, logs, job.metadata.name, started_at, logs_since)
+        return self._track(spec, logs, job.metadata.name, started_at, logs_since, job.metadata.resource_version)
 
     def list_managed_jobs(self) -> list[tuple[str, int, str]]:
         """(job id, attempt, Job name) for every Job this service manages in the namespace."""
@@ -242,7 +246,25 @@ class KubernetesExecutor:
             if error.status != 404:
                 raise
 
+    def informers(self) -> tuple[SharedInformer, SharedInformer]:
+        """The shared Job and pod informers of this executor's cluster and namespace, started on first use."""
+        with self._informers_lock:
+            if self._informers is None:
+                timeout = self.timings.watch_timeout_seconds
+                self._informers = (
+                    SharedInformer(f"jobs-{self.cluster}", self._batch.list_namespaced_job, self.namespace, timeout),
+                    SharedInformer(f"pods-{self.cluster}", self._core.list_namespaced_pod, self.namespace, timeout),
+                )
+            return self._informers
+
+    def close(self) -> None:
+        """Stop the shared watches (a worker process keeps them for its life)."""
+        with self._informers_lock:
+            informers, self._informers = self._informers, None
+        for informer in informers or ():
+            informer.stop()
+
     def _track(self, spec: JobSpec, logs: LogSink, name: str, started_at: float,
-               logs_since: datetime | None = None) -> KubernetesExecution:
+               logs_since: datetime | None = None, known_version: str | None = None) -> KubernetesExecution:
         return KubernetesExecution(self.api_client, self.namespace, name, spec, logs, started_at, self.timings,
-                                   self.retry, logs_since)
+                                   self.retry, logs_since, informers=self.informers(), known_version=known_version)

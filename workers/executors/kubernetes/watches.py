@@ -20,7 +20,7 @@ class _Reflector:
 
     A watch ends (server timeout, load balancer, API server restart): it is resumed from the last
     resourceVersion seen. If that version is too old (410 Gone / Expired), the selection is listed again
-    (`on_sync` gets the full current state) and watched from the list's resourceVersion.
+    (`on_sync` gets the full current state and its resourceVersion) and watched from the list's resourceVersion.
     """
 
     def __init__(
@@ -29,7 +29,7 @@ class _Reflector:
         list_call: Callable[..., Any],
         namespace: str,
         selectors: dict[str, str],
-        on_sync: Callable[[list[Any]], None],
+        on_sync: Callable[[list[Any], str | None], None],
         on_event: Callable[[str, Any], None],
         timeout_seconds: int,
     ) -> None:
@@ -63,7 +63,7 @@ class _Reflector:
                     listed = self._list_call(self._namespace, **self._selectors, _request_timeout=REQUEST_TIMEOUT)
                     version = listed.metadata.resource_version
                     self.lists += 1
-                    self._on_sync(list(listed.items or []))
+                    self._on_sync(list(listed.items or []), version)
                 else:
                     self.resumes += 1
                 self._watch = watch.Watch()
