@@ -6,6 +6,7 @@ Every setting has an embedded default so that the service runs with no configura
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import dataclass, field, replace
 from typing import Mapping
@@ -64,6 +65,27 @@ def parse_weights(spec: str) -> tuple[tuple[str, float], ...]:
             raise ValueError(f"FAIR_SHARE_WEIGHTS entry {item!r} is not owner=weight with 0 < weight < 1e6")
         weights.append((owner, weight))
     return tuple(weights)
+
+
+TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+DEFAULT_GPU_TOLERATIONS = "nvidia.com/gpu:NoSchedule"
+
+
+def parse_tolerations(spec: str) -> tuple[tuple[str, str | None, str | None], ...]:
+    """`key[=value][:effect],...` -> (key, value, effect): a pod tolerates the taint `key` (any value when
+    none is given: operator Exists) with that effect (any effect when none is given)."""
+    tolerations = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        rest, _, effect = item.partition(":")
+        key, equals, value = rest.partition("=")
+        if not re.fullmatch(r"([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?", key.strip()):
+            raise ValueError(f"KUBERNETES_GPU_TOLERATIONS entry {item!r}: {key!r} is not a taint key")
+        if effect and effect not in TAINT_EFFECTS:
+            raise ValueError(f"KUBERNETES_GPU_TOLERATIONS entry {item!r}: the effect must be one of {', '.join(TAINT_EFFECTS)}")
+        if equals and (len(value) > 63 or not re.fullmatch(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?", value)):
+            raise ValueError(f"KUBERNETES_GPU_TOLERATIONS entry {item!r}: {value!r} is not a label value")
+        tolerations.append((key.strip(), value if equals else None, effect or None))
+    return tuple(tolerations)
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
@@ -179,6 +201,16 @@ class Settings:
     kubernetes_service_account: str | None = None
     gang_start_timeout_seconds: float = 600.0
     inventory_sync_seconds: float = 10.0
+    # Finished Kubernetes Jobs (and their pods, logs, events) are kept this long; a failed one at least as
+    # long as a succeeded one (from_env raises the failed TTL to the succeeded one).
+    kubernetes_job_ttl_succeeded_seconds: float = 3600.0
+    kubernetes_job_ttl_failed_seconds: float = 86400.0
+    # Pods that request GPUs tolerate these taints (GPU nodes are commonly tainted nvidia.com/gpu:NoSchedule).
+    # Client-side rate limit of each Kubernetes API client (client-go's QPS/burst); qps 0: unlimited.
+    kubernetes_qps: float = 50.0
+    kubernetes_burst: int = 100
+    kubernetes_gpu_tolerations: tuple[tuple[str, str | None, str | None], ...] = field(
+        default_factory=lambda: parse_tolerations(DEFAULT_GPU_TOLERATIONS))
     worker_executor: str = "local"
     worker_cluster: str | None = None
 
@@ -272,6 +304,15 @@ class Settings:
             kubernetes_service_account=_optional(env, "KUBERNETES_SERVICE_ACCOUNT"),
             gang_start_timeout_seconds=_float(env, "GANG_START_TIMEOUT_SECONDS", 600.0),
             inventory_sync_seconds=_float(env, "INVENTORY_SYNC_SECONDS", 10.0),
+            kubernetes_qps=min(100_000.0, max(0.0, _float(env, "KUBERNETES_QPS", 50.0))),
+            kubernetes_burst=min(100_000, max(1, _int(env, "KUBERNETES_BURST", 100))),
+            kubernetes_gpu_tolerations=parse_tolerations(env.get("KUBERNETES_GPU_TOLERATIONS", DEFAULT_GPU_TOLERATIONS)),
+            kubernetes_job_ttl_succeeded_seconds=max(0.0, _float(env, "KUBERNETES_JOB_TTL_SUCCEEDED_SECONDS", 3600.0)),
+            kubernetes_job_ttl_failed_seconds=max(
+                0.0,
+                _float(env, "KUBERNETES_JOB_TTL_SUCCEEDED_SECONDS", 3600.0),
+                _float(env, "KUBERNETES_JOB_TTL_FAILED_SECONDS", 86400.0),
+            ),
             worker_executor=env.get("WORKER_EXECUTOR", "local"),
             worker_cluster=_optional(env, "WORKER_CLUSTER"),
             restart_backoff_seconds=_float(env, "RESTART_BACKOFF_SECONDS", 1.0),

@@ -160,9 +160,17 @@ class ClusterMembership(Membership):
             self.publish(ADOPT_TASK, args=[job_id, token], queue=queue)
 
     def _remove_orphans(self) -> None:
-        managed = {(job_id, attempt): name for job_id, attempt, name in self.executor.list_managed_jobs()}
+        """Finished Jobs stay for their retention (their pods tell what happened); true orphans go at once."""
+        from datetime import UTC, datetime
+
+        from workers.executors.kubernetes import Retention, jobs_to_delete
+
+        managed = self.executor.list_managed()
+        pairs = sorted({(m.job_id, m.attempt) for m in managed})
         with self.database.session() as session:
-            orphans = execution.orphaned_attempts(session, list(managed))
-        for job_id, attempt in orphans:
-            log.warning("deleting Kubernetes Job %s: attempt %d no longer runs", managed[(job_id, attempt)], attempt, extra={"job_id": job_id})
-            self.executor.remove_job(managed[(job_id, attempt)])
+            running = set(pairs) - execution.orphaned_attempts(session, pairs)
+            ours = execution.attempts_of_ours(session, pairs)
+        retention = Retention(self.settings.kubernetes_job_ttl_succeeded_seconds, self.settings.kubernetes_job_ttl_failed_seconds)
+        for job, why in jobs_to_delete(managed, running, ours, datetime.now(UTC), retention):
+            log.info("deleting Kubernetes Job %s: %s", job.name, why, extra={"job_id": job.job_id})
+            self.executor.remove_job(job.name)

@@ -66,4 +66,4 @@ class ClusterItem(MethodView):
 
 def register(app: Any) -> None:
     s = app.config["JOBSERVICE_SETTINGS"]
-    app.extensions["jobservice.clusters"] = ClusterClients(s.kubernetes_clusters, s.kubeconfig)
+    app.extensions["jobservice.clusters"] = ClusterClients(s.kubernetes_clusters, s.kubeconfig, s.kubernetes_qps, s.kubernetes_burst)

@@ -145,16 +145,16 @@ def explain(session: Session, job: Job, settings: Settings, now: datetime | None
     status = JobStatus(job.status)
     if status is JobStatus.PENDING:
         return _explain_pending(session, job, settings, now, plans)
-    base = dict(job_id=job.id, status=job.status, queue=job.queue, cluster=job.cluster, node=job.node, attempt=job.retry_count)
+    base = dict(job_id=job.id, status=job.status, queue=job.queue, cluster=job.cluster, node=jobs.placed_nodes(job), attempt=job.retry_count)
     if status is JobStatus.QUEUED:
         return Explanation(
             reason=Reason.WAITING_FOR_WORKER, since=job.queued_at,
-            message=f"Placed on {job.cluster}/{job.node}; waiting for its worker to start it", **base,
+            message=f"Placed on {jobs.placement_summary(job)}; waiting for its worker to start it", **base,
         )
     if status is JobStatus.RUNNING:
         return Explanation(
             reason=Reason.RUNNING, since=job.started_at, worker_id=job.worker_id,
-            message=f"Running on {job.cluster}/{job.node} (worker {job.worker_id}, attempt {job.retry_count})", **base,
+            message=f"Running on {jobs.placement_summary(job)} (worker {job.worker_id}, attempt {job.retry_count})", **base,
         )
     assert status in TERMINAL
     return Explanation(

@@ -73,6 +73,24 @@ def notify_scheduler(session: Session, reason: str) -> None:
     session.execute(text("SELECT pg_notify(:channel, :reason)"), {"channel": SCHEDULER_CHANNEL, "reason": reason})
 
 
+def placed_nodes(job: Job) -> str | None:
+    """The node(s) the job's members were placed on: one name, or "a,b" for a gang spread over several
+    (job.node is None then; the placement lists every part)."""
+    if job.node:
+        return job.node
+    names = [str(part["node"]) for part in job.placement or [] if isinstance(part, dict) and part.get("node")]
+    return ",".join(dict.fromkeys(names)) or None
+
+
+def placement_summary(job: Job) -> str:
+    """Where the job runs, for people: `cluster/node`, or every node of a spread gang with its members."""
+    parts = [part for part in job.placement or [] if isinstance(part, dict) and part.get("node")]
+    if job.node or len(parts) <= 1:
+        return f"{job.cluster}/{placed_nodes(job)}"
+    return ", ".join(f"{job.cluster}/{p['node']} ({p.get('members', 1)} member{'s' if p.get('members', 1) != 1 else ''})"
+                     for p in parts)
+
+
 def record_transition(
     session: Session,
     job: Job,
@@ -99,7 +117,7 @@ def record_transition(
             attempt=job.retry_count,
             worker_id=job.worker_id,
             cluster=job.cluster,
-            node=job.node,
+            node=placed_nodes(job),
             exit_code=exit_code,
             details=details or {},
         )
