@@ -5,6 +5,7 @@ from flask import Flask, current_app, g
 from sqlalchemy.orm import Session
 
 from app.db import Database
+from app.wakeup import SchedulerWaker
 from config import Settings
 
 
@@ -22,8 +23,13 @@ def session() -> Session:
     return g.db_session
 
 
+def scheduler_waker() -> SchedulerWaker:
+    return current_app.extensions["jobservice.scheduler_waker"]
+
+
 def register(app: Flask, db: Database) -> None:
     app.extensions["jobservice.database"] = db
+    app.extensions["jobservice.scheduler_waker"] = SchedulerWaker(db.engine)
 
     @app.teardown_appcontext
     def _close_session(_exc: BaseException | None) -> None:

@@ -1,9 +1,9 @@
 """Per-client rate limits (flask-limiter), counted in Redis so that every API process shares them.
 
 The client is the authenticated `sub` (set by app.api.auth, whose hook must run first) or, for
-calls without a caller, the client address. Limits: RATELIMIT_SUBMIT for POST /jobs/,
-RATELIMIT_LIST for GET and HEAD /jobs/ (one counter), RATELIMIT_DEFAULT for each other endpoint and method; health
-probes are not limited.
+calls without a caller, the client address. Limits: RATELIMIT_SUBMIT for POST /jobs/ and POST /jobs/batch
+(one counter, in jobs: a batch costs one per job it holds), RATELIMIT_LIST for GET and HEAD /jobs/ (one
+counter), RATELIMIT_DEFAULT for each other endpoint and method; health probes are not limited.
 """
 from __future__ import annotations
 
@@ -13,12 +13,14 @@ from flask import Flask, current_app, g, request
 from flask.wrappers import Response
 from flask_limiter import Limit, Limiter
 
+from app.api import strictjson
 from app.api.auth import is_health_probe
 from config import Settings
 
 log = logging.getLogger(__name__)
 
 JOBS_COLLECTION_RULE = "/api/v1/jobs/"
+JOBS_BATCH_RULE = "/api/v1/jobs/batch"
 # A Redis that hangs (rather than refusing connections) must not hang every request with it.
 REDIS_TIMEOUT_SECONDS = 1.0
 
@@ -30,20 +32,44 @@ def client_key() -> str:
     return f"addr:{request.remote_addr or 'unknown'}"
 
 
+def _is_submit() -> bool:
+    rule = request.url_rule
+    return request.method == "POST" and rule is not None and rule.rule in (JOBS_COLLECTION_RULE, JOBS_BATCH_RULE)
+
+
 def limit_for_request() -> str:
     settings: Settings = current_app.config["JOBSERVICE_SETTINGS"]
+    if _is_submit():
+        return settings.ratelimit_submit
     rule = request.url_rule
-    if rule is not None and rule.rule == JOBS_COLLECTION_RULE:
-        if request.method == "POST":
-            return settings.ratelimit_submit
-        if request.method in ("GET", "HEAD"):
-            return settings.ratelimit_list
+    if rule is not None and rule.rule == JOBS_COLLECTION_RULE and request.method in ("GET", "HEAD"):
+        return settings.ratelimit_list
     return settings.ratelimit_default
 
 
-def method_scope(_endpoint: str) -> str:
-    """Counters are per endpoint and method, but HEAD is a GET without its body: one counter for both."""
-    return "GET" if request.method == "HEAD" else request.method
+def method_scope(endpoint: str) -> str:
+    """Counters are per endpoint and method, but HEAD is a GET without its body: one counter for both;
+    and one counter for the two ways to submit, so that a batch cannot get around the submit limit."""
+    if _is_submit():
+        return "submit"
+    return f"{endpoint}:{'GET' if request.method == 'HEAD' else request.method}"
+
+
+def request_cost() -> int:
+    """What a request takes from its limit: a batch, one per job it holds (at most MAX_BATCH_JOBS); all else 1.
+
+    Counted before the body is validated: an invalid batch costs what it holds, as its work was done.
+    """
+    rule = request.url_rule
+    if request.method != "POST" or rule is None or rule.rule != JOBS_BATCH_RULE:
+        return 1
+    try:
+        body = strictjson.loads(request.get_data(cache=True))
+    except Exception:  # noqa: BLE001 - the view refuses the body with its own 400
+        return 1
+    items = body.get("jobs") if isinstance(body, dict) else None
+    settings: Settings = current_app.config["JOBSERVICE_SETTINGS"]
+    return max(1, min(len(items), settings.max_batch_jobs)) if isinstance(items, list) else 1
 
 
 def _breach_message() -> str:
@@ -87,7 +113,9 @@ def register(app: Flask) -> None:
     app.after_request(_retry_after_only_on_refusals)
     limiter = Limiter(
         client_key,
-        default_limits=[Limit(limit_for_request, scope=method_scope, error_message=_breach_message)],
+        default_limits=[
+            Limit(limit_for_request, scope=method_scope, shared=True, cost=request_cost, error_message=_breach_message)
+        ],
     )
     limiter.request_filter(is_health_probe)
     limiter.init_app(app)

@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import logging
 import secrets
+import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from app.db import first_line, is_connection_error, transaction
-from app.domain import capacity, counters
+from app.domain import capacity, counters, idempotency
+from app.domain.idempotency import IdempotencyKey
 from app.domain.callers import Caller
 from app.domain.errors import Conflict, InvalidRequest, NotFound
 from app.domain.states import TERMINAL, JobStatus, can_transition
@@ -23,6 +26,7 @@ from app.models import Job, JobEvent
 from config import Settings
 
 SCHEDULER_CHANNEL = "jobservice_scheduler"
+FieldNamer = Callable[[int, str], str]  # (item index, field) -> the name an error gives it: `jobs.3.resources`
 log = logging.getLogger("jobservice.jobs")
 
 
@@ -111,66 +115,175 @@ def record_transition(
         job.pending_since = at  # back in the backlog: its wait (GET /queues/, explain) starts again
 
 
-def submit(session: Session, caller: Caller, request: JobRequest, settings: Settings) -> Job:
-    problem = capacity.why_never_fits(
-        session, request.cpu_millis, request.memory_bytes, request.gpus, request.members, has_command=bool(request.command)
+@dataclass
+class Submitted:
+    """A job as its submit answers it (the same fields whether created now or replayed)."""
+
+    id: str
+    job_type: str
+    priority: int
+    queue: str
+    status: str
+    created_at: datetime
+    queue_position: int | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "job_type": self.job_type, "priority": self.priority, "queue": self.queue,
+            "status": self.status, "created_at": self.created_at.isoformat(), "queue_position": self.queue_position,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Submitted":
+        return cls(**{**data, "created_at": datetime.fromisoformat(data["created_at"])})
+
+
+@dataclass(frozen=True)
+class Submission:
+    jobs: list[Submitted]
+    replayed: bool = False  # the answer of an earlier request with the same Idempotency-Key
+
+
+# One statement, one round trip, whatever the number of jobs: the rows travel as one JSON array, the
+# events are written from the inserted rows. Core SQL: the ORM's unit of work cost more than the INSERTs.
+_INSERT_JOBS = text(
+    """
+    WITH r AS (
+        SELECT * FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(
+            id text, job_type text, priority integer, queue text, image text, command jsonb, env jsonb, config jsonb,
+            resources jsonb, cpu_millis bigint, memory_bytes bigint, gpus integer, gang_enabled boolean,
+            gang_min_members integer, timeout_seconds integer, max_retries integer, backoff_multiplier double precision,
+            created_at timestamptz)
+    ), j AS (
+        INSERT INTO jobs (id, owner, job_type, priority, queue, status, status_reason, image, command, env, config,
+                          resources, cpu_millis, memory_bytes, gpus, gang_enabled, gang_min_members, timeout_seconds,
+                          max_retries, backoff_multiplier, retry_count, created_at, updated_at, pending_since)
+        SELECT id, :owner, job_type, priority, queue, 'pending', 'submitted', image, command, env, config,
+               resources, cpu_millis, memory_bytes, gpus, gang_enabled, gang_min_members, timeout_seconds,
+               max_retries, backoff_multiplier, 0, created_at, created_at, created_at
+        FROM r
+        RETURNING id, created_at
     )
-    if problem:
-        raise InvalidRequest("Job can never be scheduled", [{"field": "resources", "message": problem}])
+    INSERT INTO job_events (job_id, at, from_status, to_status, reason, actor, attempt, details)
+    SELECT id, created_at, NULL, 'pending', 'submitted', :owner, 0, '{}'::jsonb FROM j
+    """
+)
+
+
+def check_schedulable(session: Session, requests: list[JobRequest], field: FieldNamer) -> None:
+    """400 for any request no known node could ever run, even empty; the nodes are read once."""
+    nodes = capacity.load_nodes(session, holdings=False)
+    verdicts: dict[tuple[int, int, int, int, bool], str | None] = {}
+    problems = []
+    for index, request in enumerate(requests):
+        shape = (request.cpu_millis, request.memory_bytes, request.gpus, request.members, bool(request.command))
+        if shape not in verdicts:
+            verdicts[shape] = capacity.never_fits(nodes, *shape[:4], has_command=shape[4])
+        if verdicts[shape]:
+            problems.append({"field": field(index, "resources"), "message": verdicts[shape]})
+    if problems:
+        raise InvalidRequest("Job can never be scheduled", problems)
+
+
+def insert_pending(session: Session, caller: Caller, requests: list[JobRequest], settings: Settings) -> list[Submitted]:
+    """Write the jobs and their `submitted` events in the caller's transaction (which commits, or not)."""
     now = utcnow()
-    with transaction(session):
-        job = Job(
-            id=new_job_id(),
-            owner=caller.sub,
-            job_type=request.job_type,
-            priority=request.priority,
-            queue=settings.queue_for_priority(request.priority).name,
-            status=JobStatus.PENDING.value,
-            status_reason="submitted",
-            image=request.image,
-            command=request.command,
-            env=request.env,
-            config=request.config,
-            resources=request.resources,
-            cpu_millis=request.cpu_millis,
-            memory_bytes=request.memory_bytes,
-            gpus=request.gpus,
-            gang_enabled=request.gang_enabled,
-            gang_min_members=request.gang_min_members,
-            timeout_seconds=request.timeout_seconds,
-            max_retries=request.max_retries,
-            backoff_multiplier=request.backoff_multiplier,
-            retry_count=0,
-            created_at=now,
-            updated_at=now,
-            pending_since=now,
+    jobs: list[Submitted] = []
+    rows = []
+    for index, request in enumerate(requests):
+        # A microsecond apart: a batch is admitted in its order within a priority (admission is by age, then id).
+        created_at = now + timedelta(microseconds=index)
+        job = Submitted(new_job_id(), request.job_type, request.priority, settings.queue_for_priority(request.priority).name,
+                        JobStatus.PENDING.value, created_at)
+        jobs.append(job)
+        rows.append(
+            {
+                "id": job.id, "job_type": request.job_type, "priority": request.priority, "queue": job.queue,
+                "image": request.image, "command": request.command, "env": request.env, "config": request.config,
+                "resources": request.resources, "cpu_millis": request.cpu_millis, "memory_bytes": request.memory_bytes,
+                "gpus": request.gpus, "gang_enabled": request.gang_enabled, "gang_min_members": request.gang_min_members,
+                "timeout_seconds": request.timeout_seconds, "max_retries": request.max_retries,
+                "backoff_multiplier": request.backoff_multiplier, "created_at": created_at.isoformat(),
+            }
         )
-        session.add(job)
-        session.add(
-            JobEvent(job_id=job.id, at=now, from_status=None, to_status=job.status, reason="submitted", actor=caller.sub)
-        )
-        notify_scheduler(session, "submit")
-        # The answer is computed before the commit: after it, nothing may turn a created job into an error
-        # (a client that retries a 500 would submit it twice).
-        session.flush()
-        job.queue_position = _position_or_none(session, job)
-    return job
+    session.execute(_INSERT_JOBS, {"rows": json.dumps(rows, ensure_ascii=False), "owner": caller.sub})
+    return jobs
 
 
-def _position_or_none(session: Session, job: Job) -> int | None:
-    """The job's queue position inside the caller's transaction; None (logged) if it cannot be computed.
+def submit_many(
+    session: Session,
+    caller: Caller,
+    requests: list[JobRequest],
+    settings: Settings,
+    *,
+    key: IdempotencyKey | None = None,
+    field: FieldNamer = lambda index, name: f"jobs.{index}.{name}",
+) -> Submission:
+    """Create all the jobs or none, in one transaction; with `key`, at most once per caller and key.
 
-    A savepoint keeps a failed read (a cancelled statement, a timeout) from aborting the write it answers.
-    A dropped connection still fails the whole transaction: then nothing was committed either.
+    The scheduler is not notified here (a NOTIFY serialises the commits of concurrent submits, see
+    app.wakeup): the caller wakes it after the commit, and its interval tick is the guarantee.
     """
     try:
+        with transaction(session):
+            now = utcnow()
+            if key is not None:
+                stored = idempotency.find(session, caller.sub, key, now)
+                if stored is not None:
+                    return _replay(stored)
+            check_schedulable(session, requests, field)
+            jobs = insert_pending(session, caller, requests, settings)
+            # The answer is computed before the commit: after it, nothing may turn a created job into an error
+            # (a client that retries a 500 would submit it twice).
+            _fill_positions(session, jobs)
+            if key is not None:
+                answer = idempotency.Stored(201, {"jobs": [job.as_json() for job in jobs]})
+                idempotency.remember(session, caller.sub, key, answer, now, settings.idempotency_key_ttl_seconds)
+            return Submission(jobs)
+    except idempotency.KeyTaken:
+        # A racing request with this key committed first: our jobs rolled back; answer what it answered.
+        with transaction(session):
+            stored = idempotency.find(session, caller.sub, key, utcnow())  # type: ignore[arg-type]
+        if stored is None:  # pragma: no cover - it committed, so it is there (and not yet expired)
+            raise Conflict("Idempotency-Key is being used by another request; retry")
+        return _replay(stored)
+
+
+def submit(
+    session: Session, caller: Caller, request: JobRequest, settings: Settings, *, key: IdempotencyKey | None = None
+) -> Submission:
+    return submit_many(session, caller, [request], settings, key=key, field=lambda _index, name: name)
+
+
+def _replay(stored: idempotency.Stored) -> Submission:
+    return Submission([Submitted.from_json(job) for job in stored.response["jobs"]], replayed=True)
+
+
+def _fill_positions(session: Session, jobs: list[Submitted]) -> None:
+    """Queue positions inside the submit's transaction: one read per (queue, priority) of the batch.
+
+    Jobs of one batch with the same queue and priority follow each other in admission order (their
+    created_at are a microsecond apart), so the next one's position is the previous one's plus one.
+    A savepoint keeps a failed read (a cancelled statement, a timeout) from aborting the write it answers:
+    positions are then None (logged). A dropped connection still fails the whole transaction.
+    """
+    firsts: dict[tuple[str, int], int] = {}
+    try:
         with session.begin_nested():
-            return queue_position(session, job)
+            for job in jobs:
+                group = (job.queue, job.priority)
+                if group in firsts:
+                    firsts[group] += 1
+                else:
+                    firsts[group] = counters.pending_position(session, job.queue, job.priority, job.created_at, job.id)
+                job.queue_position = firsts[group]
     except Exception as exc:
         if is_connection_error(exc):
             raise
-        log.warning("queue position of %s not computed; answering without it: %s", job.id, first_line(exc), extra={"job_id": job.id})
-        return None
+        log.warning("queue positions of %s not computed; answering without them: %s", jobs[0].id, first_line(exc),
+                    extra={"job_id": jobs[0].id})
+        for job in jobs:
+            job.queue_position = None
 
 
 def _visible(caller: Caller):  # type: ignore[no-untyped-def]
