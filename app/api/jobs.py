@@ -56,8 +56,8 @@ class JobCollection(MethodView):
         if dry_run:
             return _dry_run_answer(DryRunSchema().dump({"dry_run": True, **asdict(dryrun.preview(session(), caller, [job], settings(), _SINGLE)[0])}))
         key = _key("submit", idempotency_key)
-        submission = jobs.submit(session(), caller, job, settings(), key=key)  # queue_position computed before the commit
-        return _created(JobCreatedSchema().dump(submission.jobs[0]), submission)
+        created = jobs.submit(session(), caller, job, settings(), key=key)  # queue_position computed before the commit
+        return _created(JobCreatedSchema().dump(created), created.replayed)
 
 
 @blp.route("/batch")
@@ -77,7 +77,7 @@ class JobBatch(MethodView):
             return _dry_run_answer(DryRunBatchSchema().dump({"dry_run": True, "jobs": previews}))
         key = _key("batch", idempotency_key)
         submission = jobs.submit_many(session(), caller, batch["jobs"], settings(), key=key)
-        return _created(JobBatchCreatedSchema().dump({"jobs": submission.jobs}), submission)
+        return _created(JobBatchCreatedSchema().dump({"jobs": submission.jobs}), submission.replayed)
 
 
 def _BATCH(index: int, name: str) -> str:  # noqa: N802 - a constant-like field namer
@@ -98,10 +98,10 @@ def _dry_run_answer(body: dict[str, Any]) -> Response:
     return response
 
 
-def _created(body: dict[str, Any], submission: jobs.Submission) -> Response:
+def _created(body: dict[str, Any], replayed: bool) -> Response:
     response = jsonify(body)
     response.status_code = 201
-    if submission.replayed:
+    if replayed:
         response.headers[REPLAYED_HEADER] = "true"
     else:
         scheduler_waker().poke()  # after the commit; the scheduler's interval tick covers a lost wake-up

@@ -251,12 +251,14 @@ class JobCreateSchema(ma.Schema):
         validate=_validate_config,
         metadata={"description": f"Free-form; at most {MAX_CONFIG_DEPTH} levels deep and {MAX_CONFIG_BYTES} bytes as JSON"},
     )
-    resources = ma.fields.Nested(ResourcesSchema, load_default=lambda: ResourcesSchema().load({}))
-    gang = ma.fields.Nested(GangSchema, load_default=lambda: GangSchema().load({}))
+    # Defaults as plain dicts (what the nested schemas load from {}): a schema instance per missing field
+    # was a third of the validation time of a batch.
+    resources = ma.fields.Nested(ResourcesSchema, load_default=lambda: {"cpu": DEFAULT_CPU, "memory": DEFAULT_MEMORY, "gpu": 0})
+    gang = ma.fields.Nested(GangSchema, load_default=lambda: {"enabled": False, "min_members": 1})
     timeout_seconds = StrictInteger(
         load_default=None, allow_none=True, validate=SettingRange(1, "max_job_timeout_seconds", "timeout_seconds")
     )
-    retry_policy = ma.fields.Nested(RetryPolicySchema, load_default=lambda: RetryPolicySchema().load({}))
+    retry_policy = ma.fields.Nested(RetryPolicySchema, load_default=lambda: {"max_retries": 0, "backoff_multiplier": 2.0})
     command = ma.fields.List(
         ma.fields.String(validate=validate.Length(max=MAX_ARG_BYTES)),
         load_default=None,

@@ -126,6 +126,7 @@ class Submitted:
     status: str
     created_at: datetime
     queue_position: int | None = None
+    replayed: bool = False  # the answer of an earlier request with the same Idempotency-Key
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -251,12 +252,13 @@ def submit_many(
 
 def submit(
     session: Session, caller: Caller, request: JobRequest, settings: Settings, *, key: IdempotencyKey | None = None
-) -> Submission:
-    return submit_many(session, caller, [request], settings, key=key, field=lambda _index, name: name)
+) -> Submitted:
+    submission = submit_many(session, caller, [request], settings, key=key, field=lambda _index, name: name)
+    return submission.jobs[0]
 
 
 def _replay(stored: idempotency.Stored) -> Submission:
-    return Submission([Submitted.from_json(job) for job in stored.response["jobs"]], replayed=True)
+    return Submission([Submitted.from_json({**job, "replayed": True}) for job in stored.response["jobs"]], replayed=True)
 
 
 def _fill_positions(session: Session, jobs: list[Submitted]) -> None:
@@ -275,7 +277,7 @@ def _fill_positions(session: Session, jobs: list[Submitted]) -> None:
                 if group in firsts:
                     firsts[group] += 1
                 else:
-                    firsts[group] = counters.pending_position(session, job.queue, job.priority, job.created_at, job.id)
+                    firsts[group] = counters.new_job_position(session, job.queue, job.priority, job.created_at, job.id)
                 job.queue_position = firsts[group]
     except Exception as exc:
         if is_connection_error(exc):
