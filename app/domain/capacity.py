@@ -86,8 +86,8 @@ class NodeCapacity:
         return chosen
 
 
-def load_nodes(session: Session, *, alive_since: datetime | None = None, holdings: bool = True) -> list[NodeCapacity]:
-    """Nodes (alive ones when `alive_since` is given) with what admitted jobs hold on each (`holdings`)."""
+def load_nodes(session: Session, *, alive_since: datetime | None = None) -> list[NodeCapacity]:
+    """Nodes (alive ones when `alive_since` is given) with what admitted jobs hold on each."""
     query = select(Node).where(Node.ready.is_(True))
     if alive_since is not None:
         query = query.where(Node.heartbeat_at >= alive_since)
@@ -97,8 +97,6 @@ def load_nodes(session: Session, *, alive_since: datetime | None = None, holding
         )
         for n in session.scalars(query)
     }
-    if not holdings:
-        return list(nodes.values())
     held = session.execute(
         # Plain `holds_resources`, not IS TRUE: only this form uses the partial index ix_jobs_holding_node.
         select(Job.cluster, Job.placement, Job.cpu_millis, Job.memory_bytes, Job.gpus).where(Job.holds_resources)
@@ -191,13 +189,13 @@ def why_never_fits(
     session: Session, cpu_millis: int, memory_bytes: int, gpus: int, members: int, *, has_command: bool = True
 ) -> str | None:
     """Why no known node could ever run the request, even empty; None if one could (or none is known)."""
-    return never_fits(load_nodes(session, holdings=False), cpu_millis, memory_bytes, gpus, members, has_command=has_command)
+    return never_fits(load_nodes(session), cpu_millis, memory_bytes, gpus, members, has_command=has_command)
 
 
 def never_fits(
     nodes: list[NodeCapacity], cpu_millis: int, memory_bytes: int, gpus: int, members: int, *, has_command: bool = True
 ) -> str | None:
-    """why_never_fits on nodes already loaded (what they hold is ignored): a batch reads the nodes once."""
+    """why_never_fits on nodes already read (what they hold is ignored): a submit reads them with its INSERT."""
     empty = [n.emptied() for n in nodes]
     if not nodes or place(empty, cpu_millis, memory_bytes, gpus, members, has_command=has_command) is not None:
         return None

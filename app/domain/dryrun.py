@@ -41,8 +41,7 @@ def preview(
 ) -> list[Preview]:
     """Validate like a submit (400 for a job no node could ever run), then say what would happen; writes nothing."""
     try:
-        jobs.check_schedulable(session, requests, field)
-        submitted = jobs.insert_pending(session, caller, requests, settings)
+        submitted = jobs.insert_pending(session, caller, requests, settings, field)
         by_id = {job.id: job for job in session.scalars(select(Job).where(Job.id.in_([s.id for s in submitted])))}
         now = jobs.utcnow()
         return [_preview(s, _verdict(session, by_id[s.id], settings, now)) for s in submitted]

@@ -26,6 +26,7 @@ from app.models import Job, JobEvent
 from config import Settings
 
 SCHEDULER_CHANNEL = "jobservice_scheduler"
+POSITION_SAVEPOINT = "submit_position"
 FieldNamer = Callable[[int, str], str]  # (item index, field) -> the name an error gives it: `jobs.3.resources`
 log = logging.getLogger("jobservice.jobs")
 
@@ -171,23 +172,18 @@ _INSERT_JOBS = text(
 )
 
 
-def check_schedulable(session: Session, requests: list[JobRequest], field: FieldNamer) -> None:
-    """400 for any request no known node could ever run, even empty; the nodes are read once."""
-    nodes = capacity.load_nodes(session, holdings=False)
-    verdicts: dict[tuple[int, int, int, int, bool], str | None] = {}
-    problems = []
-    for index, request in enumerate(requests):
-        shape = (request.cpu_millis, request.memory_bytes, request.gpus, request.members, bool(request.command))
-        if shape not in verdicts:
-            verdicts[shape] = capacity.never_fits(nodes, *shape[:4], has_command=shape[4])
-        if verdicts[shape]:
-            problems.append({"field": field(index, "resources"), "message": verdicts[shape]})
-    if problems:
-        raise InvalidRequest("Job can never be scheduled", problems)
+# Read in the same round trip as the INSERT: what a submit checks against (why_never_fits) is the nodes alone.
+_READ_NODES = "SELECT cluster, name, gpu_indices, gpu_type, cpu_millis, memory_bytes, slots FROM nodes WHERE ready"
 
 
-def insert_pending(session: Session, caller: Caller, requests: list[JobRequest], settings: Settings) -> list[Submitted]:
-    """Write the jobs and their `submitted` events in the caller's transaction (which commits, or not)."""
+def insert_pending(
+    session: Session, caller: Caller, requests: list[JobRequest], settings: Settings, field: FieldNamer
+) -> list[Submitted]:
+    """Write the jobs and their `submitted` events in the caller's transaction (which commits, or not).
+
+    Raises InvalidRequest (the caller's transaction must then roll back) for any job that no known
+    node could ever run, even empty: `field(index, "resources")` names each.
+    """
     now = utcnow()
     jobs: list[Submitted] = []
     rows = []
@@ -207,8 +203,31 @@ def insert_pending(session: Session, caller: Caller, requests: list[JobRequest],
                 "backoff_multiplier": request.backoff_multiplier, "created_at": created_at.isoformat(),
             }
         )
-    session.execute(_INSERT_JOBS, {"rows": json.dumps(rows, ensure_ascii=False), "owner": caller.sub})
+    # Two statements, one round trip (psycopg2 sends them as one query; the result is the last one's).
+    node_rows = session.execute(
+        text(f"{_INSERT_JOBS.text}; {_READ_NODES}"), {"rows": json.dumps(rows, ensure_ascii=False), "owner": caller.sub}
+    ).all()
+    nodes = [
+        capacity.NodeCapacity(r.cluster, r.name, sorted(int(g) for g in r.gpu_indices), r.gpu_type, r.cpu_millis,
+                              r.memory_bytes, r.slots)
+        for r in node_rows
+    ]
+    _check_schedulable(nodes, requests, field)
     return jobs
+
+
+def _check_schedulable(nodes: list[capacity.NodeCapacity], requests: list[JobRequest], field: FieldNamer) -> None:
+    """400 for any request no known node could ever run, even empty (each distinct shape checked once)."""
+    verdicts: dict[tuple[int, int, int, int, bool], str | None] = {}
+    problems = []
+    for index, request in enumerate(requests):
+        shape = (request.cpu_millis, request.memory_bytes, request.gpus, request.members, bool(request.command))
+        if shape not in verdicts:
+            verdicts[shape] = capacity.never_fits(nodes, *shape[:4], has_command=shape[4])
+        if verdicts[shape]:
+            problems.append({"field": field(index, "resources"), "message": verdicts[shape]})
+    if problems:
+        raise InvalidRequest("Job can never be scheduled", problems)
 
 
 def submit_many(
@@ -232,8 +251,7 @@ def submit_many(
                 stored = idempotency.find(session, caller.sub, key, now)
                 if stored is not None:
                     return _replay(stored)
-            check_schedulable(session, requests, field)
-            jobs = insert_pending(session, caller, requests, settings)
+            jobs = insert_pending(session, caller, requests, settings, field)
             # The answer is computed before the commit: after it, nothing may turn a created job into an error
             # (a client that retries a 500 would submit it twice).
             _fill_positions(session, jobs)
@@ -267,21 +285,27 @@ def _fill_positions(session: Session, jobs: list[Submitted]) -> None:
     Jobs of one batch with the same queue and priority follow each other in admission order (their
     created_at are a microsecond apart), so the next one's position is the previous one's plus one.
     A savepoint keeps a failed read (a cancelled statement, a timeout) from aborting the write it answers:
-    positions are then None (logged). A dropped connection still fails the whole transaction.
+    positions are then None (logged). It is set in the first read's round trip, and released by the commit.
+    A dropped connection still fails the whole transaction.
     """
     firsts: dict[tuple[str, int], int] = {}
+    savepoint: str | None = POSITION_SAVEPOINT
     try:
-        with session.begin_nested():
-            for job in jobs:
-                group = (job.queue, job.priority)
-                if group in firsts:
-                    firsts[group] += 1
-                else:
-                    firsts[group] = counters.new_job_position(session, job.queue, job.priority, job.created_at, job.id)
-                job.queue_position = firsts[group]
+        for job in jobs:
+            group = (job.queue, job.priority)
+            if group in firsts:
+                firsts[group] += 1
+            else:
+                firsts[group] = counters.new_job_position(session, job.queue, job.priority, job.created_at, job.id,
+                                                          savepoint=savepoint)
+                savepoint = None
+            job.queue_position = firsts[group]
     except Exception as exc:
         if is_connection_error(exc):
             raise
+        # Set by the first read's round trip before its SELECT ran (a failure of the SAVEPOINT itself leaves
+        # the transaction aborted: this raises, and nothing was committed).
+        session.execute(text(f"ROLLBACK TO SAVEPOINT {POSITION_SAVEPOINT}"))
         log.warning("queue positions of %s not computed; answering without them: %s", jobs[0].id, first_line(exc),
                     extra={"job_id": jobs[0].id})
         for job in jobs:
