@@ -138,6 +138,7 @@ def main() -> None:
             return [job["id"] for job in answer["jobs"]] if args.batch else [answer["id"]]
 
         requests_needed = -(-args.jobs // args.batch) if args.batch else args.jobs
+        started = time.perf_counter()
         with ThreadPoolExecutor(args.clients) as pool:  # warm-up: connections, imports, plans
             warm = [i for chunk in pool.map(submit, range(args.warmup if not args.batch else 2)) for i in chunk]
         latencies_ms.clear()
