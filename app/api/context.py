@@ -1,9 +1,12 @@
 """Per-request access to the database session and settings."""
 from __future__ import annotations
 
-from flask import Flask, current_app, g
+from typing import Any
+
+from flask import Flask, current_app, g, request
 from sqlalchemy.orm import Session
 
+from app.api import strictjson
 from app.db import Database
 from app.wakeup import SchedulerWaker
 from config import Settings
@@ -21,6 +24,14 @@ def session() -> Session:
     if "db_session" not in g:
         g.db_session = database().sessions()
     return g.db_session
+
+
+def json_body() -> Any:
+    """The request's body through app.api.strictjson, parsed once per request (the limiter's cost, the
+    arguments parser and an Idempotency-Key's fingerprint all read it); raises strictjson.JsonRejected."""
+    if "json_body" not in g:
+        g.json_body = strictjson.loads(request.get_data(cache=True))
+    return g.json_body
 
 
 def scheduler_waker() -> SchedulerWaker:

@@ -4,11 +4,11 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from flask import Response, jsonify, request
+from flask import Response, jsonify
 from flask.views import MethodView
 
-from app.api import Blueprint, strictjson
-from app.api.context import scheduler_waker, session, settings
+from app.api import Blueprint
+from app.api.context import json_body, scheduler_waker, session, settings
 from app.api.identity import require_scope
 from app.api.schemas import (
     DryRunBatchSchema,
@@ -85,10 +85,10 @@ def _BATCH(index: int, name: str) -> str:  # noqa: N802 - a constant-like field 
 
 
 def _key(operation: str, header: str | None) -> idempotency.IdempotencyKey | None:
-    """The key and the fingerprint of this request's body (parsed again: only keyed requests pay for it)."""
+    """The key and the fingerprint of this request's body."""
     if header is None:
         return None
-    body = strictjson.loads(request.get_data(cache=True))
+    body = json_body()
     return idempotency.IdempotencyKey(header, idempotency.fingerprint(operation, body))
 
 

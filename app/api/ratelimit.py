@@ -13,7 +13,7 @@ from flask import Flask, current_app, g, request
 from flask.wrappers import Response
 from flask_limiter import Limit, Limiter
 
-from app.api import strictjson
+from app.api import context
 from app.api.auth import is_health_probe
 from config import Settings
 
@@ -64,7 +64,7 @@ def request_cost() -> int:
     if request.method != "POST" or rule is None or rule.rule != JOBS_BATCH_RULE:
         return 1
     try:
-        body = strictjson.loads(request.get_data(cache=True))
+        body = context.json_body()
     except Exception:  # noqa: BLE001 - the view refuses the body with its own 400
         return 1
     items = body.get("jobs") if isinstance(body, dict) else None
