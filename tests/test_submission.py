@@ -283,6 +283,26 @@ def test_a_submit_wakes_the_scheduler_after_its_commit(api: ApiClient, settings:
         listener.close()
 
 
+def test_the_submit_transaction_itself_does_not_notify(live_server: LiveServer, api: ApiClient) -> None:
+    """PostgreSQL commits notifying transactions one at a time: a NOTIFY inside the submit serialises all submits."""
+    engine = live_server.app.extensions["jobservice.database"].engine
+    statements: list[tuple[int, str]] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append((id(conn.connection.dbapi_connection), statement))
+
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        api.submit(**JOB)
+        assert api.post("/jobs/batch", json={"jobs": [JOB] * 2}).status_code == 201
+        wait_for(lambda: sum("pg_notify" in s for _, s in statements) >= 1, 10, interval=0.02, message="the wake-up")
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    submitters = {conn for conn, statement in statements if "INSERT INTO jobs" in statement}
+    notifiers = {conn for conn, statement in statements if "pg_notify" in statement}
+    assert submitters and notifiers and not submitters & notifiers
+
+
 # --- schemas -------------------------------------------------------------------------------------------------
 
 def test_the_create_schemas_defaults_are_what_the_nested_schemas_load() -> None:
