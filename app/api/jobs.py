@@ -28,7 +28,9 @@ from app.domain import dryrun, idempotency, jobs
 from app.domain.callers import SCOPE_READ, SCOPE_WRITE
 
 REPLAYED_HEADER = "Idempotent-Replayed"
-_SINGLE = lambda _index, name: name  # noqa: E731 - a single submit's errors name the field alone
+_REPLAYED_DOC = {
+    REPLAYED_HEADER: {"description": "true: the answer of an earlier request with this Idempotency-Key", "schema": {"type": "string"}}
+}
 
 blp = Blueprint("jobs", __name__, url_prefix="/api/v1/jobs", description="Submit, inspect and cancel jobs")
 
@@ -46,7 +48,7 @@ class JobCollection(MethodView):
     @blp.arguments(JobCreateSchema)
     @blp.arguments(SubmitQuerySchema, location="query", as_kwargs=True)
     @blp.arguments(IdempotencyHeaderSchema, location="headers", as_kwargs=True)
-    @blp.response(201, JobCreatedSchema, headers={REPLAYED_HEADER: {"description": "true: the answer of an earlier request with this Idempotency-Key", "schema": {"type": "string"}}})
+    @blp.response(201, JobCreatedSchema, headers=_REPLAYED_DOC)
     @blp.alt_response(200, schema=DryRunSchema, description="dry_run=true: what would happen; nothing was created")
     @blp.alt_response(400, description="Invalid request body")
     @blp.alt_response(409, description="Idempotency-Key already used with a different request")
@@ -54,7 +56,8 @@ class JobCollection(MethodView):
         """Submit a job"""
         caller = require_scope(SCOPE_WRITE)
         if dry_run:
-            return _dry_run_answer(DryRunSchema().dump({"dry_run": True, **asdict(dryrun.preview(session(), caller, [job], settings(), _SINGLE)[0])}))
+            preview = dryrun.preview(session(), caller, [job], settings(), _field_of_single)[0]
+            return _dry_run_answer(DryRunSchema().dump({"dry_run": True, **asdict(preview)}))
         key = _key("submit", idempotency_key)
         created = jobs.submit(session(), caller, job, settings(), key=key)  # queue_position computed before the commit
         return _created(JobCreatedSchema().dump(created), created.replayed)
@@ -65,7 +68,7 @@ class JobBatch(MethodView):
     @blp.arguments(JobBatchCreateSchema)
     @blp.arguments(SubmitQuerySchema, location="query", as_kwargs=True)
     @blp.arguments(IdempotencyHeaderSchema, location="headers", as_kwargs=True)
-    @blp.response(201, JobBatchCreatedSchema, headers={REPLAYED_HEADER: {"description": "true: the answer of an earlier request with this Idempotency-Key", "schema": {"type": "string"}}})
+    @blp.response(201, JobBatchCreatedSchema, headers=_REPLAYED_DOC)
     @blp.alt_response(200, schema=DryRunBatchSchema, description="dry_run=true: what would happen to each; nothing was created")
     @blp.alt_response(400, description="Invalid request body; details name the item (`jobs.17.priority`)")
     @blp.alt_response(409, description="Idempotency-Key already used with a different request")
@@ -73,14 +76,18 @@ class JobBatch(MethodView):
         """Submit up to MAX_BATCH_JOBS jobs at once, all or none (the rate limit counts each job)"""
         caller = require_scope(SCOPE_WRITE)
         if dry_run:
-            previews = [asdict(p) for p in dryrun.preview(session(), caller, batch["jobs"], settings(), _BATCH)]
+            previews = [asdict(p) for p in dryrun.preview(session(), caller, batch["jobs"], settings(), _field_of_item)]
             return _dry_run_answer(DryRunBatchSchema().dump({"dry_run": True, "jobs": previews}))
         key = _key("batch", idempotency_key)
-        submission = jobs.submit_many(session(), caller, batch["jobs"], settings(), key=key)
+        submission = jobs.submit_many(session(), caller, batch["jobs"], settings(), key=key, field=_field_of_item)
         return _created(JobBatchCreatedSchema().dump({"jobs": submission.jobs}), submission.replayed)
 
 
-def _BATCH(index: int, name: str) -> str:  # noqa: N802 - a constant-like field namer
+def _field_of_single(_index: int, name: str) -> str:
+    return name
+
+
+def _field_of_item(index: int, name: str) -> str:
     return f"jobs.{index}.{name}"
 
 
