@@ -134,6 +134,8 @@ def test_rate_limit_counts_the_jobs_of_a_batch(serve: Callable[..., LiveServer],
     assert alice.post("/jobs/batch", json={"jobs": [JOB] * 3}).status_code == 201
     assert count(database, "jobs") == 10
     assert as_user(server, "bob").post("/jobs/batch", json={"jobs": [JOB] * 10}).status_code == 201  # per caller
+    too_big = assert_error(as_user(server, "carol").post("/jobs/batch", json={"jobs": [JOB] * 11}), 429, "RATE_LIMITED")
+    assert "send smaller batches" in too_big["message"]
 
 
 # --- idempotency keys ---------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+import limits
 from flask import Flask, current_app, g, request
 from flask.wrappers import Response
 from flask_limiter import Limit, Limiter
@@ -73,7 +74,13 @@ def request_cost() -> int:
 
 
 def _breach_message() -> str:
-    return f"Rate limit of {limit_for_request()} exceeded; retry after the number of seconds in the Retry-After header"
+    limit = limit_for_request()
+    cost = request_cost()
+    if cost > 1 and cost > limits.parse(limit).amount:
+        # Waiting never helps this one: say what does.
+        return (f"A batch of {cost} jobs is more than the submit limit of {limit} allows at once; "
+                "send smaller batches (or raise RATELIMIT_SUBMIT)")
+    return f"Rate limit of {limit} exceeded; retry after the number of seconds in the Retry-After header"
 
 
 def _retry_after_only_on_refusals(response: Response) -> Response:
