@@ -5,9 +5,10 @@ that notified one at a time, each holding a database-wide lock across its WAL fl
 submits stop sharing (group-committing) their flushes. Measured here (benchmarks/dispatch.py
 --submit-only, 16 clients): 124 submits/s with it, 183/s without it, nothing else changed.
 
-So submits commit without notifying, and a per-process thread sends the wake-up on a connection of
+So submits commit without notifying, and a per-process thread sends the wake-up, in a transaction of
 its own: `poke()` only sets a flag; the thread sends one NOTIFY, then one more if pokes came while
-it was sending. A burst of submits costs a handful of NOTIFYs, an idle submit one round trip.
+it was sending. A burst of submits costs a handful of NOTIFYs. A NOTIFY that fails (the database
+restarting) is retried every half second until one goes through.
 
 Nothing is lost by moving it out of the transaction: a NOTIFY never was the guarantee. If this
 process dies between a commit and its NOTIFY, or the NOTIFY fails, the scheduler's safety-net tick
@@ -18,7 +19,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
@@ -36,7 +36,6 @@ class SchedulerWaker:
         self._wanted = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._connection: Any = None
         self._failures = 0
 
     def poke(self) -> None:
@@ -57,20 +56,16 @@ class SchedulerWaker:
 
     def _notify(self) -> None:
         try:
-            if self._connection is None:
-                self._connection = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-            self._connection.execute(text("SELECT pg_notify(:channel, :reason)"), {"channel": SCHEDULER_CHANNEL, "reason": self._reason})
+            # A pooled connection per NOTIFY: the pool's pre-ping replaces one the server has dropped since.
+            with self._engine.connect() as connection:
+                connection.execution_options(isolation_level="AUTOCOMMIT").execute(
+                    text("SELECT pg_notify(:channel, :reason)"), {"channel": SCHEDULER_CHANNEL, "reason": self._reason}
+                )
             self._failures = 0
-        except Exception as exc:  # noqa: BLE001 - the scheduler's interval tick covers a lost wake-up
+        except Exception as exc:  # noqa: BLE001 - never raise into the submit path; try again below
             self._failures += 1
             if self._failures % 100 == 1:
-                log.warning("could not wake the scheduler (%d tries); its interval tick admits the job: %s",
-                            self._failures, first_line(exc))
-            if self._connection is not None:
-                try:
-                    self._connection.invalidate()
-                    self._connection.close()
-                except Exception:  # noqa: BLE001 - a broken connection may refuse even this
-                    pass
-                self._connection = None
+                log.warning("could not wake the scheduler (%d tries); retrying, and its interval tick admits the job "
+                            "meanwhile: %s", self._failures, first_line(exc))
             time.sleep(0.5)  # the database is down or restarting: do not spin on it
+            self._wanted.set()  # the wake-up is still owed

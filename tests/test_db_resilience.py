@@ -26,7 +26,9 @@ def backend_pids(database: Database, application: str, *, waiting_on_lock: bool 
     with database.engine.connect() as conn:
         return list(conn.execute(
             text(
+                # This database only: other services (other test runs) on the same server are not ours to signal.
                 "SELECT pid FROM pg_stat_activity WHERE application_name LIKE :app AND pid <> pg_backend_pid()"
+                " AND datname = current_database()"
                 " AND query ILIKE :query" + (" AND wait_event_type = 'Lock'" if waiting_on_lock else "")
             ),
             {"app": application, "query": query_like},

@@ -285,24 +285,55 @@ def test_a_submit_wakes_the_scheduler_after_its_commit(api: ApiClient, settings:
         listener.close()
 
 
+def test_a_wake_up_survives_a_dropped_connection(api: ApiClient, settings: Settings, database: Database) -> None:
+    listener = psycopg2.connect(settings.database_url)
+    listener.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
+    try:
+        listener.cursor().execute(f"LISTEN {SCHEDULER_CHANNEL}")
+
+        def notified() -> bool:
+            listener.poll()
+            return bool(listener.notifies)
+
+        api.submit(**JOB)
+        wait_for(notified, 10, interval=0.02, message="the first wake-up")
+        for pid in backend_pids(database, "jobservice-api"):  # every API session, the waker's included
+            with database.engine.connect() as conn:
+                conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        listener.notifies.clear()
+        api.submit(**JOB)
+        wait_for(notified, 10, interval=0.02, message="a wake-up after the API's sessions were dropped")
+    finally:
+        listener.close()
+
+
 def test_the_submit_transaction_itself_does_not_notify(live_server: LiveServer, api: ApiClient) -> None:
     """PostgreSQL commits notifying transactions one at a time: a NOTIFY inside the submit serialises all submits."""
     engine = live_server.app.extensions["jobservice.database"].engine
-    statements: list[tuple[int, str]] = []
-
-    def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        statements.append((id(conn.connection.dbapi_connection), statement))
-
-    event.listen(engine, "before_cursor_execute", seen)
+    seen: list[tuple[int, str]] = []
+    listeners = {
+        "before_cursor_execute": lambda conn, cursor, statement, *args: seen.append((id(conn.connection.dbapi_connection), statement)),
+        "commit": lambda conn: seen.append((id(conn.connection.dbapi_connection), "COMMIT")),
+        "rollback": lambda conn: seen.append((id(conn.connection.dbapi_connection), "ROLLBACK")),
+    }
+    for name, listener in listeners.items():
+        event.listen(engine, name, listener)
     try:
         api.submit(**JOB)
         assert api.post("/jobs/batch", json={"jobs": [JOB] * 2}).status_code == 201
-        wait_for(lambda: sum("pg_notify" in s for _, s in statements) >= 1, 10, interval=0.02, message="the wake-up")
+        wait_for(lambda: sum("pg_notify" in s for _, s in seen) >= 1, 10, interval=0.02, message="the wake-up")
     finally:
-        event.remove(engine, "before_cursor_execute", seen)
-    submitters = {conn for conn, statement in statements if "INSERT INTO jobs" in statement}
-    notifiers = {conn for conn, statement in statements if "pg_notify" in statement}
-    assert submitters and notifiers and not submitters & notifiers
+        for name, listener in listeners.items():
+            event.remove(engine, name, listener)
+    submitting: set[int] = set()  # connections inside a submit's transaction
+    for conn, statement in list(seen):
+        if "INSERT INTO jobs" in statement:
+            submitting.add(conn)
+        elif statement in ("COMMIT", "ROLLBACK"):
+            submitting.discard(conn)
+        elif "pg_notify" in statement:
+            assert conn not in submitting, "NOTIFY inside the submit's transaction"
+    assert sum("INSERT INTO jobs" in s for _, s in seen) == 2
 
 
 # --- schemas -------------------------------------------------------------------------------------------------
