@@ -308,3 +308,19 @@ class JobStatDelta(Base):
     bucket: Mapped[int] = mapped_column(Integer)
     count: Mapped[int] = mapped_column(BigInteger)
     total: Mapped[float] = mapped_column(Float)
+
+
+class IdempotencyKey(Base):
+    """A submission's `Idempotency-Key`, per caller, with the answer it got: a retry gets the same answer."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (Index("ix_idempotency_keys_expires_at", "expires_at"),)
+
+    # The primary key is what makes two racing requests with one key create one set of jobs.
+    owner: Mapped[str] = mapped_column(Text, primary_key=True)
+    key: Mapped[str] = mapped_column(Text, primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(Text)  # sha256 of the operation and its canonical JSON body
+    status_code: Mapped[int] = mapped_column(Integer)
+    response: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    expires_at: Mapped[datetime]

@@ -150,6 +150,8 @@ class Settings:
     ratelimit_list: str = "300/minute"
     ratelimit_default: str = "600/minute"
     jwt_max_token_lifetime_seconds: int = 31 * 86400
+    max_batch_jobs: int = 1000
+    idempotency_key_ttl_seconds: int = 86400
 
     # Input bounds (the API answers 400 beyond them; the OpenAPI document states them)
     max_job_timeout_seconds: int = 7 * 86400
@@ -261,6 +263,8 @@ class Settings:
             ratelimit_list=env.get("RATELIMIT_LIST", "300/minute"),
             ratelimit_default=env.get("RATELIMIT_DEFAULT", "600/minute"),
             jwt_max_token_lifetime_seconds=_int(env, "JWT_MAX_TOKEN_LIFETIME_SECONDS", 31 * 86400),
+            max_batch_jobs=max(1, _int(env, "MAX_BATCH_JOBS", 1000)),
+            idempotency_key_ttl_seconds=max(1, _int(env, "IDEMPOTENCY_KEY_TTL_SECONDS", 86400)),
             max_job_timeout_seconds=_int(env, "MAX_JOB_TIMEOUT_SECONDS", 7 * 86400),
             max_retries=_int(env, "MAX_RETRIES", 100),
             max_gang_members=_int(env, "MAX_GANG_MEMBERS", 64),

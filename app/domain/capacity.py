@@ -237,7 +237,13 @@ def why_never_fits(
     worker restarting) must not turn a valid job away. A job that fits none of the nodes live now
     waits, and the scheduler lets it block nobody.
     """
-    nodes = load_nodes(session, ready_only=False)
+    return never_fits(load_nodes(session, ready_only=False), cpu_millis, memory_bytes, gpus, members, has_command=has_command)
+
+
+def never_fits(
+    nodes: list[NodeCapacity], cpu_millis: int, memory_bytes: int, gpus: int, members: int, *, has_command: bool = True
+) -> str | None:
+    """why_never_fits on nodes already read (what they hold is ignored): a submit reads them with its INSERT."""
     empty = [n.emptied() for n in nodes]
     if not nodes or place(empty, cpu_millis, memory_bytes, gpus, members, has_command=has_command) is not None:
         return None
