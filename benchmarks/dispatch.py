@@ -9,7 +9,7 @@ recorded times: created_at (submit committed) -> the `running` event (a worker c
     python benchmarks/dispatch.py --submit-only --jobs 20000 --clients 2 --batch 1000  # POST /jobs/batch
 
 `--submit-only` starts no worker (nothing is admitted: no node) and times the submissions alone; the API
-runs as the Procfile runs it (gunicorn gthread, WEB_CONCURRENCY x WEB_THREADS, default 2 x 16).
+runs as the Procfile runs it (gunicorn with config/gunicorn.py: WEB_CONCURRENCY gevent processes, default 2).
 """
 from __future__ import annotations
 
@@ -83,9 +83,9 @@ def main() -> None:
 
     processes = [
         subprocess.Popen(
-            ["gunicorn", "--worker-class", "gthread", "--workers", os.environ.get("WEB_CONCURRENCY", "2"),
-             "--threads", os.environ.get("WEB_THREADS", "16"), "--bind", f"127.0.0.1:{port}",
-             "--log-level", "warning", "app:create_app()"],
+            # The Procfile's web line (gevent workers, WEB_CONCURRENCY processes), on this benchmark's port.
+            [sys.executable, "-m", "gunicorn", "--config", "python:config.gunicorn", "--bind", f"127.0.0.1:{port}",
+             "--log-level", "warning"],
             env=env, cwd=ROOT, start_new_session=True,
         ),
         subprocess.Popen([sys.executable, "-m", "app.cli", "scheduler"], env=env, cwd=ROOT, start_new_session=True),
@@ -151,7 +151,7 @@ def main() -> None:
             ids = [i for chunk in pool.map(submit, range(requests_needed)) for i in chunk]
         submit_seconds = time.perf_counter() - started
         print(f"jobs: {len(ids)}  requests: {requests_needed}  HTTP clients: {args.clients}  "
-              f"API: {os.environ.get('WEB_CONCURRENCY', '2')} x {os.environ.get('WEB_THREADS', '16')}")
+              f"API: {os.environ.get('WEB_CONCURRENCY', '2')} gevent processes")
         print(f"submissions/s (jobs): {len(ids) / submit_seconds:.1f}  ({submit_seconds:.2f} s)  requests/s: "
               f"{requests_needed / submit_seconds:.1f}")
         print(f"request latency ms: p50 {percentile(latencies_ms, 0.5):.1f}  p99 {percentile(latencies_ms, 0.99):.1f}  "
