@@ -90,7 +90,8 @@ def load_nodes(session: Session, *, alive_since: datetime | None = None) -> list
     """Nodes (alive ones when `alive_since` is given) with what admitted jobs hold on each."""
     query = select(Node).where(Node.ready.is_(True))
     if alive_since is not None:
-        query = query.where(Node.heartbeat_at >= alive_since)
+        # Placement's view: live nodes that are neither cordoned nor draining (app.domain.nodes).
+        query = query.where(Node.heartbeat_at >= alive_since, Node.state == "ready")
     nodes = {
         (n.cluster, n.name): NodeCapacity(
             n.cluster, n.name, sorted(int(g) for g in n.gpu_indices), n.gpu_type, n.cpu_millis, n.memory_bytes, n.slots
