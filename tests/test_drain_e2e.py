@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import text
 
 from tests.conftest import LiveServer, make_token, wait_for, wait_for_status
+from tests.test_supervisor_e2e import run_env, runs  # noqa: F401 - fixtures: `jobservice run` as a subprocess
 
 LONG = ["sh", "-c", "echo started; sleep 120"]
 
@@ -161,3 +162,22 @@ def test_the_operators_api_is_admin_only_and_checks_its_input(settings, database
         assert detail["state_by"] == "ops" and detail["state_reason"] == "drained by ops"
     finally:
         server.stop()
+
+
+def test_ctrl_c_of_jobservice_run_drains_its_worker(api, database, runs) -> None:
+    run = runs(
+        "scheduler", "worker", WORKER_NODE="node-run", WORKER_CONCURRENCY="1", WORKER_DRAIN_SECONDS="1",
+        KILL_GRACE_SECONDS="2", JOB_HEARTBEAT_SECONDS="0.5", WORKER_GPU_COUNT="0",
+    )
+    run.wait_started("scheduler", "worker")
+    wait_for(lambda: node_state(database, "node-run") == "ready", 60, message=f"node-run registered:\n{run.output}")
+    job = api.submit(command=LONG, retry_policy={"max_retries": 3})
+    wait_for_status(api, job["id"], "running", timeout=60)
+
+    # Ctrl-C reaches the supervisor alone (its processes run in sessions of their own); it sends SIGTERM
+    # to the worker's main process and waits past WORKER_DRAIN_SECONDS + KILL_GRACE_SECONDS.
+    assert run.stop(signal.SIGINT, timeout=60) == 0, run.output
+    after = api.get(f"/jobs/{job['id']}").json()
+    assert after["status"] == "pending" and after["retry_count"] == 0, (after, run.output[-3000:])
+    assert any("drained from node local/node-run" in e["reason"] for e in events(api, job["id"]))
+    assert node_state(database, "node-run") is None
