@@ -90,7 +90,8 @@ def test_cordon_stops_placement_and_uncordon_resumes(api, database, start_worker
 
     job = api.submit(command=["true"])
     stay_pending(api, job["id"], 3)
-    assert api.get(f"/jobs/{job['id']}/explain").json()["reason"] == "NO_NODES"
+    explained = api.get(f"/jobs/{job['id']}/explain").json()
+    assert explained["reason"] == "NO_NODES" and "local/node-a cordoned by local (bad fan)" in explained["message"], explained
 
     assert api.post("/nodes/local/node-a/uncordon").json()["state"] == "ready"
     wait_for_status(api, job["id"], "succeeded", timeout=30)

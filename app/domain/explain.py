@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session
 
 from app.domain import capacity, counters, jobs, stats
 from app.domain.capacity import NodeCapacity
+from app.domain.nodes import why_unschedulable
 from app.domain.quantities import format_bytes, format_millis
 from app.domain.scheduling import ADMISSION_BATCH
 from app.domain.states import TERMINAL, JobStatus
@@ -176,7 +177,8 @@ def _explain_pending(session: Session, job: Job, settings: Settings, now: dateti
         return answer(Reason.QUEUE_CONCURRENCY_LIMIT, full)
     nodes = capacity.load_nodes(session, alive_since=capacity.node_alive_since(now, settings.node_lease_seconds))
     if not nodes:
-        return answer(Reason.NO_NODES, f"No live node: none has heartbeated in the last {settings.node_lease_seconds:g}s")
+        held_back = why_unschedulable(session, capacity.node_alive_since(now, settings.node_lease_seconds))
+        return answer(Reason.NO_NODES, held_back or f"No live node: none has heartbeated in the last {settings.node_lease_seconds:g}s")
 
     pending_queues = [q for q, c in counts.items() if c.get(JobStatus.PENDING.value, 0) > 0]
     blocker: tuple[_Candidate, Reason, Blocking | None, str] | None = None

@@ -295,3 +295,15 @@ def audit(session: Session, cluster: str, name: str, limit: int = 20) -> list[No
         select(NodeEvent).where(NodeEvent.cluster == cluster, NodeEvent.node == name).order_by(NodeEvent.id.desc()).limit(limit)
     ))
 
+
+
+def why_unschedulable(session: Session, alive_since: datetime) -> str | None:
+    """When every live node is cordoned or draining: which, by whom and why (explain's NO_NODES message)."""
+    held = session.scalars(
+        select(Node).where(Node.heartbeat_at >= alive_since, Node.ready.is_(True), Node.state != NodeState.READY.value)
+        .order_by(Node.cluster, Node.name).limit(5)
+    ).all()
+    if not held:
+        return None
+    named = "; ".join(f"{n.cluster}/{n.name} {n.state} by {n.state_by or 'unknown'}" + (f" ({n.state_reason})" if n.state_reason else "") for n in held)
+    return f"No schedulable node: every live node is cordoned or draining: {named}"
