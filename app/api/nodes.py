@@ -65,7 +65,7 @@ class NodeEventSchema(ma.Schema):
 class NodeSchema(ma.Schema):
     cluster = ma.fields.String()
     name = ma.fields.String()
-    state = ma.fields.String(validate=validate.OneOf(NODE_STATES), metadata={"enum": list(NODE_STATES)})
+    state = ma.fields.String(validate=validate.OneOf(NODE_STATES))
     state_reason = ma.fields.String(allow_none=True)
     state_by = ma.fields.String(allow_none=True)
     state_at = Timestamp(allow_none=True)
