@@ -155,6 +155,10 @@ class NodeDrain(MethodView):
     @blp.alt_response(403, description="Not an admin")
     @blp.alt_response(404, description="Node not found")
     def post(self, body: dict[str, Any], cluster_name: str, node_name: str) -> dict[str, Any]:
-        """Drain a node: cordon it, requeue its jobs not yet started; running jobs may finish for `grace_seconds`,
-        then their worker stops them gracefully and requeues them without spending a retry"""
+        """Drain a node: no new jobs, then its jobs go back to the backlog
+
+        Jobs admitted there but not started go back at once; running jobs may finish for `grace_seconds`, then
+        the node's worker stops them gracefully (SIGTERM, KILL_GRACE_SECONDS, SIGKILL) and requeues them without
+        spending a retry. The node stays draining until uncordoned.
+        """
         return _change(cluster_name, node_name, nodes.NodeState.DRAINING, body or {})
