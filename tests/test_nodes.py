@@ -99,3 +99,39 @@ def test_a_worker_killed_mid_drain_leaves_a_drain_the_next_worker_undoes(databas
         # An operator's own drain is not the worker's to undo.
         nodes.change_state(s, LOCAL_CLUSTER, "node-a", nodes.NodeState.DRAINING, actor="ops", grace_seconds=5)
         assert not nodes.recover_shutdown_drain(s, LOCAL_CLUSTER, "node-a", actor="w3")
+
+
+def test_a_cordon_waits_for_an_admission_pass_in_progress(database: Database, settings: Settings) -> None:
+    """A pass that read the node as ready must commit before the cordon does, never place after it."""
+    import threading
+
+    from sqlalchemy import text
+
+    from app.domain.scheduling import ADMISSION_LOCK
+    from tests.conftest import wait_for
+
+    _register(database)
+    done = threading.Event()
+    with database.engine.connect() as admission:
+        admission.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ADMISSION_LOCK})  # a pass in progress
+
+        def cordon() -> None:
+            with database.session() as s:
+                nodes.change_state(s, LOCAL_CLUSTER, "node-a", nodes.NodeState.CORDONED, actor="ops")
+            done.set()
+
+        worker = threading.Thread(target=cordon)
+        worker.start()
+        # Advisory locks are per database; other databases of the server (other suites) are not ours to count.
+        waiting = (
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND objid = :key"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        )
+        with database.engine.connect() as probe:
+            wait_for(lambda: probe.execute(text(waiting), {"key": ADMISSION_LOCK}).scalar() == 1, 10, message="the cordon waiting")
+        assert not done.is_set()
+        admission.rollback()  # the pass ends
+    worker.join(10)
+    assert done.is_set()
+    with database.session() as s:
+        assert s.get(Node, (LOCAL_CLUSTER, "node-a")).state == "cordoned"

@@ -13,13 +13,14 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, text
 from sqlalchemy.orm import Session
 
 from app.db import transaction
 from app.domain.errors import NotFound
 from app.domain.execution import recorded_end, still_running
 from app.domain.jobs import clear_placement, notify_scheduler, record_transition, utcnow
+from app.domain.scheduling import ADMISSION_LOCK
 from app.domain.states import JobStatus
 from app.models import Job, Node, NodeEvent, OutboxMessage
 
@@ -35,7 +36,14 @@ def _placed_on(name: Any) -> Any:
     return Job.placement.op("@>")(func.jsonb_build_array(func.jsonb_build_object("node", name)))
 
 
+def _exclude_admission(session: Session) -> None:
+    """Wait for an admission pass in progress, and keep the next one out until this change commits: a pass
+    that read the node as ready before the change must not place a job there after it."""
+    session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ADMISSION_LOCK})
+
+
 def _locked(session: Session, cluster: str, name: str) -> Node:
+    _exclude_admission(session)
     node = session.scalars(select(Node).where(Node.cluster == cluster, Node.name == name).with_for_update()).first()
     if node is None:
         raise NotFound(f"Node {cluster}/{name} not found")
@@ -111,6 +119,7 @@ def drain_for_shutdown(session: Session, cluster: str, name: str, *, actor: str,
     """
     now = utcnow()
     with transaction(session):
+        _exclude_admission(session)
         node = session.scalars(select(Node).where(Node.cluster == cluster, Node.name == name).with_for_update()).first()
         if node is None:
             return None
