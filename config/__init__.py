@@ -191,6 +191,7 @@ class Settings:
     worker_concurrency: int = 4
     worker_workdir: str = ".jobservice/work"
     kill_grace_seconds: float = 10.0
+    worker_drain_seconds: float = 30.0
     worker_cgroup: str = "auto"
     nvidia_smi: str = "nvidia-smi"
 
@@ -298,6 +299,7 @@ class Settings:
             worker_concurrency=_int(env, "WORKER_CONCURRENCY", 4),
             worker_workdir=env.get("WORKER_WORKDIR", os.path.join(env.get("JOBSERVICE_DATA_DIR", ".jobservice"), "work")),
             kill_grace_seconds=_float(env, "KILL_GRACE_SECONDS", 10.0),
+            worker_drain_seconds=min(86400.0, max(0.0, _float(env, "WORKER_DRAIN_SECONDS", 30.0))),
             worker_cgroup=env.get("WORKER_CGROUP", "auto").strip() or "auto",
             nvidia_smi=env.get("NVIDIA_SMI", "nvidia-smi"),
             kubernetes_clusters=parse_clusters(env.get("KUBERNETES_CLUSTERS", "")),

@@ -13,7 +13,7 @@ from datetime import timedelta
 
 from app import heartbeat
 from app.db import Database
-from app.domain import execution
+from app.domain import execution, nodes
 from app.domain.capacity import LOCAL_CLUSTER
 from app.domain.quantities import cpu_to_millis, memory_to_bytes
 from config import Settings
@@ -67,13 +67,19 @@ class Membership:
     def leave(self) -> None:
         """What a clean stop undoes; nothing by default (a Kubernetes cluster's nodes outlive its worker)."""
 
+    def drain(self) -> None:
+        """The worker is stopping (warm shutdown): nothing by default (a Kubernetes job outlives its worker)."""
+
 
 class NodeMembership(Membership):
     """This host as a node of the `local` cluster, kept alive by heartbeats."""
 
-    def __init__(self, settings: Settings, slots: int) -> None:
+    def __init__(self, settings: Settings, slots: int, worker_id: str) -> None:
         super().__init__(settings, slots)
         self.interval = max(1.0, settings.node_lease_seconds / 3)
+        self.worker_id = worker_id
+        self._drained = False
+        self._prior: nodes.PriorState | None = None
 
     def join(self) -> None:
         s = self.settings
@@ -91,6 +97,9 @@ class NodeMembership(Membership):
                 gpu_type=resources.gpu_type, cpu_millis=resources.cpu_millis, memory_bytes=resources.memory_bytes,
                 slots=self.slots,
             )
+        with self.database.session() as session:
+            if nodes.recover_shutdown_drain(session, LOCAL_CLUSTER, s.worker_node, actor=self.worker_id):
+                log.warning("node %s was left draining by a worker that did not finish stopping: drain undone", s.worker_node)
         log.info(
             "node %s registered: GPUs %s, %d millicores, %d bytes, %d slots",
             s.worker_node, resources.gpu_indices, resources.cpu_millis, resources.memory_bytes, self.slots,
@@ -104,9 +113,28 @@ class NodeMembership(Membership):
         # A pool process that died (OOM killer, crash) leaves its job's escaped processes behind.
         containment.sweep(containment.find_jobs_cgroup(self.settings.worker_cgroup))
 
+    def drain(self) -> None:
+        """Mark this node draining at once: the scheduler places nothing more here, queued jobs go back to the
+        backlog, and the running ones get WORKER_DRAIN_SECONDS before their runners stop and requeue them."""
+        if self._drained:
+            return
+        self._drained = True
+        s = self.settings
+        self._prior = self.database.retrying(
+            lambda session: nodes.drain_for_shutdown(
+                session, LOCAL_CLUSTER, s.worker_node, actor=self.worker_id, grace_seconds=s.worker_drain_seconds
+            ),
+            what="marking the node draining", give_up_after=10.0,
+        )
+        log.info("node %s draining: running jobs have %gs to finish", s.worker_node, s.worker_drain_seconds)
+
     def leave(self) -> None:
+        if not self._drained:
+            with self.database.session() as session:
+                execution.deregister_node(session, LOCAL_CLUSTER, self.settings.worker_node)
+            return
         with self.database.session() as session:
-            execution.deregister_node(session, LOCAL_CLUSTER, self.settings.worker_node)
+            nodes.leave_after_shutdown(session, LOCAL_CLUSTER, self.settings.worker_node, actor=self.worker_id, prior=self._prior)
 
 
 class ClusterMembership(Membership):

@@ -102,7 +102,8 @@ def load_nodes(
     if ready_only:
         query = query.where(Node.ready.is_(True))
     if alive_since is not None:
-        query = query.where(Node.heartbeat_at >= alive_since)
+        # Placement's view: live nodes that are neither cordoned nor draining (app.domain.nodes).
+        query = query.where(Node.heartbeat_at >= alive_since, Node.state == "ready")
     nodes = {
         (n.cluster, n.name): NodeCapacity(
             n.cluster, n.name, sorted(int(g) for g in n.gpu_indices), n.gpu_type, n.cpu_millis, n.memory_bytes, n.slots

@@ -86,6 +86,7 @@ class EndKind(StrEnum):
     LAUNCH_FAILED = "launch_failed"  # could not start at all (no command, bad image): retrying will not help
     LOST = "lost"  # the execution disappeared (pod evicted, node gone)
     UNPLACED = "unplaced"  # not every member could start in time: requeue whole, without spending a retry
+    DRAINED = "drained"  # stopped because its node drains (worker stopping, operator): requeue, no retry spent
 
 
 @dataclass(frozen=True)
