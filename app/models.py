@@ -18,7 +18,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from app.domain.states import ALL_STATES
@@ -81,6 +81,13 @@ class Job(Base):
         Index("ix_jobs_status_created", "status", "created_at"),
         Index("ix_jobs_holding_node", "cluster", "node", postgresql_where=text("holds_resources")),
         # The oldest job of each queue's backlog (GET /queues/): one index probe per queue.
+        # The backlog of jobs bound to a GPU type or pool, by demand class: the per-pool metrics and the
+        # scheduler's head of each class read only this part of the backlog.
+        Index(
+            "ix_jobs_pending_demand", "pool", "gpu_types", text("priority DESC"), "created_at", "id",
+            postgresql_include=["gpus", "gang_enabled", "gang_min_members"],
+            postgresql_where=text("status = 'pending' AND (pool IS NOT NULL OR gpu_types IS NOT NULL)"),
+        ),
         Index("ix_jobs_pending_since", "queue", "pending_since", postgresql_where=text("status = 'pending'")),
     )
 
@@ -102,6 +109,9 @@ class Job(Base):
     cpu_millis: Mapped[int] = mapped_column(BigInteger, server_default="0")
     memory_bytes: Mapped[int] = mapped_column(BigInteger, server_default="0")
     gpus: Mapped[int] = mapped_column(Integer, server_default="0")
+    # Acceptable GPU models, preferred first (NULL: any), and the worker pool that must run it (NULL: any).
+    gpu_types: Mapped[list[str] | None] = mapped_column(ARRAY(Text))
+    pool: Mapped[str | None] = mapped_column(Text)
     gang_enabled: Mapped[bool] = mapped_column(Boolean, server_default="false")
     gang_min_members: Mapped[int] = mapped_column(Integer, server_default="1")
     timeout_seconds: Mapped[int | None] = mapped_column(Integer)
@@ -197,6 +207,7 @@ class Node(Base):
     name: Mapped[str] = mapped_column(Text, primary_key=True)
     gpu_indices: Mapped[list[Any]] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
     gpu_type: Mapped[str | None] = mapped_column(Text)
+    pool: Mapped[str | None] = mapped_column(Text)  # the worker pool serving it (WORKER_POOL)
     cpu_millis: Mapped[int] = mapped_column(BigInteger)
     memory_bytes: Mapped[int] = mapped_column(BigInteger)
     slots: Mapped[int] = mapped_column(Integer)

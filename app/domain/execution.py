@@ -176,11 +176,12 @@ def register_node(
     cpu_millis: int,
     memory_bytes: int,
     slots: int,
+    pool: str | None = None,
 ) -> None:
     now = utcnow()
     values = dict(
         cluster=cluster, name=name, gpu_indices=gpu_indices, gpu_type=gpu_type, cpu_millis=cpu_millis,
-        memory_bytes=memory_bytes, slots=slots, ready=True, heartbeat_at=now, started_at=now,
+        memory_bytes=memory_bytes, slots=slots, ready=True, heartbeat_at=now, started_at=now, pool=pool,
     )
     with transaction(session):
         statement = insert(Node).values(**values)

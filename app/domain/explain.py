@@ -133,6 +133,8 @@ class _Candidate:
     gpus: int
     members: int
     has_command: bool  # the local executor runs commands only (capacity.place)
+    gpu_types: tuple[str, ...] = ()
+    pool: str | None = None
 
     @property
     def order(self) -> tuple[int, datetime, str]:
@@ -301,12 +303,14 @@ def _after_reservations(plan: policy.Plan, job: policy.Pending, at: Callable[[fl
 def _pending_of(job: Job) -> policy.Pending:
     members = job.gang_min_members if job.gang_enabled else 1
     return policy.Pending(job.id, job.tenant or job.owner, job.priority, job.queue, job.created_at.timestamp(), job.cpu_millis,
-                          job.memory_bytes, job.gpus, members, bool(job.command), job.timeout_seconds)
+                          job.memory_bytes, job.gpus, members, bool(job.command), job.timeout_seconds,
+                          tuple(job.gpu_types or ()), job.pool)
 
 
 def _candidate(job: policy.Pending) -> _Candidate:
     created = datetime.fromtimestamp(job.submitted_at, tz=timezone.utc)
-    return _Candidate(job.id, job.queue, job.priority, created, job.cpu_millis, job.memory_bytes, job.gpus, job.members, job.has_command)
+    return _Candidate(job.id, job.queue, job.priority, created, job.cpu_millis, job.memory_bytes, job.gpus, job.members, job.has_command,
+                      job.gpu_types, job.node_pool)
 
 
 def _blocked_by(plan: policy.Plan, job_id: str | None, reason: Reason, message: str) -> BlockedBy | None:
@@ -330,7 +334,8 @@ def _queue_full(settings: Settings, queue: str, active: dict[str, int]) -> str |
 
 
 def _place(nodes: list[NodeCapacity], job: _Candidate, members: int | None = None) -> capacity.Placement | None:
-    return capacity.place(nodes, job.cpu_millis, job.memory_bytes, job.gpus, members or job.members, has_command=job.has_command)
+    return capacity.place(nodes, job.cpu_millis, job.memory_bytes, job.gpus, members or job.members, has_command=job.has_command,
+                          gpu_types=job.gpu_types, pool=job.pool)
 
 
 def _diagnose(nodes: list[NodeCapacity], job: _Candidate) -> tuple[Reason, Blocking, str]:
@@ -349,6 +354,15 @@ def _diagnose(nodes: list[NodeCapacity], job: _Candidate) -> tuple[Reason, Block
     # As capacity.place: a job without a command cannot go to the local executor when another cluster exists.
     elsewhere = any(n.cluster != capacity.LOCAL_CLUSTER for n in nodes)
     eligible = [n for n in nodes if n.cluster != capacity.LOCAL_CLUSTER or job.has_command or not elsewhere] or nodes
+    bound = ""
+    if job.gpu_types or job.pool is not None:
+        # A job bound to GPU types or a pool waits for those nodes only: say which, and diagnose among them.
+        bound = f"It waits for a node that {capacity.describe_constraint(job.gpu_types, job.pool)}. "
+        serving = [n for n in eligible if n.serves(job.gpu_types, job.pool)]
+        if not serving:
+            return (Reason.NO_FITTING_NODE, Blocking("gpu_type" if job.gpu_types else "pool", ", ".join(job.gpu_types) or job.pool or "", 0, None),
+                    bound + "No live node does")
+        eligible = serving
 
     def progress(node: NodeCapacity) -> tuple[int, int]:
         code = node.shortfall(job.cpu_millis, job.memory_bytes, job.gpus, job.members)
@@ -376,7 +390,7 @@ def _diagnose(nodes: list[NodeCapacity], job: _Candidate) -> tuple[Reason, Block
     else:
         blocking = Blocking(code.lower() or "unknown", "", "", where)
         message = f"No node fits it (nearest: {where}, shortfall {code or 'unknown'})"
-    return _SHORTFALL_REASONS.get(code, Reason.NO_FITTING_NODE), blocking, message
+    return _SHORTFALL_REASONS.get(code, Reason.NO_FITTING_NODE), blocking, bound + message
 
 
 def _free_amount(node: NodeCapacity, code: str | None) -> int:

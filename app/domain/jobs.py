@@ -53,6 +53,8 @@ class JobRequest:
     backoff_multiplier: float = 2.0
     command: list[str] | None = None
     env: dict[str, str] = field(default_factory=dict)
+    gpu_types: tuple[str, ...] = ()  # acceptable GPU models, preferred first; empty: any
+    pool: str | None = None  # the worker pool that must run it; None: any
 
     @property
     def members(self) -> int:
@@ -113,10 +115,14 @@ def record_transition(
 
 def submit(session: Session, caller: Caller, request: JobRequest, settings: Settings) -> Job:
     problem = capacity.why_never_fits(
-        session, request.cpu_millis, request.memory_bytes, request.gpus, request.members, has_command=bool(request.command)
+        session, request.cpu_millis, request.memory_bytes, request.gpus, request.members, has_command=bool(request.command),
+        gpu_types=request.gpu_types, pool=request.pool, scalable_pools=settings.job_pools,
     )
     if problem:
-        raise InvalidRequest("Job can never be scheduled", [{"field": "resources", "message": problem}])
+        field_name = "resources"
+        if problem.startswith("no known node"):
+            field_name = "resources.gpu_type" if request.gpu_types else "resources.pool"
+        raise InvalidRequest("Job can never be scheduled", [{"field": field_name, "message": problem}])
     now = utcnow()
     with transaction(session):
         job = Job(
@@ -136,6 +142,8 @@ def submit(session: Session, caller: Caller, request: JobRequest, settings: Sett
             cpu_millis=request.cpu_millis,
             memory_bytes=request.memory_bytes,
             gpus=request.gpus,
+            gpu_types=list(request.gpu_types) or None,
+            pool=request.pool,
             gang_enabled=request.gang_enabled,
             gang_min_members=request.gang_min_members,
             timeout_seconds=request.timeout_seconds,
