@@ -35,6 +35,10 @@ def test_place_keeps_to_the_types_in_their_order_of_preference() -> None:
     assert place([h100, a100], 1000, GIB, 1, 1, gpu_types=("H100",)) is None
     assert place([h100, a100], 1000, GIB, 1, 1, gpu_types=("V100",)) is None
     assert place([node("p", "A100", pool="big"), a100], 1000, GIB, 1, 1, pool="big").node == "p"
+    # nvidia-smi's name and the Kubernetes product label name the same model.
+    label = node("k", "NVIDIA-H100-80GB-HBM3")
+    assert place([label], 1000, GIB, 1, 1, gpu_types=("nvidia h100 80GB  HBM3",)).node == "k"
+    assert place([label], 1000, GIB, 1, 1, gpu_types=("NVIDIA-H100-80GB",)) is None
 
 
 def test_a_job_waiting_for_a_busy_type_holds_back_no_job_of_another_type() -> None:

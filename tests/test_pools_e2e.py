@@ -60,6 +60,7 @@ def test_jobs_land_on_the_type_they_ask_for_and_a_busy_type_blocks_no_other(api:
     assert api.get(f"/jobs/{waiting['id']}").json()["status"] == "pending"
     explained = api.get(f"/jobs/{waiting['id']}/explain").json()
     assert explained["reason"] == "RESERVED" and explained["reserved_nodes"] == ["local/h100-host"], explained
+    assert "has GPU type NVIDIA H100 80GB HBM3" in explained["message"], explained
 
     # The pool metrics: the waiting H100 job is pool h100's demand; pool a100 has both GPUs idle.
     def metrics() -> dict | None:

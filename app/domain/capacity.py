@@ -7,6 +7,8 @@ admission (`queued`) until it ends, so capacity is never promised twice.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from collections.abc import Sequence
@@ -86,7 +88,9 @@ class NodeCapacity:
 
     def serves(self, gpu_types: Sequence[str] = (), pool: str | None = None) -> bool:
         """Whether a job asking for one of `gpu_types` (any when empty) in `pool` (any when None) may run here."""
-        return (pool is None or self.pool == pool) and (not gpu_types or self.gpu_type in gpu_types)
+        return (pool is None or self.pool == pool) and (
+            not gpu_types or (self.gpu_type is not None and gpu_type_key(self.gpu_type) in {gpu_type_key(t) for t in gpu_types})
+        )
 
     def reserve(self, cpu_millis: int, memory_bytes: int, gpus: int, members: int) -> list[int]:
         chosen = self.free_gpus[: gpus * members]
@@ -95,6 +99,13 @@ class NodeCapacity:
         self.used_memory_bytes += memory_bytes * members
         self.used_slots += 1
         return chosen
+
+
+@functools.lru_cache(maxsize=4096)
+def gpu_type_key(name: str) -> str:
+    """A GPU model name compared loosely: nvidia-smi says `NVIDIA H100 80GB HBM3`, GPU feature discovery's
+    node label `NVIDIA-H100-80GB-HBM3`; case and runs of spaces, '-' and '_' do not matter."""
+    return re.sub(r"[\s_-]+", "-", name.strip().lower())
 
 
 def load_nodes(
@@ -182,7 +193,7 @@ def place(
     if not gpu_types:
         return _place_any(nodes, cpu_millis, memory_bytes, gpus, members, has_command=has_command, elsewhere=elsewhere)
     for gpu_type in gpu_types:
-        placement = _place_any([n for n in nodes if n.gpu_type == gpu_type], cpu_millis, memory_bytes, gpus, members,
+        placement = _place_any([n for n in nodes if n.serves((gpu_type,))], cpu_millis, memory_bytes, gpus, members,
                                has_command=has_command, elsewhere=elsewhere)
         if placement is not None:
             return placement

@@ -195,7 +195,11 @@ def _explain_pending(session: Session, job: Job, settings: Settings, now: dateti
     position = jobs.queue_position(session, job)
     retry_at = job.not_before if job.not_before and job.not_before > now else None
 
+    bound = capacity.describe_constraint(job.gpu_types or (), job.pool) if job.gpu_types or job.pool is not None else None
+
     def answer(reason: Reason, message: str, estimate: Estimate | None = None, **extra: object) -> Explanation:
+        if bound is not None:
+            message = f"{message.rstrip('.')}. It runs only on a node that {bound}"
         return Explanation(
             job_id=job.id, status=job.status, reason=reason, message=message, queue=job.queue, queue_position=position,
             retry_at=retry_at, estimate=estimate or Estimate(None, None, "No start can be estimated now"),
@@ -354,14 +358,12 @@ def _diagnose(nodes: list[NodeCapacity], job: _Candidate) -> tuple[Reason, Block
     # As capacity.place: a job without a command cannot go to the local executor when another cluster exists.
     elsewhere = any(n.cluster != capacity.LOCAL_CLUSTER for n in nodes)
     eligible = [n for n in nodes if n.cluster != capacity.LOCAL_CLUSTER or job.has_command or not elsewhere] or nodes
-    bound = ""
     if job.gpu_types or job.pool is not None:
-        # A job bound to GPU types or a pool waits for those nodes only: say which, and diagnose among them.
-        bound = f"It waits for a node that {capacity.describe_constraint(job.gpu_types, job.pool)}. "
+        # A job bound to GPU types or a pool waits for those nodes only: diagnose among them.
         serving = [n for n in eligible if n.serves(job.gpu_types, job.pool)]
         if not serving:
             return (Reason.NO_FITTING_NODE, Blocking("gpu_type" if job.gpu_types else "pool", ", ".join(job.gpu_types) or job.pool or "", 0, None),
-                    bound + "No live node does")
+                    f"No live node {capacity.describe_constraint(job.gpu_types, job.pool)}")
         eligible = serving
 
     def progress(node: NodeCapacity) -> tuple[int, int]:
@@ -390,7 +392,7 @@ def _diagnose(nodes: list[NodeCapacity], job: _Candidate) -> tuple[Reason, Block
     else:
         blocking = Blocking(code.lower() or "unknown", "", "", where)
         message = f"No node fits it (nearest: {where}, shortfall {code or 'unknown'})"
-    return _SHORTFALL_REASONS.get(code, Reason.NO_FITTING_NODE), blocking, bound + message
+    return _SHORTFALL_REASONS.get(code, Reason.NO_FITTING_NODE), blocking, message
 
 
 def _free_amount(node: NodeCapacity, code: str | None) -> int:
