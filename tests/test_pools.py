@@ -88,7 +88,8 @@ def test_pool_demand_counts_what_only_one_pool_can_serve(database: Database, set
                           " 'local', '[{\"node\": \"h1\", \"members\": 1, \"gpu_indices\": [0, 1, 2]}]')"))
     with database.session() as session:
         demand = {row.pool: row for row in pools.pool_demand(session, settings, now)}
-    assert (demand["h100"].pending_jobs, demand["h100"].pending_gpus, demand["h100"].idle_gpus, demand["h100"].nodes) == (2, 7, 1, 1)
+    h100 = demand["h100"]
+    assert (h100.pending_jobs, h100.pending_gpus, h100.idle_gpus, h100.gpus, h100.nodes) == (2, 7, 1, 4, 1)
     assert (demand["a100"].pending_jobs, demand["a100"].pending_gpus, demand["a100"].idle_gpus) == (1, 4, 4)
     assert (demand["a100-spot"].pending_jobs, demand["a100-spot"].idle_gpus, demand["a100-spot"].nodes) == (0, 0, 0)
     assert demand["scaled-to-zero"].pending_gpus == 1

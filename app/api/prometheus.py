@@ -176,6 +176,7 @@ class ServiceCollector(Collector):
             "pending_jobs": GaugeMetricFamily("jobservice_pool_pending_jobs", "Pending jobs only this worker pool can serve", labels=["pool"]),
             "pending_gpus": GaugeMetricFamily("jobservice_pool_pending_gpus", "GPUs asked by the pending jobs only this pool can serve", labels=["pool"]),
             "idle_gpus": GaugeMetricFamily("jobservice_pool_idle_gpus", "Free GPUs on the pool's live, ready nodes", labels=["pool"]),
+            "gpus": GaugeMetricFamily("jobservice_pool_gpus", "All GPUs of the pool's live, ready nodes", labels=["pool"]),
             "nodes": GaugeMetricFamily("jobservice_pool_nodes", "The pool's live, ready nodes", labels=["pool"]),
         }
         for row in pools.pool_demand(self.db, self.config, utcnow()):

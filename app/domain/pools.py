@@ -37,6 +37,7 @@ class PoolDemand:
     pending_jobs: int  # pending jobs only this pool can serve
     pending_gpus: int  # the GPUs they ask for (all members of a gang)
     idle_gpus: int  # free GPUs on its live, ready nodes
+    gpus: int  # all GPUs of its live, ready nodes (busy = gpus - idle_gpus)
     nodes: int  # its live, ready nodes
 
 
@@ -60,10 +61,12 @@ def pool_demand(session: Session, settings: Settings, now: datetime) -> list[Poo
             jobs[pool] += int(row.jobs)
             gpus[pool] += int(row.gpus or 0)
     idle: dict[str, int] = defaultdict(int)
+    total: dict[str, int] = defaultdict(int)
     count: dict[str, int] = defaultdict(int)
     for node in live:
         if node.pool is not None:
             idle[node.pool] += node.gpus_free_count
+            total[node.pool] += len(node.gpu_indices)
             count[node.pool] += 1
     names = {n.pool for n in known if n.pool is not None} | set(settings.job_pools) | set(jobs)
-    return [PoolDemand(name, jobs[name], gpus[name], idle[name], count[name]) for name in sorted(names)]
+    return [PoolDemand(name, jobs[name], gpus[name], idle[name], total[name], count[name]) for name in sorted(names)]
