@@ -1,7 +1,7 @@
 """The job lifecycle as seen by a worker: claim, heartbeat, end; and the worker's node registration."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -36,6 +36,7 @@ class ClaimedJob:
     cluster: str
     node: str | None
     gpu_indices: list[int]
+    nodes: list[str] = field(default_factory=list)  # every node of its placement (a Kubernetes gang may span several)
 
 
 def claim(
@@ -113,6 +114,7 @@ def _claimed(job: Job) -> ClaimedJob:
         cluster=job.cluster or "",
         node=job.node,
         gpu_indices=[int(g) for g in job.gpu_indices or []],
+        nodes=[str(part["node"]) for part in job.placement or []],
     )
 
 

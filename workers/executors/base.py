@@ -28,6 +28,7 @@ class JobSpec:
     cluster: str
     node: str | None
     gpu_indices: list[int] = field(default_factory=list)  # host GPUs reserved for all members (local executor)
+    nodes: list[str] = field(default_factory=list)  # every node of the placement (a spread Kubernetes gang)
 
     def base_environment(self, rank: int) -> dict[str, str]:
         """What every member sees besides the job's own `env`."""

@@ -97,7 +97,7 @@ def build_job_manifest(
     *,
     cluster: str | None = None,
     ttl_seconds_after_finished: int | None = 3600,
-    node_name: str | None = None,
+    node_name: str | list[str] | None = None,
     service_account_name: str | None = None,
 ) -> client.V1Job:
     """The batch/v1 Job for one attempt of `spec`: Indexed, one completion per gang member, no retries.
@@ -149,14 +149,16 @@ def build_job_manifest(
     )
     affinity = None
     if node_name:
-        # matchFields on metadata.name pins to the node the service's scheduler chose, whatever its labels.
+        # matchFields on metadata.name pins to the node(s) the service's scheduler chose, whatever their labels:
+        # a gang spread over nodes of the GPU type it asked for must not land on others.
+        names = [node_name] if isinstance(node_name, str) else list(node_name)
         affinity = client.V1Affinity(
             node_affinity=client.V1NodeAffinity(
                 required_during_scheduling_ignored_during_execution=client.V1NodeSelector(
                     node_selector_terms=[
                         client.V1NodeSelectorTerm(
                             match_fields=[
-                                client.V1NodeSelectorRequirement(key="metadata.name", operator="In", values=[node_name])
+                                client.V1NodeSelectorRequirement(key="metadata.name", operator="In", values=names)
                             ]
                         )
                     ]
@@ -1025,7 +1027,7 @@ class KubernetesExecutor:
         return build_job_manifest(
             spec, self.namespace, self.gpu_resource, cluster=self.cluster,
             ttl_seconds_after_finished=self.ttl_seconds_after_finished,
-            node_name=spec.node if self.pin_to_node else None,
+            node_name=(spec.node or spec.nodes or None) if self.pin_to_node else None,
             service_account_name=self.service_account_name,
         )
 
