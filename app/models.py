@@ -81,11 +81,11 @@ class Job(Base):
         Index("ix_jobs_status_created", "status", "created_at"),
         Index("ix_jobs_holding_node", "cluster", "node", postgresql_where=text("holds_resources")),
         # The oldest job of each queue's backlog (GET /queues/): one index probe per queue.
-        # The backlog of jobs bound to a GPU type or pool, by demand class: the per-pool metrics and the
-        # scheduler's head of each class read only this part of the backlog.
+        # The backlog bound to a GPU type or pool, per demand class in admission order: the scheduler reads
+        # the head of each class (pool_demand lists the classes).
         Index(
-            "ix_jobs_pending_demand", "pool", "gpu_types", text("priority DESC"), "created_at", "id",
-            postgresql_include=["gpus", "gang_enabled", "gang_min_members"],
+            "ix_jobs_pending_demand", text("COALESCE(pool, '')"), text("COALESCE(gpu_types, '{}'::text[])"),
+            text("priority DESC"), "created_at", "id",
             postgresql_where=text("status = 'pending' AND (pool IS NOT NULL OR gpu_types IS NOT NULL)"),
         ),
         Index("ix_jobs_pending_since", "queue", "pending_since", postgresql_where=text("status = 'pending'")),
@@ -253,6 +253,27 @@ class SchedulerState(Base):
 # --- Counters and roll-ups, maintained by PostgreSQL triggers (migration 0002_observability) -----
 # Triggers on `jobs` and `job_events` append to the *_deltas tables in the writer's transaction;
 # app.domain.counters.fold moves the deltas into the folded tables. Readers add both up.
+
+
+class PoolDemand(Base):
+    """Pending jobs bound to a pool or GPU types, and their GPUs, per demand class ('' / '{}': none)."""
+
+    __tablename__ = "pool_demand"
+
+    pool: Mapped[str] = mapped_column(Text, primary_key=True)
+    gpu_types: Mapped[list[str]] = mapped_column(ARRAY(Text), primary_key=True)
+    jobs: Mapped[int] = mapped_column(BigInteger)
+    gpus: Mapped[int] = mapped_column(BigInteger)
+
+
+class PoolDemandDelta(Base):
+    __tablename__ = "pool_demand_deltas"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    pool: Mapped[str] = mapped_column(Text)
+    gpu_types: Mapped[list[str]] = mapped_column(ARRAY(Text))
+    jobs: Mapped[int] = mapped_column(BigInteger)
+    gpus: Mapped[int] = mapped_column(BigInteger)
 
 
 class JobCount(Base):

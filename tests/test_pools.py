@@ -94,6 +94,20 @@ def test_pool_demand_counts_what_only_one_pool_can_serve(database: Database, set
     assert (demand["a100-spot"].pending_jobs, demand["a100-spot"].idle_gpus, demand["a100-spot"].nodes) == (0, 0, 0)
     assert demand["scaled-to-zero"].pending_gpus == 1
 
+    # Counted by triggers, not by reading the backlog: admissions and cancels take demand away, a fold keeps it.
+    with database.engine.begin() as conn:
+        conn.execute(text("UPDATE jobs SET status = 'queued' WHERE id = 'job-0'"))
+        conn.execute(text("DELETE FROM jobs WHERE id = 'job-4'"))
+        conn.execute(text("UPDATE jobs SET priority = 60 WHERE id = 'job-1'"))  # still pending: no change
+    with database.session() as session:
+        before = {row.pool: row for row in pools.pool_demand(session, settings, now)}
+        pools.fold(session)
+        assert session.execute(text("SELECT count(*) FROM pool_demand_deltas")).scalar() == 0
+        after = {row.pool: row for row in pools.pool_demand(session, settings, now)}
+    assert before == after
+    assert (after["h100"].pending_jobs, after["h100"].pending_gpus) == (1, 1)
+    assert "scaled-to-zero" not in after
+
 
 @pytest.mark.parametrize("gpu_type", ["", " H100", "H100 ", "a\tb", "x" * 129, [], ["A"] * 9, ["A", "A"], [1], {"a": 1}, 5, None])
 def test_gpu_type_is_bounded(api: ApiClient, gpu_type: Any) -> None:

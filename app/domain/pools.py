@@ -6,8 +6,9 @@ start its first worker). A job bound only to GPU types is the demand of the one 
 have those types; when several pools could serve it, none is told to grow for it. Jobs bound to
 neither can run anywhere and are no pool's demand.
 
-Read at scrape time: the backlog bound to a type or pool is summed by demand class through the
-covering partial index ix_jobs_pending_demand (unbound jobs are never read), the nodes are few.
+Read at scrape time without reading the backlog: triggers on `jobs` (migration h12_gpu_type) append
+per-transaction deltas per demand class (pool, GPU types) to `pool_demand_deltas`, the scheduler folds them
+into `pool_demand` (`fold`), and a reader adds both up in one statement, as app.domain.counters does.
 """
 from __future__ import annotations
 
@@ -18,17 +19,28 @@ from datetime import datetime
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from app.db import transaction
 from app.domain import capacity
 from config import Settings
 
-_DEMAND = text(
+# Demand classes with pending jobs: '' / '{}' stand for "no pool" / "any type".
+DEMAND_CLASSES_SQL = """
+    SELECT pool, gpu_types, sum(jobs) AS jobs, sum(gpus) AS gpus FROM (
+        SELECT pool, gpu_types, jobs, gpus FROM pool_demand
+        UNION ALL
+        SELECT pool, gpu_types, jobs, gpus FROM pool_demand_deltas
+    ) AS d GROUP BY pool, gpu_types HAVING sum(jobs) <> 0
+"""
+_DEMAND = text(DEMAND_CLASSES_SQL)
+_FOLD = text(
     """
-    SELECT pool, gpu_types, count(*) AS jobs,
-           sum(gpus::bigint * CASE WHEN gang_enabled THEN gang_min_members ELSE 1 END) AS gpus
-    FROM jobs WHERE status = 'pending' AND (pool IS NOT NULL OR gpu_types IS NOT NULL)
-    GROUP BY pool, gpu_types
+    WITH moved AS (DELETE FROM pool_demand_deltas RETURNING pool, gpu_types, jobs, gpus)
+    INSERT INTO pool_demand (pool, gpu_types, jobs, gpus)
+    SELECT pool, gpu_types, sum(jobs), sum(gpus) FROM moved GROUP BY pool, gpu_types
+    ON CONFLICT (pool, gpu_types) DO UPDATE SET jobs = pool_demand.jobs + EXCLUDED.jobs, gpus = pool_demand.gpus + EXCLUDED.gpus
     """
 )
+FOLD_LOCK = 7_311_012  # one folder at a time (concurrent upserts of the same classes could deadlock)
 
 
 @dataclass(frozen=True)
@@ -55,7 +67,7 @@ def pool_demand(session: Session, settings: Settings, now: datetime) -> list[Poo
     jobs: dict[str, int] = defaultdict(int)
     gpus: dict[str, int] = defaultdict(int)
     for row in session.execute(_DEMAND):
-        pools = serving_pools(known, tuple(row.gpu_types or ()), row.pool)
+        pools = serving_pools(known, tuple(row.gpu_types or ()), row.pool or None)
         if len(pools) == 1:
             (pool,) = pools
             jobs[pool] += int(row.jobs)
@@ -70,3 +82,13 @@ def pool_demand(session: Session, settings: Settings, now: datetime) -> list[Poo
             count[node.pool] += 1
     names = {n.pool for n in known if n.pool is not None} | set(settings.job_pools) | set(jobs)
     return [PoolDemand(name, jobs[name], gpus[name], idle[name], total[name], count[name]) for name in sorted(names)]
+
+
+def fold(session: Session) -> int:
+    """Move the demand deltas into `pool_demand` (the scheduler, every sweep); classes that emptied are dropped."""
+    with transaction(session):
+        if not session.scalar(text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": FOLD_LOCK}):
+            return 0
+        moved = session.execute(_FOLD).rowcount
+        session.execute(text("DELETE FROM pool_demand WHERE jobs = 0 AND gpus = 0"))
+        return moved

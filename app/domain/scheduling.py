@@ -25,7 +25,7 @@ from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.orm import Session
 
 from app.db import transaction
-from app.domain import capacity, fairshare, policy
+from app.domain import capacity, fairshare, policy, pools
 from app.domain.callers import SYSTEM
 from app.domain.jobs import clear_placement, notify_scheduler, record_transition, utcnow
 from app.domain.states import TERMINAL, JobStatus
@@ -131,8 +131,9 @@ _PENDING_COLUMNS = """
     j.timeout_seconds, j.gpu_types, j.pool
 """
 _ONE_PENDING = text(f"SELECT {_PENDING_COLUMNS} FROM jobs j WHERE j.id = :id AND j.status = 'pending'")
-# Jobs bound to a GPU type or worker pool (ix_jobs_pending_demand): the head of each such class is read too,
-# so an A100 job is seen however many H100 jobs are ahead of it.
+# Jobs bound to a GPU type or worker pool (ix_jobs_pending_demand): the head of each such class (listed by the
+# pool_demand counters, not by reading the backlog) is read too, so an A100 job is seen however many H100 jobs
+# are ahead of it.
 _DEMAND = "j.status = 'pending' AND (j.pool IS NOT NULL OR j.gpu_types IS NOT NULL)"
 BACKLOG_DEMAND_CLASSES = 50
 _ELIGIBLE = "j.status = 'pending' AND (j.not_before IS NULL OR j.not_before <= :now) AND NOT (j.queue = ANY(CAST(:full AS text[])))"
@@ -154,9 +155,9 @@ _BACKLOG = text(
     UNION
     (SELECT {_PENDING_COLUMNS} FROM jobs j WHERE {_ELIGIBLE} AND j.gpus = 0 ORDER BY j.priority DESC, j.created_at, j.id LIMIT :per_pool)
     UNION
-    SELECT h.* FROM (SELECT DISTINCT j.pool, j.gpu_types FROM jobs j WHERE {_DEMAND} LIMIT :classes) c CROSS JOIN LATERAL (
+    SELECT h.* FROM (SELECT pool, gpu_types FROM ({pools.DEMAND_CLASSES_SQL}) AS d LIMIT :classes) c CROSS JOIN LATERAL (
         SELECT {_PENDING_COLUMNS} FROM jobs j WHERE {_ELIGIBLE} AND {_DEMAND}
-          AND j.pool IS NOT DISTINCT FROM c.pool AND j.gpu_types IS NOT DISTINCT FROM c.gpu_types
+          AND COALESCE(j.pool, '') = c.pool AND COALESCE(j.gpu_types, '{{}}'::text[]) = c.gpu_types
         ORDER BY j.priority DESC, j.created_at, j.id LIMIT :per_pool) h
     """
 )
