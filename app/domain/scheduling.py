@@ -136,6 +136,7 @@ _ONE_PENDING = text(f"SELECT {_PENDING_COLUMNS} FROM jobs j WHERE j.id = :id AND
 # are ahead of it.
 _DEMAND = "j.status = 'pending' AND (j.pool IS NOT NULL OR j.gpu_types IS NOT NULL)"
 BACKLOG_DEMAND_CLASSES = 50
+BACKLOG_PER_CLASS = 100
 _ELIGIBLE = "j.status = 'pending' AND (j.not_before IS NULL OR j.not_before <= :now) AND NOT (j.queue = ANY(CAST(:full AS text[])))"
 _BACKLOG = text(
     f"""
@@ -158,7 +159,7 @@ _BACKLOG = text(
     SELECT h.* FROM (SELECT pool, gpu_types FROM ({pools.DEMAND_CLASSES_SQL}) AS d LIMIT :classes) c CROSS JOIN LATERAL (
         SELECT {_PENDING_COLUMNS} FROM jobs j WHERE {_ELIGIBLE} AND {_DEMAND}
           AND COALESCE(j.pool, '') = c.pool AND COALESCE(j.gpu_types, '{{}}'::text[]) = c.gpu_types
-        ORDER BY j.priority DESC, j.created_at, j.id LIMIT :per_pool) h
+        ORDER BY j.priority DESC, j.created_at, j.id LIMIT :per_class) h
     """
 )
 
@@ -173,7 +174,7 @@ def load_snapshot(session: Session, settings: Settings, now: datetime, *, includ
     room = {q.name: q.max_concurrency - active.get(q.name, 0) for q in settings.queues}
     full = sorted(name for name, left in room.items() if left <= 0)
     rows = list(session.execute(_BACKLOG, {"now": now, "full": full, "per_owner": BACKLOG_PER_OWNER, "per_pool": BACKLOG_PER_POOL,
-                                          "classes": BACKLOG_DEMAND_CLASSES}))
+                                          "classes": BACKLOG_DEMAND_CLASSES, "per_class": BACKLOG_PER_CLASS}))
     if include is not None and not any(r.id == include for r in rows):
         rows += list(session.execute(_ONE_PENDING, {"id": include}))
     backlog = [
