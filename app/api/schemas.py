@@ -311,7 +311,9 @@ class JobCreateSchema(ma.Schema):
     )
     # Defaults as plain dicts (what the nested schemas load from {}): a schema instance per missing field
     # was a third of the validation time of a batch.
-    resources = ma.fields.Nested(ResourcesSchema, load_default=lambda: {"cpu": DEFAULT_CPU, "memory": DEFAULT_MEMORY, "gpu": 0})
+    resources = ma.fields.Nested(
+        ResourcesSchema, load_default=lambda: {"cpu": DEFAULT_CPU, "memory": DEFAULT_MEMORY, "gpu": 0, "gpu_type": (), "pool": None}
+    )
     gang = ma.fields.Nested(GangSchema, load_default=lambda: {"enabled": False, "min_members": 1})
     timeout_seconds = StrictInteger(
         load_default=None, allow_none=True, validate=SettingRange(1, "max_job_timeout_seconds", "timeout_seconds")

@@ -237,10 +237,11 @@ def _explain_pending(session: Session, job: Job, settings: Settings, now: dateti
         if snapshot.nodes:
             plan = policy.decide(dataclasses.replace(snapshot, focus=job.id), scheduling.policy_config(settings))
             decision = plan.decisions.get(job.id)
-    assert snapshot is not None and plan is not None
+    assert snapshot is not None
     if not snapshot.nodes:
         held_back = why_unschedulable(session, capacity.node_alive_since(now, settings.node_lease_seconds))
         return answer(Reason.NO_NODES, held_back or f"No live node: none has heartbeated in the last {settings.node_lease_seconds:g}s")
+    assert plan is not None  # planned above whenever a node is live
     share = plan.shares.get(job.tenant or job.owner)
     fair = None if share is None else {
         "owner": share.owner, "weight": share.weight, "share": round(share.share, 6), "rank": share.rank,

@@ -175,7 +175,7 @@ _INSERT_JOBS = text(
             id text, job_type text, priority integer, queue text, image text, command jsonb, env jsonb, config jsonb,
             resources jsonb, cpu_millis bigint, memory_bytes bigint, gpus integer, gang_enabled boolean,
             gang_min_members integer, timeout_seconds integer, max_retries integer, backoff_multiplier double precision,
-            created_at timestamptz, gpu_types jsonb, pool text)
+            created_at timestamptz, gpu_types text[], pool text)
     ), j AS (
         INSERT INTO jobs (id, owner, tenant, job_type, priority, queue, status, status_reason, image, command, env, config,
                           resources, cpu_millis, memory_bytes, gpus, gpu_types, pool, gang_enabled, gang_min_members,
