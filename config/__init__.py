@@ -152,6 +152,7 @@ class Settings:
     scheduler_scan_limit: int = 2000
     fair_share_half_life_seconds: float = 3600.0
     fair_share_weights: tuple[tuple[str, float], ...] = ()
+    quotas_file: str | None = None  # JSON {tenant: [quota entries as PUT /quotas/{tenant} takes them]}, seeded at scheduler start
     log_retention_days: int = 30
     log_max_lines_per_attempt: int = 100_000
     log_max_bytes_per_attempt: int = 10 * 1024 * 1024
@@ -249,6 +250,7 @@ class Settings:
             scheduler_scan_limit=_int(env, "SCHEDULER_SCAN_LIMIT", 2000),
             fair_share_half_life_seconds=_float(env, "FAIR_SHARE_HALF_LIFE_SECONDS", 3600.0),
             fair_share_weights=parse_weights(env.get("FAIR_SHARE_WEIGHTS", "")),
+            quotas_file=_optional(env, "QUOTAS_FILE"),
             log_retention_days=_int(env, "LOG_RETENTION_DAYS", 30),
             log_max_lines_per_attempt=max(1, _int(env, "LOG_MAX_LINES_PER_ATTEMPT", 100_000)),
             log_max_bytes_per_attempt=max(1, _int(env, "LOG_MAX_BYTES_PER_ATTEMPT", 10 * 1024 * 1024)),

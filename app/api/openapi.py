@@ -99,6 +99,8 @@ _PATH_PARAMETERS = {
     "job_id": {"type": "string", "pattern": "^job-[0-9a-f]{12}$", "maxLength": 16, "example": "job-3f9a1c2b7d4e"},
     "queue_name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", "maxLength": 63},
     "cluster_name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", "maxLength": 63},
+    # A tenant with a quota (app.api.quotas.TENANT_PATTERN).
+    "tenant": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.@:+-]{0,199}$", "maxLength": 200, "example": "team-a"},
 }
 
 # Views that answer text (flask-smorest documents their status, not their body).

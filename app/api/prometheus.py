@@ -179,10 +179,27 @@ class ServiceCollector(Collector):
             "held_share": GaugeMetricFamily("jobservice_fair_share_held", "Dominant fraction of the fleet the owner holds now", labels=["owner"]),
             "pending": GaugeMetricFamily("jobservice_fair_share_backlog", "Owner's pending jobs", labels=["owner"]),
         }
+        labels = ["tenant", "cluster", "resource"]
+        quota_families = {
+            "quota": GaugeMetricFamily("jobservice_quota", "Tenant's nominal quota (GPUs, CPU cores, memory bytes); absent: unlimited", labels=labels),
+            "borrowing_limit": GaugeMetricFamily("jobservice_quota_borrowing_limit", "What the tenant may use beyond its quota while idle", labels=labels),
+            "used": GaugeMetricFamily("jobservice_quota_used", "What the tenant's jobs hold now under the quota", labels=labels),
+            "borrowed": GaugeMetricFamily("jobservice_quota_borrowed", "The part of used beyond the nominal quota", labels=labels),
+        }
+        scale = (1.0, 1e-3, 1.0)  # GPUs, millicores -> cores, bytes
         for row in report.owners:
             for attribute, family in families.items():
                 family.add_metric([row.owner], float(getattr(row, attribute)))
+            for quota in row.quotas:
+                raw = quota["raw"]
+                for r, resource in enumerate(("gpu", "cpu", "memory")):
+                    key = [row.owner, quota["cluster"], resource]
+                    if raw["quota"][r] is not None:
+                        quota_families["quota"].add_metric(key, raw["quota"][r] * scale[r])
+                    for name in ("borrowing_limit", "used", "borrowed"):
+                        quota_families[name].add_metric(key, raw[name][r] * scale[r])
         yield from families.values()
+        yield from quota_families.values()
 
 
 def _buckets(histogram: stats.Histogram, bounds: tuple[float, ...], scale: float = 1.0) -> list[tuple[str, float]]:

@@ -15,7 +15,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from app.db import first_line, is_connection_error, transaction
-from app.domain import capacity, counters
+from app.domain import capacity, counters, quotas
 from app.domain.callers import Caller
 from app.domain.errors import Conflict, InvalidRequest, NotFound
 from app.domain.states import TERMINAL, JobStatus, can_transition
@@ -117,6 +117,7 @@ def submit(session: Session, caller: Caller, request: JobRequest, settings: Sett
     )
     if problem:
         raise InvalidRequest("Job can never be scheduled", [{"field": "resources", "message": problem}])
+    quotas.check_submit(session, caller.fair_share_owner, request.cpu_millis, request.memory_bytes, request.gpus, request.members)
     now = utcnow()
     with transaction(session):
         job = Job(

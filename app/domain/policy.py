@@ -32,7 +32,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from app.domain import capacity
+from app.domain import capacity, quotas
 from app.domain.capacity import LOCAL_CLUSTER, NodeCapacity, Placement
 
 INF = math.inf
@@ -47,6 +47,7 @@ BACKFILL_WINDOW = "BACKFILL_WINDOW"  # fits now, but would run into a reservatio
 NO_RESERVATION = "NO_RESERVATION"  # what holds the capacity has no timeout: no start can be promised
 NOT_EXAMINED = "NOT_EXAMINED"  # beyond the pass's examination limit for its pool
 BLOCKED = "HIGHER_PRIORITY_AHEAD"  # strict mode only: a job ahead does not fit
+QUOTA_EXCEEDED = "QUOTA_EXCEEDED"  # its tenant's quota (plus borrowing) would be exceeded: holds nothing back
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +127,7 @@ class Snapshot:
     usage: Mapping[str, Usage] = field(default_factory=dict)
     queue_room: Mapping[str, int] | None = None  # admissions each queue may still take; None: unlimited
     focus: str | None = None  # explain: estimate this job's start even beyond the reservation depth
+    quotas: Mapping[str, Sequence[quotas.Quota]] = field(default_factory=dict)  # per tenant (Pending.owner); none: unlimited
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +152,7 @@ class Wait:
     message: str
     blocked_by: str | None = None  # the reserved (or, strict, blocked) job it defers to
     estimated_start_at: float | None = None
+    quota: quotas.Exceeded | None = None  # QUOTA_EXCEEDED: which quota, and the tenant's usage
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +229,7 @@ def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCap
     first_blocked: dict[tuple[str, bool], str] = {}  # per pool, the first job that did not fit now
     free = _FreeIndex(nodes)
     never: dict[tuple[int, int, int, int, bool], bool] = {}
+    ledger = quotas.Ledger(snapshot.quotas, _holding(snapshot.running))
 
     def _one(job: Pending) -> Decision:
         pool = job.pool
@@ -237,15 +241,27 @@ def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCap
             return Fail(job, f"the scheduler could not admit this job: {problem}")
         if room is not None and room.get(job.queue, 0) <= 0:
             return Wait(job, QUEUE_FULL, f"Queue {job.queue} is at its max_concurrency")
+        ask = (job.gpus * job.members, job.cpu_millis * job.members, job.memory_bytes * job.members)
+        if ledger.active:
+            # Over its quota a job neither starts nor reserves: it waits for its own tenant's jobs to end.
+            over = ledger.check_any(job.owner, _eligible_clusters(nodes, job), ask)
+            if over is not None:
+                return Wait(job, QUOTA_EXCEEDED, over.message, quota=over)
         end = now + job.duration + config.end_margin_seconds
         if not misfits.covers(job):
             placement = free.place(job)
             if placement is None:
                 misfits.add(job)
             else:
-                conflict = timeline.conflict(placement, job, end)
+                over = ledger.check(job.owner, placement.cluster, ask) if ledger.active else None
+                conflict = timeline.conflict(placement, job, end) if over is None else None
+                if over is not None:
+                    _unplace(free.by_name, placement, job)
+                    free.refresh(placement)
+                    return Wait(job, QUOTA_EXCEEDED, over.message, quota=over)
                 if conflict is None:
                     timeline.hold(placement, job, end)
+                    ledger.charge(job.owner, placement.cluster, ask)
                     if room is not None:
                         room[job.queue] = room.get(job.queue, 0) - 1
                     return Admit(job, placement, backfilled=timeline.has_reservations)
@@ -283,6 +299,12 @@ def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCap
         plan.decisions[job.id] = decision
         if isinstance(decision, Admit):
             shares.charge(job)
+
+
+def _holding(running: Sequence[Running]) -> Iterator[tuple[str, str, quotas.Amounts]]:
+    for attempt in running:
+        members = sum(m for _, m in attempt.parts) or 1
+        yield attempt.owner, attempt.cluster, (attempt.gpus * members, attempt.cpu_millis * members, attempt.memory_bytes * members)
 
 
 def _capacity_message(ahead: list[Reserve]) -> str:

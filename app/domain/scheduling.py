@@ -25,7 +25,7 @@ from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.orm import Session
 
 from app.db import transaction
-from app.domain import capacity, fairshare, policy
+from app.domain import capacity, fairshare, policy, quotas
 from app.domain.callers import SYSTEM
 from app.domain.jobs import clear_placement, notify_scheduler, record_transition, utcnow
 from app.domain.states import TERMINAL, JobStatus
@@ -175,7 +175,7 @@ def load_snapshot(session: Session, settings: Settings, now: datetime, *, includ
     running = [running_attempt(row, now, settings) for row in holders]
     owners = {job.owner for job in backlog} | {attempt.owner for attempt in running}
     usage = fairshare.usage_of(session, owners, now, settings.fair_share_half_life_seconds)
-    return policy.Snapshot(now.timestamp(), nodes, running, backlog, usage, room)
+    return policy.Snapshot(now.timestamp(), nodes, running, backlog, usage, room, quotas=quotas.load_all(session))
 
 
 def running_attempt(row: Any, now: datetime, settings: Settings) -> policy.Running:
