@@ -108,6 +108,8 @@ class Job(Base):
     max_retries: Mapped[int] = mapped_column(Integer, server_default="0")
     backoff_multiplier: Mapped[float] = mapped_column(Float, server_default="2")
     retry_count: Mapped[int] = mapped_column(Integer, server_default="0")
+    # False: higher-priority work never preempts it (admins only above PREEMPTION_PROTECT_PRIORITY).
+    preemptible: Mapped[bool] = mapped_column(Boolean, server_default="true")
 
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(server_default=func.now())

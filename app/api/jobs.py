@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from flask.views import MethodView
+from flask_smorest import abort
 
 from app.api import Blueprint
 from app.api.context import session, settings
@@ -35,9 +36,13 @@ class JobCollection(MethodView):
     @blp.arguments(JobCreateSchema)
     @blp.response(201, JobCreatedSchema)
     @blp.alt_response(400, description="Invalid request body")
+    @blp.alt_response(403, description="preemptible: false above PREEMPTION_PROTECT_PRIORITY, by a non-admin")
     def post(self, request: jobs.JobRequest) -> Any:
         """Submit a job"""
         caller = require_scope(SCOPE_WRITE)
+        if not request.preemptible and request.priority > settings().preemption_protect_priority and not caller.is_admin:
+            abort(403, message=f"Only admins may submit a job of priority above {settings().preemption_protect_priority} "
+                               "that cannot be preempted (preemptible: false)")
         return jobs.submit(session(), caller, request, settings())  # queue_position computed before the commit
 
 

@@ -200,6 +200,20 @@ class ServiceCollector(Collector):
                         quota_families[name].add_metric(key, raw[name][r] * scale[r])
         yield from families.values()
         yield from quota_families.values()
+        yield from self._preemptions()
+
+    def _preemptions(self) -> Iterator[Metric]:
+        from app.domain import preemption
+        from app.domain.jobs import utcnow
+
+        found = preemption.stats(self.db, utcnow())
+        count = GaugeMetricFamily("jobservice_preemptions_24h", "Jobs preempted in the last 24 h", labels=["queue", "tenant"])
+        lost = GaugeMetricFamily("jobservice_preemption_gpu_seconds_lost_24h", "GPU-seconds preempted attempts had run, last 24 h",
+                                 labels=["queue", "tenant"])
+        for queue, tenant, n, seconds in found.rows:
+            count.add_metric([queue, tenant], float(n))
+            lost.add_metric([queue, tenant], seconds)
+        yield from (count, lost)
 
 
 def _buckets(histogram: stats.Histogram, bounds: tuple[float, ...], scale: float = 1.0) -> list[tuple[str, float]]:

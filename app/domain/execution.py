@@ -10,7 +10,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from app.db import transaction
-from app.domain.jobs import notify_scheduler, record_transition, utcnow
+from app.domain.jobs import clear_placement, notify_scheduler, record_transition, utcnow
 from app.domain.scheduling import end_attempt
 from app.domain.states import JobStatus
 from app.models import Job, JobEvent, Node
@@ -156,7 +156,10 @@ def end(
             return "missing"
         if job.status != JobStatus.RUNNING.value or job.dispatch_token != dispatch_token:
             if job.dispatch_token == dispatch_token and job.holds_resources:
-                job.holds_resources = False  # cancelled while running: its processes are gone now
+                # Cancelled (or preempted) while running: its processes are gone now.
+                if job.status == JobStatus.PENDING.value:
+                    clear_placement(job)  # preempted: back in the backlog with nothing placed
+                job.holds_resources = False
                 notify_scheduler(session, "resources-released")
             return recorded_end(session, job_id, dispatch_token) or job.status
         end_attempt(

@@ -53,6 +53,7 @@ class JobRequest:
     backoff_multiplier: float = 2.0
     command: list[str] | None = None
     env: dict[str, str] = field(default_factory=dict)
+    preemptible: bool = True
 
     @property
     def members(self) -> int:
@@ -142,6 +143,7 @@ def submit(session: Session, caller: Caller, request: JobRequest, settings: Sett
             timeout_seconds=request.timeout_seconds,
             max_retries=request.max_retries,
             backoff_multiplier=request.backoff_multiplier,
+            preemptible=request.preemptible,
             retry_count=0,
             created_at=now,
             updated_at=now,

@@ -91,6 +91,14 @@ class Running:
     memory_bytes: int
     gpus: int
     ends_at: float
+    # Preemption: only a preemptible attempt running for at least the minimum run time, of strictly lower
+    # priority than the waiting job, is a candidate. `stopping`: already preempted, its processes are ending.
+    priority: int = 0
+    preemptible: bool = False
+    started_at: float = INF
+    stopping: bool = False
+    gpu_indices: tuple[tuple[str, tuple[int, ...]], ...] = ()  # per node of `parts`
+    queue: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +120,9 @@ class PolicyConfig:
     backfill: bool = True  # False: the old strict policy (priority then age; the first misfit stops all)
     end_margin_seconds: float = 0.0  # after its timeout a job may still hold its capacity this long (the kill grace)
     fair_share: bool = True
+    preemption: bool = False
+    preemption_min_run_seconds: float = 60.0
+    preemptors_per_pass: int = 4  # waiting jobs that may look for victims in one pass (each search copies the nodes)
 
     def weight(self, owner: str) -> float:
         weight = self.weights.get(owner, self.default_weight)
@@ -128,6 +139,7 @@ class Snapshot:
     queue_room: Mapping[str, int] | None = None  # admissions each queue may still take; None: unlimited
     focus: str | None = None  # explain: estimate this job's start even beyond the reservation depth
     quotas: Mapping[str, Sequence[quotas.Quota]] = field(default_factory=dict)  # per tenant (Pending.owner); none: unlimited
+    preemption_budget: Mapping[str, int] | None = None  # victims each cluster may still lose now (rate limit); None: unlimited
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +173,15 @@ class Fail:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class Preemption:
+    """`victims` stop so that `job` (which cannot start otherwise) fits: fewest, lowest priority, youngest first."""
+
+    job: Pending
+    victims: tuple[Running, ...]
+    cluster: str
+
+
 Decision = Admit | Reserve | Wait | Fail
 
 
@@ -180,6 +201,7 @@ class Plan:
     order: list[str]  # the jobs in the order the pass considered them
     free: list[NodeCapacity]  # capacity left after the admissions (explain diagnoses against it)
     shares: dict[str, OwnerShare]
+    preemptions: list[Preemption] = field(default_factory=list)
 
     @property
     def admitted(self) -> list[Admit]:
@@ -206,6 +228,8 @@ def decide(snapshot: Snapshot, config: PolicyConfig = PolicyConfig()) -> Plan:
         return plan
     if config.backfill:
         _backfill_pass(snapshot, config, nodes, shares, plan)
+        if config.preemption:
+            _preempt(snapshot, config, plan)
     else:
         _strict_pass(snapshot, nodes, plan)
     return plan
@@ -305,6 +329,109 @@ def _holding(running: Sequence[Running]) -> Iterator[tuple[str, str, quotas.Amou
     for attempt in running:
         members = sum(m for _, m in attempt.parts) or 1
         yield attempt.owner, attempt.cluster, (attempt.gpus * members, attempt.cpu_millis * members, attempt.memory_bytes * members)
+
+
+# --- preemption ------------------------------------------------------------------------------------
+
+
+def _release(by_key: Mapping[tuple[str, str], NodeCapacity], attempt: Running) -> None:
+    """Give back on node copies what `attempt` holds (its GPU indices, CPU, memory, its worker slot)."""
+    indices = dict(attempt.gpu_indices)
+    for index, (name, members) in enumerate(attempt.parts):
+        node = by_key.get((attempt.cluster, name))
+        if node is None:
+            continue
+        if indices.get(name):
+            node.used_gpus.difference_update(indices[name])
+        else:
+            node.used_anonymous_gpus = max(0, node.used_anonymous_gpus - attempt.gpus * members)
+        node.used_cpu_millis -= attempt.cpu_millis * members
+        node.used_memory_bytes -= attempt.memory_bytes * members
+        node.used_slots -= 1 if index == 0 else 0
+
+
+def _copy(nodes: Sequence[NodeCapacity]) -> list[NodeCapacity]:
+    return [dataclasses.replace(n, used_gpus=set(n.used_gpus)) for n in nodes]
+
+
+def _fits_after(base: Sequence[NodeCapacity], victims: Sequence[Running], job: Pending) -> tuple[list[NodeCapacity], Placement | None]:
+    trial = _copy(base)
+    by_key = {(n.cluster, n.name): n for n in trial}
+    for victim in victims:
+        _release(by_key, victim)
+    return trial, _place(trial, job)
+
+
+def _preempt(snapshot: Snapshot, config: PolicyConfig, plan: Plan) -> None:
+    """Waiting jobs that cannot start now may stop running jobs of strictly lower priority.
+
+    Victims are whole attempts (a gang with all its members), chosen lowest priority first, then the most
+    recently started (it loses the least work), greedily until the waiting job fits, then pruned to the
+    fewest that still make it fit. Capacity already being freed (attempts stopping after an earlier
+    preemption) is counted first, so a pass never preempts again for a job whose room is on its way.
+    Strictly lower priority means a victim can never preempt its preemptor back: no cycles.
+    """
+    now = snapshot.now
+    work = _copy(plan.free)
+    by_key = {(n.cluster, n.name): n for n in work}
+    for attempt in snapshot.running:
+        if attempt.stopping:
+            _release(by_key, attempt)
+    candidates = [
+        r for r in snapshot.running
+        if r.preemptible and not r.stopping and now - r.started_at >= config.preemption_min_run_seconds
+    ]
+    budget = dict(snapshot.preemption_budget) if snapshot.preemption_budget is not None else None
+    taken: set[str] = set()
+    searched = 0
+    for job_id in plan.order:
+        decision = plan.decisions[job_id]
+        if not (isinstance(decision, Reserve) or (isinstance(decision, Wait) and decision.reason in (CAPACITY, NO_RESERVATION))):
+            continue
+        job = decision.job
+        trial, placement = _fits_after(work, [], job)
+        if placement is not None:
+            work = trial  # what is being freed already makes room for it: it keeps that room, nobody preempts more
+            by_key = {(n.cluster, n.name): n for n in work}
+            continue
+        if searched >= config.preemptors_per_pass:
+            break
+        searched += 1
+        pool = sorted(
+            (r for r in candidates if r.priority < job.priority and r.id not in taken
+             and (budget is None or budget.get(r.cluster, 0) > 0)),
+            key=lambda r: (r.priority, -r.started_at, r.id),
+        )
+        chosen: list[Running] = []
+        placement = None
+        for victim in pool:
+            chosen.append(victim)
+            trial, placement = _fits_after(work, chosen, job)
+            if placement is not None:
+                break
+        if placement is None:
+            continue
+        # Fewest victims: drop any whose release turns out not to be needed (the highest priorities first).
+        for victim in sorted(chosen[:-1], key=lambda r: (-r.priority, r.started_at)):
+            fewer = [r for r in chosen if r is not victim]
+            if _fits_after(work, fewer, job)[1] is not None:
+                chosen = fewer
+        # Victims of other clusters than the placement's are not needed there.
+        trial, placement = _fits_after(work, chosen, job)
+        assert placement is not None
+        chosen = [r for r in chosen if r.cluster == placement.cluster]
+        if budget is not None:
+            per_cluster: dict[str, int] = defaultdict(int)
+            for r in chosen:
+                per_cluster[r.cluster] += 1
+            if any(budget.get(c, 0) < n for c, n in per_cluster.items()):
+                continue
+            for c, n in per_cluster.items():
+                budget[c] -= n
+        taken.update(r.id for r in chosen)
+        plan.preemptions.append(Preemption(job, tuple(chosen), placement.cluster))
+        work, placement = _fits_after(work, chosen, job)  # its room is its own from now on
+        by_key = {(n.cluster, n.name): n for n in work}
 
 
 def _capacity_message(ahead: list[Reserve]) -> str:

@@ -7,6 +7,7 @@ Create Date: 2026-11-27 16:00:00
 - `quotas`: one row per (tenant, cluster); cluster '*' is fleet-wide. A NULL amount is not limited;
   the borrowing limits are what the tenant may use beyond its nominal quota while capacity is idle.
 - `quota_changes`: who changed which tenant's quotas when, with the rows before and after.
+- `jobs.preemptible`: false keeps a running job from being preempted by higher-priority work.
 """
 from alembic import op
 import sqlalchemy as sa
@@ -50,9 +51,11 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint('id', name=op.f('pk_quota_changes')),
     )
     op.create_index('ix_quota_changes_tenant', 'quota_changes', ['tenant', 'id'], unique=False)
+    op.add_column('jobs', sa.Column('preemptible', sa.Boolean(), nullable=False, server_default='true'))
 
 
 def downgrade() -> None:
+    op.drop_column('jobs', 'preemptible')
     op.drop_index('ix_quota_changes_tenant', table_name='quota_changes')
     op.drop_table('quota_changes')
     op.drop_table('quotas')
