@@ -362,64 +362,101 @@ def _fits_after(base: Sequence[NodeCapacity], victims: Sequence[Running], job: P
     return trial, _place(trial, job)
 
 
+def _one_node(node: NodeCapacity) -> NodeCapacity:
+    return dataclasses.replace(node, used_gpus=set(node.used_gpus))
+
+
+def _victims_on(node: NodeCapacity, ordered: Sequence[Running], job: Pending) -> list[Running] | None:
+    """The fewest of `ordered` (in their order) whose release lets `job` fit on `node` whole, pruned."""
+    def fits(victims: Sequence[Running]) -> bool:
+        trial = _one_node(node)
+        key = {(trial.cluster, trial.name): trial}
+        for victim in victims:
+            _release(key, victim)
+        return trial.shortfall(job.cpu_millis, job.memory_bytes, job.gpus, job.members) is None
+
+    trial = _one_node(node)
+    key = {(trial.cluster, trial.name): trial}
+    chosen: list[Running] = []
+    for victim in ordered:
+        chosen.append(victim)
+        _release(key, victim)
+        if trial.shortfall(job.cpu_millis, job.memory_bytes, job.gpus, job.members) is None:
+            break
+    else:
+        return None
+    # Fewest victims: drop any whose release turns out not to be needed (the highest priorities first).
+    for victim in sorted(chosen[:-1], key=lambda r: (-r.priority, r.started_at)):
+        fewer = [r for r in chosen if r is not victim]
+        if fits(fewer):
+            chosen = fewer
+    return chosen
+
+
 def _preempt(snapshot: Snapshot, config: PolicyConfig, plan: Plan) -> None:
     """Waiting jobs that cannot start now may stop running jobs of strictly lower priority.
 
-    Victims are whole attempts (a gang with all its members), chosen lowest priority first, then the most
-    recently started (it loses the least work), greedily until the waiting job fits, then pruned to the
-    fewest that still make it fit. Capacity already being freed (attempts stopping after an earlier
+    Victims are whole attempts (a gang with all its members). On each node holding candidates, they are
+    taken lowest priority first, then the most recently started (it loses the least work), until the
+    waiting job fits there whole (its GPU indices on that node), then pruned; the node needing the fewest
+    (then the lowest priorities) wins. Capacity already being freed (attempts stopping after an earlier
     preemption) is counted first, so a pass never preempts again for a job whose room is on its way.
     Strictly lower priority means a victim can never preempt its preemptor back: no cycles.
     """
     now = snapshot.now
-    work = _copy(plan.free)
-    by_key = {(n.cluster, n.name): n for n in work}
-    for attempt in snapshot.running:
-        if attempt.stopping:
-            _release(by_key, attempt)
+    stopping = [r for r in snapshot.running if r.stopping]
     candidates = [
         r for r in snapshot.running
         if r.preemptible and not r.stopping and now - r.started_at >= config.preemption_min_run_seconds
     ]
+    if not candidates and not stopping:
+        return
+    work = _copy(plan.free)
+    by_key = {(n.cluster, n.name): n for n in work}
+    for attempt in stopping:
+        _release(by_key, attempt)
+    changed = bool(stopping)  # `work` may hold room plan.free did not
     budget = dict(snapshot.preemption_budget) if snapshot.preemption_budget is not None else None
     taken: set[str] = set()
     searched = 0
     for job_id in plan.order:
+        if searched >= config.preemptors_per_pass:
+            break
         decision = plan.decisions[job_id]
         if not (isinstance(decision, Reserve) or (isinstance(decision, Wait) and decision.reason in (CAPACITY, NO_RESERVATION))):
             continue
         job = decision.job
-        trial, placement = _fits_after(work, [], job)
-        if placement is not None:
-            work = trial  # what is being freed already makes room for it: it keeps that room, nobody preempts more
-            by_key = {(n.cluster, n.name): n for n in work}
-            continue
-        if searched >= config.preemptors_per_pass:
-            break
-        searched += 1
+        if changed:
+            trial, placement = _fits_after(work, [], job)
+            if placement is not None:
+                work = trial  # what is being freed already makes room for it: it keeps that room, nobody preempts more
+                by_key = {(n.cluster, n.name): n for n in work}
+                continue
         pool = sorted(
             (r for r in candidates if r.priority < job.priority and r.id not in taken
              and (budget is None or budget.get(r.cluster, 0) > 0)),
             key=lambda r: (r.priority, -r.started_at, r.id),
         )
-        chosen: list[Running] = []
-        placement = None
-        for victim in pool:
-            chosen.append(victim)
-            trial, placement = _fits_after(work, chosen, job)
-            if placement is not None:
-                break
-        if placement is None:
+        if not pool:
             continue
-        # Fewest victims: drop any whose release turns out not to be needed (the highest priorities first).
-        for victim in sorted(chosen[:-1], key=lambda r: (-r.priority, r.started_at)):
-            fewer = [r for r in chosen if r is not victim]
-            if _fits_after(work, fewer, job)[1] is not None:
-                chosen = fewer
-        # Victims of other clusters than the placement's are not needed there.
-        trial, placement = _fits_after(work, chosen, job)
-        assert placement is not None
-        chosen = [r for r in chosen if r.cluster == placement.cluster]
+        searched += 1
+        clusters = set(_eligible_clusters(work, job))
+        per_node: dict[tuple[str, str], list[Running]] = defaultdict(list)
+        for victim in pool:
+            for name, _ in victim.parts:
+                if victim.cluster in clusters:
+                    per_node[(victim.cluster, name)].append(victim)
+        best: tuple[tuple[int, int, float], list[Running]] | None = None
+        for key, ordered in per_node.items():
+            node = by_key.get(key)
+            chosen = _victims_on(node, ordered, job) if node is not None else None
+            if chosen:
+                score = (len(chosen), max(r.priority for r in chosen), -min(r.started_at for r in chosen))
+                if best is None or score < best[0]:
+                    best = (score, chosen)
+        if best is None:
+            continue
+        chosen = best[1]
         if budget is not None:
             per_cluster: dict[str, int] = defaultdict(int)
             for r in chosen:
@@ -428,9 +465,12 @@ def _preempt(snapshot: Snapshot, config: PolicyConfig, plan: Plan) -> None:
                 continue
             for c, n in per_cluster.items():
                 budget[c] -= n
+        trial, placement = _fits_after(work, chosen, job)
+        if placement is None:  # pragma: no cover - the node search found room on one node
+            continue
         taken.update(r.id for r in chosen)
         plan.preemptions.append(Preemption(job, tuple(chosen), placement.cluster))
-        work, placement = _fits_after(work, chosen, job)  # its room is its own from now on
+        work, changed = trial, True  # its room is its own from now on
         by_key = {(n.cluster, n.name): n for n in work}
 
 
