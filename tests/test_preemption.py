@@ -166,3 +166,29 @@ def test_only_admins_may_pin_a_high_priority_job(admin: ApiClient, e2e_settings:
         assert admin.post("/jobs/", json=body).status_code == 201
     finally:
         server.stop()
+
+
+def test_a_tenant_under_its_quota_reclaims_borrowed_capacity_whatever_the_priority() -> None:
+    from app.domain.quotas import Quota
+
+    a = node("a", gpus=4)
+    busy = [run(f"b{i}", a, 1, 90, started_ago=300 + i) for i in range(4)]  # bob: 4 GPUs at priority 90
+    quotas = {"bob": [Quota("bob", "*", (2, None, None), (2, 0, 0))], "alice": [Quota("alice", "*", (2, None, None), (0, 0, 0))]}
+    plan = decide(Snapshot(NOW, [a], busy, [job("mine", gpus=1, priority=10, owner="alice")], quotas=quotas), ON)
+    assert victims(plan) == [["b0"]]  # bob borrows 2 GPUs: alice (within her 2) takes one back, the youngest
+    # Beyond her nominal quota she does not reclaim (she would be borrowing herself), and bob within his never loses one.
+    plan = decide(Snapshot(NOW, [a], busy, [job("big", gpus=3, priority=10, owner="alice")], quotas=quotas), ON)
+    assert plan.preemptions == []
+    within = {**quotas, "bob": [Quota("bob", "*", (4, None, None), (0, 0, 0))]}
+    assert decide(Snapshot(NOW, [a], busy, [job("mine", gpus=1, priority=10, owner="alice")], quotas=within), ON).preemptions == []
+    # And bob, now back within his quota, cannot take it back by priority: he would borrow to do so.
+    alices = Running("mine", "alice", "local", (("c", 1),), 1000, GIB, 1, NOW + 3600, priority=10, preemptible=True,
+                               started_at=NOW - 300, gpu_indices=(("c", (0,)),))
+    c = node("c", gpus=2)
+    c.used_gpus.update({0, 1})
+    bobs = Running("b1", "bob", "local", (("c", 1),), 1000, GIB, 1, NOW + 3600, priority=90, preemptible=True, started_at=NOW - 300,
+                   gpu_indices=(("c", (1,)),))
+    c.used_cpu_millis, c.used_memory_bytes, c.used_slots = 2000, 2 * GIB, 2
+    back = decide(Snapshot(NOW, [c], [alices, bobs], [job("b0", gpus=1, priority=90, owner="bob")],
+                           quotas={**quotas, "bob": [Quota("bob", "*", (1, None, None), (1, 0, 0))]}), ON)
+    assert back.preemptions == []

@@ -402,8 +402,19 @@ def _preempt(snapshot: Snapshot, config: PolicyConfig, plan: Plan) -> None:
     (then the lowest priorities) wins. Capacity already being freed (attempts stopping after an earlier
     preemption) is counted first, so a pass never preempts again for a job whose room is on its way.
     Strictly lower priority means a victim can never preempt its preemptor back: no cycles.
+
+    Reclaim: a job whose tenant stays within its nominal quota with it may also stop the jobs of tenants that
+    borrow (use more than their nominal quota), whatever their priority, borrowers first. The reclaimer's
+    tenant is within nominal and the victims' is not, and a job that
+    would borrow never preempts another tenant within its nominal quota: no cycle through reclaim either.
     """
     now = snapshot.now
+    ledger = quotas.Ledger(snapshot.quotas, _holding(snapshot.running))
+    if ledger.active:
+        for admitted in plan.admitted:
+            j = admitted.job
+            ledger.charge(j.owner, admitted.placement.cluster, (j.gpus * j.members, j.cpu_millis * j.members, j.memory_bytes * j.members))
+    borrowers = {r.owner for r in snapshot.running if ledger.active and ledger.borrowing(r.owner)}
     stopping = [r for r in snapshot.running if r.stopping]
     candidates = [
         r for r in snapshot.running
@@ -432,10 +443,18 @@ def _preempt(snapshot: Snapshot, config: PolicyConfig, plan: Plan) -> None:
                 work = trial  # what is being freed already makes room for it: it keeps that room, nobody preempts more
                 by_key = {(n.cluster, n.name): n for n in work}
                 continue
+        ask = (job.gpus * job.members, job.cpu_millis * job.members, job.memory_bytes * job.members)
+        within = ledger.within_nominal(job.owner, ask)
+        reclaims = bool(borrowers) and within
+        # A job that would borrow never takes capacity from another tenant within its nominal quota (that
+        # tenant would reclaim it right back): only from its own tenant's jobs and from borrowers.
+        borrows = job.owner in ledger.quotas and not within
         pool = sorted(
-            (r for r in candidates if r.priority < job.priority and r.id not in taken
-             and (budget is None or budget.get(r.cluster, 0) > 0)),
-            key=lambda r: (r.priority, -r.started_at, r.id),
+            (r for r in candidates
+             if (r.priority < job.priority or (reclaims and r.owner in borrowers and r.owner != job.owner))
+             and not (borrows and r.owner != job.owner and r.owner in ledger.quotas and r.owner not in borrowers)
+             and r.id not in taken and (budget is None or budget.get(r.cluster, 0) > 0)),
+            key=lambda r: (r.owner not in borrowers, r.priority, -r.started_at, r.id),
         )
         if not pool:
             continue

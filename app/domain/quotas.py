@@ -121,6 +121,18 @@ class Ledger:
         blocks = [self.check(tenant, c, ask) for c in clusters]
         return blocks[0] if all(b is not None for b in blocks) else None
 
+    def within_nominal(self, tenant: str, ask: Amounts) -> bool:
+        """True when the tenant has quotas and stays within every nominal amount with `ask` added (no borrowing)."""
+        rows = self.quotas.get(tenant)
+        if not rows:
+            return False
+        return all(q.nominal[r] is None or self.used[(tenant, q.cluster)][r] + ask[r] <= q.nominal[r] for q in rows.values() for r in range(3))
+
+    def borrowing(self, tenant: str) -> bool:
+        """True when the tenant uses more than a nominal amount anywhere: what it holds beyond is reclaimable."""
+        rows = self.quotas.get(tenant) or {}
+        return any(q.nominal[r] is not None and self.used[(tenant, q.cluster)][r] > q.nominal[r] for q in rows.values() for r in range(3))
+
     def charge(self, tenant: str, cluster: str, amounts: Amounts) -> None:
         if tenant not in self.quotas:
             return
