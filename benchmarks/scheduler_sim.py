@@ -351,7 +351,7 @@ def simulate(name: str, trace: list[SimJob], fleet: list[NodeCapacity], config: 
                 members = sum(m for _, m in attempt.parts)
                 result.preemptions += 1
                 result.gpu_seconds_lost += attempt.gpus * members * (at - (job.started or at))
-                if (victim.id, preemption.job.id) in preempted_by:
+                if (victim.id, preemption.job.id) in preempted_by or (preemption.job.id, victim.id) in preempted_by:
                     result.preemption_loops += 1
                 preempted_by.add((preemption.job.id, victim.id))
                 # It holds its capacity through the kill grace, then goes back to the backlog.

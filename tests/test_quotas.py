@@ -245,3 +245,44 @@ def test_quotas_hold_and_borrowing_works_on_the_real_service(e2e_settings: Setti
             admin.delete(f"/jobs/{job_id}")
     finally:
         server.stop()
+
+
+def test_borrowed_capacity_is_reclaimed_by_a_tenant_within_its_quota(e2e_settings: Settings, database: Database, start_worker,
+                                                                     start_scheduler) -> None:
+    server = LiveServer(e2e_settings.with_overrides(auth_enabled=True, jwt_tenant_claim="team"))
+    try:
+        admin = client(server, "ops", "admin")
+        start_worker("gpu-r", concurrency=4, gpus=2, WORKER_CPU="8", WORKER_MEMORY="8Gi")
+        assert admin.request("PUT", "/quotas/research", json={"quotas": [{"gpu": 1, "borrowing_limit": {"gpu": 1}}]}).status_code == 200
+        assert admin.request("PUT", "/quotas/carol", json={"quotas": [{"gpu": 1}]}).status_code == 200
+        start_scheduler(PREEMPTION_MIN_RUN_SECONDS="1")
+        alice = client(server, "alice", team="research")
+        first = alice.submit(command=["sleep", "60"], priority=90, timeout_seconds=120, resources={**TINY, "gpu": 1})
+        wait_for_status(alice, first["id"], "running")
+        second = alice.submit(command=["sleep", "60"], priority=90, timeout_seconds=120, resources={**TINY, "gpu": 1})
+        wait_for_status(alice, second["id"], "running")  # borrowed: the GPU was idle
+        carol = client(server, "carol")
+        mine = carol.submit(command=["sleep", "30"], priority=10, timeout_seconds=60, resources={**TINY, "gpu": 1})
+        wait_for_status(carol, mine["id"], "running", timeout=40)  # priority 10 reclaims from priority 90: it was borrowed
+        timeline = alice.get(f"/jobs/{second['id']}/events").json()["events"]
+        assert [e["reason"] for e in timeline if e["reason"].startswith("preempted")] == [f"preempted by {mine['id']} (priority 10)"]
+        assert alice.get(f"/jobs/{first['id']}").json()["status"] == "running"
+        # Research, back within its quota, cannot preempt carol's job in turn (it would borrow again).
+        wait_for(lambda: alice.get(f"/jobs/{second['id']}/explain").json()["reason"] not in ("WAITING_FOR_SCHEDULER",), 10)
+        assert carol.get(f"/jobs/{mine['id']}").json()["status"] == "running"
+        assert not [e for e in carol.get(f"/jobs/{mine['id']}/events").json()["events"] if e["reason"].startswith("preempted")]
+        for job_id in (first["id"], second["id"], mine["id"]):
+            admin.delete(f"/jobs/{job_id}")
+    finally:
+        server.stop()
+
+
+def test_a_job_that_would_borrow_comes_after_every_job_within_its_tenants_quota() -> None:
+    a = node("a", gpus=2)
+    busy = [running("r1", a, 1, ends_in=1000, owner="alice")]  # alice holds her nominal 1
+    quotas = {"alice": [gpu_quota("alice", 1, borrow=4)], "carol": [gpu_quota("carol", 1)]}
+    plan = decide(Snapshot(NOW, [a], busy, [job("borrow", gpus=1, priority=90, owner="alice"), job("mine", gpus=1, priority=10, owner="carol")],
+                           quotas=quotas))
+    assert isinstance(plan.decisions["mine"], Admit)  # the one free GPU goes to carol, within her quota
+    assert not isinstance(plan.decisions["borrow"], Admit)
+    assert plan.order == ["mine", "borrow"]

@@ -317,12 +317,25 @@ def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCap
             return Wait(job, CAPACITY, _capacity_message(ahead), blocked_by=blocked_by, estimated_start_at=found.start)
         return Wait(job, CAPACITY, _capacity_message(ahead), blocked_by=blocked_by)
 
-    for job in shares.order(snapshot.backlog) if config.fair_share else sorted(snapshot.backlog, key=_strict_key):
+    def consider(job: Pending) -> None:
         plan.order.append(job.id)
         decision = _isolated(job, _one)
         plan.decisions[job.id] = decision
         if isinstance(decision, Admit):
             shares.charge(job)
+
+    # Borrowing comes last: a job that would take its tenant beyond its nominal quota is considered after every
+    # job within its tenant's quota, whatever their priorities, so capacity reclaimed from a borrower goes to
+    # the tenant that reclaimed it, never back to the borrower.
+    deferred: list[Pending] = []
+    for job in shares.order(snapshot.backlog) if config.fair_share else sorted(snapshot.backlog, key=_strict_key):
+        if ledger.active and job.owner in ledger.quotas and not ledger.within_nominal(
+                job.owner, (job.gpus * job.members, job.cpu_millis * job.members, job.memory_bytes * job.members)):
+            deferred.append(job)
+            continue
+        consider(job)
+    for job in deferred:
+        consider(job)
 
 
 def _holding(running: Sequence[Running]) -> Iterator[tuple[str, str, quotas.Amounts]]:
