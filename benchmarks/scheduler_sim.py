@@ -198,6 +198,7 @@ class Result:
     preemptions: int = 0
     gpu_seconds_lost: float = 0.0
     preemption_loops: int = 0
+    repeated_preemptions: int = 0
     quota_violations: int = 0
     quota_waits: int = 0
 
@@ -351,8 +352,10 @@ def simulate(name: str, trace: list[SimJob], fleet: list[NodeCapacity], config: 
                 members = sum(m for _, m in attempt.parts)
                 result.preemptions += 1
                 result.gpu_seconds_lost += attempt.gpus * members * (at - (job.started or at))
-                if (victim.id, preemption.job.id) in preempted_by or (preemption.job.id, victim.id) in preempted_by:
-                    result.preemption_loops += 1
+                if (victim.id, preemption.job.id) in preempted_by:
+                    result.preemption_loops += 1  # a cycle: the victim once preempted its preemptor
+                if (preemption.job.id, victim.id) in preempted_by:
+                    result.repeated_preemptions += 1  # the same job preempted again for the same preemptor
                 preempted_by.add((preemption.job.id, victim.id))
                 # It holds its capacity through the kill grace, then goes back to the backlog.
                 running[victim.id] = (job, dataclasses.replace(attempt, stopping=True, preemptible=False, ends_at=at + kill_grace))
@@ -491,7 +494,8 @@ def main() -> None:
     high = lambda r: [w for p, ws in r.waits.items() if p >= 75 for w in ws]  # noqa: E731
     row("high priority (75+) submit to start p50 / p99 (s)", lambda r: f"{percentile(high(r), 50):,.0f} / {percentile(high(r), 99):,.0f}")
     row("preemptions; GPU-seconds lost to them", lambda r: f"{r.preemptions:,}; {r.gpu_seconds_lost:,.0f}")
-    row("preemption loops (must be 0)", lambda r: f"{r.preemption_loops}")
+    row("preemption loops: cycles A->B->A (must be 0)", lambda r: f"{r.preemption_loops}")
+    row("  the same victim preempted again for the same job", lambda r: f"{r.repeated_preemptions}")
     row("quota violations beyond borrowing (must be 0)", lambda r: f"{r.quota_violations}")
     row("waits for QUOTA_EXCEEDED (decisions)", lambda r: f"{r.quota_waits:,}")
     row("jobs started / still pending at the end", lambda r: f"{r.started:,} / {r.unstarted:,}")

@@ -443,6 +443,7 @@ def _preempt(snapshot: Snapshot, config: PolicyConfig, plan: Plan) -> None:
     budget = dict(snapshot.preemption_budget) if snapshot.preemption_budget is not None else None
     taken: set[str] = set()
     searched = 0
+    heads: set[tuple[str, bool]] = set()
     for job_id in plan.order:
         if searched >= config.preemptors_per_pass:
             break
@@ -450,6 +451,11 @@ def _preempt(snapshot: Snapshot, config: PolicyConfig, plan: Plan) -> None:
         if not (isinstance(decision, Reserve) or (isinstance(decision, Wait) and decision.reason in (CAPACITY, NO_RESERVATION))):
             continue
         job = decision.job
+        # Only the first blocked job of each pool preempts: it holds the pool's first reservation, so what its
+        # victims free is reserved for it (backfill cannot take it) rather than raced for by the jobs behind it.
+        if job.pool in heads:
+            continue
+        heads.add(job.pool)
         if changed:
             trial, placement = _fits_after(work, [], job)
             if placement is not None:
