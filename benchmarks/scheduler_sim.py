@@ -357,6 +357,7 @@ def simulate(name: str, trace: list[SimJob], fleet: list[NodeCapacity], config: 
                 if (preemption.job.id, victim.id) in preempted_by:
                     result.repeated_preemptions += 1  # the same job preempted again for the same preemptor
                 preempted_by.add((preemption.job.id, victim.id))
+                job.pending = dataclasses.replace(job.pending, preempted_by=job.pending.preempted_by | {preemption.job.id})
                 # It holds its capacity through the kill grace, then goes back to the backlog.
                 running[victim.id] = (job, dataclasses.replace(attempt, stopping=True, preemptible=False, ends_at=at + kill_grace))
                 heapq.heappush(ends, (at + kill_grace, victim.id, job.attempt))

@@ -192,3 +192,14 @@ def test_a_tenant_under_its_quota_reclaims_borrowed_capacity_whatever_the_priori
     back = decide(Snapshot(NOW, [c], [alices, bobs], [job("b0", gpus=1, priority=90, owner="bob")],
                            quotas={**quotas, "bob": [Quota("bob", "*", (1, None, None), (1, 0, 0))]}), ON)
     assert back.preemptions == []
+
+
+def test_a_victim_never_preempts_its_preemptor_back() -> None:
+    import dataclasses
+
+    a = node("a", gpus=1)
+    busy = [run("winner", a, 1, 10, started_ago=300)]
+    loser = job("loser", gpus=1, priority=90)
+    assert victims(decide(Snapshot(NOW, [a], busy, [loser]), ON)) == [["winner"]]
+    back = dataclasses.replace(loser, preempted_by=frozenset({"winner"}))
+    assert decide(Snapshot(NOW, [a], busy, [back]), ON).preemptions == []

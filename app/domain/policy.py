@@ -65,6 +65,7 @@ class Pending:
     members: int = 1
     has_command: bool = True
     timeout_seconds: float | None = None
+    preempted_by: frozenset[str] = frozenset()  # jobs that preempted it: it never preempts them back (no cycles)
 
     @property
     def pool(self) -> tuple[str, bool]:
@@ -471,6 +472,7 @@ def _preempt(snapshot: Snapshot, config: PolicyConfig, plan: Plan) -> None:
         pool = sorted(
             (r for r in candidates
              if (r.priority < job.priority or (reclaims and r.owner in borrowers and r.owner != job.owner))
+             and r.id not in job.preempted_by
              and not (borrows and r.owner != job.owner and r.owner in ledger.quotas and r.owner not in borrowers)
              and r.id not in taken and (budget is None or budget.get(r.cluster, 0) > 0)),
             key=lambda r: (r.owner not in borrowers, r.priority, -r.started_at, r.id),

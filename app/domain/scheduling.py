@@ -212,10 +212,11 @@ def load_snapshot(session: Session, settings: Settings, now: datetime, *, includ
     rows = list(session.execute(_BACKLOG, {"now": now, "full": full, "per_owner": BACKLOG_PER_OWNER, "per_pool": BACKLOG_PER_POOL}))
     if include is not None and not any(r.id == include for r in rows):
         rows += list(session.execute(_ONE_PENDING, {"id": include}))
+    preempted_by = _preempted_by(session, [r.id for r in rows], now) if settings.preemption_enabled else {}
     backlog = [
         policy.Pending(
             r.id, r.owner, r.priority, r.queue, r.created_at.timestamp(), r.cpu_millis, r.memory_bytes, r.gpus,
-            r.members, bool(r.has_command), r.timeout_seconds,
+            r.members, bool(r.has_command), r.timeout_seconds, preempted_by.get(r.id, frozenset()),
         )
         for r in rows
     ]
@@ -225,6 +226,18 @@ def load_snapshot(session: Session, settings: Settings, now: datetime, *, includ
     budget = preemption_budget(session, settings, now) if settings.preemption_enabled else None
     return policy.Snapshot(now.timestamp(), nodes, running, backlog, usage, room, quotas=quotas.load_all(session),
                            preemption_budget=budget)
+
+
+def _preempted_by(session: Session, job_ids: list[str], now: datetime) -> dict[str, frozenset[str]]:
+    """Who preempted each of these jobs (last day): they are never its victims in turn."""
+    if not job_ids:
+        return {}
+    found: dict[str, set[str]] = {}
+    for job_id, by in session.execute(text(
+        "SELECT job_id, details->>'preempted_by' FROM job_events WHERE to_status = 'pending' AND at > :since "
+        "AND details ? 'preempted_by' AND job_id = ANY(CAST(:ids AS text[]))"), {"since": now - timedelta(days=1), "ids": job_ids}):
+        found.setdefault(job_id, set()).add(by)
+    return {job_id: frozenset(by) for job_id, by in found.items()}
 
 
 def running_attempt(row: Any, now: datetime, settings: Settings) -> policy.Running:
