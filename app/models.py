@@ -118,6 +118,8 @@ class Job(Base):
     max_retries: Mapped[int] = mapped_column(Integer, server_default="0")
     backoff_multiplier: Mapped[float] = mapped_column(Float, server_default="2")
     retry_count: Mapped[int] = mapped_column(Integer, server_default="0")
+    # False: higher-priority work never preempts it (admins only above PREEMPTION_PROTECT_PRIORITY).
+    preemptible: Mapped[bool] = mapped_column(Boolean, server_default="true")
 
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(server_default=func.now())
@@ -276,6 +278,46 @@ class SchedulerState(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     usage_accrued_at: Mapped[datetime | None]
+
+
+class QuotaRow(Base):
+    """A tenant's nominal quota on one cluster ('*': the whole fleet) and what it may borrow beyond it."""
+
+    __tablename__ = "quotas"
+    __table_args__ = (
+        CheckConstraint(
+            "COALESCE(gpus, 0) >= 0 AND COALESCE(cpu_millis, 0) >= 0 AND COALESCE(memory_bytes, 0) >= 0 "
+            "AND borrow_gpus >= 0 AND borrow_cpu_millis >= 0 AND borrow_memory_bytes >= 0",
+            name="non_negative",
+        ),
+    )
+
+    tenant: Mapped[str] = mapped_column(Text, primary_key=True)
+    cluster: Mapped[str] = mapped_column(Text, primary_key=True)
+    # None: that resource is not limited.
+    gpus: Mapped[int | None] = mapped_column(BigInteger)
+    cpu_millis: Mapped[int | None] = mapped_column(BigInteger)
+    memory_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    borrow_gpus: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    borrow_cpu_millis: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    borrow_memory_bytes: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    updated_at: Mapped[datetime]
+    updated_by: Mapped[str] = mapped_column(Text)
+
+
+class QuotaChange(Base):
+    """The audit of quota changes: who set (or removed) which tenant's quotas, when, before and after."""
+
+    __tablename__ = "quota_changes"
+    __table_args__ = (Index("ix_quota_changes_tenant", "tenant", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    tenant: Mapped[str] = mapped_column(Text)
+    at: Mapped[datetime]
+    actor: Mapped[str] = mapped_column(Text)
+    action: Mapped[str] = mapped_column(Text)
+    before: Mapped[list[Any]] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
+    after: Mapped[list[Any]] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
 
 
 # --- Counters and roll-ups, maintained by PostgreSQL triggers (migration 0002_observability) -----

@@ -160,9 +160,31 @@ def run_forever(settings: Settings) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     log.info("scheduler started; queues: %s", ", ".join(f"{q.name} (max {q.max_concurrency})" for q in settings.queues))
+    seed_quotas(settings, database)
     try:
         Scheduler(settings, database, publisher).run_forever(stop)
     finally:
         publisher.close()
         database.dispose()
 
+
+def seed_quotas(settings: Settings, database: Database) -> list[str]:
+    """QUOTAS_FILE's quotas for the tenants that have none yet (the API's changes win over the file).
+
+    A file that cannot be read or validated is logged and ignored: scheduling goes on with the quotas
+    already in PostgreSQL rather than stopping every tenant's jobs.
+    """
+    if not settings.quotas_file:
+        return []
+    from app.api.quotas import parse_file_entries  # the API's validation, so the file means what a PUT means
+    from app.domain import quotas
+
+    try:
+        with database.session() as session:
+            seeded = quotas.seed(session, settings.quotas_file, parse_file_entries, utcnow())
+    except (OSError, ValueError) as exc:
+        log.error("QUOTAS_FILE %s not applied: %s", settings.quotas_file, first_line(exc))
+        return []
+    if seeded:
+        log.info("quotas seeded from %s for %s", settings.quotas_file, ", ".join(seeded))
+    return seeded

@@ -8,10 +8,15 @@ the old strict policy (priority then age, the first misfit stops the pass) and t
 
     python benchmarks/scheduler_sim.py                      # the default: 6 simulated hours, 1,000 GPUs
     python benchmarks/scheduler_sim.py --hours 12 --seed 7 --gpu-nodes 250
+
+A third run adds quotas (each tenant's weight-entitled share of the GPUs, plus a borrowing limit) and
+preemption (issue 11) to the new policy, on the same trace: high-priority submit-to-start, GPU-seconds
+lost to preemption, quota violations and preemption loops (both must be 0).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import heapq
 import math
 import random
@@ -28,6 +33,7 @@ from app.domain.capacity import NodeCapacity, Placement  # noqa: E402
 from app.domain.policy import (  # noqa: E402
     Admit, Pending, Plan, PolicyConfig, Reserve, Running, Snapshot, Usage, decide,
 )
+from app.domain.quotas import Quota  # noqa: E402
 
 GIB = 1 << 30
 CLUSTER = "gpu-cluster"
@@ -44,6 +50,8 @@ class SimJob:
     ended: float | None = None
     placement: Placement | None = None
     promise: tuple[float, float] | None = None  # (made at, start promised) by its latest reservation
+    attempt: int = 0  # bumped by a preemption: its old end event is stale
+    first_started: float | None = None
 
 
 # --- the trace -------------------------------------------------------------------------------------
@@ -187,6 +195,12 @@ class Result:
     tenant_gpu_seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     started: int = 0
     unstarted: int = 0
+    preemptions: int = 0
+    gpu_seconds_lost: float = 0.0
+    preemption_loops: int = 0
+    repeated_preemptions: int = 0
+    quota_violations: int = 0
+    quota_waits: int = 0
 
 
 def hold(nodes: dict[str, NodeCapacity], placement: Placement, job: Pending, sign: int) -> None:
@@ -199,8 +213,10 @@ def hold(nodes: dict[str, NodeCapacity], placement: Placement, job: Pending, sig
 
 
 def simulate(name: str, trace: list[SimJob], fleet: list[NodeCapacity], config: PolicyConfig, hours: float, interval: float,
-             tenants: dict[str, float]) -> Result:
+             tenants: dict[str, float], quotas: dict[str, list[Quota]] | None = None, kill_grace: float = 10.0) -> Result:
     result = Result(name)
+    quotas = quotas or {}
+    preempted_by: set[tuple[str, str]] = set()  # (preemptor, victim)
     jobs = [SimJob(j.pending, j.kind, j.runtime) for j in trace]
     nodes = {n.name: NodeCapacity(n.cluster, n.name, list(n.gpu_indices), n.gpu_type, n.cpu_millis, n.memory_bytes, n.slots) for n in fleet}
     total_gpus = sum(len(n.gpu_indices) for n in fleet)
@@ -266,19 +282,28 @@ def simulate(name: str, trace: list[SimJob], fleet: list[NodeCapacity], config: 
                 backlog.add(arrivals.popleft())
             else:
                 advance(t_end)
-                _, job_id = heapq.heappop(ends)
-                job, _ = running.pop(job_id)
-                job.ended = t_end
+                _, job_id, attempt_no = heapq.heappop(ends)
+                entry = running.get(job_id)
+                if entry is None or attempt_no != entry[0].attempt:
+                    continue  # the end of an attempt that was preempted
+                job, attempt = entry
+                running.pop(job_id)
                 hold(nodes, job.placement, job.pending, -1)
                 held(job.pending, -1)
                 busy -= job.pending.gpus * job.pending.members
+                if attempt.stopping:  # preempted: back to the backlog, keeping its submit time
+                    job.started, job.placement, job.promise = None, None, None
+                    job.attempt += 1
+                    backlog.add(job)
+                else:
+                    job.ended = t_end
         advance(at)
         last_pass = at
         # The pass.
         attempts = [attempt for _, attempt in running.values()]
         owner_usage = {o: Usage(*u) for o, u in usage.items()}
         started = time.perf_counter()
-        snapshot = Snapshot(at, list(nodes.values()), attempts, backlog.pruned(), owner_usage)
+        snapshot = Snapshot(at, list(nodes.values()), attempts, backlog.pruned(), owner_usage, quotas=quotas)
         plan = decide(snapshot, config)
         result.policy_seconds += time.perf_counter() - started
         result.passes += 1
@@ -307,15 +332,43 @@ def simulate(name: str, trace: list[SimJob], fleet: list[NodeCapacity], config: 
                 running[job_id] = (job, Running(job_id, decision.job.owner, CLUSTER,
                                                 tuple((n, m) for n, m, _ in decision.placement.parts),
                                                 decision.job.cpu_millis, decision.job.memory_bytes, decision.job.gpus,
-                                                at + decision.job.duration))
-                heapq.heappush(ends, (end, job_id))
-                result.started += 1
-                result.waits[decision.job.priority].append(at - decision.job.submitted_at)
+                                                at + decision.job.duration, priority=decision.job.priority, preemptible=True,
+                                                started_at=at))
+                heapq.heappush(ends, (end, job_id, job.attempt))
+                if job.first_started is None:
+                    job.first_started = at
+                    result.started += 1
+                    result.waits[decision.job.priority].append(at - decision.job.submitted_at)
+            elif getattr(decision, "reason", None) == "QUOTA_EXCEEDED":
+                result.quota_waits += 1
             elif isinstance(decision, Reserve):
                 job = by_id[job_id]
                 if job.promise is None:
                     result.reserved_jobs += 1
                 job.promise = (at, decision.start_at)
+        for preemption in plan.preemptions:
+            for victim in preemption.victims:
+                job, attempt = running[victim.id]
+                members = sum(m for _, m in attempt.parts)
+                result.preemptions += 1
+                result.gpu_seconds_lost += attempt.gpus * members * (at - (job.started or at))
+                if (victim.id, preemption.job.id) in preempted_by:
+                    result.preemption_loops += 1  # a cycle: the victim once preempted its preemptor
+                if (preemption.job.id, victim.id) in preempted_by:
+                    result.repeated_preemptions += 1  # the same job preempted again for the same preemptor
+                preempted_by.add((preemption.job.id, victim.id))
+                job.pending = dataclasses.replace(job.pending, preempted_by=job.pending.preempted_by | {preemption.job.id})
+                # It holds its capacity through the kill grace, then goes back to the backlog.
+                running[victim.id] = (job, dataclasses.replace(attempt, stopping=True, preemptible=False, ends_at=at + kill_grace))
+                heapq.heappush(ends, (at + kill_grace, victim.id, job.attempt))
+        if quotas:
+            used: dict[str, float] = defaultdict(float)
+            for job, attempt in running.values():
+                used[attempt.owner] += attempt.gpus * sum(m for _, m in attempt.parts)
+            for owner, rows in quotas.items():
+                limit = rows[0].limit(0)
+                if limit is not None and used[owner] > limit:
+                    result.quota_violations += 1
     advance(horizon)
     result.unstarted = backlog.count
     for job in jobs:  # still waiting at the end: their wait so far (a lower bound) counts too
@@ -400,6 +453,9 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=4, help="reservation depth per pool")
     parser.add_argument("--half-life", type=float, default=3600.0)
     parser.add_argument("--pending", type=int, default=100_000, help="backlog size of the pass-time measurement")
+    parser.add_argument("--borrow", type=float, default=0.25, help="borrowing limit, as a fraction of the fleet's GPUs")
+    parser.add_argument("--min-run", type=float, default=60.0, help="PREEMPTION_MIN_RUN_SECONDS")
+    parser.add_argument("--kill-grace", type=float, default=10.0, help="a preempted job holds its capacity this long")
     args = parser.parse_args()
 
     tenants = {"research": 2.0, "product": 1.0, "platform": 1.0, "batch": 1.0}
@@ -411,11 +467,18 @@ def main() -> None:
     configs = {
         "strict (old)": PolicyConfig(backfill=False, fair_share=False),
         "new": PolicyConfig(reservation_depth=args.depth, half_life_seconds=args.half_life, weights=tenants),
+        "new + preemption": PolicyConfig(reservation_depth=args.depth, half_life_seconds=args.half_life, weights=tenants,
+                                         preemption=True, preemption_min_run_seconds=args.min_run),
+        "new + quotas + preemption": PolicyConfig(reservation_depth=args.depth, half_life_seconds=args.half_life, weights=tenants,
+                                                  preemption=True, preemption_min_run_seconds=args.min_run),
     }
+    # Quotas: each tenant's weight-entitled share of the GPUs, and it may borrow up to --borrow of the fleet beyond it.
+    quotas = {t: [Quota(t, "*", (int(gpus * w / sum(tenants.values())), None, None), (int(gpus * args.borrow), 0, 0))] for t, w in tenants.items()}
     results = {}
     for name, config in configs.items():
         wall = time.perf_counter()
-        results[name] = simulate(name, trace, fleet, config, args.hours, args.interval, tenants)
+        results[name] = simulate(name, trace, fleet, config, args.hours, args.interval, tenants,
+                                 quotas if "quotas" in name else None, args.kill_grace)
         print(f"  simulated {name}: {time.perf_counter() - wall:.1f}s wall", file=sys.stderr)
 
     rows: list[tuple[str, ...]] = []
@@ -429,6 +492,13 @@ def main() -> None:
     for low, high in BANDS:
         waits = lambda r, low=low, high=high: [w for p, ws in r.waits.items() if low <= p <= high for w in ws]  # noqa: E731
         row(f"wait p50 / p99, priority {low}-{high} (s)", lambda r, waits=waits: f"{percentile(waits(r), 50):,.0f} / {percentile(waits(r), 99):,.0f}")
+    high = lambda r: [w for p, ws in r.waits.items() if p >= 75 for w in ws]  # noqa: E731
+    row("high priority (75+) submit to start p50 / p99 (s)", lambda r: f"{percentile(high(r), 50):,.0f} / {percentile(high(r), 99):,.0f}")
+    row("preemptions; GPU-seconds lost to them", lambda r: f"{r.preemptions:,}; {r.gpu_seconds_lost:,.0f}")
+    row("preemption loops: cycles A->B->A (must be 0)", lambda r: f"{r.preemption_loops}")
+    row("  the same victim preempted again for the same job", lambda r: f"{r.repeated_preemptions}")
+    row("quota violations beyond borrowing (must be 0)", lambda r: f"{r.quota_violations}")
+    row("waits for QUOTA_EXCEEDED (decisions)", lambda r: f"{r.quota_waits:,}")
     row("jobs started / still pending at the end", lambda r: f"{r.started:,} / {r.unstarted:,}")
     row("jobs given a reservation", lambda r: f"{r.reserved_jobs:,}")
     row("reserved jobs started later than promised", lambda r: f"{r.delayed_reservations}")

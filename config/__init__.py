@@ -176,6 +176,11 @@ class Settings:
     scheduler_scan_limit: int = 2000
     fair_share_half_life_seconds: float = 3600.0
     fair_share_weights: tuple[tuple[str, float], ...] = ()
+    preemption_enabled: bool = True
+    preemption_min_run_seconds: float = 60.0  # a job runs at least this long before it may be preempted (no loops)
+    preemption_max_per_minute: int = 10  # per cluster: a bad priority setting cannot churn the fleet
+    preemption_protect_priority: int = 50  # above it, only admins may submit `preemptible: false`
+    quotas_file: str | None = None  # JSON {tenant: [quota entries as PUT /quotas/{tenant} takes them]}, seeded at scheduler start
     log_retention_days: int = 30
     log_max_lines_per_attempt: int = 100_000
     log_max_bytes_per_attempt: int = 10 * 1024 * 1024
@@ -288,6 +293,11 @@ class Settings:
             scheduler_scan_limit=_int(env, "SCHEDULER_SCAN_LIMIT", 2000),
             fair_share_half_life_seconds=_float(env, "FAIR_SHARE_HALF_LIFE_SECONDS", 3600.0),
             fair_share_weights=parse_weights(env.get("FAIR_SHARE_WEIGHTS", "")),
+            quotas_file=_optional(env, "QUOTAS_FILE"),
+            preemption_enabled=_bool(env, "PREEMPTION_ENABLED", True),
+            preemption_min_run_seconds=max(0.0, _float(env, "PREEMPTION_MIN_RUN_SECONDS", 60.0)),
+            preemption_max_per_minute=max(0, _int(env, "PREEMPTION_MAX_PER_MINUTE", 10)),
+            preemption_protect_priority=min(100, max(0, _int(env, "PREEMPTION_PROTECT_PRIORITY", 50))),
             log_retention_days=_int(env, "LOG_RETENTION_DAYS", 30),
             log_max_lines_per_attempt=max(1, _int(env, "LOG_MAX_LINES_PER_ATTEMPT", 100_000)),
             log_max_bytes_per_attempt=max(1, _int(env, "LOG_MAX_BYTES_PER_ATTEMPT", 10 * 1024 * 1024)),

@@ -7,6 +7,7 @@ from flask.views import MethodView
 from app.api import Blueprint
 from app.api.context import session, settings
 from app.api.identity import require_scope
+from app.api.quotas import QuotaSchema
 from app.domain import fairness
 from app.domain.callers import SCOPE_READ
 from app.domain.jobs import utcnow
@@ -25,6 +26,7 @@ class OwnerShareSchema(ma.Schema):
     share = ma.fields.Float(metadata={"description": "(usage_share + held_share) / weight; at equal priority the lowest goes first"})
     rank = ma.fields.Integer(allow_none=True, metadata={"description": "1 = served first among owners with a backlog; null without one"})
     pending = ma.fields.Integer(metadata={"description": "Jobs in its backlog"})
+    quotas = ma.fields.List(ma.fields.Nested(QuotaSchema), metadata={"description": "Its quotas (empty: unlimited): quota, used, borrowed"})
 
 
 class FairnessSchema(ma.Schema):

@@ -6,6 +6,7 @@ from typing import Any
 
 from flask import Response, jsonify
 from flask.views import MethodView
+from flask_smorest import abort
 
 from app.api import Blueprint
 from app.api.context import json_body, scheduler_waker, session, settings
@@ -52,9 +53,11 @@ class JobCollection(MethodView):
     @blp.alt_response(200, schema=DryRunSchema, description="dry_run=true: what would happen; nothing was created")
     @blp.alt_response(400, description="Invalid request body")
     @blp.alt_response(409, description="Idempotency-Key already used with a different request")
+    @blp.alt_response(403, description="preemptible: false above PREEMPTION_PROTECT_PRIORITY, by a non-admin")
     def post(self, job: jobs.JobRequest, dry_run: bool, idempotency_key: str | None = None) -> Any:
         """Submit a job"""
         caller = require_scope(SCOPE_WRITE)
+        _refuse_unpreemptible(caller, [job])
         if dry_run:
             preview = dryrun.preview(session(), caller, [job], settings(), _field_of_single)[0]
             return _dry_run_answer(DryRunSchema().dump({"dry_run": True, **asdict(preview)}))
@@ -72,15 +75,23 @@ class JobBatch(MethodView):
     @blp.alt_response(200, schema=DryRunBatchSchema, description="dry_run=true: what would happen to each; nothing was created")
     @blp.alt_response(400, description="Invalid request body; details name the item (`jobs.17.priority`)")
     @blp.alt_response(409, description="Idempotency-Key already used with a different request")
+    @blp.alt_response(403, description="preemptible: false above PREEMPTION_PROTECT_PRIORITY, by a non-admin")
     def post(self, batch: dict[str, list[jobs.JobRequest]], dry_run: bool, idempotency_key: str | None = None) -> Any:
         """Submit up to MAX_BATCH_JOBS jobs at once, all or none (the rate limit counts each job)"""
         caller = require_scope(SCOPE_WRITE)
+        _refuse_unpreemptible(caller, batch["jobs"])
         if dry_run:
             previews = [asdict(p) for p in dryrun.preview(session(), caller, batch["jobs"], settings(), _field_of_item)]
             return _dry_run_answer(DryRunBatchSchema().dump({"dry_run": True, "jobs": previews}))
         key = _key("batch", idempotency_key)
         submission = jobs.submit_many(session(), caller, batch["jobs"], settings(), key=key, field=_field_of_item)
         return _created(JobBatchCreatedSchema().dump({"jobs": submission.jobs}), submission.replayed)
+
+
+def _refuse_unpreemptible(caller: Any, requests: list[jobs.JobRequest]) -> None:
+    limit = settings().preemption_protect_priority
+    if not caller.is_admin and any(not r.preemptible and r.priority > limit for r in requests):
+        abort(403, message=f"Only admins may submit a job of priority above {limit} that cannot be preempted (preemptible: false)")
 
 
 def _field_of_single(_index: int, name: str) -> str:

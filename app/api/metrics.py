@@ -1,13 +1,16 @@
 """System metrics (JSON): the last 24 hours of jobs, latency and throughput (any valid token)."""
 from __future__ import annotations
 
+from typing import Any
+
 import marshmallow as ma
 from flask.views import MethodView
 
 from app.api import Blueprint
 from app.api.context import session
 from app.api.identity import current_caller
-from app.domain import stats
+from app.domain import preemption, stats
+from app.domain.jobs import utcnow
 
 blp = Blueprint("metrics", __name__, url_prefix="/api/v1/metrics", description="Aggregated system metrics")
 
@@ -31,16 +34,26 @@ class ThroughputSchema(ma.Schema):
     peak_jobs_per_second = ma.fields.Float(metadata={"description": "The busiest minute of the last 24 h, per second"})
 
 
+class PreemptionSchema(ma.Schema):
+    preemptions_24h = ma.fields.Integer(metadata={"description": "Running jobs sent back to the backlog for higher-priority work"})
+    gpu_seconds_lost_24h = ma.fields.Float(metadata={"description": "GPU-seconds the preempted attempts had run"})
+    by_queue = ma.fields.Dict(keys=ma.fields.String(), values=ma.fields.Integer())
+    by_tenant = ma.fields.Dict(keys=ma.fields.String(), values=ma.fields.Integer())
+
+
 class SystemMetricsSchema(ma.Schema):
     jobs = ma.fields.Nested(JobTotalsSchema)
     latency = ma.fields.Nested(LatencySchema)
     throughput = ma.fields.Nested(ThroughputSchema)
+    preemptions = ma.fields.Nested(PreemptionSchema)
 
 
 @blp.route("/")
 class SystemMetrics(MethodView):
     @blp.response(200, SystemMetricsSchema)
-    def get(self) -> stats.SystemMetrics:
-        """Jobs, latency and throughput over the last 24 hours"""
+    def get(self) -> dict[str, Any]:
+        """Jobs, latency, throughput and preemptions over the last 24 hours"""
         current_caller()
-        return stats.system_metrics(session())
+        metrics = stats.system_metrics(session())
+        return {"jobs": metrics.jobs, "latency": metrics.latency, "throughput": metrics.throughput,
+                "preemptions": preemption.stats(session(), utcnow())}

@@ -203,10 +203,41 @@ class ServiceCollector(Collector):
             "held_share": GaugeMetricFamily("jobservice_fair_share_held", "Dominant fraction of the fleet the owner holds now", labels=["owner"]),
             "pending": GaugeMetricFamily("jobservice_fair_share_backlog", "Owner's pending jobs", labels=["owner"]),
         }
+        labels = ["tenant", "cluster", "resource"]
+        quota_families = {
+            "quota": GaugeMetricFamily("jobservice_quota", "Tenant's nominal quota (GPUs, CPU cores, memory bytes); absent: unlimited", labels=labels),
+            "borrowing_limit": GaugeMetricFamily("jobservice_quota_borrowing_limit", "What the tenant may use beyond its quota while idle", labels=labels),
+            "used": GaugeMetricFamily("jobservice_quota_used", "What the tenant's jobs hold now under the quota", labels=labels),
+            "borrowed": GaugeMetricFamily("jobservice_quota_borrowed", "The part of used beyond the nominal quota", labels=labels),
+        }
+        scale = (1.0, 1e-3, 1.0)  # GPUs, millicores -> cores, bytes
         for row in report.owners:
             for attribute, family in families.items():
                 family.add_metric([row.owner], float(getattr(row, attribute)))
+            for quota in row.quotas:
+                raw = quota["raw"]
+                for r, resource in enumerate(("gpu", "cpu", "memory")):
+                    key = [row.owner, quota["cluster"], resource]
+                    if raw["quota"][r] is not None:
+                        quota_families["quota"].add_metric(key, raw["quota"][r] * scale[r])
+                    for name in ("borrowing_limit", "used", "borrowed"):
+                        quota_families[name].add_metric(key, raw[name][r] * scale[r])
         yield from families.values()
+        yield from quota_families.values()
+        yield from self._preemptions()
+
+    def _preemptions(self) -> Iterator[Metric]:
+        from app.domain import preemption
+        from app.domain.jobs import utcnow
+
+        found = preemption.stats(self.db, utcnow())
+        count = GaugeMetricFamily("jobservice_preemptions_24h", "Jobs preempted in the last 24 h", labels=["queue", "tenant"])
+        lost = GaugeMetricFamily("jobservice_preemption_gpu_seconds_lost_24h", "GPU-seconds preempted attempts had run, last 24 h",
+                                 labels=["queue", "tenant"])
+        for queue, tenant, n, seconds in found.rows:
+            count.add_metric([queue, tenant], float(n))
+            lost.add_metric([queue, tenant], seconds)
+        yield from (count, lost)
 
 
 def _buckets(histogram: stats.Histogram, bounds: tuple[float, ...], scale: float = 1.0) -> list[tuple[str, float]]:

@@ -332,6 +332,10 @@ class JobCreateSchema(ma.Schema):
             f"each argument at most {MAX_ARG_BYTES} bytes"
         },
     )
+    preemptible = StrictBoolean(
+        load_default=True,
+        metadata={"description": "false: never preempted by higher-priority work (admins only above PREEMPTION_PROTECT_PRIORITY)"},
+    )
     env = ma.fields.Dict(
         keys=ma.fields.String(validate=validate.Length(min=1, max=MAX_ENV_NAME_LENGTH)),
         values=ma.fields.String(validate=validate.Length(max=MAX_ARG_BYTES)),
@@ -379,6 +383,7 @@ class JobCreateSchema(ma.Schema):
             env=data["env"],
             gpu_types=resources["gpu_type"],
             pool=resources["pool"],
+            preemptible=data["preemptible"],
         )
 
 
@@ -524,6 +529,7 @@ class JobDetailSchema(ma.Schema):
     env = ma.fields.Dict()
     config = ma.fields.Dict()
     resources = ma.fields.Dict()
+    preemptible = ma.fields.Boolean()
     gang = ma.fields.Method("_gang")
     timeout_seconds = ma.fields.Integer(allow_none=True)
     retry_policy = ma.fields.Method("_retry_policy")

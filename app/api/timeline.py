@@ -68,6 +68,16 @@ class FairShareRankSchema(ma.Schema):
     owners_waiting = ma.fields.Integer()
 
 
+class QuotaExceededSchema(ma.Schema):
+    tenant = ma.fields.String()
+    cluster = ma.fields.String(metadata={"description": "'*': the fleet-wide quota"})
+    resource = ma.fields.String(metadata={"description": "gpu, cpu or memory"})
+    quota = ma.fields.String(metadata={"description": "The nominal quota"})
+    borrowing_limit = ma.fields.String()
+    used = ma.fields.String(metadata={"description": "What the tenant's jobs hold now"})
+    requested = ma.fields.String()
+
+
 class ExplanationSchema(ma.Schema):
     job_id = ma.fields.String()
     status = ma.fields.String()
@@ -90,6 +100,7 @@ class ExplanationSchema(ma.Schema):
     reserved_start_at = Timestamp(allow_none=True, metadata={"description": "RESERVED: it starts by then at the latest"})
     reserved_nodes = ma.fields.List(ma.fields.String(), allow_none=True, metadata={"description": "RESERVED: cluster/node it is reserved on"})
     fair_share = ma.fields.Nested(FairShareRankSchema, allow_none=True)
+    quota = ma.fields.Nested(QuotaExceededSchema, allow_none=True, metadata={"description": "QUOTA_EXCEEDED: which quota, and the usage"})
 
     def _start_at(self, e: explain.Explanation) -> str | None:
         return format_timestamp(e.estimate.start_at) if e.estimate and e.estimate.start_at else None

@@ -132,7 +132,7 @@ def load_nodes(
     held = session.execute(
         # Plain `holds_resources`, not IS TRUE: only this form uses the partial index ix_jobs_holding_node.
         select(Job.cluster, Job.placement, Job.cpu_millis, Job.memory_bytes, Job.gpus, Job.id, func.coalesce(Job.tenant, Job.owner).label("owner"), Job.status,
-               Job.queued_at, Job.started_at, Job.timeout_seconds).where(Job.holds_resources)
+               Job.queued_at, Job.started_at, Job.timeout_seconds, Job.priority, Job.preemptible, Job.queue).where(Job.holds_resources)
     )
     for row in held:
         cluster, placement, cpu, memory, gpus = row[:5]

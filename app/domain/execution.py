@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session, object_session
 
 from app.db import transaction
 from app.domain.capacity import LOCAL_CLUSTER
-from app.domain.jobs import notify_scheduler, placed_nodes, record_transition, utcnow
+from app.domain.jobs import clear_placement, notify_scheduler, placed_nodes, record_transition, utcnow
 from app.domain.scheduling import end_attempt
 from app.domain.states import JobStatus
 from app.models import Job, JobEvent, Node
@@ -173,7 +173,10 @@ def end(
             return "missing"
         if job.status != JobStatus.RUNNING.value or job.dispatch_token != dispatch_token:
             if job.dispatch_token == dispatch_token and job.holds_resources:
-                job.holds_resources = False  # cancelled while running: its processes are gone now
+                # Cancelled (or preempted) while running: its processes are gone now.
+                if job.status == JobStatus.PENDING.value:
+                    clear_placement(job)  # preempted: back in the backlog with nothing placed
+                job.holds_resources = False
                 notify_scheduler(session, "resources-released")
             return recorded_end(session, job_id, dispatch_token) or job.status
         end_attempt(

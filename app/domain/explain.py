@@ -16,6 +16,8 @@ same policy function on it, and reads that job's decision, so the reason it give
 - GANG_INCOMPLETE / NO_FREE_SLOTS / INSUFFICIENT_GPUS / INSUFFICIENT_CPU / INSUFFICIENT_MEMORY: what
   the node that came nearest to fitting it lacks (capacity.NodeCapacity.shortfall's codes).
 - WAITING_FOR_SCHEDULER: it fits now; the scheduler admits it on its next pass.
+- QUOTA_EXCEEDED: its tenant's usage plus the job would exceed a quota plus its borrowing limit
+  (`quota` names the resource, the quota and the usage); it holds nothing back.
 
 `fair_share` gives the owner's share and rank among owners with a backlog (equal priorities are
 served lowest share first). `estimated_start_at` comes from the plan: the reservation's start, or
@@ -59,6 +61,7 @@ class Reason(StrEnum):
     RESERVED = "RESERVED"
     BACKFILL_WINDOW = "BACKFILL_WINDOW"
     WAITING_FOR_SCHEDULER = "WAITING_FOR_SCHEDULER"
+    QUOTA_EXCEEDED = "QUOTA_EXCEEDED"
     WAITING_FOR_WORKER = "WAITING_FOR_WORKER"
     RUNNING = "RUNNING"
     SUCCEEDED = "SUCCEEDED"
@@ -121,6 +124,7 @@ class Explanation:
     reserved_start_at: datetime | None = None
     reserved_nodes: list[str] | None = None
     fair_share: dict[str, object] | None = None
+    quota: dict[str, str] | None = None  # QUOTA_EXCEEDED: tenant, cluster, resource, quota, borrowing_limit, used, requested
 
 
 @dataclass(frozen=True)
@@ -272,6 +276,8 @@ def _explain_pending(session: Session, job: Job, settings: Settings, now: dateti
         if decision.estimated_start_at is not None else _after_reservations(plan, pending, at)
     if decision.reason == policy.QUEUE_FULL:
         return answer(Reason.QUEUE_CONCURRENCY_LIMIT, decision.message, **extra)
+    if decision.reason == policy.QUOTA_EXCEEDED:
+        return answer(Reason.QUOTA_EXCEEDED, decision.message, quota=decision.quota.as_dict() if decision.quota else None, **extra)
     if decision.reason == policy.NO_NODES:
         return answer(Reason.NO_NODES, decision.message, **extra)
     if decision.reason == policy.NOT_EXAMINED:

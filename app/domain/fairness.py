@@ -1,13 +1,13 @@
 """The fair-share report (GET /api/v1/fairness, Prometheus): per owner, as the scheduler's policy sees it."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.domain import capacity, fairshare, policy, scheduling
+from app.domain import capacity, fairshare, policy, quotas, scheduling
 from app.domain.policy import Usage
 from app.domain.states import JobStatus
 from app.models import Job
@@ -26,6 +26,7 @@ class OwnerReport:
     share: float  # (usage_share + held_share) / weight: at equal priority, the lowest goes first
     rank: int | None  # among owners with a backlog; None without one
     pending: int
+    quotas: list[dict] = field(default_factory=list)  # quotas.standing: quota, used, borrowed per cluster ('*': fleet-wide)
 
 
 @dataclass(frozen=True)
@@ -44,13 +45,20 @@ def report(session: Session, settings: Settings, now: datetime, owner: str | Non
     usage = fairshare.usage_of(session, None, now, settings.fair_share_half_life_seconds)
     config = scheduling.policy_config(settings)
     shares = policy.owner_shares(policy.Snapshot(now.timestamp(), nodes, running, [], usage), config, waiting=pending)
+    all_quotas = quotas.load_all(session)
+    held = quotas.usage(session) if all_quotas else {}
     rows = []
     for name, share in shares.items():
         if owner is not None and name != owner:
             continue
         used = usage.get(name, Usage())
         rows.append(OwnerReport(name, share.weight, used.gpu_seconds, used.cpu_seconds, used.memory_gib_seconds,
-                                share.usage_share, share.held_share, share.share, share.rank or None, int(pending.get(name, 0))))
+                                share.usage_share, share.held_share, share.share, share.rank or None, int(pending.get(name, 0)),
+                                quotas.standing(all_quotas.get(name, []), held)))
+    listed = {row.owner for row in rows}
+    for name in sorted(set(all_quotas) - listed):  # a tenant with a quota but no usage or backlog yet
+        if owner is None or name == owner:
+            rows.append(OwnerReport(name, config.weight(name), 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, None, 0, quotas.standing(all_quotas[name], held)))
     if owner is not None and not rows:
         rows.append(OwnerReport(owner, config.weight(owner), 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, None, 0))
     rows.sort(key=lambda r: (r.rank is None, r.rank or 0, r.owner))

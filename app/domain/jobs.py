@@ -17,7 +17,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from app.db import first_line, is_connection_error, transaction
-from app.domain import capacity, counters, idempotency
+from app.domain import capacity, counters, idempotency, quotas
 from app.domain.idempotency import IdempotencyKey
 from app.domain.callers import Caller
 from app.domain.errors import Conflict, InvalidRequest, NotFound
@@ -60,6 +60,7 @@ class JobRequest:
     env: dict[str, str] = field(default_factory=dict)
     gpu_types: tuple[str, ...] = ()  # acceptable GPU models, preferred first; empty: any
     pool: str | None = None  # the worker pool that must run it; None: any
+    preemptible: bool = True
 
     @property
     def members(self) -> int:
@@ -175,14 +176,15 @@ _INSERT_JOBS = text(
             id text, job_type text, priority integer, queue text, image text, command jsonb, env jsonb, config jsonb,
             resources jsonb, cpu_millis bigint, memory_bytes bigint, gpus integer, gang_enabled boolean,
             gang_min_members integer, timeout_seconds integer, max_retries integer, backoff_multiplier double precision,
-            created_at timestamptz, gpu_types text[], pool text)
+            created_at timestamptz, gpu_types text[], pool text, preemptible boolean)
     ), j AS (
         INSERT INTO jobs (id, owner, tenant, job_type, priority, queue, status, status_reason, image, command, env, config,
                           resources, cpu_millis, memory_bytes, gpus, gpu_types, pool, gang_enabled, gang_min_members,
-                          timeout_seconds, max_retries, backoff_multiplier, retry_count, created_at, updated_at, pending_since)
+                          timeout_seconds, max_retries, backoff_multiplier, preemptible, retry_count, created_at, updated_at,
+                          pending_since)
         SELECT id, :owner, :tenant, job_type, priority, queue, 'pending', 'submitted', image, command, env, config,
                resources, cpu_millis, memory_bytes, gpus, gpu_types, pool, gang_enabled, gang_min_members,
-               timeout_seconds, max_retries, backoff_multiplier, 0, created_at, created_at, created_at
+               timeout_seconds, max_retries, backoff_multiplier, preemptible, 0, created_at, created_at, created_at
         FROM r
         RETURNING id, created_at
     )
@@ -222,7 +224,7 @@ def insert_pending(
                 "gpus": request.gpus, "gang_enabled": request.gang_enabled, "gang_min_members": request.gang_min_members,
                 "timeout_seconds": request.timeout_seconds, "max_retries": request.max_retries,
                 "backoff_multiplier": request.backoff_multiplier, "created_at": created_at.isoformat(),
-                "gpu_types": list(request.gpu_types) or None, "pool": request.pool,
+                "gpu_types": list(request.gpu_types) or None, "pool": request.pool, "preemptible": request.preemptible,
             }
         )
     # Two statements, one round trip (psycopg2 sends them as one query; the result is the last one's).
@@ -235,7 +237,22 @@ def insert_pending(
         for r in node_rows
     ]
     _check_schedulable(nodes, requests, field, settings.job_pools)
+    _check_quota(session, caller, requests, field)
     return jobs
+
+
+def _check_quota(session: Session, caller: Caller, requests: list[JobRequest], field: FieldNamer) -> None:
+    """400 for any request that alone exceeds its tenant's quota plus borrowing limit (each shape checked once)."""
+    checked: set[tuple[int, int, int, int]] = set()
+    for index, request in enumerate(requests):
+        shape = (request.cpu_millis, request.memory_bytes, request.gpus, request.members)
+        if shape in checked:
+            continue
+        checked.add(shape)
+        try:
+            quotas.check_submit(session, caller.fair_share_owner, *shape)
+        except InvalidRequest as error:
+            raise InvalidRequest(error.message, [{**d, "field": field(index, "resources")} for d in error.details]) from None
 
 
 def _check_schedulable(

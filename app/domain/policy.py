@@ -32,7 +32,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from app.domain import capacity
+from app.domain import capacity, quotas
 from app.domain.capacity import LOCAL_CLUSTER, NodeCapacity, Placement
 
 INF = math.inf
@@ -47,6 +47,7 @@ BACKFILL_WINDOW = "BACKFILL_WINDOW"  # fits now, but would run into a reservatio
 NO_RESERVATION = "NO_RESERVATION"  # what holds the capacity has no timeout: no start can be promised
 NOT_EXAMINED = "NOT_EXAMINED"  # beyond the pass's examination limit for its pool
 BLOCKED = "HIGHER_PRIORITY_AHEAD"  # strict mode only: a job ahead does not fit
+QUOTA_EXCEEDED = "QUOTA_EXCEEDED"  # its tenant's quota (plus borrowing) would be exceeded: holds nothing back
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +67,7 @@ class Pending:
     timeout_seconds: float | None = None
     gpu_types: tuple[str, ...] = ()  # acceptable GPU models, preferred first; empty: any
     node_pool: str | None = None  # the worker pool that must run it; None: any
+    preempted_by: frozenset[str] = frozenset()  # jobs that preempted it: it never preempts them back (no cycles)
 
     @property
     def pool(self) -> tuple[str, bool, tuple[str, ...], str | None]:
@@ -96,6 +98,14 @@ class Running:
     memory_bytes: int
     gpus: int
     ends_at: float
+    # Preemption: only a preemptible attempt running for at least the minimum run time, of strictly lower
+    # priority than the waiting job, is a candidate. `stopping`: already preempted, its processes are ending.
+    priority: int = 0
+    preemptible: bool = False
+    started_at: float = INF
+    stopping: bool = False
+    gpu_indices: tuple[tuple[str, tuple[int, ...]], ...] = ()  # per node of `parts`
+    queue: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +127,9 @@ class PolicyConfig:
     backfill: bool = True  # False: the old strict policy (priority then age; the first misfit stops all)
     end_margin_seconds: float = 0.0  # after its timeout a job may still hold its capacity this long (the kill grace)
     fair_share: bool = True
+    preemption: bool = False
+    preemption_min_run_seconds: float = 60.0
+    preemptors_per_pass: int = 4  # waiting jobs that may look for victims in one pass (each search copies the nodes)
 
     def weight(self, owner: str) -> float:
         weight = self.weights.get(owner, self.default_weight)
@@ -132,6 +145,8 @@ class Snapshot:
     usage: Mapping[str, Usage] = field(default_factory=dict)
     queue_room: Mapping[str, int] | None = None  # admissions each queue may still take; None: unlimited
     focus: str | None = None  # explain: estimate this job's start even beyond the reservation depth
+    quotas: Mapping[str, Sequence[quotas.Quota]] = field(default_factory=dict)  # per tenant (Pending.owner); none: unlimited
+    preemption_budget: Mapping[str, int] | None = None  # victims each cluster may still lose now (rate limit); None: unlimited
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,12 +171,22 @@ class Wait:
     message: str
     blocked_by: str | None = None  # the reserved (or, strict, blocked) job it defers to
     estimated_start_at: float | None = None
+    quota: quotas.Exceeded | None = None  # QUOTA_EXCEEDED: which quota, and the tenant's usage
 
 
 @dataclass(frozen=True, slots=True)
 class Fail:
     job: Pending
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Preemption:
+    """`victims` stop so that `job` (which cannot start otherwise) fits: fewest, lowest priority, youngest first."""
+
+    job: Pending
+    victims: tuple[Running, ...]
+    cluster: str
 
 
 Decision = Admit | Reserve | Wait | Fail
@@ -183,6 +208,7 @@ class Plan:
     order: list[str]  # the jobs in the order the pass considered them
     free: list[NodeCapacity]  # capacity left after the admissions (explain diagnoses against it)
     shares: dict[str, OwnerShare]
+    preemptions: list[Preemption] = field(default_factory=list)
 
     @property
     def admitted(self) -> list[Admit]:
@@ -209,6 +235,8 @@ def decide(snapshot: Snapshot, config: PolicyConfig = PolicyConfig()) -> Plan:
         return plan
     if config.backfill:
         _backfill_pass(snapshot, config, nodes, shares, plan)
+        if config.preemption:
+            _preempt(snapshot, config, plan)
     else:
         _strict_pass(snapshot, nodes, plan)
     return plan
@@ -232,6 +260,7 @@ def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCap
     first_blocked: dict[tuple, str] = {}  # per pool, the first job that did not fit now
     free = _FreeIndex(nodes)
     never: dict[tuple, bool] = {}
+    ledger = quotas.Ledger(snapshot.quotas, _holding(snapshot.running))
 
     def _one(job: Pending) -> Decision:
         pool = job.pool
@@ -243,15 +272,27 @@ def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCap
             return Fail(job, f"the scheduler could not admit this job: {problem}")
         if room is not None and room.get(job.queue, 0) <= 0:
             return Wait(job, QUEUE_FULL, f"Queue {job.queue} is at its max_concurrency")
+        ask = (job.gpus * job.members, job.cpu_millis * job.members, job.memory_bytes * job.members)
+        if ledger.active:
+            # Over its quota a job neither starts nor reserves: it waits for its own tenant's jobs to end.
+            over = ledger.check_any(job.owner, _eligible_clusters(nodes, job), ask)
+            if over is not None:
+                return Wait(job, QUOTA_EXCEEDED, over.message, quota=over)
         end = now + job.duration + config.end_margin_seconds
         if not misfits.covers(job):
             placement = free.place(job)
             if placement is None:
                 misfits.add(job)
             else:
-                conflict = timeline.conflict(placement, job, end)
+                over = ledger.check(job.owner, placement.cluster, ask) if ledger.active else None
+                conflict = timeline.conflict(placement, job, end) if over is None else None
+                if over is not None:
+                    _unplace(free.by_name, placement, job)
+                    free.refresh(placement)
+                    return Wait(job, QUOTA_EXCEEDED, over.message, quota=over)
                 if conflict is None:
                     timeline.hold(placement, job, end)
+                    ledger.charge(job.owner, placement.cluster, ask)
                     if room is not None:
                         room[job.queue] = room.get(job.queue, 0) - 1
                     return Admit(job, placement, backfilled=timeline.has_reservations)
@@ -283,12 +324,200 @@ def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCap
             return Wait(job, CAPACITY, _capacity_message(ahead), blocked_by=blocked_by, estimated_start_at=found.start)
         return Wait(job, CAPACITY, _capacity_message(ahead), blocked_by=blocked_by)
 
-    for job in shares.order(snapshot.backlog) if config.fair_share else sorted(snapshot.backlog, key=_strict_key):
+    def consider(job: Pending) -> None:
         plan.order.append(job.id)
         decision = _isolated(job, _one)
         plan.decisions[job.id] = decision
         if isinstance(decision, Admit):
             shares.charge(job)
+
+    # Borrowing comes last: a job that would take its tenant beyond its nominal quota is considered after every
+    # job within its tenant's quota, whatever their priorities, so capacity reclaimed from a borrower goes to
+    # the tenant that reclaimed it, never back to the borrower.
+    deferred: list[Pending] = []
+    for job in shares.order(snapshot.backlog) if config.fair_share else sorted(snapshot.backlog, key=_strict_key):
+        if ledger.active and job.owner in ledger.quotas and not ledger.within_nominal(
+                job.owner, (job.gpus * job.members, job.cpu_millis * job.members, job.memory_bytes * job.members)):
+            deferred.append(job)
+            continue
+        consider(job)
+    for job in deferred:
+        consider(job)
+
+
+def _holding(running: Sequence[Running]) -> Iterator[tuple[str, str, quotas.Amounts]]:
+    for attempt in running:
+        members = sum(m for _, m in attempt.parts) or 1
+        yield attempt.owner, attempt.cluster, (attempt.gpus * members, attempt.cpu_millis * members, attempt.memory_bytes * members)
+
+
+# --- preemption ------------------------------------------------------------------------------------
+
+
+def _release(by_key: Mapping[tuple[str, str], NodeCapacity], attempt: Running) -> None:
+    """Give back on node copies what `attempt` holds (its GPU indices, CPU, memory, its worker slot)."""
+    indices = dict(attempt.gpu_indices)
+    for index, (name, members) in enumerate(attempt.parts):
+        node = by_key.get((attempt.cluster, name))
+        if node is None:
+            continue
+        if indices.get(name):
+            node.used_gpus.difference_update(indices[name])
+        else:
+            node.used_anonymous_gpus = max(0, node.used_anonymous_gpus - attempt.gpus * members)
+        node.used_cpu_millis -= attempt.cpu_millis * members
+        node.used_memory_bytes -= attempt.memory_bytes * members
+        node.used_slots -= 1 if index == 0 else 0
+
+
+def _copy(nodes: Sequence[NodeCapacity]) -> list[NodeCapacity]:
+    return [dataclasses.replace(n, used_gpus=set(n.used_gpus)) for n in nodes]
+
+
+def _fits_after(base: Sequence[NodeCapacity], victims: Sequence[Running], job: Pending) -> tuple[list[NodeCapacity], Placement | None]:
+    trial = _copy(base)
+    by_key = {(n.cluster, n.name): n for n in trial}
+    for victim in victims:
+        _release(by_key, victim)
+    return trial, _place(trial, job)
+
+
+def _one_node(node: NodeCapacity) -> NodeCapacity:
+    return dataclasses.replace(node, used_gpus=set(node.used_gpus))
+
+
+def _victims_on(node: NodeCapacity, ordered: Sequence[Running], job: Pending) -> list[Running] | None:
+    """The fewest of `ordered` (in their order) whose release lets `job` fit on `node` whole, pruned."""
+    def fits(victims: Sequence[Running]) -> bool:
+        trial = _one_node(node)
+        key = {(trial.cluster, trial.name): trial}
+        for victim in victims:
+            _release(key, victim)
+        return trial.shortfall(job.cpu_millis, job.memory_bytes, job.gpus, job.members) is None
+
+    trial = _one_node(node)
+    key = {(trial.cluster, trial.name): trial}
+    chosen: list[Running] = []
+    for victim in ordered:
+        chosen.append(victim)
+        _release(key, victim)
+        if trial.shortfall(job.cpu_millis, job.memory_bytes, job.gpus, job.members) is None:
+            break
+    else:
+        return None
+    # Fewest victims: drop any whose release turns out not to be needed (the highest priorities first).
+    for victim in sorted(chosen[:-1], key=lambda r: (-r.priority, r.started_at)):
+        fewer = [r for r in chosen if r is not victim]
+        if fits(fewer):
+            chosen = fewer
+    return chosen
+
+
+def _preempt(snapshot: Snapshot, config: PolicyConfig, plan: Plan) -> None:
+    """Waiting jobs that cannot start now may stop running jobs of strictly lower priority.
+
+    Victims are whole attempts (a gang with all its members). On each node holding candidates, they are
+    taken lowest priority first, then the most recently started (it loses the least work), until the
+    waiting job fits there whole (its GPU indices on that node), then pruned; the node needing the fewest
+    (then the lowest priorities) wins. Capacity already being freed (attempts stopping after an earlier
+    preemption) is counted first, so a pass never preempts again for a job whose room is on its way.
+    Strictly lower priority means a victim can never preempt its preemptor back: no cycles.
+
+    Reclaim: a job whose tenant stays within its nominal quota with it may also stop the jobs of tenants that
+    borrow (use more than their nominal quota), whatever their priority, borrowers first. The reclaimer's
+    tenant is within nominal and the victims' is not, and a job that
+    would borrow never preempts another tenant within its nominal quota: no cycle through reclaim either.
+    """
+    now = snapshot.now
+    ledger = quotas.Ledger(snapshot.quotas, _holding(snapshot.running))
+    if ledger.active:
+        for admitted in plan.admitted:
+            j = admitted.job
+            ledger.charge(j.owner, admitted.placement.cluster, (j.gpus * j.members, j.cpu_millis * j.members, j.memory_bytes * j.members))
+    borrowers = {r.owner for r in snapshot.running if ledger.active and ledger.borrowing(r.owner)}
+    stopping = [r for r in snapshot.running if r.stopping]
+    candidates = [
+        r for r in snapshot.running
+        if r.preemptible and not r.stopping and now - r.started_at >= config.preemption_min_run_seconds
+    ]
+    if not candidates and not stopping:
+        return
+    work = _copy(plan.free)
+    by_key = {(n.cluster, n.name): n for n in work}
+    for attempt in stopping:
+        _release(by_key, attempt)
+    changed = bool(stopping)  # `work` may hold room plan.free did not
+    budget = dict(snapshot.preemption_budget) if snapshot.preemption_budget is not None else None
+    taken: set[str] = set()
+    searched = 0
+    heads: set[tuple[str, bool]] = set()
+    for job_id in plan.order:
+        if searched >= config.preemptors_per_pass:
+            break
+        decision = plan.decisions[job_id]
+        if not (isinstance(decision, Reserve) or (isinstance(decision, Wait) and decision.reason in (CAPACITY, NO_RESERVATION))):
+            continue
+        job = decision.job
+        # Only the first blocked job of each pool preempts: it holds the pool's first reservation, so what its
+        # victims free is reserved for it (backfill cannot take it) rather than raced for by the jobs behind it.
+        if job.pool in heads:
+            continue
+        heads.add(job.pool)
+        if changed:
+            trial, placement = _fits_after(work, [], job)
+            if placement is not None:
+                work = trial  # what is being freed already makes room for it: it keeps that room, nobody preempts more
+                by_key = {(n.cluster, n.name): n for n in work}
+                continue
+        ask = (job.gpus * job.members, job.cpu_millis * job.members, job.memory_bytes * job.members)
+        within = ledger.within_nominal(job.owner, ask)
+        reclaims = bool(borrowers) and within
+        # A job that would borrow never takes capacity from another tenant within its nominal quota (that
+        # tenant would reclaim it right back): only from its own tenant's jobs and from borrowers.
+        borrows = job.owner in ledger.quotas and not within
+        pool = sorted(
+            (r for r in candidates
+             if (r.priority < job.priority or (reclaims and r.owner in borrowers and r.owner != job.owner))
+             and r.id not in job.preempted_by
+             and not (borrows and r.owner != job.owner and r.owner in ledger.quotas and r.owner not in borrowers)
+             and r.id not in taken and (budget is None or budget.get(r.cluster, 0) > 0)),
+            key=lambda r: (r.owner not in borrowers, r.priority, -r.started_at, r.id),
+        )
+        if not pool:
+            continue
+        searched += 1
+        clusters = set(_eligible_clusters(work, job))
+        per_node: dict[tuple[str, str], list[Running]] = defaultdict(list)
+        for victim in pool:
+            for name, _ in victim.parts:
+                if victim.cluster in clusters:
+                    per_node[(victim.cluster, name)].append(victim)
+        best: tuple[tuple[int, int, float], list[Running]] | None = None
+        for key, ordered in per_node.items():
+            node = by_key.get(key)
+            chosen = _victims_on(node, ordered, job) if node is not None else None
+            if chosen:
+                score = (len(chosen), max(r.priority for r in chosen), -min(r.started_at for r in chosen))
+                if best is None or score < best[0]:
+                    best = (score, chosen)
+        if best is None:
+            continue
+        chosen = best[1]
+        if budget is not None:
+            per_cluster: dict[str, int] = defaultdict(int)
+            for r in chosen:
+                per_cluster[r.cluster] += 1
+            if any(budget.get(c, 0) < n for c, n in per_cluster.items()):
+                continue
+            for c, n in per_cluster.items():
+                budget[c] -= n
+        trial, placement = _fits_after(work, chosen, job)
+        if placement is None:  # pragma: no cover - the node search found room on one node
+            continue
+        taken.update(r.id for r in chosen)
+        plan.preemptions.append(Preemption(job, tuple(chosen), placement.cluster))
+        work, changed = trial, True  # its room is its own from now on
+        by_key = {(n.cluster, n.name): n for n in work}
 
 
 def _capacity_message(ahead: list[Reserve]) -> str:

@@ -25,7 +25,7 @@ from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.orm import Session
 
 from app.db import transaction
-from app.domain import capacity, fairshare, policy, pools
+from app.domain import capacity, fairshare, policy, pools, quotas
 from app.domain.callers import SYSTEM
 from app.domain.jobs import clear_placement, notify_scheduler, record_transition, utcnow
 from app.domain.states import TERMINAL, JobStatus
@@ -53,6 +53,7 @@ class AdmissionResult:
     next_wakeup: datetime | None = None  # earliest backoff expiry among waiting jobs
     failed: list[str] = field(default_factory=list)  # jobs whose handling raised: ended as failed
     plan: "policy.Plan | None" = None
+    preempted: list[str] = field(default_factory=list)  # running jobs told to stop for higher-priority work
 
     @property
     def admitted(self) -> list[str]:
@@ -72,6 +73,8 @@ def admit(session: Session, settings: Settings, now: datetime | None = None) -> 
         snapshot = load_snapshot(session, settings, now)
         plan = policy.decide(snapshot, policy_config(settings))
         result.plan = plan
+        for preemption in plan.preemptions:
+            result.preempted += _preempt(session, preemption, now)
         unhandled = [(d.job.id, d.reason) for d in plan.decisions.values() if isinstance(d, policy.Fail)]
         admits = plan.admitted
         if admits:
@@ -114,7 +117,49 @@ def policy_config(settings: Settings) -> policy.PolicyConfig:
         weights=dict(settings.fair_share_weights),
         scan_limit=settings.scheduler_scan_limit,
         end_margin_seconds=settings.kill_grace_seconds,
+        preemption=settings.preemption_enabled,
+        preemption_min_run_seconds=settings.preemption_min_run_seconds,
     )
+
+
+def _preempt(session: Session, preemption: policy.Preemption, now: datetime) -> list[str]:
+    """Send the victims back to the backlog; their workers notice at their next lease renewal and stop them.
+
+    A victim becomes pending at once (its place: its submit time; no retry spent) but keeps holding its
+    capacity (`holds_resources`) until its worker reports its processes gone (app.domain.execution.end),
+    so nothing, not even the preemptor, is placed on GPUs that are still in use.
+    """
+    job = preemption.job
+    victims = {v.id: v for v in preemption.victims}
+    rows = list(session.scalars(
+        select(Job).where(Job.id.in_(list(victims)), Job.status == JobStatus.RUNNING.value).with_for_update(skip_locked=True)
+    ))
+    if len(rows) != len(victims):
+        return []  # one ended or is being changed meanwhile: the next pass decides afresh
+    done = []
+    for victim in rows:
+        members = sum(int(p["members"]) for p in victim.placement or []) or 1
+        ran = max(0.0, (now - victim.started_at).total_seconds()) if victim.started_at else 0.0
+        record_transition(
+            session, victim, JobStatus.PENDING, actor="scheduler", at=now,
+            reason=f"preempted by {job.id} (priority {job.priority})",
+            details={"preempted_by": job.id, "preemptor_priority": job.priority, "tenant": victim.tenant or victim.owner,
+                     "gpu_seconds_lost": round(victim.gpus * members * ran, 3), "placement": victim.placement},
+        )
+        victim.not_before = None
+        done.append(victim.id)
+    notify_scheduler(session, "preempted")
+    log.info("preempted %s for %s (priority %d)", ", ".join(done), job.id, job.priority, extra={"job_id": job.id})
+    return done
+
+
+def preemption_budget(session: Session, settings: Settings, now: datetime) -> dict[str, int] | None:
+    """Victims each cluster may still lose now: PREEMPTION_MAX_PER_MINUTE less those of the last minute."""
+    clusters = set(session.scalars(select(Node.cluster).distinct()))
+    recent = dict(session.execute(text(
+        "SELECT cluster, count(*) FROM job_events WHERE to_status = 'pending' AND at > :since AND details ? 'preempted_by' "
+        "GROUP BY cluster"), {"since": now - timedelta(seconds=60)}).all())
+    return {c: max(0, settings.preemption_max_per_minute - int(recent.get(c, 0))) for c in clusters}
 
 
 # The backlog the policy sees, pruned per owner and per pool in PostgreSQL: the head of every owner's
@@ -137,7 +182,9 @@ _ONE_PENDING = text(f"SELECT {_PENDING_COLUMNS} FROM jobs j WHERE j.id = :id AND
 _DEMAND = "j.status = 'pending' AND (j.pool IS NOT NULL OR j.gpu_types IS NOT NULL)"
 BACKLOG_DEMAND_CLASSES = 50
 BACKLOG_PER_CLASS = 100
-_ELIGIBLE = "j.status = 'pending' AND (j.not_before IS NULL OR j.not_before <= :now) AND NOT (j.queue = ANY(CAST(:full AS text[])))"
+# NOT holds_resources: a preempted job is pending but its processes are still stopping (execution.end releases it).
+_ELIGIBLE = ("j.status = 'pending' AND (j.not_before IS NULL OR j.not_before <= :now) AND NOT j.holds_resources "
+             "AND NOT (j.queue = ANY(CAST(:full AS text[])))")
 _BACKLOG = text(
     f"""
     WITH RECURSIVE owners(owner) AS (
@@ -177,17 +224,32 @@ def load_snapshot(session: Session, settings: Settings, now: datetime, *, includ
                                           "classes": BACKLOG_DEMAND_CLASSES, "per_class": BACKLOG_PER_CLASS}))
     if include is not None and not any(r.id == include for r in rows):
         rows += list(session.execute(_ONE_PENDING, {"id": include}))
+    preempted_by = _preempted_by(session, [r.id for r in rows], now) if settings.preemption_enabled else {}
     backlog = [
         policy.Pending(
             r.id, r.owner, r.priority, r.queue, r.created_at.timestamp(), r.cpu_millis, r.memory_bytes, r.gpus,
-            r.members, bool(r.has_command), r.timeout_seconds, tuple(r.gpu_types or ()), r.pool,
+            r.members, bool(r.has_command), r.timeout_seconds, tuple(r.gpu_types or ()), r.pool, preempted_by.get(r.id, frozenset()),
         )
         for r in rows
     ]
     running = [running_attempt(row, now, settings) for row in holders]
     owners = {job.owner for job in backlog} | {attempt.owner for attempt in running}
     usage = fairshare.usage_of(session, owners, now, settings.fair_share_half_life_seconds)
-    return policy.Snapshot(now.timestamp(), nodes, running, backlog, usage, room)
+    budget = preemption_budget(session, settings, now) if settings.preemption_enabled else None
+    return policy.Snapshot(now.timestamp(), nodes, running, backlog, usage, room, quotas=quotas.load_all(session),
+                           preemption_budget=budget)
+
+
+def _preempted_by(session: Session, job_ids: list[str], now: datetime) -> dict[str, frozenset[str]]:
+    """Who preempted each of these jobs (last day): they are never its victims in turn."""
+    if not job_ids:
+        return {}
+    found: dict[str, set[str]] = {}
+    for job_id, by in session.execute(text(
+        "SELECT job_id, details->>'preempted_by' FROM job_events WHERE to_status = 'pending' AND at > :since "
+        "AND details ? 'preempted_by' AND job_id = ANY(CAST(:ids AS text[]))"), {"since": now - timedelta(days=1), "ids": job_ids}):
+        found.setdefault(job_id, set()).add(by)
+    return {job_id: frozenset(by) for job_id, by in found.items()}
 
 
 def running_attempt(row: Any, now: datetime, settings: Settings) -> policy.Running:
@@ -195,12 +257,20 @@ def running_attempt(row: Any, now: datetime, settings: Settings) -> policy.Runni
     parts = tuple((part["node"], int(part["members"])) for part in row.placement or [])
     if row.status == JobStatus.CANCELLED.value:
         ends = now.timestamp() + settings.job_lease_seconds  # released by its worker, or by recovery after the lease
+    elif row.status == JobStatus.PENDING.value:  # preempted: stopping within a lease renewal plus the kill grace
+        ends = now.timestamp() + settings.job_heartbeat_seconds + settings.kill_grace_seconds
     elif row.timeout_seconds:
         started = row.started_at or now  # not started yet: it may start any moment
         ends = max(started.timestamp() + row.timeout_seconds + settings.kill_grace_seconds, now.timestamp())
     else:
         ends = policy.INF
-    return policy.Running(row.id, row.owner, row.cluster or "", parts, row.cpu_millis, row.memory_bytes, row.gpus, ends)
+    indices = tuple((part["node"], tuple(int(g) for g in part.get("gpu_indices") or [])) for part in row.placement or [])
+    return policy.Running(
+        row.id, row.owner, row.cluster or "", parts, row.cpu_millis, row.memory_bytes, row.gpus, ends,
+        priority=row.priority, preemptible=bool(row.preemptible) and row.status == JobStatus.RUNNING.value,
+        started_at=row.started_at.timestamp() if row.started_at else policy.INF,
+        stopping=row.status == JobStatus.PENDING.value, gpu_indices=indices, queue=row.queue,
+    )
 
 
 def _place(session: Session, job: Job, placement: capacity.Placement, now: datetime) -> OutboxMessage:
@@ -358,7 +428,8 @@ def recover_lost(session: Session, settings: Settings, now: datetime | None = No
         orphaned_ids = list(session.scalars(select(Job.id).where(*orphaned_queued)))
         released = session.execute(
             update(Job)
-            .where(Job.status == JobStatus.CANCELLED.value, Job.holds_resources, Job.heartbeat_at < lease)
+            # Cancelled or preempted (pending) while running, and its worker went silent: nothing runs for it any more.
+            .where(Job.status.in_([JobStatus.CANCELLED.value, JobStatus.PENDING.value]), Job.holds_resources, Job.heartbeat_at < lease)
             .values(holds_resources=False)
         )
         if released.rowcount:

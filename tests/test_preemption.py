@@ -1,0 +1,205 @@
+"""Preemption (issue 11): in the pure policy, and on the real service with workers and `sleep` jobs."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from app.db import Database
+from app.domain.capacity import NodeCapacity
+from app.domain.policy import PolicyConfig, Running, Snapshot, decide
+from config import Settings
+from tests.conftest import ApiClient, LiveServer, make_token, wait_for, wait_for_status
+from tests.test_policy import GIB, NOW, job, node
+
+TINY = {"cpu": "100m", "memory": "64Mi"}
+ON = PolicyConfig(preemption=True, preemption_min_run_seconds=60)
+
+
+def run(id: str, n: NodeCapacity, gpus: int, priority: int, started_ago: float, preemptible: bool = True,
+        members: int = 1, stopping: bool = False) -> Running:
+    chosen = tuple(n.free_gpus[: gpus * members])
+    n.used_gpus.update(chosen)
+    n.used_cpu_millis += 1000 * members
+    n.used_memory_bytes += GIB * members
+    n.used_slots += 1
+    return Running(id, "bob", n.cluster, ((n.name, members),), 1000, GIB, gpus, NOW + 3600, priority=priority, preemptible=preemptible,
+                   started_at=NOW - started_ago, stopping=stopping, gpu_indices=((n.name, chosen),))
+
+
+def victims(plan: Any) -> list[list[str]]:
+    return [[v.id for v in p.victims] for p in plan.preemptions]
+
+
+def test_the_youngest_lowest_priority_jobs_that_make_room_are_preempted_and_no_more() -> None:
+    a = node("a", gpus=4)
+    busy = [run("old", a, 1, 10, started_ago=900), run("young", a, 1, 10, started_ago=100), run("mid", a, 1, 20, started_ago=50),
+            run("high", a, 1, 95, started_ago=100)]
+    plan = decide(Snapshot(NOW, [a], busy, [job("urgent", gpus=1, priority=90)]), ON)
+    assert victims(plan) == [["young"]]  # lowest priority first, then the most recently started
+    plan = decide(Snapshot(NOW, [a], busy, [job("urgent", gpus=2, priority=90)]), ON)
+    assert sorted(victims(plan)[0]) == ["old", "young"]  # both priority-10 jobs before the priority-20 one
+
+
+def test_equal_or_higher_priority_non_preemptible_and_too_young_jobs_are_never_chosen() -> None:
+    a = node("a", gpus=3)
+    busy = [run("same", a, 1, 90, started_ago=900), run("pinned", a, 1, 10, started_ago=900, preemptible=False),
+            run("fresh", a, 1, 10, started_ago=5)]
+    plan = decide(Snapshot(NOW, [a], busy, [job("urgent", gpus=1, priority=90)]), ON)
+    assert plan.preemptions == []
+    assert decide(Snapshot(NOW, [a], busy, [job("urgent", gpus=1, priority=91)]), ON).preemptions[0].victims[0].id == "same"
+
+
+def test_a_gang_is_preempted_whole() -> None:
+    a = node("a", gpus=4)
+    busy = [run("gang", a, 1, 10, started_ago=300, members=4)]
+    plan = decide(Snapshot(NOW, [a], busy, [job("urgent", gpus=1, priority=90)]), ON)
+    [preemption] = plan.preemptions
+    assert [v.id for v in preemption.victims] == ["gang"] and sum(m for _, m in preemption.victims[0].parts) == 4
+
+
+def test_gpu_indices_on_one_node_capacity_spread_over_nodes_does_not_count() -> None:
+    a, b = node("a", gpus=2), node("b", gpus=2)
+    busy = [run("a1", a, 1, 10, 300), run("a2", a, 1, 10, 200), run("b1", b, 1, 10, 100), run("b2", b, 1, 10, 50)]
+    plan = decide(Snapshot(NOW, [a, b], busy, [job("urgent", gpus=2, priority=90)]), ON)
+    [chosen] = victims(plan)
+    assert sorted(chosen) in (["a1", "a2"], ["b1", "b2"])  # two GPUs on one node, never one on each
+
+
+def test_capacity_already_being_freed_is_not_preempted_again_and_the_rate_limit_holds() -> None:
+    a = node("a", gpus=2)
+    busy = [run("stopping", a, 1, 10, 300, stopping=True), run("other", a, 1, 10, 300)]
+    plan = decide(Snapshot(NOW, [a], busy, [job("urgent", gpus=1, priority=90)]), ON)
+    assert plan.preemptions == []  # the stopping job's GPU is on its way to it
+    b = node("b", gpus=1)
+    busy = [run("victim", b, 1, 10, 300)]
+    assert decide(Snapshot(NOW, [b], busy, [job("urgent", gpus=1, priority=90)], preemption_budget={"local": 0}), ON).preemptions == []
+    assert decide(Snapshot(NOW, [b], busy, [job("urgent", gpus=1, priority=90)], preemption_budget={"local": 1}), ON).preemptions
+
+
+def test_preemption_is_off_unless_configured_and_a_job_that_fits_preempts_nobody() -> None:
+    a = node("a", gpus=2)
+    busy = [run("low", a, 1, 10, 300)]
+    assert decide(Snapshot(NOW, [a], busy, [job("urgent", gpus=2, priority=90)])).preemptions == []
+    plan = decide(Snapshot(NOW, [a], busy, [job("fits", gpus=1, priority=90)]), ON)
+    assert plan.preemptions == [] and plan.admitted[0].job.id == "fits"
+
+
+# --- on the real service ---------------------------------------------------------------------------
+
+FAST_PREEMPTION = {"PREEMPTION_MIN_RUN_SECONDS": "1", "PREEMPTION_MAX_PER_MINUTE": "10"}
+
+
+@pytest.fixture
+def admin(e2e_settings: Settings, database: Database) -> Iterator[ApiClient]:
+    server = LiveServer(e2e_settings.with_overrides(auth_enabled=True, preemption_min_run_seconds=1.0))
+    yield ApiClient(server.url, {"Authorization": f"Bearer {make_token('ops', 'admin')}"})
+    server.stop()
+
+
+def events(api: ApiClient, job_id: str) -> list[dict[str, Any]]:
+    return api.get(f"/jobs/{job_id}/events").json()["events"]
+
+
+def test_the_youngest_lower_priority_job_is_preempted_and_requeued_with_its_retries_untouched(admin: ApiClient, start_worker, start_scheduler) -> None:
+    start_worker("gpu-p", concurrency=4, gpus=2, WORKER_CPU="8", WORKER_MEMORY="8Gi")
+    start_scheduler(**FAST_PREEMPTION)
+    old = admin.submit(command=["sleep", "60"], priority=10, timeout_seconds=120, resources={**TINY, "gpu": 1},
+                       retry_policy={"max_retries": 2})
+    wait_for_status(admin, old["id"], "running")
+    young = admin.submit(command=["sleep", "60"], priority=10, timeout_seconds=120, resources={**TINY, "gpu": 1},
+                         retry_policy={"max_retries": 2})
+    wait_for_status(admin, young["id"], "running")
+    urgent = admin.submit(command=["sleep", "1"], priority=90, timeout_seconds=30, resources={**TINY, "gpu": 1})
+    started = wait_for_status(admin, urgent["id"], {"running", "succeeded"}, timeout=40)
+    assert started["status"] in ("running", "succeeded")
+    timeline = events(admin, young["id"])
+    preempted = [e for e in timeline if e["reason"].startswith("preempted by")]
+    assert len(preempted) == 1, timeline
+    assert preempted[0]["reason"] == f"preempted by {urgent['id']} (priority 90)"
+    assert preempted[0]["from_status"] == "running" and preempted[0]["to_status"] == "pending" and preempted[0]["attempt"] == 0
+    assert preempted[0]["details"]["gpu_seconds_lost"] > 0
+    assert admin.get(f"/jobs/{old['id']}").json()["status"] == "running"  # the older one kept running
+    assert not any(e["reason"].startswith("preempted") for e in events(admin, old["id"]))
+    # It comes back once there is room, still on its first attempt (no retry spent).
+    assert wait_for_status(admin, urgent["id"], "succeeded", timeout=40)
+    back = wait_for_status(admin, young["id"], "running", timeout=40)
+    assert back["retry_policy"]["max_retries"] == 2
+    running_events = [e for e in events(admin, young["id"]) if e["to_status"] == "running"]
+    assert [e["attempt"] for e in running_events] == [0, 0]
+    metrics = admin.get("/metrics/").json()["preemptions"]
+    assert metrics["preemptions_24h"] == 1 and metrics["gpu_seconds_lost_24h"] > 0
+    assert metrics["by_queue"] == {"default": 1} and metrics["by_tenant"] == {"ops": 1}
+    for job_id in (old["id"], young["id"]):
+        admin.delete(f"/jobs/{job_id}")
+
+
+def test_a_gang_is_preempted_whole_and_a_non_preemptible_job_never(admin: ApiClient, start_worker, start_scheduler) -> None:
+    start_worker("gpu-g", concurrency=4, gpus=3, WORKER_CPU="8", WORKER_MEMORY="8Gi")
+    start_scheduler(**FAST_PREEMPTION)
+    pinned = admin.submit(command=["sleep", "60"], priority=5, timeout_seconds=120, resources={**TINY, "gpu": 1}, preemptible=False)
+    wait_for_status(admin, pinned["id"], "running")
+    gang = admin.submit(command=["sleep", "60"], priority=20, timeout_seconds=120, resources={**TINY, "gpu": 1},
+                        gang={"enabled": True, "min_members": 2})
+    wait_for_status(admin, gang["id"], "running")
+    urgent = admin.submit(command=["sleep", "1"], priority=90, timeout_seconds=30, resources={**TINY, "gpu": 1})
+    wait_for_status(admin, urgent["id"], {"running", "succeeded"}, timeout=40)
+    # The pinned job holds the lowest priority yet is never chosen: the gang goes, all of it.
+    preempted = [e for e in events(admin, gang["id"]) if e["reason"].startswith("preempted by")]
+    assert len(preempted) == 1 and preempted[0]["details"]["placement"][0]["members"] == 2
+    assert admin.get(f"/jobs/{pinned['id']}").json()["status"] == "running"
+    assert admin.get(f"/jobs/{pinned['id']}").json()["preemptible"] is False
+    for job_id in (pinned["id"], gang["id"]):
+        admin.delete(f"/jobs/{job_id}")
+
+
+def test_only_admins_may_pin_a_high_priority_job(admin: ApiClient, e2e_settings: Settings) -> None:
+    server = LiveServer(e2e_settings.with_overrides(auth_enabled=True))
+    try:
+        user = ApiClient(server.url, {"Authorization": f"Bearer {make_token('alice')}"})
+        body = {"job_type": "t", "command": ["true"], "priority": 80, "preemptible": False}
+        response = user.post("/jobs/", json=body)
+        assert response.status_code == 403 and response.json()["error"]["code"] == "FORBIDDEN", response.text
+        assert user.post("/jobs/", json={**body, "priority": 50}).status_code == 201  # at or below the threshold
+        assert user.post("/jobs/", json={**body, "preemptible": "no"}).status_code == 400
+        assert admin.post("/jobs/", json=body).status_code == 201
+    finally:
+        server.stop()
+
+
+def test_a_tenant_under_its_quota_reclaims_borrowed_capacity_whatever_the_priority() -> None:
+    from app.domain.quotas import Quota
+
+    a = node("a", gpus=4)
+    busy = [run(f"b{i}", a, 1, 90, started_ago=300 + i) for i in range(4)]  # bob: 4 GPUs at priority 90
+    quotas = {"bob": [Quota("bob", "*", (2, None, None), (2, 0, 0))], "alice": [Quota("alice", "*", (2, None, None), (0, 0, 0))]}
+    plan = decide(Snapshot(NOW, [a], busy, [job("mine", gpus=1, priority=10, owner="alice")], quotas=quotas), ON)
+    assert victims(plan) == [["b0"]]  # bob borrows 2 GPUs: alice (within her 2) takes one back, the youngest
+    # Beyond her nominal quota she does not reclaim (she would be borrowing herself), and bob within his never loses one.
+    plan = decide(Snapshot(NOW, [a], busy, [job("big", gpus=3, priority=10, owner="alice")], quotas=quotas), ON)
+    assert plan.preemptions == []
+    within = {**quotas, "bob": [Quota("bob", "*", (4, None, None), (0, 0, 0))]}
+    assert decide(Snapshot(NOW, [a], busy, [job("mine", gpus=1, priority=10, owner="alice")], quotas=within), ON).preemptions == []
+    # And bob, now back within his quota, cannot take it back by priority: he would borrow to do so.
+    alices = Running("mine", "alice", "local", (("c", 1),), 1000, GIB, 1, NOW + 3600, priority=10, preemptible=True,
+                               started_at=NOW - 300, gpu_indices=(("c", (0,)),))
+    c = node("c", gpus=2)
+    c.used_gpus.update({0, 1})
+    bobs = Running("b1", "bob", "local", (("c", 1),), 1000, GIB, 1, NOW + 3600, priority=90, preemptible=True, started_at=NOW - 300,
+                   gpu_indices=(("c", (1,)),))
+    c.used_cpu_millis, c.used_memory_bytes, c.used_slots = 2000, 2 * GIB, 2
+    back = decide(Snapshot(NOW, [c], [alices, bobs], [job("b0", gpus=1, priority=90, owner="bob")],
+                           quotas={**quotas, "bob": [Quota("bob", "*", (1, None, None), (1, 0, 0))]}), ON)
+    assert back.preemptions == []
+
+
+def test_a_victim_never_preempts_its_preemptor_back() -> None:
+    import dataclasses
+
+    a = node("a", gpus=1)
+    busy = [run("winner", a, 1, 10, started_ago=300)]
+    loser = job("loser", gpus=1, priority=90)
+    assert victims(decide(Snapshot(NOW, [a], busy, [loser]), ON)) == [["winner"]]
+    back = dataclasses.replace(loser, preempted_by=frozenset({"winner"}))
+    assert decide(Snapshot(NOW, [a], busy, [back]), ON).preemptions == []
