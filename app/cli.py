@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from app import logs
 from app.embedded import ensure_services
@@ -34,6 +35,10 @@ def run(args: argparse.Namespace) -> int:
     except AlreadyRunning as exc:
         log.error("%s", exc)
         return 1
+    busy = busy_ports(ports_needed(settings, specs))
+    if busy:
+        log.error("cannot start: %s", "; ".join(busy))
+        return 1
     services = ensure_services(settings.database_url, settings.redis_url, settings.data_dir, settings.embedded_redis_port)
     env = dict(os.environ, DATABASE_URL=services.database_url or "", REDIS_URL=services.redis_url or "")
     # The Procfile's commands (gunicorn, celery, jobservice) live beside this interpreter.
@@ -57,6 +62,32 @@ def run(args: argparse.Namespace) -> int:
         return supervisor.run()
     finally:
         services.stop()
+
+
+def ports_needed(settings: Settings, specs: list[Any]) -> list[tuple[int, str]]:
+    """The TCP ports this run will listen on, each with the variable that moves it."""
+    names = {spec.name for spec in specs}
+    needed = [(spec.port, "PORT") for spec in specs if spec.name == "web" and spec.port]
+    if "flower" in names:
+        needed.append((settings.flower_port, "FLOWER_PORT"))
+    if not settings.redis_url:
+        needed.append((settings.embedded_redis_port, "EMBEDDED_REDIS_PORT"))
+    return needed
+
+
+def busy_ports(needed: list[tuple[int, str]]) -> list[str]:
+    """Checked before anything starts, so a clash is named at once rather than by a process dying later."""
+    import socket
+
+    busy = []
+    for port, variable in needed:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers are no clash
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                busy.append(f"port {port} is in use (set {variable} to use another)")
+    return busy
 
 
 def dev_auth_env(settings: Settings) -> dict[str, str]:

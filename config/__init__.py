@@ -115,6 +115,7 @@ class Settings:
     redis_url: str | None = None
     data_dir: str = ".jobservice"
     embedded_redis_port: int = 6390
+    flower_port: int = 5555
     port: int = 8000
 
     # API
@@ -240,6 +241,7 @@ class Settings:
             redis_url=_optional(env, "REDIS_URL"),
             data_dir=env.get("JOBSERVICE_DATA_DIR", ".jobservice"),
             embedded_redis_port=_int(env, "EMBEDDED_REDIS_PORT", 6390),
+            flower_port=_int(env, "FLOWER_PORT", 5555),
             port=_int(env, "PORT", 8000),
             max_content_length=_int(env, "MAX_CONTENT_LENGTH", 1024 * 1024),
             log_level=env.get("LOG_LEVEL", "INFO").upper(),

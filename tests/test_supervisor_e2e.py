@@ -196,6 +196,20 @@ def test_a_second_run_refuses_while_the_first_lives(runs: Any, tmp_path: Path) -
     assert first.stop() == 0
 
 
+def test_a_port_in_use_is_named_before_anything_starts(runs: Any, tmp_path: Path) -> None:
+    import socket
+
+    path = procfile(tmp_path, "web: sleep 1000\nidle: sleep 1000\n")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        run = runs("--procfile", path, PORT=str(port))
+        assert run.process.wait(60) == 1
+    assert f"port {port} is in use (set PORT to use another)" in run.output
+    assert run.state().get("groups", {}) == {}  # nothing was started
+
+
 def port_taken(port: int) -> bool:
     import socket
 
