@@ -266,5 +266,9 @@ def flask_config(settings: Settings) -> dict[str, object]:
         "OPENAPI_URL_PREFIX": "/api/v1",
         "OPENAPI_JSON_PATH": "openapi.json",
         "OPENAPI_SWAGGER_UI_PATH": "docs",
-        "OPENAPI_SWAGGER_UI_URL": "https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
+        # Swagger UI's assets come from the pinned swagger-ui-bundle package (app.api.docs): the page works
+        # offline and shows what was installed, not whatever a CDN serves today.
+        "OPENAPI_SWAGGER_UI_URL": "/api/v1/docs/assets/",
+        # Swagger UI would send the document to validator.swagger.io for a badge: nothing leaves the machine.
+        "OPENAPI_SWAGGER_UI_CONFIG": {"validatorUrl": None},
     }
