@@ -76,7 +76,8 @@ def scheduler(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="jobservice", description=__doc__)
+    parser = argparse.ArgumentParser(prog="jobservice", description=__doc__, epilog="Client commands (over HTTP): submit, ls, get, logs, "
+                                     "events, explain, cancel, wait, queues, clusters, fairness, completion: `jobservice COMMAND --help`.")
     commands = parser.add_subparsers(dest="command", required=True)
     run_parser = commands.add_parser("run", help="run API, scheduler, worker and Flower (embedded PostgreSQL/Redis if no URL is set)")
     run_parser.add_argument("processes", nargs="*", help="only these Procfile processes (default: all)")
@@ -87,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     token_parser.add_argument("--scope", action="append", default=[], help='e.g. "jobs:read jobs:write" (default: both)')
     token_parser.add_argument("--expires-in", type=int, default=24 * 3600, help="lifetime in seconds")
     token_parser.set_defaults(func=token)
+    import jobservice_cli  # the client commands (submit, ls, logs, ...): everything that is not the service's own
+
+    if jobservice_cli.handles(sys.argv[1:] if argv is None else argv, commands.choices):
+        return jobservice_cli.run(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     settings = Settings.from_env()
     logs.configure(settings.log_level, settings.log_format)

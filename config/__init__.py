@@ -272,3 +272,26 @@ def flask_config(settings: Settings) -> dict[str, object]:
         # Swagger UI would send the document to validator.swagger.io for a badge: nothing leaves the machine.
         "OPENAPI_SWAGGER_UI_CONFIG": {"validatorUrl": None},
     }
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """Defaults of the `jobservice` client commands (jobservice_cli): flags override these variables, and
+    these override the config file (`url`, `token` and `output` keys in TOML)."""
+
+    url: str | None = None
+    token: str | None = None
+    config_file: str = "~/.config/jobservice/config.toml"
+    # Set by the shell while it asks for completions (click's protocol): the client must answer it.
+    completing: bool = False
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "ClientSettings":
+        env = os.environ if env is None else env
+        config_home = _optional(env, "XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+        return cls(
+            url=_optional(env, "JOBSERVICE_URL"),
+            token=_optional(env, "JOBSERVICE_TOKEN"),
+            config_file=_optional(env, "JOBSERVICE_CONFIG") or os.path.join(config_home, "jobservice", "config.toml"),
+            completing=bool(_optional(env, "_JOBSERVICE_COMPLETE")),
+        )
