@@ -16,7 +16,10 @@ log = logging.getLogger("jobservice.api")
 
 
 def create_app(settings: Settings | None = None) -> Flask:
-    settings = settings or Settings.from_env()
+    if settings is None:
+        from app.embedded import local_defaults
+
+        settings = local_defaults(Settings.from_env())
     if not settings.database_url:
         raise RuntimeError(
             "DATABASE_URL is not set: run `jobservice run`, which starts the embedded PostgreSQL and Redis, "
