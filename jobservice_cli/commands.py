@@ -28,6 +28,7 @@ POLL_SECONDS = 1.0
 EXPLAIN_EVERY_SECONDS = 3.0
 # Most jobs a single `ls --all` pages through (the API answers at most 100 per page).
 LS_ALL_LIMIT = 10_000
+MAX_TAIL = 100_000  # the API's largest `tail`
 
 
 @dataclass
@@ -292,7 +293,8 @@ def _outcome(job: dict[str, Any]) -> int:
 def _follow_then_outcome(ctx: Context, job_id: str, timeout: float | None) -> int:
     started = time.monotonic()
     try:
-        for event in ctx.client.stream(f"/jobs/{job_id}/logs", tail=0, timestamps=False):
+        # Every line the job wrote so far first: a quick job may have printed before the stream opened.
+        for event in ctx.client.stream(f"/jobs/{job_id}/logs", tail=MAX_TAIL, timestamps=False):
             if event.event == "message":
                 print(event.data, flush=True)
             if timeout is not None and time.monotonic() - started >= timeout:
@@ -381,7 +383,7 @@ def get_job(ctx: Context, job_id: str) -> None:
 @cli.command("logs")
 @JOB_ID
 @click.option("-f", "--follow", is_flag=True, help="Stream new lines until the job ends")
-@click.option("--tail", type=click.IntRange(0, 100_000), default=100, show_default=True, help="Lines from the end first")
+@click.option("--tail", type=click.IntRange(0, MAX_TAIL), default=100, show_default=True, help="Lines from the end first")
 @click.option("--timestamps", is_flag=True, help="Prefix each line with its time")
 @click.pass_obj
 def logs(ctx: Context, job_id: str, follow: bool, tail: int, timestamps: bool) -> None:

@@ -213,3 +213,19 @@ def test_service_commands_stay_with_the_service(client_env: dict[str, str]) -> N
     assert token.returncode == 0 and token.stdout.count(".") == 2
     helped = jobservice({}, "--help")
     assert helped.returncode == 0 and "run" in helped.stdout and "submit" in helped.stdout
+
+
+def test_followed_logs_resume_where_a_closed_stream_stopped(settings: Settings, database: Database, fleet: None, tmp_path: Path) -> None:
+    """The server ends each stream after STREAM_MAX_SECONDS; the client resumes with Last-Event-ID: every line
+    once, in order, and a quick job's lines written before the stream opened are there too."""
+    server = LiveServer(settings.with_overrides(auth_enabled=True, stream_max_seconds=0.4, stream_poll_seconds=0.05))
+    try:
+        env = {"JOBSERVICE_URL": server.url, "JOBSERVICE_TOKEN": make_token("alice"), "JOBSERVICE_CONFIG": str(tmp_path / "none.toml")}
+        script = "for i in $(seq 1 12); do echo line $i; sleep 0.15; done"
+        followed = run_cli(env, "submit", "--follow", "--", "sh", "-c", script)
+        assert followed.exit_code == 0, followed.stderr
+        assert followed.stdout.splitlines()[1:] == [f"line {i}" for i in range(1, 13)]
+        quick = run_cli(env, "submit", "--follow", "--", "echo", "at once")
+        assert quick.exit_code == 0 and quick.stdout.splitlines()[1:] == ["at once"]
+    finally:
+        server.stop()
