@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.conftest import ApiClient, wait_for_status
+from tests.conftest import ApiClient, wait_for, wait_for_status
 
 # 24683656Ki is how /proc/meminfo and the kubelet state a 23.5 GiB host; 15890m is a node's allocatable CPU.
 NODE_MEMORY = "24683656Ki"
@@ -18,8 +18,9 @@ def _node(api: ApiClient, name: str) -> dict[str, Any]:
 
 
 def test_clusters_errors_and_explain_show_human_units(api: ApiClient, start_worker, start_scheduler) -> None:
-    start_worker("units-node", concurrency=2, WORKER_MEMORY=NODE_MEMORY, WORKER_CPU=NODE_CPU)
+    worker = start_worker("units-node", concurrency=2, WORKER_MEMORY=NODE_MEMORY, WORKER_CPU=NODE_CPU)
     start_scheduler()
+    wait_for(lambda: "registered: GPUs [], 15.89 CPU, 23.5Gi memory" in worker.log_path.read_text(), 10, message="the worker's log line")
 
     node = _node(api, "units-node")
     assert node["memory"] == {"total": "23.5Gi", "available": "23.5Gi"}

@@ -14,7 +14,7 @@ from datetime import timedelta
 from app.db import Database
 from app.domain import execution
 from app.domain.capacity import LOCAL_CLUSTER
-from app.domain.quantities import cpu_to_millis, memory_to_bytes
+from app.domain.quantities import cpu_to_millis, format_bytes, format_millis, memory_to_bytes
 from config import Settings
 from workers.executors import containment
 from workers.gpus import host_resources
@@ -89,8 +89,8 @@ class NodeMembership(Membership):
                 slots=self.slots,
             )
         log.info(
-            "node %s registered: GPUs %s, %d millicores, %d bytes, %d slots",
-            s.worker_node, resources.gpu_indices, resources.cpu_millis, resources.memory_bytes, self.slots,
+            "node %s registered: GPUs %s, %s CPU, %s memory, %d slots",
+            s.worker_node, resources.gpu_indices, format_millis(resources.cpu_millis), format_bytes(resources.memory_bytes), self.slots,
         )
 
     def refresh(self) -> None:
