@@ -25,4 +25,5 @@ def handles(argv: list[str], service_commands: Collection[str]) -> bool:
     """Whether these arguments are a client command (or the shell asking for completions)."""
     if ClientSettings.from_env().completing:
         return True
-    return bool(argv) and argv[0] not in service_commands and not argv[0].startswith("-")
+    # The service's parser has no option of its own but --help: `jobservice -o json ls` is the client's.
+    return bool(argv) and argv[0] not in service_commands and argv[0] not in ("-h", "--help")

@@ -19,6 +19,7 @@ READ_TIMEOUT_SECONDS = 60.0
 CONNECT_TIMEOUT_SECONDS = 10.0
 # A follow stream that drops is resumed from its last event id; this many failures in a row give up.
 STREAM_RECONNECTS = 5
+QUICK_CLOSE_SECONDS = 1.0
 
 
 @dataclass
@@ -106,25 +107,31 @@ class Client:
             headers = {"Accept": "text/event-stream"}
             if last_id is not None:
                 headers["Last-Event-ID"] = last_id
+            opened, got_any = time.monotonic(), False
             try:
                 with self.http.stream("GET", path, params=_params({**params, "follow": True}), headers=headers) as response:
                     if response.status_code >= 400:
                         response.read()
                         raise _error(response)
                     for event in _parse_sse(response.iter_lines()):
-                        failures = 0
+                        failures, got_any = 0, True
                         if event.id is not None:
                             last_id = event.id
                         yield event
                         if event.event == "end":
                             return
             except httpx.TransportError as exc:
-                failures += 1
-                if failures > STREAM_RECONNECTS:
-                    raise ApiError(None, "UNREACHABLE", f"stream from {self.base_url} lost: {exc}") from exc
-                time.sleep(min(2.0 ** failures / 4, 5.0))
-                continue
-            # The server closed the stream without `event: end` (its time limit, a restart): resume.
+                problem: Exception | str = exc
+            else:
+                # The server closed the stream without `event: end` (its time limit, a restart): resume at
+                # once, unless it keeps closing streams as soon as they open.
+                if got_any or time.monotonic() - opened >= QUICK_CLOSE_SECONDS:
+                    continue
+                problem = "closed at once"
+            failures += 1
+            if failures > STREAM_RECONNECTS:
+                raise ApiError(None, "UNREACHABLE", f"stream from {self.base_url} lost: {problem}")
+            time.sleep(min(2.0 ** failures / 4, 5.0))
 
 
 def _params(params: dict[str, Any]) -> dict[str, Any]:

@@ -211,6 +211,8 @@ def test_shell_completion_offers_commands_and_job_ids(client_env: dict[str, str]
 def test_service_commands_stay_with_the_service(client_env: dict[str, str]) -> None:
     token = jobservice({"JWT_SECRET_KEY": "x" * 40}, "token", "alice")
     assert token.returncode == 0 and token.stdout.count(".") == 2
+    as_json = jobservice(client_env, "-o", "json", "ls")  # a global option first is still the client's
+    assert as_json.returncode == 0 and json.loads(as_json.stdout)["items"] == [], as_json.stderr
     helped = jobservice({}, "--help")
     assert helped.returncode == 0 and "run" in helped.stdout and "submit" in helped.stdout
 

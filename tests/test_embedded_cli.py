@@ -4,11 +4,15 @@ development secret that `jobservice run` uses."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import jwt
+import pytest
 from sqlalchemy import create_engine, text
 
 from app.db import sqlalchemy_url
@@ -25,8 +29,17 @@ def flask(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "flask", "--app", "app", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
 
 
-def test_flask_commands_work_under_the_embedded_default(tmp_path: Path) -> None:
-    data_dir = tmp_path / "data"
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    # Outside pytest's tmp_path (mode 0700 folders): the embedded PostgreSQL runs as its own system user
+    # when the tests run as root, and must reach its folder; conftest's embedded default does the same.
+    folder = Path(tempfile.mkdtemp(prefix="jobservice-flask-"))
+    folder.chmod(0o755)
+    yield folder / "data"
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_flask_commands_work_under_the_embedded_default(data_dir: Path) -> None:
     upgraded = flask(data_dir, "db", "upgrade")
     assert upgraded.returncode == 0, upgraded.stderr[-3000:]
     assert "DATABASE_URL is not set" not in upgraded.stderr
