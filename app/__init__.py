@@ -32,7 +32,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.url_map.strict_slashes = False
     app.url_map.merge_slashes = False
 
-    from app.api import auth, clusters, context, errors, guards, health, jobs, logs as job_logs, ratelimit
+    from app.api import auth, clusters, context, errors, fairness, guards, health, jobs, logs as job_logs, ratelimit
     from app.api import docs, metrics, openapi, prometheus, queues, streams, timeline
 
     context.register(app, Database(settings.database_url, application_name="jobservice-api"))
@@ -53,6 +53,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         api.register_blueprint(queues.blp)
         api.register_blueprint(metrics.blp)
         api.register_blueprint(timeline.blp)
+        api.register_blueprint(fairness.blp)
         api.register_blueprint(prometheus.blp)  # GET /metrics, at the root: Prometheus' default path
     openapi.complete(api)
     docs.register(app)

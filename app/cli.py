@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +17,23 @@ log = logging.getLogger("jobservice")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Start PostgreSQL/Redis if no URL is set, apply migrations, then every Procfile process."""
+    """Start PostgreSQL/Redis if no URL is set, apply migrations, then supervise every Procfile process."""
+    from app.supervisor import AlreadyRunning, Supervisor, clean_leftovers, read_procfile
+
     settings = Settings.from_env()
+    procfile = Path(args.procfile) if args.procfile else ROOT / "Procfile"
+    try:
+        specs = read_procfile(procfile, args.processes, base_port=settings.port)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    # Before anything binds a port: what a SIGKILLed run left (gunicorn holding :8000, its Redis) goes first.
+    state_file = Path(settings.data_dir).resolve() / "run.json"
+    try:
+        clean_leftovers(state_file)
+    except AlreadyRunning as exc:
+        log.error("%s", exc)
+        return 1
     services = ensure_services(settings.database_url, settings.redis_url, settings.data_dir, settings.embedded_redis_port)
     env = dict(os.environ, DATABASE_URL=services.database_url or "", REDIS_URL=services.redis_url or "")
     # The Procfile's commands (gunicorn, celery, jobservice) live beside this interpreter.
@@ -27,18 +41,18 @@ def run(args: argparse.Namespace) -> int:
     env.update(dev_auth_env(settings))
     try:
         subprocess.run([sys.executable, "-m", "flask", "--app", "app", "db", "upgrade"], env=env, cwd=ROOT, check=True)
-        # honcho hands out $PORT from --port, in steps of 100 in Procfile order: `web` comes first.
-        command = [sys.executable, "-m", "honcho", "-f", str(ROOT / "Procfile"), "start", "--port", str(settings.port)]
-        if args.processes:
-            command += args.processes
-        processes = subprocess.Popen(command, env=env, cwd=ROOT)
-        # A SIGTERM must stop the processes and the embedded servers too, not orphan them.
-        signal.signal(signal.SIGTERM, lambda *_: processes.send_signal(signal.SIGTERM))
         try:
-            return processes.wait()
-        except KeyboardInterrupt:
-            processes.send_signal(signal.SIGINT)
-            return processes.wait()
+            supervisor = Supervisor(
+                specs, env, ROOT, state_file,
+                backoff_seconds=settings.restart_backoff_seconds,
+                backoff_max_seconds=settings.restart_backoff_max_seconds,
+                stop_grace_seconds=settings.stop_grace_seconds,
+                others=services.pids(),
+            )
+        except ValueError as exc:
+            log.error("%s", exc)
+            return 2
+        return supervisor.run()
     finally:
         services.stop()
 
@@ -75,12 +89,35 @@ def scheduler(args: argparse.Namespace) -> int:
     return 0
 
 
+def probe(args: argparse.Namespace) -> int:
+    """Exit 0 while the process's loop has made progress within --max-age seconds (a Kubernetes exec probe)."""
+    from app import heartbeat
+
+    path = heartbeat.path_for(Settings.from_env(), args.process)
+    age = heartbeat.age_seconds(path)
+    if age is None:
+        print(f"{args.process}: no heartbeat file {path}", file=sys.stderr)
+        return 1
+    if age > args.max_age:
+        print(f"{args.process}: last heartbeat {age:.0f} s ago (more than {args.max_age:g} s), {path}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def positive_seconds(value: str) -> float:
+    seconds = float(value)
+    if not 0 < seconds <= 86400:
+        raise argparse.ArgumentTypeError("must be more than 0 and at most 86400")
+    return seconds
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jobservice", description=__doc__, epilog="Client commands (over HTTP): submit, ls, get, logs, "
                                      "events, explain, cancel, wait, queues, clusters, fairness, completion: `jobservice COMMAND --help`.")
     commands = parser.add_subparsers(dest="command", required=True)
     run_parser = commands.add_parser("run", help="run API, scheduler, worker and Flower (embedded PostgreSQL/Redis if no URL is set)")
     run_parser.add_argument("processes", nargs="*", help="only these Procfile processes (default: all)")
+    run_parser.add_argument("--procfile", help="another Procfile (default: the repository's)")
     run_parser.set_defaults(func=run)
     commands.add_parser("scheduler", help="run the scheduler loop").set_defaults(func=scheduler)
     token_parser = commands.add_parser("token", help="print a development token for SUB (no database needed)")
@@ -88,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     token_parser.add_argument("--scope", action="append", default=[], help='e.g. "jobs:read jobs:write" (default: both)')
     token_parser.add_argument("--expires-in", type=int, default=24 * 3600, help="lifetime in seconds")
     token_parser.set_defaults(func=token)
+    probe_parser = commands.add_parser("probe", help="exit 1 unless the scheduler's or this worker's loop beat recently")
+    probe_parser.add_argument("process", choices=["scheduler", "worker"])
+    probe_parser.add_argument("--max-age", type=positive_seconds, default=60.0, help="seconds (default 60)")
+    probe_parser.set_defaults(func=probe)
     import jobservice_cli  # the client commands (submit, ls, logs, ...): everything that is not the service's own
 
     if jobservice_cli.handles(sys.argv[1:] if argv is None else argv, commands.choices):

@@ -30,6 +30,10 @@ class EmbeddedServices:
     _redis: subprocess.Popen[bytes] | None = None
     _started: list[str] = field(default_factory=list)
 
+    def pids(self) -> list[int]:
+        """Processes this run started and must not leave behind if it dies (pgserver tracks its own)."""
+        return [self._redis.pid] if self._redis is not None else []
+
     def stop(self) -> None:
         if self._redis is not None and self._redis.poll() is None:
             self._redis.terminate()
@@ -95,6 +99,7 @@ def start_redis(data_dir: Path, port: int) -> tuple[subprocess.Popen[bytes], str
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # Ctrl-C reaches `jobservice run` only: Redis stops after the processes that use it
     )
     deadline = time.monotonic() + 15
     while not _port_open(port):

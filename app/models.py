@@ -65,6 +65,19 @@ class Job(Base):
             postgresql_where=text("status = 'pending'"),
         ),
         Index("ix_jobs_owner_created", "owner", "created_at"),
+        # Each owner's backlog in admission order: the scheduler reads the head of each (fair share).
+        Index(
+            "ix_jobs_pending_owner",
+            text("COALESCE(tenant, owner)"),
+            text("priority DESC"),
+            "created_at",
+            "id",
+            postgresql_where=text("status = 'pending'"),
+        ),
+        # The head of each pool's backlog (GPU jobs, CPU-only jobs), in admission order.
+        Index("ix_jobs_pending_gpu", text("priority DESC"), "created_at", "id", postgresql_where=text("status = 'pending' AND gpus > 0")),
+        Index("ix_jobs_pending_retry", "not_before", postgresql_where=text("status = 'pending' AND not_before IS NOT NULL")),
+        Index("ix_jobs_pending_cpu", text("priority DESC"), "created_at", "id", postgresql_where=text("status = 'pending' AND gpus = 0")),
         Index("ix_jobs_status_created", "status", "created_at"),
         Index("ix_jobs_holding_node", "cluster", "node", postgresql_where=text("holds_resources")),
         # The oldest job of each queue's backlog (GET /queues/): one index probe per queue.
@@ -73,6 +86,8 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(Text, primary_key=True)
     owner: Mapped[str] = mapped_column(Text)
+    # Whom fair share counts the job for (JWT_TENANT_CLAIM); None: its owner.
+    tenant: Mapped[str | None] = mapped_column(Text)
     job_type: Mapped[str] = mapped_column(Text)
     priority: Mapped[int] = mapped_column(Integer)
     queue: Mapped[str] = mapped_column(Text)
@@ -188,6 +203,40 @@ class Node(Base):
     ready: Mapped[bool] = mapped_column(Boolean, server_default="true")
     heartbeat_at: Mapped[datetime] = mapped_column(server_default=func.now())
     started_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class SchedulerHeartbeat(Base):
+    """One row per scheduler process: when its last pass succeeded (the `scheduler` readiness check)."""
+
+    __tablename__ = "scheduler_heartbeats"
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    started_at: Mapped[datetime]
+    last_pass_at: Mapped[datetime | None]
+    last_error_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class FairShareUsage(Base):
+    """An owner's decayed resource-seconds as of `updated_at` (decay applies from then on)."""
+
+    __tablename__ = "fair_share_usage"
+
+    owner: Mapped[str] = mapped_column(Text, primary_key=True)
+    gpu_seconds: Mapped[float] = mapped_column(Float, server_default="0")
+    cpu_seconds: Mapped[float] = mapped_column(Float, server_default="0")
+    memory_gib_seconds: Mapped[float] = mapped_column(Float, server_default="0")
+    updated_at: Mapped[datetime]
+
+
+class SchedulerState(Base):
+    """A single row: when usage was last accrued (by whichever scheduler held the admission lock)."""
+
+    __tablename__ = "scheduler_state"
+    __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    usage_accrued_at: Mapped[datetime | None]
 
 
 # --- Counters and roll-ups, maintained by PostgreSQL triggers (migration 0002_observability) -----

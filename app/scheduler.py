@@ -6,18 +6,23 @@ any outbox message a crashed publisher left behind. Several schedulers may run; 
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import select
 import signal
+import socket
 import threading
 import time
+from collections.abc import Callable
 
 import psycopg2
 import psycopg2.extensions
 from sqlalchemy.orm import Session
 
+from app import heartbeat
 from app.db import Database, first_line, is_connection_error
 from app.dispatch import CeleryPublisher, TaskPublisher, publish, publish_stale
-from app.domain import counters, logs as log_store
+from app.domain import counters, liveness, logs as log_store
 from app.domain.jobs import SCHEDULER_CHANNEL, utcnow
 from app.domain.scheduling import AdmissionResult, admit, recover_lost, requeue_unclaimed
 from config import Settings
@@ -25,6 +30,7 @@ from config import Settings
 log = logging.getLogger("jobservice.scheduler")
 PURGE_EVERY_SECONDS = 3600.0
 SCHEDULER_APPLICATION = "jobservice-scheduler"  # application_name of its database sessions
+PASS_RECORD_EVERY_SECONDS = 1.0  # a burst of NOTIFY wake-ups records its pass once
 
 
 class Scheduler:
@@ -35,8 +41,12 @@ class Scheduler:
         self._last_sweep = 0.0
         self._last_purge = 0.0
         self._listen_failures = 0
+        self._last_pass_recorded = float("-inf")
+        self.name = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
     def tick(self) -> AdmissionResult:
+        """One pass. Each job is handled on its own (app.domain.scheduling.isolated): a job whose handling
+        raises is failed and the pass goes on; only trouble with the database itself fails the pass."""
         with self.database.session() as session:
             now_mono = time.monotonic()
             if now_mono - self._last_sweep >= self.settings.scheduler_interval_seconds:
@@ -57,7 +67,18 @@ class Scheduler:
                 publish(session, self.publisher, result.messages)
                 for job_id in result.admitted:
                     log.info("admitted", extra={"job_id": job_id})
+            if now_mono - self._last_pass_recorded >= PASS_RECORD_EVERY_SECONDS:
+                liveness.passed(session, self.name)
+                self._last_pass_recorded = now_mono
             return result
+
+    def _record(self, record: Callable[[Session], None]) -> None:
+        """Best effort: the liveness rows must never be what stops the scheduler."""
+        try:
+            with self.database.session() as session:
+                record(session)
+        except Exception:  # noqa: BLE001
+            log.warning("could not record the scheduler's liveness", exc_info=True)
 
     @staticmethod
     def _fold_counters(session: Session) -> None:
@@ -69,15 +90,19 @@ class Scheduler:
 
     def run_forever(self, stop: threading.Event | None = None) -> None:
         stop = stop or threading.Event()
+        self._record(lambda session: liveness.started(session, self.name))
         listener = self._reconnect()
+        heartbeat_file = heartbeat.path_for(self.settings, "scheduler")
         while not stop.is_set():
             try:
                 result = self.tick()
+                heartbeat.touch(heartbeat_file)  # only a tick that worked proves liveness
             except Exception as exc:  # noqa: BLE001 - a scheduler must outlive a bad tick (database restart, broker blip)
                 if is_connection_error(exc):
                     log.warning("scheduler tick lost its database connection; the next tick retries: %s", first_line(exc))
                 else:
                     log.exception("scheduler tick failed")
+                self._record(lambda session: liveness.failed(session, self.name, f"{type(exc).__name__}: {first_line(exc)}"))
                 result = AdmissionResult()
                 time.sleep(1)
             timeout = self.settings.scheduler_interval_seconds
@@ -96,6 +121,7 @@ class Scheduler:
                 listener = self._reconnect()
         if listener is not None:
             listener.close()
+        self._record(lambda session: liveness.stopped(session, self.name))
 
     def _reconnect(self) -> psycopg2.extensions.connection | None:
         """A new LISTEN session, or None (one WARNING line for the first failure and every 30th after)."""

@@ -51,6 +51,21 @@ def parse_clusters(spec: str) -> tuple[tuple[str, str | None], ...]:
     return tuple(clusters)
 
 
+def parse_weights(spec: str) -> tuple[tuple[str, float], ...]:
+    """`owner=weight,...`, e.g. `team-a=2,batch=0.5`; owners not listed weigh 1."""
+    weights = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        owner, _, value = item.rpartition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = -1.0
+        if not owner or not 0 < weight < 1e6:
+            raise ValueError(f"FAIR_SHARE_WEIGHTS entry {item!r} is not owner=weight with 0 < weight < 1e6")
+        weights.append((owner, weight))
+    return tuple(weights)
+
+
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
     return int(env.get(name, default))
 
@@ -105,6 +120,7 @@ class Settings:
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
     jwt_scope_claim: str = "scope"
+    jwt_tenant_claim: str | None = None
     jwt_leeway_seconds: int = 0
     jwks_cache_seconds: int = 300
     ratelimit_enabled: bool = True
@@ -130,6 +146,12 @@ class Settings:
     job_lease_seconds: float = 30.0
     node_lease_seconds: float = 30.0
     retry_backoff_base_seconds: float = 10.0
+    retry_backoff_max_seconds: float = 3600.0
+    scheduler_health_intervals: float = 5.0
+    scheduler_reservation_depth: int = 4
+    scheduler_scan_limit: int = 2000
+    fair_share_half_life_seconds: float = 3600.0
+    fair_share_weights: tuple[tuple[str, float], ...] = ()
     log_retention_days: int = 30
     log_max_lines_per_attempt: int = 100_000
     log_max_bytes_per_attempt: int = 10 * 1024 * 1024
@@ -159,6 +181,12 @@ class Settings:
     inventory_sync_seconds: float = 10.0
     worker_executor: str = "local"
     worker_cluster: str | None = None
+
+    # `jobservice run`: restarts with backoff, graceful stop; liveness files for the exec probes
+    restart_backoff_seconds: float = 1.0
+    restart_backoff_max_seconds: float = 30.0
+    stop_grace_seconds: float = 30.0
+    heartbeat_dir: str = ".jobservice/heartbeats"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -193,6 +221,7 @@ class Settings:
             jwt_issuer=_optional(env, "JWT_ISSUER"),
             jwt_audience=_optional(env, "JWT_AUDIENCE"),
             jwt_scope_claim=env.get("JWT_SCOPE_CLAIM", "scope"),
+            jwt_tenant_claim=_optional(env, "JWT_TENANT_CLAIM"),
             jwt_leeway_seconds=_int(env, "JWT_LEEWAY_SECONDS", 0),
             jwks_cache_seconds=_int(env, "JWKS_CACHE_SECONDS", 300),
             ratelimit_enabled=_bool(env, "RATELIMIT_ENABLED", True),
@@ -214,6 +243,12 @@ class Settings:
             job_lease_seconds=_float(env, "JOB_LEASE_SECONDS", 30.0),
             node_lease_seconds=_float(env, "NODE_LEASE_SECONDS", 30.0),
             retry_backoff_base_seconds=_float(env, "RETRY_BACKOFF_BASE_SECONDS", 10.0),
+            retry_backoff_max_seconds=_float(env, "RETRY_BACKOFF_MAX_SECONDS", 3600.0),
+            scheduler_health_intervals=_float(env, "SCHEDULER_HEALTH_INTERVALS", 5.0),
+            scheduler_reservation_depth=_int(env, "SCHEDULER_RESERVATION_DEPTH", 4),
+            scheduler_scan_limit=_int(env, "SCHEDULER_SCAN_LIMIT", 2000),
+            fair_share_half_life_seconds=_float(env, "FAIR_SHARE_HALF_LIFE_SECONDS", 3600.0),
+            fair_share_weights=parse_weights(env.get("FAIR_SHARE_WEIGHTS", "")),
             log_retention_days=_int(env, "LOG_RETENTION_DAYS", 30),
             log_max_lines_per_attempt=max(1, _int(env, "LOG_MAX_LINES_PER_ATTEMPT", 100_000)),
             log_max_bytes_per_attempt=max(1, _int(env, "LOG_MAX_BYTES_PER_ATTEMPT", 10 * 1024 * 1024)),
@@ -239,6 +274,10 @@ class Settings:
             inventory_sync_seconds=_float(env, "INVENTORY_SYNC_SECONDS", 10.0),
             worker_executor=env.get("WORKER_EXECUTOR", "local"),
             worker_cluster=_optional(env, "WORKER_CLUSTER"),
+            restart_backoff_seconds=_float(env, "RESTART_BACKOFF_SECONDS", 1.0),
+            restart_backoff_max_seconds=_float(env, "RESTART_BACKOFF_MAX_SECONDS", 30.0),
+            stop_grace_seconds=_float(env, "STOP_GRACE_SECONDS", 30.0),
+            heartbeat_dir=env.get("HEARTBEAT_DIR", os.path.join(env.get("JOBSERVICE_DATA_DIR", ".jobservice"), "heartbeats")),
         )
 
     def with_overrides(self, **changes: object) -> "Settings":

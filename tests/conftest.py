@@ -24,7 +24,8 @@ from app.db import Database
 from app.embedded import ensure_services
 from config import Settings
 
-TABLES = ("job_log_lines", "job_events", "outbox", "jobs", "nodes", "job_counts", "job_count_deltas", "job_stats", "job_stat_buckets", "job_stats_deltas")
+TABLES = ("job_log_lines", "job_events", "outbox", "jobs", "nodes", "job_counts", "job_count_deltas", "job_stats", "job_stat_buckets", "job_stats_deltas",
+          "scheduler_heartbeats", "fair_share_usage", "scheduler_state")
 TEST_JWT_SECRET = "test-secret-that-is-long-enough-for-hs256-0123456789"
 
 

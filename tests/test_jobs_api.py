@@ -263,7 +263,7 @@ def test_health_probes(api: ApiClient, settings) -> None:
     assert api.get(f"{api.base_url}/health/live").json() == {"status": "ok"}
     ready = api.get("/health/ready")
     assert ready.status_code == 200
-    assert ready.json() == {"status": "ok", "checks": {"database": "ok", "redis": "ok", "kubernetes": "disabled"}}
+    assert ready.json() == {"status": "ok", "checks": {"database": "ok", "redis": "ok", "scheduler": "unknown", "kubernetes": "disabled"}}
 
 
 def test_readiness_degrades_when_redis_is_down(settings) -> None:
@@ -273,7 +273,7 @@ def test_readiness_degrades_when_redis_is_down(settings) -> None:
     try:
         response = ApiClient(server.url).get("/health/ready")
         assert response.status_code == 503
-        assert response.json() == {"status": "degraded", "checks": {"database": "ok", "redis": "error", "kubernetes": "disabled"}}
+        assert response.json() == {"status": "degraded", "checks": {"database": "ok", "redis": "error", "scheduler": "unknown", "kubernetes": "disabled"}}
     finally:
         server.stop()
 

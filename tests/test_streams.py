@@ -208,15 +208,19 @@ def _try(slots: StreamSlots, caller: str) -> str | None:
         return None
 
 
-def test_stream_ids_that_are_not_row_ids_start_from_the_beginning(serve, database: Database) -> None:
+def test_stream_ids_that_are_not_row_ids_are_refused_in_the_envelope(serve, database: Database) -> None:
     server = serve(streams_per_caller=10)
     alice = as_user(server, "alice")
     job = alice.submit()
     for bogus in ("-1", "1e3", "\u00b2", "9" * 40):
         follower = Follower(alice, job["id"], kind="events", last_event_id=bogus)
-        assert follower.response.status_code == 200, bogus
-        assert follower.next_event()["data"]  # the submit event, from the start
+        assert follower.response.status_code == 400, bogus
+        assert follower.response.json()["error"]["details"][0]["field"] == "Last-Event-ID"
         follower.close()
+    follower = Follower(alice, job["id"], kind="events", last_event_id="0")
+    assert follower.response.status_code == 200
+    assert follower.next_event()["data"]  # the submit event, from the start
+    follower.close()
 
 
 def test_every_row_of_a_long_log_is_out_before_the_end(serve, database: Database) -> None:

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable
 from datetime import timedelta
 
+from app import heartbeat
 from app.db import Database
 from app.domain import execution
 from app.domain.capacity import LOCAL_CLUSTER
@@ -36,12 +37,14 @@ class Membership:
 
     def start(self) -> None:
         self.join()
+        heartbeat.touch(heartbeat.path_for(self.settings, "worker"))
         self._thread.start()
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
             try:
                 self.refresh()
+                heartbeat.touch(heartbeat.path_for(self.settings, "worker"))
             except Exception:  # noqa: BLE001 - a database or API server blip: the next round retries
                 log.exception("%s refresh failed", type(self).__name__)
 

@@ -30,7 +30,7 @@ from jwt.algorithms import get_default_algorithms
 from jwt.api_jwk import PyJWK, PyJWKSet
 
 from app.api.errors import envelope
-from app.domain.callers import SCOPE_ADMIN, SCOPE_READ, SCOPE_WRITE, Caller
+from app.domain.callers import SCOPE_ADMIN, SCOPE_READ, SCOPE_WRITE, Caller, with_tenant
 from config import Settings
 
 log = logging.getLogger(__name__)
@@ -273,8 +273,12 @@ def authenticate() -> Response | None:
     try:
         if verify_jwt_in_request(verify_type=False) is None:
             return None  # OPTIONS (CORS preflight) carries no token; views still demand a caller
-        g.caller = caller_from_claims(
-            get_jwt(), settings.jwt_scope_claim, settings.jwt_max_token_lifetime_seconds + settings.jwt_leeway_seconds
+        g.caller = with_tenant(
+            caller_from_claims(
+                get_jwt(), settings.jwt_scope_claim, settings.jwt_max_token_lifetime_seconds + settings.jwt_leeway_seconds
+            ),
+            get_jwt(),
+            settings.jwt_tenant_claim,
         )
     except NoAuthorizationError:
         return unauthorized(f"Missing bearer token: {_HOW_TO_SEND}", error=None)

@@ -40,6 +40,18 @@ def check_redis() -> str:
         return "error"
 
 
+def check_scheduler() -> str:
+    """Degraded when no scheduler has completed a pass in SCHEDULER_HEALTH_INTERVALS intervals."""
+    from app.domain import liveness
+
+    config = settings()
+    try:
+        with database().session() as session:
+            return liveness.status(session, config.scheduler_health_intervals * config.scheduler_interval_seconds)
+    except Exception:  # noqa: BLE001 - an unreadable state means we cannot vouch for the scheduler
+        return "error"
+
+
 def kubernetes_checks(app: Flask) -> dict[str, ReadinessCheck]:
     """One `kubernetes/<name>` check per configured cluster; `kubernetes` sums them up."""
     from app.api.clusters import cluster_clients_of
@@ -67,7 +79,7 @@ def readiness() -> tuple[dict[str, Any], int]:
     checks = {name: check() for name, check in current_app.extensions["jobservice.readiness"].items()}
     clusters = [result for name, result in checks.items() if name.startswith("kubernetes/")]
     checks["kubernetes"] = ("ok" if all(r == "ok" for r in clusters) else "error") if clusters else "disabled"
-    healthy = all(result in ("ok", "disabled") for result in checks.values())
+    healthy = all(result in ("ok", "disabled", "unknown") for result in checks.values())
     return {"status": "ok" if healthy else "degraded", "checks": checks}, 200 if healthy else 503
 
 
@@ -81,13 +93,14 @@ class Live(MethodView):
 @blp.route("/ready")
 class Ready(MethodView):
     def get(self) -> tuple[dict[str, Any], int]:
-        """Database, Redis and Kubernetes are reachable"""
+        """Database, Redis and Kubernetes are reachable; a scheduler passed recently"""
         return readiness()
 
 
 def register(app: Flask) -> None:
     register_check(app, "database", check_database)
     register_check(app, "redis", check_redis)
+    register_check(app, "scheduler", check_scheduler)
     for name, check in kubernetes_checks(app).items():
         register_check(app, name, check)
     # Kubernetes probes conventionally hit the root paths; serve both.

@@ -5,7 +5,8 @@ job counters and histograms are derived from the event roll-ups (app.domain.stat
 figure only the API sees, the request time of POST /jobs/, is kept in Redis (app.telemetry).
 
 Unauthenticated on purpose: Prometheus scrapers rarely carry a JWT, and the page holds only
-aggregate numbers (no job ids, owners or commands). Restrict it at the network if that matters.
+aggregate numbers (no job ids or commands; owners appear only as labels of the fair-share figures).
+Restrict it at the network if that matters.
 """
 from __future__ import annotations
 
@@ -92,6 +93,7 @@ class ServiceCollector(Collector):
         yield from self._job_rollups()
         yield from self._submit_latency()
         yield from self._fleet()
+        yield from self._fairness()
 
     def _queues(self) -> Iterator[Metric]:
         overview = stats.queues_overview(self.db, self.config)
@@ -163,6 +165,24 @@ class ServiceCollector(Collector):
             gpus.add_metric([cluster.cluster, "used"], float(cluster.used))
             gpus.add_metric([cluster.cluster, "free"], float(cluster.free))
         yield from (age, alive, gpus)
+
+
+    def _fairness(self) -> Iterator[Metric]:
+        from app.domain import fairness
+        from app.domain.jobs import utcnow
+
+        report = fairness.report(self.db, self.config, utcnow())
+        families = {
+            "share": GaugeMetricFamily("jobservice_fair_share", "Owner's share: (decayed usage + held) / weight, dominant fraction", labels=["owner"]),
+            "weight": GaugeMetricFamily("jobservice_fair_share_weight", "Owner's fair-share weight", labels=["owner"]),
+            "gpu_seconds": GaugeMetricFamily("jobservice_fair_share_gpu_seconds", "Owner's decayed GPU-seconds", labels=["owner"]),
+            "held_share": GaugeMetricFamily("jobservice_fair_share_held", "Dominant fraction of the fleet the owner holds now", labels=["owner"]),
+            "pending": GaugeMetricFamily("jobservice_fair_share_backlog", "Owner's pending jobs", labels=["owner"]),
+        }
+        for row in report.owners:
+            for attribute, family in families.items():
+                family.add_metric([row.owner], float(getattr(row, attribute)))
+        yield from families.values()
 
 
 def _buckets(histogram: stats.Histogram, bounds: tuple[float, ...], scale: float = 1.0) -> list[tuple[str, float]]:

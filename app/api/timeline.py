@@ -5,7 +5,7 @@ import json
 from typing import Any
 
 import marshmallow as ma
-from flask import Response
+from flask import Response, current_app
 from flask.views import MethodView
 
 from app.api import Blueprint, sse, streams
@@ -60,6 +60,14 @@ class BlockedBySchema(ma.Schema):
     message = ma.fields.String()
 
 
+class FairShareRankSchema(ma.Schema):
+    owner = ma.fields.String()
+    weight = ma.fields.Float()
+    share = ma.fields.Float(metadata={"description": "Decayed usage plus what it holds, as a dominant fraction of the fleet, over its weight"})
+    rank = ma.fields.Integer(metadata={"description": "1 = served first among owners with a backlog, at equal priority"})
+    owners_waiting = ma.fields.Integer()
+
+
 class ExplanationSchema(ma.Schema):
     job_id = ma.fields.String()
     status = ma.fields.String()
@@ -70,7 +78,7 @@ class ExplanationSchema(ma.Schema):
     blocking = ma.fields.Nested(BlockingSchema, allow_none=True)
     blocked_by = ma.fields.Nested(BlockedBySchema, allow_none=True)
     retry_at = Timestamp(allow_none=True)
-    estimated_start_at = ma.fields.Method("_start_at", metadata={"description": "From the queue's last-hour throughput; null when none"})
+    estimated_start_at = ma.fields.Method("_start_at", metadata={"description": "From the scheduler's plan (running jobs' ends, reservations, backoff); null when none"})
     estimated_wait_seconds = ma.fields.Method("_wait_seconds")
     estimate_basis = ma.fields.Method("_basis", metadata={"description": "How the estimate was made, or why there is none"})
     attempt = ma.fields.Integer()
@@ -79,6 +87,9 @@ class ExplanationSchema(ma.Schema):
     worker_id = ma.fields.String(allow_none=True)
     since = Timestamp(allow_none=True, metadata={"description": "Queued, running or ended at"})
     exit_code = ma.fields.Integer(allow_none=True)
+    reserved_start_at = Timestamp(allow_none=True, metadata={"description": "RESERVED: it starts by then at the latest"})
+    reserved_nodes = ma.fields.List(ma.fields.String(), allow_none=True, metadata={"description": "RESERVED: cluster/node it is reserved on"})
+    fair_share = ma.fields.Nested(FairShareRankSchema, allow_none=True)
 
     def _start_at(self, e: explain.Explanation) -> str | None:
         return format_timestamp(e.estimate.start_at) if e.estimate and e.estimate.start_at else None
@@ -127,4 +138,5 @@ class JobExplanation(MethodView):
         """Why a job is not running yet (or what happened to it)"""
         caller = require_scope(SCOPE_READ)
         job = jobs.get(session(), caller, job_id)
-        return explain.explain(session(), job, settings())
+        plans = current_app.extensions.setdefault("jobservice.explain_plans", explain.PlanCache())
+        return explain.explain(session(), job, settings(), plans=plans)

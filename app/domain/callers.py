@@ -12,6 +12,11 @@ SCOPE_ADMIN = "admin"
 class Caller:
     sub: str
     scopes: frozenset[str] = field(default_factory=frozenset)
+    tenant: str | None = None  # JWT_TENANT_CLAIM: whom fair share counts the caller's jobs for (else `sub`)
+
+    @property
+    def fair_share_owner(self) -> str:
+        return self.tenant or self.sub
 
     @property
     def is_admin(self) -> bool:
@@ -19,6 +24,17 @@ class Caller:
 
     def can(self, scope: str) -> bool:
         return self.is_admin or scope in self.scopes
+
+
+MAX_TENANT_LENGTH = 200
+
+
+def with_tenant(caller: Caller, claims: dict[str, object], claim: str | None) -> Caller:
+    """The caller with its tenant from `claim`, when configured and present as a plain short string."""
+    value = claims.get(claim) if claim else None
+    if isinstance(value, str) and 0 < len(value.strip()) <= MAX_TENANT_LENGTH and "\x00" not in value:
+        return Caller(caller.sub, caller.scopes, value.strip())
+    return caller
 
 
 # The caller when authentication is switched off (AUTH_ENABLED=false): a single-user installation.

@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.domain.quantities import format_bytes, format_millis
@@ -41,6 +42,9 @@ class NodeCapacity:
 
     @property
     def gpus_free_count(self) -> int:
+        # The scheduler asks this for every node many times a pass: count without building the list.
+        if not self.used_gpus:
+            return max(0, len(self.gpu_indices) - self.used_anonymous_gpus)
         return len(self.free_gpus)
 
     def member_shortfall(self, cpu_millis: int, memory_bytes: int, gpus: int, *, slot: bool) -> str | None:
@@ -65,7 +69,7 @@ class NodeCapacity:
         """Why the request does not fit in what is free now, or None when it fits."""
         if self.used_slots + 1 > self.slots:
             return "SLOTS"
-        if gpus * members > len(self.free_gpus):
+        if gpus * members > self.gpus_free_count:
             return "GPUS"
         if self.used_cpu_millis + cpu_millis * members > self.cpu_millis:
             return "CPU"
@@ -86,22 +90,34 @@ class NodeCapacity:
         return chosen
 
 
-def load_nodes(session: Session, *, alive_since: datetime | None = None) -> list[NodeCapacity]:
-    """Nodes (alive ones when `alive_since` is given) with what admitted jobs hold on each."""
-    query = select(Node).where(Node.ready.is_(True))
+def load_nodes(
+    session: Session, *, alive_since: datetime | None = None, ready_only: bool = True, holders: list[Any] | None = None
+) -> list[NodeCapacity]:
+    """Nodes (alive ones when `alive_since` is given) with what admitted jobs hold on each.
+
+    `holders`, when given, receives the rows of the jobs holding resources (the scheduler's running attempts).
+    """
+    # Plain rows, not ORM objects: the scheduler reads every node on every pass.
+    query = select(Node.cluster, Node.name, Node.gpu_indices, Node.gpu_type, Node.cpu_millis, Node.memory_bytes, Node.slots)
+    if ready_only:
+        query = query.where(Node.ready.is_(True))
     if alive_since is not None:
         query = query.where(Node.heartbeat_at >= alive_since)
     nodes = {
         (n.cluster, n.name): NodeCapacity(
             n.cluster, n.name, sorted(int(g) for g in n.gpu_indices), n.gpu_type, n.cpu_millis, n.memory_bytes, n.slots
         )
-        for n in session.scalars(query)
+        for n in session.execute(query)
     }
     held = session.execute(
         # Plain `holds_resources`, not IS TRUE: only this form uses the partial index ix_jobs_holding_node.
-        select(Job.cluster, Job.placement, Job.cpu_millis, Job.memory_bytes, Job.gpus).where(Job.holds_resources)
+        select(Job.cluster, Job.placement, Job.cpu_millis, Job.memory_bytes, Job.gpus, Job.id, func.coalesce(Job.tenant, Job.owner).label("owner"), Job.status,
+               Job.queued_at, Job.started_at, Job.timeout_seconds).where(Job.holds_resources)
     )
-    for cluster, placement, cpu, memory, gpus in held:
+    for row in held:
+        cluster, placement, cpu, memory, gpus = row[:5]
+        if holders is not None:
+            holders.append(row)
         for index, part in enumerate(placement or []):
             node = nodes.get((cluster, part["node"]))
             if node is None:
@@ -139,19 +155,22 @@ def best_fit(nodes: list[NodeCapacity], cpu_millis: int, memory_bytes: int, gpus
     fitting = [n for n in nodes if n.shortfall(cpu_millis, memory_bytes, gpus, members) is None]
     if not fitting:
         return None
-    return min(fitting, key=lambda n: (len(n.free_gpus) - gpus * members, n.used_slots, n.name))
+    return min(fitting, key=lambda n: (n.gpus_free_count - gpus * members, n.used_slots, n.name))
 
 
 def place(
-    nodes: list[NodeCapacity], cpu_millis: int, memory_bytes: int, gpus: int, members: int, *, has_command: bool = True
+    nodes: list[NodeCapacity], cpu_millis: int, memory_bytes: int, gpus: int, members: int, *, has_command: bool = True,
+    elsewhere: bool | None = None,
 ) -> Placement | None:
     """Reserve room for every member at once, or nothing: a gang starts whole or not at all.
 
     The local executor starts a gang's processes on one host, so local members share a node.
     Kubernetes schedules each member's pod on its own, so there members may spread over nodes.
     The local executor cannot run an image: a job without a command goes to Kubernetes when there is one.
+    `elsewhere`: whether the fleet has other clusters than `local`, when `nodes` is only a prefiltered part of it.
     """
-    elsewhere = any(n.cluster != LOCAL_CLUSTER for n in nodes)
+    if elsewhere is None:
+        elsewhere = any(n.cluster != LOCAL_CLUSTER for n in nodes)
     local = [n for n in nodes if n.cluster == LOCAL_CLUSTER and (has_command or not elsewhere)]
     node = best_fit(local, cpu_millis, memory_bytes, gpus, members)
     if node is not None:
@@ -165,31 +184,60 @@ def place(
 
 
 def _spread(nodes: list[NodeCapacity], cpu_millis: int, memory_bytes: int, gpus: int, members: int) -> tuple[tuple[str, int, tuple[int, ...]], ...] | None:
-    """Best-fit each member in turn onto a copy of the nodes; commit the reservations only if all fit."""
-    trial = {n.name: dataclasses.replace(n, used_gpus=set(n.used_gpus)) for n in nodes}
+    """Best-fit each member in turn (the node left with the fewest free GPUs); commit only if all fit.
+
+    Member by member, the best-fit node stays the best fit until it is full, so this fills nodes in
+    best-fit order, counting how many members each holds, without copying the nodes.
+    """
+    def room(node: NodeCapacity, taken: int) -> int:
+        """Members that still fit on `node` beyond `taken` already put there."""
+        limits = []
+        if gpus:
+            limits.append(node.gpus_free_count // gpus - taken)
+        if cpu_millis:
+            limits.append((node.cpu_millis - node.used_cpu_millis) // cpu_millis - taken)
+        if memory_bytes:
+            limits.append((node.memory_bytes - node.used_memory_bytes) // memory_bytes - taken)
+        return max(0, min(limits)) if limits else members
+
+    def key(node: NodeCapacity, taken: int) -> tuple[int, str]:
+        return (node.gpus_free_count - gpus * (taken + 1), node.name)
+
+    # Only the first member takes the job's worker slot.
+    first = [n for n in nodes if n.used_slots + 1 <= n.slots and room(n, 0) >= 1]
+    if not first:
+        return None
     counts: dict[str, int] = {}
-    for member in range(members):
-        # Only the first member takes the job's worker slot.
-        candidates = [n for n in trial.values() if n.member_shortfall(cpu_millis, memory_bytes, gpus, slot=member == 0) is None]
-        if not candidates:
+    start = min(first, key=lambda n: key(n, 0))
+    counts[start.name] = 1
+    left = members - 1
+    if left:
+        ranked = sorted(((key(n, counts.get(n.name, 0)), n) for n in nodes), key=lambda e: e[0])
+        for _, node in ranked:
+            take = min(room(node, counts.get(node.name, 0)), left)
+            if take > 0:
+                counts[node.name] = counts.get(node.name, 0) + take
+                left -= take
+                if not left:
+                    break
+        if left:
             return None
-        chosen = min(candidates, key=lambda n: (n.gpus_free_count - gpus, n.name))
-        chosen.hold_member(cpu_millis, memory_bytes, gpus, slot=member == 0)
-        counts[chosen.name] = counts.get(chosen.name, 0) + 1
-    for original in nodes:
-        replica = trial[original.name]
-        original.used_anonymous_gpus = replica.used_anonymous_gpus
-        original.used_cpu_millis = replica.used_cpu_millis
-        original.used_memory_bytes = replica.used_memory_bytes
-        original.used_slots = replica.used_slots
+    by_name = {n.name: n for n in nodes}
+    for index, (name, count) in enumerate(counts.items()):
+        by_name[name].hold_member(cpu_millis * count, memory_bytes * count, gpus * count, slot=index == 0)
     return tuple((name, count, ()) for name, count in counts.items())
 
 
 def why_never_fits(
     session: Session, cpu_millis: int, memory_bytes: int, gpus: int, members: int, *, has_command: bool = True
 ) -> str | None:
-    """Why no known node could ever run the request, even empty; None if one could (or none is known)."""
-    nodes = load_nodes(session)
+    """Why no known node could ever run the request, even empty; None if one could (or none is known).
+
+    Every known node counts, ready or not, alive or not: a node that is NotReady for a moment (or a
+    worker restarting) must not turn a valid job away. A job that fits none of the nodes live now
+    waits, and the scheduler lets it block nobody.
+    """
+    nodes = load_nodes(session, ready_only=False)
     empty = [n.emptied() for n in nodes]
     if not nodes or place(empty, cpu_millis, memory_bytes, gpus, members, has_command=has_command) is not None:
         return None
@@ -200,6 +248,18 @@ def why_never_fits(
         f"has {len(biggest.gpu_indices)} GPU(s), {format_millis(biggest.cpu_millis)} CPU, "
         f"{format_bytes(biggest.memory_bytes)} memory"
     )
+
+
+MAX_MEMBERS = 100_000  # far beyond any fleet; rows beyond it can only be corrupt or hostile
+
+
+def malformed(cpu_millis: int, memory_bytes: int, gpus: int, members: int) -> str | None:
+    """What makes a stored request impossible to reason about (negative amounts would create capacity)."""
+    if min(cpu_millis, memory_bytes, gpus) < 0:
+        return f"negative resources (cpu {cpu_millis}m, memory {memory_bytes} bytes, {gpus} GPUs)"
+    if not 1 <= members <= MAX_MEMBERS:
+        return f"gang of {members} members (1 to {MAX_MEMBERS})"
+    return None
 
 
 def node_alive_since(now: datetime, lease_seconds: float) -> datetime:

@@ -1,45 +1,47 @@
-"""Why is my job not running? The scheduler's own rules, replayed read-only for one job.
+"""Why is my job not running? The scheduler's own policy (app.domain.policy.decide), run read-only.
 
-A pending job waits for one of these reasons, checked in the order the scheduler applies them
-(app.domain.scheduling.admit):
+`explain` loads the same snapshot the scheduler loads (app.domain.scheduling.load_snapshot), runs the
+same policy function on it, and reads that job's decision, so the reason it gives is the scheduler's:
 
-- BACKOFF: a retry waits until `retry_at` before it is a candidate again.
+- BACKOFF: a retry waits until `retry_at` before it is a candidate again (estimated no earlier).
 - QUEUE_CONCURRENCY_LIMIT: its queue already has max_concurrency jobs queued or running.
 - NO_NODES: no live node (a worker host or Kubernetes node heartbeating within NODE_LEASE_SECONDS).
-- HIGHER_PRIORITY_AHEAD: admission is strict (priority, then age); a job ahead of it that does not
-  fit blocks every later one, and `blocked_by` names that job and its own reason.
-- GANG_INCOMPLETE: a gang starts all its members at once on one node; only some of them fit now.
-- NO_FREE_SLOTS / INSUFFICIENT_GPUS / INSUFFICIENT_CPU / INSUFFICIENT_MEMORY: what the node that
-  came nearest to fitting it lacks (capacity.NodeCapacity.shortfall's codes, in its order).
+- RESERVED: it is the next of its kind to start: `reserved_start_at` on `reserved_nodes`, when what
+  runs there ends at the latest (started_at + timeout). Smaller jobs may start before it only if
+  they end before that or use capacity it does not need.
+- BACKFILL_WINDOW: it fits now but would still run when a reserved job starts; a shorter timeout
+  would let it start now (`blocked_by` names the reserved job).
+- HIGHER_PRIORITY_AHEAD: a job ahead of it in the same pool (GPU or CPU-only capacity) waits for the
+  same capacity first; `blocked_by` names it and its own reason.
+- GANG_INCOMPLETE / NO_FREE_SLOTS / INSUFFICIENT_GPUS / INSUFFICIENT_CPU / INSUFFICIENT_MEMORY: what
+  the node that came nearest to fitting it lacks (capacity.NodeCapacity.shortfall's codes).
 - WAITING_FOR_SCHEDULER: it fits now; the scheduler admits it on its next pass.
 
-The replay walks the same candidates the scheduler would (the first ADMISSION_BATCH eligible pending
-jobs, in admission order), against the same capacity and placement (capacity.load_nodes of live
-nodes, capacity.place, NodeCapacity.shortfall), on its own copy, and never writes. It is a snapshot:
-the answer can change a moment later.
+`fair_share` gives the owner's share and rank among owners with a backlog (equal priorities are
+served lowest share first). `estimated_start_at` comes from the plan: the reservation's start, or
+the start the policy would reserve for it. It is a snapshot: the answer can change a moment later.
 """
 from __future__ import annotations
 
 import copy
-import heapq
-from collections.abc import Iterator
+import dataclasses
+from collections.abc import Callable
+import math
+import threading
+import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timezone
 from enum import StrEnum
-from itertools import islice
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.domain import capacity, counters, jobs, stats
+from app.domain import capacity, counters, jobs, policy, scheduling
 from app.domain.capacity import NodeCapacity
 from app.domain.quantities import format_bytes, format_millis
-from app.domain.scheduling import ADMISSION_BATCH
 from app.domain.states import TERMINAL, JobStatus
-from app.models import Job
+from app.models import Job, JobEvent, Node
 from config import Settings
-
-FIRST_CANDIDATES = 32  # per queue; the rest of the batch is read only if the walk gets that far
 
 
 class Reason(StrEnum):
@@ -53,6 +55,8 @@ class Reason(StrEnum):
     INSUFFICIENT_CPU = "INSUFFICIENT_CPU"
     INSUFFICIENT_MEMORY = "INSUFFICIENT_MEMORY"
     NO_FITTING_NODE = "NO_FITTING_NODE"  # a shortfall code this module does not know yet
+    RESERVED = "RESERVED"
+    BACKFILL_WINDOW = "BACKFILL_WINDOW"
     WAITING_FOR_SCHEDULER = "WAITING_FOR_SCHEDULER"
     WAITING_FOR_WORKER = "WAITING_FOR_WORKER"
     RUNNING = "RUNNING"
@@ -113,6 +117,9 @@ class Explanation:
     since: datetime | None = None
     exit_code: int | None = None
     attempt: int = 0
+    reserved_start_at: datetime | None = None
+    reserved_nodes: list[str] | None = None
+    fair_share: dict[str, object] | None = None
 
 
 @dataclass(frozen=True)
@@ -132,12 +139,12 @@ class _Candidate:
         return (-self.priority, self.created_at, self.id)
 
 
-def explain(session: Session, job: Job, settings: Settings, now: datetime | None = None) -> Explanation:
-    """Why `job` (already authorized by the caller) is where it is."""
+def explain(session: Session, job: Job, settings: Settings, now: datetime | None = None, plans: PlanCache | None = None) -> Explanation:
+    """Why `job` (already authorized by the caller) is where it is; `plans` shares recent plans between calls."""
     now = now or jobs.utcnow()
     status = JobStatus(job.status)
     if status is JobStatus.PENDING:
-        return _explain_pending(session, job, settings, now)
+        return _explain_pending(session, job, settings, now, plans)
     base = dict(job_id=job.id, status=job.status, queue=job.queue, cluster=job.cluster, node=job.node, attempt=job.retry_count)
     if status is JobStatus.QUEUED:
         return Explanation(
@@ -156,61 +163,159 @@ def explain(session: Session, job: Job, settings: Settings, now: datetime | None
     )
 
 
-def _explain_pending(session: Session, job: Job, settings: Settings, now: datetime) -> Explanation:
+class PlanCache:
+    """The last plan, shared by the explain calls of one API process (a plan costs a scheduler pass: tens of
+    milliseconds with a big backlog). It is reused while no job changed state (the newest event id is the same)
+    and no node registered, for at most `ttl_seconds`: only a node's death can be that much older than the answer."""
+
+    def __init__(self, ttl_seconds: float = 1.0) -> None:
+        self.ttl_seconds = ttl_seconds
+        self._lock = threading.Lock()
+        self._made_at = -math.inf
+        self._version: tuple[object, ...] | None = None
+        self._entry: tuple[policy.Snapshot, policy.Plan] | None = None
+
+    def get(self, session: Session, settings: Settings, now: datetime) -> tuple[policy.Snapshot, policy.Plan]:
+        version = tuple(session.execute(select(
+            select(func.max(JobEvent.id)).scalar_subquery(),
+            select(func.count()).select_from(Node).scalar_subquery(),
+            select(func.max(Node.started_at)).scalar_subquery(),
+        )).one())
+        with self._lock:
+            if self._entry is None or version != self._version or time.monotonic() - self._made_at > self.ttl_seconds:
+                snapshot = scheduling.load_snapshot(session, settings, now)
+                self._entry = (snapshot, policy.decide(snapshot, scheduling.policy_config(settings)))
+                self._made_at, self._version = time.monotonic(), version
+            return self._entry
+
+
+def _explain_pending(session: Session, job: Job, settings: Settings, now: datetime, plans: PlanCache | None = None) -> Explanation:
     position = jobs.queue_position(session, job)
     retry_at = job.not_before if job.not_before and job.not_before > now else None
 
-    def answer(reason: Reason, message: str, **extra: object) -> Explanation:
+    def answer(reason: Reason, message: str, estimate: Estimate | None = None, **extra: object) -> Explanation:
         return Explanation(
             job_id=job.id, status=job.status, reason=reason, message=message, queue=job.queue, queue_position=position,
-            retry_at=retry_at, estimate=_estimate(session, job.queue, position or 1, now, retry_at),
+            retry_at=retry_at, estimate=estimate or Estimate(None, None, "No start can be estimated now"),
             attempt=job.retry_count, **extra,  # type: ignore[arg-type]
         )
 
+    def at(start: float, basis: str) -> Estimate:
+        when = max(datetime.fromtimestamp(start, tz=timezone.utc), retry_at or now)
+        return Estimate(when, round((when - now).total_seconds(), 1), basis)
+
     if retry_at is not None:
-        return answer(Reason.BACKOFF, f"Retry {job.retry_count} of {job.max_retries} waits for its backoff until {retry_at.isoformat()}")
+        return answer(
+            Reason.BACKOFF, f"Retry {job.retry_count} of {job.max_retries} waits for its backoff until {retry_at.isoformat()}",
+            Estimate(retry_at, round((retry_at - now).total_seconds(), 1), "No earlier than the end of its backoff"),
+        )
     counts = counters.counts_by_queue_and_status(session)
     active = {q: c.get(JobStatus.QUEUED.value, 0) + c.get(JobStatus.RUNNING.value, 0) for q, c in counts.items()}
     full = _queue_full(settings, job.queue, active)
     if full:
         return answer(Reason.QUEUE_CONCURRENCY_LIMIT, full)
-    nodes = capacity.load_nodes(session, alive_since=capacity.node_alive_since(now, settings.node_lease_seconds))
-    if not nodes:
-        return answer(Reason.NO_NODES, f"No live node: none has heartbeated in the last {settings.node_lease_seconds:g}s")
-
-    pending_queues = [q for q, c in counts.items() if c.get(JobStatus.PENDING.value, 0) > 0]
-    blocker: tuple[_Candidate, Reason, Blocking | None, str] | None = None
-    for candidate in _candidates(session, pending_queues, now):
-        if _queue_full(settings, candidate.queue, active):
-            if candidate.id == job.id:
-                return answer(Reason.QUEUE_CONCURRENCY_LIMIT, _queue_full(settings, candidate.queue, active) or "")
-            continue  # the scheduler skips a full queue's jobs; they block nobody
-        if blocker is not None:
-            break  # strict priority: nothing behind the blocked job is admitted
-        # On success place() reserves on `nodes`: a job ahead that fits takes its share first.
-        placement = _place(nodes, candidate)
-        if placement is None:
-            reason, blocking, message = _diagnose(nodes, candidate)
-            if candidate.id == job.id:
-                return answer(reason, message, blocking=blocking)
-            blocker = (candidate, reason, blocking, message)
-            continue
-        active[candidate.queue] = active.get(candidate.queue, 0) + 1
-        if candidate.id == job.id:
-            where = f"{placement.cluster}/{placement.node}" if placement.node else placement.cluster
-            return answer(Reason.WAITING_FOR_SCHEDULER, f"It fits on {where} now; the scheduler admits it on its next pass")
-    if blocker is not None:
-        ahead, reason, blocking, message = blocker
+    snapshot, plan = plans.get(session, settings, now) if plans is not None else (None, None)
+    decision = plan.decisions.get(job.id) if plan is not None else None
+    if decision is None and plan is not None and snapshot is not None and job.pending_since.timestamp() <= snapshot.now:
+        # In the backlog when the plan was made, yet not among the jobs the scheduler considers: pruned.
         return answer(
             Reason.HIGHER_PRIORITY_AHEAD,
-            f"Job {ahead.id} (priority {ahead.priority}) is ahead of it and cannot start: {message}",
-            blocked_by=BlockedBy(ahead.id, ahead.priority, ahead.queue, reason, message),
-            blocking=blocking,
+            f"Many jobs are ahead of it: the scheduler considers the first {scheduling.BACKLOG_PER_OWNER} of each owner's "
+            f"backlog and the first {scheduling.BACKLOG_PER_POOL} of each pool in a pass, and this is not among them yet",
+            _after_reservations(plan, _pending_of(job), lambda start, basis: at(start, basis)),
         )
-    return answer(
-        Reason.HIGHER_PRIORITY_AHEAD,
-        f"More than {ADMISSION_BATCH} jobs are ahead of it; the scheduler admits them first",
-    )
+    if decision is None:
+        # Not in the shared plan (pruned, or newer than it): plan again with this job in.
+        snapshot = scheduling.load_snapshot(session, settings, now, include=job.id)
+        if snapshot.nodes:
+            plan = policy.decide(dataclasses.replace(snapshot, focus=job.id), scheduling.policy_config(settings))
+            decision = plan.decisions.get(job.id)
+    assert snapshot is not None and plan is not None
+    if not snapshot.nodes:
+        return answer(Reason.NO_NODES, f"No live node: none has heartbeated in the last {settings.node_lease_seconds:g}s")
+    share = plan.shares.get(job.tenant or job.owner)
+    fair = None if share is None else {
+        "owner": share.owner, "weight": share.weight, "share": round(share.share, 6), "rank": share.rank,
+        "owners_waiting": sum(1 for s in plan.shares.values() if s.rank),
+    }
+    extra: dict[str, object] = {"fair_share": fair}
+    if decision is None:
+        return answer(Reason.HIGHER_PRIORITY_AHEAD, "The scheduler does not consider it yet: many jobs are ahead of it", **extra)
+    pending = decision.job
+    if isinstance(decision, policy.Admit):
+        placement = decision.placement
+        where = f"{placement.cluster}/{placement.node}" if placement.node else placement.cluster
+        return answer(Reason.WAITING_FOR_SCHEDULER, f"It fits on {where} now; the scheduler admits it on its next pass",
+                      Estimate(now, 0.0, "It fits now"), **extra)
+    if isinstance(decision, policy.Reserve):
+        start = datetime.fromtimestamp(decision.start_at, tz=timezone.utc)
+        nodes = [f"{decision.cluster}/{name}" for name in decision.nodes]
+        return answer(
+            Reason.RESERVED,
+            f"Reserved: it starts on {', '.join(nodes)} by {start.isoformat()} at the latest, when what runs there "
+            "reaches its timeout; smaller jobs start before it only if they cannot delay it",
+            at(decision.start_at, "The reservation: the running jobs' ends (started_at + timeout)"),
+            reserved_start_at=start, reserved_nodes=nodes, **extra,
+        )
+    if isinstance(decision, policy.Fail):
+        return answer(Reason.NO_FITTING_NODE, decision.reason, **extra)
+    estimate = at(decision.estimated_start_at, "The start the scheduler would reserve for it, from the running jobs' ends") \
+        if decision.estimated_start_at is not None else _after_reservations(plan, pending, at)
+    if decision.reason == policy.QUEUE_FULL:
+        return answer(Reason.QUEUE_CONCURRENCY_LIMIT, decision.message, **extra)
+    if decision.reason == policy.NO_NODES:
+        return answer(Reason.NO_NODES, decision.message, **extra)
+    if decision.reason == policy.NOT_EXAMINED:
+        return answer(Reason.HIGHER_PRIORITY_AHEAD, decision.message, **extra)
+    if decision.reason == policy.BACKFILL_WINDOW:
+        blocked_by = _blocked_by(plan, decision.blocked_by, Reason.RESERVED, "It holds a reservation")
+        return answer(Reason.BACKFILL_WINDOW, decision.message, estimate, blocked_by=blocked_by, **extra)
+    if decision.blocked_by:
+        ahead = plan.decisions.get(decision.blocked_by)
+        if ahead is not None:
+            reason, blocking, message = _diagnose(plan.free, _candidate(ahead.job))
+            if isinstance(ahead, policy.Reserve):
+                reason, message = Reason.RESERVED, f"reserved to start by {datetime.fromtimestamp(ahead.start_at, tz=timezone.utc).isoformat()}"
+            blocked_by = BlockedBy(ahead.job.id, ahead.job.priority, ahead.job.queue, reason, message)
+            return answer(
+                Reason.HIGHER_PRIORITY_AHEAD,
+                f"Job {ahead.job.id} (priority {ahead.job.priority}) is ahead of it for the same capacity and cannot start: {message}",
+                estimate, blocked_by=blocked_by, blocking=blocking, **extra,
+            )
+    reason, blocking, message = _diagnose(plan.free, _candidate(pending))
+    if decision.reason == policy.NEVER_FITS_LIVE:
+        message += "; no live node could hold it even empty, so it holds nothing back"
+    elif decision.reason == policy.NO_RESERVATION:
+        message += "; what holds that capacity has no timeout, so no start can be promised"
+    return answer(reason, message, estimate, blocking=blocking, **extra)
+
+
+def _after_reservations(plan: policy.Plan, job: policy.Pending, at: Callable[[float, str], Estimate]) -> Estimate | None:
+    """Beyond its pool's reservations: no earlier than the last of them."""
+    starts = [r.start_at for r in plan.reserved if r.job.pool == job.pool]
+    if not starts:
+        return None
+    return at(max(starts), f"No earlier than the last of the {len(starts)} reservation(s) ahead of it for the same capacity")
+
+
+def _pending_of(job: Job) -> policy.Pending:
+    members = job.gang_min_members if job.gang_enabled else 1
+    return policy.Pending(job.id, job.tenant or job.owner, job.priority, job.queue, job.created_at.timestamp(), job.cpu_millis,
+                          job.memory_bytes, job.gpus, members, bool(job.command), job.timeout_seconds)
+
+
+def _candidate(job: policy.Pending) -> _Candidate:
+    created = datetime.fromtimestamp(job.submitted_at, tz=timezone.utc)
+    return _Candidate(job.id, job.queue, job.priority, created, job.cpu_millis, job.memory_bytes, job.gpus, job.members, job.has_command)
+
+
+def _blocked_by(plan: policy.Plan, job_id: str | None, reason: Reason, message: str) -> BlockedBy | None:
+    ahead = plan.decisions.get(job_id or "")
+    if ahead is None:
+        return None
+    if isinstance(ahead, policy.Reserve):
+        message = f"reserved to start by {datetime.fromtimestamp(ahead.start_at, tz=timezone.utc).isoformat()}"
+    return BlockedBy(ahead.job.id, ahead.job.priority, ahead.job.queue, reason, message)
 
 
 def _queue_full(settings: Settings, queue: str, active: dict[str, int]) -> str | None:
@@ -222,34 +327,6 @@ def _queue_full(settings: Settings, queue: str, active: dict[str, int]) -> str |
     if config is None:
         return f"Queue {queue} is not configured (JOB_QUEUES); its jobs are never admitted"
     return f"Queue {queue} has {running} of {limit} jobs queued or running (max_concurrency)"
-
-
-def _candidates(session: Session, queues: list[str], now: datetime) -> Iterator[_Candidate]:
-    """The scheduler's candidates: eligible pending jobs in admission order, the first ADMISSION_BATCH.
-
-    Per queue an index range scan (ix_jobs_pending_order), merged lazily: the walk usually stops
-    within the first few jobs, so it reads a few dozen rows, never a sort of the whole backlog.
-    """
-    streams = [_queue_candidates(session, queue, now) for queue in queues]
-    return islice(heapq.merge(*streams, key=lambda c: c.order), ADMISSION_BATCH)
-
-
-def _queue_candidates(session: Session, queue: str, now: datetime) -> Iterator[_Candidate]:
-    first = FIRST_CANDIDATES
-    for limit in (first, ADMISSION_BATCH):
-        rows = session.execute(
-            select(Job.id, Job.queue, Job.priority, Job.created_at, Job.cpu_millis, Job.memory_bytes, Job.gpus,
-                   Job.gang_enabled, Job.gang_min_members, Job.command)
-            .where(Job.status == JobStatus.PENDING.value, Job.queue == queue,
-                   (Job.not_before.is_(None)) | (Job.not_before <= now))
-            .order_by(Job.priority.desc(), Job.created_at, Job.id)
-            .limit(limit)
-        ).all()
-        for r in rows[first if limit != first else 0:]:
-            yield _Candidate(r.id, r.queue, r.priority, r.created_at, r.cpu_millis, r.memory_bytes, r.gpus,
-                             r.gang_min_members if r.gang_enabled else 1, bool(r.command))
-        if len(rows) < limit:
-            return
 
 
 def _place(nodes: list[NodeCapacity], job: _Candidate, members: int | None = None) -> capacity.Placement | None:
@@ -309,18 +386,3 @@ def _free_amount(node: NodeCapacity, code: str | None) -> int:
         "CPU": node.cpu_millis - node.used_cpu_millis,
         "MEMORY": node.memory_bytes - node.used_memory_bytes,
     }.get(code or "", 0)
-
-
-def _estimate(session: Session, queue: str, position: int, now: datetime, retry_at: datetime | None) -> Estimate:
-    """position / the queue's recent throughput: a rough guide, not a promise."""
-    recent = stats.queue_stats(session, queue, now)
-    if not recent.jobs_processed_1h:
-        basis = f"No attempt ended in queue {queue} in the last hour: no throughput to estimate from"
-        return Estimate(retry_at, None, basis)
-    rate = recent.jobs_processed_1h / recent.window_seconds
-    wait = position / rate
-    start = now + timedelta(seconds=wait)
-    if retry_at is not None and retry_at > start:
-        start, wait = retry_at, (retry_at - now).total_seconds()
-    basis = f"Position {position} / {rate:.4g} attempts ended per second in queue {queue} over the last hour"
-    return Estimate(start, round(wait, 1), basis)

@@ -122,6 +122,7 @@ def submit(session: Session, caller: Caller, request: JobRequest, settings: Sett
         job = Job(
             id=new_job_id(),
             owner=caller.sub,
+            tenant=caller.tenant,
             job_type=request.job_type,
             priority=request.priority,
             queue=settings.queue_for_priority(request.priority).name,

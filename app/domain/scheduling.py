@@ -2,33 +2,42 @@
 
 One admission pass, in one transaction:
 - only one scheduler admits at a time (an advisory lock), so capacity is never promised twice;
-- pending jobs are taken in strict order (priority, then age) with FOR UPDATE SKIP LOCKED, so a job
-  being cancelled at that instant is skipped rather than waited for;
-- each admitted job gets a placement (node, GPUs), a fresh dispatch token, and an outbox row.
+- it accrues fair-share usage, loads the snapshot (live nodes and what holds them until when, the
+  backlog pruned per owner and per pool) and lets the policy decide (app.domain.policy);
+- the jobs the policy admits are locked with FOR UPDATE SKIP LOCKED, so a job being cancelled at that
+  instant is skipped rather than waited for, and each gets a placement (node, GPUs), a fresh dispatch
+  token and an outbox row, in a savepoint of its own (a row that cannot be written fails alone).
 The outbox rows are published after the commit (see app.dispatch); a row left unpublished by a
 crash is published again by the next pass's sweep.
 """
 from __future__ import annotations
 
+import logging
+import math
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any, TypeVar
 
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.orm import Session
 
 from app.db import transaction
-from app.domain import capacity
+from app.domain import capacity, fairshare, policy
 from app.domain.callers import SYSTEM
 from app.domain.jobs import clear_placement, notify_scheduler, record_transition, utcnow
-from app.domain.states import JobStatus
+from app.domain.states import TERMINAL, JobStatus
 from app.models import Job, Node, OutboxMessage
 from config import Settings
+
+log = logging.getLogger("jobservice.scheduler")
+T = TypeVar("T")
 
 EXECUTE_TASK = "jobservice.execute_job"
 ADOPT_TASK = "jobservice.adopt_job"
 ADMISSION_LOCK = 7_311_001  # pg advisory lock key shared by every scheduler process
-ADMISSION_BATCH = 500
 
 
 def broker_queue(queue: str, cluster: str, node: str | None) -> str:
@@ -41,6 +50,8 @@ class AdmissionResult:
     messages: list[OutboxMessage] = field(default_factory=list)  # to publish once the admission committed
     locked_out: bool = False
     next_wakeup: datetime | None = None  # earliest backoff expiry among waiting jobs
+    failed: list[str] = field(default_factory=list)  # jobs whose handling raised: ended as failed
+    plan: "policy.Plan | None" = None
 
     @property
     def admitted(self) -> list[str]:
@@ -48,44 +59,135 @@ class AdmissionResult:
 
 
 def admit(session: Session, settings: Settings, now: datetime | None = None) -> AdmissionResult:
+    """One admission pass: load the snapshot, let the policy decide, write its admissions."""
     now = now or utcnow()
     result = AdmissionResult()
+    unhandled: list[tuple[str, str]] = []
     with transaction(session):
         if not session.scalar(text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": ADMISSION_LOCK}):
             result.locked_out = True
             return result
-        nodes = capacity.load_nodes(session, alive_since=capacity.node_alive_since(now, settings.node_lease_seconds))
-        active = dict(
-            session.execute(
-                select(Job.queue, func.count()).where(Job.status.in_(["queued", "running"])).group_by(Job.queue)
-            ).all()
-        )
-        candidates = session.scalars(
-            select(Job)
-            .where(Job.status == JobStatus.PENDING.value, (Job.not_before.is_(None)) | (Job.not_before <= now))
-            .order_by(Job.priority.desc(), Job.created_at, Job.id)
-            .limit(ADMISSION_BATCH)
-            .with_for_update(skip_locked=True)
-        ).all()
-        capacity_blocked = False
-        for job in candidates:
-            queue = settings.queue_named(job.queue)
-            limit = queue.max_concurrency if queue else 0
-            if active.get(job.queue, 0) >= limit:
-                continue  # this queue is full; other queues may still admit
-            if capacity_blocked:
-                break  # strict priority: nothing overtakes a job waiting for capacity
-            members = job.gang_min_members if job.gang_enabled else 1
-            placement = capacity.place(nodes, job.cpu_millis, job.memory_bytes, job.gpus, members, has_command=bool(job.command))
-            if placement is None:
-                capacity_blocked = True
-                continue
-            result.messages.append(_place(session, job, placement, now))
-            active[job.queue] = active.get(job.queue, 0) + 1
+        fairshare.accrue(session, now, settings.fair_share_half_life_seconds)
+        snapshot = load_snapshot(session, settings, now)
+        plan = policy.decide(snapshot, policy_config(settings))
+        result.plan = plan
+        unhandled = [(d.job.id, d.reason) for d in plan.decisions.values() if isinstance(d, policy.Fail)]
+        admits = plan.admitted
+        if admits:
+            # Locked only now, and skipped if someone (a cancel) holds the row: it is simply not admitted.
+            locked = {
+                job.id: job
+                for job in session.scalars(
+                    select(Job)
+                    .where(Job.id.in_([d.job.id for d in admits]), Job.status == JobStatus.PENDING.value)
+                    .with_for_update(skip_locked=True)
+                )
+            }
+            for decision in admits:
+                job = locked.get(decision.job.id)
+                if job is None:
+                    continue
+                try:
+                    with session.begin_nested():  # a row that cannot be written fails alone
+                        message = _place(session, job, decision.placement, now)
+                except _INFRASTRUCTURE_ERRORS:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - one job must never stop admission of the others
+                    log.exception("writing an admission failed; failing that job", extra={"job_id": job.id})
+                    unhandled.append((job.id, f"the scheduler could not admit this job: {type(exc).__name__}: {exc}"[:1000]))
+                    continue
+                result.messages.append(message)
         result.next_wakeup = session.scalar(
             select(func.min(Job.not_before)).where(Job.status == JobStatus.PENDING.value, Job.not_before > now)
         )
+    for job_id, reason in unhandled:
+        if fail_unhandled(session, job_id, reason, now):
+            result.failed.append(job_id)
     return result
+
+
+def policy_config(settings: Settings) -> policy.PolicyConfig:
+    return policy.PolicyConfig(
+        reservation_depth=settings.scheduler_reservation_depth,
+        half_life_seconds=settings.fair_share_half_life_seconds,
+        weights=dict(settings.fair_share_weights),
+        scan_limit=settings.scheduler_scan_limit,
+        end_margin_seconds=settings.kill_grace_seconds,
+    )
+
+
+# The backlog the policy sees, pruned per owner and per pool in PostgreSQL: the head of every owner's
+# (its fair-share owner: the tenant when JWT_TENANT_CLAIM set one, else the submitter)
+# backlog (fair share must see a light owner's job however long a heavy owner's burst is) and the
+# head of each pool (a CPU-only job is seen however many GPU jobs are ahead of it). Each part is an
+# index range scan; nothing sorts the whole backlog.
+BACKLOG_PER_OWNER = 100
+BACKLOG_PER_POOL = 300
+_PENDING_COLUMNS = """
+    j.id, COALESCE(j.tenant, j.owner) AS owner, j.priority, j.queue, j.created_at, j.cpu_millis, j.memory_bytes, j.gpus,
+    CASE WHEN j.gang_enabled THEN j.gang_min_members ELSE 1 END AS members,
+    CASE WHEN jsonb_typeof(j.command) = 'array' THEN jsonb_array_length(j.command) > 0 ELSE false END AS has_command,
+    j.timeout_seconds
+"""
+_ONE_PENDING = text(f"SELECT {_PENDING_COLUMNS} FROM jobs j WHERE j.id = :id AND j.status = 'pending'")
+_ELIGIBLE = "j.status = 'pending' AND (j.not_before IS NULL OR j.not_before <= :now) AND NOT (j.queue = ANY(CAST(:full AS text[])))"
+_BACKLOG = text(
+    f"""
+    WITH RECURSIVE owners(owner) AS (
+        (SELECT COALESCE(tenant, owner) FROM jobs WHERE status = 'pending' ORDER BY COALESCE(tenant, owner) LIMIT 1)
+        UNION ALL
+        SELECT (SELECT COALESCE(j.tenant, j.owner) FROM jobs j WHERE j.status = 'pending' AND COALESCE(j.tenant, j.owner) > o.owner
+                ORDER BY COALESCE(j.tenant, j.owner) LIMIT 1)
+        FROM owners o WHERE o.owner IS NOT NULL
+    )
+    SELECT h.* FROM owners o CROSS JOIN LATERAL (
+        SELECT {_PENDING_COLUMNS} FROM jobs j WHERE {_ELIGIBLE} AND COALESCE(j.tenant, j.owner) = o.owner
+        ORDER BY j.priority DESC, j.created_at, j.id LIMIT :per_owner) h
+    WHERE o.owner IS NOT NULL
+    UNION
+    (SELECT {_PENDING_COLUMNS} FROM jobs j WHERE {_ELIGIBLE} AND j.gpus > 0 ORDER BY j.priority DESC, j.created_at, j.id LIMIT :per_pool)
+    UNION
+    (SELECT {_PENDING_COLUMNS} FROM jobs j WHERE {_ELIGIBLE} AND j.gpus = 0 ORDER BY j.priority DESC, j.created_at, j.id LIMIT :per_pool)
+    """
+)
+
+
+def load_snapshot(session: Session, settings: Settings, now: datetime, *, include: str | None = None) -> policy.Snapshot:
+    """What the policy needs, read in the caller's transaction. `include`: a job to add if pruning left it out."""
+    holders: list = []
+    nodes = capacity.load_nodes(session, alive_since=capacity.node_alive_since(now, settings.node_lease_seconds), holders=holders)
+    active = dict(
+        session.execute(select(Job.queue, func.count()).where(Job.status.in_(["queued", "running"])).group_by(Job.queue)).all()
+    )
+    room = {q.name: q.max_concurrency - active.get(q.name, 0) for q in settings.queues}
+    full = sorted(name for name, left in room.items() if left <= 0)
+    rows = list(session.execute(_BACKLOG, {"now": now, "full": full, "per_owner": BACKLOG_PER_OWNER, "per_pool": BACKLOG_PER_POOL}))
+    if include is not None and not any(r.id == include for r in rows):
+        rows += list(session.execute(_ONE_PENDING, {"id": include}))
+    backlog = [
+        policy.Pending(
+            r.id, r.owner, r.priority, r.queue, r.created_at.timestamp(), r.cpu_millis, r.memory_bytes, r.gpus,
+            r.members, bool(r.has_command), r.timeout_seconds,
+        )
+        for r in rows
+    ]
+    running = [running_attempt(row, now, settings) for row in holders]
+    owners = {job.owner for job in backlog} | {attempt.owner for attempt in running}
+    usage = fairshare.usage_of(session, owners, now, settings.fair_share_half_life_seconds)
+    return policy.Snapshot(now.timestamp(), nodes, running, backlog, usage, room)
+
+
+def running_attempt(row: Any, now: datetime, settings: Settings) -> policy.Running:
+    """An attempt holding capacity, and the latest it ends: its start plus its timeout."""
+    parts = tuple((part["node"], int(part["members"])) for part in row.placement or [])
+    if row.status == JobStatus.CANCELLED.value:
+        ends = now.timestamp() + settings.job_lease_seconds  # released by its worker, or by recovery after the lease
+    elif row.timeout_seconds:
+        started = row.started_at or now  # not started yet: it may start any moment
+        ends = max(started.timestamp() + row.timeout_seconds + settings.kill_grace_seconds, now.timestamp())
+    else:
+        ends = policy.INF
+    return policy.Running(row.id, row.owner, row.cluster or "", parts, row.cpu_millis, row.memory_bytes, row.gpus, ends)
 
 
 def _place(session: Session, job: Job, placement: capacity.Placement, now: datetime) -> OutboxMessage:
@@ -120,7 +222,18 @@ def _place(session: Session, job: Job, placement: capacity.Placement, now: datet
 
 
 def retry_delay_seconds(settings: Settings, job: Job) -> float:
-    return settings.retry_backoff_base_seconds * job.backoff_multiplier ** job.retry_count
+    """base * multiplier ** retries, capped at RETRY_BACKOFF_MAX_SECONDS; never overflows.
+
+    The cap holds for any row in the database (a multiplier of 1e12, infinity or NaN written before
+    the API bounded it), so neither a worker nor the scheduler's recovery can raise here.
+    """
+    cap = max(0.0, settings.retry_backoff_max_seconds)
+    multiplier = 1.0 if job.backoff_multiplier is None else float(job.backoff_multiplier)
+    try:
+        delay = settings.retry_backoff_base_seconds * multiplier ** max(0, job.retry_count or 0)
+    except OverflowError:  # float ** int raises rather than returning infinity
+        return cap
+    return cap if math.isnan(delay) else min(cap, max(0.0, delay))
 
 
 def end_attempt(
@@ -177,24 +290,57 @@ def end_attempt(
     notify_scheduler(session, "attempt-ended")
 
 
+# Errors that say the database (not the job) is in trouble: the whole tick fails and is retried.
+_INFRASTRUCTURE_ERRORS = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError, sa_exc.TimeoutError)
+
+
+def isolated(session: Session, job_id: str, handle: Callable[[], T], now: datetime, step: str) -> T | None:
+    """Run one job's handling in its own transaction; if it raises, end that job, not the tick.
+
+    A job whose handling raises (a row no code path expects) is failed in a transaction of its own,
+    with the error in its timeline, so the next tick does not trip over it again.
+    """
+    try:
+        with transaction(session):
+            return handle()
+    except _INFRASTRUCTURE_ERRORS:
+        raise
+    except Exception as exc:  # noqa: BLE001 - one job must never stop the scheduler
+        log.exception("%s failed for one job; failing that job", step, extra={"job_id": job_id})
+        fail_unhandled(session, job_id, f"the scheduler could not {step} this job: {type(exc).__name__}: {exc}"[:1000], now)
+        return None
+
+
+def fail_unhandled(session: Session, job_id: str, reason: str, now: datetime | None = None) -> bool:
+    """End a job the scheduler cannot handle: failed, with the reason in its timeline. True if it was ended."""
+    now = now or utcnow()
+    with transaction(session):
+        job = session.get(Job, job_id, with_for_update=True, populate_existing=True)
+        if job is None or JobStatus(job.status) in TERMINAL:
+            return False
+        record_transition(session, job, JobStatus.FAILED, reason=reason, actor="scheduler", at=now)
+        job.completed_at = now
+        # Its lease expired (recovery) or it never held anything (admission): nothing runs for it any more.
+        job.holds_resources = False
+        notify_scheduler(session, "job-failed")
+        return True
+
+
 def recover_lost(session: Session, settings: Settings, now: datetime | None = None) -> list[str]:
-    """Running jobs whose worker stopped heartbeating, and queued jobs whose node died, are not left hanging."""
+    """Running jobs whose worker stopped heartbeating, and queued jobs whose node died, are not left hanging.
+
+    Each job is handled in its own transaction (see `isolated`): one bad row cannot stop the others.
+    """
     now = now or utcnow()
     recovered: list[str] = []
     lease = now - timedelta(seconds=settings.job_lease_seconds)
+    node_lease = now - timedelta(seconds=settings.node_lease_seconds)
+    node_alive = select(Node.name).where(Node.cluster == Job.cluster, Node.name == Job.node, Node.heartbeat_at >= node_lease)
+    stale_running = (Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < lease)
+    orphaned_queued = (Job.status == JobStatus.QUEUED.value, Job.queued_at < node_lease, ~node_alive.exists())
     with transaction(session):
-        stale_running = session.scalars(
-            select(Job)
-            .where(Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < lease)
-            .with_for_update(skip_locked=True)
-        ).all()
-        for job in stale_running:
-            silent = (now - job.heartbeat_at).total_seconds() if job.heartbeat_at else settings.job_lease_seconds
-            end_attempt(
-                session, job, settings, succeeded=False, retryable=True, actor=SYSTEM, now=now,
-                reason=f"worker {job.worker_id} lost: no heartbeat for {silent:.0f}s",
-            )
-            recovered.append(job.id)
+        stale_ids = list(session.scalars(select(Job.id).where(*stale_running)))
+        orphaned_ids = list(session.scalars(select(Job.id).where(*orphaned_queued)))
         released = session.execute(
             update(Job)
             .where(Job.status == JobStatus.CANCELLED.value, Job.holds_resources, Job.heartbeat_at < lease)
@@ -202,20 +348,40 @@ def recover_lost(session: Session, settings: Settings, now: datetime | None = No
         )
         if released.rowcount:
             notify_scheduler(session, "resources-released")
-        node_lease = now - timedelta(seconds=settings.node_lease_seconds)
-        node_alive = select(Node.name).where(Node.cluster == Job.cluster, Node.name == Job.node, Node.heartbeat_at >= node_lease)
-        orphaned = session.scalars(
-            select(Job)
-            .where(Job.status == JobStatus.QUEUED.value, Job.queued_at < node_lease, ~node_alive.exists())
-            .with_for_update(skip_locked=True)
-        ).all()
-        for job in orphaned:
+
+    def lost(job_id: str) -> Callable[[], bool]:
+        def handle() -> bool:
+            job = session.scalars(select(Job).where(Job.id == job_id, *stale_running).with_for_update(skip_locked=True)).first()
+            if job is None:
+                return False  # it heartbeated, ended or is being handled meanwhile
+            silent = (now - job.heartbeat_at).total_seconds() if job.heartbeat_at else settings.job_lease_seconds
+            end_attempt(
+                session, job, settings, succeeded=False, retryable=True, actor=SYSTEM, now=now,
+                reason=f"worker {job.worker_id} lost: no heartbeat for {silent:.0f}s",
+            )
+            return True
+
+        return handle
+
+    def orphaned(job_id: str) -> Callable[[], bool]:
+        def handle() -> bool:
+            job = session.scalars(select(Job).where(Job.id == job_id, *orphaned_queued).with_for_update(skip_locked=True)).first()
+            if job is None:
+                return False
             node = f"{job.cluster}/{job.node}"
             record_transition(session, job, JobStatus.PENDING, reason=f"node {node} lost before the job started", actor=SYSTEM, at=now)
             clear_placement(job)
-            recovered.append(job.id)
-        if orphaned:
             notify_scheduler(session, "requeued")
+            return True
+
+        return handle
+
+    for job_id in stale_ids:
+        if isolated(session, job_id, lost(job_id), now, "recover"):
+            recovered.append(job_id)
+    for job_id in orphaned_ids:
+        if isolated(session, job_id, orphaned(job_id), now, "requeue"):
+            recovered.append(job_id)
     return recovered
 
 
@@ -230,15 +396,18 @@ def requeue_unclaimed(session: Session, settings: Settings, now: datetime | None
     """
     now = now or utcnow()
     timeout = settings.claim_timeout_seconds
+    unclaimed_filter = (Job.status == JobStatus.QUEUED.value, Job.queued_at < now - timedelta(seconds=timeout))
     with transaction(session):
-        unclaimed = session.scalars(
-            select(Job)
-            .where(Job.status == JobStatus.QUEUED.value, Job.queued_at < now - timedelta(seconds=timeout))
-            .order_by(Job.queued_at)
-            .limit(ADMISSION_BATCH)
-            .with_for_update(skip_locked=True)  # a worker claiming it right now wins
-        ).all()
-        for job in unclaimed:
+        candidates = list(
+            session.scalars(select(Job.id).where(*unclaimed_filter).order_by(Job.queued_at).limit(ADMISSION_BATCH))
+        )
+
+    def requeue(job_id: str) -> Callable[[], bool]:
+        def handle() -> bool:
+            # SKIP LOCKED: a worker claiming it right now wins.
+            job = session.scalars(select(Job).where(Job.id == job_id, *unclaimed_filter).with_for_update(skip_locked=True)).first()
+            if job is None:
+                return False
             waited = (now - job.queued_at).total_seconds() if job.queued_at else timeout
             record_transition(
                 session, job, JobStatus.PENDING, actor=SYSTEM, at=now,
@@ -246,11 +415,13 @@ def requeue_unclaimed(session: Session, settings: Settings, now: datetime | None
                 details={"unclaimed_seconds": round(waited, 3), "placement": job.placement},
             )
             clear_placement(job)
-        if unclaimed:
-            ids = [job.id for job in unclaimed]
-            session.execute(delete(OutboxMessage).where(OutboxMessage.job_id.in_(ids)))  # stale tasks: no use sending them
+            session.execute(delete(OutboxMessage).where(OutboxMessage.job_id == job_id))  # a stale task: no use sending it
             notify_scheduler(session, "requeued")
-    return [job.id for job in unclaimed]
+            return True
+
+        return handle
+
+    return [job_id for job_id in candidates if isolated(session, job_id, requeue(job_id), now, "requeue the unclaimed")]
 
 
 def stale_outbox(session: Session, older_than: datetime) -> list[OutboxMessage]:

@@ -1,0 +1,699 @@
+"""The scheduling policy: a pure function from a snapshot to decisions (no database, no clock, no I/O).
+
+`decide(snapshot, config)` is called by the scheduler (app.domain.scheduling.admit), by `explain`
+(app.domain.explain) and by the simulator (benchmarks/scheduler_sim.py), so the reason a job is
+given is the scheduler's own, and what the simulator measures is what production runs.
+
+The rules, in order:
+- **Order.** Priority first. Among equal priorities, fair share: the owner with the smallest
+  dominant share (decayed usage plus what it holds now, over the fleet, divided by its weight) goes
+  next, and each admission in the pass raises its owner's share; then age.
+- **Reservations (conservative backfill, as Slurm's).** A job that does not fit now gets a
+  reservation, the earliest time and nodes at which it fits, computed from what holds capacity and
+  when that ends (`started_at + timeout`; no timeout: never), for the first `reservation_depth`
+  blocked jobs of each pool. A later job starts now only if it fits in free capacity and delaying
+  no reservation: it ends (by its own timeout) before the reservation starts, or it uses capacity
+  the reservation does not need. As true run times never exceed timeouts, a reserved job never
+  starts later than it would have without backfill.
+- **Pools.** A pool is the kind of capacity a job competes for (GPU or CPU-only; command or image,
+  which decides the clusters it may run on). Depth and examination limits are per pool, and a job
+  blocked in one pool holds back only what would delay its reservation, never other capacity.
+- A job that no live node could hold even empty waits with its own reason and holds nothing back.
+
+Times are float seconds (epoch); `math.inf` means "no end known".
+"""
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import heapq
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from app.domain import capacity
+from app.domain.capacity import LOCAL_CLUSTER, NodeCapacity, Placement
+
+INF = math.inf
+GIB = float(1 << 30)
+
+# Wait reasons (explain maps them to its codes and diagnoses the capacity ones in detail).
+QUEUE_FULL = "QUEUE_CONCURRENCY_LIMIT"
+NO_NODES = "NO_NODES"
+CAPACITY = "CAPACITY"  # does not fit the free capacity now; the pool's reservations are taken
+NEVER_FITS_LIVE = "NEVER_FITS_LIVE"  # no live node could hold it even empty: blocks nobody
+BACKFILL_WINDOW = "BACKFILL_WINDOW"  # fits now, but would run into a reservation
+NO_RESERVATION = "NO_RESERVATION"  # what holds the capacity has no timeout: no start can be promised
+NOT_EXAMINED = "NOT_EXAMINED"  # beyond the pass's examination limit for its pool
+BLOCKED = "HIGHER_PRIORITY_AHEAD"  # strict mode only: a job ahead does not fit
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A backlog entry: what it asks for and how long it may run."""
+
+    id: str
+    owner: str
+    priority: int
+    queue: str
+    submitted_at: float
+    cpu_millis: int
+    memory_bytes: int
+    gpus: int
+    members: int = 1
+    has_command: bool = True
+    timeout_seconds: float | None = None
+
+    @property
+    def pool(self) -> tuple[str, bool]:
+        return ("gpu" if self.gpus > 0 else "cpu", self.has_command)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, bool]:
+        return (self.cpu_millis, self.memory_bytes, self.gpus, self.members, self.has_command)
+
+    @property
+    def duration(self) -> float:
+        return float(self.timeout_seconds) if self.timeout_seconds else INF
+
+
+@dataclass(frozen=True, slots=True)
+class Running:
+    """An admitted attempt holding capacity until `ends_at` at the latest (inf: no timeout)."""
+
+    id: str
+    owner: str
+    cluster: str
+    parts: tuple[tuple[str, int], ...]  # (node, members); the first part holds the job's worker slot
+    cpu_millis: int
+    memory_bytes: int
+    gpus: int
+    ends_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """An owner's decayed resource-seconds, as of the snapshot's `now`."""
+
+    gpu_seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    memory_gib_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    reservation_depth: int = 4
+    half_life_seconds: float = 3600.0
+    weights: Mapping[str, float] = field(default_factory=dict)
+    default_weight: float = 1.0
+    scan_limit: int = 2000  # jobs examined per pool in one pass; the rest wait for the next
+    backfill: bool = True  # False: the old strict policy (priority then age; the first misfit stops all)
+    end_margin_seconds: float = 0.0  # after its timeout a job may still hold its capacity this long (the kill grace)
+    fair_share: bool = True
+
+    def weight(self, owner: str) -> float:
+        weight = self.weights.get(owner, self.default_weight)
+        return weight if weight > 0 else self.default_weight
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    now: float
+    nodes: Sequence[NodeCapacity]  # live, ready nodes, with what admitted jobs hold deducted
+    running: Sequence[Running]
+    backlog: Sequence[Pending]  # eligible now (not in backoff); any order
+    usage: Mapping[str, Usage] = field(default_factory=dict)
+    queue_room: Mapping[str, int] | None = None  # admissions each queue may still take; None: unlimited
+    focus: str | None = None  # explain: estimate this job's start even beyond the reservation depth
+
+
+@dataclass(frozen=True, slots=True)
+class Admit:
+    job: Pending
+    placement: Placement
+    backfilled: bool  # started while a job ahead of it holds a reservation
+
+
+@dataclass(frozen=True, slots=True)
+class Reserve:
+    job: Pending
+    start_at: float
+    cluster: str
+    nodes: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    job: Pending
+    reason: str
+    message: str
+    blocked_by: str | None = None  # the reserved (or, strict, blocked) job it defers to
+    estimated_start_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    job: Pending
+    reason: str
+
+
+Decision = Admit | Reserve | Wait | Fail
+
+
+@dataclass(frozen=True)
+class OwnerShare:
+    owner: str
+    weight: float
+    usage_share: float  # decayed usage over the fleet, as a steady-state fraction of it
+    held_share: float  # dominant fraction of the fleet it holds now
+    share: float  # (usage_share + held_share) / weight: lower goes first among equal priorities
+    rank: int  # 1 = next served among owners with a backlog
+
+
+@dataclass
+class Plan:
+    decisions: dict[str, Decision]
+    order: list[str]  # the jobs in the order the pass considered them
+    free: list[NodeCapacity]  # capacity left after the admissions (explain diagnoses against it)
+    shares: dict[str, OwnerShare]
+
+    @property
+    def admitted(self) -> list[Admit]:
+        return [d for d in self.decisions.values() if isinstance(d, Admit)]
+
+    @property
+    def reserved(self) -> list[Reserve]:
+        return [d for d in self.decisions.values() if isinstance(d, Reserve)]
+
+
+Vec = list[int]  # [gpus, cpu millis, memory bytes, worker slots]
+
+
+def decide(snapshot: Snapshot, config: PolicyConfig = PolicyConfig()) -> Plan:
+    """Decisions for one pass over `snapshot`; `snapshot` is never modified."""
+    nodes = [dataclasses.replace(n, used_gpus=set(n.used_gpus)) for n in snapshot.nodes]
+    totals = _totals(nodes)
+    shares = _Shares(snapshot, config, totals)
+    plan = Plan({}, [], nodes, shares.report())
+    if not nodes:
+        for job in snapshot.backlog:
+            plan.decisions[job.id] = Wait(job, NO_NODES, "No live node to run it")
+            plan.order.append(job.id)
+        return plan
+    if config.backfill:
+        _backfill_pass(snapshot, config, nodes, shares, plan)
+    else:
+        _strict_pass(snapshot, nodes, plan)
+    return plan
+
+
+def owner_shares(snapshot: Snapshot, config: PolicyConfig, waiting: Iterable[str] = ()) -> dict[str, OwnerShare]:
+    """Every owner's fair share as the policy sees it; `waiting`: owners with a backlog (ranked)."""
+    return _Shares(snapshot, config, _totals(snapshot.nodes), waiting).report()
+
+
+# --- the passes ------------------------------------------------------------------------------------
+
+
+def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCapacity], shares: "_Shares", plan: Plan) -> None:
+    now = snapshot.now
+    timeline = _Timeline(nodes, snapshot.running, now, config.end_margin_seconds)
+    room = dict(snapshot.queue_room) if snapshot.queue_room is not None else None
+    examined: dict[tuple[str, bool], int] = defaultdict(int)
+    reserved: dict[tuple[str, bool], list[Reserve]] = defaultdict(list)
+    misfits = _Misfits()  # shapes that do not fit the free capacity now (it only shrinks during a pass)
+    first_blocked: dict[tuple[str, bool], str] = {}  # per pool, the first job that did not fit now
+    free = _FreeIndex(nodes)
+    never: dict[tuple[int, int, int, int, bool], bool] = {}
+
+    def _one(job: Pending) -> Decision:
+        pool = job.pool
+        examined[pool] += 1
+        if examined[pool] > config.scan_limit and job.id != snapshot.focus:
+            return Wait(job, NOT_EXAMINED, f"More than {config.scan_limit} jobs of its kind are ahead of it this pass")
+        problem = capacity.malformed(job.cpu_millis, job.memory_bytes, job.gpus, job.members)
+        if problem:
+            return Fail(job, f"the scheduler could not admit this job: {problem}")
+        if room is not None and room.get(job.queue, 0) <= 0:
+            return Wait(job, QUEUE_FULL, f"Queue {job.queue} is at its max_concurrency")
+        end = now + job.duration + config.end_margin_seconds
+        if not misfits.covers(job):
+            placement = free.place(job)
+            if placement is None:
+                misfits.add(job)
+            else:
+                conflict = timeline.conflict(placement, job, end)
+                if conflict is None:
+                    timeline.hold(placement, job, end)
+                    if room is not None:
+                        room[job.queue] = room.get(job.queue, 0) - 1
+                    return Admit(job, placement, backfilled=timeline.has_reservations)
+                _unplace(free.by_name, placement, job)
+                free.refresh(placement)
+                slack = max(0.0, conflict.start - now)
+                return Wait(
+                    job, BACKFILL_WINDOW,
+                    f"It fits now but would still run when job {conflict.job_id} is reserved to start, in {slack:.0f}s; "
+                    f"a timeout of at most {max(0, math.floor(slack - config.end_margin_seconds))}s would let it start now",
+                    blocked_by=conflict.job_id, estimated_start_at=None,
+                )
+        if job.shape not in never:
+            never[job.shape] = _never_fits(nodes, job)
+        if never[job.shape]:
+            return Wait(job, NEVER_FITS_LIVE, "No live node could hold it even empty; it waits for such a node and holds nothing back")
+        blocker = first_blocked.setdefault(job.pool, job.id)
+        blocked_by = blocker if blocker != job.id else None
+        ahead = reserved[job.pool]
+        if len(ahead) < config.reservation_depth or job.id == snapshot.focus:
+            found = timeline.reserve(job, commit=len(ahead) < config.reservation_depth)
+            if found is None:
+                return Wait(job, NO_RESERVATION, "What holds the capacity it needs has no timeout: no start time can be promised",
+                            blocked_by=blocked_by)
+            if len(ahead) < config.reservation_depth:
+                decision = Reserve(job, found.start, found.cluster, found.nodes)
+                ahead.append(decision)
+                return decision
+            return Wait(job, CAPACITY, _capacity_message(ahead), blocked_by=blocked_by, estimated_start_at=found.start)
+        return Wait(job, CAPACITY, _capacity_message(ahead), blocked_by=blocked_by)
+
+    for job in shares.order(snapshot.backlog) if config.fair_share else sorted(snapshot.backlog, key=_strict_key):
+        plan.order.append(job.id)
+        decision = _isolated(job, _one)
+        plan.decisions[job.id] = decision
+        if isinstance(decision, Admit):
+            shares.charge(job)
+
+
+def _capacity_message(ahead: list[Reserve]) -> str:
+    if not ahead:
+        return "It does not fit the free capacity now"
+    return f"It does not fit the free capacity now; {len(ahead)} job(s) of its kind ahead of it hold reservations (first: {ahead[0].job.id})"
+
+
+def _strict_pass(snapshot: Snapshot, nodes: list[NodeCapacity], plan: Plan) -> None:
+    """Yesterday's policy, kept as the simulator's baseline: strict order, the first misfit stops the pass."""
+    room = dict(snapshot.queue_room) if snapshot.queue_room is not None else None
+    blocker: Pending | None = None
+    for job in sorted(snapshot.backlog, key=_strict_key):
+        plan.order.append(job.id)
+        if room is not None and room.get(job.queue, 0) <= 0:
+            plan.decisions[job.id] = Wait(job, QUEUE_FULL, f"Queue {job.queue} is at its max_concurrency")
+            continue
+        if blocker is not None:
+            plan.decisions[job.id] = Wait(job, BLOCKED, f"Job {blocker.id} is ahead of it and does not fit", blocked_by=blocker.id)
+            continue
+        placement = _place(nodes, job)
+        if placement is None:
+            blocker = job
+            plan.decisions[job.id] = Wait(job, CAPACITY, "It does not fit the free capacity now")
+            continue
+        if room is not None:
+            room[job.queue] = room.get(job.queue, 0) - 1
+        plan.decisions[job.id] = Admit(job, placement, backfilled=False)
+
+
+def _strict_key(job: Pending) -> tuple[int, float, str]:
+    return (-job.priority, job.submitted_at, job.id)
+
+
+def _isolated(job: Pending, decide_one: Callable[[Pending], Decision]) -> Decision:
+    """One job's decision; if working it out raises, that job fails and the pass goes on."""
+    try:
+        return decide_one(job)
+    except Exception as exc:  # noqa: BLE001 - one job must never stop the pass
+        return Fail(job, f"the scheduler could not admit this job: {type(exc).__name__}: {exc}"[:1000])
+
+
+class _Misfits:
+    """Requests known not to fit now; a request at least as large in every way does not fit either."""
+
+    def __init__(self) -> None:
+        self.shapes: dict[tuple[bool, int], list[tuple[int, int, int]]] = defaultdict(list)
+
+    def covers(self, job: Pending) -> bool:
+        key = (job.has_command, job.members)
+        return any(job.gpus >= g and job.cpu_millis >= c and job.memory_bytes >= m for g, c, m in self.shapes.get(key, ()))
+
+    def add(self, job: Pending) -> None:
+        self.shapes[(job.has_command, job.members)].append((job.gpus, job.cpu_millis, job.memory_bytes))
+
+
+class _FreeIndex:
+    """Nodes by free GPU count, so that placing a GPU job looks only at nodes with enough free GPUs."""
+
+    def __init__(self, nodes: list[NodeCapacity]) -> None:
+        self.nodes = nodes
+        self.by_name = {(n.cluster, n.name): n for n in nodes}
+        self.elsewhere = any(n.cluster != LOCAL_CLUSTER for n in nodes)
+        self.buckets: dict[int, dict[tuple[str, str], NodeCapacity]] = defaultdict(dict)
+        self.count: dict[tuple[str, str], int] = {}
+        for n in nodes:
+            self._file(n)
+
+    def _file(self, node: NodeCapacity) -> None:
+        key = (node.cluster, node.name)
+        old = self.count.get(key)
+        if old is not None:
+            self.buckets[old].pop(key, None)
+        count = node.gpus_free_count
+        self.count[key] = count
+        self.buckets[count][key] = node
+
+    def refresh(self, placement: Placement) -> None:
+        for name, _, _ in placement.parts:
+            self._file(self.by_name[(placement.cluster, name)])
+
+    def place(self, job: Pending) -> Placement | None:
+        if job.gpus > 0:
+            candidates = [n for count, bucket in self.buckets.items() if count >= job.gpus for n in bucket.values()]
+        else:
+            candidates = [n for n in self.nodes if n.cpu_millis - n.used_cpu_millis >= job.cpu_millis
+                          and n.memory_bytes - n.used_memory_bytes >= job.memory_bytes]
+        placement = capacity.place(candidates, job.cpu_millis, job.memory_bytes, job.gpus, job.members,
+                                   has_command=job.has_command, elsewhere=self.elsewhere)
+        if placement is not None:
+            self.refresh(placement)
+        return placement
+
+
+def _never_fits(nodes: Sequence[NodeCapacity], job: Pending) -> bool:
+    """Whether no live node could hold the job even with nothing running (as capacity.place, on empty nodes)."""
+    need = (job.gpus, job.cpu_millis, job.memory_bytes)
+    for cluster in _eligible_clusters(nodes, job):
+        members = [n for n in nodes if n.cluster == cluster and n.slots >= 1]
+        if cluster == LOCAL_CLUSTER:
+            if any(len(n.gpu_indices) >= need[0] * job.members and n.cpu_millis >= need[1] * job.members
+                   and n.memory_bytes >= need[2] * job.members for n in members):
+                return False
+        else:
+            room = 0
+            for n in members:
+                limits = [total // amount for total, amount in zip((len(n.gpu_indices), n.cpu_millis, n.memory_bytes), need) if amount]
+                room += min(limits) if limits else job.members
+                if room >= job.members:
+                    return False
+    return True
+
+
+def _place(nodes: list[NodeCapacity], job: Pending) -> Placement | None:
+    return capacity.place(nodes, job.cpu_millis, job.memory_bytes, job.gpus, job.members, has_command=job.has_command)
+
+
+def _unplace(by_key: Mapping[tuple[str, str], NodeCapacity], placement: Placement, job: Pending) -> None:
+    """Undo a trial placement (a backfill candidate that would delay a reservation)."""
+    for index, (name, members, gpu_indices) in enumerate(placement.parts):
+        node = by_key[(placement.cluster, name)]
+        if gpu_indices:
+            node.used_gpus.difference_update(gpu_indices)
+        else:
+            node.used_anonymous_gpus -= job.gpus * members
+        node.used_cpu_millis -= job.cpu_millis * members
+        node.used_memory_bytes -= job.memory_bytes * members
+        node.used_slots -= 1 if index == 0 else 0
+
+
+# --- fair share ------------------------------------------------------------------------------------
+
+
+def _totals(nodes: Sequence[NodeCapacity]) -> tuple[float, float, float]:
+    return (
+        float(sum(len(n.gpu_indices) for n in nodes)),
+        float(sum(n.cpu_millis for n in nodes)),
+        float(sum(n.memory_bytes for n in nodes)),
+    )
+
+
+def dominant_fraction(gpus: float, cpu_millis: float, memory_bytes: float, totals: tuple[float, float, float]) -> float:
+    """The largest fraction of the fleet this amount is, over GPUs, CPU and memory (DRF)."""
+    return max((amount / total for amount, total in zip((gpus, cpu_millis, memory_bytes), totals) if total > 0), default=0.0)
+
+
+class _Shares:
+    """Owners' dominant shares: decayed usage (as a steady-state fraction of the fleet) plus what they hold."""
+
+    def __init__(self, snapshot: Snapshot, config: PolicyConfig, totals: tuple[float, float, float], waiting: Iterable[str] = ()) -> None:
+        self.config = config
+        self.totals = totals
+        mean_life = max(config.half_life_seconds, 1e-9) / math.log(2)  # steady state of decayed usage = rate * mean life
+        self.used: dict[str, list[float]] = {}
+        for owner, usage in snapshot.usage.items():
+            self.used[owner] = [usage.gpu_seconds / mean_life, usage.cpu_seconds * 1000 / mean_life, usage.memory_gib_seconds * GIB / mean_life]
+        self.held: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
+        for attempt in snapshot.running:
+            members = sum(m for _, m in attempt.parts)
+            held = self.held[attempt.owner]
+            held[0] += attempt.gpus * members
+            held[1] += attempt.cpu_millis * members
+            held[2] += attempt.memory_bytes * members
+        self.owners_waiting = sorted({job.owner for job in snapshot.backlog} | set(waiting))
+
+    def share(self, owner: str) -> float:
+        used = self.used.get(owner, (0.0, 0.0, 0.0))
+        held = self.held.get(owner, (0.0, 0.0, 0.0))
+        total = [u + h for u, h in zip(used, held)]
+        return dominant_fraction(*total, self.totals) / self.config.weight(owner)
+
+    def charge(self, job: Pending) -> None:
+        held = self.held[job.owner]
+        held[0] += job.gpus * job.members
+        held[1] += job.cpu_millis * job.members
+        held[2] += job.memory_bytes * job.members
+
+    def order(self, backlog: Sequence[Pending]) -> Iterator[Pending]:
+        """Priority first; within a priority the owner with the lowest share next (updated as the pass admits)."""
+        by_priority: dict[int, dict[str, list[Pending]]] = defaultdict(lambda: defaultdict(list))
+        for job in backlog:
+            by_priority[job.priority][job.owner].append(job)
+        for priority in sorted(by_priority, reverse=True):
+            queues = by_priority[priority]
+            heap: list[tuple[float, str]] = []
+            positions: dict[str, int] = {}
+            for owner, jobs in queues.items():
+                jobs.sort(key=lambda j: (j.submitted_at, j.id))
+                positions[owner] = 0
+                heap.append((self.share(owner), owner))
+            heapq.heapify(heap)
+            while heap:
+                _, owner = heapq.heappop(heap)
+                jobs = queues[owner]
+                position = positions[owner]
+                yield jobs[position]
+                positions[owner] = position + 1
+                if position + 1 < len(jobs):
+                    heapq.heappush(heap, (self.share(owner), owner))
+
+    def report(self) -> dict[str, OwnerShare]:
+        owners = set(self.used) | set(self.held) | set(self.owners_waiting)
+        rows = []
+        for owner in owners:
+            used = self.used.get(owner, (0.0, 0.0, 0.0))
+            held = self.held.get(owner, (0.0, 0.0, 0.0))
+            rows.append((self.share(owner), owner, dominant_fraction(*used, self.totals), dominant_fraction(*held, self.totals)))
+        rows.sort()
+        waiting = set(self.owners_waiting)
+        ranks = {owner: rank for rank, owner in enumerate((o for _, o, _, _ in rows if o in waiting), start=1)}
+        return {
+            owner: OwnerShare(owner, self.config.weight(owner), usage, held, share, ranks.get(owner, 0))
+            for share, owner, usage, held in rows
+        }
+
+
+# --- time: what ends when, and the reservations ------------------------------------------------------
+
+
+@dataclass
+class _Reservation:
+    job_id: str
+    start: float
+    end: float
+    demand: dict[int, Vec]  # node index -> what it takes there
+    cluster: str
+    nodes: tuple[str, ...]
+
+
+class _Timeline:
+    """Capacity over time per node: free now, plus what running (and just admitted) attempts release at
+    their ends, minus what reservations take from their start to their end."""
+
+    def __init__(self, nodes: list[NodeCapacity], running: Sequence[Running], now: float, margin: float = 0.0) -> None:
+        self.nodes = nodes
+        self.now = now
+        self.margin = margin
+        self.index = {(n.cluster, n.name): i for i, n in enumerate(nodes)}
+        self.releases: list[list[tuple[float, Vec]]] = [[] for _ in nodes]
+        for attempt in running:
+            for part, (name, members) in enumerate(attempt.parts):
+                i = self.index.get((attempt.cluster, name))
+                if i is not None:
+                    vec = [attempt.gpus * members, attempt.cpu_millis * members, attempt.memory_bytes * members, 1 if part == 0 else 0]
+                    # An attempt past its end is ending (being killed): it frees its capacity any moment now.
+                    self.releases[i].append((max(attempt.ends_at, now + 1e-3), vec))
+        for events in self.releases:
+            events.sort(key=lambda e: e[0])
+        self.reservations: list[_Reservation] = []
+        self.by_node: dict[int, list[_Reservation]] = defaultdict(list)
+        self._cumulative: dict[int, tuple[list[float], list[Vec]]] = {}
+
+    @property
+    def has_reservations(self) -> bool:
+        return bool(self.reservations)
+
+    def free(self, i: int) -> Vec:
+        n = self.nodes[i]
+        return [n.gpus_free_count, n.cpu_millis - n.used_cpu_millis, n.memory_bytes - n.used_memory_bytes, n.slots - n.used_slots]
+
+    def available(self, i: int, t: float) -> Vec:
+        """Free on node i at time t: now's free, plus releases by t, minus reservations active at t."""
+        vec = self.free(i)
+        cumulative = self._cumulative.get(i)
+        if cumulative is None:
+            times, sums, total = [], [], [0, 0, 0, 0]
+            for at, released in self.releases[i]:
+                total = [a + b for a, b in zip(total, released)]
+                times.append(at)
+                sums.append(total)
+            cumulative = self._cumulative[i] = (times, sums)
+        k = bisect.bisect_right(cumulative[0], t)
+        if k:
+            vec = [a + b for a, b in zip(vec, cumulative[1][k - 1])]
+        for r in self.by_node.get(i, ()):
+            if r.start <= t < r.end:
+                vec = [a - b for a, b in zip(vec, r.demand[i])]
+        return vec
+
+    def _nodes_of(self, placement: Placement) -> list[int]:
+        return [self.index[(placement.cluster, name)] for name, _, _ in placement.parts]
+
+    def conflict(self, placement: Placement, job: Pending, end: float) -> _Reservation | None:
+        """The first reservation a job just placed now (and held until `end`) would delay, if any."""
+        for i in self._nodes_of(placement):
+            for r in self.by_node.get(i, ()):
+                if r.start < end and min(self.available(i, r.start)) < 0:
+                    return r
+        return None
+
+    def hold(self, placement: Placement, job: Pending, end: float) -> None:
+        """An admission: its capacity comes back at its end (its timeout)."""
+        for part, (name, members, _) in enumerate(placement.parts):
+            i = self.index[(placement.cluster, name)]
+            vec = [job.gpus * members, job.cpu_millis * members, job.memory_bytes * members, 1 if part == 0 else 0]
+            bisect.insort(self.releases[i], (end, vec), key=lambda e: e[0])
+            self._cumulative.pop(i, None)
+
+    def reserve(self, job: Pending, *, commit: bool) -> _Reservation | None:
+        """The earliest start (and nodes) at which `job` fits without delaying an existing reservation.
+
+        A sweep over time: every eligible node is checked at `now`; after that only the nodes where
+        something ends can have become able to hold it (capacity only grows between reservation starts,
+        and those are accounted for by `_window`), so each later step rechecks those nodes alone.
+        """
+        clusters = _eligible_clusters(self.nodes, job)
+        need = [job.gpus, job.cpu_millis, job.memory_bytes]
+        whole = [x * job.members for x in need] + [1]
+        by_cluster: dict[str, list[int]] = defaultdict(list)
+        for i, n in enumerate(self.nodes):
+            if n.cluster in clusters:
+                by_cluster[n.cluster].append(i)
+        eligible = {i for members in by_cluster.values() for i in members}
+        changes: dict[float, set[int]] = defaultdict(set)
+        for i in eligible:
+            for at, _ in self.releases[i]:
+                if self.now < at < INF:
+                    changes[at].add(i)
+        for r in self.reservations:
+            if r.end < INF:
+                for i in r.demand:
+                    if i in eligible:
+                        changes[r.end].add(i)
+        # Per Kubernetes cluster: how many members each node could take over the window, and their sum.
+        spread: dict[str, dict[int, tuple[int, Vec]]] = {c: {} for c in clusters if c != LOCAL_CLUSTER}
+        totals: dict[str, int] = defaultdict(int)
+        reserved_in = {c: [i for i in by_cluster.get(c, []) if i in self.by_node] for c in clusters}
+
+        def members_fit(i: int, t: float, end: float) -> tuple[int, Vec]:
+            vec = self._window(i, t, end)
+            fits = min((vec[r] // need[r] for r in range(3) if need[r] > 0), default=job.members)
+            return (max(0, min(fits, job.members)) if min(vec[:3]) >= 0 else 0, vec)
+
+        def refit(cluster: str, nodes: Iterable[int], t: float, end: float) -> None:
+            caps = spread[cluster]
+            for i in nodes:
+                old = caps.get(i, (0, []))[0]
+                caps[i] = members_fit(i, t, end)
+                totals[cluster] += caps[i][0] - old
+
+        # At `now` only nodes with enough free of what it needs (or holding reservations) can take a member.
+        def roomy(i: int) -> bool:
+            n = self.nodes[i]
+            return (n.gpus_free_count >= need[0] and n.cpu_millis - n.used_cpu_millis >= need[1]
+                    and n.memory_bytes - n.used_memory_bytes >= need[2]) or i in self.by_node
+
+        at_now = {i for i in eligible if roomy(i)}
+        steps = [(self.now, at_now)] + [(t, changes[t]) for t in sorted(changes)]
+        for t, changed in steps:
+            end = t + job.duration + self.margin
+            for cluster in clusters:
+                touched = [i for i in by_cluster.get(cluster, []) if i in changed]
+                if cluster == LOCAL_CLUSTER:
+                    best: tuple[int, int] | None = None
+                    for i in touched:
+                        vec = self._window(i, t, end)
+                        if all(a >= b for a, b in zip(vec, whole)) and (best is None or vec[0] - whole[0] < best[0]):
+                            best = (vec[0] - whole[0], i)
+                    if best is not None:
+                        return self._made(job, t, end, {best[1]: whole}, cluster, commit)
+                elif touched:
+                    refit(cluster, touched, t, end)
+                    if totals[cluster] >= job.members:
+                        # Nodes holding reservations may have lost room as the window moved: count them afresh.
+                        refit(cluster, reserved_in[cluster], t, end)
+                        demand = _spread(spread[cluster], job.members, need) if totals[cluster] >= job.members else None
+                        if demand is not None:
+                            return self._made(job, t, end, demand, cluster, commit)
+        return None
+
+    def _made(self, job: Pending, t: float, end: float, demand: dict[int, Vec], cluster: str, commit: bool) -> _Reservation:
+        found = _Reservation(job.id, t, end, demand, cluster, tuple(self.nodes[i].name for i in demand))
+        if commit:
+            self.reservations.append(found)
+            for i in demand:
+                self.by_node[i].append(found)
+        return found
+
+    def _window(self, i: int, t: float, end: float) -> Vec:
+        """The least free on node i over [t, end): at t, and at each reservation start inside."""
+        vec = self.available(i, t)
+        for r in self.by_node.get(i, ()):
+            if t < r.start < end:
+                vec = [min(a, b) for a, b in zip(vec, self.available(i, r.start))]
+        return vec
+
+
+def _spread(caps: dict[int, tuple[int, Vec]], members: int, need: list[int]) -> dict[int, Vec] | None:
+    """Members over a cluster's nodes (as capacity._spread); the first member's node gives the slot."""
+    if sum(c for c, _ in caps.values()) < members:
+        return None
+    ordered = sorted(((c, i, vec) for i, (c, vec) in caps.items() if c > 0), key=lambda e: (vec_slot(e[2]) < 1, -e[0], e[1]))
+    if not ordered or vec_slot(ordered[0][2]) < 1:
+        return None
+    demand: dict[int, Vec] = {}
+    left = members
+    for count, i, _ in ordered:
+        take = min(count, left)
+        demand[i] = [need[0] * take, need[1] * take, need[2] * take, 0 if demand else 1]
+        left -= take
+        if not left:
+            return demand
+    return None
+
+
+def vec_slot(vec: Vec) -> int:
+    return vec[3]
+
+
+def _eligible_clusters(nodes: Sequence[NodeCapacity], job: Pending) -> list[str]:
+    """As capacity.place: local first (a job without a command only where no other cluster exists)."""
+    others = sorted({n.cluster for n in nodes} - {LOCAL_CLUSTER})
+    local = [LOCAL_CLUSTER] if any(n.cluster == LOCAL_CLUSTER for n in nodes) and (job.has_command or not others) else []
+    return local + others

@@ -1,0 +1,139 @@
+"""One admission pass against PostgreSQL with a big backlog and a big fleet: is it still a few tens of ms?
+
+Loads --pending pending jobs (default 100,000; 20 owners, GPU and CPU-only, a few priority levels,
+timeouts) and --nodes nodes of 8 GPUs (default 1,000) whose GPUs all but --free of them are held by
+running jobs with timeouts, into the empty database at DATABASE_URL (migrated here). Then it runs the
+scheduler's real admission pass (app.domain.scheduling.admit: lock, fair-share accrual, snapshot with
+the per-owner and per-pool pruning, the policy, the writes) --passes times and prints the time of the
+snapshot load, of the policy and of the whole pass. It deletes everything it added when it ends.
+
+    DATABASE_URL=postgresql://postgres@127.0.0.1:5432/jobservice_bench python benchmarks/scheduler_pass.py
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from unittest import mock
+
+from sqlalchemy import text
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from app.db import Database  # noqa: E402
+from app.domain import policy, scheduling  # noqa: E402
+from app.domain.jobs import utcnow  # noqa: E402
+from config import Settings  # noqa: E402
+
+CLUSTER = "bench"
+
+
+def migrate(settings: Settings) -> None:
+    from flask_migrate import upgrade
+
+    from app import create_app
+
+    with create_app(settings.with_overrides(auth_enabled=False)).app_context():
+        upgrade()
+
+
+def load(database: Database, pending: int, nodes: int, free: int) -> None:
+    with database.engine.begin() as conn:
+        started = time.perf_counter()
+        conn.execute(text("""
+            INSERT INTO nodes (cluster, name, gpu_indices, gpu_type, cpu_millis, memory_bytes, slots, ready, heartbeat_at, started_at)
+            SELECT :cluster, 'node-' || g, '[0,1,2,3,4,5,6,7]'::jsonb, 'H100', 128000, 1099511627776, 16, true, now() + interval '1 day', now()
+            FROM generate_series(1, :n) AS g
+        """), {"cluster": CLUSTER, "n": nodes})
+        # Every node but `free` runs one 8-GPU job with a timeout (ends spread over the next 4 hours) that
+        # also takes nearly all its CPU: the fleet is saturated, as it is when a backlog builds up.
+        conn.execute(text("""
+            INSERT INTO jobs (id, owner, job_type, priority, queue, status, status_reason, command, cpu_millis, memory_bytes, gpus,
+                              timeout_seconds, created_at, updated_at, pending_since, queued_at, started_at, heartbeat_at,
+                              cluster, node, placement, holds_resources, dispatch_token)
+            SELECT 'bench-r' || g, 'owner-' || (g % 20), 'bench', 50, 'high-priority', 'running', 'running', '["true"]'::jsonb,
+                   126000, 68719476736, 8, 600 + (g * 13) % 14400, now(), now(), now(), now(), now(), now() + interval '1 day',
+                   :cluster, 'node-' || g, jsonb_build_array(jsonb_build_object('node', 'node-' || g, 'members', 1, 'gpu_indices', '[]'::jsonb)),
+                   true, 't'
+            FROM generate_series(1, :n) AS g
+        """), {"cluster": CLUSTER, "n": nodes - free})
+        conn.execute(text("""
+            INSERT INTO jobs (id, owner, job_type, priority, queue, status, status_reason, command, cpu_millis, memory_bytes, gpus,
+                              timeout_seconds, created_at, updated_at, pending_since)
+            SELECT 'bench-p' || g, 'owner-' || (g % 20), 'bench', s.priority,
+                   CASE WHEN s.priority >= 50 THEN 'high-priority' ELSE 'default' END, 'pending', 'submitted', '["true"]'::jsonb,
+                   CASE WHEN g % 3 = 0 THEN 4000 ELSE 8000 END, 17179869184, CASE g % 3 WHEN 0 THEN 0 WHEN 1 THEN 1 ELSE 8 END,
+                   60 + (g * 7) % 7200, now() - g * interval '10 ms', now(), now()
+            FROM (SELECT g, (ARRAY[20, 50, 50, 80])[1 + g % 4] AS priority FROM generate_series(1, :n) AS g) AS s
+        """), {"n": pending})
+        conn.execute(text("ANALYZE jobs"))
+        print(f"loaded {nodes:,} nodes ({free} free), {nodes - free:,} running and {pending:,} pending jobs "
+              f"in {time.perf_counter() - started:.1f}s", flush=True)
+
+
+def clean(database: Database) -> None:
+    with database.engine.begin() as conn:
+        conn.execute(text("DELETE FROM outbox WHERE job_id LIKE 'bench-%'"))
+        conn.execute(text("DELETE FROM job_events WHERE job_id LIKE 'bench-%'"))
+        conn.execute(text("DELETE FROM jobs WHERE id LIKE 'bench-%'"))
+        conn.execute(text("DELETE FROM nodes WHERE cluster = :cluster"), {"cluster": CLUSTER})
+        conn.execute(text("DELETE FROM fair_share_usage WHERE owner LIKE 'owner-%'"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pending", type=int, default=100_000)
+    parser.add_argument("--nodes", type=int, default=1_000)
+    parser.add_argument("--free", type=int, default=2, help="nodes with nothing running")
+    parser.add_argument("--passes", type=int, default=20)
+    args = parser.parse_args()
+    # Queue limits far above the fleet: the pass must cope with the backlog itself, not with a full queue.
+    settings = Settings.from_env({"JOB_QUEUES": "high-priority:50-100:1000000,default:0-49:1000000", **os.environ})
+    if not settings.database_url:
+        sys.exit("set DATABASE_URL to an empty database")
+    migrate(settings)
+    database = Database(settings.database_url)
+    with database.engine.connect() as conn:
+        if conn.execute(text("SELECT count(*) FROM jobs")).scalar():
+            sys.exit("the database already holds jobs: use an empty one")
+    timings: dict[str, list[float]] = {"snapshot": [], "policy": [], "pass": []}
+    real_load, real_decide = scheduling.load_snapshot, policy.decide
+
+    def timed(name: str, function):  # type: ignore[no-untyped-def]
+        def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                timings[name].append(time.perf_counter() - started)
+        return wrapper
+
+    try:
+        load(database, args.pending, args.nodes, args.free)
+        admitted = decisions = 0
+        with mock.patch.object(scheduling, "load_snapshot", timed("snapshot", real_load)), \
+                mock.patch.object(policy, "decide", timed("policy", real_decide)):
+            for number in range(args.passes):
+                with database.session() as session:
+                    started = time.perf_counter()
+                    result = scheduling.admit(session, settings, utcnow() + timedelta(seconds=number))
+                    timings["pass"].append(time.perf_counter() - started)
+                admitted += len(result.admitted)
+                decisions += len(result.plan.decisions) if result.plan else 0
+        print(f"{args.passes} passes: {admitted} jobs admitted, {decisions / args.passes:,.0f} decisions per pass "
+              f"(the backlog the policy sees after pruning per owner and per pool)")
+        for name, values in timings.items():
+            print(f"  {name:9s} first {1000 * values[0]:7.1f} ms   p50 {1000 * statistics.median(values[1:] or values):7.1f} ms   "
+                  f"max {1000 * max(values):7.1f} ms")
+    finally:
+        clean(database)
+        database.dispose()
+
+
+if __name__ == "__main__":
+    main()

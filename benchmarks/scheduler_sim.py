@@ -1,0 +1,457 @@
+"""Scheduler simulator: the real policy function (app.domain.policy.decide) over a simulated clock.
+
+No database: a seeded trace of jobs arrives at a simulated fleet, a pass runs when something arrives
+or ends (at most once per --interval simulated seconds, as the scheduler's NOTIFY wake-ups), jobs run
+for their true run time (at most their timeout) and free their capacity. The same trace is run under
+the old strict policy (priority then age, the first misfit stops the pass) and the new one
+(reservations, backfill, pools, fair share), and the figures are printed side by side.
+
+    python benchmarks/scheduler_sim.py                      # the default: 6 simulated hours, 1,000 GPUs
+    python benchmarks/scheduler_sim.py --hours 12 --seed 7 --gpu-nodes 250
+"""
+from __future__ import annotations
+
+import argparse
+import heapq
+import math
+import random
+import statistics
+import sys
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from app.domain.capacity import NodeCapacity, Placement  # noqa: E402
+from app.domain.policy import (  # noqa: E402
+    Admit, Pending, Plan, PolicyConfig, Reserve, Running, Snapshot, Usage, decide,
+)
+
+GIB = 1 << 30
+CLUSTER = "gpu-cluster"
+BANDS = ((0, 24), (25, 49), (50, 74), (75, 100))
+PER_OWNER, PER_POOL = 100, 300  # the same pruning as app.domain.scheduling.load_snapshot
+
+
+@dataclass
+class SimJob:
+    pending: Pending
+    kind: str
+    runtime: float
+    started: float | None = None
+    ended: float | None = None
+    placement: Placement | None = None
+    promise: tuple[float, float] | None = None  # (made at, start promised) by its latest reservation
+
+
+# --- the trace -------------------------------------------------------------------------------------
+
+
+def make_trace(seed: int, hours: float, gpus: int, tenants: dict[str, float], load: float) -> list[SimJob]:
+    """1-GPU inference (seconds to minutes), 8-GPU training and 2-4 node gangs (hours), CPU-only jobs;
+    priorities 0-100; true run time at most the timeout, often much less; one tenant bursts."""
+    rng = random.Random(seed)
+    horizon = hours * 3600
+    names = list(tenants)
+    # Share of the GPU demand per kind and its mean GPU-seconds per job, to size the arrival rates.
+    kinds = {
+        "inference": (0.15, 1 * 150.0),
+        "train-8": (0.45, 8 * 2700.0),
+        "gang": (0.40, 24 * 3000.0),
+    }
+    jobs: list[SimJob] = []
+    counter = 0
+
+    def level(weights: tuple[float, float, float]) -> int:
+        """Priorities as teams set them: a few levels (urgent, normal, low), jittered by a point or two."""
+        base = rng.choices((80, 50, 20), weights)[0]
+        return base + rng.choice((0, 0, 0, 1, -1))
+
+    def add(kind: str, at: float, tenant: str) -> None:
+        nonlocal counter
+        counter += 1
+        if kind == "inference":
+            runtime = min(600.0, max(5.0, rng.lognormvariate(math.log(90), 0.9)))
+            timeout, gpus_, members, cpu, mem, priority = runtime * rng.uniform(1.2, 3.0), 1, 1, 4000, 32 * GIB, level((0.3, 0.6, 0.1))
+        elif kind == "train-8":
+            runtime = rng.uniform(900, 4500)
+            timeout, gpus_, members, cpu, mem, priority = runtime * rng.uniform(1.1, 2.0), 8, 1, 64000, 512 * GIB, level((0.1, 0.7, 0.2))
+        elif kind == "gang":
+            runtime = rng.uniform(1200, 4800)
+            timeout, gpus_, members, cpu, mem, priority = runtime * rng.uniform(1.1, 2.0), 8, rng.randint(2, 4), 64000, 512 * GIB, level((0.1, 0.7, 0.2))
+        else:  # cpu
+            runtime = rng.uniform(30, 1200)
+            timeout, gpus_, members, cpu, mem, priority = runtime * rng.uniform(1.2, 3.0), 0, 1, rng.choice((2000, 4000, 8000, 16000)), 16 * GIB, level((0.0, 0.6, 0.4))
+        if rng.random() < 0.3:
+            runtime = runtime * rng.uniform(0.1, 0.6)  # many jobs end well before their limit
+        job = Pending(f"j{counter}", tenant, priority, "default", at, cpu, mem, gpus_, members, False, math.ceil(timeout))
+        jobs.append(SimJob(job, kind, runtime))
+
+    for kind, (share, gpu_seconds) in kinds.items():
+        rate = load * gpus * share / gpu_seconds  # jobs per second
+        at = 0.0
+        while True:
+            at += rng.expovariate(rate)
+            if at >= horizon:
+                break
+            add(kind, at, rng.choice(names[:-1]))  # the last tenant only bursts (below)
+    cpu_rate = 0.05
+    at = 0.0
+    while (at := at + rng.expovariate(cpu_rate)) < horizon:
+        add("cpu", at, rng.choice(names))
+    # The burst: the last tenant submits a mass of inference and training jobs at once, after 1 hour.
+    burst_at = min(3600.0, horizon / 4)
+    for i in range(int(gpus * 4)):
+        add("inference" if i % 10 else "train-8", burst_at + i * 0.01, names[-1])
+    jobs.sort(key=lambda j: j.pending.submitted_at)
+    return jobs
+
+
+def make_fleet(gpu_nodes: int, cpu_nodes: int) -> list[NodeCapacity]:
+    nodes = [NodeCapacity(CLUSTER, f"gpu-{i:04d}", list(range(8)), "H100", 128_000, 2048 * GIB, 16) for i in range(gpu_nodes)]
+    nodes += [NodeCapacity(CLUSTER, f"cpu-{i:04d}", [], None, 64_000, 256 * GIB, 32) for i in range(cpu_nodes)]
+    return nodes
+
+
+# --- the backlog as the scheduler's loader prunes it ------------------------------------------------
+
+
+class Backlog:
+    """Pending jobs indexed as PostgreSQL's partial indexes are: per owner and per pool, by priority then age."""
+
+    def __init__(self) -> None:
+        self.by_owner: dict[str, dict[int, deque[SimJob]]] = defaultdict(lambda: defaultdict(deque))
+        self.by_pool: dict[str, dict[int, deque[SimJob]]] = defaultdict(lambda: defaultdict(deque))
+        self.count = 0
+        self.gpu_demand = 0
+
+    def add(self, job: SimJob) -> None:
+        p = job.pending
+        self.by_owner[p.owner][p.priority].append(job)
+        self.by_pool["gpu" if p.gpus else "cpu"][p.priority].append(job)
+        self.count += 1
+        self.gpu_demand += p.gpus * p.members
+
+    def started(self, job: SimJob) -> None:
+        self.count -= 1
+        self.gpu_demand -= job.pending.gpus * job.pending.members
+
+    @staticmethod
+    def _head(levels: dict[int, deque[SimJob]], limit: int) -> list[SimJob]:
+        out: list[SimJob] = []
+        for priority in sorted(levels, reverse=True):
+            queue = levels[priority]
+            while queue and queue[0].started is not None:
+                queue.popleft()
+            for job in queue:
+                if job.started is None:
+                    out.append(job)
+                    if len(out) >= limit:
+                        return out
+        return out
+
+    def pruned(self) -> list[Pending]:
+        seen: dict[str, Pending] = {}
+        for levels in self.by_owner.values():
+            for job in self._head(levels, PER_OWNER):
+                seen[job.pending.id] = job.pending
+        for levels in self.by_pool.values():
+            for job in self._head(levels, PER_POOL):
+                seen[job.pending.id] = job.pending
+        return list(seen.values())
+
+    def tenants_waiting_for_gpus(self) -> set[str]:
+        return {owner for owner, levels in self.by_owner.items()
+                if any(j.started is None and j.pending.gpus for q in levels.values() for j in q)}
+
+
+# --- the simulation ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    name: str
+    busy_while_waiting: float = 0.0
+    available_while_waiting: float = 0.0
+    ideal_while_waiting: float = 0.0
+    waits: dict[int, list[float]] = field(default_factory=lambda: defaultdict(list))
+    delayed_reservations: int = 0
+    reserved_jobs: int = 0
+    partial_gangs: int = 0
+    decisions: int = 0
+    policy_seconds: float = 0.0
+    passes: int = 0
+    fair_hours: int = 0
+    tenant_gpu_seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    started: int = 0
+    unstarted: int = 0
+
+
+def hold(nodes: dict[str, NodeCapacity], placement: Placement, job: Pending, sign: int) -> None:
+    for index, (name, members, _) in enumerate(placement.parts):
+        node = nodes[name]
+        node.used_anonymous_gpus += sign * job.gpus * members
+        node.used_cpu_millis += sign * job.cpu_millis * members
+        node.used_memory_bytes += sign * job.memory_bytes * members
+        node.used_slots += sign * (1 if index == 0 else 0)
+
+
+def simulate(name: str, trace: list[SimJob], fleet: list[NodeCapacity], config: PolicyConfig, hours: float, interval: float,
+             tenants: dict[str, float]) -> Result:
+    result = Result(name)
+    jobs = [SimJob(j.pending, j.kind, j.runtime) for j in trace]
+    nodes = {n.name: NodeCapacity(n.cluster, n.name, list(n.gpu_indices), n.gpu_type, n.cpu_millis, n.memory_bytes, n.slots) for n in fleet}
+    total_gpus = sum(len(n.gpu_indices) for n in fleet)
+    horizon = hours * 3600
+    backlog = Backlog()
+    running: dict[str, tuple[SimJob, Running]] = {}
+    ends: list[tuple[float, str]] = []
+    usage: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
+    holding: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])  # GPUs, CPUs, GiB held now
+
+    def held(job: Pending, sign: int) -> None:
+        vec = holding[job.owner]
+        vec[0] += sign * job.gpus * job.members
+        vec[1] += sign * job.cpu_millis / 1000 * job.members
+        vec[2] += sign * job.memory_bytes / GIB * job.members
+    arrivals = deque(jobs)
+    by_id = {j.pending.id: j for j in jobs}
+    clock = 0.0
+    last_pass = -interval
+    busy = 0
+    hour_backlogged: dict[int, bool] = {}
+    hour_gpu: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+
+    def advance(to: float) -> None:
+        """Integrate figures from `clock` to `to` (nothing changes in between)."""
+        nonlocal clock
+        dt = to - clock
+        if dt <= 0:
+            return
+        waiting = backlog.gpu_demand > 0
+        if waiting:
+            result.busy_while_waiting += busy * dt
+            result.available_while_waiting += total_gpus * dt
+            result.ideal_while_waiting += min(total_gpus, busy + backlog.gpu_demand) * dt
+        factor = 0.5 ** (dt / config.half_life_seconds)
+        for owner, held in holding.items():
+            used = usage[owner]
+            usage[owner] = [u * factor + h * dt for u, h in zip(used, held)]
+            if held[0]:
+                start = clock  # GPU-seconds attributed to the hours they fall in
+                while start < to:
+                    hour = int(start // 3600)
+                    stop = min(to, (hour + 1) * 3600)
+                    hour_gpu[hour][owner] += held[0] * (stop - start)
+                    start = stop
+        clock = to
+
+    while clock < horizon:
+        next_event = min(arrivals[0].pending.submitted_at if arrivals else math.inf, ends[0][0] if ends else math.inf)
+        if next_event == math.inf:
+            break
+        at = max(next_event, last_pass + interval)
+        if at >= horizon:
+            break
+        # Everything that happened up to the pass, in time order.
+        while True:
+            t_arrival = arrivals[0].pending.submitted_at if arrivals and arrivals[0].pending.submitted_at <= at else math.inf
+            t_end = ends[0][0] if ends and ends[0][0] <= at else math.inf
+            if t_arrival == t_end == math.inf:
+                break
+            if t_arrival <= t_end:
+                advance(t_arrival)
+                backlog.add(arrivals.popleft())
+            else:
+                advance(t_end)
+                _, job_id = heapq.heappop(ends)
+                job, _ = running.pop(job_id)
+                job.ended = t_end
+                hold(nodes, job.placement, job.pending, -1)
+                held(job.pending, -1)
+                busy -= job.pending.gpus * job.pending.members
+        advance(at)
+        last_pass = at
+        # The pass.
+        attempts = [attempt for _, attempt in running.values()]
+        owner_usage = {o: Usage(*u) for o, u in usage.items()}
+        started = time.perf_counter()
+        snapshot = Snapshot(at, list(nodes.values()), attempts, backlog.pruned(), owner_usage)
+        plan = decide(snapshot, config)
+        result.policy_seconds += time.perf_counter() - started
+        result.passes += 1
+        result.decisions += len(plan.decisions)
+        hour = int(at // 3600)
+        waiting_tenants = backlog.tenants_waiting_for_gpus()
+        hour_backlogged[hour] = hour_backlogged.get(hour, True) and waiting_tenants >= set(tenants)
+        order_index = {job_id: i for i, job_id in enumerate(plan.order)}
+        for decision in plan.decisions.values():
+            job_id = decision.job.id
+            if isinstance(decision, Admit):
+                job = by_id[job_id]
+                placed = sum(members for _, members, _ in decision.placement.parts)
+                if placed != decision.job.members:
+                    result.partial_gangs += 1
+                if job.promise is not None and at > job.promise[1] + interval:
+                    if not _displaced(plan, order_index, job, job.promise[0]):
+                        result.delayed_reservations += 1
+                job.started = at
+                job.placement = decision.placement
+                backlog.started(job)
+                hold(nodes, decision.placement, decision.job, +1)
+                held(decision.job, +1)
+                busy += decision.job.gpus * decision.job.members
+                end = at + min(job.runtime, decision.job.duration)
+                running[job_id] = (job, Running(job_id, decision.job.owner, CLUSTER,
+                                                tuple((n, m) for n, m, _ in decision.placement.parts),
+                                                decision.job.cpu_millis, decision.job.memory_bytes, decision.job.gpus,
+                                                at + decision.job.duration))
+                heapq.heappush(ends, (end, job_id))
+                result.started += 1
+                result.waits[decision.job.priority].append(at - decision.job.submitted_at)
+            elif isinstance(decision, Reserve):
+                job = by_id[job_id]
+                if job.promise is None:
+                    result.reserved_jobs += 1
+                job.promise = (at, decision.start_at)
+    advance(horizon)
+    result.unstarted = backlog.count
+    for job in jobs:  # still waiting at the end: their wait so far (a lower bound) counts too
+        if job.started is None and job.pending.submitted_at < horizon:
+            result.waits[job.pending.priority].append(horizon - job.pending.submitted_at)
+    for hour, backlogged in hour_backlogged.items():
+        if backlogged and hour < int(horizon // 3600):
+            result.fair_hours += 1
+            for owner, seconds in hour_gpu[hour].items():
+                result.tenant_gpu_seconds[owner] += seconds
+    return result
+
+
+def _displaced(plan: Plan, order_index: dict[str, int], job: SimJob, promised_at: float) -> bool:
+    """A reserved job may legitimately start later than promised only if a job ordered before it, and
+    submitted after the promise, took the capacity (a higher priority arrived, or fair share moved)."""
+    mine = order_index.get(job.pending.id, math.inf)
+    for decision in plan.decisions.values():
+        if isinstance(decision, (Admit, Reserve)) and order_index.get(decision.job.id, math.inf) < mine:
+            if decision.job.submitted_at > promised_at or decision.job.priority > job.pending.priority:
+                return True
+    return False
+
+
+# --- figures ---------------------------------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+def fairness(result: Result, tenants: dict[str, float]) -> tuple[float, dict[str, tuple[float, float]]]:
+    total = sum(result.tenant_gpu_seconds.get(t, 0.0) for t in tenants)
+    weights = sum(tenants.values())
+    rows = {t: (result.tenant_gpu_seconds.get(t, 0.0) / total if total else 0.0, w / weights) for t, w in tenants.items()}
+    deviation = max((abs(actual - entitled) for actual, entitled in rows.values()), default=0.0)
+    return deviation, rows
+
+
+def big_backlog_pass(fleet: list[NodeCapacity], config: PolicyConfig, pending: int, seed: int, tenants: dict[str, float],
+                     busy_fraction: float) -> tuple[float, int, int]:
+    """One pass with `pending` jobs waiting and `busy_fraction` of the GPU nodes busy: (median seconds, decisions, admitted).
+    Timed from the pruning of the backlog (the scheduler's SQL does that part) to the decisions."""
+    trace = make_trace(seed, 2.0, sum(len(n.gpu_indices) for n in fleet), tenants, 1.2)
+    rng = random.Random(seed)
+    backlog = Backlog()
+    for i in range(pending):
+        template = trace[i % len(trace)]
+        p = template.pending
+        backlog.add(SimJob(Pending(f"b{i}", p.owner, p.priority, p.queue, rng.uniform(0, 3600), p.cpu_millis, p.memory_bytes,
+                                   p.gpus, p.members, p.has_command, p.timeout_seconds), template.kind, template.runtime))
+    nodes = [NodeCapacity(n.cluster, n.name, list(n.gpu_indices), n.gpu_type, n.cpu_millis, n.memory_bytes, n.slots) for n in fleet]
+    running = []
+    gpu_nodes = [n for n in nodes if n.gpu_indices]
+    for i, node in enumerate(gpu_nodes[: int(len(gpu_nodes) * busy_fraction)]):
+        node.used_anonymous_gpus = len(node.gpu_indices)
+        node.used_cpu_millis = node.cpu_millis - 2000  # a saturated node: its job takes (nearly) all of it
+        node.used_memory_bytes = node.memory_bytes // 2
+        node.used_slots = 1
+        running.append(Running(f"r{i}", "research", node.cluster, ((node.name, 1),), node.used_cpu_millis, node.used_memory_bytes,
+                               len(node.gpu_indices), 3600.0 + i * 10))
+    times = []
+    for _ in range(7):  # the median of a few: this machine is shared, single timings are noisy
+        started = time.perf_counter()
+        snapshot = Snapshot(3600.0, nodes, running, backlog.pruned(), {})
+        plan = decide(snapshot, config)  # never changes the snapshot: every run makes the same decisions
+        times.append(time.perf_counter() - started)
+    return statistics.median(times), len(plan.decisions), len(plan.admitted)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--hours", type=float, default=6.0)
+    parser.add_argument("--gpu-nodes", type=int, default=125, help="nodes of 8 GPUs (default 125: 1,000 GPUs)")
+    parser.add_argument("--cpu-nodes", type=int, default=25)
+    parser.add_argument("--load", type=float, default=2.0, help="offered GPU demand / GPUs")
+    parser.add_argument("--interval", type=float, default=10.0, help="least simulated seconds between passes")
+    parser.add_argument("--depth", type=int, default=4, help="reservation depth per pool")
+    parser.add_argument("--half-life", type=float, default=3600.0)
+    parser.add_argument("--pending", type=int, default=100_000, help="backlog size of the pass-time measurement")
+    args = parser.parse_args()
+
+    tenants = {"research": 2.0, "product": 1.0, "platform": 1.0, "batch": 1.0}
+    fleet = make_fleet(args.gpu_nodes, args.cpu_nodes)
+    gpus = sum(len(n.gpu_indices) for n in fleet)
+    trace = make_trace(args.seed, args.hours, gpus, tenants, args.load)
+    print(f"trace: seed {args.seed}, {len(trace):,} jobs over {args.hours:g} h, {gpus:,} GPUs on {args.gpu_nodes} nodes "
+          f"+ {args.cpu_nodes} CPU nodes, offered load {args.load:g}x, tenants {tenants}")
+    configs = {
+        "strict (old)": PolicyConfig(backfill=False, fair_share=False),
+        "new": PolicyConfig(reservation_depth=args.depth, half_life_seconds=args.half_life, weights=tenants),
+    }
+    results = {}
+    for name, config in configs.items():
+        wall = time.perf_counter()
+        results[name] = simulate(name, trace, fleet, config, args.hours, args.interval, tenants)
+        print(f"  simulated {name}: {time.perf_counter() - wall:.1f}s wall", file=sys.stderr)
+
+    rows: list[tuple[str, ...]] = []
+
+    def row(label: str, fn) -> None:  # type: ignore[no-untyped-def]
+        rows.append((label, *(fn(r) for r in results.values())))
+
+    row("GPU utilisation while jobs wait", lambda r: f"{r.busy_while_waiting / r.available_while_waiting:.1%}" if r.available_while_waiting else "-")
+    row("  ideal bound", lambda r: f"{r.ideal_while_waiting / r.available_while_waiting:.1%}" if r.available_while_waiting else "-")
+    row("  utilisation / ideal", lambda r: f"{r.busy_while_waiting / r.ideal_while_waiting:.1%}" if r.ideal_while_waiting else "-")
+    for low, high in BANDS:
+        waits = lambda r, low=low, high=high: [w for p, ws in r.waits.items() if low <= p <= high for w in ws]  # noqa: E731
+        row(f"wait p50 / p99, priority {low}-{high} (s)", lambda r, waits=waits: f"{percentile(waits(r), 50):,.0f} / {percentile(waits(r), 99):,.0f}")
+    row("jobs started / still pending at the end", lambda r: f"{r.started:,} / {r.unstarted:,}")
+    row("jobs given a reservation", lambda r: f"{r.reserved_jobs:,}")
+    row("reserved jobs started later than promised", lambda r: f"{r.delayed_reservations}")
+    row("gang members placed partially", lambda r: f"{r.partial_gangs}")
+    row("fully backlogged hours (all tenants wait)", lambda r: f"{r.fair_hours}")
+    row("fair share: max deviation from entitlement", lambda r: f"{fairness(r, tenants)[0]:.1%}" if r.fair_hours else "-")
+    for tenant in tenants:
+        row(f"  {tenant} GPU share (entitled {tenants[tenant] / sum(tenants.values()):.0%})",
+            lambda r, t=tenant: f"{fairness(r, tenants)[1][t][0]:.1%}" if r.fair_hours else "-")
+    row("passes; mean pass (ms)", lambda r: f"{r.passes:,}; {1000 * r.policy_seconds / max(r.passes, 1):.1f}")
+    row("decisions per second (trace)", lambda r: f"{r.decisions / r.policy_seconds:,.0f}" if r.policy_seconds else "-")
+    for label, busy in (("steady: 2 GPU nodes free", 1 - 2 / args.gpu_nodes), ("burst: half the GPU nodes free", 0.5)):
+        big = {name: big_backlog_pass(fleet, config, args.pending, args.seed, tenants, busy) for name, config in configs.items()}
+        row(f"one pass, {args.pending:,} pending, {label} (ms)", lambda r, big=big: f"{1000 * big[r.name][0]:.1f}")
+        row("  decisions / admitted in it", lambda r, big=big: f"{big[r.name][1]:,} / {big[r.name][2]:,}")
+        row("  decisions per second", lambda r, big=big: f"{big[r.name][1] / big[r.name][0]:,.0f}")
+
+    widths = [max(len(r[i]) for r in rows + [("", *results)]) for i in range(len(rows[0]))]
+    print()
+    print("  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(("", *results), widths))))
+    for r in rows:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+
+
+if __name__ == "__main__":
+    main()

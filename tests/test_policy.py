@@ -1,0 +1,161 @@
+"""The scheduling policy as a pure function: reservations, backfill, pools, fair share."""
+from __future__ import annotations
+
+from app.domain.capacity import NodeCapacity
+from app.domain.policy import (
+    BACKFILL_WINDOW, CAPACITY, NEVER_FITS_LIVE, Admit, Fail, Pending, PolicyConfig, Reserve, Running, Snapshot, Usage, Wait, decide,
+)
+
+GIB = 1 << 30
+NOW = 1_000_000.0
+
+
+def node(name: str, gpus: int = 8, cpu: int = 64_000, slots: int = 16, cluster: str = "local") -> NodeCapacity:
+    return NodeCapacity(cluster, name, list(range(gpus)), "H100", cpu, 512 * GIB, slots)
+
+
+def job(id: str, gpus: int = 0, priority: int = 50, owner: str = "alice", timeout: float | None = 600, at: float = 0.0, **kw) -> Pending:
+    return Pending(id, owner, priority, "q", NOW - 1000 + at, 1000, GIB, gpus, timeout_seconds=timeout, **kw)
+
+
+def running(id: str, node_: NodeCapacity, gpus: int, ends_in: float, owner: str = "bob") -> Running:
+    node_.used_gpus.update(node_.free_gpus[:gpus])
+    node_.used_cpu_millis += 1000
+    node_.used_memory_bytes += GIB
+    node_.used_slots += 1
+    return Running(id, owner, node_.cluster, ((node_.name, 1),), 1000, GIB, gpus, NOW + ends_in)
+
+
+def test_a_big_job_is_reserved_and_short_small_jobs_backfill_but_not_long_ones() -> None:
+    a = node("a")
+    busy = [running("r1", a, 4, ends_in=1000), running("r2", a, 2, ends_in=300)]
+    big = job("big", gpus=8, priority=90, timeout=3600)
+    short = job("short", gpus=1, priority=10, timeout=500)  # ends before the reservation at +1000
+    long = job("long", gpus=1, priority=10, timeout=5000, at=1)  # would still hold its GPU at +1000
+    plan = decide(Snapshot(NOW, [a], busy, [big, short, long]))
+    reserved = plan.decisions["big"]
+    assert isinstance(reserved, Reserve) and reserved.start_at == NOW + 1000 and reserved.nodes == ("a",)
+    assert isinstance(plan.decisions["short"], Admit) and plan.decisions["short"].backfilled
+    assert isinstance(plan.decisions["long"], Wait) and plan.decisions["long"].reason == BACKFILL_WINDOW
+    assert plan.decisions["long"].blocked_by == "big"
+    assert not a.used_gpus - {0, 1, 2, 3, 4, 5}  # the snapshot itself is never changed
+
+
+def test_capacity_the_reservation_does_not_need_is_used_at_once() -> None:
+    a, b = node("a"), node("b", gpus=0)
+    busy = [running("r1", a, 8, ends_in=1000)]
+    plan = decide(Snapshot(NOW, [a, b], busy, [job("big", gpus=8, priority=90), job("cpu", priority=1, timeout=None)]))
+    assert isinstance(plan.decisions["big"], Reserve)
+    cpu = plan.decisions["cpu"]
+    assert isinstance(cpu, Admit) and cpu.placement.node == "b"  # no timeout, but it needs nothing reserved
+
+
+def test_a_job_no_live_node_can_hold_blocks_nobody() -> None:
+    plan = decide(Snapshot(NOW, [node("cpu-only", gpus=0)], [], [job("gpu", gpus=1, priority=99), job("cpu", priority=1)]))
+    assert plan.decisions["gpu"].reason == NEVER_FITS_LIVE
+    assert isinstance(plan.decisions["cpu"], Admit)
+
+
+def test_reservations_are_kept_for_the_first_few_blocked_jobs_of_a_pool() -> None:
+    a = node("a")
+    busy = [running("r1", a, 8, ends_in=1000)]
+    backlog = [job(f"big{i}", gpus=8, priority=90, at=i) for i in range(4)]
+    plan = decide(Snapshot(NOW, [a], busy, backlog), PolicyConfig(reservation_depth=2))
+    assert [type(plan.decisions[f"big{i}"]) for i in range(4)] == [Reserve, Reserve, Wait, Wait]
+    assert plan.decisions["big0"].start_at == NOW + 1000 and plan.decisions["big1"].start_at == NOW + 1600
+    assert plan.decisions["big2"].reason == CAPACITY
+
+
+def test_fair_share_orders_equal_priorities_but_never_overrides_priority() -> None:
+    a = node("a", gpus=2, slots=2)
+    burst = [job(f"heavy{i}", gpus=1, owner="heavy", at=i) for i in range(5)]
+    light = job("light", gpus=1, owner="light", at=100)
+    urgent = job("urgent", gpus=1, owner="heavy", priority=60, at=200)
+    usage = {"heavy": Usage(gpu_seconds=3600.0)}
+    plan = decide(Snapshot(NOW, [a], [], burst + [light, urgent], usage=usage))
+    admitted = [d.job.id for d in plan.admitted]
+    assert admitted == ["urgent", "light"]
+    assert plan.shares["light"].rank == 1 and plan.shares["heavy"].rank == 2
+
+
+def test_weights_scale_shares() -> None:
+    config = PolicyConfig(weights={"big-team": 4.0})
+    usage = {"big-team": Usage(gpu_seconds=3000.0), "small": Usage(gpu_seconds=1000.0)}
+    plan = decide(Snapshot(NOW, [node("a", gpus=1, slots=1)], [], [job("s", gpus=1, owner="small"), job("b", gpus=1, owner="big-team", at=1)], usage=usage), config)
+    assert [d.job.id for d in plan.admitted] == ["b"]
+
+
+def test_a_malformed_row_fails_alone() -> None:
+    bad = Pending("bad", "x", 99, "q", NOW, -1, GIB, 0)
+    plan = decide(Snapshot(NOW, [node("a")], [], [bad, job("ok")]))
+    assert isinstance(plan.decisions["bad"], Fail) and isinstance(plan.decisions["ok"], Admit)
+
+
+def test_strict_mode_stops_at_the_first_misfit() -> None:
+    a = node("a")
+    busy = [running("r1", a, 8, ends_in=1000)]
+    plan = decide(Snapshot(NOW, [a, node("b", gpus=0)], busy, [job("big", gpus=8, priority=90), job("cpu", priority=1)]),
+                  PolicyConfig(backfill=False, fair_share=False))
+    assert not plan.admitted
+
+
+def test_kubernetes_gangs_reserve_across_nodes() -> None:
+    nodes = [node(f"k{i}", cluster="kube") for i in range(3)]
+    busy = [running(f"r{i}", nodes[i], 6, ends_in=100 * (i + 1)) for i in range(3)]
+    gang = Pending("gang", "a", 90, "q", NOW, 1000, GIB, 4, members=3, has_command=False, timeout_seconds=100)
+    plan = decide(Snapshot(NOW, nodes, busy, [gang]))
+    reserved = plan.decisions["gang"]
+    assert isinstance(reserved, Reserve) and reserved.start_at == NOW + 200 and sorted(reserved.nodes) == ["k0", "k1"]
+
+
+def _holding(nodes: list[NodeCapacity], cluster: str, parts, cpu: int, memory: int, gpus: int) -> None:  # type: ignore[no-untyped-def]
+    by_name = {n.name: n for n in nodes}
+    for index, (name, members) in enumerate(parts):
+        node = by_name[name]
+        node.used_anonymous_gpus += gpus * members
+        node.used_cpu_millis += cpu * members
+        node.used_memory_bytes += memory * members
+        node.used_slots += 1 if index == 0 else 0
+
+
+def test_backfill_never_delays_the_first_reservation_on_random_fleets() -> None:
+    """Whatever is admitted now, the first reserved job still fits at its reserved start, even if every
+    running and admitted job runs to its timeout (and the margin after it)."""
+    import random
+
+    from app.domain.capacity import place
+
+    checked = 0
+    for seed in range(150):
+        rng = random.Random(seed)
+        names = [f"n{i}" for i in range(rng.randint(1, 5))]
+        fresh = lambda: [NodeCapacity("local", n, list(range(8)), "H100", 32_000, 256 * GIB, 8) for n in names]  # noqa: E731
+        nodes = fresh()
+        running = []
+        for r in range(rng.randint(0, 12)):
+            gpus = rng.choice((1, 2, 4, 8))
+            placement = place(nodes, 2000, 8 * GIB, gpus, 1)
+            if placement is not None:
+                running.append(Running(f"r{r}", "x", "local", ((placement.node, 1),), 2000, 8 * GIB, gpus, NOW + rng.randint(10, 5000)))
+        backlog = [
+            Pending(f"p{j}", rng.choice("abc"), rng.choice((10, 50, 90)), "q", NOW - rng.randint(0, 900), rng.choice((1000, 4000)),
+                    rng.choice((GIB, 16 * GIB)), rng.choice((0, 1, 2, 4, 8)), timeout_seconds=rng.choice((60, 600, 3600, None)))
+            for j in range(rng.randint(1, 25))
+        ]
+        margin = 5.0
+        plan = decide(Snapshot(NOW, nodes, running, backlog), PolicyConfig(end_margin_seconds=margin))
+        first = next((plan.decisions[j] for j in plan.order if isinstance(plan.decisions[j], Reserve)), None)
+        if first is None:
+            continue
+        later = fresh()
+        for attempt in running:
+            if attempt.ends_at > first.start_at:
+                _holding(later, "local", attempt.parts, attempt.cpu_millis, attempt.memory_bytes, attempt.gpus)
+        for admitted in plan.admitted:
+            if NOW + admitted.job.duration + margin > first.start_at:
+                parts = tuple((name, members) for name, members, _ in admitted.placement.parts)
+                _holding(later, "local", parts, admitted.job.cpu_millis, admitted.job.memory_bytes, admitted.job.gpus)
+        job = first.job
+        assert place(later, job.cpu_millis, job.memory_bytes, job.gpus, job.members) is not None, (seed, first)
+        checked += 1
+    assert checked > 20

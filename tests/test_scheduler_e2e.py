@@ -1,0 +1,114 @@
+"""The scheduler against the real service: no job can stop it, and a job that cannot run blocks nobody."""
+from __future__ import annotations
+
+import math
+from datetime import datetime, timedelta, timezone
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from sqlalchemy import select, text
+
+from app.db import Database
+from app.domain.jobs import new_job_id
+from app.domain.scheduling import retry_delay_seconds
+from app.models import Job, JobEvent, Node
+from config import Settings
+from tests.conftest import ApiClient, wait_for, wait_for_status
+
+
+def sh(script: str) -> list[str]:
+    return ["sh", "-c", script]
+
+
+def insert_job(database: Database, **fields: Any) -> str:
+    """A row as an older release (or an operator's SQL) may have left it: no API validation."""
+    now = datetime.now(timezone.utc)
+    row: dict[str, Any] = dict(
+        id=new_job_id(), owner="legacy", job_type="inference", priority=50, queue="high-priority", status="pending",
+        status_reason="submitted", command=["true"], cpu_millis=100, memory_bytes=1 << 20, gpus=0, created_at=now,
+        updated_at=now, pending_since=now, max_retries=0, backoff_multiplier=2.0, retry_count=0,
+    )
+    row.update(fields)
+    with database.session() as session, session.begin():
+        session.add(Job(**row))
+        session.add(JobEvent(job_id=row["id"], at=now, from_status=None, to_status=row["status"], reason="inserted", actor="test"))
+    return row["id"]
+
+
+def events(database: Database, job_id: str) -> list[JobEvent]:
+    with database.session() as session:
+        return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)))
+
+
+def test_the_retry_delay_is_capped_for_any_stored_multiplier() -> None:
+    settings = Settings(retry_backoff_base_seconds=10, retry_backoff_max_seconds=3600)
+    for multiplier, retries in ((1e12, 2), (1e12, 30), (math.inf, 1), (math.nan, 1), (2.0, 10**9), (1e308, 10**6)):
+        assert retry_delay_seconds(settings, SimpleNamespace(backoff_multiplier=multiplier, retry_count=retries)) == 3600
+    assert retry_delay_seconds(settings, SimpleNamespace(backoff_multiplier=2.0, retry_count=3)) == 80
+    assert retry_delay_seconds(settings, SimpleNamespace(backoff_multiplier=-3.0, retry_count=1)) == 0
+    assert retry_delay_seconds(settings, SimpleNamespace(backoff_multiplier=0.5, retry_count=10**9)) == 0
+
+
+def test_no_job_stops_the_scheduler(api: ApiClient, start_scheduler, start_worker, database: Database) -> None:
+    """A lost job with a 1e12 backoff and a pending job with negative resources, both written straight into
+    the database, neither stop the pass: the first is retried after the capped delay, the second failed with
+    its reason, and a valid job behind them runs."""
+    long_ago = datetime.now(timezone.utc) - timedelta(minutes=10)
+    huge_backoff = insert_job(
+        database, status="running", backoff_multiplier=1e12, retry_count=3, max_retries=5, cluster="local", node="gone",
+        worker_id="worker-gone", started_at=long_ago, heartbeat_at=long_ago, queued_at=long_ago,
+    )
+    negative = insert_job(database, priority=100, cpu_millis=-4000)
+    start_worker("node-a")
+    start_scheduler(RETRY_BACKOFF_MAX_SECONDS="120")
+    valid = api.submit(command=sh("echo fine"), priority=10)
+    assert wait_for_status(api, valid["id"], {"succeeded", "failed"})["status"] == "succeeded"
+
+    failed = wait_for_status(api, negative, "failed")
+    assert "could not admit" in failed["status_reason"] and "negative resources" in failed["status_reason"]
+    assert events(database, negative)[-1].actor == "scheduler"
+    retried = wait_for_status(api, huge_backoff, "pending")
+    last = events(database, huge_backoff)[-1]
+    assert last.from_status == "running" and last.details["backoff_seconds"] == 120
+    assert "retry 4 of 5 in 120s" in retried["status_reason"]
+
+
+def test_readiness_reports_a_scheduler_that_cannot_pass(api: ApiClient, start_scheduler, database: Database) -> None:
+    assert api.get("/health/ready").json()["checks"]["scheduler"] == "unknown"  # none ever ran: not a failure
+    start_scheduler(SCHEDULER_HEALTH_INTERVALS="2")  # interval 0.5s: stale after 1s
+    wait_for(lambda: api.get("/health/ready").json()["checks"]["scheduler"] == "ok", message="scheduler ok")
+    # Hold the jobs table: every pass now hangs in admission and none completes.
+    with database.engine.connect() as conn:
+        transaction = conn.begin()
+        conn.execute(text("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE"))
+        try:
+            wait_for(lambda: api.get("/health/ready").status_code == 503, timeout=20, message="readiness to degrade")
+            body = api.get("/health/ready").json()
+            assert body["status"] == "degraded" and body["checks"]["scheduler"] == "error"
+            assert body["checks"]["database"] == "ok"
+        finally:
+            transaction.rollback()
+    wait_for(lambda: api.get("/health/ready").status_code == 200, timeout=20, message="readiness to recover")
+
+
+def test_a_gpu_job_with_no_gpu_node_does_not_block_a_cpu_job(api: ApiClient, start_scheduler, start_worker) -> None:
+    gpu_job = api.submit(command=sh("true"), priority=90, resources={"gpu": 1})  # no node known yet: accepted
+    start_worker("cpu-only", gpus=0)
+    start_scheduler()
+    cpu_job = api.submit(command=sh("echo cpu"), priority=10)
+    assert wait_for_status(api, cpu_job["id"], {"succeeded", "failed"})["status"] == "succeeded"
+    assert api.get(f"/jobs/{gpu_job['id']}").json()["status"] == "pending"
+    explained = api.get(f"/jobs/{gpu_job['id']}/explain").json()
+    assert explained["reason"] == "INSUFFICIENT_GPUS", explained
+
+
+def test_a_valid_job_is_not_refused_while_gpu_nodes_are_not_ready(api: ApiClient, database: Database) -> None:
+    now = datetime.now(timezone.utc)
+    with database.session() as session, session.begin():
+        session.add(Node(cluster="local", name="gpu-1", gpu_indices=[0, 1], cpu_millis=8000, memory_bytes=32 << 30, slots=4,
+                         ready=False, heartbeat_at=now - timedelta(minutes=5), started_at=now))
+    accepted = api.post("/jobs/", json={"job_type": "train", "command": ["true"], "resources": {"gpu": 2}})
+    assert accepted.status_code == 201, accepted.text
+    refused = api.post("/jobs/", json={"job_type": "train", "command": ["true"], "resources": {"gpu": 3}})
+    assert refused.status_code == 400 and "can never be scheduled" in refused.json()["error"]["message"]
