@@ -34,6 +34,7 @@ from config import Settings
 
 log = logging.getLogger("jobservice.scheduler")
 T = TypeVar("T")
+REQUEUE_BATCH = 500  # unclaimed jobs returned to the backlog per sweep
 
 EXECUTE_TASK = "jobservice.execute_job"
 ADOPT_TASK = "jobservice.adopt_job"
@@ -399,7 +400,7 @@ def requeue_unclaimed(session: Session, settings: Settings, now: datetime | None
     unclaimed_filter = (Job.status == JobStatus.QUEUED.value, Job.queued_at < now - timedelta(seconds=timeout))
     with transaction(session):
         candidates = list(
-            session.scalars(select(Job.id).where(*unclaimed_filter).order_by(Job.queued_at).limit(ADMISSION_BATCH))
+            session.scalars(select(Job.id).where(*unclaimed_filter).order_by(Job.queued_at).limit(REQUEUE_BATCH))
         )
 
     def requeue(job_id: str) -> Callable[[], bool]:
