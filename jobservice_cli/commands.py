@@ -574,8 +574,27 @@ def fairness(ctx: Context) -> None:
         fail(error)
     if ctx.json:
         render.dump_json(answer)
-    else:
+    elif isinstance(answer, dict) and isinstance(answer.get("owners"), list):
+        half_life = answer.get("half_life_seconds")
+        render.err.print(f"usage decays with a half-life of {render.duration(half_life)}; at equal priority the lowest share goes first")
+        grid = render.table("OWNER", "WEIGHT", "SHARE", "USED", "HELD", "RANK", "PENDING", "GPU-H", "CPU-H", "MEM GIB-H")
+        for owner in answer["owners"]:
+            grid.add_row(
+                render.cell(owner.get("owner")), _number(owner.get("weight")), _number(owner.get("share")), _number(owner.get("usage_share")),
+                _number(owner.get("held_share")), render.cell(owner.get("rank")), render.cell(owner.get("pending")),
+                _number(_hours(owner.get("gpu_seconds"))), _number(_hours(owner.get("cpu_seconds"))), _number(_hours(owner.get("memory_gib_seconds"))),
+            )
+        render.out.print(grid)
+    else:  # a shape this client does not know yet
         render.generic(answer)
+
+
+def _hours(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds / 3600
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
 
 
 @cli.command("completion")

@@ -183,12 +183,31 @@ def test_url_and_token_from_the_config_file_and_flags_first(client_env: dict[str
     assert wrong.exit_code == exits.USAGE and "unknown keys colour" in wrong.stderr
 
 
-def test_fairness_is_shown_where_the_service_has_it(client_env: dict[str, str]) -> None:
+def test_fairness_is_shown_where_the_service_has_it(client_env: dict[str, str], cli_server: LiveServer) -> None:
+    run_cli(client_env, "submit", "--", "true")  # alice has a backlog of one
     answer = run_cli(client_env, "fairness")
-    if answer.exit_code == exits.REFUSED:  # this service predates GET /api/v1/fairness
-        assert "has no fairness endpoint" in answer.stderr and "Traceback" not in answer.stderr
-    else:
-        assert answer.exit_code == 0, answer.stderr
+    assert answer.exit_code == 0, answer.stderr
+    row = next(line for line in answer.stdout.splitlines() if line.startswith("alice"))
+    assert row.split()[1:2] == ["1"] and row.split()[6] == "1", answer.stdout  # weight 1, one pending
+    assert "half-life" in answer.stderr
+
+
+def test_fairness_on_a_service_without_it(client_env: dict[str, str], settings: Settings, database: Database) -> None:
+    """An older service answers 404 for /fairness: said plainly, exit 4, no traceback."""
+    from flask import abort, request
+
+    server = LiveServer(settings.with_overrides(auth_enabled=True))
+    try:
+        # Answer /fairness as a service from before GET /api/v1/fairness does: not found, in the envelope.
+        def no_fairness() -> None:
+            if request.path.startswith("/api/v1/fairness"):
+                abort(404)
+
+        server.app.before_request_funcs.setdefault(None, []).insert(0, no_fairness)
+        answer = run_cli({**client_env, "JOBSERVICE_URL": server.url}, "fairness")
+        assert answer.exit_code == exits.REFUSED and "has no fairness endpoint" in answer.stderr, answer.stderr
+    finally:
+        server.stop()
 
 
 def test_unknown_shapes_render_as_tables() -> None:
