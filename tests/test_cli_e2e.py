@@ -250,3 +250,14 @@ def test_followed_logs_resume_where_a_closed_stream_stopped(settings: Settings, 
         assert quick.exit_code == 0 and quick.stdout.splitlines()[1:] == ["at once"]
     finally:
         server.stop()
+
+
+def test_client_commands_start_without_the_service() -> None:
+    """`jobservice ls` does not import Flask, SQLAlchemy or Celery (a second of start-up on every call)."""
+    script = (
+        "import sys\nfrom jobservice_cli import main\ncode = main(['ls', '--help'])\n"
+        "heavy = sorted(m for m in ('app', 'flask', 'sqlalchemy', 'celery') if m in sys.modules)\n"
+        "print(code, heavy)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.stdout.splitlines()[-1] == "0 []", done.stdout + done.stderr
