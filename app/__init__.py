@@ -33,7 +33,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.url_map.merge_slashes = False
 
     from app.api import auth, clusters, context, errors, fairness, guards, health, jobs, logs as job_logs, ratelimit
-    from app.api import docs, metrics, openapi, prometheus, queues, streams, timeline
+    from app.api import docs, metrics, nodes, openapi, prometheus, queues, streams, timeline
 
     context.register(app, Database(settings.database_url, application_name="jobservice-api"))
     streams.register(app)
@@ -50,6 +50,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         api.register_blueprint(job_logs.blp)
         api.register_blueprint(health.blp)
         api.register_blueprint(clusters.blp)
+        api.register_blueprint(nodes.blp)
         api.register_blueprint(queues.blp)
         api.register_blueprint(metrics.blp)
         api.register_blueprint(timeline.blp)

@@ -46,7 +46,9 @@ def run(args: argparse.Namespace) -> int:
                 specs, env, ROOT, state_file,
                 backoff_seconds=settings.restart_backoff_seconds,
                 backoff_max_seconds=settings.restart_backoff_max_seconds,
-                stop_grace_seconds=settings.stop_grace_seconds,
+                # A stopping worker drains: its jobs get WORKER_DRAIN_SECONDS, then the kill grace, before SIGKILL.
+                stop_grace_seconds=max(settings.stop_grace_seconds, settings.worker_drain_seconds + settings.kill_grace_seconds + 10)
+                if any(spec.name == "worker" for spec in specs) else settings.stop_grace_seconds,
                 others=services.pids(),
             )
         except ValueError as exc:

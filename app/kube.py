@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from decimal import Decimal
 
 from kubernetes import client, config
@@ -147,6 +149,59 @@ def check_cluster(api_client: ApiClient, timeout: float = 5.0) -> str:
         return "error"
     return "ok"
 
+@dataclass
+class TokenBucket:
+    """client-go's client-side rate limiter (flowcontrol.NewTokenBucketRateLimiter): `qps` tokens a second, up
+    to `burst` saved; each request takes one, waiting for it when none is left. qps <= 0: no limit."""
+
+    qps: float
+    burst: int
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+    taken: int = 0  # requests let through (for tests and benchmarks)
+    waited_seconds: float = 0.0
+    _tokens: float = field(init=False)
+    _at: float = field(init=False)
+    _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.burst = max(1, int(self.burst))
+        self._tokens, self._at = float(self.burst), self.clock()
+
+    def acquire(self) -> float:
+        """Take a token, waiting as long as needed; returns the wait. Waiters are served in turn: a token
+        is reserved under the lock (the balance may go negative) and the wait happens outside it."""
+        if self.qps <= 0:
+            with self._lock:
+                self.taken += 1
+            return 0.0
+        with self._lock:
+            now = self.clock()
+            self._tokens = min(float(self.burst), self._tokens + (now - self._at) * self.qps)
+            self._at = now
+            self._tokens -= 1
+            wait = max(0.0, -self._tokens / self.qps)
+            self.taken += 1
+            self.waited_seconds += wait
+        if wait > 0:
+            self.sleep(wait)
+        return wait
+
+
+class RateLimitedApiClient(ApiClient):
+    """An API client whose every request (calls, lists, watches, log streams) first takes a token from a
+    shared limiter, as client-go's REST client does. 429 and 5xx are retried, honouring Retry-After, by the
+    callers' retry policy (workers.executors.kubernetes.calls)."""
+
+    def __init__(self, configuration: client.Configuration, limiter: TokenBucket) -> None:
+        super().__init__(configuration)
+        self.limiter = limiter
+
+    def call_api(self, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        self.limiter.acquire()
+        return super().call_api(*args, **kwargs)  # type: ignore[arg-type]
+
+
 def tune_configuration(configuration: client.Configuration, pool_maxsize: int = 64) -> client.Configuration:
     """Every watch and log stream holds a connection for its lifetime; the default pool (cpu_count * 5)
     would make the rest open and throw away a connection per request."""
@@ -154,31 +209,35 @@ def tune_configuration(configuration: client.Configuration, pool_maxsize: int = 
     return configuration
 
 
-def build_api_client(kubeconfig: str | None = None, context: str | None = None, *, pool_maxsize: int = 64) -> ApiClient:
+def build_api_client(kubeconfig: str | None = None, context: str | None = None, *, pool_maxsize: int = 64,
+                     qps: float = 50.0, burst: int = 100) -> ApiClient:
     """An API client from the pod's service account (in a cluster, when no kubeconfig or context is named)
     or from a kubeconfig file and context.
 
-    The Python client has no rate limiter of its own (unlike client-go's 5 QPS / burst 10), so nothing here
-    throttles; the executor's load is a few long-lived watch and log connections per job, not polling.
+    The Python client has no rate limiter of its own: every request of this one takes a token from a
+    client-side token bucket (`qps`, `burst`; KUBERNETES_QPS / KUBERNETES_BURST), as client-go's does.
     """
     configuration = client.Configuration()
+    limiter = TokenBucket(qps, burst)
     if kubeconfig is None and context is None:
         try:
             config.load_incluster_config(client_configuration=configuration)
-            return ApiClient(tune_configuration(configuration, pool_maxsize))
+            return RateLimitedApiClient(tune_configuration(configuration, pool_maxsize), limiter)
         except config.ConfigException:
             pass  # not in a cluster: the default kubeconfig
     config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=configuration,
                             persist_config=False)
-    return ApiClient(tune_configuration(configuration, pool_maxsize))
+    return RateLimitedApiClient(tune_configuration(configuration, pool_maxsize), limiter)
 
 
 class ClusterClients:
     """One API client per configured cluster, built on first use (never at import) and then shared."""
 
-    def __init__(self, clusters: tuple[tuple[str, str | None], ...], kubeconfig: str | None) -> None:
+    def __init__(self, clusters: tuple[tuple[str, str | None], ...], kubeconfig: str | None,
+                 qps: float = 50.0, burst: int = 100) -> None:
         self.contexts = dict(clusters)
         self.kubeconfig = kubeconfig
+        self.qps, self.burst = qps, burst
         self._clients: dict[str, ApiClient] = {}
         self._lock = threading.Lock()
 
@@ -190,5 +249,6 @@ class ClusterClients:
         with self._lock:
             if name not in self._clients:
                 context = self.contexts[name]
-                self._clients[name] = build_api_client(self.kubeconfig if context else None, context)
+                self._clients[name] = build_api_client(self.kubeconfig if context else None, context,
+                                                       qps=self.qps, burst=self.burst)
             return self._clients[name]

@@ -188,10 +188,14 @@ class OutboxMessage(Base):
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
 
 
+NODE_STATES = ("ready", "cordoned", "draining")
+
+
 class Node(Base):
     """A place jobs run: a worker host of the `local` cluster, or a Kubernetes node."""
 
     __tablename__ = "nodes"
+    __table_args__ = (CheckConstraint("state IN ('ready', 'cordoned', 'draining')", name="state_known"),)
 
     cluster: Mapped[str] = mapped_column(Text, primary_key=True)
     name: Mapped[str] = mapped_column(Text, primary_key=True)
@@ -203,6 +207,30 @@ class Node(Base):
     ready: Mapped[bool] = mapped_column(Boolean, server_default="true")
     heartbeat_at: Mapped[datetime] = mapped_column(server_default=func.now())
     started_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    # Set by operators (app.domain.nodes) and by a stopping worker; a worker's join and heartbeats keep it.
+    state: Mapped[str] = mapped_column(Text, server_default="ready")
+    state_reason: Mapped[str | None] = mapped_column(Text)
+    state_by: Mapped[str | None] = mapped_column(Text)
+    state_at: Mapped[datetime | None]
+    # While draining: running jobs still there after this are stopped and requeued by their worker.
+    drain_deadline: Mapped[datetime | None]
+
+
+class NodeEvent(Base):
+    """Audit of node state changes: who cordoned, drained or uncordoned which node, when and why."""
+
+    __tablename__ = "node_events"
+    __table_args__ = (Index("ix_node_events_node", "cluster", "node", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(server_default=func.now())
+    cluster: Mapped[str] = mapped_column(Text)
+    node: Mapped[str] = mapped_column(Text)
+    from_state: Mapped[str | None] = mapped_column(Text)
+    to_state: Mapped[str] = mapped_column(Text)
+    actor: Mapped[str] = mapped_column(Text)
+    reason: Mapped[str] = mapped_column(Text)
+    details: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
 
 
 class SchedulerHeartbeat(Base):
@@ -308,3 +336,19 @@ class JobStatDelta(Base):
     bucket: Mapped[int] = mapped_column(Integer)
     count: Mapped[int] = mapped_column(BigInteger)
     total: Mapped[float] = mapped_column(Float)
+
+
+class IdempotencyKey(Base):
+    """A submission's `Idempotency-Key`, per caller, with the answer it got: a retry gets the same answer."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (Index("ix_idempotency_keys_expires_at", "expires_at"),)
+
+    # The primary key is what makes two racing requests with one key create one set of jobs.
+    owner: Mapped[str] = mapped_column(Text, primary_key=True)
+    key: Mapped[str] = mapped_column(Text, primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(Text)  # sha256 of the operation and its canonical JSON body
+    status_code: Mapped[int] = mapped_column(Integer)
+    response: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    expires_at: Mapped[datetime]

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from app import heartbeat
 from app.db import Database, first_line, is_connection_error
 from app.dispatch import CeleryPublisher, TaskPublisher, publish, publish_stale
-from app.domain import counters, liveness, logs as log_store
+from app.domain import counters, idempotency, liveness, logs as log_store
 from app.domain.jobs import SCHEDULER_CHANNEL, utcnow
 from app.domain.scheduling import AdmissionResult, admit, recover_lost, requeue_unclaimed
 from config import Settings
@@ -62,6 +62,7 @@ class Scheduler:
             if now_mono - self._last_purge >= PURGE_EVERY_SECONDS:
                 self._last_purge = now_mono
                 log_store.purge_older_than(session, self.settings.log_retention_days)
+                idempotency.purge_expired(session, utcnow())
             result = admit(session, self.settings)
             if result.admitted:
                 publish(session, self.publisher, result.messages)

@@ -6,6 +6,7 @@ Every setting has an embedded default so that the service runs with no configura
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import dataclass, field, replace
 from typing import Mapping
@@ -64,6 +65,27 @@ def parse_weights(spec: str) -> tuple[tuple[str, float], ...]:
             raise ValueError(f"FAIR_SHARE_WEIGHTS entry {item!r} is not owner=weight with 0 < weight < 1e6")
         weights.append((owner, weight))
     return tuple(weights)
+
+
+TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+DEFAULT_GPU_TOLERATIONS = "nvidia.com/gpu:NoSchedule"
+
+
+def parse_tolerations(spec: str) -> tuple[tuple[str, str | None, str | None], ...]:
+    """`key[=value][:effect],...` -> (key, value, effect): a pod tolerates the taint `key` (any value when
+    none is given: operator Exists) with that effect (any effect when none is given)."""
+    tolerations = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        rest, _, effect = item.partition(":")
+        key, equals, value = rest.partition("=")
+        if not re.fullmatch(r"([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?", key.strip()):
+            raise ValueError(f"KUBERNETES_GPU_TOLERATIONS entry {item!r}: {key!r} is not a taint key")
+        if effect and effect not in TAINT_EFFECTS:
+            raise ValueError(f"KUBERNETES_GPU_TOLERATIONS entry {item!r}: the effect must be one of {', '.join(TAINT_EFFECTS)}")
+        if equals and (len(value) > 63 or not re.fullmatch(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?", value)):
+            raise ValueError(f"KUBERNETES_GPU_TOLERATIONS entry {item!r}: {value!r} is not a label value")
+        tolerations.append((key.strip(), value if equals else None, effect or None))
+    return tuple(tolerations)
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
@@ -128,6 +150,8 @@ class Settings:
     ratelimit_list: str = "300/minute"
     ratelimit_default: str = "600/minute"
     jwt_max_token_lifetime_seconds: int = 31 * 86400
+    max_batch_jobs: int = 1000
+    idempotency_key_ttl_seconds: int = 86400
 
     # Input bounds (the API answers 400 beyond them; the OpenAPI document states them)
     max_job_timeout_seconds: int = 7 * 86400
@@ -167,6 +191,7 @@ class Settings:
     worker_concurrency: int = 4
     worker_workdir: str = ".jobservice/work"
     kill_grace_seconds: float = 10.0
+    worker_drain_seconds: float = 30.0
     worker_cgroup: str = "auto"
     nvidia_smi: str = "nvidia-smi"
 
@@ -179,6 +204,16 @@ class Settings:
     kubernetes_service_account: str | None = None
     gang_start_timeout_seconds: float = 600.0
     inventory_sync_seconds: float = 10.0
+    # Finished Kubernetes Jobs (and their pods, logs, events) are kept this long; a failed one at least as
+    # long as a succeeded one (from_env raises the failed TTL to the succeeded one).
+    kubernetes_job_ttl_succeeded_seconds: float = 3600.0
+    kubernetes_job_ttl_failed_seconds: float = 86400.0
+    # Pods that request GPUs tolerate these taints (GPU nodes are commonly tainted nvidia.com/gpu:NoSchedule).
+    # Client-side rate limit of each Kubernetes API client (client-go's QPS/burst); qps 0: unlimited.
+    kubernetes_qps: float = 50.0
+    kubernetes_burst: int = 100
+    kubernetes_gpu_tolerations: tuple[tuple[str, str | None, str | None], ...] = field(
+        default_factory=lambda: parse_tolerations(DEFAULT_GPU_TOLERATIONS))
     worker_executor: str = "local"
     worker_cluster: str | None = None
 
@@ -229,6 +264,8 @@ class Settings:
             ratelimit_list=env.get("RATELIMIT_LIST", "300/minute"),
             ratelimit_default=env.get("RATELIMIT_DEFAULT", "600/minute"),
             jwt_max_token_lifetime_seconds=_int(env, "JWT_MAX_TOKEN_LIFETIME_SECONDS", 31 * 86400),
+            max_batch_jobs=max(1, _int(env, "MAX_BATCH_JOBS", 1000)),
+            idempotency_key_ttl_seconds=max(1, _int(env, "IDEMPOTENCY_KEY_TTL_SECONDS", 86400)),
             max_job_timeout_seconds=_int(env, "MAX_JOB_TIMEOUT_SECONDS", 7 * 86400),
             max_retries=_int(env, "MAX_RETRIES", 100),
             max_gang_members=_int(env, "MAX_GANG_MEMBERS", 64),
@@ -262,6 +299,7 @@ class Settings:
             worker_concurrency=_int(env, "WORKER_CONCURRENCY", 4),
             worker_workdir=env.get("WORKER_WORKDIR", os.path.join(env.get("JOBSERVICE_DATA_DIR", ".jobservice"), "work")),
             kill_grace_seconds=_float(env, "KILL_GRACE_SECONDS", 10.0),
+            worker_drain_seconds=min(86400.0, max(0.0, _float(env, "WORKER_DRAIN_SECONDS", 30.0))),
             worker_cgroup=env.get("WORKER_CGROUP", "auto").strip() or "auto",
             nvidia_smi=env.get("NVIDIA_SMI", "nvidia-smi"),
             kubernetes_clusters=parse_clusters(env.get("KUBERNETES_CLUSTERS", "")),
@@ -272,6 +310,15 @@ class Settings:
             kubernetes_service_account=_optional(env, "KUBERNETES_SERVICE_ACCOUNT"),
             gang_start_timeout_seconds=_float(env, "GANG_START_TIMEOUT_SECONDS", 600.0),
             inventory_sync_seconds=_float(env, "INVENTORY_SYNC_SECONDS", 10.0),
+            kubernetes_qps=min(100_000.0, max(0.0, _float(env, "KUBERNETES_QPS", 50.0))),
+            kubernetes_burst=min(100_000, max(1, _int(env, "KUBERNETES_BURST", 100))),
+            kubernetes_gpu_tolerations=parse_tolerations(env.get("KUBERNETES_GPU_TOLERATIONS", DEFAULT_GPU_TOLERATIONS)),
+            kubernetes_job_ttl_succeeded_seconds=max(0.0, _float(env, "KUBERNETES_JOB_TTL_SUCCEEDED_SECONDS", 3600.0)),
+            kubernetes_job_ttl_failed_seconds=max(
+                0.0,
+                _float(env, "KUBERNETES_JOB_TTL_SUCCEEDED_SECONDS", 3600.0),
+                _float(env, "KUBERNETES_JOB_TTL_FAILED_SECONDS", 86400.0),
+            ),
             worker_executor=env.get("WORKER_EXECUTOR", "local"),
             worker_cluster=_optional(env, "WORKER_CLUSTER"),
             restart_backoff_seconds=_float(env, "RESTART_BACKOFF_SECONDS", 1.0),

@@ -24,8 +24,8 @@ from app.db import Database
 from app.embedded import ensure_services
 from config import Settings
 
-TABLES = ("job_log_lines", "job_events", "outbox", "jobs", "nodes", "job_counts", "job_count_deltas", "job_stats", "job_stat_buckets", "job_stats_deltas",
-          "scheduler_heartbeats", "fair_share_usage", "scheduler_state")
+TABLES = ("job_log_lines", "job_events", "outbox", "jobs", "nodes", "node_events", "job_counts", "job_count_deltas", "job_stats", "job_stat_buckets",
+          "job_stats_deltas", "scheduler_heartbeats", "fair_share_usage", "scheduler_state", "idempotency_keys")
 TEST_JWT_SECRET = "test-secret-that-is-long-enough-for-hs256-0123456789"
 
 

@@ -227,3 +227,23 @@ def test_submit_answers_201_when_its_queue_position_cannot_be_read(api: ApiClien
     with database.session() as s:
         assert s.get(Job, body["id"]) is not None
     assert api.get(f"/jobs/{body['id']}").json()["queue_position"] == 1
+
+
+def test_a_request_whose_database_session_is_terminated_answers_503_in_the_envelope(api: ApiClient, database: Database) -> None:
+    """A dropped connection is the database's absence, not a bug of ours: 503 with Retry-After, not 500."""
+    job = api.submit()
+    answer: dict[str, Any] = {}
+    with database.engine.connect() as conn:
+        locked = conn.begin()
+        conn.execute(text("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE"))
+        read = threading.Thread(target=lambda: answer.update(response=api.get(f"/jobs/{job['id']}")))
+        read.start()
+        pid = wait_for(lambda: backend_pids(database, "jobservice-api", waiting_on_lock=True), 10, message="the API's read")[0]
+        signal_backend(database, pid)
+        read.join(30)
+        locked.rollback()
+    response = answer["response"]
+    assert response.status_code == 503, response.text
+    assert response.headers["Retry-After"] == "1"
+    assert response.json()["error"]["code"] == "SERVICE_UNAVAILABLE"
+    assert api.get(f"/jobs/{job['id']}").status_code == 200  # the pool replaced the dead connection

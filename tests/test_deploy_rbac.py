@@ -52,6 +52,7 @@ def test_the_roles_cover_every_call_and_no_more() -> None:
         api = client.ApiClient(client.Configuration(host=fake.url))
         executor = KubernetesExecutor(api, JOBS_NAMESPACE, "main", timings=TIMINGS)
         outcome_of(executor.launch(make_spec("test/succeed"), Sink()))
+        outcome_of(executor.launch(make_spec("test/succeed", members=2, gpus=0), Sink()))  # a gang: its Service
         sleeper = executor.launch(make_spec("test/sleep"), Sink())
         sleeper.cancel()
         outcome_of(sleeper)

@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, Phase, given, settings as hypothesis_setting
 from schemathesis import GenerationMode
 from schemathesis.config import CheckConfig
 from schemathesis.specs.openapi.checks import positive_data_acceptance
+from sqlalchemy import text
 
 from app.api.errors import ERROR_CODES, CLIENT_ERROR, SERVER_ERROR
 from config import Settings
@@ -63,7 +64,7 @@ def errors_are_the_envelope(ctx: Any, response: Any, case: Any) -> bool | None:
     return None
 
 
-def test_every_operation_conforms_to_its_document(api_schema: Any, fuzz_server: LiveServer) -> None:
+def test_every_operation_conforms_to_its_document(api_schema: Any, fuzz_server: LiveServer, database: Any) -> None:
     # schemathesis' own pytest plugin (from_fixture) reads a private pytest attribute that pytest 9 removed,
     # so each operation runs as a plain Hypothesis test here, with schemathesis' strategies and checks.
     token = make_token("fuzzer", "jobs:read jobs:write admin", expires_in=3600)
@@ -78,7 +79,9 @@ def test_every_operation_conforms_to_its_document(api_schema: Any, fuzz_server: 
         timeout=30,
     )
     assert seeded.status_code == 201, seeded.text
-    known = {"job_id": seeded.json()["id"], "queue_name": "default", "cluster_name": "local"}
+    with database.engine.begin() as conn:  # a node for the operators' endpoints to cordon, drain, uncordon
+        conn.execute(text("INSERT INTO nodes (cluster, name, cpu_millis, memory_bytes, slots) VALUES ('local', 'fuzz-node', 1000, 1000, 1)"))
+    known = {"job_id": seeded.json()["id"], "queue_name": "default", "cluster_name": "local", "node_name": "fuzz-node"}
 
     for result in api_schema.get_all_operations():
         operation = result.ok()

@@ -65,7 +65,7 @@ def kube_worker(start_worker, kube_env: dict[str, str]):  # type: ignore[no-unty
 
 def test_a_job_runs_as_a_kubernetes_job_and_keeps_its_logs(kube_api: ApiClient, kube_worker, start_scheduler, fake: FakeKubernetes) -> None:
     fake.scripts["test/steady"] = Script(lines=["starting rank $JOB_RANK of $JOB_WORLD_SIZE", "working", "done"], line_interval=0.5)
-    kube_worker()
+    kube_worker(KUBERNETES_JOB_TTL_SUCCEEDED_SECONDS="0")
     start_scheduler()
     job = kube_api.submit(image="test/steady", resources={"gpu": 1, "cpu": "2", "memory": "4Gi"}, config={"model": "m"})
     wait_for_status(kube_api, job["id"], "running")
@@ -75,7 +75,7 @@ def test_a_job_runs_as_a_kubernetes_job_and_keeps_its_logs(kube_api: ApiClient, 
     assert (limits["nvidia.com/gpu"], limits["cpu"]) == ("1", "2000m")
     done = wait_for_status(kube_api, job["id"], {"succeeded", "failed"})
     assert done["status"] == "succeeded" and done["exit_code"] == 0 and done["cluster"] == CLUSTER
-    # The finished Job is deleted; its logs stay in the service's store.
+    # The finished Job is deleted once its retention (here none) is over; its logs stay in the service's store.
     wait_for(lambda: not fake.objects("jobs", NAMESPACE), 15, message="the finished Job to be removed")
     logs = kube_api.get(f"/jobs/{job['id']}/logs", params={"timestamps": "false"}).text.splitlines()
     assert logs == ["starting rank 0 of 1", "working", "done"]
@@ -186,5 +186,106 @@ def test_a_restarted_worker_re_adopts_the_job_it_launched(kube_api: ApiClient, k
     lines = kube_api.get(f"/jobs/{job['id']}/logs", params={"timestamps": "false"}).text.splitlines()
     assert lines == [f"tick {i}" for i in range(12)]  # every line once, across the restart
     with database.engine.connect() as conn:
-        launches = conn.execute(text("SELECT count(*) FROM job_events WHERE job_id = :j AND to_status = 'running'"), {"j": job["id"]}).scalar()
+        launches = conn.execute(text("SELECT count(*) FROM job_events WHERE job_id = :j AND to_status = 'running' AND from_status <> 'running'"), {"j": job["id"]}).scalar()
     assert launches == 1
+
+
+def test_an_attempt_outlives_a_worker_silent_past_the_lease_and_is_taken_over(kube_api: ApiClient, kube_worker, start_scheduler, fake: FakeKubernetes, database: Database) -> None:
+    """The scheduler once ended such an attempt as "worker lost" (and its Job was deleted): the cluster's
+    other workers adopt it instead, and the takeover is on the timeline."""
+    import time
+
+    fake.scripts["test/slow"] = Script(lines=[f"tick {i}" for i in range(16)], line_interval=0.5)
+    fast = {"JOB_HEARTBEAT_SECONDS": "0.5"}
+    first = kube_worker("k8s-worker-1", **fast)
+    start_scheduler(JOB_LEASE_SECONDS="2", SCHEDULER_INTERVAL_SECONDS="0.5")
+    job = kube_api.submit(image="test/slow", retry_policy={"max_retries": 0})
+    wait_for_status(kube_api, job["id"], "running")
+    wait_for(lambda: "tick 1" in kube_api.get(f"/jobs/{job['id']}/logs").text, 15, message="the first lines")
+    os.killpg(first.process.pid, signal.SIGKILL)
+    time.sleep(4)  # twice the lease, with the scheduler's recovery running every half second
+    during = kube_api.get(f"/jobs/{job['id']}").json()
+    assert during["status"] == "running", during
+    assert fake.objects("jobs", NAMESPACE), "the running Job was deleted"
+
+    kube_worker("k8s-worker-2", **fast)
+    done = wait_for_status(kube_api, job["id"], {"succeeded", "failed"}, timeout=60)
+    assert done["status"] == "succeeded" and done["retry_count"] == 0, done
+    events = kube_api.get(f"/jobs/{job['id']}/events").json()
+    events = events.get("events", events) if isinstance(events, dict) else events
+    takeovers = [e for e in events if e["from_status"] == "running" and e["to_status"] == "running"]
+    assert len(takeovers) == 1 and "taken over by worker worker-k8s-worker-2-" in takeovers[0]["reason"], events
+    assert "k8s-worker-1" in takeovers[0]["reason"]
+    assert not any("lost" in e["reason"] for e in events), events
+    lines = kube_api.get(f"/jobs/{job['id']}/logs", params={"timestamps": "false"}).text.splitlines()
+    assert lines == [f"tick {i}" for i in range(16)]
+
+
+def test_finished_jobs_are_kept_for_their_retention_and_only_true_orphans_go_at_once(kube_api: ApiClient, kube_worker, start_scheduler, fake: FakeKubernetes) -> None:
+    """The inventory sync once deleted every finished Job at once (as an "orphan"): a failed member's pod and
+    its events vanished seconds after the failure, and ttlSecondsAfterFinished never applied."""
+    import time
+
+    from kubernetes import client
+
+    from workers.executors.base import JobSpec
+    from workers.executors.kubernetes import build_job_manifest
+
+    kube_worker(KUBERNETES_JOB_TTL_SUCCEEDED_SECONDS="0.5", KUBERNETES_JOB_TTL_FAILED_SECONDS="6")
+    start_scheduler()
+    stranger = JobSpec(job_id="job-nobody0wns", attempt=0, image="test/sleep", command=None, env={}, config={}, cpu_millis=100,
+                       memory_bytes=2**20, gpus=0, members=1, timeout_seconds=None, cluster=CLUSTER, node=None)
+    with client.ApiClient(client.Configuration(host=fake.url)) as api:
+        client.BatchV1Api(api).create_namespaced_job(NAMESPACE, build_job_manifest(stranger, NAMESPACE))
+    failed = kube_api.submit(image="test/fail-3", retry_policy={"max_retries": 0})
+    succeeded = kube_api.submit(image="test/succeed")
+
+    def job_of(job_id: str) -> list[dict]:
+        return fake.objects("jobs", NAMESPACE, f"jobservice.io/job-id={job_id}")
+
+    wait_for(lambda: not job_of(stranger.job_id), 15, message="the orphan to be deleted")
+    assert wait_for_status(kube_api, failed["id"], {"succeeded", "failed"})["status"] == "failed"
+    assert wait_for_status(kube_api, succeeded["id"], {"succeeded", "failed"})["status"] == "succeeded"
+    ttl = {j["metadata"]["name"]: j["spec"]["ttlSecondsAfterFinished"] for j in job_of(failed["id"]) + job_of(succeeded["id"])}
+    assert set(ttl.values()) == {6}, ttl  # the cluster's own backstop: the longer retention
+    wait_for(lambda: not job_of(succeeded["id"]), 15, message="the succeeded Job to go after its retention")
+    time.sleep(1.5)  # three inventory syncs
+    (kept,) = job_of(failed["id"])
+    assert any(c["type"] == "Failed" for c in kept["status"]["conditions"])
+    assert fake.objects("pods", NAMESPACE, f"jobservice.io/job-id={failed['id']}"), "the failed member's pod is gone"
+    wait_for(lambda: not job_of(failed["id"]), 20, message="the failed Job to go after its retention")
+
+
+def test_a_gang_spread_over_nodes_reports_every_members_node(kube_api: ApiClient, kube_worker, start_scheduler, fake: FakeKubernetes) -> None:
+    """explain once said "Running on gpu-east/None" and the events showed node None for such a gang."""
+    kube_worker()
+    start_scheduler()
+    # 3 members of 2 GPUs over nodes of 4 and 2 GPUs: two nodes, whichever way it is placed.
+    job = kube_api.submit(image="test/sleep", resources={"gpu": 2}, gang={"enabled": True, "min_members": 3})
+    wait_for_status(kube_api, job["id"], "running", timeout=30)
+    explained = kube_api.get(f"/jobs/{job['id']}/explain").json()
+    assert explained["reason"] == "RUNNING" and "None" not in explained["message"], explained
+    assert "gpu-east/gpu-node-1 (2 members)" in explained["message"] and "gpu-east/gpu-node-2 (1 member)" in explained["message"]
+    assert sorted(explained["node"].split(",")) == ["gpu-node-1", "gpu-node-2"]
+    pods = wait_for(lambda: [p for p in fake.objects("pods", NAMESPACE, f"jobservice.io/job-id={job['id']}") if p["spec"].get("nodeName")] or None, 15)
+    assert kube_api.delete(f"/jobs/{job['id']}").status_code == 200
+    wait_for_status(kube_api, job["id"], "cancelled")
+    events = kube_api.get(f"/jobs/{job['id']}/events").json()["events"]
+    placed = [e for e in events if e["to_status"] in ("queued", "running", "cancelled")]
+    assert placed and all(e["node"] and sorted(e["node"].split(",")) == ["gpu-node-1", "gpu-node-2"] for e in placed), placed
+    assert pods
+
+
+def test_a_gpu_job_selects_the_gpu_model_it_was_counted_on_and_tolerates_the_gpu_taint(kube_api: ApiClient, kube_worker, start_scheduler, fake: FakeKubernetes) -> None:
+    kube_worker()
+    start_scheduler()
+    job = kube_api.submit(image="test/sleep", resources={"gpu": 2})
+    wait_for_status(kube_api, job["id"], "running")
+    node = kube_api.get(f"/jobs/{job['id']}/explain").json()["node"]
+    (k8s_job,) = wait_for(lambda: fake.objects("jobs", NAMESPACE, f"jobservice.io/job-id={job['id']}"), 10)
+    pod = k8s_job["spec"]["template"]["spec"]
+    product = {"gpu-node-1": "NVIDIA-A100-SXM4-80GB", "gpu-node-2": "NVIDIA-H100-80GB-HBM3"}[node]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": product}
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    kube_api.delete(f"/jobs/{job['id']}")
+    wait_for_status(kube_api, job["id"], "cancelled")

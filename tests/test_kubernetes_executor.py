@@ -111,8 +111,10 @@ def api(fake: FakeKubernetes) -> Iterator[client.ApiClient]:
 
 
 @pytest.fixture
-def executor(api: client.ApiClient) -> KubernetesExecutor:
-    return KubernetesExecutor(api, NAMESPACE, "test-cluster", timings=TIMINGS, retry=RetryPolicy(base_delay=0.05))
+def executor(api: client.ApiClient) -> Iterator[KubernetesExecutor]:
+    executor = KubernetesExecutor(api, NAMESPACE, "test-cluster", timings=TIMINGS, retry=RetryPolicy(base_delay=0.05))
+    yield executor
+    executor.close()
 
 
 def jobs_in(fake: FakeKubernetes, spec: JobSpec) -> list[dict[str, Any]]:
@@ -216,6 +218,33 @@ def test_pod_failure_details_and_verdicts() -> None:
     assert pod_verdict(creating) is None
 
 
+def test_jobs_to_delete_keeps_finished_jobs_for_their_retention() -> None:
+    from datetime import timedelta
+
+    from workers.executors.kubernetes import ManagedJob, Retention, jobs_to_delete
+
+    now = datetime(2026, 11, 27, 12, tzinfo=UTC)
+    ago = lambda seconds: now - timedelta(seconds=seconds)  # noqa: E731
+    jobs = [
+        ManagedJob("job-a", 0, "running"),
+        ManagedJob("job-b", 0, "stranger"),
+        ManagedJob("job-c", 0, "done-fresh", "Complete", ago(50)),
+        ManagedJob("job-c", 1, "done-old", "Complete", ago(70)),
+        ManagedJob("job-d", 0, "failed-fresh", "Failed", ago(70)),
+        ManagedJob("job-d", 1, "failed-old", "Failed", ago(130)),
+        ManagedJob("job-e", 0, "stray", None),
+        ManagedJob("job-f", 0, "going", None, deleting=True),
+        ManagedJob("job-g", 0, "running-finished", "Failed", ago(1000)),
+    ]
+    running = {("job-a", 0), ("job-g", 0)}
+    ours = running | {("job-c", 0), ("job-c", 1), ("job-d", 0), ("job-d", 1), ("job-e", 0), ("job-f", 0)}
+    doomed = {job.name: why for job, why in jobs_to_delete(jobs, running, ours, now, Retention(60, 120))}
+    assert set(doomed) == {"stranger", "done-old", "failed-old", "stray"}
+    assert "no attempt" in doomed["stranger"] and "still active" in doomed["stray"]
+    # A failed Job is kept at least as long as a succeeded one, whatever is configured.
+    assert [j.name for j, _ in jobs_to_delete(jobs[4:5], set(), ours, now, Retention(100, 10))] == []
+
+
 def test_log_timestamps_keep_nanosecond_order() -> None:
     early, at = parse_log_timestamp("2024-05-01T12:00:00.1234567Z")
     later, _ = parse_log_timestamp("2024-05-01T12:00:00.12345671Z")
@@ -245,6 +274,18 @@ def test_success_delivers_logs_that_outlive_the_pod(fake: FakeKubernetes, execut
         client.CoreV1Api(api).read_namespaced_pod_log(pod["metadata"]["name"], NAMESPACE)
     assert gone.value.status == 404
     assert sink.texts() == ["starting rank 0 of 1", "working", "done"]  # kept by the sink
+
+
+def test_no_call_of_the_executor_is_refused_by_content_negotiation(fake: FakeKubernetes, executor: KubernetesExecutor) -> None:
+    """The log follower once sent `Accept: text/plain`, which a real API server answers with 406: no log at all."""
+    sink = Sink()
+    spec = make_spec("test/succeed", members=2)
+    assert outcome_of(executor.launch(spec, sink)).succeeded
+    assert sink.texts(0) == ["starting rank 0 of 2", "working", "done"]
+    assert sink.texts(1) == ["starting rank 1 of 2", "working", "done"]
+    logs = fake.served("GET", r"/pods/[^/]+/log$")
+    assert logs and all(r.status == 200 for r in logs)
+    assert [(r.method, r.path, r.refused_accept) for r in fake.requests if r.status in (406, 415)] == []
 
 
 def test_failure_reports_the_exit_code(executor: KubernetesExecutor) -> None:
@@ -297,6 +338,9 @@ def test_gang_of_two_runs_with_ranks_from_the_completion_index(fake: FakeKuberne
     assert sorted(p["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"] for p in pods) == ["0", "1"]
     (job,) = jobs_in(fake, spec)
     assert job["status"]["completedIndexes"] == "0-1"
+    # Each member's node, as the cluster placed it, goes with the outcome (the end event's details).
+    assert outcome.details["member_nodes"] == {
+        p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]: p["spec"]["nodeName"] for p in pods}
 
 
 def test_one_failing_member_fails_the_gang_with_its_details(fake: FakeKubernetes, executor: KubernetesExecutor) -> None:
@@ -545,6 +589,58 @@ def test_inventory_reports_gpus_by_type_and_what_is_used(fake: FakeKubernetes, e
     outcome_of(execution)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The fake refuses what a real API server refuses
+
+
+NEGOTIATED_PATHS = [
+    "/api/v1/nodes", "/api/v1/pods", "/api/v1/namespaces/jobs/pods", "/apis/batch/v1/namespaces/jobs/jobs",
+    "/api/v1/namespaces/jobs/pods/{pod}", "/api/v1/namespaces/jobs/pods/{pod}/log",
+    "/apis/batch/v1/namespaces/jobs/jobs/{job}", "/api/v1/namespaces/jobs/pods?watch=true&timeoutSeconds=0",
+]
+ACCEPTS = [
+    ("text/plain", 406), ("text/html, text/*", 406), ("application/json;q=0", 406),
+    ("application/json;stream=bogus", 406), ("application/json;as=Table;g=meta.k8s.io;v=v1", 406),
+    (None, 200), ("application/json", 200), ("*/*", 200), ("application/*", 200),
+    ("text/plain, application/json;q=0.5", 200), ("application/json;charset=utf-8", 200),
+]
+
+
+def test_the_fake_negotiates_content_like_the_api_server(fake: FakeKubernetes, executor: KubernetesExecutor) -> None:
+    """Every endpoint it serves, pods/log included, answers 406 where kube-apiserver's negotiation does."""
+    import urllib3
+
+    spec = make_spec("test/sleep")
+    execution = executor.launch(spec, Sink())
+    (pod,) = wait_for(lambda: [p for p in fake.objects("pods", NAMESPACE, f"jobservice.io/job-id={spec.job_id}")
+                               if p["status"].get("phase") == "Running"], what="a running pod")
+    answers = {}
+    try:
+        for path in NEGOTIATED_PATHS:
+            url = fake.url + path.format(pod=pod["metadata"]["name"], job=job_name(spec.job_id, 1))
+            for accept, _ in ACCEPTS:
+                headers = {"Accept": accept} if accept is not None else {}
+                answer = urllib3.request("GET", url, headers=headers, preload_content=False, timeout=5)
+                answers[path, accept] = answer.status
+                if answer.status == 406:
+                    assert json.loads(answer.read())["reason"] == "NotAcceptable"
+                answer.release_conn()
+    finally:
+        execution.cancel()
+        outcome_of(execution)
+    assert answers == {(path, accept): code for path in NEGOTIATED_PATHS for accept, code in ACCEPTS}
+
+
+def test_the_fake_refuses_a_body_it_cannot_read(fake: FakeKubernetes) -> None:
+    import urllib3
+
+    body = json.dumps({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+                       "spec": {"containers": [{"name": "c", "image": "test/succeed"}]}})
+    url = fake.url + "/api/v1/namespaces/jobs/pods"
+    assert urllib3.request("POST", url, body=body, headers={"Content-Type": "text/plain"}).status == 415
+    assert urllib3.request("POST", url, body=body, headers={"Content-Type": "application/json"}).status == 201
+
+
 def test_check_cluster(fake: FakeKubernetes, api: client.ApiClient) -> None:
     assert check_cluster(api) == "ok"
     fake.stop()
@@ -561,7 +657,77 @@ def test_build_api_client_from_a_kubeconfig_context(fake: FakeKubernetes, tmp_pa
         "contexts": [{"name": "fake-ctx", "context": {"cluster": "fake", "user": "tester"}},
                      {"name": "elsewhere", "context": {"cluster": "other", "user": "tester"}}],
     }))
-    api = build_api_client(str(kubeconfig), "fake-ctx")
+    api = build_api_client(str(kubeconfig), "fake-ctx", qps=7, burst=9)
     assert api.configuration.host == fake.url
+    assert (api.limiter.qps, api.limiter.burst) == (7, 9)  # every request is rate limited client-side
     assert api.configuration.connection_pool_maxsize >= 64
     assert check_cluster(api) == "ok"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Client-side rate limit
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def test_the_token_bucket_allows_a_burst_then_paces_requests_at_qps() -> None:
+    from app.kube import TokenBucket
+
+    clock = FakeClock()
+    bucket = TokenBucket(qps=10, burst=3, clock=clock, sleep=clock.sleep)
+    assert [bucket.acquire() for _ in range(3)] == [0.0, 0.0, 0.0]  # the burst
+    assert bucket.acquire() == pytest.approx(0.1) and bucket.acquire() == pytest.approx(0.1)
+    clock.now += 10  # idle: the bucket refills, but never beyond the burst
+    assert [bucket.acquire() for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert bucket.acquire() == pytest.approx(0.1)
+    assert bucket.taken == 9 and TokenBucket(qps=0, burst=1, clock=clock, sleep=clock.sleep).acquire() == 0.0
+
+
+def test_every_request_of_the_executor_goes_through_the_limiter(fake: FakeKubernetes) -> None:
+    from app.kube import RateLimitedApiClient, TokenBucket
+
+    limiter = TokenBucket(qps=1000, burst=1000)
+    api = RateLimitedApiClient(client.Configuration(host=fake.url), limiter)
+    executor = KubernetesExecutor(api, NAMESPACE, "test-cluster", timings=TIMINGS, retry=RetryPolicy(base_delay=0.05))
+    sink = Sink()
+    assert outcome_of(executor.launch(make_spec("test/succeed", members=2, gpus=0), sink)).succeeded
+    read_inventory(api, "test-cluster")
+    api.close()
+    assert limiter.taken == len(fake.requests) > 5  # creates, lists, watches, log streams, the inventory
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared informers
+
+
+def test_running_attempts_share_two_watches_per_cluster(fake: FakeKubernetes, executor: KubernetesExecutor) -> None:
+    """Each attempt once opened its own two watches (its Job, its pods): 2,000 for 1,000 running jobs."""
+    specs = [make_spec("test/sleep", gpus=0, cpu_millis=100, memory_bytes=2**20) for _ in range(12)]
+    executions = [executor.launch(spec, Sink()) for spec in specs]
+    wait_for(lambda: len([p for p in fake.objects("pods", NAMESPACE) if p["status"].get("phase") == "Running"]) == 12,
+             what="every pod running")
+    watches = [r for r in fake.requests if r.query.get("watch") == "true"]
+    assert sorted(r.path.rsplit("/", 1)[-1] for r in watches) == ["jobs", "pods"], [r.path for r in watches]
+    assert all(r.query["labelSelector"] == "app.kubernetes.io/managed-by=jobservice" for r in watches)
+    jobs, pods = executor.informers()
+    assert jobs.watched == pods.watched == 12 and len(pods) == 12
+    executions[3].cancel()
+    assert outcome_of(executions[3]).kind == EndKind.CANCELLED  # one attempt's end reaches only its own handler
+    assert all(e.poll() is None for i, e in enumerate(executions) if i != 3)
+    assert jobs.watched == 11
+    for execution in executions:
+        execution.cancel()
+    for execution in executions:
+        outcome_of(execution)
+    assert jobs.watched == pods.watched == 0

@@ -168,7 +168,8 @@ def test_a_sweep_kills_what_a_dead_worker_left_running(tmp_path: Path, mode: str
         worker.wait()
         time.sleep(0.2)
         assert all(alive(p) for p in started)
-        assert containment.sweep(containment.find_jobs_cgroup(mode)) >= 1
+        # Any sweep on this host may be the one that kills them (another worker's heartbeat sweeps too).
+        containment.sweep(containment.find_jobs_cgroup(mode))
         deadline = time.monotonic() + 5
         while any(alive(p) for p in started) and time.monotonic() < deadline:
             time.sleep(0.02)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 from celery import Celery, signals
@@ -45,6 +46,7 @@ def create_celery_app(settings: Settings) -> Celery:
 settings = Settings.from_env()
 app = create_celery_app(settings)
 _membership: Any = None
+_drainer: threading.Thread | None = None
 
 
 @signals.setup_logging.connect
@@ -74,11 +76,33 @@ def _join_cluster(sender: Any = None, **_: Any) -> None:
     if settings.worker_executor == "kubernetes":
         _membership = ClusterMembership(settings, slots=int(concurrency), publish=app.send_task)
     else:
-        _membership = NodeMembership(settings, slots=int(concurrency))
+        _membership = NodeMembership(settings, slots=int(concurrency), worker_id=getattr(sender, "hostname", None) or settings.worker_node)
     _membership.start()
+
+
+@signals.worker_shutting_down.connect
+def _drain(**_: Any) -> None:
+    """Warm shutdown (SIGTERM, Ctrl-C) has begun: the node drains before the pool waits for its jobs.
+
+    This runs in the signal handler of the worker's main process; the database write runs on a thread of
+    its own so that the handler returns at once (the worker_shutdown handler waits for it)."""
+    global _drainer
+    if _membership is None or _drainer is not None:
+        return
+    _drainer = threading.Thread(target=_drain_node, args=(_membership,), name="drain", daemon=True)
+    _drainer.start()
+
+
+def _drain_node(membership: Any) -> None:
+    try:
+        membership.drain()
+    except Exception:  # noqa: BLE001 - the worker still stops; its jobs' leases expire and they are retried
+        logging.getLogger("jobservice.worker").exception("marking the node draining failed")
 
 
 @signals.worker_shutdown.connect
 def _leave_cluster(**_: Any) -> None:
+    if _drainer is not None:
+        _drainer.join(timeout=15)
     if _membership is not None:
         _membership.stop()

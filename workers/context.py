@@ -27,7 +27,8 @@ def build_executor(settings: Settings) -> Executor:
         cluster = served_cluster(settings)
         context = dict(settings.kubernetes_clusters)[cluster]
         return KubernetesExecutor(
-            build_api_client(settings.kubeconfig if context else None, context),
+            build_api_client(settings.kubeconfig if context else None, context,
+                             qps=settings.kubernetes_qps, burst=settings.kubernetes_burst),
             settings.kubernetes_namespace,
             cluster,
             settings.kubernetes_gpu_resource,
@@ -35,6 +36,10 @@ def build_executor(settings: Settings) -> Executor:
             # The scheduler counts capacity per node: a single-node placement is pinned there.
             pin_to_node=True,
             service_account_name=settings.kubernetes_service_account,
+            # The cluster's TTL controller is the backstop; the inventory sync deletes succeeded Jobs sooner.
+            ttl_seconds_after_finished=int(settings.kubernetes_job_ttl_failed_seconds),
+            gpu_tolerations=settings.kubernetes_gpu_tolerations,
+            gpu_product_label=settings.kubernetes_gpu_product_label,
         )
     if settings.worker_executor != "local":
         raise ValueError(f"WORKER_EXECUTOR={settings.worker_executor!r}: use local or kubernetes")

@@ -13,7 +13,7 @@ from datetime import timedelta
 
 from app import heartbeat
 from app.db import Database
-from app.domain import execution
+from app.domain import execution, nodes
 from app.domain.capacity import LOCAL_CLUSTER
 from app.domain.quantities import cpu_to_millis, format_bytes, format_millis, memory_to_bytes
 from config import Settings
@@ -67,13 +67,19 @@ class Membership:
     def leave(self) -> None:
         """What a clean stop undoes; nothing by default (a Kubernetes cluster's nodes outlive its worker)."""
 
+    def drain(self) -> None:
+        """The worker is stopping (warm shutdown): nothing by default (a Kubernetes job outlives its worker)."""
+
 
 class NodeMembership(Membership):
     """This host as a node of the `local` cluster, kept alive by heartbeats."""
 
-    def __init__(self, settings: Settings, slots: int) -> None:
+    def __init__(self, settings: Settings, slots: int, worker_id: str) -> None:
         super().__init__(settings, slots)
         self.interval = max(1.0, settings.node_lease_seconds / 3)
+        self.worker_id = worker_id
+        self._drained = False
+        self._prior: nodes.PriorState | None = None
 
     def join(self) -> None:
         s = self.settings
@@ -91,6 +97,9 @@ class NodeMembership(Membership):
                 gpu_type=resources.gpu_type, cpu_millis=resources.cpu_millis, memory_bytes=resources.memory_bytes,
                 slots=self.slots,
             )
+        with self.database.session() as session:
+            if nodes.recover_shutdown_drain(session, LOCAL_CLUSTER, s.worker_node, actor=self.worker_id):
+                log.warning("node %s was left draining by a worker that did not finish stopping: drain undone", s.worker_node)
         log.info(
             "node %s registered: GPUs %s, %s CPU, %s memory, %d slots",
             s.worker_node, resources.gpu_indices, format_millis(resources.cpu_millis), format_bytes(resources.memory_bytes), self.slots,
@@ -104,9 +113,28 @@ class NodeMembership(Membership):
         # A pool process that died (OOM killer, crash) leaves its job's escaped processes behind.
         containment.sweep(containment.find_jobs_cgroup(self.settings.worker_cgroup))
 
+    def drain(self) -> None:
+        """Mark this node draining at once: the scheduler places nothing more here, queued jobs go back to the
+        backlog, and the running ones get WORKER_DRAIN_SECONDS before their runners stop and requeue them."""
+        if self._drained:
+            return
+        self._drained = True
+        s = self.settings
+        self._prior = self.database.retrying(
+            lambda session: nodes.drain_for_shutdown(
+                session, LOCAL_CLUSTER, s.worker_node, actor=self.worker_id, grace_seconds=s.worker_drain_seconds
+            ),
+            what="marking the node draining", give_up_after=10.0,
+        )
+        log.info("node %s draining: running jobs have %gs to finish", s.worker_node, s.worker_drain_seconds)
+
     def leave(self) -> None:
+        if not self._drained:
+            with self.database.session() as session:
+                execution.deregister_node(session, LOCAL_CLUSTER, self.settings.worker_node)
+            return
         with self.database.session() as session:
-            execution.deregister_node(session, LOCAL_CLUSTER, self.settings.worker_node)
+            nodes.leave_after_shutdown(session, LOCAL_CLUSTER, self.settings.worker_node, actor=self.worker_id, prior=self._prior)
 
 
 class ClusterMembership(Membership):
@@ -160,9 +188,17 @@ class ClusterMembership(Membership):
             self.publish(ADOPT_TASK, args=[job_id, token], queue=queue)
 
     def _remove_orphans(self) -> None:
-        managed = {(job_id, attempt): name for job_id, attempt, name in self.executor.list_managed_jobs()}
+        """Finished Jobs stay for their retention (their pods tell what happened); true orphans go at once."""
+        from datetime import UTC, datetime
+
+        from workers.executors.kubernetes import Retention, jobs_to_delete
+
+        managed = self.executor.list_managed()
+        pairs = sorted({(m.job_id, m.attempt) for m in managed})
         with self.database.session() as session:
-            orphans = execution.orphaned_attempts(session, list(managed))
-        for job_id, attempt in orphans:
-            log.warning("deleting Kubernetes Job %s: attempt %d no longer runs", managed[(job_id, attempt)], attempt, extra={"job_id": job_id})
-            self.executor.remove_job(managed[(job_id, attempt)])
+            running = set(pairs) - execution.orphaned_attempts(session, pairs)
+            ours = execution.attempts_of_ours(session, pairs)
+        retention = Retention(self.settings.kubernetes_job_ttl_succeeded_seconds, self.settings.kubernetes_job_ttl_failed_seconds)
+        for job, why in jobs_to_delete(managed, running, ours, datetime.now(UTC), retention):
+            log.info("deleting Kubernetes Job %s: %s", job.name, why, extra={"job_id": job.job_id})
+            self.executor.remove_job(job.name)

@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from sqlalchemy.orm import Session
 
 from app.db import Database, first_line, is_connection_error
-from app.domain import execution, logs as log_store
+from app.domain import execution, logs as log_store, nodes
 from app.domain.execution import ClaimedJob
 from app.domain.jobs import utcnow
 from config import Settings
@@ -118,6 +118,8 @@ class Lease(threading.Thread):
         self.dispatch_token = dispatch_token
         self.heartbeat_seconds = heartbeat_seconds
         self.lost = threading.Event()
+        # Set once a node the attempt runs on drains and its deadline has passed (app.domain.nodes).
+        self.drain = threading.Event()
         self._stop_event = threading.Event()
 
     def run(self) -> None:
@@ -127,8 +129,8 @@ class Lease(threading.Thread):
             now = time.monotonic()
             beat = now - last_heartbeat >= self.heartbeat_seconds
             try:
-                owned = self.database.retrying(
-                    lambda session: execution.still_running(session, self.job_id, self.dispatch_token, heartbeat=beat),
+                owned, deadline = self.database.retrying(
+                    lambda session: nodes.lease_check(session, self.job_id, self.dispatch_token, heartbeat=beat),
                     what="lease renewal", give_up_after=self.heartbeat_seconds, quiet=True, extra={"job_id": self.job_id},
                 )
             except Exception as exc:  # noqa: BLE001 - a database blip must not stop a running job
@@ -145,6 +147,8 @@ class Lease(threading.Thread):
             if not owned:
                 self.lost.set()
                 return
+            if deadline is not None and deadline <= utcnow():
+                self.drain.set()
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -243,6 +247,10 @@ class Runner:
             if lease.lost.is_set() and not stopping:
                 stopping = True  # cancelled, or taken over: stop everything it started
                 handle.cancel(EndKind.CANCELLED, "cancelled")
+            elif lease.drain.is_set() and not stopping:
+                stopping = True  # its node drains: stopped gracefully (SIGTERM, the kill grace), then requeued
+                log.info("node draining: stopping the attempt to requeue it", extra={"job_id": job.job_id, "worker_id": self.worker_id})
+                handle.cancel(EndKind.DRAINED, f"drained from node {job.cluster}/{job.node or '*'}")
             time.sleep(interval)
             interval = min(MAX_POLL_SECONDS, interval * 1.5)
 
@@ -250,6 +258,18 @@ class Runner:
         """Record the outcome; kept and retried on connection errors for as long as this worker lives.
         The end is a compare-and-set on the dispatch token, so a retry never ends the job twice."""
         details = {"end": outcome.kind.value, **outcome.details}
+        if outcome.kind == EndKind.DRAINED:
+            # Back to the backlog without spending a retry: the job did nothing wrong.
+            status = self.database.retrying(
+                lambda session: nodes.requeue_drained(
+                    session, job.job_id, dispatch_token, actor=self.worker_id, reason=outcome.reason,
+                    exit_code=outcome.exit_code, details=details,
+                ),
+                what=f"requeueing drained attempt {job.attempt}", give_up_after=None, max_delay=REPORT_MAX_BACKOFF_SECONDS,
+                log_every=LOG_FAILURES_PER_WARNING, extra={"job_id": job.job_id, "worker_id": self.worker_id},
+            )
+            log.info("attempt %d drained -> %s", job.attempt, status, extra={"job_id": job.job_id, "worker_id": self.worker_id})
+            return status
         status = self.database.retrying(
             lambda session: execution.end(
                 session, self.settings, job.job_id, dispatch_token,

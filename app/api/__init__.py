@@ -11,7 +11,7 @@ from webargs import core
 from webargs.flaskparser import FlaskParser, abort, is_json_request
 from werkzeug.exceptions import HTTPException
 
-from app.api import strictjson
+from app.api import context, strictjson
 from app.api.errors import ALL_CODES, http_exception_response
 
 
@@ -47,7 +47,7 @@ class Parser(FlaskParser):
         if not data:
             return core.missing
         try:
-            return strictjson.loads(data)
+            return context.json_body()
         except strictjson.JsonRejected as exc:
             abort(400, messages={"json": {exc.path or "_body": [exc.message]}})
 

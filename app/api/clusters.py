@@ -13,6 +13,7 @@ from app.api.identity import current_caller
 from app.domain import clusters
 from app.domain.capacity import LOCAL_CLUSTER
 from app.domain.jobs import utcnow
+from app.domain.nodes import node_states
 from app.kube import ClusterClients, read_inventory
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,8 @@ def _view(name: str, running: dict[str, int]) -> clusters.ClusterView:
     except Exception:  # noqa: BLE001 - an unreachable cluster is reported, not raised
         log.warning("cluster %s unreachable", name, exc_info=True)
         inventory = None
-    return clusters.kubernetes_cluster(name, inventory, running.get(name, 0))
+    states = {node: state for (cluster, node), state in node_states(session()).items() if cluster == name}
+    return clusters.kubernetes_cluster(name, inventory, running.get(name, 0), states)
 
 
 @blp.route("/")
@@ -66,4 +68,4 @@ class ClusterItem(MethodView):
 
 def register(app: Any) -> None:
     s = app.config["JOBSERVICE_SETTINGS"]
-    app.extensions["jobservice.clusters"] = ClusterClients(s.kubernetes_clusters, s.kubeconfig)
+    app.extensions["jobservice.clusters"] = ClusterClients(s.kubernetes_clusters, s.kubeconfig, s.kubernetes_qps, s.kubernetes_burst)

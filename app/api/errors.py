@@ -9,6 +9,7 @@ from typing import Any
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from app.db import first_line, is_connection_error
 from app.domain.errors import Conflict, DomainError, InvalidRequest, NotFound
 
 log = logging.getLogger(__name__)
@@ -159,5 +160,13 @@ def register(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def _unexpected(error: Exception) -> Response:
+        if is_connection_error(error):
+            # The database went away under this request (restart, failover, a terminated session): a
+            # transient condition the client may retry, not a bug. A write whose commit was cut off may
+            # have committed; idempotent clients read before they write again.
+            log.warning("database connection lost during the request: %s", first_line(error), extra={"request_id": request_id()})
+            response = envelope(503, "The database is unavailable; retry shortly")
+            response.headers["Retry-After"] = "1"
+            return response
         log.exception("unhandled error", extra={"request_id": request_id()})
         return envelope(500, "Internal server error")

@@ -1,23 +1,36 @@
 """Jobs resource: parse, call one domain verb, serialize."""
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
+from flask import Response, jsonify
 from flask.views import MethodView
 
 from app.api import Blueprint
-from app.api.context import session, settings
+from app.api.context import json_body, scheduler_waker, session, settings
 from app.api.identity import require_scope
 from app.api.schemas import (
+    DryRunBatchSchema,
+    DryRunSchema,
+    IdempotencyHeaderSchema,
+    JobBatchCreatedSchema,
+    JobBatchCreateSchema,
     JobCancelledSchema,
     JobCreatedSchema,
     JobCreateSchema,
     JobDetailSchema,
     JobListQuerySchema,
     JobListSchema,
+    SubmitQuerySchema,
 )
-from app.domain import jobs
+from app.domain import dryrun, idempotency, jobs
 from app.domain.callers import SCOPE_READ, SCOPE_WRITE
+
+REPLAYED_HEADER = "Idempotent-Replayed"
+_REPLAYED_DOC = {
+    REPLAYED_HEADER: {"description": "true: the answer of an earlier request with this Idempotency-Key", "schema": {"type": "string"}}
+}
 
 blp = Blueprint("jobs", __name__, url_prefix="/api/v1/jobs", description="Submit, inspect and cancel jobs")
 
@@ -33,12 +46,73 @@ class JobCollection(MethodView):
         return {"items": items, "total": total, "limit": filters.limit, "offset": filters.offset}
 
     @blp.arguments(JobCreateSchema)
-    @blp.response(201, JobCreatedSchema)
+    @blp.arguments(SubmitQuerySchema, location="query", as_kwargs=True)
+    @blp.arguments(IdempotencyHeaderSchema, location="headers", as_kwargs=True)
+    @blp.response(201, JobCreatedSchema, headers=_REPLAYED_DOC)
+    @blp.alt_response(200, schema=DryRunSchema, description="dry_run=true: what would happen; nothing was created")
     @blp.alt_response(400, description="Invalid request body")
-    def post(self, request: jobs.JobRequest) -> Any:
+    @blp.alt_response(409, description="Idempotency-Key already used with a different request")
+    def post(self, job: jobs.JobRequest, dry_run: bool, idempotency_key: str | None = None) -> Any:
         """Submit a job"""
         caller = require_scope(SCOPE_WRITE)
-        return jobs.submit(session(), caller, request, settings())  # queue_position computed before the commit
+        if dry_run:
+            preview = dryrun.preview(session(), caller, [job], settings(), _field_of_single)[0]
+            return _dry_run_answer(DryRunSchema().dump({"dry_run": True, **asdict(preview)}))
+        key = _key("submit", idempotency_key)
+        created = jobs.submit(session(), caller, job, settings(), key=key)  # queue_position computed before the commit
+        return _created(JobCreatedSchema().dump(created), created.replayed)
+
+
+@blp.route("/batch")
+class JobBatch(MethodView):
+    @blp.arguments(JobBatchCreateSchema)
+    @blp.arguments(SubmitQuerySchema, location="query", as_kwargs=True)
+    @blp.arguments(IdempotencyHeaderSchema, location="headers", as_kwargs=True)
+    @blp.response(201, JobBatchCreatedSchema, headers=_REPLAYED_DOC)
+    @blp.alt_response(200, schema=DryRunBatchSchema, description="dry_run=true: what would happen to each; nothing was created")
+    @blp.alt_response(400, description="Invalid request body; details name the item (`jobs.17.priority`)")
+    @blp.alt_response(409, description="Idempotency-Key already used with a different request")
+    def post(self, batch: dict[str, list[jobs.JobRequest]], dry_run: bool, idempotency_key: str | None = None) -> Any:
+        """Submit up to MAX_BATCH_JOBS jobs at once, all or none (the rate limit counts each job)"""
+        caller = require_scope(SCOPE_WRITE)
+        if dry_run:
+            previews = [asdict(p) for p in dryrun.preview(session(), caller, batch["jobs"], settings(), _field_of_item)]
+            return _dry_run_answer(DryRunBatchSchema().dump({"dry_run": True, "jobs": previews}))
+        key = _key("batch", idempotency_key)
+        submission = jobs.submit_many(session(), caller, batch["jobs"], settings(), key=key, field=_field_of_item)
+        return _created(JobBatchCreatedSchema().dump({"jobs": submission.jobs}), submission.replayed)
+
+
+def _field_of_single(_index: int, name: str) -> str:
+    return name
+
+
+def _field_of_item(index: int, name: str) -> str:
+    return f"jobs.{index}.{name}"
+
+
+def _key(operation: str, header: str | None) -> idempotency.IdempotencyKey | None:
+    """The key and the fingerprint of this request's body."""
+    if header is None:
+        return None
+    body = json_body()
+    return idempotency.IdempotencyKey(header, idempotency.fingerprint(operation, body))
+
+
+def _dry_run_answer(body: dict[str, Any]) -> Response:
+    response = jsonify(body)
+    response.status_code = 200
+    return response
+
+
+def _created(body: dict[str, Any], replayed: bool) -> Response:
+    response = jsonify(body)
+    response.status_code = 201
+    if replayed:
+        response.headers[REPLAYED_HEADER] = "true"
+    else:
+        scheduler_waker().poke()  # after the commit; the scheduler's interval tick covers a lost wake-up
+    return response
 
 
 @blp.route("/<string:job_id>")

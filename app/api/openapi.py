@@ -43,6 +43,7 @@ _NODE = {
     "properties": {
         "name": {"type": "string"},
         "status": {"type": "string", "enum": ["ready", "not_ready"]},
+        "state": {"type": "string", "enum": ["ready", "cordoned", "draining"], "description": "Set by operators: cordoned and draining nodes get no new jobs"},
         "gpus": {
             "type": "object",
             "properties": {
@@ -66,6 +67,8 @@ _CLUSTER_SUMMARY = {
         "available_gpus": {"type": "integer"},
         "total_gpus": {"type": "integer"},
         "running_jobs": {"type": "integer"},
+        "cordoned_nodes": {"type": "integer"},
+        "draining_nodes": {"type": "integer"},
     },
 }
 _CLUSTER_DETAIL = {
@@ -99,6 +102,8 @@ _PATH_PARAMETERS = {
     "job_id": {"type": "string", "pattern": "^job-[0-9a-f]{12}$", "maxLength": 16, "example": "job-3f9a1c2b7d4e"},
     "queue_name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", "maxLength": 63},
     "cluster_name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", "maxLength": 63},
+    # Host names and Kubernetes node names (DNS subdomains, at most 253 characters).
+    "node_name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,252}$", "maxLength": 253},
 }
 
 # Views that answer text (flask-smorest documents their status, not their body).
@@ -129,7 +134,7 @@ def _complete_operation(path: str, method: str, operation: dict[str, Any]) -> No
     wanted = [400]
     if not public:
         wanted.append(401)
-        if path.startswith("/api/v1/jobs/"):
+        if path.startswith(("/api/v1/jobs/", "/api/v1/nodes/")):
             wanted.append(403)
     if "{" in path:
         wanted.append(404)

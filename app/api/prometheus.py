@@ -25,8 +25,9 @@ from sqlalchemy.orm import Session
 
 from app.api import Blueprint
 from app.api.context import session, settings
-from app.domain import counters, stats
+from app.domain import counters, nodes, stats
 from app.domain.states import ALL_STATES, JobStatus
+from app.models import NODE_STATES
 from app.telemetry import SUBMIT_LATENCY_BUCKETS, RedisHistogram, redis_client
 from config import Settings
 
@@ -164,7 +165,13 @@ class ServiceCollector(Collector):
         for cluster in stats.gpus_by_cluster(self.db, self.config):
             gpus.add_metric([cluster.cluster, "used"], float(cluster.used))
             gpus.add_metric([cluster.cluster, "free"], float(cluster.free))
-        yield from (age, alive, gpus)
+        state = GaugeMetricFamily(
+            "jobservice_node_state", "1 for the node's state (ready, cordoned, draining), 0 for the others", labels=["cluster", "node", "state"]
+        )
+        for (cluster_name, node_name), current in sorted(nodes.node_states(self.db).items()):
+            for candidate in NODE_STATES:
+                state.add_metric([cluster_name, node_name, candidate], 1.0 if candidate == current else 0.0)
+        yield from (age, alive, gpus, state)
 
 
     def _fairness(self) -> Iterator[Metric]:

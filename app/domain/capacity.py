@@ -102,7 +102,8 @@ def load_nodes(
     if ready_only:
         query = query.where(Node.ready.is_(True))
     if alive_since is not None:
-        query = query.where(Node.heartbeat_at >= alive_since)
+        # Placement's view: live nodes that are neither cordoned nor draining (app.domain.nodes).
+        query = query.where(Node.heartbeat_at >= alive_since, Node.state == "ready")
     nodes = {
         (n.cluster, n.name): NodeCapacity(
             n.cluster, n.name, sorted(int(g) for g in n.gpu_indices), n.gpu_type, n.cpu_millis, n.memory_bytes, n.slots
@@ -237,7 +238,13 @@ def why_never_fits(
     worker restarting) must not turn a valid job away. A job that fits none of the nodes live now
     waits, and the scheduler lets it block nobody.
     """
-    nodes = load_nodes(session, ready_only=False)
+    return never_fits(load_nodes(session, ready_only=False), cpu_millis, memory_bytes, gpus, members, has_command=has_command)
+
+
+def never_fits(
+    nodes: list[NodeCapacity], cpu_millis: int, memory_bytes: int, gpus: int, members: int, *, has_command: bool = True
+) -> str | None:
+    """why_never_fits on nodes already read (what they hold is ignored): a submit reads them with its INSERT."""
     empty = [n.emptied() for n in nodes]
     if not nodes or place(empty, cpu_millis, memory_bytes, gpus, members, has_command=has_command) is not None:
         return None

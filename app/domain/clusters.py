@@ -25,11 +25,13 @@ class NodeView:
     cpu_available_millis: int
     memory_bytes: int
     memory_available_bytes: int
+    state: str = "ready"  # an operator's cordon or drain (app.domain.nodes)
 
     def as_dict(self) -> dict[str, object]:
         return {
             "name": self.name,
             "status": "ready" if self.ready else "not_ready",
+            "state": self.state,
             "gpus": {"total": self.gpu_total, "available": self.gpu_available, "type": self.gpu_type},
             "cpu": {"total": format_millis(self.cpu_millis), "available": format_millis(self.cpu_available_millis)},
             "memory": {"total": format_bytes(self.memory_bytes), "available": format_bytes(self.memory_available_bytes)},
@@ -64,6 +66,8 @@ class ClusterView:
             "available_gpus": sum(n.gpu_available for n in ready),
             "total_gpus": sum(n.gpu_total for n in self.nodes),
             "running_jobs": self.running_jobs,
+            "cordoned_nodes": sum(1 for n in self.nodes if n.state == "cordoned"),
+            "draining_nodes": sum(1 for n in self.nodes if n.state == "draining"),
         }
 
     def detail(self) -> dict[str, object]:
@@ -99,13 +103,15 @@ def local_cluster(session: Session, now: datetime, node_lease_seconds: float, ru
                 gpu_type=row.gpu_type, cpu_millis=row.cpu_millis,
                 cpu_available_millis=max(0, row.cpu_millis - held.used_cpu_millis),
                 memory_bytes=row.memory_bytes, memory_available_bytes=max(0, row.memory_bytes - held.used_memory_bytes),
+                state=row.state,
             )
         )
     return ClusterView(LOCAL_CLUSTER, "local", True, nodes, slots, running)
 
 
-def kubernetes_cluster(name: str, inventory: list | None, running: int) -> ClusterView:  # type: ignore[type-arg]
-    """From the live inventory (app.kube.read_inventory); None when the API server could not be read."""
+def kubernetes_cluster(name: str, inventory: list | None, running: int, states: dict[str, str] | None = None) -> ClusterView:  # type: ignore[type-arg]
+    """From the live inventory (app.kube.read_inventory); None when the API server could not be read.
+    `states`: the operators' node states of the registry, by node name."""
     if inventory is None:
         return ClusterView(name, "kubernetes", False, [], 0, running)
     nodes = [
@@ -113,6 +119,7 @@ def kubernetes_cluster(name: str, inventory: list | None, running: int) -> Clust
             name=n.name, ready=n.ready and n.schedulable, gpu_total=n.gpu_total, gpu_available=n.gpu_free,
             gpu_type=n.gpu_type, cpu_millis=n.cpu_millis, cpu_available_millis=n.cpu_free_millis,
             memory_bytes=n.memory_bytes, memory_available_bytes=n.memory_free_bytes,
+            state=(states or {}).get(n.name, "ready"),
         )
         for n in sorted(inventory, key=lambda n: n.name)
     ]

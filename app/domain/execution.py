@@ -7,10 +7,11 @@ from typing import Any
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 
 from app.db import transaction
-from app.domain.jobs import notify_scheduler, record_transition, utcnow
+from app.domain.capacity import LOCAL_CLUSTER
+from app.domain.jobs import notify_scheduler, placed_nodes, record_transition, utcnow
 from app.domain.scheduling import end_attempt
 from app.domain.states import JobStatus
 from app.models import Job, JobEvent, Node
@@ -36,6 +37,7 @@ class ClaimedJob:
     cluster: str
     node: str | None
     gpu_indices: list[int]
+    gpu_type: str | None = None  # of the nodes it was placed on, when they share one (Kubernetes: node selector)
 
 
 def claim(
@@ -91,7 +93,8 @@ def recorded_end(session: Session, job_id: str, dispatch_token: str) -> str | No
         return None
     return session.scalar(
         select(JobEvent.to_status)
-        .where(JobEvent.job_id == job_id, JobEvent.id > claimed.id, JobEvent.from_status == JobStatus.RUNNING.value)
+        .where(JobEvent.job_id == job_id, JobEvent.id > claimed.id, JobEvent.from_status == JobStatus.RUNNING.value,
+               JobEvent.to_status != JobStatus.RUNNING.value)  # a takeover is no end
         .order_by(JobEvent.id)
         .limit(1)
     )
@@ -113,7 +116,19 @@ def _claimed(job: Job) -> ClaimedJob:
         cluster=job.cluster or "",
         node=job.node,
         gpu_indices=[int(g) for g in job.gpu_indices or []],
+        gpu_type=_placed_gpu_type(job),
     )
+
+
+def _placed_gpu_type(job: Job) -> str | None:
+    """The GPU model the scheduler counted for a Kubernetes job's GPUs: the kube-scheduler must not place its
+    members on another model. None without GPUs, on the local cluster, or over nodes of mixed models."""
+    session = object_session(job)
+    names = (placed_nodes(job) or "").split(",")
+    if session is None or not job.gpus or job.cluster in (None, LOCAL_CLUSTER) or not any(names):
+        return None
+    types = set(session.scalars(select(Node.gpu_type).where(Node.cluster == job.cluster, Node.name.in_(names))))
+    return types.pop() if len(types) == 1 else None
 
 
 def still_running(session: Session, job_id: str, dispatch_token: str, *, heartbeat: bool) -> bool:
@@ -237,6 +252,17 @@ def orphaned_attempts(session: Session, attempts: list[tuple[str, int]]) -> set[
     return {pair for pair in attempts if pair not in running}
 
 
+def attempts_of_ours(session: Session, attempts: list[tuple[str, int]]) -> set[tuple[str, int]]:
+    """Of (job id, attempt) pairs found in a cluster, those that are attempts of a job the service knows
+    (its current attempt or an earlier one); the others are true orphans."""
+    if not attempts:
+        return set()
+    latest = dict(session.execute(
+        select(Job.id, Job.retry_count).where(Job.id.in_({job_id for job_id, _ in attempts}))
+    ).all())
+    return {(job_id, attempt) for job_id, attempt in attempts if job_id in latest and 0 <= attempt <= latest[job_id]}
+
+
 def adoptable(session: Session, cluster: str, silent_since: datetime) -> list[tuple[str, str]]:
     """Running jobs of a cluster whose worker stopped watching them: (job id, dispatch token)."""
     rows = session.execute(
@@ -259,6 +285,20 @@ def take_over(session: Session, job_id: str, dispatch_token: str, worker_id: str
             or (job.heartbeat_at is not None and job.heartbeat_at >= silent_since)
         ):
             return None
+        previous, silent = job.worker_id, (now - job.heartbeat_at).total_seconds() if job.heartbeat_at else None
         job.worker_id = worker_id
         job.heartbeat_at = now
+        _record_takeover(session, job, previous, silent, now)
         return _claimed(job)
+
+
+def _record_takeover(session: Session, job: Job, previous: str | None, silent: float | None, at: datetime) -> None:
+    """A takeover changes who watches the attempt, not its state: a running -> running event on the timeline
+    (no dispatch token in its details, so it is never taken for the attempt's claim)."""
+    quiet = f" after {silent:.0f}s of silence" if silent is not None else ""
+    session.add(JobEvent(
+        job_id=job.id, at=at, from_status=job.status, to_status=job.status,
+        reason=f"taken over by worker {job.worker_id} from worker {previous}{quiet}", actor=job.worker_id or "worker",
+        attempt=job.retry_count, worker_id=job.worker_id, cluster=job.cluster, node=placed_nodes(job),
+        details={"takeover": True, "previous_worker": previous, "silent_seconds": round(silent, 3) if silent is not None else None},
+    ))

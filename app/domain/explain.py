@@ -38,6 +38,7 @@ from sqlalchemy.orm import Session
 
 from app.domain import capacity, counters, jobs, policy, scheduling
 from app.domain.capacity import NodeCapacity
+from app.domain.nodes import why_unschedulable
 from app.domain.quantities import format_bytes, format_millis
 from app.domain.states import TERMINAL, JobStatus
 from app.models import Job, JobEvent, Node
@@ -145,16 +146,16 @@ def explain(session: Session, job: Job, settings: Settings, now: datetime | None
     status = JobStatus(job.status)
     if status is JobStatus.PENDING:
         return _explain_pending(session, job, settings, now, plans)
-    base = dict(job_id=job.id, status=job.status, queue=job.queue, cluster=job.cluster, node=job.node, attempt=job.retry_count)
+    base = dict(job_id=job.id, status=job.status, queue=job.queue, cluster=job.cluster, node=jobs.placed_nodes(job), attempt=job.retry_count)
     if status is JobStatus.QUEUED:
         return Explanation(
             reason=Reason.WAITING_FOR_WORKER, since=job.queued_at,
-            message=f"Placed on {job.cluster}/{job.node}; waiting for its worker to start it", **base,
+            message=f"Placed on {jobs.placement_summary(job)}; waiting for its worker to start it", **base,
         )
     if status is JobStatus.RUNNING:
         return Explanation(
             reason=Reason.RUNNING, since=job.started_at, worker_id=job.worker_id,
-            message=f"Running on {job.cluster}/{job.node} (worker {job.worker_id}, attempt {job.retry_count})", **base,
+            message=f"Running on {jobs.placement_summary(job)} (worker {job.worker_id}, attempt {job.retry_count})", **base,
         )
     assert status in TERMINAL
     return Explanation(
@@ -232,7 +233,8 @@ def _explain_pending(session: Session, job: Job, settings: Settings, now: dateti
             decision = plan.decisions.get(job.id)
     assert snapshot is not None and plan is not None
     if not snapshot.nodes:
-        return answer(Reason.NO_NODES, f"No live node: none has heartbeated in the last {settings.node_lease_seconds:g}s")
+        held_back = why_unschedulable(session, capacity.node_alive_since(now, settings.node_lease_seconds))
+        return answer(Reason.NO_NODES, held_back or f"No live node: none has heartbeated in the last {settings.node_lease_seconds:g}s")
     share = plan.shares.get(job.tenant or job.owner)
     fair = None if share is None else {
         "owner": share.owner, "weight": share.weight, "share": round(share.share, 6), "rank": share.rank,

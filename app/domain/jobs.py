@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import logging
 import secrets
+import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from app.db import first_line, is_connection_error, transaction
-from app.domain import capacity, counters
+from app.domain import capacity, counters, idempotency
+from app.domain.idempotency import IdempotencyKey
 from app.domain.callers import Caller
 from app.domain.errors import Conflict, InvalidRequest, NotFound
 from app.domain.states import TERMINAL, JobStatus, can_transition
@@ -23,6 +26,8 @@ from app.models import Job, JobEvent
 from config import Settings
 
 SCHEDULER_CHANNEL = "jobservice_scheduler"
+POSITION_SAVEPOINT = "submit_position"
+FieldNamer = Callable[[int, str], str]  # (item index, field) -> the name an error gives it: `jobs.3.resources`
 log = logging.getLogger("jobservice.jobs")
 
 
@@ -73,6 +78,24 @@ def notify_scheduler(session: Session, reason: str) -> None:
     session.execute(text("SELECT pg_notify(:channel, :reason)"), {"channel": SCHEDULER_CHANNEL, "reason": reason})
 
 
+def placed_nodes(job: Job) -> str | None:
+    """The node(s) the job's members were placed on: one name, or "a,b" for a gang spread over several
+    (job.node is None then; the placement lists every part)."""
+    if job.node:
+        return job.node
+    names = [str(part["node"]) for part in job.placement or [] if isinstance(part, dict) and part.get("node")]
+    return ",".join(dict.fromkeys(names)) or None
+
+
+def placement_summary(job: Job) -> str:
+    """Where the job runs, for people: `cluster/node`, or every node of a spread gang with its members."""
+    parts = [part for part in job.placement or [] if isinstance(part, dict) and part.get("node")]
+    if job.node or len(parts) <= 1:
+        return f"{job.cluster}/{placed_nodes(job)}"
+    return ", ".join(f"{job.cluster}/{p['node']} ({p.get('members', 1)} member{'s' if p.get('members', 1) != 1 else ''})"
+                     for p in parts)
+
+
 def record_transition(
     session: Session,
     job: Job,
@@ -99,7 +122,7 @@ def record_transition(
             attempt=job.retry_count,
             worker_id=job.worker_id,
             cluster=job.cluster,
-            node=job.node,
+            node=placed_nodes(job),
             exit_code=exit_code,
             details=details or {},
         )
@@ -111,67 +134,201 @@ def record_transition(
         job.pending_since = at  # back in the backlog: its wait (GET /queues/, explain) starts again
 
 
-def submit(session: Session, caller: Caller, request: JobRequest, settings: Settings) -> Job:
-    problem = capacity.why_never_fits(
-        session, request.cpu_millis, request.memory_bytes, request.gpus, request.members, has_command=bool(request.command)
+@dataclass
+class Submitted:
+    """A job as its submit answers it (the same fields whether created now or replayed)."""
+
+    id: str
+    job_type: str
+    priority: int
+    queue: str
+    status: str
+    created_at: datetime
+    queue_position: int | None = None
+    replayed: bool = False  # the answer of an earlier request with the same Idempotency-Key
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "job_type": self.job_type, "priority": self.priority, "queue": self.queue,
+            "status": self.status, "created_at": self.created_at.isoformat(), "queue_position": self.queue_position,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Submitted":
+        return cls(**{**data, "created_at": datetime.fromisoformat(data["created_at"])})
+
+
+@dataclass(frozen=True)
+class Submission:
+    jobs: list[Submitted]
+    replayed: bool = False  # the answer of an earlier request with the same Idempotency-Key
+
+
+# One statement, one round trip, whatever the number of jobs: the rows travel as one JSON array, the
+# events are written from the inserted rows. Core SQL: the ORM's unit of work cost more than the INSERTs.
+_INSERT_JOBS = text(
+    """
+    WITH r AS (
+        SELECT * FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(
+            id text, job_type text, priority integer, queue text, image text, command jsonb, env jsonb, config jsonb,
+            resources jsonb, cpu_millis bigint, memory_bytes bigint, gpus integer, gang_enabled boolean,
+            gang_min_members integer, timeout_seconds integer, max_retries integer, backoff_multiplier double precision,
+            created_at timestamptz)
+    ), j AS (
+        INSERT INTO jobs (id, owner, tenant, job_type, priority, queue, status, status_reason, image, command, env, config,
+                          resources, cpu_millis, memory_bytes, gpus, gang_enabled, gang_min_members, timeout_seconds,
+                          max_retries, backoff_multiplier, retry_count, created_at, updated_at, pending_since)
+        SELECT id, :owner, :tenant, job_type, priority, queue, 'pending', 'submitted', image, command, env, config,
+               resources, cpu_millis, memory_bytes, gpus, gang_enabled, gang_min_members, timeout_seconds,
+               max_retries, backoff_multiplier, 0, created_at, created_at, created_at
+        FROM r
+        RETURNING id, created_at
     )
-    if problem:
-        raise InvalidRequest("Job can never be scheduled", [{"field": "resources", "message": problem}])
+    INSERT INTO job_events (job_id, at, from_status, to_status, reason, actor, attempt, details)
+    SELECT id, created_at, NULL, 'pending', 'submitted', :owner, 0, '{}'::jsonb FROM j
+    """
+)
+
+
+# Read in the same round trip as the INSERT: what a submit checks against (why_never_fits) is the nodes alone.
+# Every known node, ready or not: a node NotReady for a moment must not turn a valid job away.
+_READ_NODES = "SELECT cluster, name, gpu_indices, gpu_type, cpu_millis, memory_bytes, slots FROM nodes"
+
+
+def insert_pending(
+    session: Session, caller: Caller, requests: list[JobRequest], settings: Settings, field: FieldNamer
+) -> list[Submitted]:
+    """Write the jobs and their `submitted` events in the caller's transaction (which commits, or not).
+
+    Raises InvalidRequest (the caller's transaction must then roll back) for any job that no known
+    node could ever run, even empty: `field(index, "resources")` names each.
+    """
     now = utcnow()
-    with transaction(session):
-        job = Job(
-            id=new_job_id(),
-            owner=caller.sub,
-            tenant=caller.tenant,
-            job_type=request.job_type,
-            priority=request.priority,
-            queue=settings.queue_for_priority(request.priority).name,
-            status=JobStatus.PENDING.value,
-            status_reason="submitted",
-            image=request.image,
-            command=request.command,
-            env=request.env,
-            config=request.config,
-            resources=request.resources,
-            cpu_millis=request.cpu_millis,
-            memory_bytes=request.memory_bytes,
-            gpus=request.gpus,
-            gang_enabled=request.gang_enabled,
-            gang_min_members=request.gang_min_members,
-            timeout_seconds=request.timeout_seconds,
-            max_retries=request.max_retries,
-            backoff_multiplier=request.backoff_multiplier,
-            retry_count=0,
-            created_at=now,
-            updated_at=now,
-            pending_since=now,
+    jobs: list[Submitted] = []
+    rows = []
+    for index, request in enumerate(requests):
+        # A microsecond apart: a batch is admitted in its order within a priority (admission is by age, then id).
+        created_at = now + timedelta(microseconds=index)
+        job = Submitted(new_job_id(), request.job_type, request.priority, settings.queue_for_priority(request.priority).name,
+                        JobStatus.PENDING.value, created_at)
+        jobs.append(job)
+        rows.append(
+            {
+                "id": job.id, "job_type": request.job_type, "priority": request.priority, "queue": job.queue,
+                "image": request.image, "command": request.command, "env": request.env, "config": request.config,
+                "resources": request.resources, "cpu_millis": request.cpu_millis, "memory_bytes": request.memory_bytes,
+                "gpus": request.gpus, "gang_enabled": request.gang_enabled, "gang_min_members": request.gang_min_members,
+                "timeout_seconds": request.timeout_seconds, "max_retries": request.max_retries,
+                "backoff_multiplier": request.backoff_multiplier, "created_at": created_at.isoformat(),
+            }
         )
-        session.add(job)
-        session.add(
-            JobEvent(job_id=job.id, at=now, from_status=None, to_status=job.status, reason="submitted", actor=caller.sub)
-        )
-        notify_scheduler(session, "submit")
-        # The answer is computed before the commit: after it, nothing may turn a created job into an error
-        # (a client that retries a 500 would submit it twice).
-        session.flush()
-        job.queue_position = _position_or_none(session, job)
-    return job
+    # Two statements, one round trip (psycopg2 sends them as one query; the result is the last one's).
+    node_rows = session.execute(
+        text(f"{_INSERT_JOBS.text}; {_READ_NODES}"), {"rows": json.dumps(rows, ensure_ascii=False), "owner": caller.sub, "tenant": caller.tenant}
+    ).all()
+    nodes = [
+        capacity.NodeCapacity(r.cluster, r.name, sorted(int(g) for g in r.gpu_indices), r.gpu_type, r.cpu_millis,
+                              r.memory_bytes, r.slots)
+        for r in node_rows
+    ]
+    _check_schedulable(nodes, requests, field)
+    return jobs
 
 
-def _position_or_none(session: Session, job: Job) -> int | None:
-    """The job's queue position inside the caller's transaction; None (logged) if it cannot be computed.
+def _check_schedulable(nodes: list[capacity.NodeCapacity], requests: list[JobRequest], field: FieldNamer) -> None:
+    """400 for any request no known node could ever run, even empty (each distinct shape checked once)."""
+    verdicts: dict[tuple[int, int, int, int, bool], str | None] = {}
+    problems = []
+    for index, request in enumerate(requests):
+        shape = (request.cpu_millis, request.memory_bytes, request.gpus, request.members, bool(request.command))
+        if shape not in verdicts:
+            verdicts[shape] = capacity.never_fits(nodes, *shape[:4], has_command=shape[4])
+        if verdicts[shape]:
+            problems.append({"field": field(index, "resources"), "message": verdicts[shape]})
+    if problems:
+        raise InvalidRequest("Job can never be scheduled", problems)
 
-    A savepoint keeps a failed read (a cancelled statement, a timeout) from aborting the write it answers.
-    A dropped connection still fails the whole transaction: then nothing was committed either.
+
+def submit_many(
+    session: Session,
+    caller: Caller,
+    requests: list[JobRequest],
+    settings: Settings,
+    *,
+    key: IdempotencyKey | None = None,
+    field: FieldNamer = lambda index, name: f"jobs.{index}.{name}",
+) -> Submission:
+    """Create all the jobs or none, in one transaction; with `key`, at most once per caller and key.
+
+    The scheduler is not notified here (a NOTIFY serialises the commits of concurrent submits, see
+    app.wakeup): the caller wakes it after the commit, and its interval tick is the guarantee.
     """
     try:
-        with session.begin_nested():
-            return queue_position(session, job)
+        with transaction(session):
+            now = utcnow()
+            if key is not None:
+                stored = idempotency.find(session, caller.sub, key, now)
+                if stored is not None:
+                    return _replay(stored)
+            jobs = insert_pending(session, caller, requests, settings, field)
+            # The answer is computed before the commit: after it, nothing may turn a created job into an error
+            # (a client that retries a 500 would submit it twice).
+            _fill_positions(session, jobs)
+            if key is not None:
+                answer = idempotency.Stored(201, {"jobs": [job.as_json() for job in jobs]})
+                idempotency.remember(session, caller.sub, key, answer, now, settings.idempotency_key_ttl_seconds)
+            return Submission(jobs)
+    except idempotency.KeyTaken:
+        # A racing request with this key committed first: our jobs rolled back; answer what it answered.
+        with transaction(session):
+            stored = idempotency.find(session, caller.sub, key, utcnow())  # type: ignore[arg-type]
+        if stored is None:  # pragma: no cover - it committed, so it is there (and not yet expired)
+            raise Conflict("Idempotency-Key is being used by another request; retry")
+        return _replay(stored)
+
+
+def submit(
+    session: Session, caller: Caller, request: JobRequest, settings: Settings, *, key: IdempotencyKey | None = None
+) -> Submitted:
+    submission = submit_many(session, caller, [request], settings, key=key, field=lambda _index, name: name)
+    return submission.jobs[0]
+
+
+def _replay(stored: idempotency.Stored) -> Submission:
+    return Submission([Submitted.from_json({**job, "replayed": True}) for job in stored.response["jobs"]], replayed=True)
+
+
+def _fill_positions(session: Session, jobs: list[Submitted]) -> None:
+    """Queue positions inside the submit's transaction: one read per (queue, priority) of the batch.
+
+    Jobs of one batch with the same queue and priority follow each other in admission order (their
+    created_at are a microsecond apart), so the next one's position is the previous one's plus one.
+    A savepoint keeps a failed read (a cancelled statement, a timeout) from aborting the write it answers:
+    positions are then None (logged). It is set in the first read's round trip, and released by the commit.
+    A dropped connection still fails the whole transaction.
+    """
+    firsts: dict[tuple[str, int], int] = {}
+    savepoint: str | None = POSITION_SAVEPOINT
+    try:
+        for job in jobs:
+            group = (job.queue, job.priority)
+            if group in firsts:
+                firsts[group] += 1
+            else:
+                firsts[group] = counters.new_job_position(session, job.queue, job.priority, job.created_at, job.id,
+                                                          savepoint=savepoint)
+                savepoint = None
+            job.queue_position = firsts[group]
     except Exception as exc:
         if is_connection_error(exc):
             raise
-        log.warning("queue position of %s not computed; answering without it: %s", job.id, first_line(exc), extra={"job_id": job.id})
-        return None
+        # Set by the first read's round trip before its SELECT ran (a failure of the SAVEPOINT itself leaves
+        # the transaction aborted: this raises, and nothing was committed).
+        session.execute(text(f"ROLLBACK TO SAVEPOINT {POSITION_SAVEPOINT}"))
+        log.warning("queue positions of %s not computed; answering without them: %s", jobs[0].id, first_line(exc),
+                    extra={"job_id": jobs[0].id})
+        for job in jobs:
+            job.queue_position = None
 
 
 def _visible(caller: Caller):  # type: ignore[no-untyped-def]

@@ -337,7 +337,9 @@ def recover_lost(session: Session, settings: Settings, now: datetime | None = No
     lease = now - timedelta(seconds=settings.job_lease_seconds)
     node_lease = now - timedelta(seconds=settings.node_lease_seconds)
     node_alive = select(Node.name).where(Node.cluster == Job.cluster, Node.name == Job.node, Node.heartbeat_at >= node_lease)
-    stale_running = (Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < lease)
+    # Only local attempts die with their worker. A Kubernetes attempt's truth is in its cluster: the
+    # cluster's other workers adopt it (workers/node.py) and end it only when its Job is gone or failed.
+    stale_running = (Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < lease, Job.cluster == capacity.LOCAL_CLUSTER)
     orphaned_queued = (Job.status == JobStatus.QUEUED.value, Job.queued_at < node_lease, ~node_alive.exists())
     with transaction(session):
         stale_ids = list(session.scalars(select(Job.id).where(*stale_running)))

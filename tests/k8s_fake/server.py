@@ -16,6 +16,16 @@ Behind the API sit three small controllers, all driven by one timer thread:
 - a kubelet that runs each pod's first container by a SCRIPT chosen by image name (succeed, fail-N, oom,
   bad-image, sleep, evicted, ...) and serves its logs with RFC3339Nano timestamps.
 
+Content negotiation is the real server's (k8s.io/apiserver endpoints/handlers/negotiation): `Accept` must
+name a media type the server serializes (`application/json`, `application/yaml`,
+`application/vnd.kubernetes.protobuf`, or `*/*` / `application/*`), with only the parameters it knows
+(`stream=watch`, `pretty`; others ignored), else 406 NotAcceptable; `pods/log` negotiates the same way although
+its body is plain text. A request body must be `application/json` or carry no Content-Type (yaml/protobuf too on the real
+server), else 415. This fake writes JSON only, so it also answers 406 where yaml or protobuf alone is asked for.
+
+Services (headless ones too) are kept and garbage-collected with the Job that owns them; nodes may carry
+taints, which the scheduler honours against the pods' tolerations.
+
 Left out on purpose: authentication, PATCH/PUT, protobuf, paging, bookmarks, most admission checks.
 Test controls: `set_nodes`, `scripts`, `break_watches`, `break_log_streams`, `compact`, `inject_error`,
 and the `requests` / `deletions` logs; `objects` and `get` read the state.
@@ -66,6 +76,7 @@ class FakeNode:
     # Like a real kubelet, some capacity is kept back for the system: allocatable = capacity - reserved.
     reserved_cpu_millis: int = 500
     reserved_memory_bytes: int = 2**30
+    taints: tuple[tuple[str, str, str], ...] = ()  # (key, value, effect), e.g. ("nvidia.com/gpu", "present", "NoSchedule")
 
 
 @dataclass
@@ -117,6 +128,7 @@ class Request:
     query: dict[str, str]
     status: int | None = None
     watch_error: int | None = None  # the code of an ERROR event sent on a watch (410 after compaction)
+    refused_accept: str | None = None  # the Accept header of a request answered 406
 
 
 @dataclass
@@ -228,6 +240,10 @@ FIELD_PATHS: dict[str, dict[str, Callable[[Obj], str]]] = {
         "metadata.name": lambda o: o["metadata"]["name"],
         "metadata.namespace": lambda o: o["metadata"].get("namespace", ""),
     },
+    "services": {
+        "metadata.name": lambda o: o["metadata"]["name"],
+        "metadata.namespace": lambda o: o["metadata"].get("namespace", ""),
+    },
     "nodes": {
         "metadata.name": lambda o: o["metadata"]["name"],
         "spec.unschedulable": lambda o: str(bool(o["spec"].get("unschedulable", False))).lower(),
@@ -249,6 +265,48 @@ def field_matcher(resource: str, selector: str | None) -> Callable[[Obj], bool]:
     return lambda obj: all(test(obj) for test in tests)
 
 
+# What the real API server can serialize for the built-in resources, and the media-type parameters it accepts.
+REAL_MEDIA_TYPES = ("application/json", "application/yaml", "application/vnd.kubernetes.protobuf")
+SERVED_MEDIA_TYPE = "application/json"  # what this fake writes
+
+
+def negotiate(accept: str | None) -> str | None:
+    """The media type an `Accept` header gets from the real API server, or None where it answers 406.
+
+    No header (or an empty one) means JSON. Clauses are taken by quality (q=0 refuses); unknown parameters
+    (`charset`) are ignored as the real server ignores them, `stream` must be `watch`, and a conversion
+    (`as`/`g`/`v`: Table, PartialObjectMetadata) is not served by this fake: that clause is skipped.
+    """
+    if accept is None or not accept.strip():
+        return SERVED_MEDIA_TYPE
+    clauses: list[tuple[float, int, str, dict[str, str]]] = []
+    for order, raw in enumerate(accept.split(",")):
+        kind, *raw_params = [part.strip() for part in raw.split(";")]
+        params: dict[str, str] = {}
+        quality = 1.0
+        for param in raw_params:
+            key, _, value = param.partition("=")
+            key, value = key.strip().lower(), value.strip()
+            if key == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+            elif key:
+                params[key] = value
+        clauses.append((-quality, order, kind.lower(), params))
+    for negative_quality, _, kind, params in sorted(clauses):
+        if negative_quality >= 0:
+            continue
+        if params.get("stream", "watch") != "watch" or any(key in params for key in ("as", "g", "v")):
+            continue
+        chosen = REAL_MEDIA_TYPES[0] if kind in ("*/*", "application/*") else kind
+        if chosen in REAL_MEDIA_TYPES:
+            # The real server would answer; this fake can only when the choice is JSON.
+            return chosen if chosen == SERVED_MEDIA_TYPE else None
+    return None
+
+
 def status_object(code: int, reason: str, message: str, details: Obj | None = None) -> Obj:
     body: Obj = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
                  "reason": reason, "code": code}
@@ -267,6 +325,7 @@ RESOURCES: dict[str, dict[str, str]] = {
     "pods": {"kind": "Pod", "apiVersion": "v1", "group": ""},
     "jobs": {"kind": "Job", "apiVersion": "batch/v1", "group": "batch"},
     "nodes": {"kind": "Node", "apiVersion": "v1", "group": ""},
+    "services": {"kind": "Service", "apiVersion": "v1", "group": ""},
 }
 
 
@@ -440,6 +499,14 @@ class FakeKubernetes:
 
     def _remove(self, resource: str, obj: Obj) -> None:
         self._write(resource, obj, "DELETED")
+        if resource == "jobs":
+            self._collect_garbage(obj["metadata"]["uid"])
+
+    def _collect_garbage(self, owner_uid: str) -> None:
+        """The garbage collector: Services owned by a deleted Job go with it (pods have their own path)."""
+        for service in list(self._objects["services"].values()):
+            if any(r.get("uid") == owner_uid for r in service["metadata"].get("ownerReferences") or []):
+                self._write("services", service, "DELETED")
 
     def _find(self, resource: str, namespace: str, name: str) -> Obj | None:
         return self._objects[resource].get((namespace, name))
@@ -492,7 +559,8 @@ class FakeKubernetes:
         return {
             "apiVersion": "v1", "kind": "Node",
             "metadata": {"name": node.name, "uid": str(uuid.uuid4()), "creationTimestamp": now, "labels": labels},
-            "spec": {"unschedulable": True} if node.unschedulable else {},
+            "spec": ({"unschedulable": True} if node.unschedulable else {})
+                    | ({"taints": [{"key": k, "value": v, "effect": e} for k, v, e in node.taints]} if node.taints else {}),
             "status": {
                 "capacity": capacity, "allocatable": allocatable, "conditions": [ready],
                 "addresses": [{"type": "InternalIP", "address": f"10.0.0.{index}"},
@@ -548,6 +616,10 @@ class FakeKubernetes:
             return "node(s) had untolerated taint {node.kubernetes.io/not-ready: }"
         if node["spec"].get("unschedulable"):
             return "node(s) were unschedulable"
+        untolerated = next((t for t in node["spec"].get("taints") or [] if t["effect"] in ("NoSchedule", "NoExecute")
+                            and not any(_tolerates(tol, t) for tol in pod["spec"].get("tolerations") or [])), None)
+        if untolerated is not None:
+            return f"node(s) had untolerated taint {{{untolerated['key']}: {untolerated.get('value', '')}}}"
         if not self._node_selected(pod, node):
             return "node(s) didn't match Pod's node affinity/selector"
         free = self._free_on(node)
@@ -904,6 +976,30 @@ class FakeKubernetes:
         self._after(self.step, self._schedule)
         return pod
 
+    def create_service(self, namespace: str, body: Obj) -> Obj:
+        meta = body.get("metadata") or {}
+        name = meta.get("name") or ""
+        if self._find("services", namespace, name):
+            raise ApiError(409, "AlreadyExists", f'services "{name}" already exists', {"name": name, "kind": "services"})
+        errors = validate_service(body)
+        if errors:
+            raise invalid("Service", name, errors)
+        service = copy.deepcopy(body)
+        service["apiVersion"], service["kind"] = "v1", "Service"
+        service["metadata"] = self._new_meta(service["metadata"], namespace)
+        spec = service.setdefault("spec", {})
+        spec.setdefault("type", "ClusterIP")
+        spec["clusterIPs"] = [spec.get("clusterIP") or "10.96.0.10"]
+        spec.setdefault("clusterIP", spec["clusterIPs"][0])
+        service["status"] = {"loadBalancer": {}}
+        owners = [r for r in service["metadata"].get("ownerReferences") or []]
+        self._write("services", service, "ADDED")
+        # An owner that is already gone: the garbage collector removes the dependent at once.
+        live = {j["metadata"]["uid"] for j in self._objects["jobs"].values()}
+        if owners and not any(r.get("uid") in live for r in owners):
+            self._write("services", service, "DELETED")
+        return service
+
     def delete_job(self, namespace: str, name: str, policy: str | None) -> tuple[int, Obj]:
         job = self._find("jobs", namespace, name)
         if job is None:
@@ -922,6 +1018,12 @@ class FakeKubernetes:
                     self._delete_pod(namespace, pod["metadata"]["name"])
                 self._sync_job(job)
             return 200, job
+        if policy not in ("Background", "Foreground"):  # Orphan: dependents lose their owner and stay
+            for service in self._objects["services"].values():
+                refs = service["metadata"].get("ownerReferences") or []
+                if any(r.get("uid") == job["metadata"]["uid"] for r in refs):
+                    service["metadata"]["ownerReferences"] = [r for r in refs if r.get("uid") != job["metadata"]["uid"]]
+                    self._write("services", service, "MODIFIED")
         self._remove("jobs", job)
         if policy == "Background":
             self._after(self.step, lambda: [self._delete_pod(namespace, p["metadata"]["name"]) for p in pods])
@@ -945,6 +1047,18 @@ class FakeKubernetes:
         info = RESOURCES[resource]
         return {"kind": f"{info['kind']}List", "apiVersion": info["apiVersion"],
                 "metadata": {"resourceVersion": str(self._rv)}, "items": items}
+
+
+def _tolerates(toleration: Obj, taint: Obj) -> bool:
+    """The kube-scheduler's rule: an empty key with Exists tolerates everything; an empty effect any effect."""
+    if toleration.get("effect") and toleration["effect"] != taint["effect"]:
+        return False
+    operator = toleration.get("operator") or "Equal"
+    if not toleration.get("key"):
+        return operator == "Exists"
+    if toleration["key"] != taint["key"]:
+        return False
+    return operator == "Exists" or (toleration.get("value") or "") == (taint.get("value") or "")
 
 
 def index_intervals(indexes: set[int]) -> str:
@@ -1075,6 +1189,49 @@ def validate_pod_spec(spec: Obj, path: str, pod_only: bool = False) -> list[tupl
     if spec.get("restartPolicy", "Always") not in policies:
         errors.append((f"{path}.restartPolicy", f'Unsupported value: "{spec.get("restartPolicy", "Always")}": '
                                                  f'supported values: {", ".join(policies)}'))
+    for field_name in ("hostname", "subdomain"):
+        value = spec.get(field_name)
+        if value is not None and not (re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", value) and len(value) <= 63):
+            errors.append((f"{path}.{field_name}", f'Invalid value: "{value}": a lowercase RFC 1123 label must consist of '
+                                                   "lower case alphanumeric characters or '-'"))
+    for i, toleration in enumerate(spec.get("tolerations") or []):
+        operator = toleration.get("operator") or "Equal"
+        if operator not in ("Equal", "Exists"):
+            errors.append((f"{path}.tolerations[{i}].operator", f'Unsupported value: "{operator}"'))
+        if operator == "Exists" and toleration.get("value"):
+            errors.append((f"{path}.tolerations[{i}].operator", "Invalid value: value must be empty when `operator` is 'Exists'"))
+        if toleration.get("effect") and toleration["effect"] not in ("NoSchedule", "PreferNoSchedule", "NoExecute"):
+            errors.append((f"{path}.tolerations[{i}].effect", f'Unsupported value: "{toleration["effect"]}"'))
+        if not toleration.get("key") and operator != "Exists":
+            errors.append((f"{path}.tolerations[{i}].operator", "Invalid value: operator must be Exists when `key` is empty"))
+    for key, value in (spec.get("nodeSelector") or {}).items():
+        if not valid_label_key(key) or not valid_label_value(value):
+            errors.append((f"{path}.nodeSelector", f"Invalid value: {key!r}: {value!r}"))
+    return errors
+
+
+def validate_service(body: Obj) -> list[tuple[str, str]]:
+    meta, spec = body.get("metadata") or {}, body.get("spec") or {}
+    errors = _validate_meta(meta, "metadata")
+    name = meta.get("name") or ""
+    if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) or len(name) > 63:
+        errors.append(("metadata.name", f'Invalid value: "{name}": a DNS-1035 label must consist of lower case '
+                       "alphanumeric characters or '-', start with an alphabetic character, and end with an "
+                       "alphanumeric character"))
+    headless = spec.get("clusterIP") == "None"
+    ports = spec.get("ports") or []
+    if not ports and not headless:
+        errors.append(("spec.ports", "Required value"))
+    for i, port in enumerate(ports):
+        if not isinstance(port.get("port"), int) or not 1 <= port["port"] <= 65535:
+            errors.append((f"spec.ports[{i}].port", "Invalid value: must be between 1 and 65535, inclusive"))
+        if port.get("protocol", "TCP") not in ("TCP", "UDP", "SCTP"):
+            errors.append((f"spec.ports[{i}].protocol", f'Unsupported value: "{port.get("protocol")}"'))
+        if len(ports) > 1 and not port.get("name"):
+            errors.append((f"spec.ports[{i}].name", "Required value"))
+    for key, value in (spec.get("selector") or {}).items():
+        if not valid_label_key(key) or not valid_label_value(value):
+            errors.append(("spec.selector", f"Invalid value: {key!r}: {value!r}"))
     return errors
 
 
@@ -1138,6 +1295,10 @@ class _Handler(BaseHTTPRequestHandler):
             ("GET", rf"^/api/v1{_NS}/pods/{_NAME}/log$", "log"),
             ("GET", rf"^/api/v1{_NS}/pods/{_NAME}$", "item"),
             ("DELETE", rf"^/api/v1{_NS}/pods/{_NAME}$", "delete"),
+            ("GET", rf"^/api/v1{_NS}/services$", "collection"),
+            ("POST", rf"^/api/v1{_NS}/services$", "create"),
+            ("GET", rf"^/api/v1{_NS}/services/{_NAME}$", "item"),
+            ("DELETE", rf"^/api/v1{_NS}/services/{_NAME}$", "delete"),
             ("GET", r"^/apis/batch/v1/jobs$", "collection"),
             ("GET", rf"^/apis/batch/v1{_NS}/jobs$", "collection"),
             ("POST", rf"^/apis/batch/v1{_NS}/jobs$", "create"),
@@ -1185,6 +1346,8 @@ class _Handler(BaseHTTPRequestHandler):
             for route_method, pattern, handler in self.ROUTES:
                 match = pattern.match(url.path)
                 if match and route_method == method:
+                    if handler != "version":
+                        self._negotiate(query, raw)
                     groups = match.groupdict()
                     body = json.loads(raw) if raw else {}
                     answer = getattr(self, f"_{handler}")
@@ -1200,9 +1363,27 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
 
+    def _negotiate(self, query: dict[str, str], raw: bytes) -> None:
+        """406 / 415 where the real API server refuses the request's media types (see `negotiate`)."""
+        accept = self.headers.get("Accept")
+        if negotiate(accept) is None:
+            self.request_record.refused_accept = accept
+            raise ApiError(406, "NotAcceptable", "the server was unable to respond with a content type that the client "
+                           f"supports (Accept: {accept!r}); only the following media types are accepted: "
+                           + ", ".join(REAL_MEDIA_TYPES))
+        # No Content-Type is read as the first serializer's type, JSON (NegotiateInputSerializerForMediaType).
+        content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower() or SERVED_MEDIA_TYPE
+        if raw and content_type not in REAL_MEDIA_TYPES:
+            raise ApiError(415, "UnsupportedMediaType", f'the body of the request was in an unknown format - accepted '
+                           f'media types include: {", ".join(REAL_MEDIA_TYPES)} (got {content_type!r})')
+        if raw and content_type != SERVED_MEDIA_TYPE:
+            raise ApiError(415, "UnsupportedMediaType", f"this fake reads JSON bodies only (got {content_type!r})")
+
     @staticmethod
     def _resource(path: str) -> str:
-        return next((r for r in ("pods", "jobs", "nodes") if f"/{r}" in path), "")
+        # The collection is the segment after the group version (and namespace): names may look like resources.
+        match = re.match(r"^/(?:api/v1|apis/batch/v1)(?:/namespaces/[^/]+)?/(\w+)", path)
+        return match.group(1) if match and match.group(1) in RESOURCES else ""
 
     # -- plain answers ---------------------------------------------------------------------------------------
 
@@ -1248,7 +1429,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _create(self, resource: str, ns: str, name: None, query: dict[str, str], body: Obj) -> None:
         with self.fake._cond:
-            created = self.fake.create_job(ns, body) if resource == "jobs" else self.fake.create_pod(ns, body)
+            create = {"jobs": self.fake.create_job, "services": self.fake.create_service}.get(resource, self.fake.create_pod)
+            created = create(ns, body)
             data = copy.deepcopy(created)
         self._json(201, data)
 
@@ -1257,6 +1439,13 @@ class _Handler(BaseHTTPRequestHandler):
         with self.fake._cond:
             if resource == "jobs":
                 code, answer = self.fake.delete_job(ns, name, policy)
+            elif resource == "services":
+                service = self.fake._find("services", ns, name)
+                if service is None:
+                    raise not_found("services", name)
+                self.fake.deletions.append(("services", ns, name, policy))
+                self.fake._write("services", service, "DELETED")
+                code, answer = 200, service
             else:
                 if self.fake._find("pods", ns, name) is None:
                     raise not_found("pods", name)

@@ -5,6 +5,8 @@ and report a plain `Outcome`. The worker task turns outcomes into state transiti
 """
 from __future__ import annotations
 
+import dataclasses
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -28,18 +30,53 @@ class JobSpec:
     cluster: str
     node: str | None
     gpu_indices: list[int] = field(default_factory=list)  # host GPUs reserved for all members (local executor)
+    gpu_type: str | None = None  # the GPU model of the nodes it was placed on (Kubernetes: a node selector)
+    # Where member 0 accepts the torch.distributed rendezvous; set by the executor that knows the network.
+    master_addr: str | None = None
+    master_port: int | None = None
+
+    def with_rendezvous(self, master_addr: str, master_port: int) -> JobSpec:
+        return dataclasses.replace(self, master_addr=master_addr, master_port=master_port)
 
     def base_environment(self, rank: int) -> dict[str, str]:
-        """What every member sees besides the job's own `env`."""
+        """What every member sees besides the job's own `env`.
+
+        With a rendezvous, also what torch.distributed (`init_process_group("env://")`) and `torchrun`
+        expect, one member per node: WORLD_SIZE members, RANK = NODE_RANK = the member's rank, LOCAL_RANK 0
+        (torchrun sets RANK/LOCAL_RANK/WORLD_SIZE afresh for the processes it starts).
+        """
         import json
 
-        return {
+        env = {
             "JOB_ID": self.job_id,
             "JOB_CONFIG": json.dumps(self.config),
             "JOB_RANK": str(rank),
             "JOB_WORLD_SIZE": str(self.members),
             "JOB_ATTEMPT": str(self.attempt),
         }
+        if self.master_addr is not None and self.master_port is not None:
+            env.update({
+                "MASTER_ADDR": self.master_addr,
+                "MASTER_PORT": str(self.master_port),
+                "WORLD_SIZE": str(self.members),
+                "RANK": str(rank),
+                "NODE_RANK": str(rank),
+                "LOCAL_RANK": "0",
+                "LOCAL_WORLD_SIZE": "1",
+            })
+        return env
+
+
+# The per-member variables, which differ between members of one gang.
+RANK_VARIABLES = ("JOB_RANK", "RANK", "NODE_RANK")
+DEFAULT_MASTER_PORT = 29500  # torch.distributed's default
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` now, for a local gang's rendezvous (member 0 binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
 
 
 class EndKind(StrEnum):
@@ -49,6 +86,7 @@ class EndKind(StrEnum):
     LAUNCH_FAILED = "launch_failed"  # could not start at all (no command, bad image): retrying will not help
     LOST = "lost"  # the execution disappeared (pod evicted, node gone)
     UNPLACED = "unplaced"  # not every member could start in time: requeue whole, without spending a retry
+    DRAINED = "drained"  # stopped because its node drains (worker stopping, operator): requeue, no retry spent
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import IO
 
 from workers.executors import containment
-from workers.executors.base import EndKind, JobSpec, LogLine, LogSink, Outcome
+from workers.executors.base import EndKind, JobSpec, LogLine, LogSink, Outcome, free_port
 
 # Variables a job inherits from the worker; everything else (database URLs, secrets) stays out.
 INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER", "LD_LIBRARY_PATH")
@@ -186,6 +186,7 @@ class LocalExecutor:
             return FinishedExecution(
                 Outcome(EndKind.LAUNCH_FAILED, "the local executor cannot run an image: the job has no command")
             )
+        spec = spec.with_rendezvous("127.0.0.1", free_port())  # members find member 0 as torch.distributed expects
         folder = self.workdir / spec.job_id / f"attempt-{spec.attempt}"
         folder.mkdir(parents=True, exist_ok=True)
         contained = containment.Containment(spec.job_id, spec.attempt, self.jobs_cgroup)

@@ -1,0 +1,355 @@
+"""Batch submit, idempotency keys and dry run (issue 14), over real HTTP on real PostgreSQL and Redis."""
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from typing import Any
+
+import psycopg2
+import psycopg2.extensions
+import pytest
+from sqlalchemy import event, text
+
+from app.api.schemas import GangSchema, JobCreateSchema, ResourcesSchema, RetryPolicySchema
+from app.db import Database
+from app.domain import execution, idempotency
+from app.domain.jobs import SCHEDULER_CHANNEL, utcnow
+from config import Settings
+from tests.conftest import ApiClient, LiveServer, make_token, wait_for
+from tests.test_db_resilience import backend_pids
+from tests.test_jobs_api import assert_error
+
+JOB = {"job_type": "sweep", "command": ["true"], "priority": 10}
+
+
+@pytest.fixture
+def serve(settings: Settings, database: Database) -> Iterator[Callable[..., LiveServer]]:
+    """serve(**setting overrides) -> a LiveServer of its own."""
+    servers: list[LiveServer] = []
+
+    def start(**overrides: Any) -> LiveServer:
+        server = LiveServer(settings.with_overrides(**overrides))
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def as_user(server: LiveServer, sub: str) -> ApiClient:
+    return ApiClient(server.url, {"Authorization": f"Bearer {make_token(sub, 'jobs:read jobs:write')}"})
+
+
+def count(database: Database, table: str) -> int:
+    with database.engine.connect() as conn:
+        return int(conn.execute(text(f"SELECT count(*) FROM {table}")).scalar() or 0)
+
+
+def register_node(database: Database, name: str = "node-a", slots: int = 2, cpu_millis: int = 4000) -> None:
+    with database.session() as s:
+        execution.register_node(s, cluster="local", name=name, gpu_indices=[], gpu_type=None, cpu_millis=cpu_millis,
+                                memory_bytes=16 * 2**30, slots=slots)
+
+
+# --- batch submit --------------------------------------------------------------------------------------------
+
+def test_batch_creates_every_job_in_order_with_one_event_each(api: ApiClient, database: Database) -> None:
+    bodies = [{**JOB, "config": {"i": i}} for i in range(5)] + [{**JOB, "priority": 90}]
+    response = api.post("/jobs/batch", json={"jobs": bodies})
+    assert response.status_code == 201, response.text
+    created = response.json()["jobs"]
+    assert len(created) == 6 and len({job["id"] for job in created}) == 6
+    for job, body in zip(created, bodies):
+        assert set(job) == {"id", "job_type", "priority", "status", "created_at", "queue_position"}
+        assert job["priority"] == body["priority"] and job["status"] == "pending"
+        detail = api.get(f"/jobs/{job['id']}").json()
+        assert detail["config"] == body.get("config", {}) and detail["command"] == ["true"]
+    # Same queue and priority: admitted in the batch's order, so positions 1..5; the priority-90 job has its own queue.
+    assert [job["queue_position"] for job in created] == [1, 2, 3, 4, 5, 1]
+    assert [api.get(f"/jobs/{job['id']}").json()["queue_position"] for job in created[:5]] == [1, 2, 3, 4, 5]
+    with database.engine.connect() as conn:
+        events = conn.execute(text("SELECT job_id, from_status, to_status, reason FROM job_events")).all()
+    assert sorted(e.job_id for e in events) == sorted(job["id"] for job in created)
+    assert {(e.from_status, e.to_status, e.reason) for e in events} == {(None, "pending", "submitted")}
+
+
+def test_batch_writes_jobs_and_events_in_one_statement(live_server: LiveServer, api: ApiClient) -> None:
+    engine = live_server.app.extensions["jobservice.database"].engine
+    inserts: list[str] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "INSERT INTO" in statement:
+            inserts.append(statement)
+
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        response = api.post("/jobs/batch", json={"jobs": [JOB] * 200})
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    assert response.status_code == 201, response.text
+    assert len(inserts) == 1, inserts  # not one round trip per job (nor per table)
+    assert "INSERT INTO jobs" in inserts[0] and "INSERT INTO job_events" in inserts[0]
+
+
+def test_batch_is_all_or_nothing_and_errors_name_the_item(api: ApiClient, database: Database) -> None:
+    bodies = [JOB, JOB, {**JOB, "priority": 101}, JOB, {"job_type": "x"}]
+    error = assert_error(api.post("/jobs/batch", json={"jobs": bodies}), 400, "VALIDATION_ERROR")
+    fields = {d["field"] for d in error["details"]}
+    assert "jobs.2.priority" in fields and "jobs.4.image" in fields
+    assert count(database, "jobs") == 0 and count(database, "job_events") == 0
+
+
+def test_batch_refuses_a_job_no_node_can_ever_run_by_its_index(api: ApiClient, database: Database) -> None:
+    register_node(database, cpu_millis=2000)
+    bodies = [JOB, {**JOB, "resources": {"cpu": "64"}}]
+    error = assert_error(api.post("/jobs/batch", json={"jobs": bodies}), 400, "VALIDATION_ERROR")
+    assert [d["field"] for d in error["details"]] == ["jobs.1.resources"]
+    assert count(database, "jobs") == 0
+
+
+@pytest.mark.parametrize("body", [{"jobs": []}, {"jobs": [JOB] * 4}, {"jobs": JOB}, {}, {"jobs": [JOB], "extra": 1}, [JOB]])
+def test_batch_bounds_and_shape(serve: Callable[..., LiveServer], database: Database, body: Any) -> None:
+    api = ApiClient(serve(max_batch_jobs=3).url)
+    assert_error(api.post("/jobs/batch", json=body), 400, "VALIDATION_ERROR")
+    assert count(database, "jobs") == 0
+
+
+def test_batch_limit_is_documented_from_the_setting(serve: Callable[..., LiveServer]) -> None:
+    document = ApiClient(serve(max_batch_jobs=7).url).get("/openapi.json").json()
+    schema = document["components"]["schemas"]["JobBatchCreate"]["properties"]["jobs"]
+    assert schema["maxItems"] == 7 and schema["minItems"] == 1
+
+
+def test_rate_limit_counts_the_jobs_of_a_batch(serve: Callable[..., LiveServer], database: Database) -> None:
+    server = serve(auth_enabled=True, ratelimit_enabled=True, ratelimit_submit="10/minute")
+    alice = as_user(server, "alice")
+    first = alice.post("/jobs/batch", json={"jobs": [JOB] * 6})
+    assert first.status_code == 201, first.text
+    assert first.headers["X-RateLimit-Limit"] == "10" and first.headers["X-RateLimit-Remaining"] == "4"
+    single = alice.post("/jobs/", json=JOB)  # one counter for both ways to submit
+    assert single.status_code == 201 and single.headers["X-RateLimit-Remaining"] == "3"
+    assert_error(alice.post("/jobs/batch", json={"jobs": [JOB] * 4}), 429, "RATE_LIMITED")
+    assert alice.post("/jobs/batch", json={"jobs": [JOB] * 3}).status_code == 201
+    assert count(database, "jobs") == 10
+    assert as_user(server, "bob").post("/jobs/batch", json={"jobs": [JOB] * 10}).status_code == 201  # per caller
+    too_big = assert_error(as_user(server, "carol").post("/jobs/batch", json={"jobs": [JOB] * 11}), 429, "RATE_LIMITED")
+    assert "send smaller batches" in too_big["message"]
+
+
+# --- idempotency keys ---------------------------------------------------------------------------------------
+
+def test_same_key_and_body_answers_the_first_answer_without_creating(api: ApiClient, database: Database) -> None:
+    first = api.post("/jobs/", json=JOB, headers={"Idempotency-Key": "retry-1"})
+    assert first.status_code == 201 and "Idempotent-Replayed" not in first.headers
+    again = api.post("/jobs/", json={"priority": 10, "command": ["true"], "job_type": "sweep"}, headers={"Idempotency-Key": "retry-1"})
+    assert again.status_code == 201 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.json() == first.json()
+    assert count(database, "jobs") == 1 and count(database, "job_events") == 1
+
+
+def test_same_key_with_another_body_or_endpoint_is_a_conflict(api: ApiClient, database: Database) -> None:
+    assert api.post("/jobs/", json=JOB, headers={"Idempotency-Key": "k"}).status_code == 201
+    error = assert_error(api.post("/jobs/", json={**JOB, "priority": 11}, headers={"Idempotency-Key": "k"}), 409, "CONFLICT")
+    assert error["details"][0]["field"] == "Idempotency-Key"
+    assert_error(api.post("/jobs/batch", json={"jobs": [JOB]}, headers={"Idempotency-Key": "k"}), 409, "CONFLICT")
+    assert count(database, "jobs") == 1
+
+
+def test_batch_replay_answers_the_same_ids(api: ApiClient, database: Database) -> None:
+    body = {"jobs": [JOB, {**JOB, "priority": 60}]}
+    first = api.post("/jobs/batch", json=body, headers={"Idempotency-Key": "batch-7"})
+    again = api.post("/jobs/batch", json=body, headers={"Idempotency-Key": "batch-7"})
+    assert first.status_code == again.status_code == 201
+    assert again.json() == first.json() and again.headers["Idempotent-Replayed"] == "true"
+    assert count(database, "jobs") == 2
+
+
+def test_keys_are_per_caller(serve: Callable[..., LiveServer], database: Database) -> None:
+    server = serve(auth_enabled=True)
+    alice = as_user(server, "alice").post("/jobs/", json=JOB, headers={"Idempotency-Key": "same"}).json()
+    bob = as_user(server, "bob").post("/jobs/", json=JOB, headers={"Idempotency-Key": "same"}).json()
+    assert alice["id"] != bob["id"] and count(database, "jobs") == 2
+
+
+def test_an_expired_key_creates_again_and_the_purge_removes_only_expired_keys(api: ApiClient, database: Database) -> None:
+    first = api.post("/jobs/", json=JOB, headers={"Idempotency-Key": "old"}).json()
+    api.post("/jobs/", json=JOB, headers={"Idempotency-Key": "fresh"})
+    with database.engine.begin() as conn:
+        conn.execute(text("UPDATE idempotency_keys SET expires_at = now() - interval '1 second' WHERE key = 'old'"))
+    again = api.post("/jobs/", json=JOB, headers={"Idempotency-Key": "old"})
+    assert again.status_code == 201 and again.json()["id"] != first["id"] and "Idempotent-Replayed" not in again.headers
+    with database.engine.begin() as conn:
+        conn.execute(text("UPDATE idempotency_keys SET expires_at = now() - interval '1 second' WHERE key = 'old'"))
+    with database.session() as s:
+        assert idempotency.purge_expired(s, utcnow()) == 1
+    with database.engine.connect() as conn:
+        assert conn.execute(text("SELECT key FROM idempotency_keys")).scalars().all() == ["fresh"]
+
+
+def test_the_key_lives_for_the_configured_time(serve: Callable[..., LiveServer], database: Database) -> None:
+    api = ApiClient(serve(idempotency_key_ttl_seconds=120).url)
+    api.post("/jobs/", json=JOB, headers={"Idempotency-Key": "ttl"})
+    with database.engine.connect() as conn:
+        lifetime = conn.execute(text("SELECT expires_at - created_at FROM idempotency_keys")).scalar()
+    assert lifetime == timedelta(seconds=120)
+
+
+def test_racing_requests_with_one_key_create_one_job(live_server: LiveServer, api: ApiClient, database: Database) -> None:
+    """Every racer has read the key as new and inserted its job when they meet at the key's row: one wins."""
+    answers: list[Any] = []
+    with database.engine.connect() as conn:
+        lock = conn.begin()
+        conn.execute(text("LOCK TABLE idempotency_keys IN SHARE ROW EXCLUSIVE MODE"))  # blocks their INSERTs, not reads
+        racers = [
+            threading.Thread(target=lambda: answers.append(api.post("/jobs/", json=JOB, headers={"Idempotency-Key": "race"})))
+            for _ in range(4)
+        ]
+        for racer in racers:
+            racer.start()
+        wait_for(lambda: len(backend_pids(database, "jobservice-api", waiting_on_lock=True, query_like="%idempotency_keys%")) == 4,
+                 20, message="four submits waiting at the key")
+        lock.rollback()
+    for racer in racers:
+        racer.join(30)
+    assert [a.status_code for a in answers] == [201] * 4, [a.text for a in answers]
+    assert len({a.json()["id"] for a in answers}) == 1
+    assert sorted(a.headers.get("Idempotent-Replayed", "") for a in answers) == ["", "true", "true", "true"]
+    assert count(database, "jobs") == 1 and count(database, "job_events") == 1
+
+
+@pytest.mark.parametrize("key", ["", "x" * 256, "has space", "tab\there"])
+def test_the_key_header_is_bounded_and_checked(api: ApiClient, database: Database, key: str) -> None:
+    error = assert_error(api.post("/jobs/", json=JOB, headers={"Idempotency-Key": key}), 400, "VALIDATION_ERROR")
+    assert {d["field"] for d in error["details"]} == {"Idempotency-Key"}
+    assert count(database, "jobs") == 0
+
+
+def test_a_key_of_255_printable_characters_is_accepted(api: ApiClient) -> None:
+    key = ("!~azAZ09" * 40)[:255]
+    assert api.post("/jobs/", json=JOB, headers={"Idempotency-Key": key}).status_code == 201
+    assert api.post("/jobs/", json=JOB, headers={"Idempotency-Key": key}).headers["Idempotent-Replayed"] == "true"
+
+
+# --- dry run ------------------------------------------------------------------------------------------------
+
+def test_dry_run_creates_nothing_and_says_why_it_would_wait(api: ApiClient, database: Database) -> None:
+    api.submit(**JOB)
+    response = api.post("/jobs/?dry_run=true", json=JOB, headers={"Idempotency-Key": "ignored"})
+    assert response.status_code == 200, response.text
+    preview = response.json()
+    assert preview["dry_run"] is True and preview["fits_now"] is False
+    assert preview["reason"] == "NO_NODES" and preview["queue"] == "default" and preview["queue_position"] == 2
+    assert count(database, "jobs") == 1 and count(database, "job_events") == 1 and count(database, "idempotency_keys") == 0
+
+
+def test_dry_run_of_a_batch_sees_the_batch_jobs_ahead(api: ApiClient, database: Database) -> None:
+    register_node(database, slots=1)
+    response = api.post("/jobs/batch?dry_run=true", json={"jobs": [JOB, JOB]})
+    assert response.status_code == 200, response.text
+    first, second = response.json()["jobs"]
+    assert first["fits_now"] is True and first["reason"] == "WAITING_FOR_SCHEDULER" and first["queue_position"] == 1
+    assert second["fits_now"] is False and second["reason"] == "NO_FREE_SLOTS" and second["queue_position"] == 2
+    assert second["blocking"]["resource"] == "slots"
+    assert count(database, "jobs") == 0 and count(database, "job_events") == 0
+
+
+def test_dry_run_validates_like_a_submit(api: ApiClient, database: Database) -> None:
+    register_node(database, cpu_millis=2000)
+    error = assert_error(api.post("/jobs/?dry_run=true", json={**JOB, "resources": {"cpu": "64"}}), 400, "VALIDATION_ERROR")
+    assert error["details"][0]["field"] == "resources"
+    assert_error(api.post("/jobs/batch?dry_run=true", json={"jobs": [{**JOB, "priority": -1}]}), 400, "VALIDATION_ERROR")
+    assert_error(api.post("/jobs/?dry_run=yes", json=JOB), 400, "VALIDATION_ERROR")
+    assert api.post("/jobs/?dry_run=false", json=JOB).status_code == 201
+
+
+# --- the scheduler is still woken, after the commit ---------------------------------------------------------
+
+def test_a_submit_wakes_the_scheduler_after_its_commit(api: ApiClient, settings: Settings) -> None:
+    listener = psycopg2.connect(settings.database_url)
+    listener.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
+    try:
+        listener.cursor().execute(f"LISTEN {SCHEDULER_CHANNEL}")
+
+        def notified() -> bool:
+            listener.poll()
+            return bool(listener.notifies)
+
+        api.post("/jobs/batch", json={"jobs": [JOB] * 3})
+        wait_for(notified, 10, interval=0.02, message="a NOTIFY after the batch")
+        listener.notifies.clear()
+        api.submit(**JOB)
+        wait_for(notified, 10, interval=0.02, message="a NOTIFY after the submit")
+    finally:
+        listener.close()
+
+
+def test_a_wake_up_survives_a_dropped_connection(api: ApiClient, settings: Settings, database: Database) -> None:
+    listener = psycopg2.connect(settings.database_url)
+    listener.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
+    try:
+        listener.cursor().execute(f"LISTEN {SCHEDULER_CHANNEL}")
+
+        def notified() -> bool:
+            listener.poll()
+            return bool(listener.notifies)
+
+        api.submit(**JOB)
+        wait_for(notified, 10, interval=0.02, message="the first wake-up")
+        for pid in backend_pids(database, "jobservice-api"):  # every API session, the waker's included
+            with database.engine.connect() as conn:
+                conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        listener.notifies.clear()
+        api.submit(**JOB)
+        wait_for(notified, 10, interval=0.02, message="a wake-up after the API's sessions were dropped")
+    finally:
+        listener.close()
+
+
+def test_the_submit_transaction_itself_does_not_notify(live_server: LiveServer, api: ApiClient) -> None:
+    """PostgreSQL commits notifying transactions one at a time: a NOTIFY inside the submit serialises all submits."""
+    engine = live_server.app.extensions["jobservice.database"].engine
+    seen: list[tuple[int, str]] = []
+    listeners = {
+        "before_cursor_execute": lambda conn, cursor, statement, *args: seen.append((id(conn.connection.dbapi_connection), statement)),
+        "commit": lambda conn: seen.append((id(conn.connection.dbapi_connection), "COMMIT")),
+        "rollback": lambda conn: seen.append((id(conn.connection.dbapi_connection), "ROLLBACK")),
+    }
+    for name, listener in listeners.items():
+        event.listen(engine, name, listener)
+    try:
+        api.submit(**JOB)
+        assert api.post("/jobs/batch", json={"jobs": [JOB] * 2}).status_code == 201
+        wait_for(lambda: sum("pg_notify" in s for _, s in seen) >= 1, 10, interval=0.02, message="the wake-up")
+    finally:
+        for name, listener in listeners.items():
+            event.remove(engine, name, listener)
+    submitting: set[int] = set()  # connections inside a submit's transaction
+    for conn, statement in list(seen):
+        if "INSERT INTO jobs" in statement:
+            submitting.add(conn)
+        elif statement in ("COMMIT", "ROLLBACK"):
+            submitting.discard(conn)
+        elif "pg_notify" in statement:
+            assert conn not in submitting, "NOTIFY inside the submit's transaction"
+    assert sum("INSERT INTO jobs" in s for _, s in seen) == 2
+
+
+# --- schemas -------------------------------------------------------------------------------------------------
+
+def test_the_create_schemas_defaults_are_what_the_nested_schemas_load() -> None:
+    fields = JobCreateSchema().fields
+    assert fields["resources"].load_default() == ResourcesSchema().load({})
+    assert fields["gang"].load_default() == GangSchema().load({})
+    assert fields["retry_policy"].load_default() == RetryPolicySchema().load({})
+
+
+def test_the_document_describes_batch_keys_and_dry_run(api: ApiClient) -> None:
+    paths = api.get("/openapi.json").json()["paths"]
+    for path in ("/api/v1/jobs/", "/api/v1/jobs/batch"):
+        operation = paths[path]["post"]
+        parameters = {p["name"]: p for p in operation["parameters"]}
+        assert parameters["Idempotency-Key"]["in"] == "header" and parameters["Idempotency-Key"]["schema"]["maxLength"] == 255
+        assert parameters["dry_run"]["in"] == "query"
+        assert {"200", "201", "400", "409", "429"} <= set(operation["responses"])
