@@ -93,6 +93,12 @@ def test_submit_wait_exits_with_the_outcome_through_the_entry_point(client_env: 
     explained = run_cli(client_env, "explain", job_id).stdout
     assert "SUCCEEDED" in explained and "local/cli-node" in explained
 
+    clusters = run_cli(client_env, "clusters").stdout
+    assert re.search(r"^local +local +healthy +1 ", clusters, re.M), clusters
+    nodes = run_cli(client_env, "clusters", "local").stdout
+    node_row = next(line for line in nodes.splitlines() if line.startswith("cli-node"))
+    assert "ready" in node_row and "Gi/" in node_row, nodes  # memory free/total in human units
+
 
 def test_follow_streams_logs_and_a_timed_out_wait_leaves_the_job_running(client_env: dict[str, str], fleet: None) -> None:
     followed = run_cli(client_env, "submit", "--follow", "--", "sh", "-c", "for i in 1 2 3; do echo step $i; sleep 0.3; done; exit 4")
