@@ -18,7 +18,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from app.domain.states import ALL_STATES
@@ -81,6 +81,13 @@ class Job(Base):
         Index("ix_jobs_status_created", "status", "created_at"),
         Index("ix_jobs_holding_node", "cluster", "node", postgresql_where=text("holds_resources")),
         # The oldest job of each queue's backlog (GET /queues/): one index probe per queue.
+        # The backlog bound to a GPU type or pool, per demand class in admission order: the scheduler reads
+        # the head of each class (pool_demand lists the classes).
+        Index(
+            "ix_jobs_pending_demand", text("COALESCE(pool, '')"), text("COALESCE(gpu_types, '{}'::text[])"),
+            text("priority DESC"), "created_at", "id",
+            postgresql_where=text("status = 'pending' AND (pool IS NOT NULL OR gpu_types IS NOT NULL)"),
+        ),
         Index("ix_jobs_pending_since", "queue", "pending_since", postgresql_where=text("status = 'pending'")),
     )
 
@@ -102,6 +109,9 @@ class Job(Base):
     cpu_millis: Mapped[int] = mapped_column(BigInteger, server_default="0")
     memory_bytes: Mapped[int] = mapped_column(BigInteger, server_default="0")
     gpus: Mapped[int] = mapped_column(Integer, server_default="0")
+    # Acceptable GPU models, preferred first (NULL: any), and the worker pool that must run it (NULL: any).
+    gpu_types: Mapped[list[str] | None] = mapped_column(ARRAY(Text))
+    pool: Mapped[str | None] = mapped_column(Text)
     gang_enabled: Mapped[bool] = mapped_column(Boolean, server_default="false")
     gang_min_members: Mapped[int] = mapped_column(Integer, server_default="1")
     timeout_seconds: Mapped[int | None] = mapped_column(Integer)
@@ -201,6 +211,7 @@ class Node(Base):
     name: Mapped[str] = mapped_column(Text, primary_key=True)
     gpu_indices: Mapped[list[Any]] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
     gpu_type: Mapped[str | None] = mapped_column(Text)
+    pool: Mapped[str | None] = mapped_column(Text)  # the worker pool serving it (WORKER_POOL)
     cpu_millis: Mapped[int] = mapped_column(BigInteger)
     memory_bytes: Mapped[int] = mapped_column(BigInteger)
     slots: Mapped[int] = mapped_column(Integer)
@@ -270,6 +281,27 @@ class SchedulerState(Base):
 # --- Counters and roll-ups, maintained by PostgreSQL triggers (migration 0002_observability) -----
 # Triggers on `jobs` and `job_events` append to the *_deltas tables in the writer's transaction;
 # app.domain.counters.fold moves the deltas into the folded tables. Readers add both up.
+
+
+class PoolDemand(Base):
+    """Pending jobs bound to a pool or GPU types, and their GPUs, per demand class ('' / '{}': none)."""
+
+    __tablename__ = "pool_demand"
+
+    pool: Mapped[str] = mapped_column(Text, primary_key=True)
+    gpu_types: Mapped[list[str]] = mapped_column(ARRAY(Text), primary_key=True)
+    jobs: Mapped[int] = mapped_column(BigInteger)
+    gpus: Mapped[int] = mapped_column(BigInteger)
+
+
+class PoolDemandDelta(Base):
+    __tablename__ = "pool_demand_deltas"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    pool: Mapped[str] = mapped_column(Text)
+    gpu_types: Mapped[list[str]] = mapped_column(ARRAY(Text))
+    jobs: Mapped[int] = mapped_column(BigInteger)
+    gpus: Mapped[int] = mapped_column(BigInteger)
 
 
 class JobCount(Base):

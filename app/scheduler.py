@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from app import heartbeat
 from app.db import Database, first_line, is_connection_error
 from app.dispatch import CeleryPublisher, TaskPublisher, publish, publish_stale
-from app.domain import counters, idempotency, liveness, logs as log_store
+from app.domain import counters, idempotency, liveness, logs as log_store, pools
 from app.domain.jobs import SCHEDULER_CHANNEL, utcnow
 from app.domain.scheduling import AdmissionResult, admit, recover_lost, requeue_unclaimed
 from config import Settings
@@ -86,6 +86,7 @@ class Scheduler:
         """Keep the counters' delta tables short (readers add them up); never at admission's expense."""
         try:
             counters.fold(session)
+            pools.fold(session)
         except Exception:  # noqa: BLE001 - stale deltas only make reads a little slower; admission goes on
             log.exception("folding the job counters failed")
 

@@ -186,6 +186,8 @@ class Settings:
     worker_gpus: tuple[int, ...] | None = None
     worker_gpu_count: int | None = None
     worker_gpu_type: str | None = None
+    worker_pool: str = "default"  # the pool this worker's node(s) serve: jobs naming another pool never land here
+    job_pools: tuple[str, ...] = ()  # pools jobs may name while none of their nodes is known (scaled to zero)
     worker_cpu: str | None = None
     worker_memory: str | None = None
     worker_concurrency: int = 4
@@ -294,6 +296,8 @@ class Settings:
             worker_gpus=tuple(int(g) for g in gpus.split(",")) if gpus else None,
             worker_gpu_count=int(gpu_count) if gpu_count else None,
             worker_gpu_type=_optional(env, "WORKER_GPU_TYPE"),
+            worker_pool=_optional(env, "WORKER_POOL") or "default",
+            job_pools=tuple(p.strip() for p in env.get("JOB_POOLS", "").split(",") if p.strip()),
             worker_cpu=_optional(env, "WORKER_CPU"),
             worker_memory=_optional(env, "WORKER_MEMORY"),
             worker_concurrency=_int(env, "WORKER_CONCURRENCY", 4),

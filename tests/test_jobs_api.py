@@ -246,13 +246,15 @@ def test_framework_errors_use_the_envelope(api: ApiClient) -> None:
     assert_error(api.post("/jobs/", json=huge), 413, "PAYLOAD_TOO_LARGE")
 
 
-def test_a_server_failure_is_a_500_in_the_envelope(settings) -> None:
+def test_an_unreachable_database_is_a_503_in_the_envelope(settings) -> None:
     from tests.conftest import LiveServer, free_port
 
     broken = LiveServer(settings.with_overrides(database_url=f"postgresql://nobody@127.0.0.1:{free_port()}/none"))
     try:
         client = ApiClient(broken.url)
-        error = assert_error(client.get("/jobs/"), 500, "INTERNAL_ERROR")
+        response = client.get("/jobs/")
+        error = assert_error(response, 503, "SERVICE_UNAVAILABLE")
+        assert response.headers["Retry-After"] == "1"
         assert "nobody" not in error["message"]
     finally:
         broken.stop()

@@ -170,6 +170,15 @@ def test_manifest_pins_to_the_scheduled_node_when_asked() -> None:
     assert (requirement.key, requirement.operator, requirement.values) == ("metadata.name", "In", ["gpu-node-2"])
 
 
+def test_a_gang_spread_over_nodes_is_pinned_to_those_nodes() -> None:
+    # The scheduler chose these nodes (of the GPU type the job asked for): no member may land elsewhere.
+    executor = KubernetesExecutor(client.ApiClient(), NAMESPACE, "main", pin_to_node=True)
+    job = executor.manifest(make_spec(node=None, members=3, nodes=["h100-a", "h100-b"]))
+    terms = job.spec.template.spec.affinity.node_affinity.required_during_scheduling_ignored_during_execution
+    (requirement,) = terms.node_selector_terms[0].match_fields
+    assert (requirement.key, requirement.operator, requirement.values) == ("metadata.name", "In", ["h100-a", "h100-b"])
+
+
 def test_manifest_without_image_is_refused() -> None:
     with pytest.raises(ValueError, match="no image"):
         build_job_manifest(make_spec(image=None), NAMESPACE)

@@ -95,14 +95,15 @@ class NodeMembership(Membership):
             execution.register_node(
                 session, cluster=LOCAL_CLUSTER, name=s.worker_node, gpu_indices=resources.gpu_indices,
                 gpu_type=resources.gpu_type, cpu_millis=resources.cpu_millis, memory_bytes=resources.memory_bytes,
-                slots=self.slots,
+                slots=self.slots, pool=s.worker_pool,
             )
         with self.database.session() as session:
             if nodes.recover_shutdown_drain(session, LOCAL_CLUSTER, s.worker_node, actor=self.worker_id):
                 log.warning("node %s was left draining by a worker that did not finish stopping: drain undone", s.worker_node)
         log.info(
-            "node %s registered: GPUs %s, %s CPU, %s memory, %d slots",
-            s.worker_node, resources.gpu_indices, format_millis(resources.cpu_millis), format_bytes(resources.memory_bytes), self.slots,
+            "node %s registered in pool %s: GPUs %s (%s), %s CPU, %s memory, %d slots",
+            s.worker_node, s.worker_pool, resources.gpu_indices, resources.gpu_type, format_millis(resources.cpu_millis),
+            format_bytes(resources.memory_bytes), self.slots,
         )
 
     def refresh(self) -> None:
@@ -167,6 +168,7 @@ class ClusterMembership(Membership):
                 "memory_bytes": max(0, n.memory_bytes - n.foreign_memory_used_bytes),
                 "slots": self.slots,
                 "ready": n.ready and n.schedulable,
+                "pool": s.worker_pool,
             }
             for n in inventory
         ]

@@ -94,6 +94,7 @@ class ServiceCollector(Collector):
         yield from self._job_rollups()
         yield from self._submit_latency()
         yield from self._fleet()
+        yield from self._pools()
         yield from self._fairness()
 
     def _queues(self) -> Iterator[Metric]:
@@ -173,6 +174,22 @@ class ServiceCollector(Collector):
                 state.add_metric([cluster_name, node_name, candidate], 1.0 if candidate == current else 0.0)
         yield from (age, alive, gpus, state)
 
+
+    def _pools(self) -> Iterator[Metric]:
+        from app.domain import pools
+        from app.domain.jobs import utcnow
+
+        families = {
+            "pending_jobs": GaugeMetricFamily("jobservice_pool_pending_jobs", "Pending jobs only this worker pool can serve", labels=["pool"]),
+            "pending_gpus": GaugeMetricFamily("jobservice_pool_pending_gpus", "GPUs asked by the pending jobs only this pool can serve", labels=["pool"]),
+            "idle_gpus": GaugeMetricFamily("jobservice_pool_idle_gpus", "Free GPUs on the pool's live, ready nodes", labels=["pool"]),
+            "gpus": GaugeMetricFamily("jobservice_pool_gpus", "All GPUs of the pool's live, ready nodes", labels=["pool"]),
+            "nodes": GaugeMetricFamily("jobservice_pool_nodes", "The pool's live, ready nodes", labels=["pool"]),
+        }
+        for row in pools.pool_demand(self.db, self.config, utcnow()):
+            for attribute, family in families.items():
+                family.add_metric([row.pool], float(getattr(row, attribute)))
+        yield from families.values()
 
     def _fairness(self) -> Iterator[Metric]:
         from app.domain import fairness

@@ -47,6 +47,12 @@ JOB_TYPE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$"
 QUANTITY_PATTERN = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE])?$"
 # Image references are printable ASCII without spaces (registry/name:tag@digest).
 IMAGE_PATTERN = r"^[!-~]+$"
+# A GPU model as nodes report it (nvidia-smi's name, Kubernetes' nvidia.com/gpu.product label):
+# printable ASCII, inner spaces allowed, no leading or trailing space.
+GPU_TYPE_PATTERN = r"^[!-~]([ -~]{0,126}[!-~])?$"
+MAX_GPU_TYPE_LENGTH = 128
+MAX_GPU_TYPES = 8
+POOL_PATTERN = JOB_TYPE_PATTERN  # WORKER_POOL names, as job types: 1-63 of A-Z a-z 0-9 _ . -
 
 _DEFAULT_SETTINGS: Settings | None = None
 
@@ -200,6 +206,52 @@ def _validate_command(value: list[str]) -> None:
         raise ma.ValidationError(f"each argument is at most {MAX_ARG_BYTES} bytes (argument {big[0]} is larger)")
 
 
+_GPU_TYPE_SCHEMA = {"type": "string", "minLength": 1, "maxLength": MAX_GPU_TYPE_LENGTH, "pattern": GPU_TYPE_PATTERN}
+
+
+class GpuTypes(ma.fields.Field):
+    """One GPU model, or a list of acceptable models in order of preference; loads as a tuple."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(
+            metadata={
+                "oneOf": [_GPU_TYPE_SCHEMA, {"type": "array", "items": _GPU_TYPE_SCHEMA, "minItems": 1, "maxItems": MAX_GPU_TYPES}],
+                "description": "GPU model(s) the job may run on, as nodes report them (`GET /clusters/`): one name, or up to "
+                f"{MAX_GPU_TYPES} in order of preference. The job is placed only on nodes of these types.",
+                "example": "NVIDIA H100 80GB HBM3",
+            },
+            **kwargs,
+        )
+        self._item = ma.fields.String(validate=[validate.Length(min=1, max=MAX_GPU_TYPE_LENGTH),
+                                                FullMatch(GPU_TYPE_PATTERN, error="a GPU type is printable ASCII without leading or trailing space")])
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> tuple[str, ...]:
+        if isinstance(value, str):
+            return (self._item.deserialize(value),)
+        if not isinstance(value, list):
+            raise ma.ValidationError("must be a string or a list of strings")
+        if not 1 <= len(value) <= MAX_GPU_TYPES:
+            raise ma.ValidationError(f"must list 1 to {MAX_GPU_TYPES} GPU types")
+        errors: dict[int, Any] = {}
+        types: list[str] = []
+        for index, item in enumerate(value):
+            if not isinstance(item, str):
+                errors[index] = ["Not a valid string."]
+                continue
+            try:
+                types.append(self._item.deserialize(item))
+            except ma.ValidationError as exc:
+                errors[index] = exc.messages
+        if errors:
+            raise ma.ValidationError(errors)
+        if len(set(types)) != len(types):
+            raise ma.ValidationError("GPU types must not repeat")
+        return tuple(types)
+
+    def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> Any:
+        return list(value) if value is not None else None
+
+
 class ResourcesSchema(ma.Schema):
     cpu = Quantity(
         cpu_to_millis,
@@ -216,6 +268,12 @@ class ResourcesSchema(ma.Schema):
         metadata={"example": "8Gi", "description": "Memory per member: a quantity string, 1 .. MAX_JOB_MEMORY (default 64Ti)"},
     )
     gpu = StrictInteger(load_default=0, validate=SettingRange(0, "max_job_gpus", "gpu"), metadata={"description": "GPUs per member"})
+    gpu_type = GpuTypes(load_default=())
+    pool = ma.fields.String(
+        load_default=None,
+        validate=FullMatch(POOL_PATTERN, error="pool must be 1-63 letters, digits, '-', '_' or '.'"),
+        metadata={"example": "h100", "description": "The worker pool (WORKER_POOL) that must run it; any when absent"},
+    )
 
 
 class GangSchema(ma.Schema):
@@ -253,7 +311,9 @@ class JobCreateSchema(ma.Schema):
     )
     # Defaults as plain dicts (what the nested schemas load from {}): a schema instance per missing field
     # was a third of the validation time of a batch.
-    resources = ma.fields.Nested(ResourcesSchema, load_default=lambda: {"cpu": DEFAULT_CPU, "memory": DEFAULT_MEMORY, "gpu": 0})
+    resources = ma.fields.Nested(
+        ResourcesSchema, load_default=lambda: {"cpu": DEFAULT_CPU, "memory": DEFAULT_MEMORY, "gpu": 0, "gpu_type": (), "pool": None}
+    )
     gang = ma.fields.Nested(GangSchema, load_default=lambda: {"enabled": False, "min_members": 1})
     timeout_seconds = StrictInteger(
         load_default=None, allow_none=True, validate=SettingRange(1, "max_job_timeout_seconds", "timeout_seconds")
@@ -304,7 +364,9 @@ class JobCreateSchema(ma.Schema):
             priority=data["priority"],
             image=data["image"],
             config=data["config"],
-            resources={"cpu": resources["cpu"], "memory": resources["memory"], "gpu": resources["gpu"]},
+            resources={"cpu": resources["cpu"], "memory": resources["memory"], "gpu": resources["gpu"],
+                       **({"gpu_type": list(resources["gpu_type"])} if resources["gpu_type"] else {}),
+                       **({"pool": resources["pool"]} if resources["pool"] is not None else {})},
             cpu_millis=cpu_to_millis(resources["cpu"]),
             memory_bytes=memory_to_bytes(resources["memory"]),
             gpus=resources["gpu"],
@@ -315,6 +377,8 @@ class JobCreateSchema(ma.Schema):
             backoff_multiplier=retry["backoff_multiplier"],
             command=data["command"],
             env=data["env"],
+            gpu_types=resources["gpu_type"],
+            pool=resources["pool"],
         )
 
 

@@ -46,7 +46,7 @@ class TimelineQuerySchema(ma.Schema):
 
 
 class BlockingSchema(ma.Schema):
-    resource = ma.fields.String(metadata={"description": "gpus, cpu, memory, slots or gang_members"})
+    resource = ma.fields.String(metadata={"description": "gpus, cpu, memory, slots, gang_members, or gpu_type / pool (no live node of that GPU type / pool)"})
     requested = ma.fields.Raw()
     free = ma.fields.Raw()
     node = ma.fields.String(allow_none=True, metadata={"description": "The node that came nearest to fitting it"})

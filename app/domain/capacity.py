@@ -7,8 +7,11 @@ admission (`queued`) until it ends, so capacity is never promised twice.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import func, select
@@ -34,6 +37,7 @@ class NodeCapacity:
     used_memory_bytes: int = 0
     used_slots: int = 0
     used_anonymous_gpus: int = 0  # held by count only: on Kubernetes the device plugin picks the GPUs
+    pool: str | None = None  # the worker pool serving the node (WORKER_POOL)
 
     @property
     def free_gpus(self) -> list[int]:
@@ -79,7 +83,14 @@ class NodeCapacity:
 
     def emptied(self) -> "NodeCapacity":
         """The same node with nothing held on it."""
-        return NodeCapacity(self.cluster, self.name, self.gpu_indices, self.gpu_type, self.cpu_millis, self.memory_bytes, self.slots)
+        return NodeCapacity(self.cluster, self.name, self.gpu_indices, self.gpu_type, self.cpu_millis, self.memory_bytes, self.slots,
+                            pool=self.pool)
+
+    def serves(self, gpu_types: Sequence[str] = (), pool: str | None = None) -> bool:
+        """Whether a job asking for one of `gpu_types` (any when empty) in `pool` (any when None) may run here."""
+        return (pool is None or self.pool == pool) and (
+            not gpu_types or (self.gpu_type is not None and gpu_type_key(self.gpu_type) in {gpu_type_key(t) for t in gpu_types})
+        )
 
     def reserve(self, cpu_millis: int, memory_bytes: int, gpus: int, members: int) -> list[int]:
         chosen = self.free_gpus[: gpus * members]
@@ -90,6 +101,13 @@ class NodeCapacity:
         return chosen
 
 
+@functools.lru_cache(maxsize=4096)
+def gpu_type_key(name: str) -> str:
+    """A GPU model name compared loosely: nvidia-smi says `NVIDIA H100 80GB HBM3`, GPU feature discovery's
+    node label `NVIDIA-H100-80GB-HBM3`; case and runs of spaces, '-' and '_' do not matter."""
+    return re.sub(r"[\s_-]+", "-", name.strip().lower())
+
+
 def load_nodes(
     session: Session, *, alive_since: datetime | None = None, ready_only: bool = True, holders: list[Any] | None = None
 ) -> list[NodeCapacity]:
@@ -98,7 +116,7 @@ def load_nodes(
     `holders`, when given, receives the rows of the jobs holding resources (the scheduler's running attempts).
     """
     # Plain rows, not ORM objects: the scheduler reads every node on every pass.
-    query = select(Node.cluster, Node.name, Node.gpu_indices, Node.gpu_type, Node.cpu_millis, Node.memory_bytes, Node.slots)
+    query = select(Node.cluster, Node.name, Node.gpu_indices, Node.gpu_type, Node.cpu_millis, Node.memory_bytes, Node.slots, Node.pool)
     if ready_only:
         query = query.where(Node.ready.is_(True))
     if alive_since is not None:
@@ -106,7 +124,8 @@ def load_nodes(
         query = query.where(Node.heartbeat_at >= alive_since, Node.state == "ready")
     nodes = {
         (n.cluster, n.name): NodeCapacity(
-            n.cluster, n.name, sorted(int(g) for g in n.gpu_indices), n.gpu_type, n.cpu_millis, n.memory_bytes, n.slots
+            n.cluster, n.name, sorted(int(g) for g in n.gpu_indices), n.gpu_type, n.cpu_millis, n.memory_bytes, n.slots,
+            pool=n.pool,
         )
         for n in session.execute(query)
     }
@@ -161,17 +180,38 @@ def best_fit(nodes: list[NodeCapacity], cpu_millis: int, memory_bytes: int, gpus
 
 def place(
     nodes: list[NodeCapacity], cpu_millis: int, memory_bytes: int, gpus: int, members: int, *, has_command: bool = True,
-    elsewhere: bool | None = None,
+    elsewhere: bool | None = None, gpu_types: Sequence[str] = (), pool: str | None = None,
 ) -> Placement | None:
     """Reserve room for every member at once, or nothing: a gang starts whole or not at all.
+
+    `gpu_types` (acceptable GPU models in order of preference; empty: any) and `pool` (None: any) restrict
+    the nodes; the first type with room wins, so a job waits for its preferred type only when none fits.
+    """
+    if elsewhere is None:
+        elsewhere = any(n.cluster != LOCAL_CLUSTER for n in nodes)
+    if pool is not None:
+        nodes = [n for n in nodes if n.pool == pool]
+    if not gpu_types:
+        return _place_any(nodes, cpu_millis, memory_bytes, gpus, members, has_command=has_command, elsewhere=elsewhere)
+    for gpu_type in gpu_types:
+        placement = _place_any([n for n in nodes if n.serves((gpu_type,))], cpu_millis, memory_bytes, gpus, members,
+                               has_command=has_command, elsewhere=elsewhere)
+        if placement is not None:
+            return placement
+    return None
+
+
+def _place_any(
+    nodes: list[NodeCapacity], cpu_millis: int, memory_bytes: int, gpus: int, members: int, *, has_command: bool,
+    elsewhere: bool,
+) -> Placement | None:
+    """place() over nodes that all serve the job.
 
     The local executor starts a gang's processes on one host, so local members share a node.
     Kubernetes schedules each member's pod on its own, so there members may spread over nodes.
     The local executor cannot run an image: a job without a command goes to Kubernetes when there is one.
     `elsewhere`: whether the fleet has other clusters than `local`, when `nodes` is only a prefiltered part of it.
     """
-    if elsewhere is None:
-        elsewhere = any(n.cluster != LOCAL_CLUSTER for n in nodes)
     local = [n for n in nodes if n.cluster == LOCAL_CLUSTER and (has_command or not elsewhere)]
     node = best_fit(local, cpu_millis, memory_bytes, gpus, members)
     if node is not None:
@@ -230,24 +270,37 @@ def _spread(nodes: list[NodeCapacity], cpu_millis: int, memory_bytes: int, gpus:
 
 
 def why_never_fits(
-    session: Session, cpu_millis: int, memory_bytes: int, gpus: int, members: int, *, has_command: bool = True
+    session: Session, cpu_millis: int, memory_bytes: int, gpus: int, members: int, *, has_command: bool = True,
+    gpu_types: Sequence[str] = (), pool: str | None = None, scalable_pools: Sequence[str] = (),
 ) -> str | None:
     """Why no known node could ever run the request, even empty; None if one could (or none is known).
 
     Every known node counts, ready or not, alive or not: a node that is NotReady for a moment (or a
-    worker restarting) must not turn a valid job away. A job that fits none of the nodes live now
-    waits, and the scheduler lets it block nobody.
+    worker restarting) must not turn a valid job away. A job bound to GPU types or a pool counts only the
+    nodes that serve it; a pool of `scalable_pools` (JOB_POOLS) with no node known may get its first later.
+    A job that fits none of the nodes live now waits, and the scheduler lets it block nobody.
     """
-    return never_fits(load_nodes(session, ready_only=False), cpu_millis, memory_bytes, gpus, members, has_command=has_command)
+    return never_fits(
+        load_nodes(session, ready_only=False), cpu_millis, memory_bytes, gpus, members, has_command=has_command,
+        gpu_types=gpu_types, pool=pool, scalable_pools=scalable_pools,
+    )
 
 
 def never_fits(
-    nodes: list[NodeCapacity], cpu_millis: int, memory_bytes: int, gpus: int, members: int, *, has_command: bool = True
+    nodes: list[NodeCapacity], cpu_millis: int, memory_bytes: int, gpus: int, members: int, *, has_command: bool = True,
+    gpu_types: Sequence[str] = (), pool: str | None = None, scalable_pools: Sequence[str] = (),
 ) -> str | None:
     """why_never_fits on nodes already read (what they hold is ignored): a submit reads them with its INSERT."""
     empty = [n.emptied() for n in nodes]
-    if not nodes or place(empty, cpu_millis, memory_bytes, gpus, members, has_command=has_command) is not None:
+    if not nodes or place(empty, cpu_millis, memory_bytes, gpus, members, has_command=has_command,
+                          gpu_types=gpu_types, pool=pool) is not None:
         return None
+    serving = [n for n in nodes if n.serves(gpu_types, pool)]
+    if not serving:
+        if pool is not None and pool in scalable_pools and not any(n.pool == pool for n in nodes):
+            return None  # a pool scaled to zero (JOB_POOLS): its first worker is yet to come
+        return f"no known node {describe_constraint(gpu_types, pool)}"
+    nodes = serving
     biggest = max(nodes, key=lambda n: (len(n.gpu_indices), n.cpu_millis, n.memory_bytes))
     return (
         f"needs {gpus * members} GPU(s), {format_millis(cpu_millis * members)} CPU and "
@@ -255,6 +308,16 @@ def never_fits(
         f"has {len(biggest.gpu_indices)} GPU(s), {format_millis(biggest.cpu_millis)} CPU, "
         f"{format_bytes(biggest.memory_bytes)} memory"
     )
+
+
+def describe_constraint(gpu_types: Sequence[str], pool: str | None) -> str:
+    """'has GPU type H100 or A100 in pool p', for messages about jobs restricted to some nodes."""
+    parts = []
+    if gpu_types:
+        parts.append("has GPU type " + " or ".join(gpu_types))
+    if pool is not None:
+        parts.append(f"is in pool {pool}")
+    return " and ".join(parts) or "serves it"
 
 
 MAX_MEMBERS = 100_000  # far beyond any fleet; rows beyond it can only be corrupt or hostile

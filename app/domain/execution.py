@@ -1,7 +1,7 @@
 """The job lifecycle as seen by a worker: claim, heartbeat, end; and the worker's node registration."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -38,6 +38,7 @@ class ClaimedJob:
     node: str | None
     gpu_indices: list[int]
     gpu_type: str | None = None  # of the nodes it was placed on, when they share one (Kubernetes: node selector)
+    nodes: list[str] = field(default_factory=list)  # every node of its placement (a Kubernetes gang may span several)
 
 
 def claim(
@@ -117,6 +118,7 @@ def _claimed(job: Job) -> ClaimedJob:
         node=job.node,
         gpu_indices=[int(g) for g in job.gpu_indices or []],
         gpu_type=_placed_gpu_type(job),
+        nodes=[str(part["node"]) for part in job.placement or []],
     )
 
 
@@ -191,11 +193,12 @@ def register_node(
     cpu_millis: int,
     memory_bytes: int,
     slots: int,
+    pool: str | None = None,
 ) -> None:
     now = utcnow()
     values = dict(
         cluster=cluster, name=name, gpu_indices=gpu_indices, gpu_type=gpu_type, cpu_millis=cpu_millis,
-        memory_bytes=memory_bytes, slots=slots, ready=True, heartbeat_at=now, started_at=now,
+        memory_bytes=memory_bytes, slots=slots, ready=True, heartbeat_at=now, started_at=now, pool=pool,
     )
     with transaction(session):
         statement = insert(Node).values(**values)

@@ -134,6 +134,8 @@ class _Candidate:
     gpus: int
     members: int
     has_command: bool  # the local executor runs commands only (capacity.place)
+    gpu_types: tuple[str, ...] = ()
+    pool: str | None = None
 
     @property
     def order(self) -> tuple[int, datetime, str]:
@@ -194,7 +196,11 @@ def _explain_pending(session: Session, job: Job, settings: Settings, now: dateti
     position = jobs.queue_position(session, job)
     retry_at = job.not_before if job.not_before and job.not_before > now else None
 
+    bound = capacity.describe_constraint(job.gpu_types or (), job.pool) if job.gpu_types or job.pool is not None else None
+
     def answer(reason: Reason, message: str, estimate: Estimate | None = None, **extra: object) -> Explanation:
+        if bound is not None:
+            message = f"{message.rstrip('.')}. It runs only on a node that {bound}"
         return Explanation(
             job_id=job.id, status=job.status, reason=reason, message=message, queue=job.queue, queue_position=position,
             retry_at=retry_at, estimate=estimate or Estimate(None, None, "No start can be estimated now"),
@@ -231,10 +237,11 @@ def _explain_pending(session: Session, job: Job, settings: Settings, now: dateti
         if snapshot.nodes:
             plan = policy.decide(dataclasses.replace(snapshot, focus=job.id), scheduling.policy_config(settings))
             decision = plan.decisions.get(job.id)
-    assert snapshot is not None and plan is not None
+    assert snapshot is not None
     if not snapshot.nodes:
         held_back = why_unschedulable(session, capacity.node_alive_since(now, settings.node_lease_seconds))
         return answer(Reason.NO_NODES, held_back or f"No live node: none has heartbeated in the last {settings.node_lease_seconds:g}s")
+    assert plan is not None  # planned above whenever a node is live
     share = plan.shares.get(job.tenant or job.owner)
     fair = None if share is None else {
         "owner": share.owner, "weight": share.weight, "share": round(share.share, 6), "rank": share.rank,
@@ -303,12 +310,14 @@ def _after_reservations(plan: policy.Plan, job: policy.Pending, at: Callable[[fl
 def _pending_of(job: Job) -> policy.Pending:
     members = job.gang_min_members if job.gang_enabled else 1
     return policy.Pending(job.id, job.tenant or job.owner, job.priority, job.queue, job.created_at.timestamp(), job.cpu_millis,
-                          job.memory_bytes, job.gpus, members, bool(job.command), job.timeout_seconds)
+                          job.memory_bytes, job.gpus, members, bool(job.command), job.timeout_seconds,
+                          tuple(job.gpu_types or ()), job.pool)
 
 
 def _candidate(job: policy.Pending) -> _Candidate:
     created = datetime.fromtimestamp(job.submitted_at, tz=timezone.utc)
-    return _Candidate(job.id, job.queue, job.priority, created, job.cpu_millis, job.memory_bytes, job.gpus, job.members, job.has_command)
+    return _Candidate(job.id, job.queue, job.priority, created, job.cpu_millis, job.memory_bytes, job.gpus, job.members, job.has_command,
+                      job.gpu_types, job.node_pool)
 
 
 def _blocked_by(plan: policy.Plan, job_id: str | None, reason: Reason, message: str) -> BlockedBy | None:
@@ -332,7 +341,8 @@ def _queue_full(settings: Settings, queue: str, active: dict[str, int]) -> str |
 
 
 def _place(nodes: list[NodeCapacity], job: _Candidate, members: int | None = None) -> capacity.Placement | None:
-    return capacity.place(nodes, job.cpu_millis, job.memory_bytes, job.gpus, members or job.members, has_command=job.has_command)
+    return capacity.place(nodes, job.cpu_millis, job.memory_bytes, job.gpus, members or job.members, has_command=job.has_command,
+                          gpu_types=job.gpu_types, pool=job.pool)
 
 
 def _diagnose(nodes: list[NodeCapacity], job: _Candidate) -> tuple[Reason, Blocking, str]:
@@ -351,6 +361,13 @@ def _diagnose(nodes: list[NodeCapacity], job: _Candidate) -> tuple[Reason, Block
     # As capacity.place: a job without a command cannot go to the local executor when another cluster exists.
     elsewhere = any(n.cluster != capacity.LOCAL_CLUSTER for n in nodes)
     eligible = [n for n in nodes if n.cluster != capacity.LOCAL_CLUSTER or job.has_command or not elsewhere] or nodes
+    if job.gpu_types or job.pool is not None:
+        # A job bound to GPU types or a pool waits for those nodes only: diagnose among them.
+        serving = [n for n in eligible if n.serves(job.gpu_types, job.pool)]
+        if not serving:
+            return (Reason.NO_FITTING_NODE, Blocking("gpu_type" if job.gpu_types else "pool", ", ".join(job.gpu_types) or job.pool or "", 0, None),
+                    f"No live node {capacity.describe_constraint(job.gpu_types, job.pool)}")
+        eligible = serving
 
     def progress(node: NodeCapacity) -> tuple[int, int]:
         code = node.shortfall(job.cpu_millis, job.memory_bytes, job.gpus, job.members)

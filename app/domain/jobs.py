@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import secrets
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -58,6 +58,8 @@ class JobRequest:
     backoff_multiplier: float = 2.0
     command: list[str] | None = None
     env: dict[str, str] = field(default_factory=dict)
+    gpu_types: tuple[str, ...] = ()  # acceptable GPU models, preferred first; empty: any
+    pool: str | None = None  # the worker pool that must run it; None: any
 
     @property
     def members(self) -> int:
@@ -173,14 +175,14 @@ _INSERT_JOBS = text(
             id text, job_type text, priority integer, queue text, image text, command jsonb, env jsonb, config jsonb,
             resources jsonb, cpu_millis bigint, memory_bytes bigint, gpus integer, gang_enabled boolean,
             gang_min_members integer, timeout_seconds integer, max_retries integer, backoff_multiplier double precision,
-            created_at timestamptz)
+            created_at timestamptz, gpu_types text[], pool text)
     ), j AS (
         INSERT INTO jobs (id, owner, tenant, job_type, priority, queue, status, status_reason, image, command, env, config,
-                          resources, cpu_millis, memory_bytes, gpus, gang_enabled, gang_min_members, timeout_seconds,
-                          max_retries, backoff_multiplier, retry_count, created_at, updated_at, pending_since)
+                          resources, cpu_millis, memory_bytes, gpus, gpu_types, pool, gang_enabled, gang_min_members,
+                          timeout_seconds, max_retries, backoff_multiplier, retry_count, created_at, updated_at, pending_since)
         SELECT id, :owner, :tenant, job_type, priority, queue, 'pending', 'submitted', image, command, env, config,
-               resources, cpu_millis, memory_bytes, gpus, gang_enabled, gang_min_members, timeout_seconds,
-               max_retries, backoff_multiplier, 0, created_at, created_at, created_at
+               resources, cpu_millis, memory_bytes, gpus, gpu_types, pool, gang_enabled, gang_min_members,
+               timeout_seconds, max_retries, backoff_multiplier, 0, created_at, created_at, created_at
         FROM r
         RETURNING id, created_at
     )
@@ -192,7 +194,7 @@ _INSERT_JOBS = text(
 
 # Read in the same round trip as the INSERT: what a submit checks against (why_never_fits) is the nodes alone.
 # Every known node, ready or not: a node NotReady for a moment must not turn a valid job away.
-_READ_NODES = "SELECT cluster, name, gpu_indices, gpu_type, cpu_millis, memory_bytes, slots FROM nodes"
+_READ_NODES = "SELECT cluster, name, gpu_indices, gpu_type, cpu_millis, memory_bytes, slots, pool FROM nodes"
 
 
 def insert_pending(
@@ -220,6 +222,7 @@ def insert_pending(
                 "gpus": request.gpus, "gang_enabled": request.gang_enabled, "gang_min_members": request.gang_min_members,
                 "timeout_seconds": request.timeout_seconds, "max_retries": request.max_retries,
                 "backoff_multiplier": request.backoff_multiplier, "created_at": created_at.isoformat(),
+                "gpu_types": list(request.gpu_types) or None, "pool": request.pool,
             }
         )
     # Two statements, one round trip (psycopg2 sends them as one query; the result is the last one's).
@@ -228,23 +231,32 @@ def insert_pending(
     ).all()
     nodes = [
         capacity.NodeCapacity(r.cluster, r.name, sorted(int(g) for g in r.gpu_indices), r.gpu_type, r.cpu_millis,
-                              r.memory_bytes, r.slots)
+                              r.memory_bytes, r.slots, pool=r.pool)
         for r in node_rows
     ]
-    _check_schedulable(nodes, requests, field)
+    _check_schedulable(nodes, requests, field, settings.job_pools)
     return jobs
 
 
-def _check_schedulable(nodes: list[capacity.NodeCapacity], requests: list[JobRequest], field: FieldNamer) -> None:
+def _check_schedulable(
+    nodes: list[capacity.NodeCapacity], requests: list[JobRequest], field: FieldNamer, scalable_pools: Sequence[str]
+) -> None:
     """400 for any request no known node could ever run, even empty (each distinct shape checked once)."""
-    verdicts: dict[tuple[int, int, int, int, bool], str | None] = {}
+    verdicts: dict[tuple[Any, ...], str | None] = {}
     problems = []
     for index, request in enumerate(requests):
-        shape = (request.cpu_millis, request.memory_bytes, request.gpus, request.members, bool(request.command))
+        shape = (request.cpu_millis, request.memory_bytes, request.gpus, request.members, bool(request.command),
+                 tuple(request.gpu_types), request.pool)
         if shape not in verdicts:
-            verdicts[shape] = capacity.never_fits(nodes, *shape[:4], has_command=shape[4])
-        if verdicts[shape]:
-            problems.append({"field": field(index, "resources"), "message": verdicts[shape]})
+            verdicts[shape] = capacity.never_fits(
+                nodes, *shape[:4], has_command=shape[4], gpu_types=shape[5], pool=shape[6], scalable_pools=scalable_pools
+            )
+        problem = verdicts[shape]
+        if problem:
+            name = "resources"
+            if problem.startswith("no known node"):  # no node of its GPU type / pool at all
+                name = "resources.gpu_type" if request.gpu_types else "resources.pool"
+            problems.append({"field": field(index, name), "message": problem})
     if problems:
         raise InvalidRequest("Job can never be scheduled", problems)
 

@@ -64,14 +64,20 @@ class Pending:
     members: int = 1
     has_command: bool = True
     timeout_seconds: float | None = None
+    gpu_types: tuple[str, ...] = ()  # acceptable GPU models, preferred first; empty: any
+    node_pool: str | None = None  # the worker pool that must run it; None: any
 
     @property
-    def pool(self) -> tuple[str, bool]:
-        return ("gpu" if self.gpus > 0 else "cpu", self.has_command)
+    def pool(self) -> tuple[str, bool, tuple[str, ...], str | None]:
+        # Jobs bound to other GPU types or worker pools compete for other nodes: they are other pools.
+        return ("gpu" if self.gpus > 0 else "cpu", self.has_command, self.gpu_types, self.node_pool)
 
     @property
-    def shape(self) -> tuple[int, int, int, int, bool]:
-        return (self.cpu_millis, self.memory_bytes, self.gpus, self.members, self.has_command)
+    def shape(self) -> tuple[int, int, int, int, bool, tuple[str, ...], str | None]:
+        return (self.cpu_millis, self.memory_bytes, self.gpus, self.members, self.has_command, self.gpu_types, self.node_pool)
+
+    def serves(self, node: NodeCapacity) -> bool:
+        return node.serves(self.gpu_types, self.node_pool)
 
     @property
     def duration(self) -> float:
@@ -220,12 +226,12 @@ def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCap
     now = snapshot.now
     timeline = _Timeline(nodes, snapshot.running, now, config.end_margin_seconds)
     room = dict(snapshot.queue_room) if snapshot.queue_room is not None else None
-    examined: dict[tuple[str, bool], int] = defaultdict(int)
-    reserved: dict[tuple[str, bool], list[Reserve]] = defaultdict(list)
+    examined: dict[tuple, int] = defaultdict(int)
+    reserved: dict[tuple, list[Reserve]] = defaultdict(list)
     misfits = _Misfits()  # shapes that do not fit the free capacity now (it only shrinks during a pass)
-    first_blocked: dict[tuple[str, bool], str] = {}  # per pool, the first job that did not fit now
+    first_blocked: dict[tuple, str] = {}  # per pool, the first job that did not fit now
     free = _FreeIndex(nodes)
-    never: dict[tuple[int, int, int, int, bool], bool] = {}
+    never: dict[tuple, bool] = {}
 
     def _one(job: Pending) -> Decision:
         pool = job.pool
@@ -329,14 +335,14 @@ class _Misfits:
     """Requests known not to fit now; a request at least as large in every way does not fit either."""
 
     def __init__(self) -> None:
-        self.shapes: dict[tuple[bool, int], list[tuple[int, int, int]]] = defaultdict(list)
+        self.shapes: dict[tuple, list[tuple[int, int, int]]] = defaultdict(list)
 
     def covers(self, job: Pending) -> bool:
-        key = (job.has_command, job.members)
+        key = (job.has_command, job.members, job.gpu_types, job.node_pool)
         return any(job.gpus >= g and job.cpu_millis >= c and job.memory_bytes >= m for g, c, m in self.shapes.get(key, ()))
 
     def add(self, job: Pending) -> None:
-        self.shapes[(job.has_command, job.members)].append((job.gpus, job.cpu_millis, job.memory_bytes))
+        self.shapes[(job.has_command, job.members, job.gpu_types, job.node_pool)].append((job.gpus, job.cpu_millis, job.memory_bytes))
 
 
 class _FreeIndex:
@@ -371,7 +377,7 @@ class _FreeIndex:
             candidates = [n for n in self.nodes if n.cpu_millis - n.used_cpu_millis >= job.cpu_millis
                           and n.memory_bytes - n.used_memory_bytes >= job.memory_bytes]
         placement = capacity.place(candidates, job.cpu_millis, job.memory_bytes, job.gpus, job.members,
-                                   has_command=job.has_command, elsewhere=self.elsewhere)
+                                   has_command=job.has_command, elsewhere=self.elsewhere, gpu_types=job.gpu_types, pool=job.node_pool)
         if placement is not None:
             self.refresh(placement)
         return placement
@@ -381,7 +387,7 @@ def _never_fits(nodes: Sequence[NodeCapacity], job: Pending) -> bool:
     """Whether no live node could hold the job even with nothing running (as capacity.place, on empty nodes)."""
     need = (job.gpus, job.cpu_millis, job.memory_bytes)
     for cluster in _eligible_clusters(nodes, job):
-        members = [n for n in nodes if n.cluster == cluster and n.slots >= 1]
+        members = [n for n in nodes if n.cluster == cluster and n.slots >= 1 and job.serves(n)]
         if cluster == LOCAL_CLUSTER:
             if any(len(n.gpu_indices) >= need[0] * job.members and n.cpu_millis >= need[1] * job.members
                    and n.memory_bytes >= need[2] * job.members for n in members):
@@ -397,7 +403,8 @@ def _never_fits(nodes: Sequence[NodeCapacity], job: Pending) -> bool:
 
 
 def _place(nodes: list[NodeCapacity], job: Pending) -> Placement | None:
-    return capacity.place(nodes, job.cpu_millis, job.memory_bytes, job.gpus, job.members, has_command=job.has_command)
+    return capacity.place(nodes, job.cpu_millis, job.memory_bytes, job.gpus, job.members, has_command=job.has_command,
+                          gpu_types=job.gpu_types, pool=job.node_pool)
 
 
 def _unplace(by_key: Mapping[tuple[str, str], NodeCapacity], placement: Placement, job: Pending) -> None:
@@ -593,7 +600,7 @@ class _Timeline:
         whole = [x * job.members for x in need] + [1]
         by_cluster: dict[str, list[int]] = defaultdict(list)
         for i, n in enumerate(self.nodes):
-            if n.cluster in clusters:
+            if n.cluster in clusters and job.serves(n):
                 by_cluster[n.cluster].append(i)
         eligible = {i for members in by_cluster.values() for i in members}
         changes: dict[float, set[int]] = defaultdict(set)

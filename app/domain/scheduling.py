@@ -25,7 +25,7 @@ from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.orm import Session
 
 from app.db import transaction
-from app.domain import capacity, fairshare, policy
+from app.domain import capacity, fairshare, policy, pools
 from app.domain.callers import SYSTEM
 from app.domain.jobs import clear_placement, notify_scheduler, record_transition, utcnow
 from app.domain.states import TERMINAL, JobStatus
@@ -128,9 +128,15 @@ _PENDING_COLUMNS = """
     j.id, COALESCE(j.tenant, j.owner) AS owner, j.priority, j.queue, j.created_at, j.cpu_millis, j.memory_bytes, j.gpus,
     CASE WHEN j.gang_enabled THEN j.gang_min_members ELSE 1 END AS members,
     CASE WHEN jsonb_typeof(j.command) = 'array' THEN jsonb_array_length(j.command) > 0 ELSE false END AS has_command,
-    j.timeout_seconds
+    j.timeout_seconds, j.gpu_types, j.pool
 """
 _ONE_PENDING = text(f"SELECT {_PENDING_COLUMNS} FROM jobs j WHERE j.id = :id AND j.status = 'pending'")
+# Jobs bound to a GPU type or worker pool (ix_jobs_pending_demand): the head of each such class (listed by the
+# pool_demand counters, not by reading the backlog) is read too, so an A100 job is seen however many H100 jobs
+# are ahead of it.
+_DEMAND = "j.status = 'pending' AND (j.pool IS NOT NULL OR j.gpu_types IS NOT NULL)"
+BACKLOG_DEMAND_CLASSES = 50
+BACKLOG_PER_CLASS = 100
 _ELIGIBLE = "j.status = 'pending' AND (j.not_before IS NULL OR j.not_before <= :now) AND NOT (j.queue = ANY(CAST(:full AS text[])))"
 _BACKLOG = text(
     f"""
@@ -149,6 +155,11 @@ _BACKLOG = text(
     (SELECT {_PENDING_COLUMNS} FROM jobs j WHERE {_ELIGIBLE} AND j.gpus > 0 ORDER BY j.priority DESC, j.created_at, j.id LIMIT :per_pool)
     UNION
     (SELECT {_PENDING_COLUMNS} FROM jobs j WHERE {_ELIGIBLE} AND j.gpus = 0 ORDER BY j.priority DESC, j.created_at, j.id LIMIT :per_pool)
+    UNION
+    SELECT h.* FROM (SELECT pool, gpu_types FROM ({pools.DEMAND_CLASSES_SQL}) AS d LIMIT :classes) c CROSS JOIN LATERAL (
+        SELECT {_PENDING_COLUMNS} FROM jobs j WHERE {_ELIGIBLE} AND {_DEMAND}
+          AND COALESCE(j.pool, '') = c.pool AND COALESCE(j.gpu_types, '{{}}'::text[]) = c.gpu_types
+        ORDER BY j.priority DESC, j.created_at, j.id LIMIT :per_class) h
     """
 )
 
@@ -162,13 +173,14 @@ def load_snapshot(session: Session, settings: Settings, now: datetime, *, includ
     )
     room = {q.name: q.max_concurrency - active.get(q.name, 0) for q in settings.queues}
     full = sorted(name for name, left in room.items() if left <= 0)
-    rows = list(session.execute(_BACKLOG, {"now": now, "full": full, "per_owner": BACKLOG_PER_OWNER, "per_pool": BACKLOG_PER_POOL}))
+    rows = list(session.execute(_BACKLOG, {"now": now, "full": full, "per_owner": BACKLOG_PER_OWNER, "per_pool": BACKLOG_PER_POOL,
+                                          "classes": BACKLOG_DEMAND_CLASSES, "per_class": BACKLOG_PER_CLASS}))
     if include is not None and not any(r.id == include for r in rows):
         rows += list(session.execute(_ONE_PENDING, {"id": include}))
     backlog = [
         policy.Pending(
             r.id, r.owner, r.priority, r.queue, r.created_at.timestamp(), r.cpu_millis, r.memory_bytes, r.gpus,
-            r.members, bool(r.has_command), r.timeout_seconds,
+            r.members, bool(r.has_command), r.timeout_seconds, tuple(r.gpu_types or ()), r.pool,
         )
         for r in rows
     ]

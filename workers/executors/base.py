@@ -30,6 +30,7 @@ class JobSpec:
     cluster: str
     node: str | None
     gpu_indices: list[int] = field(default_factory=list)  # host GPUs reserved for all members (local executor)
+    nodes: list[str] = field(default_factory=list)  # every node of the placement (a spread Kubernetes gang)
     gpu_type: str | None = None  # the GPU model of the nodes it was placed on (Kubernetes: a node selector)
     # Where member 0 accepts the torch.distributed rendezvous; set by the executor that knows the network.
     master_addr: str | None = None

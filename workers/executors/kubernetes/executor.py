@@ -119,7 +119,7 @@ class KubernetesExecutor:
         return build_job_manifest(
             spec, self.namespace, self.gpu_resource, cluster=self.cluster,
             ttl_seconds_after_finished=self.ttl_seconds_after_finished,
-            node_name=spec.node if self.pin_to_node else None,
+            node_name=(spec.node or spec.nodes or None) if self.pin_to_node else None,
             service_account_name=self.service_account_name,
             gpu_tolerations=self.gpu_tolerations,
             gpu_product_label=self.gpu_product_label,

@@ -70,7 +70,7 @@ def build_job_manifest(
     *,
     cluster: str | None = None,
     ttl_seconds_after_finished: int | None = 3600,
-    node_name: str | None = None,
+    node_name: str | list[str] | None = None,
     service_account_name: str | None = None,
     gpu_tolerations: Iterable[tuple[str, str | None, str | None]] = (),
     gpu_product_label: str | None = None,
@@ -130,14 +130,16 @@ def build_job_manifest(
     )
     affinity = None
     if node_name:
-        # matchFields on metadata.name pins to the node the service's scheduler chose, whatever its labels.
+        # matchFields on metadata.name pins to the node(s) the service's scheduler chose, whatever their labels:
+        # a gang spread over nodes of the GPU type it asked for must not land on others.
+        names = [node_name] if isinstance(node_name, str) else list(node_name)
         affinity = client.V1Affinity(
             node_affinity=client.V1NodeAffinity(
                 required_during_scheduling_ignored_during_execution=client.V1NodeSelector(
                     node_selector_terms=[
                         client.V1NodeSelectorTerm(
                             match_fields=[
-                                client.V1NodeSelectorRequirement(key="metadata.name", operator="In", values=[node_name])
+                                client.V1NodeSelectorRequirement(key="metadata.name", operator="In", values=names)
                             ]
                         )
                     ]

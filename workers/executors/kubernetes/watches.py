@@ -1,8 +1,11 @@
 """Watching: list, then watch from the list's version; resume; relist on 410."""
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
+import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +16,20 @@ from kubernetes.client import ApiException
 from workers.executors.kubernetes.calls import REQUEST_TIMEOUT, _describe
 
 log = logging.getLogger(__name__)
+_running: "weakref.WeakSet[_Reflector]" = weakref.WeakSet()
+EXIT_JOIN_SECONDS = 2.0
+
+
+@atexit.register
+def _stop_running_reflectors() -> None:
+    """A watch thread still logging while the interpreter finalizes aborts the process (its stderr lock is
+    taken away mid-write): stop every watch, then give the threads a moment to leave."""
+    reflectors = list(_running)
+    for reflector in reflectors:
+        reflector.stop()
+    deadline = time.monotonic() + EXIT_JOIN_SECONDS
+    for reflector in reflectors:
+        reflector._thread.join(max(0.0, deadline - time.monotonic()))
 
 
 class _Reflector:
@@ -46,6 +63,7 @@ class _Reflector:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
+        _running.add(self)
         self._thread.start()
 
     def stop(self) -> None:
