@@ -16,7 +16,10 @@ log = logging.getLogger("jobservice.api")
 
 
 def create_app(settings: Settings | None = None) -> Flask:
-    settings = settings or Settings.from_env()
+    if settings is None:
+        from app.embedded import local_defaults
+
+        settings = local_defaults(Settings.from_env())
     if not settings.database_url:
         raise RuntimeError(
             "DATABASE_URL is not set: run `jobservice run`, which starts the embedded PostgreSQL and Redis, "
@@ -30,7 +33,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.url_map.merge_slashes = False
 
     from app.api import auth, clusters, context, errors, fairness, guards, health, jobs, logs as job_logs, ratelimit
-    from app.api import metrics, nodes, openapi, prometheus, queues, quotas, streams, timeline
+    from app.api import docs, metrics, nodes, openapi, prometheus, queues, quotas, streams, timeline
 
     context.register(app, Database(settings.database_url, application_name="jobservice-api"))
     streams.register(app)
@@ -55,6 +58,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         api.register_blueprint(quotas.blp)
         api.register_blueprint(prometheus.blp)  # GET /metrics, at the root: Prometheus' default path
     openapi.complete(api)
+    docs.register(app)
     health.register(app)
     _register_cli(app)
     return app

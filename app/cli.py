@@ -145,7 +145,8 @@ def positive_seconds(value: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="jobservice", description=__doc__)
+    parser = argparse.ArgumentParser(prog="jobservice", description=__doc__, epilog="Client commands (over HTTP): submit, ls, get, logs, "
+                                     "events, explain, cancel, wait, queues, clusters, fairness, completion: `jobservice COMMAND --help`.")
     commands = parser.add_subparsers(dest="command", required=True)
     run_parser = commands.add_parser("run", help="run API, scheduler, worker and Flower (embedded PostgreSQL/Redis if no URL is set)")
     run_parser.add_argument("processes", nargs="*", help="only these Procfile processes (default: all)")
@@ -161,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     probe_parser.add_argument("process", choices=["scheduler", "worker"])
     probe_parser.add_argument("--max-age", type=positive_seconds, default=60.0, help="seconds (default 60)")
     probe_parser.set_defaults(func=probe)
+    import jobservice_cli  # the client commands (submit, ls, logs, ...): everything that is not the service's own
+
+    if jobservice_cli.handles(sys.argv[1:] if argv is None else argv, commands.choices):
+        return jobservice_cli.run(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     settings = Settings.from_env()
     logs.configure(settings.log_level, settings.log_format)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from config import Settings
+
 log = logging.getLogger(__name__)
 
 DATABASE_NAME = "jobservice"
@@ -124,3 +126,35 @@ def ensure_services(database_url: str | None, redis_url: str | None, data_dir: s
         services._redis, services.redis_url = start_redis(root, redis_port)
         log.info("embedded Redis at %s", services.redis_url)
     return services
+
+
+DEV_SECRET_FILE = "jwt-secret"
+
+
+def development_secret(data_dir: str) -> str:
+    """The HS256 secret `jobservice run` signs and verifies development tokens with, kept in the data folder
+    (made on first use, readable by its owner only)."""
+    secret_file = Path(data_dir).resolve() / DEV_SECRET_FILE
+    if not secret_file.exists():
+        import secrets
+
+        secret_file.parent.mkdir(parents=True, exist_ok=True)
+        secret_file.write_text(secrets.token_urlsafe(48))
+        secret_file.chmod(0o600)
+    return secret_file.read_text().strip()
+
+
+def local_defaults(settings: Settings) -> Settings:
+    """Settings as `jobservice run` hands them to its processes, for an app made without them (`flask --app
+    app db upgrade`, `flask --app app tokens create`): with no DATABASE_URL, the embedded PostgreSQL of the
+    data folder (joined if it runs, started otherwise, and then stopped when this process exits); with no
+    REDIS_URL, the embedded Redis' port; with no signing key, the development secret."""
+    changes: dict[str, Any] = {}
+    if not settings.database_url:
+        # pgserver shares one server among the processes that use a data folder and stops it after the last.
+        _, changes["database_url"] = start_postgres(Path(settings.data_dir).resolve())
+    if not settings.redis_url:
+        changes["redis_url"] = f"redis://127.0.0.1:{settings.embedded_redis_port}/0"
+    if not (settings.jwt_secret_key or settings.jwt_public_key or settings.jwt_jwks_url):
+        changes["jwt_secret_key"] = development_secret(settings.data_dir)
+    return settings.with_overrides(**changes) if changes else settings

@@ -368,5 +368,32 @@ def flask_config(settings: Settings) -> dict[str, object]:
         "OPENAPI_URL_PREFIX": "/api/v1",
         "OPENAPI_JSON_PATH": "openapi.json",
         "OPENAPI_SWAGGER_UI_PATH": "docs",
-        "OPENAPI_SWAGGER_UI_URL": "https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
+        # Swagger UI's assets come from the pinned swagger-ui-bundle package (app.api.docs): the page works
+        # offline and shows what was installed, not whatever a CDN serves today.
+        "OPENAPI_SWAGGER_UI_URL": "/api/v1/docs/assets/",
+        # Swagger UI would send the document to validator.swagger.io for a badge: nothing leaves the machine.
+        "OPENAPI_SWAGGER_UI_CONFIG": {"validatorUrl": None},
     }
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """Defaults of the `jobservice` client commands (jobservice_cli): flags override these variables, and
+    these override the config file (`url`, `token` and `output` keys in TOML)."""
+
+    url: str | None = None
+    token: str | None = None
+    config_file: str = "~/.config/jobservice/config.toml"
+    # Set by the shell while it asks for completions (click's protocol): the client must answer it.
+    completing: bool = False
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "ClientSettings":
+        env = os.environ if env is None else env
+        config_home = _optional(env, "XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+        return cls(
+            url=_optional(env, "JOBSERVICE_URL"),
+            token=_optional(env, "JOBSERVICE_TOKEN"),
+            config_file=_optional(env, "JOBSERVICE_CONFIG") or os.path.join(config_home, "jobservice", "config.toml"),
+            completing=bool(_optional(env, "_JOBSERVICE_COMPLETE")),
+        )

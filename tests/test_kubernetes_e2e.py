@@ -154,7 +154,7 @@ def test_clusters_report_live_nodes_and_gpus(kube_api: ApiClient, kube_worker, s
     for name, node in nodes.items():
         assert node["gpus"]["available"] == node["gpus"]["total"] - (1 if name == busy else 0)
     assert nodes["gpu-node-2"]["gpus"]["type"] == "NVIDIA-H100-80GB-HBM3" and nodes["gpu-node-2"]["gpus"]["total"] == 2
-    assert nodes["gpu-node-1"]["status"] == "ready" and nodes["gpu-node-1"]["cpu"]["total"] == "31500m"
+    assert nodes["gpu-node-1"]["status"] == "ready" and nodes["gpu-node-1"]["cpu"]["total"] == "31.5"  # 31500m, in cores
     assert detail["capacity"]["current_jobs"] == 1 and detail["capacity"]["max_jobs"] > 0
     assert kube_api.get("/clusters/nowhere").status_code == 404
     ready = kube_api.get("/health/ready").json()

@@ -87,5 +87,39 @@ def test_bad_quantities(parse, text: str) -> None:  # type: ignore[no-untyped-de
 
 
 def test_quantity_formatting_round_trips() -> None:
-    assert format_millis(2000) == "2" and format_millis(1500) == "1500m"
+    assert format_millis(2000) == "2" and format_millis(1500) == "1.5"
     assert format_bytes(8 * 2**30) == "8Gi" and format_bytes(1000) == "1000"
+    for millis in (1, 250, 999, 1000, 1001, 1500, 15_890, 2_000_000):
+        assert cpu_to_millis(format_millis(millis)) == millis
+
+
+@pytest.mark.parametrize(
+    "amount, shown",
+    [
+        (24683656 * 2**10, "23.5Gi"),  # a kubelet's MemTotal, in Ki
+        (132015936 * 2**10, "125.9Gi"),
+        (512 * 2**20, "512Mi"),
+        (1536 * 2**20, "1.5Gi"),
+        (1023, "1023"),
+        (1025, "1.0Ki"),
+        (2**40 - 2**20, "1.0Ti"),  # not 1024.0Gi
+        (64 * 2**40, "64Ti"),
+    ],
+)
+def test_memory_is_shown_in_the_largest_binary_unit(amount: int, shown: str) -> None:
+    assert format_bytes(amount) == shown
+
+
+@pytest.mark.parametrize("millis, shown", [(250, "250m"), (15_890, "15.89"), (2_250, "2.25"), (64_000, "64"), (1_001, "1.001")])
+def test_cpu_is_shown_in_cores(millis: int, shown: str) -> None:
+    assert format_millis(millis) == shown
+
+
+def test_retry_n_waits_base_times_multiplier_to_the_n_minus_1() -> None:
+    """README: retry n (1, 2, ...) waits `RETRY_BACKOFF_BASE_SECONDS * backoff_multiplier ** (n - 1)`."""
+    from app.domain.scheduling import retry_delay_seconds
+
+    settings = Settings(retry_backoff_base_seconds=10)
+    # The delay is taken before the retry is counted: retry_count is n - 1 while retry n is scheduled.
+    delays = [retry_delay_seconds(settings, Job(backoff_multiplier=2, retry_count=n - 1)) for n in (1, 2, 3)]
+    assert delays == [10, 20, 40]

@@ -15,7 +15,7 @@ from app import heartbeat
 from app.db import Database
 from app.domain import execution, nodes
 from app.domain.capacity import LOCAL_CLUSTER
-from app.domain.quantities import cpu_to_millis, memory_to_bytes
+from app.domain.quantities import cpu_to_millis, format_bytes, format_millis, memory_to_bytes
 from config import Settings
 from workers.executors import containment
 from workers.gpus import host_resources
@@ -101,9 +101,9 @@ class NodeMembership(Membership):
             if nodes.recover_shutdown_drain(session, LOCAL_CLUSTER, s.worker_node, actor=self.worker_id):
                 log.warning("node %s was left draining by a worker that did not finish stopping: drain undone", s.worker_node)
         log.info(
-            "node %s registered in pool %s: GPUs %s (%s), %d millicores, %d bytes, %d slots",
-            s.worker_node, s.worker_pool, resources.gpu_indices, resources.gpu_type, resources.cpu_millis, resources.memory_bytes,
-            self.slots,
+            "node %s registered in pool %s: GPUs %s (%s), %s CPU, %s memory, %d slots",
+            s.worker_node, s.worker_pool, resources.gpu_indices, resources.gpu_type, format_millis(resources.cpu_millis),
+            format_bytes(resources.memory_bytes), self.slots,
         )
 
     def refresh(self) -> None:

@@ -39,7 +39,7 @@ KNOWN_SCOPES = (SCOPE_READ, SCOPE_WRITE, SCOPE_ADMIN)
 # Rules (not paths) so that an unrouted path such as /health/../jobs/ never counts as public.
 _PROBE_PREFIXES = ("/api/v1/health/", "/health/")
 # /metrics: Prometheus scrapers carry no JWT; it shows only aggregate numbers (app.api.prometheus).
-_PUBLIC_RULES = frozenset({"/api/v1/openapi.json", "/api/v1/docs", "/metrics"})
+_PUBLIC_RULES = frozenset({"/api/v1/openapi.json", "/api/v1/docs", "/api/v1/docs/assets/<path:filename>", "/metrics"})
 # A token naming an unknown `kid` forces a JWKS refetch so that rotated keys work at once; this
 # bounds how often forged kids can make us hit the identity provider.
 JWKS_FORCED_REFETCH_INTERVAL_SECONDS = 5.0

@@ -48,12 +48,32 @@ def memory_to_bytes(value: str) -> int:
 
 
 def format_millis(millis: int) -> str:
-    return str(millis // 1000) if millis % 1000 == 0 else f"{millis}m"
+    """CPU for people: whole cores (`16`), cores with up to three decimals (`15.89`), or millicores below one
+    core (`250m`). Exact, so a figure read off the API can be sent back as a request."""
+    if millis % 1000 == 0:
+        return str(millis // 1000)
+    if millis < 1000:
+        return f"{millis}m"
+    return f"{millis / 1000:.3f}".rstrip("0")
+
+
+_BINARY_DESCENDING = ("Ei", "Pi", "Ti", "Gi", "Mi", "Ki")
 
 
 def format_bytes(amount: int) -> str:
-    for suffix in ("Ei", "Pi", "Ti", "Gi", "Mi", "Ki"):
+    """Memory for people, in the largest binary unit it reaches: exact where it is a whole number of that
+    unit (`8Gi`), else rounded to one decimal (`125.9Gi`, not `132015936Ki` as a kubelet reports it)."""
+    if amount < 1024:
+        return str(amount)
+    for index, suffix in enumerate(_BINARY_DESCENDING):
         unit = _BINARY[suffix]
-        if amount and amount % unit == 0:
+        if amount < unit:
+            continue
+        if amount % unit == 0:
             return f"{amount // unit}{suffix}"
-    return str(amount)
+        rounded = round(amount / unit, 1)
+        if rounded >= 1024 and index > 0:  # 1023.96Gi reads better as 1.0Ti than as 1024.0Gi
+            larger = _BINARY_DESCENDING[index - 1]
+            return f"{amount / _BINARY[larger]:.1f}{larger}"
+        return f"{rounded:.1f}{suffix}"
+    return str(amount)  # pragma: no cover - amounts of 1024 and more reach Ki
