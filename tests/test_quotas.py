@@ -78,7 +78,7 @@ def test_cpu_and_memory_quotas_hold_too() -> None:
     plan = decide(Snapshot(NOW, [a], [], [job("c1", owner="alice"), job("c2", owner="alice", at=1)], quotas=quotas))
     assert isinstance(plan.decisions["c1"], Admit)
     assert plan.decisions["c2"].reason == QUOTA_EXCEEDED and plan.decisions["c2"].quota.resource == "cpu"
-    assert plan.decisions["c2"].quota.quota == "1500m"
+    assert plan.decisions["c2"].quota.quota == "1.5"  # cores, as format_millis shows them to people
 
 
 # --- the admin API ---------------------------------------------------------------------------------
