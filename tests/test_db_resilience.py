@@ -238,7 +238,9 @@ def test_a_request_whose_database_session_is_terminated_answers_503_in_the_envel
         conn.execute(text("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE"))
         read = threading.Thread(target=lambda: answer.update(response=api.get(f"/jobs/{job['id']}")))
         read.start()
-        pid = wait_for(lambda: backend_pids(database, "jobservice-api", waiting_on_lock=True), 10, message="the API's read")[0]
+        # The request's own session: its statement names the job (other API sessions may be waiting too).
+        reading = lambda: backend_pids(database, "jobservice-api", waiting_on_lock=True, query_like=f"%{job['id']}%")  # noqa: E731
+        pid = wait_for(reading, 10, message="the API's read")[0]
         signal_backend(database, pid)
         read.join(30)
         locked.rollback()
