@@ -92,16 +92,11 @@ def busy_ports(needed: list[tuple[int, str]]) -> list[str]:
 
 def dev_auth_env(settings: Settings) -> dict[str, str]:
     """A development signing secret kept in the data folder, unless keys are configured."""
+    from app.embedded import development_secret
+
     if settings.jwt_secret_key or settings.jwt_public_key or settings.jwt_jwks_url:
         return {}
-    secret_file = Path(settings.data_dir).resolve() / "jwt-secret"
-    if not secret_file.exists():
-        import secrets
-
-        secret_file.parent.mkdir(parents=True, exist_ok=True)
-        secret_file.write_text(secrets.token_urlsafe(48))
-        secret_file.chmod(0o600)
-    return {"JWT_SECRET_KEY": secret_file.read_text().strip()}
+    return {"JWT_SECRET_KEY": development_secret(settings.data_dir)}
 
 
 def token(args: argparse.Namespace) -> int:

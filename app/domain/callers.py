@@ -32,9 +32,14 @@ MAX_TENANT_LENGTH = 200
 def with_tenant(caller: Caller, claims: dict[str, object], claim: str | None) -> Caller:
     """The caller with its tenant from `claim`, when configured and present as a plain short string."""
     value = claims.get(claim) if claim else None
-    if isinstance(value, str) and 0 < len(value.strip()) <= MAX_TENANT_LENGTH and "\x00" not in value:
+    if isinstance(value, str) and 0 < len(value.strip()) <= MAX_TENANT_LENGTH and _plain(value):
         return Caller(caller.sub, caller.scopes, value.strip())
     return caller
+
+
+def _plain(text: str) -> bool:
+    """No control characters and no lone surrogates: the tenant is stored, labelled in metrics and shown."""
+    return not any(ord(c) < 0x20 or ord(c) == 0x7F or 0xD800 <= ord(c) <= 0xDFFF for c in text)
 
 
 # The caller when authentication is switched off (AUTH_ENABLED=false): a single-user installation.
