@@ -29,11 +29,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app.domain.capacity import NodeCapacity, Placement  # noqa: E402
+from app.domain.capacity import NodeCapacity, Placement, place  # noqa: E402
 from app.domain.policy import (  # noqa: E402
-    Admit, Pending, Plan, PolicyConfig, Reserve, Running, Snapshot, Usage, decide,
+    Admit, Pending, Plan, PolicyConfig, Reserve, Running, Snapshot, Usage, Wait, decide,
 )
 from app.domain.quotas import Quota  # noqa: E402
+from config import Settings  # noqa: E402
 
 GIB = 1 << 30
 CLUSTER = "gpu-cluster"
@@ -52,6 +53,7 @@ class SimJob:
     promise: tuple[float, float] | None = None  # (made at, start promised) by its latest reservation
     attempt: int = 0  # bumped by a preemption: its old end event is stale
     first_started: float | None = None
+    why: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # high priority: passes it waited, by reason
 
 
 # --- the trace -------------------------------------------------------------------------------------
@@ -201,6 +203,8 @@ class Result:
     repeated_preemptions: int = 0
     quota_violations: int = 0
     quota_waits: int = 0
+    high: list[SimJob] = field(default_factory=list)  # high-priority jobs, with why they waited
+    target: float = 0.0
 
 
 def hold(nodes: dict[str, NodeCapacity], placement: Placement, job: Pending, sign: int) -> None:
@@ -213,8 +217,12 @@ def hold(nodes: dict[str, NodeCapacity], placement: Placement, job: Pending, sig
 
 
 def simulate(name: str, trace: list[SimJob], fleet: list[NodeCapacity], config: PolicyConfig, hours: float, interval: float,
-             tenants: dict[str, float], quotas: dict[str, list[Quota]] | None = None, kill_grace: float = 10.0) -> Result:
-    result = Result(name)
+             tenants: dict[str, float], quotas: dict[str, list[Quota]] | None = None, kill_grace: float = 10.0,
+             max_per_minute: int | None = None, trace_repeats: bool = False) -> Result:
+    """`max_per_minute`: PREEMPTION_MAX_PER_MINUTE, given to the policy as the scheduler does (preemption_budget:
+    per cluster, the limit less the victims of the last 60 s); None: unlimited."""
+    result = Result(name, target=kill_grace + interval)
+    recent_victims: deque[tuple[float, str]] = deque()  # (when, cluster) of every victim, for the rate limit
     quotas = quotas or {}
     preempted_by: set[tuple[str, str]] = set()  # (preemptor, victim)
     jobs = [SimJob(j.pending, j.kind, j.runtime) for j in trace]
@@ -303,7 +311,16 @@ def simulate(name: str, trace: list[SimJob], fleet: list[NodeCapacity], config: 
         attempts = [attempt for _, attempt in running.values()]
         owner_usage = {o: Usage(*u) for o, u in usage.items()}
         started = time.perf_counter()
-        snapshot = Snapshot(at, list(nodes.values()), attempts, backlog.pruned(), owner_usage, quotas=quotas)
+        budget = None
+        if config.preemption and max_per_minute is not None:
+            while recent_victims and recent_victims[0][0] <= at - 60:
+                recent_victims.popleft()
+            used_budget: dict[str, int] = defaultdict(int)
+            for _, cluster in recent_victims:
+                used_budget[cluster] += 1
+            budget = {c: max(0, max_per_minute - used_budget[c]) for c in {n.cluster for n in nodes.values()}}
+        snapshot = Snapshot(at, list(nodes.values()), attempts, backlog.pruned(), owner_usage, quotas=quotas,
+                            preemption_budget=budget)
         plan = decide(snapshot, config)
         result.policy_seconds += time.perf_counter() - started
         result.passes += 1
@@ -312,6 +329,8 @@ def simulate(name: str, trace: list[SimJob], fleet: list[NodeCapacity], config: 
         waiting_tenants = backlog.tenants_waiting_for_gpus()
         hour_backlogged[hour] = hour_backlogged.get(hour, True) and waiting_tenants >= set(tenants)
         order_index = {job_id: i for i, job_id in enumerate(plan.order)}
+        if config.backfill:
+            _diagnose(plan, snapshot, config, by_id, budget)
         for decision in plan.decisions.values():
             job_id = decision.job.id
             if isinstance(decision, Admit):
@@ -351,11 +370,16 @@ def simulate(name: str, trace: list[SimJob], fleet: list[NodeCapacity], config: 
                 job, attempt = running[victim.id]
                 members = sum(m for _, m in attempt.parts)
                 result.preemptions += 1
+                recent_victims.append((at, victim.cluster))
                 result.gpu_seconds_lost += attempt.gpus * members * (at - (job.started or at))
                 if (victim.id, preemption.job.id) in preempted_by:
                     result.preemption_loops += 1  # a cycle: the victim once preempted its preemptor
                 if (preemption.job.id, victim.id) in preempted_by:
                     result.repeated_preemptions += 1  # the same job preempted again for the same preemptor
+                    if trace_repeats:
+                        print(f"  repeat at {at:.0f}: {preemption.job.id} (p{preemption.job.priority}, {preemption.job.owner}) preempts "
+                              f"{victim.id} (p{victim.priority}, {victim.owner}) again; "
+                              f"{preemption.job.id} was {by_id[preemption.job.id].started} started", file=sys.stderr)
                 preempted_by.add((preemption.job.id, victim.id))
                 job.pending = dataclasses.replace(job.pending, preempted_by=job.pending.preempted_by | {preemption.job.id})
                 # It holds its capacity through the kill grace, then goes back to the backlog.
@@ -374,12 +398,91 @@ def simulate(name: str, trace: list[SimJob], fleet: list[NodeCapacity], config: 
     for job in jobs:  # still waiting at the end: their wait so far (a lower bound) counts too
         if job.started is None and job.pending.submitted_at < horizon:
             result.waits[job.pending.priority].append(horizon - job.pending.submitted_at)
+    result.high = [j for j in jobs if j.pending.priority >= 75 and j.pending.submitted_at < horizon]
     for hour, backlogged in hour_backlogged.items():
         if backlogged and hour < int(horizon // 3600):
             result.fair_hours += 1
             for owner, seconds in hour_gpu[hour].items():
                 result.tenant_gpu_seconds[owner] += seconds
     return result
+
+
+# Why a high-priority job waited, pass by pass. "Does not fit" reasons exclude it from the target (a high-priority
+# job that fits the fleet starts within the kill grace plus one pass): the fleet is held by work of its own priority
+# or higher, its tenant is at its quota, or no node could ever hold it.
+NOT_FITTING = ("held by equal or higher priority", "over its tenant's quota", "no node could hold it")
+
+
+def _diagnose(plan: Plan, snapshot: Snapshot, config: PolicyConfig, by_id: dict[str, SimJob], budget: dict[str, int] | None) -> None:
+    blocked = [plan.decisions[j] for j in plan.order if plan.decisions[j].job.priority >= 75 and not isinstance(plan.decisions[j], Admit)]
+    if not blocked:
+        return
+    preemptors = {p.job.id for p in plan.preemptions}
+    stopping = any(r.stopping for r in snapshot.running)
+    # Counterfactuals, per priority level: the fleet with every strictly lower-priority attempt gone (all of them,
+    # or only those past the minimum run time), the blocked jobs of that level or higher placed in the pass's order.
+    fits_all: dict[str, bool] = {}
+    fits_old: dict[str, bool] = {}
+    for level in sorted({d.job.priority for d in blocked}):
+        for store, old_only in ((fits_all, False), (fits_old, True)):
+            nodes = {n.name: dataclasses.replace(n, used_gpus=set(n.used_gpus)) for n in snapshot.nodes}
+            for r in snapshot.running:
+                if r.priority < level and not r.stopping and (not old_only or snapshot.now - r.started_at >= config.preemption_min_run_seconds):
+                    for i, (name, members) in enumerate(r.parts):
+                        node = nodes[name]
+                        node.used_anonymous_gpus -= r.gpus * members
+                        node.used_cpu_millis -= r.cpu_millis * members
+                        node.used_memory_bytes -= r.memory_bytes * members
+                        node.used_slots -= 1 if i == 0 else 0
+            free = list(nodes.values())
+            for d in blocked:
+                if d.job.priority >= level and not (isinstance(d, Wait) and d.reason in ("QUOTA_EXCEEDED", "NEVER_FITS_LIVE")):
+                    placed = place(free, d.job.cpu_millis, d.job.memory_bytes, d.job.gpus, d.job.members, has_command=d.job.has_command)
+                    if d.job.priority == level:
+                        store[d.job.id] = placed is not None
+    exhausted = budget is not None and all(v <= 0 for v in budget.values())
+    for d in blocked:
+        job = by_id[d.job.id]
+        reason = getattr(d, "reason", "RESERVED")
+        if reason == "QUOTA_EXCEEDED":
+            why = NOT_FITTING[1]
+        elif reason == "NEVER_FITS_LIVE":
+            why = NOT_FITTING[2]
+        elif d.job.id in preemptors:
+            why = "preempted for it: victims stopping (kill grace)"
+        elif not fits_all.get(d.job.id, False):
+            why = NOT_FITTING[0]
+        elif reason == "BACKFILL_WINDOW":
+            why = "fits now but would run into a reservation"
+        elif not config.preemption:
+            why = "no preemption"
+        elif exhausted:
+            why = "rate limit (PREEMPTION_MAX_PER_MINUTE)"
+        elif not fits_old.get(d.job.id, False):
+            why = "minimum run time (PREEMPTION_MIN_RUN_SECONDS)"
+        elif stopping:
+            why = "room being freed (for it or a job ahead)"
+        else:
+            why = "not preempted for (search limits, cycles, placement)"
+        job.why[why] += 1
+
+
+def over_target(result: Result) -> tuple[list[float], dict[str, int], int]:
+    """High-priority jobs that fit the fleet: their waits; those over the target by their main reason; how many were
+    left out because they did not fit (the main reason they waited was one of NOT_FITTING)."""
+    waits: list[float] = []
+    over: dict[str, int] = defaultdict(int)
+    excluded = 0
+    for job in result.high:
+        main = max(job.why.items(), key=lambda kv: kv[1])[0] if job.why else "waiting for the next pass"
+        if main in NOT_FITTING:
+            excluded += 1
+            continue
+        wait = (job.first_started if job.first_started is not None else math.inf) - job.pending.submitted_at
+        waits.append(wait)
+        if wait > result.target:
+            over[main] += 1
+    return waits, dict(over), excluded
 
 
 def _displaced(plan: Plan, order_index: dict[str, int], job: SimJob, promised_at: float) -> bool:
@@ -452,9 +555,14 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=10.0, help="least simulated seconds between passes")
     parser.add_argument("--depth", type=int, default=4, help="reservation depth per pool")
     parser.add_argument("--half-life", type=float, default=3600.0)
+    parser.add_argument("--only", default="", help="run only the configurations whose name contains this")
+    parser.add_argument("--trace-repeats", action="store_true", help="print each repeated preemption (stderr)")
     parser.add_argument("--pending", type=int, default=100_000, help="backlog size of the pass-time measurement")
     parser.add_argument("--borrow", type=float, default=0.25, help="borrowing limit, as a fraction of the fleet's GPUs")
-    parser.add_argument("--min-run", type=float, default=60.0, help="PREEMPTION_MIN_RUN_SECONDS")
+    defaults = Settings()
+    parser.add_argument("--min-run", type=float, default=defaults.preemption_min_run_seconds, help="PREEMPTION_MIN_RUN_SECONDS")
+    parser.add_argument("--max-per-minute", type=int, default=defaults.preemption_max_per_minute,
+                        help="PREEMPTION_MAX_PER_MINUTE (victims per cluster per minute; the simulated fleet is one cluster)")
     parser.add_argument("--kill-grace", type=float, default=10.0, help="a preempted job holds its capacity this long")
     args = parser.parse_args()
 
@@ -475,10 +583,12 @@ def main() -> None:
     # Quotas: each tenant's weight-entitled share of the GPUs, and it may borrow up to --borrow of the fleet beyond it.
     quotas = {t: [Quota(t, "*", (int(gpus * w / sum(tenants.values())), None, None), (int(gpus * args.borrow), 0, 0))] for t, w in tenants.items()}
     results = {}
+    configs = {name: config for name, config in configs.items() if args.only in name}
     for name, config in configs.items():
         wall = time.perf_counter()
         results[name] = simulate(name, trace, fleet, config, args.hours, args.interval, tenants,
-                                 quotas if "quotas" in name else None, args.kill_grace)
+                                 quotas if "quotas" in name else None, args.kill_grace, args.max_per_minute,
+                                 args.trace_repeats)
         print(f"  simulated {name}: {time.perf_counter() - wall:.1f}s wall", file=sys.stderr)
 
     rows: list[tuple[str, ...]] = []
@@ -494,9 +604,16 @@ def main() -> None:
         row(f"wait p50 / p99, priority {low}-{high} (s)", lambda r, waits=waits: f"{percentile(waits(r), 50):,.0f} / {percentile(waits(r), 99):,.0f}")
     high = lambda r: [w for p, ws in r.waits.items() if p >= 75 for w in ws]  # noqa: E731
     row("high priority (75+) submit to start p50 / p99 (s)", lambda r: f"{percentile(high(r), 50):,.0f} / {percentile(high(r), 99):,.0f}")
+    row(f"  fitting the fleet: p50 / p99 (s), target {args.kill_grace + args.interval:g}",
+        lambda r: (lambda w: f"{percentile(w, 50):,.0f} / {percentile(w, 99):,.0f}")(over_target(r)[0]))
+    row("  left out: did not fit (higher priority, quota)", lambda r: f"{over_target(r)[2]:,} of {len(r.high):,}")
+    row("  over target", lambda r: f"{sum(over_target(r)[1].values()):,}")
+    reasons = sorted({why for r in results.values() for why in over_target(r)[1]})
+    for why in reasons:
+        row(f"    {why}", lambda r, why=why: f"{over_target(r)[1].get(why, 0):,}")
     row("preemptions; GPU-seconds lost to them", lambda r: f"{r.preemptions:,}; {r.gpu_seconds_lost:,.0f}")
     row("preemption loops: cycles A->B->A (must be 0)", lambda r: f"{r.preemption_loops}")
-    row("  the same victim preempted again for the same job", lambda r: f"{r.repeated_preemptions}")
+    row("the same victim preempted again for the same job (must be 0)", lambda r: f"{r.repeated_preemptions}")
     row("quota violations beyond borrowing (must be 0)", lambda r: f"{r.quota_violations}")
     row("waits for QUOTA_EXCEEDED (decisions)", lambda r: f"{r.quota_waits:,}")
     row("jobs started / still pending at the end", lambda r: f"{r.started:,} / {r.unstarted:,}")

@@ -289,3 +289,49 @@ def test_a_gpu_job_selects_the_gpu_model_it_was_counted_on_and_tolerates_the_gpu
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     kube_api.delete(f"/jobs/{job['id']}")
     wait_for_status(kube_api, job["id"], "cancelled")
+
+
+def test_a_high_priority_job_preempts_a_running_kubernetes_job(kube_api: ApiClient, kube_worker, start_scheduler, fake: FakeKubernetes,
+                                                              database: Database) -> None:
+    """Issue 11 on the Kubernetes path: the victim's Job is deleted gracefully (foreground: it is gone only once its
+    pods have stopped), the victim goes back to pending without spending a retry, with its timeline entry, and
+    the preemptor starts on the capacity that was freed, only after the victim's Job is gone."""
+    fake.set_nodes([FakeNode("gpu-node-1", gpus=2)])  # one node of 2 GPUs: the victim holds all of it
+    kube_worker()
+    start_scheduler(PREEMPTION_MIN_RUN_SECONDS="1", PREEMPTION_MAX_PER_MINUTE="10")
+    wait_for(lambda: [c for c in kube_api.get("/clusters/").json()["clusters"] if c["name"] == CLUSTER and c["total_gpus"] == 2],
+             15, message="the inventory to see one node of 2 GPUs")
+    victim = kube_api.submit(image="test/sleep", priority=10, resources={"gpu": 2}, retry_policy={"max_retries": 2})
+    wait_for_status(kube_api, victim["id"], "running")
+    (victim_job,) = wait_for(lambda: fake.objects("jobs", NAMESPACE, f"jobservice.io/job-id={victim['id']}"), 10, message="the victim's Job")
+    urgent = kube_api.submit(image="test/sleep", priority=90, resources={"gpu": 2})
+    wait_for_status(kube_api, urgent["id"], "running", timeout=40)
+    # Deleted gracefully: a foreground delete of its Job, not a forced one, and it was gone before the preemptor's Job came.
+    victim_name = victim_job["metadata"]["name"]
+    deletes = [d for d in fake.deletions if d[0] == "jobs" and d[2] == victim_name]
+    assert deletes and all(d[3] == "Foreground" for d in deletes), fake.deletions
+    assert not any(d[0] == "pods" for d in fake.deletions), "pods were deleted one by one instead of through their Job"
+    (urgent_job,) = wait_for(lambda: fake.objects("jobs", NAMESPACE, f"jobservice.io/job-id={urgent['id']}"), 10, message="the preemptor's Job")
+    assert not fake.objects("jobs", NAMESPACE, f"jobservice.io/job-id={victim['id']}"), "the victim's Job outlived the preemptor's start"
+    assert urgent_job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    started = kube_api.get(f"/jobs/{urgent['id']}").json()
+    assert started["cluster"] == CLUSTER and started["node"] == "gpu-node-1"
+    # The victim: back to pending on its first attempt, no retry spent, its timeline naming the preemptor.
+    after = kube_api.get(f"/jobs/{victim['id']}").json()
+    assert after["status"] == "pending" and after["retry_count"] == 0 and after["retry_policy"]["max_retries"] == 2, after
+    timeline = kube_api.get(f"/jobs/{victim['id']}/events").json()["events"]
+    preempted = [e for e in timeline if e["reason"].startswith("preempted by")]
+    assert len(preempted) == 1, timeline
+    assert preempted[0]["reason"] == f"preempted by {urgent['id']} (priority 90)"
+    assert (preempted[0]["from_status"], preempted[0]["to_status"], preempted[0]["attempt"]) == ("running", "pending", 0)
+    assert preempted[0]["details"]["placement"][0]["node"] == "gpu-node-1"
+    with database.engine.connect() as conn:
+        ends = conn.execute(text("SELECT count(*) FROM job_events WHERE job_id = :j AND to_status IN ('failed', 'cancelled')"),
+                            {"j": victim["id"]}).scalar()
+    assert ends == 0
+    # Once the preemptor is gone the victim runs again, still on attempt 0.
+    assert kube_api.delete(f"/jobs/{urgent['id']}").status_code == 200
+    back = wait_for_status(kube_api, victim["id"], "running", timeout=40)
+    assert back["retry_count"] == 0
+    kube_api.delete(f"/jobs/{victim['id']}")
+    wait_for_status(kube_api, victim["id"], "cancelled")

@@ -129,7 +129,8 @@ class PolicyConfig:
     fair_share: bool = True
     preemption: bool = False
     preemption_min_run_seconds: float = 60.0
-    preemptors_per_pass: int = 4  # waiting jobs that may look for victims in one pass (each search copies the nodes)
+    preemptors_per_pass: int = 32  # waiting jobs that may look for victims in one pass (each search copies the nodes)
+    preemption_scan_limit: int = 512  # blocked jobs examined for preemption in one pass (bounds the pass on a huge backlog)
 
     def weight(self, owner: str) -> float:
         weight = self.weights.get(owner, self.default_weight)
@@ -405,12 +406,52 @@ def _victims_on(node: NodeCapacity, ordered: Sequence[Running], job: Pending) ->
             break
     else:
         return None
-    # Fewest victims: drop any whose release turns out not to be needed (the highest priorities first).
+    return _pruned(chosen, fits)
+
+
+def _pruned(chosen: list[Running], fits: Callable[[Sequence[Running]], bool]) -> list[Running]:
+    """Fewest victims: drop any whose release turns out not to be needed (the highest priorities first)."""
     for victim in sorted(chosen[:-1], key=lambda r: (-r.priority, r.started_at)):
         fewer = [r for r in chosen if r is not victim]
         if fits(fewer):
             chosen = fewer
     return chosen
+
+
+def _members_room(node: NodeCapacity, job: Pending) -> int:
+    """How many of the job's members fit in what is free on `node` (as capacity._spread counts them)."""
+    limits = [free // need for free, need in ((node.gpus_free_count, job.gpus), (node.cpu_millis - node.used_cpu_millis, job.cpu_millis),
+                                              (node.memory_bytes - node.used_memory_bytes, job.memory_bytes)) if need]
+    return max(0, min(limits)) if limits else job.members
+
+
+def _victims_across(nodes: Sequence[NodeCapacity], ordered: Sequence[Running], job: Pending) -> list[Running] | None:
+    """A gang on a cluster whose members may spread over nodes (Kubernetes): the fewest of `ordered` (in their
+    order) whose release lets all its members fit on `nodes` (one of them with a worker slot), pruned."""
+    def fits(victims: Sequence[Running]) -> bool:
+        trial = [_one_node(n) for n in nodes]
+        by_key = {(n.cluster, n.name): n for n in trial}
+        for victim in victims:
+            _release(by_key, victim)
+        return _place(trial, job) is not None
+
+    trial = [_one_node(n) for n in nodes]
+    by_key = {(n.cluster, n.name): n for n in trial}
+    room = {key: _members_room(n, job) for key, n in by_key.items()}
+    chosen: list[Running] = []
+    for victim in ordered:
+        chosen.append(victim)
+        _release(by_key, victim)
+        for name, _ in victim.parts:
+            key = (victim.cluster, name)
+            if key in by_key:
+                room[key] = _members_room(by_key[key], job)
+        # Cheap count first; the real placement (capacity.place) confirms it.
+        if sum(room.values()) >= job.members and fits(chosen):
+            break
+    else:
+        return None
+    return _pruned(chosen, fits)
 
 
 def _preempt(snapshot: Snapshot, config: PolicyConfig, plan: Plan) -> None:
@@ -449,29 +490,26 @@ def _preempt(snapshot: Snapshot, config: PolicyConfig, plan: Plan) -> None:
     changed = bool(stopping)  # `work` may hold room plan.free did not
     budget = dict(snapshot.preemption_budget) if snapshot.preemption_budget is not None else None
     taken: set[str] = set()
-    searched = 0
-    heads: set[tuple[str, bool]] = set()
+    searched = examined = 0
+    lowest = min((r.priority for r in candidates), default=None)
     for job_id in plan.order:
-        if searched >= config.preemptors_per_pass:
+        if searched >= config.preemptors_per_pass or examined >= config.preemption_scan_limit:
             break
         decision = plan.decisions[job_id]
         if not (isinstance(decision, Reserve) or (isinstance(decision, Wait) and decision.reason in (CAPACITY, NO_RESERVATION))):
             continue
         job = decision.job
-        # Only the first blocked job of each pool preempts: it holds the pool's first reservation, so what its
-        # victims free is reserved for it (backfill cannot take it) rather than raced for by the jobs behind it.
-        if job.pool in heads:
-            continue
-        heads.add(job.pool)
-        if changed:
-            trial, placement = _fits_after(work, [], job)
-            if placement is not None:
-                work = trial  # what is being freed already makes room for it: it keeps that room, nobody preempts more
-                by_key = {(n.cluster, n.name): n for n in work}
-                continue
+        examined += 1
+        # Every blocked job, in the pass's order, may preempt (not only the first of its pool: a burst of urgent
+        # jobs would otherwise start one per pass). What is freed for one is kept for it in `work`, and the next
+        # pass considers it in the same order, before anything its victims' room could go to instead.
+        if changed and _place(work, job) is not None:
+            continue  # what is being freed already makes room for it: it keeps that room, nobody preempts more
         ask = (job.gpus * job.members, job.cpu_millis * job.members, job.memory_bytes * job.members)
         within = ledger.within_nominal(job.owner, ask)
         reclaims = bool(borrowers) and within
+        if lowest is None or (lowest >= job.priority and not reclaims):
+            continue  # nobody it may preempt
         # A job that would borrow never takes capacity from another tenant within its nominal quota (that
         # tenant would reclaim it right back): only from its own tenant's jobs and from borrowers.
         borrows = job.owner in ledger.quotas and not within
@@ -486,23 +524,9 @@ def _preempt(snapshot: Snapshot, config: PolicyConfig, plan: Plan) -> None:
         if not pool:
             continue
         searched += 1
-        clusters = set(_eligible_clusters(work, job))
-        per_node: dict[tuple[str, str], list[Running]] = defaultdict(list)
-        for victim in pool:
-            for name, _ in victim.parts:
-                if victim.cluster in clusters:
-                    per_node[(victim.cluster, name)].append(victim)
-        best: tuple[tuple[int, int, float], list[Running]] | None = None
-        for key, ordered in per_node.items():
-            node = by_key.get(key)
-            chosen = _victims_on(node, ordered, job) if node is not None else None
-            if chosen:
-                score = (len(chosen), max(r.priority for r in chosen), -min(r.started_at for r in chosen))
-                if best is None or score < best[0]:
-                    best = (score, chosen)
-        if best is None:
+        chosen = _victims_for(work, by_key, pool, job)
+        if chosen is None:
             continue
-        chosen = best[1]
         if budget is not None:
             per_cluster: dict[str, int] = defaultdict(int)
             for r in chosen:
@@ -512,12 +536,47 @@ def _preempt(snapshot: Snapshot, config: PolicyConfig, plan: Plan) -> None:
             for c, n in per_cluster.items():
                 budget[c] -= n
         trial, placement = _fits_after(work, chosen, job)
-        if placement is None:  # pragma: no cover - the node search found room on one node
+        if placement is None:  # pragma: no cover - the search placed it with these victims gone
             continue
         taken.update(r.id for r in chosen)
         plan.preemptions.append(Preemption(job, tuple(chosen), placement.cluster))
         work, changed = trial, True  # its room is its own from now on
         by_key = {(n.cluster, n.name): n for n in work}
+
+
+def _victims_for(work: Sequence[NodeCapacity], by_key: Mapping[tuple[str, str], NodeCapacity], pool: Sequence[Running],
+                 job: Pending) -> list[Running] | None:
+    """The victims among `pool` (in preference order) that free a placement `job` can use: only on nodes that
+    serve it (its GPU types, its worker pool, a cluster that can run it), since capacity freed elsewhere would
+    be lost work that starts nothing. On one node whole (GPU indices on one host); for a gang on a cluster that
+    spreads members over nodes (Kubernetes), also across that cluster's nodes. Fewest victims, then the lowest
+    priorities, then the youngest, win."""
+    clusters = set(_eligible_clusters(work, job))
+    serving = {key for key, n in by_key.items() if n.cluster in clusters and job.serves(n)}
+    per_node: dict[tuple[str, str], list[Running]] = defaultdict(list)
+    per_cluster: dict[str, list[Running]] = defaultdict(list)
+    for victim in pool:
+        useful = False
+        for name, _ in victim.parts:
+            if (victim.cluster, name) in serving:
+                per_node[(victim.cluster, name)].append(victim)
+                useful = True
+        if useful:
+            per_cluster[victim.cluster].append(victim)
+    options: list[list[Running]] = []
+    for key, ordered in per_node.items():
+        chosen = _victims_on(by_key[key], ordered, job)
+        if chosen:
+            options.append(chosen)
+    if job.members > 1:
+        for cluster, ordered in per_cluster.items():
+            if cluster != LOCAL_CLUSTER:
+                chosen = _victims_across([by_key[k] for k in serving if k[0] == cluster], ordered, job)
+                if chosen:
+                    options.append(chosen)
+    if not options:
+        return None
+    return min(options, key=lambda c: (len(c), max(r.priority for r in c), -min(r.started_at for r in c)))
 
 
 def _capacity_message(ahead: list[Reserve]) -> str:
