@@ -86,6 +86,53 @@ def test_preemption_is_off_unless_configured_and_a_job_that_fits_preempts_nobody
     assert plan.preemptions == [] and plan.admitted[0].job.id == "fits"
 
 
+def typed(name: str, gpu_type: str, gpus: int = 2, pool: str | None = None, cluster: str = "local") -> NodeCapacity:
+    return NodeCapacity(cluster, name, list(range(gpus)), gpu_type, 64_000, 512 * GIB, 16, pool=pool)
+
+
+def test_only_victims_on_nodes_of_the_gpu_type_the_job_asks_for_are_chosen() -> None:
+    h100, a100 = typed("h", "NVIDIA H100 80GB HBM3", gpus=1), typed("a", "NVIDIA A100", gpus=1)
+    busy = [run("on-h100", h100, 1, 10, started_ago=900), run("on-a100", a100, 1, 10, started_ago=100)]  # the A100 one is younger
+    plan = decide(Snapshot(NOW, [h100, a100], busy, [job("urgent", gpus=1, priority=90, gpu_types=("H100-80GB-HBM3", "nvidia-h100-80gb-hbm3"))]), ON)
+    assert victims(plan) == [["on-h100"]]  # its freed GPU is one the job can use; the younger A100 job is left alone
+    plan = decide(Snapshot(NOW, [h100, a100], busy, [job("any", gpus=1, priority=90)]), ON)
+    assert victims(plan) == [["on-a100"]]  # any type: the youngest
+    plan = decide(Snapshot(NOW, [h100, a100], busy[1:], [job("h100-only", gpus=1, priority=90, gpu_types=("NVIDIA H100 80GB HBM3",))]), ON)
+    assert plan.preemptions == []  # only an A100 job could go, and that frees nothing it can use
+
+
+def test_only_victims_in_the_worker_pool_the_job_asks_for_are_chosen() -> None:
+    train, serve = typed("t", "H100", gpus=1, pool="train"), typed("s", "H100", gpus=1, pool="serve")
+    busy = [run("in-serve", serve, 1, 10, started_ago=900), run("in-train", train, 1, 10, started_ago=100)]
+    assert victims(decide(Snapshot(NOW, [train, serve], busy, [job("urgent", gpus=1, priority=90, node_pool="serve")]), ON)) == [["in-serve"]]
+    assert decide(Snapshot(NOW, [train, serve], busy[1:], [job("urgent", gpus=1, priority=90, node_pool="serve")]), ON).preemptions == []
+
+
+def test_a_gang_on_kubernetes_preempts_across_nodes_and_a_local_one_only_on_one_host() -> None:
+    a, b, c = (typed(n, "H100", gpus=2, cluster="k8s") for n in "abc")
+    busy = [run("a-low", a, 2, 10, 900), run("b-low", b, 2, 20, 900), run("c-low", c, 2, 10, 300)]
+    gang = job("gang", gpus=2, priority=90, members=2)  # 4 GPUs: no node holds it, two of them do
+    [preemption] = decide(Snapshot(NOW, [a, b, c], busy, [gang]), ON).preemptions
+    assert sorted(v.id for v in preemption.victims) == ["a-low", "c-low"]  # the lowest priorities; b's priority 20 stays
+    assert preemption.cluster == "k8s"
+    x, y = typed("x", "H100", gpus=2), typed("y", "H100", gpus=4)  # local hosts: a gang's processes share one host
+    busy = [run("x-low", x, 2, 10, 900), run("y-low", y, 1, 10, 900, members=2), run("y-mid", y, 2, 20, 900)]
+    [preemption] = decide(Snapshot(NOW, [x, y], busy, [gang]), ON).preemptions
+    assert sorted(v.id for v in preemption.victims) == ["y-low", "y-mid"]  # all four GPUs of y, never x's and half of y's
+
+
+def test_several_blocked_jobs_preempt_in_one_pass_each_for_its_own_room() -> None:
+    a = node("a", gpus=3)
+    busy = [run(f"low{i}", a, 1, 10, started_ago=900 - i) for i in range(3)]
+    backlog = [job("urgent1", gpus=1, priority=90), job("urgent2", gpus=1, priority=85, at=1), job("urgent3", gpus=1, priority=80, at=2)]
+    plan = decide(Snapshot(NOW, [a], busy, backlog), ON)
+    assert [(p.job.id, [v.id for v in p.victims]) for p in plan.preemptions] == [
+        ("urgent1", ["low2"]), ("urgent2", ["low1"]), ("urgent3", ["low0"])]  # youngest first, one each, none twice
+    # The rate limit is counted across them: with room for two victims in this minute, the third job waits.
+    plan = decide(Snapshot(NOW, [a], busy, backlog, preemption_budget={"local": 2}), ON)
+    assert [p.job.id for p in plan.preemptions] == ["urgent1", "urgent2"]
+
+
 # --- on the real service ---------------------------------------------------------------------------
 
 FAST_PREEMPTION = {"PREEMPTION_MIN_RUN_SECONDS": "1", "PREEMPTION_MAX_PER_MINUTE": "10"}
