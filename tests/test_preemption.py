@@ -250,3 +250,23 @@ def test_a_victim_never_preempts_its_preemptor_back() -> None:
     assert victims(decide(Snapshot(NOW, [a], busy, [loser]), ON)) == [["winner"]]
     back = dataclasses.replace(loser, preempted_by=frozenset({"winner"}))
     assert decide(Snapshot(NOW, [a], busy, [back]), ON).preemptions == []
+
+
+def test_the_victim_is_on_the_gpu_type_the_preemptor_asks_for(admin: ApiClient, start_worker, start_scheduler) -> None:
+    h100, a100 = "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"
+    start_worker("h100-p", concurrency=2, gpus=1, WORKER_GPU_TYPE=h100, WORKER_CPU="4", WORKER_MEMORY="4Gi")
+    start_worker("a100-p", concurrency=2, gpus=1, WORKER_GPU_TYPE=a100, WORKER_CPU="4", WORKER_MEMORY="4Gi")
+    start_scheduler(**{**FAST_PREEMPTION, "PREEMPTION_MIN_RUN_SECONDS": "0"})  # both are candidates from the first pass
+    on_h100 = admin.submit(command=["sleep", "60"], priority=10, timeout_seconds=120, resources={**TINY, "gpu": 1, "gpu_type": h100})
+    wait_for_status(admin, on_h100["id"], "running")
+    on_a100 = admin.submit(command=["sleep", "60"], priority=10, timeout_seconds=120, resources={**TINY, "gpu": 1, "gpu_type": a100})
+    wait_for_status(admin, on_a100["id"], "running")  # the younger one: it would go first if the type were ignored
+    urgent = admin.submit(command=["sleep", "1"], priority=90, timeout_seconds=30, resources={**TINY, "gpu": 1, "gpu_type": h100})
+    started = wait_for_status(admin, urgent["id"], {"running", "succeeded"}, timeout=40)
+    assert started["node"] == "h100-p"
+    assert [e["reason"] for e in events(admin, on_h100["id"]) if e["reason"].startswith("preempted by")] == [
+        f"preempted by {urgent['id']} (priority 90)"]
+    assert admin.get(f"/jobs/{on_a100['id']}").json()["status"] == "running"
+    assert not any(e["reason"].startswith("preempted") for e in events(admin, on_a100["id"]))
+    for job_id in (on_h100["id"], on_a100["id"]):
+        admin.delete(f"/jobs/{job_id}")
