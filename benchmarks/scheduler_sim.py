@@ -352,7 +352,7 @@ def simulate(name: str, trace: list[SimJob], fleet: list[NodeCapacity], config: 
                                                 tuple((n, m) for n, m, _ in decision.placement.parts),
                                                 decision.job.cpu_millis, decision.job.memory_bytes, decision.job.gpus,
                                                 at + decision.job.duration, priority=decision.job.priority, preemptible=True,
-                                                started_at=at))
+                                                started_at=at, preempted_by=job.pending.preempted_by))
                 heapq.heappush(ends, (end, job_id, job.attempt))
                 if job.first_started is None:
                     job.first_started = at

@@ -1,6 +1,7 @@
 """Preemption (issue 11): in the pure policy, and on the real service with workers and `sleep` jobs."""
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -133,6 +134,31 @@ def test_several_blocked_jobs_preempt_in_one_pass_each_for_its_own_room() -> Non
     assert [p.job.id for p in plan.preemptions] == ["urgent1", "urgent2"]
 
 
+def test_a_job_never_preempts_the_same_victim_twice() -> None:
+    a = node("a", gpus=1)
+    [again] = [dataclasses.replace(run("victim", a, 1, 10, started_ago=300), preempted_by=frozenset({"urgent"}))]
+    assert decide(Snapshot(NOW, [a], [again], [job("urgent", gpus=1, priority=90)]), ON).preemptions == []
+    assert victims(decide(Snapshot(NOW, [a], [again], [job("other", gpus=1, priority=90)]), ON)) == [["victim"]]
+
+
+def test_reclaim_takes_only_what_stands_on_borrowed_capacity() -> None:
+    """A borrower put under its nominal quota by a reclaim would have its job admitted first again (within its quota,
+    and of higher priority) and the reclaimer would take it back: the loop the simulator showed with quotas on."""
+    from app.domain.quotas import Quota
+
+    a = node("a", gpus=8)
+    busy = [run("big", a, 4, 90, started_ago=300), run("small", a, 1, 90, started_ago=200)]  # bob: 5 GPUs, nominal 4
+    quotas = {"bob": [Quota("bob", "*", (4, None, None), (4, 0, 0))], "alice": [Quota("alice", "*", (4, None, None), (0, 0, 0))]}
+    a.used_gpus.update({5, 6, 7})  # the rest of the node is taken by someone without a quota
+    plan = decide(Snapshot(NOW, [a], busy, [job("mine", gpus=1, priority=10, owner="alice")], quotas=quotas), ON)
+    assert victims(plan) == [["small"]]  # bob borrows 1 GPU: the 1-GPU job is reclaimed
+    plan = decide(Snapshot(NOW, [a], busy, [job("two", gpus=4, priority=10, owner="alice")], quotas=quotas), ON)
+    assert plan.preemptions == []  # freeing 4 GPUs would take bob 4 under his quota: wait for his jobs to end instead
+    # Capacity already on its way back counts: with "small" stopping, bob borrows nothing more.
+    stopping = [busy[0], dataclasses.replace(busy[1], stopping=True)]
+    assert decide(Snapshot(NOW, [a], stopping, [job("mine", gpus=1, priority=10, owner="alice", at=5)], quotas=quotas), ON).preemptions == []
+
+
 # --- on the real service ---------------------------------------------------------------------------
 
 FAST_PREEMPTION = {"PREEMPTION_MIN_RUN_SECONDS": "1", "PREEMPTION_MAX_PER_MINUTE": "10"}
@@ -242,8 +268,6 @@ def test_a_tenant_under_its_quota_reclaims_borrowed_capacity_whatever_the_priori
 
 
 def test_a_victim_never_preempts_its_preemptor_back() -> None:
-    import dataclasses
-
     a = node("a", gpus=1)
     busy = [run("winner", a, 1, 10, started_ago=300)]
     loser = job("loser", gpus=1, priority=90)

@@ -106,6 +106,12 @@ class Running:
     stopping: bool = False
     gpu_indices: tuple[tuple[str, tuple[int, ...]], ...] = ()  # per node of `parts`
     queue: str = ""
+    preempted_by: frozenset[str] = frozenset()  # jobs that preempted it before: none of them preempts it again
+
+    @property
+    def amounts(self) -> quotas.Amounts:
+        members = sum(m for _, m in self.parts) or 1
+        return (self.gpus * members, self.cpu_millis * members, self.memory_bytes * members)
 
 
 @dataclass(frozen=True, slots=True)
@@ -465,9 +471,14 @@ def _preempt(snapshot: Snapshot, config: PolicyConfig, plan: Plan) -> None:
     Strictly lower priority means a victim can never preempt its preemptor back: no cycles.
 
     Reclaim: a job whose tenant stays within its nominal quota with it may also stop the jobs of tenants that
-    borrow (use more than their nominal quota), whatever their priority, borrowers first. The reclaimer's
-    tenant is within nominal and the victims' is not, and a job that
-    would borrow never preempts another tenant within its nominal quota: no cycle through reclaim either.
+    borrow (use more than their nominal quota), whatever their priority, borrowers first, but only attempts that
+    stand wholly on borrowed capacity (the borrower stays at or above its nominal quota without them: taking more
+    would let it reclaim the same capacity right back). The reclaimer's tenant is within nominal and the
+    victims' is not, and a job that would borrow never preempts another tenant within its nominal quota: no
+    cycle through reclaim either.
+
+    No repeats: an attempt is never preempted again for a job that already preempted it (if that job lost the
+    room to jobs ahead of it and the victim started again meanwhile, it looks elsewhere or waits).
     """
     now = snapshot.now
     ledger = quotas.Ledger(snapshot.quotas, _holding(snapshot.running))
@@ -475,8 +486,11 @@ def _preempt(snapshot: Snapshot, config: PolicyConfig, plan: Plan) -> None:
         for admitted in plan.admitted:
             j = admitted.job
             ledger.charge(j.owner, admitted.placement.cluster, (j.gpus * j.members, j.cpu_millis * j.members, j.memory_bytes * j.members))
-    borrowers = {r.owner for r in snapshot.running if ledger.active and ledger.borrowing(r.owner)}
     stopping = [r for r in snapshot.running if r.stopping]
+    if ledger.active:
+        for r in stopping:  # already preempted: what they hold is on its way back, borrowed or not
+            ledger.charge(r.owner, r.cluster, (-r.amounts[0], -r.amounts[1], -r.amounts[2]))
+    borrowers = {r.owner for r in snapshot.running if ledger.active and ledger.borrowing(r.owner)}
     candidates = [
         r for r in snapshot.running
         if r.preemptible and not r.stopping and now - r.started_at >= config.preemption_min_run_seconds
@@ -515,8 +529,9 @@ def _preempt(snapshot: Snapshot, config: PolicyConfig, plan: Plan) -> None:
         borrows = job.owner in ledger.quotas and not within
         pool = sorted(
             (r for r in candidates
-             if (r.priority < job.priority or (reclaims and r.owner in borrowers and r.owner != job.owner))
-             and r.id not in job.preempted_by
+             if (r.priority < job.priority
+                 or (reclaims and r.owner in borrowers and r.owner != job.owner and ledger.reclaimable(r.owner, r.cluster, r.amounts)))
+             and r.id not in job.preempted_by and job.id not in r.preempted_by
              and not (borrows and r.owner != job.owner and r.owner in ledger.quotas and r.owner not in borrowers)
              and r.id not in taken and (budget is None or budget.get(r.cluster, 0) > 0)),
             key=lambda r: (r.owner not in borrowers, r.priority, -r.started_at, r.id),
@@ -526,6 +541,8 @@ def _preempt(snapshot: Snapshot, config: PolicyConfig, plan: Plan) -> None:
         searched += 1
         chosen = _victims_for(work, by_key, pool, job)
         if chosen is None:
+            continue
+        if ledger.active and not _reclaims_only_borrowed(ledger, job, chosen):
             continue
         if budget is not None:
             per_cluster: dict[str, int] = defaultdict(int)
@@ -539,9 +556,25 @@ def _preempt(snapshot: Snapshot, config: PolicyConfig, plan: Plan) -> None:
         if placement is None:  # pragma: no cover - the search placed it with these victims gone
             continue
         taken.update(r.id for r in chosen)
+        if ledger.active:
+            # What the victims give back no longer counts as borrowed for the next reclaimer; the job will hold its room.
+            for r in chosen:
+                ledger.charge(r.owner, r.cluster, (-r.amounts[0], -r.amounts[1], -r.amounts[2]))
+            ledger.charge(job.owner, placement.cluster, ask)
         plan.preemptions.append(Preemption(job, tuple(chosen), placement.cluster))
         work, changed = trial, True  # its room is its own from now on
         by_key = {(n.cluster, n.name): n for n in work}
+
+
+def _reclaims_only_borrowed(ledger: quotas.Ledger, job: Pending, chosen: Sequence[Running]) -> bool:
+    """The victims taken by reclaim (not of lower priority), together per tenant, stand on borrowed capacity only."""
+    per_tenant: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
+    for r in chosen:
+        if r.priority >= job.priority:
+            total = per_tenant[(r.owner, r.cluster)]
+            for i, amount in enumerate(r.amounts):
+                total[i] += amount
+    return all(ledger.reclaimable(owner, cluster, (a[0], a[1], a[2])) for (owner, cluster), a in per_tenant.items())
 
 
 def _victims_for(work: Sequence[NodeCapacity], by_key: Mapping[tuple[str, str], NodeCapacity], pool: Sequence[Running],

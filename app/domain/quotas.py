@@ -133,6 +133,25 @@ class Ledger:
         rows = self.quotas.get(tenant) or {}
         return any(q.nominal[r] is not None and self.used[(tenant, q.cluster)][r] > q.nominal[r] for q in rows.values() for r in range(3))
 
+    def reclaimable(self, tenant: str, cluster: str, amounts: Amounts) -> bool:
+        """Whether `amounts` (held on `cluster`) stand wholly on capacity the tenant borrows: giving them back leaves
+        it at or above its nominal quota wherever it borrows. Reclaiming more would put the tenant under its quota,
+        and it would reclaim the same capacity right back (a preemption loop)."""
+        rows = self.quotas.get(tenant) or {}
+        borrowing = False
+        for scope in (FLEET, cluster):
+            quota = rows.get(scope)
+            if quota is None:
+                continue
+            used = self.used[(tenant, scope)]
+            for r in range(3):
+                if quota.nominal[r] is None or used[r] <= quota.nominal[r]:
+                    continue
+                borrowing = True
+                if used[r] - amounts[r] < quota.nominal[r]:
+                    return False
+        return borrowing
+
     def charge(self, tenant: str, cluster: str, amounts: Amounts) -> None:
         if tenant not in self.quotas:
             return

@@ -224,7 +224,8 @@ def load_snapshot(session: Session, settings: Settings, now: datetime, *, includ
                                           "classes": BACKLOG_DEMAND_CLASSES, "per_class": BACKLOG_PER_CLASS}))
     if include is not None and not any(r.id == include for r in rows):
         rows += list(session.execute(_ONE_PENDING, {"id": include}))
-    preempted_by = _preempted_by(session, [r.id for r in rows], now) if settings.preemption_enabled else {}
+    # Who preempted each pending job (it never preempts them back) and each running one (they never preempt it again).
+    preempted_by = _preempted_by(session, [r.id for r in rows] + [h.id for h in holders], now) if settings.preemption_enabled else {}
     backlog = [
         policy.Pending(
             r.id, r.owner, r.priority, r.queue, r.created_at.timestamp(), r.cpu_millis, r.memory_bytes, r.gpus,
@@ -232,7 +233,7 @@ def load_snapshot(session: Session, settings: Settings, now: datetime, *, includ
         )
         for r in rows
     ]
-    running = [running_attempt(row, now, settings) for row in holders]
+    running = [running_attempt(row, now, settings, preempted_by.get(row.id, frozenset())) for row in holders]
     owners = {job.owner for job in backlog} | {attempt.owner for attempt in running}
     usage = fairshare.usage_of(session, owners, now, settings.fair_share_half_life_seconds)
     budget = preemption_budget(session, settings, now) if settings.preemption_enabled else None
@@ -252,7 +253,7 @@ def _preempted_by(session: Session, job_ids: list[str], now: datetime) -> dict[s
     return {job_id: frozenset(by) for job_id, by in found.items()}
 
 
-def running_attempt(row: Any, now: datetime, settings: Settings) -> policy.Running:
+def running_attempt(row: Any, now: datetime, settings: Settings, preempted_by: frozenset[str] = frozenset()) -> policy.Running:
     """An attempt holding capacity, and the latest it ends: its start plus its timeout."""
     parts = tuple((part["node"], int(part["members"])) for part in row.placement or [])
     if row.status == JobStatus.CANCELLED.value:
@@ -269,7 +270,7 @@ def running_attempt(row: Any, now: datetime, settings: Settings) -> policy.Runni
         row.id, row.owner, row.cluster or "", parts, row.cpu_millis, row.memory_bytes, row.gpus, ends,
         priority=row.priority, preemptible=bool(row.preemptible) and row.status == JobStatus.RUNNING.value,
         started_at=row.started_at.timestamp() if row.started_at else policy.INF,
-        stopping=row.status == JobStatus.PENDING.value, gpu_indices=indices, queue=row.queue,
+        stopping=row.status == JobStatus.PENDING.value, gpu_indices=indices, queue=row.queue, preempted_by=preempted_by,
     )
 
 
