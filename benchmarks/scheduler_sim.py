@@ -33,6 +33,8 @@ from app.domain.capacity import NodeCapacity, Placement, place  # noqa: E402
 from app.domain.policy import (  # noqa: E402
     Admit, Pending, Plan, PolicyConfig, Reserve, Running, Snapshot, Usage, Wait, decide,
 )
+from app.domain import quotas as quota_rules  # noqa: E402
+from app.domain.policy import _holding as policy_holding  # noqa: E402
 from app.domain.quotas import Quota  # noqa: E402
 from config import Settings  # noqa: E402
 
@@ -410,7 +412,8 @@ def simulate(name: str, trace: list[SimJob], fleet: list[NodeCapacity], config: 
 # Why a high-priority job waited, pass by pass. "Does not fit" reasons exclude it from the target (a high-priority
 # job that fits the fleet starts within the kill grace plus one pass): the fleet is held by work of its own priority
 # or higher, its tenant is at its quota, or no node could ever hold it.
-NOT_FITTING = ("held by equal or higher priority", "over its tenant's quota", "no node could hold it")
+NOT_FITTING = ("held by equal or higher priority", "over its tenant's quota", "no node could hold it",
+               "beyond its tenant's nominal quota (borrows idle capacity only)")
 
 
 def _diagnose(plan: Plan, snapshot: Snapshot, config: PolicyConfig, by_id: dict[str, SimJob], budget: dict[str, int] | None) -> None:
@@ -441,6 +444,10 @@ def _diagnose(plan: Plan, snapshot: Snapshot, config: PolicyConfig, by_id: dict[
                     if d.job.priority == level:
                         store[d.job.id] = placed is not None
     exhausted = budget is not None and all(v <= 0 for v in budget.values())
+    ledger = quota_rules.Ledger(snapshot.quotas, policy_holding(snapshot.running))
+    for admitted in plan.admitted:
+        j = admitted.job
+        ledger.charge(j.owner, admitted.placement.cluster, (j.gpus * j.members, j.cpu_millis * j.members, j.memory_bytes * j.members))
     for d in blocked:
         job = by_id[d.job.id]
         reason = getattr(d, "reason", "RESERVED")
@@ -452,6 +459,9 @@ def _diagnose(plan: Plan, snapshot: Snapshot, config: PolicyConfig, by_id: dict[
             why = "preempted for it: victims stopping (kill grace)"
         elif not fits_all.get(d.job.id, False):
             why = NOT_FITTING[0]
+        elif ledger.active and d.job.owner in ledger.quotas and not ledger.within_nominal(
+                d.job.owner, (d.job.gpus * d.job.members, d.job.cpu_millis * d.job.members, d.job.memory_bytes * d.job.members)):
+            why = NOT_FITTING[3]
         elif reason == "BACKFILL_WINDOW":
             why = "fits now but would run into a reservation"
         elif not config.preemption:
@@ -562,7 +572,7 @@ def main() -> None:
     defaults = Settings()
     parser.add_argument("--min-run", type=float, default=defaults.preemption_min_run_seconds, help="PREEMPTION_MIN_RUN_SECONDS")
     parser.add_argument("--max-per-minute", type=int, default=defaults.preemption_max_per_minute,
-                        help="PREEMPTION_MAX_PER_MINUTE (victims per cluster per minute; the simulated fleet is one cluster)")
+                        help="PREEMPTION_MAX_PER_MINUTE (victims per cluster per minute; the simulated fleet is one cluster; -1: unlimited)")
     parser.add_argument("--kill-grace", type=float, default=10.0, help="a preempted job holds its capacity this long")
     args = parser.parse_args()
 
@@ -587,7 +597,8 @@ def main() -> None:
     for name, config in configs.items():
         wall = time.perf_counter()
         results[name] = simulate(name, trace, fleet, config, args.hours, args.interval, tenants,
-                                 quotas if "quotas" in name else None, args.kill_grace, args.max_per_minute,
+                                 quotas if "quotas" in name else None, args.kill_grace,
+                                 args.max_per_minute if args.max_per_minute >= 0 else None,
                                  args.trace_repeats)
         print(f"  simulated {name}: {time.perf_counter() - wall:.1f}s wall", file=sys.stderr)
 

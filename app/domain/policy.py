@@ -506,6 +506,7 @@ def _preempt(snapshot: Snapshot, config: PolicyConfig, plan: Plan) -> None:
     taken: set[str] = set()
     searched = examined = 0
     lowest = min((r.priority for r in candidates), default=None)
+    unfit: set[tuple] = set()
     for job_id in plan.order:
         if searched >= config.preemptors_per_pass or examined >= config.preemption_scan_limit:
             break
@@ -517,8 +518,10 @@ def _preempt(snapshot: Snapshot, config: PolicyConfig, plan: Plan) -> None:
         # Every blocked job, in the pass's order, may preempt (not only the first of its pool: a burst of urgent
         # jobs would otherwise start one per pass). What is freed for one is kept for it in `work`, and the next
         # pass considers it in the same order, before anything its victims' room could go to instead.
-        if changed and _place(work, job) is not None:
-            continue  # what is being freed already makes room for it: it keeps that room, nobody preempts more
+        if changed and job.shape not in unfit:
+            if _place(work, job) is not None:
+                continue  # what is being freed already makes room for it: it keeps that room, nobody preempts more
+            unfit.add(job.shape)  # `work` only shrinks until the next preemption: the same shape does not fit either
         ask = (job.gpus * job.members, job.cpu_millis * job.members, job.memory_bytes * job.members)
         within = ledger.within_nominal(job.owner, ask)
         reclaims = bool(borrowers) and within
@@ -564,6 +567,7 @@ def _preempt(snapshot: Snapshot, config: PolicyConfig, plan: Plan) -> None:
         plan.preemptions.append(Preemption(job, tuple(chosen), placement.cluster))
         work, changed = trial, True  # its room is its own from now on
         by_key = {(n.cluster, n.name): n for n in work}
+        unfit.clear()
 
 
 def _reclaims_only_borrowed(ledger: quotas.Ledger, job: Pending, chosen: Sequence[Running]) -> bool:
