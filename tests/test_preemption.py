@@ -177,7 +177,7 @@ def events(api: ApiClient, job_id: str) -> list[dict[str, Any]]:
 
 def test_the_youngest_lower_priority_job_is_preempted_and_requeued_with_its_retries_untouched(admin: ApiClient, start_worker, start_scheduler) -> None:
     start_worker("gpu-p", concurrency=4, gpus=2, WORKER_CPU="8", WORKER_MEMORY="8Gi")
-    start_scheduler(**FAST_PREEMPTION)
+    start_scheduler(**{**FAST_PREEMPTION, "PREEMPTION_MIN_RUN_SECONDS": "0"})  # the young one is a candidate at once: no race
     old = admin.submit(command=["sleep", "60"], priority=10, timeout_seconds=120, resources={**TINY, "gpu": 1},
                        retry_policy={"max_retries": 2})
     wait_for_status(admin, old["id"], "running")

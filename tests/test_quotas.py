@@ -252,17 +252,18 @@ def test_borrowed_capacity_is_reclaimed_by_a_tenant_within_its_quota(e2e_setting
     server = LiveServer(e2e_settings.with_overrides(auth_enabled=True, jwt_tenant_claim="team"))
     try:
         admin = client(server, "ops", "admin")
-        start_worker("gpu-r", concurrency=4, gpus=2, WORKER_CPU="8", WORKER_MEMORY="8Gi")
+        # Its own worker pool: a node another test left registered (alive for a lease) must not add free GPUs.
+        start_worker("gpu-r", concurrency=4, gpus=2, WORKER_CPU="8", WORKER_MEMORY="8Gi", WORKER_POOL="reclaim")
         assert admin.request("PUT", "/quotas/research", json={"quotas": [{"gpu": 1, "borrowing_limit": {"gpu": 1}}]}).status_code == 200
         assert admin.request("PUT", "/quotas/carol", json={"quotas": [{"gpu": 1}]}).status_code == 200
         start_scheduler(PREEMPTION_MIN_RUN_SECONDS="1")
         alice = client(server, "alice", team="research")
-        first = alice.submit(command=["sleep", "60"], priority=90, timeout_seconds=120, resources={**TINY, "gpu": 1})
+        first = alice.submit(command=["sleep", "60"], priority=90, timeout_seconds=120, resources={**TINY, "gpu": 1, "pool": "reclaim"})
         wait_for_status(alice, first["id"], "running")
-        second = alice.submit(command=["sleep", "60"], priority=90, timeout_seconds=120, resources={**TINY, "gpu": 1})
+        second = alice.submit(command=["sleep", "60"], priority=90, timeout_seconds=120, resources={**TINY, "gpu": 1, "pool": "reclaim"})
         wait_for_status(alice, second["id"], "running")  # borrowed: the GPU was idle
         carol = client(server, "carol")
-        mine = carol.submit(command=["sleep", "30"], priority=10, timeout_seconds=60, resources={**TINY, "gpu": 1})
+        mine = carol.submit(command=["sleep", "30"], priority=10, timeout_seconds=60, resources={**TINY, "gpu": 1, "pool": "reclaim"})
         wait_for_status(carol, mine["id"], "running", timeout=40)  # priority 10 reclaims from priority 90: it was borrowed
         timeline = alice.get(f"/jobs/{second['id']}/events").json()["events"]
         assert [e["reason"] for e in timeline if e["reason"].startswith("preempted")] == [f"preempted by {mine['id']} (priority 10)"]
