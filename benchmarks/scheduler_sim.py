@@ -486,7 +486,7 @@ def over_target(result: Result) -> tuple[list[float], dict[str, int], int]:
     over: dict[str, int] = defaultdict(int)
     excluded = 0
     for job in result.high:
-        main = max(job.why.items(), key=lambda kv: kv[1])[0] if job.why else "waiting for the next pass"
+        main = max(job.why.items(), key=lambda kv: kv[1])[0] if job.why else "never blocked in a pass it was seen in (pruned from the backlog's head)"
         if main in NOT_FITTING:
             excluded += 1
             continue
