@@ -256,7 +256,7 @@ def test_borrowed_capacity_is_reclaimed_by_a_tenant_within_its_quota(e2e_setting
         start_worker("gpu-r", concurrency=4, gpus=2, WORKER_CPU="8", WORKER_MEMORY="8Gi", WORKER_POOL="reclaim")
         assert admin.request("PUT", "/quotas/research", json={"quotas": [{"gpu": 1, "borrowing_limit": {"gpu": 1}}]}).status_code == 200
         assert admin.request("PUT", "/quotas/carol", json={"quotas": [{"gpu": 1}]}).status_code == 200
-        start_scheduler(PREEMPTION_MIN_RUN_SECONDS="1")
+        start_scheduler(PREEMPTION_MIN_RUN_SECONDS="0")  # both of research's jobs are candidates at once: the youngest goes, no race
         alice = client(server, "alice", team="research")
         first = alice.submit(command=["sleep", "60"], priority=90, timeout_seconds=120, resources={**TINY, "gpu": 1, "pool": "reclaim"})
         wait_for_status(alice, first["id"], "running")
