@@ -78,10 +78,10 @@ def main() -> None:
     from workers.supervisor import SupervisingRunner
 
     settings = Settings.from_env({**os.environ, "KUBERNETES_MAX_SUPERVISED": str(args.jobs)})
-    logs.configure(os.environ.get("LOG_LEVEL", "WARNING"), "text")  # not a line per job
     if not settings.database_url:
         sys.exit("set DATABASE_URL (the benchmark migrates it and deletes its own kbench- rows)")
     migrate(settings)
+    logs.configure(os.environ.get("BENCH_LOG_LEVEL", "WARNING"), "text")  # not a line per job (after the app's setup)
     database = Database(settings.database_url, pool_size=5, application_name="jobservice-worker/bench")
     tokens = {f"{PREFIX}{i:05d}": secrets.token_hex(8) for i in range(args.jobs)}
     with database.engine.begin() as conn:

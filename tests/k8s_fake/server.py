@@ -1320,6 +1320,7 @@ _NAME = r"(?P<name>[^/]+)"
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 1024  # a burst of new connections (creates beside 1,000 log streams) is not reset
     fake: FakeKubernetes
 
     def handle_error(self, request: Any, client_address: Any) -> None:
