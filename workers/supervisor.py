@@ -91,33 +91,46 @@ class SupervisedLogs:
 
     def flush(self, give_up_after: float | None = LOG_RETRY_SECONDS) -> None:
         with self._flushing:
+            self._flush(give_up_after)
+
+    def flush_attempt(self, job_id: str, attempt: int) -> None:
+        """Once this returns, every line of the attempt is stored (retried while this worker lives). Holding the
+        flush lock means no flush is under way, so lines absent from `pending` are stored already: most ends
+        cost no write here (the periodic flush took their lines)."""
+        with self._flushing:
             with self._lock:
-                batch, self._pending, self._count = self._pending, {}, 0
-            if not batch:
-                return
-            rows = [(job_id, attempt, [(l.at, l.stream, l.member, l.line) for l in lines])
-                    for (job_id, attempt), lines in batch.items()]
-            tries = 0
+                waiting = (job_id, attempt) in self._pending
+            if waiting:
+                self._flush(give_up_after=None)
 
-            def store(session: Session) -> None:
-                nonlocal tries
-                tries += 1
-                # A try after a dropped connection may follow one that committed unacknowledged.
-                log_store.append_many_once(session, rows, retry=tries > 1)
+    def _flush(self, give_up_after: float | None) -> None:
+        with self._lock:
+            batch, self._pending, self._count = self._pending, {}, 0
+        if not batch:
+            return
+        rows = [(job_id, attempt, [(l.at, l.stream, l.member, l.line) for l in lines])
+                for (job_id, attempt), lines in batch.items()]
+        tries = 0
 
-            try:
-                self.database.retrying(store, what="storing log lines", give_up_after=give_up_after,
-                                       quiet=give_up_after is not None, log_every=LOG_FAILURES_PER_WARNING)
-                self.flushes += 1
-            except Exception as exc:
-                if is_connection_error(exc):
-                    with self._lock:
-                        for key, lines in batch.items():
-                            self._pending[key] = lines + self._pending.get(key, [])
-                            self._count += len(lines)
-                    raise
-                log.exception("storing %d log lines of %d attempts failed; they are dropped",
-                              sum(len(r[2]) for r in rows), len(rows))
+        def store(session: Session) -> None:
+            nonlocal tries
+            tries += 1
+            # A try after a dropped connection may follow one that committed unacknowledged.
+            log_store.append_many_once(session, rows, retry=tries > 1)
+
+        try:
+            self.database.retrying(store, what="storing log lines", give_up_after=give_up_after,
+                                   quiet=give_up_after is not None, log_every=LOG_FAILURES_PER_WARNING)
+            self.flushes += 1
+        except Exception as exc:
+            if is_connection_error(exc):
+                with self._lock:
+                    for key, lines in batch.items():
+                        self._pending[key] = lines + self._pending.get(key, [])
+                        self._count += len(lines)
+                raise
+            log.exception("storing %d log lines of %d attempts failed; they are dropped",
+                          sum(len(r[2]) for r in rows), len(rows))
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -315,7 +328,7 @@ class Supervisor:
         """The attempt's last lines stored, then its end recorded (retried while this worker lives), then it
         leaves: its lease is renewed until the end is recorded, so a reporting worker is never lost."""
         entry.logs.close()
-        self.logs.flush(give_up_after=None)
+        self.logs.flush_attempt(entry.job.job_id, entry.job.attempt)
         try:
             return self._report(entry.job, entry.dispatch_token, outcome)
         finally:
