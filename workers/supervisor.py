@@ -50,7 +50,8 @@ from workers.runner import (
 
 log = logging.getLogger("jobservice.worker")
 
-SWEEP_SECONDS = 0.5  # every attempt is polled at least this often (timeouts); changes are polled at once
+SWEEP_SECONDS = 1.0  # every attempt is polled at least this often (timeouts); changes are polled at once
+SWEEP_CHUNK = 64  # a sweep polls this many attempts per pool task (one task each would cost more than the polls)
 REPORT_THREADS = 8  # polls that may call the API (confirming pods, deleting a Job) and end reports
 
 
@@ -282,14 +283,16 @@ class Supervisor:
             self._wake.wait(SWEEP_SECONDS)
             self._wake.clear()
             now = time.monotonic()
+            sweep = now - last_sweep >= SWEEP_SECONDS
             with self._lock:
-                if now - last_sweep >= SWEEP_SECONDS:
+                if sweep:
                     last_sweep = now
                     with self._room:
                         due = list(self._attempts.values())
                 else:
                     due = list(self._dirty)
                 self._dirty.clear()
+            ready = []
             for entry in due:
                 if entry.handle is None or entry.outcome is not None:
                     continue
@@ -297,7 +300,15 @@ class Supervisor:
                     entry.again = True  # changed while being polled: polled again once that poll is done
                     continue
                 entry.busy = True  # only the loop thread sets it, only the pool thread clears it
-                self._work.submit(self._step, entry)
+                ready.append(entry)
+            # A change is polled on its own at once; a sweep (time alone decides) in chunks.
+            size = SWEEP_CHUNK if sweep else 1
+            for start in range(0, len(ready), size):
+                self._work.submit(self._steps, ready[start:start + size])
+
+    def _steps(self, entries: list[Supervised]) -> None:
+        for entry in entries:
+            self._step(entry)
 
     def _step(self, entry: Supervised) -> None:
         """Poll one attempt; stop it if it lost its job or its node drains; report its end once known."""
