@@ -13,6 +13,9 @@ otherwise), memory per running job (RSS; `--heap`: Python heap by tracemalloc, w
 and the time from a pod's end to its end being recorded in PostgreSQL (p50/p99).
 
     DATABASE_URL=postgresql://... python benchmarks/kubernetes_executor.py --jobs 1000 --hold 40 [--qps 0]
+
+Use a database no test run truncates meanwhile. It is CPU-bound on a small machine (the worker process and the
+fake server share the cores): creates/s falls with the machine's load, so compare runs on a quiet machine.
 """
 from __future__ import annotations
 
