@@ -220,6 +220,9 @@ class Settings:
     # Client-side rate limit of each Kubernetes API client (client-go's QPS/burst); qps 0: unlimited.
     kubernetes_qps: float = 50.0
     kubernetes_burst: int = 100
+    # Running Kubernetes attempts one worker process supervises at once (its informer-driven loop, not a
+    # thread each); also the slot count of each of the cluster's nodes, so the scheduler never admits more.
+    kubernetes_max_supervised: int = 1000
     kubernetes_gpu_tolerations: tuple[tuple[str, str | None, str | None], ...] = field(
         default_factory=lambda: parse_tolerations(DEFAULT_GPU_TOLERATIONS))
     worker_executor: str = "local"
@@ -328,6 +331,7 @@ class Settings:
             inventory_sync_seconds=_float(env, "INVENTORY_SYNC_SECONDS", 10.0),
             kubernetes_qps=min(100_000.0, max(0.0, _float(env, "KUBERNETES_QPS", 50.0))),
             kubernetes_burst=min(100_000, max(1, _int(env, "KUBERNETES_BURST", 100))),
+            kubernetes_max_supervised=min(100_000, max(1, _int(env, "KUBERNETES_MAX_SUPERVISED", 1000))),
             kubernetes_gpu_tolerations=parse_tolerations(env.get("KUBERNETES_GPU_TOLERATIONS", DEFAULT_GPU_TOLERATIONS)),
             kubernetes_job_ttl_succeeded_seconds=max(0.0, _float(env, "KUBERNETES_JOB_TTL_SUCCEEDED_SECONDS", 3600.0)),
             kubernetes_job_ttl_failed_seconds=max(

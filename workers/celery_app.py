@@ -5,7 +5,7 @@ import logging
 import threading
 from typing import Any
 
-from celery import Celery, signals
+from celery import Celery, bootsteps, signals
 from kombu import Queue
 
 from app import logs
@@ -40,7 +40,25 @@ def create_celery_app(settings: Settings) -> Celery:
         task_queues=[Queue(name) for name in worker_queues(settings)],
         task_create_missing_queues=True,
     )
+    if settings.worker_executor == "kubernetes":
+        # A Kubernetes task only claims and launches; the process's supervisor watches every attempt to its
+        # end. One process (threads) means one supervisor, one pair of shared watches and one bound
+        # (KUBERNETES_MAX_SUPERVISED) per worker. An explicit --pool still wins.
+        celery.conf.worker_pool = "threads"
+        celery.steps["worker"].add(SupervisedJobs)
     return celery
+
+
+class SupervisedJobs(bootsteps.StartStopStep):
+    """Puts what the worker's supervisor holds into the worker's stats (`celery inspect stats`, and Flower's
+    /api/workers `stats`): the tasks only launch, so the running jobs are shown here."""
+
+    def info(self, worker: Any) -> dict[str, Any]:
+        from workers.context import worker_context
+
+        runner = worker_context().runner
+        supervisor = getattr(runner, "supervisor", None)
+        return {"supervised": supervisor.stats()} if supervisor is not None else {}
 
 
 settings = Settings.from_env()
@@ -74,7 +92,8 @@ def _join_cluster(sender: Any = None, **_: Any) -> None:
 
     concurrency = getattr(getattr(sender, "pool", None), "limit", None) or app.conf.worker_concurrency or settings.worker_concurrency
     if settings.worker_executor == "kubernetes":
-        _membership = ClusterMembership(settings, slots=int(concurrency), publish=app.send_task)
+        # Slots are what the supervisor may hold, not the Celery threads (they only launch).
+        _membership = ClusterMembership(settings, slots=settings.kubernetes_max_supervised, publish=app.send_task)
     else:
         _membership = NodeMembership(settings, slots=int(concurrency), worker_id=getattr(sender, "hostname", None) or settings.worker_node)
     _membership.start()

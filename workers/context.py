@@ -59,8 +59,17 @@ def served_cluster(settings: Settings) -> str:
 @lru_cache(maxsize=None)
 def _context_for(pid: int) -> WorkerContext:
     settings = Settings.from_env()
-    database = Database(settings.database_url or "", pool_size=2, application_name=f"jobservice-worker/{settings.worker_node}")
-    runner = Runner(settings, database, build_executor(settings), worker_id=f"worker-{settings.worker_node}-{pid}")
+    # A Kubernetes worker's one process serves its launch threads and its supervisor's (leases, logs, reports).
+    pool_size = 5 if settings.worker_executor == "kubernetes" else 2
+    database = Database(settings.database_url or "", pool_size=pool_size, application_name=f"jobservice-worker/{settings.worker_node}")
+    worker_id = f"worker-{settings.worker_node}-{pid}"
+    if settings.worker_executor == "kubernetes":
+        from workers.supervisor import SupervisingRunner
+
+        # Kubernetes attempts are supervised by one loop per process, not watched by the task's thread.
+        runner: Runner = SupervisingRunner(settings, database, build_executor(settings), worker_id=worker_id)
+    else:
+        runner = Runner(settings, database, build_executor(settings), worker_id=worker_id)
     return WorkerContext(settings, database, runner)
 
 

@@ -134,3 +134,24 @@ def attempt_usage(session: Session, job_id: str, attempt: int) -> tuple[int, int
         )
     ).one()
     return int(lines), int(size)
+
+
+def append_many_once(session: Session, batches: Sequence[tuple[str, int, Sequence[tuple[datetime, str, int, str]]]],
+                     *, retry: bool) -> bool:
+    """Many attempts' lines, (job id, attempt, lines) each, in one statement and one transaction: what a
+    worker supervising many attempts stores per flush. Safe to retry as `append_once` (all or nothing, so
+    the first line tells whether an unacknowledged try committed). False when it had."""
+    rows = [
+        {"job_id": job_id, "attempt": attempt, "at": at, "stream": stream, "member": member, "line": line[:MAX_LINE_CHARS]}
+        for job_id, attempt, lines in batches
+        for at, stream, member, line in lines
+    ]
+    if not rows:
+        return True
+    first = rows[0]
+    if retry and _contains(session, first["job_id"], first["attempt"], (first["at"], first["stream"], first["member"], first["line"])):
+        session.rollback()
+        return False
+    with transaction(session):
+        session.execute(insert(JobLogLine), rows)
+    return True

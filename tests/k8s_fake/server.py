@@ -359,7 +359,18 @@ class FakeKubernetes:
         self.scripts: dict[str, Script] = {}
         self.requests: list[Request] = []
         self.deletions: list[tuple[str, str, str, str | None]] = []  # (resource, namespace, name, propagation)
-        self._cond = threading.Condition(threading.RLock())
+        self._mutex = threading.RLock()
+        self._cond = threading.Condition(self._mutex)
+        # A followed pod log waits on a condition of its own (same lock): a write wakes that pod's followers,
+        # not every open stream (1,000 followers each woken by every write made the fake the bottleneck).
+        self._log_waiters: dict[str, tuple[threading.Condition, int]] = {}  # pod uid -> (condition, streams)
+        # Indexes over pods, kept by _write (the one place the store changes), so that the controllers' usual
+        # questions (a pod by uid, a Job's pods, what runs on a node, what is unbound) do not scan every pod.
+        self._pod_index: dict[tuple[str, str], tuple[str, tuple[str, ...], str | None]] = {}  # key -> (uid, owners, node)
+        self._pods_by_uid: dict[str, tuple[str, str]] = {}
+        self._pods_by_owner: dict[str, set[tuple[str, str]]] = {}
+        self._pods_by_node: dict[str, set[tuple[str, str]]] = {}
+        self._unbound_pods: set[tuple[str, str]] = set()
         self._rv = 1
         self._compacted_rv = 0
         self._objects: dict[str, dict[tuple[str, str], Obj]] = {r: {} for r in RESOURCES}
@@ -403,6 +414,7 @@ class FakeKubernetes:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+            self._wake_log_followers()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -438,6 +450,7 @@ class FakeKubernetes:
         with self._cond:
             self._log_epoch += 1
             self._cond.notify_all()
+            self._wake_log_followers()
 
     def compact(self) -> int:
         """Forget the history so far, as etcd compaction does: resuming from an older version gets 410.
@@ -492,10 +505,44 @@ class FakeKubernetes:
             self._objects[resource].pop(key, None)
         else:
             self._objects[resource][key] = obj
+        if resource == "pods":
+            self._index_pod(key, None if event == "DELETED" else obj)
+            self._wake_log_followers(meta.get("uid"))
         self._history.append((self._rv, resource, event, copy.deepcopy(obj)))
         self._history_rvs.append(self._rv)
         self._cond.notify_all()
         return obj
+
+    def _index_pod(self, key: tuple[str, str], pod: Obj | None) -> None:
+        old = self._pod_index.pop(key, None)
+        if old is not None:
+            uid, owners, node = old
+            self._pods_by_uid.pop(uid, None)
+            for owner in owners:
+                self._pods_by_owner.get(owner, set()).discard(key)
+            if node is not None:
+                self._pods_by_node.get(node, set()).discard(key)
+        self._unbound_pods.discard(key)
+        if pod is None:
+            return
+        meta = pod["metadata"]
+        uid = meta["uid"]
+        owners = tuple(ref["uid"] for ref in meta.get("ownerReferences") or [] if ref.get("uid"))
+        node = pod["spec"].get("nodeName")
+        self._pod_index[key] = (uid, owners, node)
+        self._pods_by_uid[uid] = key
+        for owner in owners:
+            self._pods_by_owner.setdefault(owner, set()).add(key)
+        if node is not None:
+            self._pods_by_node.setdefault(node, set()).add(key)
+        elif not meta.get("deletionTimestamp"):
+            self._unbound_pods.add(key)
+
+    def _wake_log_followers(self, uid: str | None = None) -> None:
+        """Wake the followers of one pod's log (a line, a phase change), or of every pod's (uid None)."""
+        waiters = self._log_waiters.values() if uid is None else [w for w in [self._log_waiters.get(uid)] if w]
+        for waiter, _ in waiters:
+            waiter.notify_all()
 
     def _remove(self, resource: str, obj: Obj) -> None:
         self._write(resource, obj, "DELETED")
@@ -578,9 +625,9 @@ class FakeKubernetes:
 
     def _free_on(self, node: Obj) -> dict[str, float]:
         free = {name: parse_quantity(value) for name, value in node["status"]["allocatable"].items()}
-        for pod in self._objects["pods"].values():
-            bound_here = pod["spec"].get("nodeName") == node["metadata"]["name"]
-            if bound_here and pod["status"].get("phase") not in TERMINAL_PHASES:
+        for key in self._pods_by_node.get(node["metadata"]["name"], ()):
+            pod = self._objects["pods"][key]
+            if pod["status"].get("phase") not in TERMINAL_PHASES:
                 for name, amount in self._pod_requests(pod).items():
                     free[name] = free.get(name, 0) - amount
         return free
@@ -628,8 +675,7 @@ class FakeKubernetes:
 
     def _schedule(self) -> None:
         pending = sorted(
-            (p for p in self._objects["pods"].values()
-             if not p["spec"].get("nodeName") and not p["metadata"].get("deletionTimestamp")),
+            (self._objects["pods"][key] for key in self._unbound_pods),
             key=lambda p: int(p["metadata"]["resourceVersion"]),
         )
         nodes = list(self._objects["nodes"].values())
@@ -670,7 +716,8 @@ class FakeKubernetes:
                 "restartCount": 0, "started": "running" in state, "state": state}
 
     def _pod_by_uid(self, uid: str) -> Obj | None:
-        return next((p for p in self._objects["pods"].values() if p["metadata"]["uid"] == uid), None)
+        key = self._pods_by_uid.get(uid)
+        return self._objects["pods"].get(key) if key is not None else None
 
     def script_for(self, image: str) -> Script:
         return self.scripts.get(image) or default_script(image)
@@ -731,7 +778,7 @@ class FakeKubernetes:
         if lines and stamp <= lines[-1][0]:
             stamp = lines[-1][0] + 1
         lines.append((stamp, string.Template(text).safe_substitute(self._env.get(uid, {}))))
-        self._cond.notify_all()
+        self._wake_log_followers(uid)
 
     def _print(self, uid: str, line: int) -> None:
         pod = self._pod_by_uid(uid)
@@ -808,9 +855,9 @@ class FakeKubernetes:
     # -- the Job controller ----------------------------------------------------------------------------------
 
     def _owned_pods(self, job: Obj) -> list[Obj]:
-        uid = job["metadata"]["uid"]
-        return [p for p in self._objects["pods"].values()
-                if any(ref["uid"] == uid for ref in p["metadata"].get("ownerReferences", []))]
+        pods = self._objects["pods"]
+        return sorted((pods[key] for key in self._pods_by_owner.get(job["metadata"]["uid"], ())),
+                      key=lambda p: int(p["metadata"]["resourceVersion"]))
 
     def _sync_owner(self, pod: Obj) -> None:
         for ref in pod["metadata"].get("ownerReferences", []):
@@ -1273,6 +1320,7 @@ _NAME = r"(?P<name>[^/]+)"
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 1024  # a burst of new connections (creates beside 1,000 log streams) is not reset
     fake: FakeKubernetes
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -1282,6 +1330,9 @@ class _Server(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive and chunked streams, as the client's connection pool expects
     timeout = 60
+    # Go's net/http (kube-apiserver) sets TCP_NODELAY. Without it the body, written after the headers, waits
+    # for the client's delayed ACK (Nagle): 40 ms per answer, which capped a create at ~20/s per connection.
+    disable_nagle_algorithm = True
     server: Any
 
     ROUTES: list[tuple[str, re.Pattern[str], str]] = [
@@ -1559,6 +1610,22 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
             return
         self._start_chunked("text/plain")
+        with fake._cond:
+            waiter, streams = fake._log_waiters.get(uid) or (threading.Condition(fake._mutex), 0)
+            fake._log_waiters[uid] = (waiter, streams + 1)
+        try:
+            self._follow_log(uid, since_ns, timestamps, epoch, waiter)
+        finally:
+            with fake._cond:
+                waiter, streams = fake._log_waiters[uid]
+                if streams > 1:
+                    fake._log_waiters[uid] = (waiter, streams - 1)
+                else:
+                    del fake._log_waiters[uid]
+
+    def _follow_log(self, uid: str, since_ns: int, timestamps: bool, epoch: int, waiter: threading.Condition) -> None:
+        fake = self.fake
+        sent = 0
         while True:
             with fake._cond:
                 while True:
@@ -1569,7 +1636,7 @@ class _Handler(BaseHTTPRequestHandler):
                     ended = not running or fake._closed or fake._log_epoch != epoch
                     if lines or ended:
                         break
-                    fake._cond.wait(timeout=1.0)
+                    waiter.wait(timeout=1.0)
             self._chunk("".join(self._format(line, timestamps) for line in lines if line[0] >= since_ns).encode())
             if ended:
                 self._end_chunked()

@@ -7,6 +7,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from collections.abc import Callable
 from typing import Any
 
 from kubernetes import client
@@ -112,6 +113,9 @@ class KubernetesExecution:
         # State comes from the executor's shared informers (one watch of Jobs, one of pods, per cluster).
         self._informers = informers
         self._key = (label_value(spec.job_id), str(spec.attempt))
+        # Called (without blocking) after every change the informers bring: a supervising loop polls this
+        # execution soon rather than on its next sweep.
+        self.on_change: Callable[[], None] | None = None
         jobs, pods = informers
         jobs.subscribe(self._key, self, self._sync_job, self._job_event)
         pods.subscribe(self._key, self, self._sync_pods, self._pod_event)
@@ -285,6 +289,7 @@ class KubernetesExecution:
                     self._job_gone = True
             else:
                 self._job = current
+        self._changed()
 
     def _job_event(self, kind: str, job: client.V1Job) -> None:
         if job.metadata.name != self.name:
@@ -294,6 +299,7 @@ class KubernetesExecution:
                 self._job_gone = True
             else:
                 self._job = job
+        self._changed()
 
     def _sync_pods(self, items: list[client.V1Pod], version: str | None = None) -> None:
         with self._lock:
@@ -304,10 +310,17 @@ class KubernetesExecution:
                     member.deleted = True
             for pod in items:
                 self._observe(pod, deleted=False)
+        self._changed()
 
     def _pod_event(self, kind: str, pod: client.V1Pod) -> None:
         with self._lock:
             self._observe(pod, deleted=kind == "DELETED")
+        self._changed()
+
+    def _changed(self) -> None:
+        notify = self.on_change
+        if notify is not None:
+            notify()
 
     def _observe(self, pod: client.V1Pod, deleted: bool) -> None:
         name = pod.metadata.name
@@ -329,6 +342,7 @@ class KubernetesExecution:
                 self._api, self.namespace, name, member.index, self._emit,
                 finished=lambda m=member: self._member_ended(m),
                 since=self._logs_since, idle_timeout=self._timings.log_idle_timeout_seconds,
+                on_exit=self._changed,
             )
             member.follower.start()
 

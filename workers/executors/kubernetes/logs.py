@@ -52,8 +52,10 @@ class _LogFollower:
         finished: Callable[[], bool],
         since: datetime | None = None,
         idle_timeout: float = 60.0,
+        on_exit: Callable[[], None] | None = None,
     ) -> None:
         self._api = api_client
+        self._on_exit = on_exit  # told when the stream is done for good (the attempt's last lines are in)
         self._namespace = namespace
         self._pod = pod
         self._member = member
@@ -70,13 +72,14 @@ class _LogFollower:
             stamp = int(since.timestamp()) * 1_000_000_000 + since.microsecond * 1000 + 999
             self._last_key, self._seen_at_last = stamp, 0
         self.connects = 0
+        self._done = False
         self._thread = threading.Thread(target=self._run, name=f"logs-{pod}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def is_alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread.is_alive() and not self._done
 
     def stop(self) -> None:
         self._stop.set()
@@ -112,6 +115,14 @@ class _LogFollower:
         return answer.response
 
     def _run(self) -> None:
+        try:
+            self._follow()
+        finally:
+            self._done = True  # before telling: whoever is told must see it finished
+            if self._on_exit is not None:
+                self._on_exit()
+
+    def _follow(self) -> None:
         failures = 0
         while not self._stop.is_set():
             done_before = self._finished()  # a read that starts after the container ended gets all of it
