@@ -25,6 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
 import requests
 from sqlalchemy import text
 
@@ -39,6 +40,23 @@ def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
     return ordered[index]
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a process and its live children: how much of the machine it took, which a
+    shared, loaded machine changes far less than it changes wall-clock rates."""
+    try:
+        root = psutil.Process(pid)
+        total = 0.0
+        for process in [root, *root.children(recursive=True)]:
+            try:
+                times = process.cpu_times()
+                total += times.user + times.system
+            except psutil.NoSuchProcess:
+                pass
+        return total
+    except psutil.NoSuchProcess:
+        return 0.0
 
 
 def free_port() -> int:
@@ -146,16 +164,20 @@ def main() -> None:
             # Fresh statistics, as autovacuum keeps them (it may be off on a test server): without them the
             # planner takes the emptied tables for empty and picks scans that grow with the backlog.
             conn.execute(text("ANALYZE jobs; ANALYZE job_events; ANALYZE job_count_deltas"))
+        cpu_before = [cpu_seconds(process.pid) for process in processes[:2]]
         started = time.perf_counter()
         with ThreadPoolExecutor(args.clients) as pool:
             ids = [i for chunk in pool.map(submit, range(requests_needed)) for i in chunk]
         submit_seconds = time.perf_counter() - started
+        cpu_used = [cpu_seconds(process.pid) - before for process, before in zip(processes[:2], cpu_before)]
         print(f"jobs: {len(ids)}  requests: {requests_needed}  HTTP clients: {args.clients}  "
               f"API: {os.environ.get('WEB_CONCURRENCY', '2')} gevent processes")
         print(f"submissions/s (jobs): {len(ids) / submit_seconds:.1f}  ({submit_seconds:.2f} s)  requests/s: "
               f"{requests_needed / submit_seconds:.1f}")
         print(f"request latency ms: p50 {percentile(latencies_ms, 0.5):.1f}  p99 {percentile(latencies_ms, 0.99):.1f}  "
               f"max {max(latencies_ms):.1f}")
+        print(f"CPU ms per job: API processes {cpu_used[0] * 1000 / len(ids):.2f}  scheduler {cpu_used[1] * 1000 / len(ids):.2f}  "
+              f"(API {cpu_used[0] / submit_seconds:.2f} cores, scheduler {cpu_used[1] / submit_seconds:.2f} cores)")
         if args.submit_only:
             return
         ids += warm
