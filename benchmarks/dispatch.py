@@ -8,6 +8,11 @@ recorded times: created_at (submit committed) -> the `running` event (a worker c
     python benchmarks/dispatch.py --submit-only --jobs 3000 --clients 16           # POST /jobs/ rate, p50/p99
     python benchmarks/dispatch.py --submit-only --jobs 20000 --clients 2 --batch 1000  # POST /jobs/batch
 
+    python benchmarks/dispatch.py --idle 50 --workers 1 --concurrency 2            # idle dispatch, one job at a time
+
+`--idle N` submits N jobs one at a time, each after the previous one ended and a pause, and prints the
+idle dispatch latency: the submit's commit (the job's created_at, set just before its INSERT: an upper
+bound) to its `running` event (the worker's claim committed).
 `--submit-only` starts no worker (nothing is admitted: no node) and times the submissions alone; the API
 runs as the Procfile runs it (gunicorn with config/gunicorn.py: WEB_CONCURRENCY gevent processes, default 2).
 """
@@ -77,6 +82,7 @@ def main() -> None:
     parser.add_argument("--submit-only", action="store_true", help="no workers: time the submissions alone")
     parser.add_argument("--batch", type=int, default=0, help="submit through POST /jobs/batch, this many jobs a request")
     parser.add_argument("--warmup", type=int, default=200, help="submissions before the timed run (connections, caches)")
+    parser.add_argument("--idle", type=int, default=0, help="instead: this many jobs one at a time, idle dispatch latency")
     args = parser.parse_args()
 
     data_dir = tempfile.mkdtemp(prefix="jobservice-bench-")
@@ -155,6 +161,9 @@ def main() -> None:
             answer = response.json()
             return [job["id"] for job in answer["jobs"]] if args.batch else [answer["id"]]
 
+        if args.idle:
+            idle_dispatch(args, submit, database)
+            return
         requests_needed = -(-args.jobs // args.batch) if args.batch else args.jobs
         started = time.perf_counter()
         with ThreadPoolExecutor(args.clients) as pool:  # warm-up: connections, imports, plans
@@ -222,6 +231,35 @@ def main() -> None:
                 os.killpg(process.pid, signal.SIGKILL)
         database.dispose()
         services.stop()
+
+
+def idle_dispatch(args: argparse.Namespace, submit, database: Database) -> None:  # type: ignore[no-untyped-def]
+    """One job at a time on an idle stack: submit, wait until it ended, pause, again."""
+    def wait_ended(job_id: str) -> None:
+        deadline = time.monotonic() + 30
+        with database.engine.connect() as conn:
+            while time.monotonic() < deadline:
+                status = conn.execute(text("SELECT status FROM jobs WHERE id = :id"), {"id": job_id}).scalar()
+                conn.rollback()
+                if status in ("succeeded", "failed", "cancelled"):
+                    return
+                time.sleep(0.01)
+        raise SystemExit(f"{job_id} did not end within 30 s")
+
+    for _ in range(5):  # warm-up: the worker's first task, the scheduler's first pass, connections
+        wait_ended(submit(0)[0])
+    ids = []
+    for _ in range(args.idle):
+        time.sleep(0.1)  # idle: the scheduler and the worker are waiting when the submit lands
+        ids.append(submit(0)[0])
+        wait_ended(ids[-1])
+    with database.engine.connect() as conn:
+        latencies = [float(v) for v in conn.execute(
+            text("SELECT extract(epoch FROM e.at - j.created_at) * 1000 FROM jobs j "
+                 "JOIN job_events e ON e.job_id = j.id AND e.to_status = 'running' WHERE j.id = ANY(:ids)"),
+            {"ids": ids}).scalars()]
+    print(f"idle dispatch ms (submit commit -> running, {len(latencies)} jobs one at a time): "
+          f"p50 {percentile(latencies, 0.5):.1f}  p99 {percentile(latencies, 0.99):.1f}  max {max(latencies):.1f}")
 
 
 if __name__ == "__main__":
