@@ -52,7 +52,13 @@ class Scheduler:
             # Admission first, the periodic sweep after it: a pass woken by a submit publishes its job
             # without waiting behind the sweep's recovery, outbox and counter work (which was the tail of
             # the idle submit -> running latency whenever the two coincided).
-            result = self._admit(session)
+            failed: Exception | None = None
+            try:
+                result = self._admit(session)
+            except Exception as exc:  # noqa: BLE001 - the sweep still runs (recovery, outbox), as when it came first
+                if is_connection_error(exc):
+                    raise
+                failed, result = exc, AdmissionResult()
             if now_mono - self._last_sweep >= self.settings.scheduler_interval_seconds:
                 self._last_sweep = now_mono
                 recovered = recover_lost(session, self.settings)
@@ -64,12 +70,14 @@ class Scheduler:
                                 self.settings.claim_timeout_seconds, extra={"job_id": job_id})
                 publish_stale(session, self.publisher, self.settings)
                 self._fold_counters(session)
-                if recovered or requeued:  # what the sweep freed or sent back is admitted in this tick, as before
+                if (recovered or requeued) and failed is None:  # what it freed or sent back is admitted now, as before
                     result = self._admit(session)
             if now_mono - self._last_purge >= PURGE_EVERY_SECONDS:
                 self._last_purge = now_mono
                 log_store.purge_older_than(session, self.settings.log_retention_days)
                 idempotency.purge_expired(session, utcnow())
+            if failed is not None:
+                raise failed  # after the sweep and purge, as before; the pass is not recorded as a success
             if now_mono - self._last_pass_recorded >= PASS_RECORD_EVERY_SECONDS:
                 liveness.passed(session, self.name)
                 self._last_pass_recorded = now_mono
