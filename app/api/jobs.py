@@ -24,6 +24,7 @@ from app.api.schemas import (
     JobListQuerySchema,
     JobListSchema,
     SubmitQuerySchema,
+    dump_created,
 )
 from app.domain import dryrun, idempotency, jobs
 from app.domain.callers import SCOPE_READ, SCOPE_WRITE
@@ -34,7 +35,6 @@ _REPLAYED_DOC = {
 }
 
 # Built once: a schema's construction costs more than the dump of one job (see app.api.Parser._get_schema).
-_CREATED, _BATCH_CREATED = JobCreatedSchema(), JobBatchCreatedSchema()
 _DRY_RUN, _DRY_RUN_BATCH = DryRunSchema(), DryRunBatchSchema()
 
 blp = Blueprint("jobs", __name__, url_prefix="/api/v1/jobs", description="Submit, inspect and cancel jobs")
@@ -67,7 +67,7 @@ class JobCollection(MethodView):
             return _dry_run_answer(_DRY_RUN.dump({"dry_run": True, **asdict(preview)}))
         key = _key("submit", idempotency_key)
         created = jobs.submit(session(), caller, job, settings(), key=key)  # queue_position computed before the commit
-        return _created(_CREATED.dump(created), created.replayed)
+        return _created(dump_created(created), created.replayed)
 
 
 @blp.route("/batch")
@@ -89,7 +89,7 @@ class JobBatch(MethodView):
             return _dry_run_answer(_DRY_RUN_BATCH.dump({"dry_run": True, "jobs": previews}))
         key = _key("batch", idempotency_key)
         submission = jobs.submit_many(session(), caller, batch["jobs"], settings(), key=key, field=_field_of_item)
-        return _created(_BATCH_CREATED.dump({"jobs": submission.jobs}), submission.replayed)
+        return _created({"jobs": [dump_created(job) for job in submission.jobs]}, submission.replayed)
 
 
 def _refuse_unpreemptible(caller: Any, requests: list[jobs.JobRequest]) -> None:
