@@ -49,29 +49,47 @@ class Scheduler:
         raises is failed and the pass goes on; only trouble with the database itself fails the pass."""
         with self.database.session() as session:
             now_mono = time.monotonic()
+            # Admission first, the periodic sweep after it: a pass woken by a submit publishes its job
+            # without waiting behind the sweep's recovery, outbox and counter work (which was the tail of
+            # the idle submit -> running latency whenever the two coincided).
+            failed: Exception | None = None
+            try:
+                result = self._admit(session)
+            except Exception as exc:  # noqa: BLE001 - the sweep still runs (recovery, outbox), as when it came first
+                if is_connection_error(exc):
+                    raise
+                failed, result = exc, AdmissionResult()
             if now_mono - self._last_sweep >= self.settings.scheduler_interval_seconds:
                 self._last_sweep = now_mono
                 recovered = recover_lost(session, self.settings)
                 for job_id in recovered:
                     log.warning("recovered a lost job: its worker or node stopped heartbeating", extra={"job_id": job_id})
-                for job_id in requeue_unclaimed(session, self.settings):
+                requeued = requeue_unclaimed(session, self.settings)
+                for job_id in requeued:
                     log.warning("returned a queued job to the backlog: no worker claimed it within %gs",
                                 self.settings.claim_timeout_seconds, extra={"job_id": job_id})
                 publish_stale(session, self.publisher, self.settings)
                 self._fold_counters(session)
+                if (recovered or requeued) and failed is None:  # what it freed or sent back is admitted now, as before
+                    result = self._admit(session)
             if now_mono - self._last_purge >= PURGE_EVERY_SECONDS:
                 self._last_purge = now_mono
                 log_store.purge_older_than(session, self.settings.log_retention_days)
                 idempotency.purge_expired(session, utcnow())
-            result = admit(session, self.settings)
-            if result.admitted:
-                publish(session, self.publisher, result.messages)
-                for job_id in result.admitted:
-                    log.info("admitted", extra={"job_id": job_id})
+            if failed is not None:
+                raise failed  # after the sweep and purge, as before; the pass is not recorded as a success
             if now_mono - self._last_pass_recorded >= PASS_RECORD_EVERY_SECONDS:
                 liveness.passed(session, self.name)
                 self._last_pass_recorded = now_mono
             return result
+
+    def _admit(self, session: Session) -> AdmissionResult:
+        result = admit(session, self.settings)
+        if result.admitted:
+            publish(session, self.publisher, result.messages)
+            for job_id in result.admitted:
+                log.info("admitted", extra={"job_id": job_id})
+        return result
 
     def _record(self, record: Callable[[Session], None]) -> None:
         """Best effort: the liveness rows must never be what stops the scheduler."""

@@ -21,9 +21,9 @@ import threading
 import time
 
 from sqlalchemy import text
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
-from app.db import first_line
+from app.db import first_line, is_connection_error
 from app.domain.jobs import SCHEDULER_CHANNEL
 
 log = logging.getLogger("jobservice.wakeup")
@@ -37,6 +37,7 @@ class SchedulerWaker:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._failures = 0
+        self._connection: Connection | None = None  # the waker thread's own (see _send)
 
     def poke(self) -> None:
         """Ask for a wake-up; returns at once, never raises."""
@@ -56,11 +57,12 @@ class SchedulerWaker:
 
     def _notify(self) -> None:
         try:
-            # A pooled connection per NOTIFY: the pool's pre-ping replaces one the server has dropped since.
-            with self._engine.connect() as connection:
-                connection.execution_options(isolation_level="AUTOCOMMIT").execute(
-                    text("SELECT pg_notify(:channel, :reason)"), {"channel": SCHEDULER_CHANNEL, "reason": self._reason}
-                )
+            try:
+                self._send()
+            except Exception as exc:  # noqa: BLE001
+                if not is_connection_error(exc):
+                    raise
+                self._send()  # its kept connection was dropped (a restart, a drill): once more on a new one
             self._failures = 0
         except Exception as exc:  # noqa: BLE001 - never raise into the submit path; try again below
             self._failures += 1
@@ -69,3 +71,23 @@ class SchedulerWaker:
                             "meanwhile: %s", self._failures, first_line(exc))
             time.sleep(0.5)  # the database is down or restarting: do not spin on it
             self._wanted.set()  # the wake-up is still owed
+
+    def _send(self) -> None:
+        """NOTIFY on a connection this thread keeps: a pooled one per NOTIFY cost the pool's pre-ping, a
+        round trip of its own, on the way from a submit's commit to the scheduler. A connection that
+        fails is dropped here, and the next send opens a new one."""
+        try:
+            if self._connection is None:
+                self._connection = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            self._connection.execute(
+                text("SELECT pg_notify(:channel, :reason)"), {"channel": SCHEDULER_CHANNEL, "reason": self._reason}
+            )
+        except Exception:
+            connection, self._connection = self._connection, None
+            if connection is not None:
+                try:
+                    connection.invalidate()  # never back to the pool: it may be the dead one
+                    connection.close()
+                except Exception:  # noqa: BLE001 - it is gone either way
+                    pass
+            raise

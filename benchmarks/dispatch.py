@@ -8,12 +8,19 @@ recorded times: created_at (submit committed) -> the `running` event (a worker c
     python benchmarks/dispatch.py --submit-only --jobs 3000 --clients 16           # POST /jobs/ rate, p50/p99
     python benchmarks/dispatch.py --submit-only --jobs 20000 --clients 2 --batch 1000  # POST /jobs/batch
 
+    python benchmarks/dispatch.py --idle 50 --workers 1 --concurrency 2            # idle dispatch, one job at a time
+
+`--idle N` submits N jobs one at a time, each after the previous one ended and a pause, and prints the
+idle dispatch latency: the submit's commit (the job's created_at, set just before its INSERT: an upper
+bound) to its `running` event (the worker's claim committed).
 `--submit-only` starts no worker (nothing is admitted: no node) and times the submissions alone; the API
 runs as the Procfile runs it (gunicorn with config/gunicorn.py: WEB_CONCURRENCY gevent processes, default 2).
 """
 from __future__ import annotations
 
 import argparse
+import http.client
+import json
 import os
 import signal
 import statistics
@@ -25,6 +32,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
 import requests
 from sqlalchemy import text
 
@@ -39,6 +47,23 @@ def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
     return ordered[index]
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a process and its live children: how much of the machine it took, which a
+    shared, loaded machine changes far less than it changes wall-clock rates."""
+    try:
+        root = psutil.Process(pid)
+        total = 0.0
+        for process in [root, *root.children(recursive=True)]:
+            try:
+                times = process.cpu_times()
+                total += times.user + times.system
+            except psutil.NoSuchProcess:
+                pass
+        return total
+    except psutil.NoSuchProcess:
+        return 0.0
 
 
 def free_port() -> int:
@@ -59,6 +84,7 @@ def main() -> None:
     parser.add_argument("--submit-only", action="store_true", help="no workers: time the submissions alone")
     parser.add_argument("--batch", type=int, default=0, help="submit through POST /jobs/batch, this many jobs a request")
     parser.add_argument("--warmup", type=int, default=200, help="submissions before the timed run (connections, caches)")
+    parser.add_argument("--idle", type=int, default=0, help="instead: this many jobs one at a time, idle dispatch latency")
     args = parser.parse_args()
 
     data_dir = tempfile.mkdtemp(prefix="jobservice-bench-")
@@ -119,24 +145,35 @@ def main() -> None:
         body = {"job_type": "bench", "command": ["true"], "priority": 10, "resources": {"cpu": "1m", "memory": "1Mi"}}
         latencies_ms: list[float] = []
 
-        def http() -> requests.Session:
-            if not hasattr(local, "session"):
-                local.session = requests.Session()
-            return local.session
+        # http.client on a kept-alive connection per thread: `requests` cost the load generator ~3x the CPU per
+        # request, taken from the same 2 cores as the service it measures.
+        single = json.dumps(body).encode()
+        batch = json.dumps({"jobs": [body] * args.batch}).encode() if args.batch else b""
+        headers = {"Content-Type": "application/json"}
+
+        def thread_connection() -> http.client.HTTPConnection:
+            if not hasattr(local, "connection"):
+                local.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            return local.connection
 
         def submit(index: int) -> list[str]:
             if args.rate:
                 time.sleep(max(0.0, started + index / args.rate - time.perf_counter()))
             begun = time.perf_counter()
-            if args.batch:
-                response = http().post(f"{base}/jobs/batch", json={"jobs": [body] * args.batch}, timeout=60)
-            else:
-                response = http().post(f"{base}/jobs/", json=body, timeout=30)
+            connection = thread_connection()
+            connection.request("POST", "/api/v1/jobs/batch" if args.batch else "/api/v1/jobs/", body=batch or single,
+                               headers=headers)
+            response = connection.getresponse()
+            data = response.read()
             latencies_ms.append((time.perf_counter() - begun) * 1000)
-            response.raise_for_status()
-            answer = response.json()
+            if response.status != 201:
+                raise SystemExit(f"HTTP {response.status}: {data[:300]!r}")
+            answer = json.loads(data)
             return [job["id"] for job in answer["jobs"]] if args.batch else [answer["id"]]
 
+        if args.idle:
+            idle_dispatch(args, submit, database)
+            return
         requests_needed = -(-args.jobs // args.batch) if args.batch else args.jobs
         started = time.perf_counter()
         with ThreadPoolExecutor(args.clients) as pool:  # warm-up: connections, imports, plans
@@ -146,16 +183,23 @@ def main() -> None:
             # Fresh statistics, as autovacuum keeps them (it may be off on a test server): without them the
             # planner takes the emptied tables for empty and picks scans that grow with the backlog.
             conn.execute(text("ANALYZE jobs; ANALYZE job_events; ANALYZE job_count_deltas"))
+        cpu_before = [cpu_seconds(process.pid) for process in processes[:2]]
+        client_before = time.process_time()
         started = time.perf_counter()
         with ThreadPoolExecutor(args.clients) as pool:
             ids = [i for chunk in pool.map(submit, range(requests_needed)) for i in chunk]
         submit_seconds = time.perf_counter() - started
+        cpu_used = [cpu_seconds(process.pid) - before for process, before in zip(processes[:2], cpu_before)]
+        client_cpu = time.process_time() - client_before
         print(f"jobs: {len(ids)}  requests: {requests_needed}  HTTP clients: {args.clients}  "
               f"API: {os.environ.get('WEB_CONCURRENCY', '2')} gevent processes")
         print(f"submissions/s (jobs): {len(ids) / submit_seconds:.1f}  ({submit_seconds:.2f} s)  requests/s: "
               f"{requests_needed / submit_seconds:.1f}")
         print(f"request latency ms: p50 {percentile(latencies_ms, 0.5):.1f}  p99 {percentile(latencies_ms, 0.99):.1f}  "
               f"max {max(latencies_ms):.1f}")
+        print(f"CPU ms per job: API processes {cpu_used[0] * 1000 / len(ids):.2f}  scheduler {cpu_used[1] * 1000 / len(ids):.2f}  "
+              f"load generator {client_cpu * 1000 / len(ids):.2f}  "
+              f"(API {cpu_used[0] / submit_seconds:.2f} cores, scheduler {cpu_used[1] / submit_seconds:.2f} cores)")
         if args.submit_only:
             return
         ids += warm
@@ -200,6 +244,35 @@ def main() -> None:
                 os.killpg(process.pid, signal.SIGKILL)
         database.dispose()
         services.stop()
+
+
+def idle_dispatch(args: argparse.Namespace, submit, database: Database) -> None:  # type: ignore[no-untyped-def]
+    """One job at a time on an idle stack: submit, wait until it ended, pause, again."""
+    def wait_ended(job_id: str) -> None:
+        deadline = time.monotonic() + 30
+        with database.engine.connect() as conn:
+            while time.monotonic() < deadline:
+                status = conn.execute(text("SELECT status FROM jobs WHERE id = :id"), {"id": job_id}).scalar()
+                conn.rollback()
+                if status in ("succeeded", "failed", "cancelled"):
+                    return
+                time.sleep(0.01)
+        raise SystemExit(f"{job_id} did not end within 30 s")
+
+    for _ in range(5):  # warm-up: the worker's first task, the scheduler's first pass, connections
+        wait_ended(submit(0)[0])
+    ids = []
+    for _ in range(args.idle):
+        time.sleep(0.1)  # idle: the scheduler and the worker are waiting when the submit lands
+        ids.append(submit(0)[0])
+        wait_ended(ids[-1])
+    with database.engine.connect() as conn:
+        latencies = [float(v) for v in conn.execute(
+            text("SELECT extract(epoch FROM e.at - j.created_at) * 1000 FROM jobs j "
+                 "JOIN job_events e ON e.job_id = j.id AND e.to_status = 'running' WHERE j.id = ANY(:ids)"),
+            {"ids": ids}).scalars()]
+    print(f"idle dispatch ms (submit commit -> running, {len(latencies)} jobs one at a time): "
+          f"p50 {percentile(latencies, 0.5):.1f}  p99 {percentile(latencies, 0.99):.1f}  max {max(latencies):.1f}")
 
 
 if __name__ == "__main__":

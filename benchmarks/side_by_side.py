@@ -4,6 +4,7 @@ One run, one machine, so the columns compare (this machine is shared: read them 
 
 - this service: `benchmarks/dispatch.py --submit-only`, single POST /jobs/ at --clients clients, then
   POST /jobs/batch in batches of --batch;
+- this service's idle dispatch: one job at a time (a worker of concurrency 2), submit commit -> `running`;
 - plain Celery 5 with reliable settings (acks_late, prefetch 1, prefork of 2): enqueues/s of a no-op task
   from --clients threads, no-op tasks processed/s, and the idle pickup latency (one task at a time).
 
@@ -55,7 +56,10 @@ def service_column(args: argparse.Namespace) -> str:
                   ["--jobs", str(args.batch * 20), "--clients", "2", "--batch", str(args.batch)]):
         out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "dispatch.py"), "--submit-only", *extra],
                              capture_output=True, text=True, cwd=ROOT, check=True).stdout
-        lines += [line for line in out.splitlines() if line.startswith(("submissions/s", "request latency"))]
+        lines += [line for line in out.splitlines() if line.startswith(("submissions/s", "request latency", "CPU ms"))]
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "dispatch.py"), "--idle", str(args.idle), "--workers", "1",
+                          "--concurrency", "2"], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    lines += [line for line in out.splitlines() if line.startswith("idle dispatch")]
     return "\n".join(lines)
 
 
@@ -110,10 +114,23 @@ def main() -> None:
     args = parser.parse_args()
     if not os.environ.get("DATABASE_URL") or not os.environ.get("REDIS_URL"):
         raise SystemExit("set DATABASE_URL and REDIS_URL (both columns use the same Redis)")
-    print("== this service (submit only; gunicorn as the Procfile runs it)")
-    print(service_column(args))
-    print("== plain Celery 5 (acks_late, prefetch 1, prefork of 2), same Redis")
-    print(celery_column(args))
+    print("== this service (gunicorn as the Procfile runs it)", flush=True)
+    service = service_column(args)
+    print(service, flush=True)
+    print("== plain Celery 5 (acks_late, prefetch 1, prefork of 2), same Redis", flush=True)
+    plain = celery_column(args)
+    print(plain)
+    ours = _p50(service, "idle dispatch")
+    theirs = _p50(plain, "idle pickup")
+    if ours is not None and theirs:
+        print(f"== idle: service p50 / Celery p50 = {ours / theirs:.1f}x (target < 3x; service p99 target < 25 ms)")
+
+
+def _p50(column: str, prefix: str) -> float | None:
+    for line in column.splitlines():
+        if line.startswith(prefix):
+            return float(line.split("p50 ")[1].split()[0])
+    return None
 
 
 if __name__ == "__main__":

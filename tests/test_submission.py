@@ -353,3 +353,17 @@ def test_the_document_describes_batch_keys_and_dry_run(api: ApiClient) -> None:
         assert parameters["Idempotency-Key"]["in"] == "header" and parameters["Idempotency-Key"]["schema"]["maxLength"] == 255
         assert parameters["dry_run"]["in"] == "query"
         assert {"200", "201", "400", "409", "429"} <= set(operation["responses"])
+
+
+@pytest.mark.parametrize("position", [7, None])
+def test_the_created_answer_is_what_its_schema_dumps(position: int | None) -> None:
+    """app.api.schemas.dump_created stands in for JobCreatedSchema().dump on the submit path: the two agree."""
+    from datetime import datetime, timezone as tz
+
+    from app.api.schemas import JobCreatedSchema, dump_created
+    from app.domain.jobs import Submitted
+
+    for created_at in (datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=tz.utc),
+                       datetime(2026, 1, 2, 3, 4, 5, tzinfo=tz(timedelta(hours=-5)))):
+        job = Submitted("job-0123456789ab", "train", 80, "high-priority", "pending", created_at, position)
+        assert dump_created(job) == JobCreatedSchema().dump(job)

@@ -24,6 +24,7 @@ from app.api.schemas import (
     JobListQuerySchema,
     JobListSchema,
     SubmitQuerySchema,
+    dump_created,
 )
 from app.domain import dryrun, idempotency, jobs
 from app.domain.callers import SCOPE_READ, SCOPE_WRITE
@@ -32,6 +33,9 @@ REPLAYED_HEADER = "Idempotent-Replayed"
 _REPLAYED_DOC = {
     REPLAYED_HEADER: {"description": "true: the answer of an earlier request with this Idempotency-Key", "schema": {"type": "string"}}
 }
+
+# Built once: a schema's construction costs more than the dump of one job (see app.api.Parser._get_schema).
+_DRY_RUN, _DRY_RUN_BATCH = DryRunSchema(), DryRunBatchSchema()
 
 blp = Blueprint("jobs", __name__, url_prefix="/api/v1/jobs", description="Submit, inspect and cancel jobs")
 
@@ -60,10 +64,10 @@ class JobCollection(MethodView):
         _refuse_unpreemptible(caller, [job])
         if dry_run:
             preview = dryrun.preview(session(), caller, [job], settings(), _field_of_single)[0]
-            return _dry_run_answer(DryRunSchema().dump({"dry_run": True, **asdict(preview)}))
+            return _dry_run_answer(_DRY_RUN.dump({"dry_run": True, **asdict(preview)}))
         key = _key("submit", idempotency_key)
         created = jobs.submit(session(), caller, job, settings(), key=key)  # queue_position computed before the commit
-        return _created(JobCreatedSchema().dump(created), created.replayed)
+        return _created(dump_created(created), created.replayed)
 
 
 @blp.route("/batch")
@@ -82,10 +86,10 @@ class JobBatch(MethodView):
         _refuse_unpreemptible(caller, batch["jobs"])
         if dry_run:
             previews = [asdict(p) for p in dryrun.preview(session(), caller, batch["jobs"], settings(), _field_of_item)]
-            return _dry_run_answer(DryRunBatchSchema().dump({"dry_run": True, "jobs": previews}))
+            return _dry_run_answer(_DRY_RUN_BATCH.dump({"dry_run": True, "jobs": previews}))
         key = _key("batch", idempotency_key)
         submission = jobs.submit_many(session(), caller, batch["jobs"], settings(), key=key, field=_field_of_item)
-        return _created(JobBatchCreatedSchema().dump({"jobs": submission.jobs}), submission.replayed)
+        return _created({"jobs": [dump_created(job) for job in submission.jobs]}, submission.replayed)
 
 
 def _refuse_unpreemptible(caller: Any, requests: list[jobs.JobRequest]) -> None:

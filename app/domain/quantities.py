@@ -1,6 +1,7 @@
 """Kubernetes resource quantities ("500m", "2", "8Gi", "1.5G") parsed into canonical integers."""
 from __future__ import annotations
 
+import functools
 import re
 from decimal import Decimal, InvalidOperation
 
@@ -33,18 +34,39 @@ def parse_quantity(value: str) -> Decimal:
     return number * (_BINARY[suffix] if suffix in _BINARY else _DECIMAL[suffix])
 
 
+# A batch of 1,000 jobs repeats a handful of quantities (and each is read twice, by its field and by the
+# request): each distinct short string is parsed once. Pure functions; a refusal (ValueError) is not cached.
+_CACHED_QUANTITY_LENGTH = 64
+
+
 def cpu_to_millis(value: str) -> int:
+    if isinstance(value, str) and len(value) <= _CACHED_QUANTITY_LENGTH:
+        return _cpu_to_millis_cached(value)
+    return _cpu_to_millis(value)
+
+
+def memory_to_bytes(value: str) -> int:
+    if isinstance(value, str) and len(value) <= _CACHED_QUANTITY_LENGTH:
+        return _memory_to_bytes_cached(value)
+    return _memory_to_bytes(value)
+
+
+def _cpu_to_millis(value: str) -> int:
     millis = parse_quantity(value) * 1000
     if millis != millis.to_integral_value():
         raise ValueError(f"cpu {value!r} is finer than a millicore")
     return int(millis)
 
 
-def memory_to_bytes(value: str) -> int:
+def _memory_to_bytes(value: str) -> int:
     amount = parse_quantity(value)
     if amount != amount.to_integral_value():
         raise ValueError(f"memory {value!r} is not a whole number of bytes")
     return int(amount)
+
+
+_cpu_to_millis_cached = functools.lru_cache(maxsize=1024)(_cpu_to_millis)
+_memory_to_bytes_cached = functools.lru_cache(maxsize=1024)(_memory_to_bytes)
 
 
 def format_millis(millis: int) -> str:
