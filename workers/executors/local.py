@@ -9,6 +9,7 @@ are started a few at a time from `poll()`, so a cancel or a timeout stops a laun
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import threading
@@ -60,6 +61,7 @@ class LocalExecution:
         self._term_sent_at: float | None = None
         self._reaped_at = self.started
         self._outcome: Outcome | None = None
+        self._exit_fds: list[int] = []  # a pidfd per member (Linux 5.3+): readable once the member exited
 
     def poll(self) -> Outcome | None:
         if self._outcome is not None:
@@ -80,6 +82,22 @@ class LocalExecution:
             self._reaped_at = time.monotonic()
             containment.reap_orphans()  # daemons of the job that exited by themselves
         return None
+
+    def wait(self, timeout: float) -> None:
+        """Sleep until a member exits or `timeout` passes: the watch loop notices a short job's end at once
+        instead of at its next poll interval. Without pidfds (or while launching), a plain sleep."""
+        if self._outcome is not None or len(self._exit_fds) != self.spec.members or len(self.processes) < self.spec.members:
+            time.sleep(timeout)
+            return
+        # Only members still running: an exited one's pidfd stays readable (a gang's other members run on).
+        running = [fd for fd, process in zip(self._exit_fds, self.processes) if process.returncode is None]
+        if not running:
+            time.sleep(timeout)
+            return
+        try:
+            select.select(running, [], [], timeout)
+        except (OSError, ValueError):
+            time.sleep(timeout)
 
     def cancel(self, kind: EndKind = EndKind.CANCELLED, reason: str = "cancelled") -> None:
         if self._stop_outcome is None:
@@ -124,6 +142,10 @@ class LocalExecution:
             close()
         self.processes.append(process)
         self.contained.add_member(process.pid)
+        try:
+            self._exit_fds.append(os.pidfd_open(process.pid))
+        except (AttributeError, OSError):  # no pidfd here: wait() sleeps its interval
+            pass
         for stream, pipe in (("stdout", process.stdout), ("stderr", process.stderr)):
             assert pipe is not None
             reader = threading.Thread(target=_pump, args=(pipe, stream, rank, self.logs), daemon=True)
@@ -163,6 +185,9 @@ class LocalExecution:
         for reader in self.readers:
             reader.join(timeout=max(0.0, deadline - time.monotonic()))
         self.contained.release()
+        for fd in self._exit_fds:
+            os.close(fd)
+        self._exit_fds = []
         self._outcome = outcome
         return outcome
 
