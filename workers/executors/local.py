@@ -8,6 +8,7 @@ are started a few at a time from `poll()`, so a cancel or a timeout stops a laun
 """
 from __future__ import annotations
 
+import errno
 import os
 import select
 import signal
@@ -126,12 +127,18 @@ class LocalExecution:
 
     def _spawn(self, rank: int) -> None:
         assert self.spec.command
+        env = LocalExecutor._environment(self.spec, rank, self.folder) | self.contained.environment()
         preexec, close = self.contained.member_setup(rank, self.spec.cpu_millis, self.spec.memory_bytes)
+        command = self.spec.command
+        if preexec is None:
+            # Started with vfork through `setpriv --pdeathsig` (see Containment.member_setup); the program is
+            # found here first, so that a missing one fails the launch as Popen's own lookup would.
+            command = [*containment.pdeathsig_prefix(), _resolve(command[0], env.get("PATH"), self.folder), *command[1:]]
         try:
             process = subprocess.Popen(
-                self.spec.command,
+                command,
                 cwd=self.folder,
-                env=LocalExecutor._environment(self.spec, rank, self.folder) | self.contained.environment(),
+                env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -228,6 +235,28 @@ class LocalExecutor:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in mine)
         env["JOB_WORKDIR"] = str(folder.resolve())
         return env
+
+
+def _resolve(program: str, path: str | None, cwd: Path) -> str:
+    """The executable `program` names, as execvpe finds it (a name with a slash is taken as it is, relative
+    to the member's folder); FileNotFoundError or PermissionError as Popen raises them otherwise."""
+    if "/" in program:
+        found = str(cwd / program) if not os.path.isabs(program) else program
+        if not os.path.exists(found):
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
+        if os.path.isdir(found) or not os.access(found, os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), program)
+        return found
+    denied = False
+    for folder in (path if path is not None else os.defpath).split(os.pathsep):
+        candidate = os.path.join(folder or str(cwd), program)
+        if os.path.isfile(candidate):
+            if os.access(candidate, os.X_OK):
+                return candidate
+            denied = True
+    if denied:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), program)
+    raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
 
 
 def _pump(pipe: IO[bytes], stream: str, member: int, logs: LogSink) -> None:
