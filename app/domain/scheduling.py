@@ -234,12 +234,16 @@ def load_snapshot(session: Session, settings: Settings, now: datetime, *, includ
     if include is not None and not any(r.id == include for r in rows):
         rows += list(session.execute(_ONE_PENDING, {"id": include}))
     preempted_by = _preempted_by(session, [r.id for r in rows], now) if settings.preemption_enabled else {}
+    none: frozenset[str] = frozenset()
+    # Rows unpacked by position (the order of _PENDING_COLUMNS): a pass builds hundreds of these, and reading a
+    # Row's fields by name costs more than the rest of building them.
     backlog = [
         policy.Pending(
-            r.id, r.owner, r.priority, r.queue, r.created_at.timestamp(), r.cpu_millis, r.memory_bytes, r.gpus,
-            r.members, bool(r.has_command), r.timeout_seconds, tuple(r.gpu_types or ()), r.pool, preempted_by.get(r.id, frozenset()),
+            job_id, owner, priority, queue, created_at.timestamp(), cpu_millis, memory_bytes, gpus, members,
+            bool(has_command), timeout_seconds, tuple(gpu_types or ()), pool, preempted_by.get(job_id, none),
         )
-        for r in rows
+        for (job_id, owner, priority, queue, created_at, cpu_millis, memory_bytes, gpus, members, has_command,
+             timeout_seconds, gpu_types, pool) in rows
     ]
     running = [running_attempt(row, now, settings) for row in holders]
     owners = {job.owner for job in backlog} | {attempt.owner for attempt in running}
@@ -326,7 +330,8 @@ _PLACE_ALL = text(
         UPDATE jobs j SET cluster = v.cluster, node = v.node, placement = v.placement, gpu_indices = v.gpu_indices,
                           holds_resources = true, dispatch_token = v.token, queued_at = :now, status = 'queued',
                           status_reason = v.reason, updated_at = :now
-        FROM v WHERE j.id = v.id AND j.status = 'pending'
+        -- ANY(:ids) too: the planner cannot count the JSON array's rows, and must find the jobs by primary key
+        FROM v WHERE j.id = v.id AND j.id = ANY(CAST(:ids AS text[])) AND j.status = 'pending'
         RETURNING j.id, j.retry_count, j.worker_id
     ), e AS (
         INSERT INTO job_events (job_id, at, from_status, to_status, reason, actor, attempt, worker_id, cluster, node, details)
@@ -362,7 +367,9 @@ def _place_all(session: Session, placed: list[tuple[Job, capacity.Placement]], n
             "broker_queue": broker_queue(job.queue, placement.cluster, placement.node if placement.cluster == capacity.LOCAL_CLUSTER else None),
         })
     session.flush()  # what the ORM holds (preemptions of this pass) is written before, as it would have been
-    returned = session.execute(_PLACE_ALL, {"rows": json.dumps(rows), "now": now, "task": EXECUTE_TASK}).all()
+    returned = session.execute(
+        _PLACE_ALL, {"rows": json.dumps(rows), "ids": [row["id"] for row in rows], "now": now, "task": EXECUTE_TASK}
+    ).all()
     for job, _ in placed:
         session.expire(job)  # its row changed under the ORM: read afresh if anyone looks
     by_job = {row.job_id: row for row in returned}
