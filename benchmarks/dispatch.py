@@ -13,6 +13,13 @@ recorded times: created_at (submit committed) -> the `running` event (a worker c
 `--idle N` submits N jobs one at a time, each after the previous one ended and a pause, and prints the
 idle dispatch latency: the submit's commit (the job's created_at, set just before its INSERT: an upper
 bound) to its `running` event (the worker's claim committed).
+
+With workers, it also prints the steady-state completion rate and a per-job breakdown of a worker slot's
+cycle from the jobs' events; `--batch 500 --clients 2` fills the backlog in a second or two, so that the
+dispatch path is measured without HTTP submissions competing for the CPU:
+
+    python benchmarks/dispatch.py --jobs 2000 --batch 500 --clients 2 --workers 1 --concurrency 4
+
 `--submit-only` starts no worker (nothing is admitted: no node) and times the submissions alone; the API
 runs as the Procfile runs it (gunicorn with config/gunicorn.py: WEB_CONCURRENCY gevent processes, default 2).
 """
@@ -64,6 +71,47 @@ def cpu_seconds(pid: int) -> float:
         return total
     except psutil.NoSuchProcess:
         return 0.0
+
+def stage_breakdown(database: Database) -> None:
+    """Where a worker slot's time goes per job, from the jobs' recorded events (steady state: the middle 80%
+    of the jobs by claim time). Event times are taken when each step begins: the admission pass's start,
+    the claim's, the end report's."""
+    with database.engine.connect() as conn:
+        rows = conn.execute(text(
+            """
+            SELECT j.id, extract(epoch FROM q.at), extract(epoch FROM r.at), r.worker_id, extract(epoch FROM s.at)
+            FROM jobs j
+            JOIN LATERAL (SELECT at FROM job_events WHERE job_id = j.id AND to_status = 'queued' ORDER BY id DESC LIMIT 1) q ON true
+            JOIN LATERAL (SELECT at, worker_id FROM job_events WHERE job_id = j.id AND to_status = 'running' ORDER BY id DESC LIMIT 1) r ON true
+            JOIN LATERAL (SELECT at FROM job_events WHERE job_id = j.id AND to_status = 'succeeded' ORDER BY id DESC LIMIT 1) s ON true
+            """
+        )).all()
+    if len(rows) < 20:
+        return
+    rows = sorted(rows, key=lambda r: r[2])
+    cut = len(rows) // 10
+    steady = {r[0] for r in rows[cut:len(rows) - cut]}
+    by_worker: dict[str, list] = {}
+    for row in rows:
+        by_worker.setdefault(row[3], []).append(row)
+    reaction, cycle = [], []
+    for runs in by_worker.values():
+        for before, after in zip(runs, runs[1:]):
+            if before[0] in steady:
+                reaction.append((after[1] - before[4]) * 1000)
+                cycle.append((after[2] - before[2]) * 1000)
+    middle = [r for r in rows if r[0] in steady]
+    span = max(r[4] for r in middle) - min(r[4] for r in middle)
+
+    def line(name: str, values: list[float]) -> str:
+        return f"  {name:<58} mean {statistics.fmean(values):7.1f}  p50 {percentile(values, 0.5):7.1f}  p90 {percentile(values, 0.9):7.1f}"
+
+    print(f"steady-state completions/s (middle 80% of the jobs): {len(middle) / span:.1f}" if span > 0 else "")
+    print("per-job breakdown, ms (a worker slot's cycle):")
+    print(line("admission pass start -> claim start (pass, publish, broker)", [(r[2] - r[1]) * 1000 for r in middle]))
+    print(line("claim start -> end report start (claim, process, exit seen)", [(r[4] - r[2]) * 1000 for r in middle]))
+    print(line("end report start -> next admission on that slot (end, wake-up)", reaction))
+    print(line("one slot's cycle, claim to next claim", cycle))
 
 
 def free_port() -> int:
@@ -231,6 +279,7 @@ def main() -> None:
             f"p99 {percentile(latencies, 0.99):.1f}  mean {statistics.fmean(latencies):.1f}  max {max(latencies):.1f}"
         )
         print(f"not succeeded: {failed}")
+        stage_breakdown(database)
     finally:
         for process in processes:
             try:

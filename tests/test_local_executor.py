@@ -207,3 +207,59 @@ def test_requests_become_cgroup_limits_where_the_controllers_are_delegated(tmp_p
     finally:
         execution.cancel()
         run_until_end(execution)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_member_dies_with_its_worker(tmp_path: Path, mode: str) -> None:
+    """PR_SET_PDEATHSIG, whether set by a preexec_fn (a cgroup to join before exec) or by `setpriv` (vfork)."""
+    pids = tmp_path / "pids"
+    root = Path(__file__).resolve().parent.parent
+    worker = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(tmp_path / "work"), mode, f"echo $$ >> {pids}; exec sleep 233"], cwd=root)
+    try:
+        member = wait_pids(pids, 1)[0]
+        assert alive(member)
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait()
+        deadline = time.monotonic() + 5
+        while alive(member) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not alive(member), "the member outlived its worker"
+    finally:
+        worker.kill()
+        containment.sweep(containment.find_jobs_cgroup(mode))
+
+
+def test_without_a_cgroup_members_start_with_vfork_through_setpriv(tmp_path: Path) -> None:
+    if not containment.pdeathsig_prefix():
+        pytest.skip("no setpriv with --pdeathsig on this host: members start with a preexec_fn")
+    contained = containment.Containment("job-vfork", 0, None)
+    preexec, close = contained.member_setup(0, 100, 2**20)
+    close()
+    containment.unregister_execution([])
+    assert preexec is None  # no preexec_fn: Popen may use vfork
+    executor = LocalExecutor(tmp_path / "work", kill_grace_seconds=1, cgroup="off")
+    lines: list[LogLine] = []
+    execution = executor.launch(spec(["sh", "-c", "grep -h '^PPid' /proc/self/status; echo ok"]), lines.extend)
+    assert run_until_end(execution).kind == EndKind.EXITED
+    assert "ok" in [line.line for line in lines]
+
+
+def test_the_program_is_found_as_exec_would_find_it(tmp_path: Path) -> None:
+    from workers.executors.local import _resolve
+
+    script = tmp_path / "tool"
+    script.write_text("#!/bin/sh\necho hi\n")
+    script.chmod(0o755)
+    plain = tmp_path / "plain"
+    plain.write_text("data")
+    assert _resolve("tool", f"/nonexistent:{tmp_path}", tmp_path) == str(script)
+    assert _resolve("./tool", None, tmp_path) == str(tmp_path / "./tool")
+    assert _resolve(str(script), None, Path("/")) == str(script)
+    with pytest.raises(FileNotFoundError):
+        _resolve("no-such-program-here", str(tmp_path), tmp_path)
+    with pytest.raises(FileNotFoundError):
+        _resolve("/nonexistent/program", None, tmp_path)
+    with pytest.raises(PermissionError):
+        _resolve("plain", str(tmp_path), tmp_path)
+    with pytest.raises(PermissionError):
+        _resolve(str(tmp_path), None, tmp_path)  # a folder

@@ -159,3 +159,57 @@ def test_backfill_never_delays_the_first_reservation_on_random_fleets() -> None:
         assert place(later, job.cpu_millis, job.memory_bytes, job.gpus, job.members) is not None, (seed, first)
         checked += 1
     assert checked > 20
+
+
+def test_a_request_found_unreservable_is_swept_once_and_decisions_are_unchanged(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The timeline remembers requests for which no start exists (capacity held without timeouts) until it
+    changes: a backlog of alike jobs costs one sweep per pass, and every decision is what sweeping each gives."""
+    import random
+
+    from app.domain import policy
+    from app.domain.capacity import place
+
+    def scenario(seed: int) -> Snapshot:
+        rng = random.Random(seed)
+        nodes = [NodeCapacity("local", f"n{i}", list(range(8)), "H100", 32_000, 256 * GIB, rng.choice((2, 4, 8)))
+                 for i in range(rng.randint(1, 4))]
+        running = []
+        for r in range(rng.randint(1, 12)):
+            gpus = rng.choice((0, 1, 2, 4, 8))
+            placement = place(nodes, 2000, 8 * GIB, gpus, 1)
+            if placement is not None:
+                ends = rng.choice((policy.INF, policy.INF, NOW + rng.randint(10, 5000)))  # mostly no timeout
+                running.append(Running(f"r{r}", "x", "local", ((placement.node, 1),), 2000, 8 * GIB, gpus, ends))
+        backlog = [
+            Pending(f"p{j}", rng.choice("ab"), rng.choice((10, 50)), "q", NOW - rng.randint(0, 900), rng.choice((1000, 4000)),
+                    GIB, rng.choice((0, 1, 8)), timeout_seconds=rng.choice((60, None, None)))
+            for j in range(rng.randint(5, 60))
+        ]
+        return Snapshot(NOW, nodes, running, backlog)
+
+    def summary(plan: policy.Plan) -> list[tuple]:
+        return [(j, type(plan.decisions[j]).__name__, getattr(plan.decisions[j], "start_at", None),
+                 getattr(plan.decisions[j], "reason", None)) for j in plan.order]
+
+    sweeps = 0
+    real_sweep = policy._Timeline._reserve
+
+    def counted(self, job, *, commit):  # type: ignore[no-untyped-def]
+        nonlocal sweeps
+        sweeps += 1
+        return real_sweep(self, job, commit=commit)
+
+    cached, uncached, saved = [], [], 0
+    for seed in range(120):
+        monkeypatch.setattr(policy._Timeline, "_reserve", counted)
+        sweeps = 0
+        cached.append(summary(decide(scenario(seed))))
+        with_cache = sweeps
+        # Without the memory: every request swept afresh.
+        monkeypatch.setattr(policy._Timeline, "reserve", lambda self, job, *, commit: counted(self, job, commit=commit))
+        sweeps = 0
+        uncached.append(summary(decide(scenario(seed))))
+        saved += sweeps - with_cache
+        monkeypatch.undo()
+    assert cached == uncached
+    assert saved > 100  # the memory was used, on many requests

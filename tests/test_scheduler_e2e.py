@@ -112,3 +112,45 @@ def test_a_valid_job_is_not_refused_while_gpu_nodes_are_not_ready(api: ApiClient
     assert accepted.status_code == 201, accepted.text
     refused = api.post("/jobs/", json={"job_type": "train", "command": ["true"], "resources": {"gpu": 3}})
     assert refused.status_code == 400 and "can never be scheduled" in refused.json()["error"]["message"]
+
+
+def test_an_admission_that_cannot_be_written_fails_alone(database: Database, e2e_settings: Settings) -> None:
+    """The pass writes its admissions in one statement; when that fails, each is written in its own savepoint:
+    the job whose row cannot be written is failed with the reason, and the others are admitted as usual."""
+    from app.domain.scheduling import admit
+
+    now = datetime.now(timezone.utc)
+    with database.engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO nodes (cluster, name, gpu_indices, cpu_millis, memory_bytes, slots, ready, heartbeat_at, started_at) "
+            "VALUES ('local', 'node-w', '[]'::jsonb, 100000, 1099511627776, 8, true, now() + interval '1 day', now())"
+        ))
+    jobs = [insert_job(database, created_at=now - timedelta(seconds=3 - i)) for i in range(3)]
+    doomed = jobs[1]
+    with database.engine.begin() as conn:
+        conn.execute(text(
+            "CREATE OR REPLACE FUNCTION test_refuse_admission() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+            " IF NEW.job_id = TG_ARGV[0] AND NEW.to_status = 'queued' THEN RAISE EXCEPTION 'refused by the test'; END IF;"
+            " RETURN NEW; END $$"
+        ))
+        conn.execute(text(
+            f"CREATE TRIGGER test_refuse_admission BEFORE INSERT ON job_events FOR EACH ROW EXECUTE FUNCTION test_refuse_admission('{doomed}')"
+        ))
+    try:
+        with database.session() as session:
+            result = admit(session, e2e_settings)
+    finally:
+        with database.engine.begin() as conn:
+            conn.execute(text("DROP TRIGGER IF EXISTS test_refuse_admission ON job_events"))
+            conn.execute(text("DROP FUNCTION IF EXISTS test_refuse_admission()"))
+    assert sorted(result.admitted) == sorted([jobs[0], jobs[2]])
+    assert result.failed == [doomed]
+    with database.session() as session:
+        rows = {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(jobs)))}
+        outbox = dict(session.execute(text("SELECT job_id, args FROM outbox")).all())
+    assert rows[doomed].status == "failed" and "could not admit" in (rows[doomed].status_reason or "")
+    for job_id in (jobs[0], jobs[2]):
+        assert rows[job_id].status == "queued" and rows[job_id].holds_resources and rows[job_id].node == "node-w"
+        assert outbox[job_id] == [job_id, rows[job_id].dispatch_token]
+        assert [(e.from_status, e.to_status) for e in events(database, job_id)][-1] == ("pending", "queued")
+    assert doomed not in outbox

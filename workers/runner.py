@@ -34,6 +34,7 @@ LOG_FLUSH_LINES = 500
 LOG_RETRY_SECONDS = 2.0  # a flush gives up after this; its lines stay for the next one
 LOG_FAILURES_PER_WARNING = 20  # a long outage logs one line per this many failures, not one per try
 REPORT_MAX_BACKOFF_SECONDS = 5.0
+LAZY_LEASE_SECONDS = 0.5  # a local job's lease thread starts once the job has run this long
 
 
 class LogWriter:
@@ -52,13 +53,16 @@ class LogWriter:
         self._flushing = threading.Lock()  # one flush at a time keeps the lines in order
         self._failures = 0
         self._stop = threading.Event()
-        self._flusher = threading.Thread(target=self._run, daemon=True)
-        self._flusher.start()
+        # Started with the first lines: a job that prints nothing (most short jobs) costs no thread.
+        self._flusher: threading.Thread | None = None
 
     def __call__(self, lines: list[LogLine]) -> None:
         with self._lock:
             self._pending.extend(lines)
             full = len(self._pending) >= LOG_FLUSH_LINES
+            if self._flusher is None and not self._stop.is_set():
+                self._flusher = threading.Thread(target=self._run, daemon=True)
+                self._flusher.start()
         if full:
             try:
                 self.flush()
@@ -103,8 +107,11 @@ class LogWriter:
                                 first_line(exc), extra={"job_id": self.job_id})
 
     def close(self) -> None:
-        self._stop.set()
-        self._flusher.join()
+        with self._lock:
+            self._stop.set()
+            flusher = self._flusher
+        if flusher is not None:
+            flusher.join()
         self.flush(give_up_after=None)  # while this worker lives, its lines are stored before the attempt's end
 
 
@@ -121,11 +128,22 @@ class Lease(threading.Thread):
         # Set once a node the attempt runs on drains and its deadline has passed (app.domain.nodes).
         self.drain = threading.Event()
         self._stop_event = threading.Event()
+        self._since = time.monotonic()  # the claim: it renewed the lease (heartbeat_at) at this time
+        self._start_lock = threading.Lock()
+
+    def ensure_started(self) -> None:
+        """Start the thread if it is not running yet (idempotent; never after stop)."""
+        with self._start_lock:
+            if not self.is_alive() and self.ident is None and not self._stop_event.is_set():
+                self.start()
 
     def run(self) -> None:
-        last_heartbeat = time.monotonic()
+        # Started late (a job that ran past LAZY_LEASE_SECONDS): the first check comes when it would have.
+        last_heartbeat = self._since
+        first = max(0.0, min(STATUS_CHECK_SECONDS, self.heartbeat_seconds) - (time.monotonic() - self._since))
         failures = 0
-        while not self._stop_event.wait(min(STATUS_CHECK_SECONDS, self.heartbeat_seconds)):
+        while not self._stop_event.wait(first if first is not None else min(STATUS_CHECK_SECONDS, self.heartbeat_seconds)):
+            first = None
             now = time.monotonic()
             beat = now - last_heartbeat >= self.heartbeat_seconds
             try:
@@ -151,8 +169,10 @@ class Lease(threading.Thread):
                 self.drain.set()
 
     def stop(self) -> None:
-        self._stop_event.set()
-        self.join(timeout=5)
+        with self._start_lock:
+            self._stop_event.set()
+        if self.ident is not None:
+            self.join(timeout=5)
 
 
 @dataclass
@@ -181,7 +201,9 @@ class Runner:
             return "ignored"
         log.info("running attempt %d", job.attempt, extra={"job_id": job_id, "worker_id": self.worker_id})
         # The lease lives until the end is recorded: a worker retrying its report is not a lost worker.
-        lease = self._lease(job, dispatch_token)
+        # Its thread starts once the job has run LAZY_LEASE_SECONDS (or the report must retry): a job of a
+        # few milliseconds needs no renewal (the claim renewed it) and costs no thread.
+        lease = self._lease(job, dispatch_token, lazy=self._quick_polls)
         try:
             writer = LogWriter(self.database, job.job_id, job.attempt)
             logs = LogBudget.start(writer, self.settings, job.attempt)
@@ -190,7 +212,7 @@ class Runner:
             finally:
                 logs.close()
                 writer.close()
-            return self._report(job, dispatch_token, outcome)
+            return self._report(job, dispatch_token, outcome, lease)
         finally:
             lease.stop()
 
@@ -229,21 +251,33 @@ class Runner:
         finally:
             lease.stop()
 
-    def _lease(self, job: ClaimedJob, dispatch_token: str) -> Lease:
+    @property
+    def _quick_polls(self) -> bool:
+        # Only the local executor's poll never blocks, so that the watch loop itself can start the lease's
+        # thread in time; another executor's poll may block a while (draining a pod's last log lines).
+        return getattr(self.executor, "name", None) == "local"
+
+    def _lease(self, job: ClaimedJob, dispatch_token: str, *, lazy: bool = False) -> Lease:
         # The lease is kept by its own thread: an executor's poll may block a while (draining a pod's
         # last log lines) and the job must not look abandoned meanwhile.
         lease = Lease(self.database, job.job_id, dispatch_token, self.settings.job_heartbeat_seconds)
-        lease.start()
+        if not lazy:
+            lease.start()
         return lease
 
     def _watch(self, job: ClaimedJob, dispatch_token: str, logs: LogSink, lease: Lease, handle: Execution | None = None) -> Outcome:
         handle = handle or self.executor.launch(to_spec(job), logs)
         stopping = False
         interval = FIRST_POLL_SECONDS
+        # An execution that can wait for its processes returns as soon as one ends, instead of sleeping the interval.
+        wait = getattr(handle, "wait", time.sleep)
+        began = time.monotonic()
         while True:
             outcome = handle.poll()
             if outcome is not None:
                 return outcome
+            if time.monotonic() - began >= LAZY_LEASE_SECONDS:
+                lease.ensure_started()
             if lease.lost.is_set() and not stopping:
                 stopping = True  # cancelled, or taken over: stop everything it started
                 handle.cancel(EndKind.CANCELLED, "cancelled")
@@ -251,10 +285,10 @@ class Runner:
                 stopping = True  # its node drains: stopped gracefully (SIGTERM, the kill grace), then requeued
                 log.info("node draining: stopping the attempt to requeue it", extra={"job_id": job.job_id, "worker_id": self.worker_id})
                 handle.cancel(EndKind.DRAINED, f"drained from node {job.cluster}/{job.node or '*'}")
-            time.sleep(interval)
+            wait(interval)
             interval = min(MAX_POLL_SECONDS, interval * 1.5)
 
-    def _report(self, job: ClaimedJob, dispatch_token: str, outcome: Outcome) -> str:
+    def _report(self, job: ClaimedJob, dispatch_token: str, outcome: Outcome, lease: Lease | None = None) -> str:
         """Record the outcome; kept and retried on connection errors for as long as this worker lives.
         The end is a compare-and-set on the dispatch token, so a retry never ends the job twice."""
         details = {"end": outcome.kind.value, **outcome.details}
@@ -270,13 +304,22 @@ class Runner:
             )
             log.info("attempt %d drained -> %s", job.attempt, status, extra={"job_id": job.job_id, "worker_id": self.worker_id})
             return status
-        status = self.database.retrying(
-            lambda session: execution.end(
+        tries = 0
+
+        def report(session: Session) -> str:
+            nonlocal tries
+            tries += 1
+            if tries > 1 and lease is not None:
+                lease.ensure_started()  # retrying for a while: the lease must not expire meanwhile
+            return execution.end(
                 session, self.settings, job.job_id, dispatch_token,
                 succeeded=outcome.succeeded, retryable=outcome.retryable, reason=outcome.reason,
                 actor=self.worker_id, exit_code=outcome.exit_code, details=details,
                 requeue=outcome.kind == EndKind.UNPLACED,
-            ),
+            )
+
+        status = self.database.retrying(
+            report,
             what=f"recording the end of attempt {job.attempt}", give_up_after=None, max_delay=REPORT_MAX_BACKOFF_SECONDS,
             log_every=LOG_FAILURES_PER_WARNING, extra={"job_id": job.job_id, "worker_id": self.worker_id},
         )

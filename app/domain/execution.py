@@ -1,17 +1,18 @@
 """The job lifecycle as seen by a worker: claim, heartbeat, end; and the worker's node registration."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, object_session
 
 from app.db import transaction
 from app.domain.capacity import LOCAL_CLUSTER
-from app.domain.jobs import clear_placement, notify_scheduler, placed_nodes, record_transition, utcnow
+from app.domain.jobs import SCHEDULER_CHANNEL, clear_placement, notify_scheduler, placed_nodes, record_transition, utcnow
 from app.domain.scheduling import end_attempt
 from app.domain.states import JobStatus
 from app.models import Job, JobEvent, Node
@@ -56,6 +57,10 @@ def claim(
     (the connection dropped during the commit) gets the job back instead of ignoring its own claim.
     """
     now = now or utcnow()
+    claimed = _claim_queued(session, job_id, dispatch_token, worker_id, now, claim_id)
+    if claimed is not None:
+        return claimed
+    # Not queued under this token: a stale or duplicate delivery, or a retry whose earlier try committed.
     with transaction(session):
         job = session.get(Job, job_id, with_for_update=True)
         if job is None or job.dispatch_token != dispatch_token:
@@ -73,6 +78,68 @@ def claim(
         job.started_at = now
         job.heartbeat_at = now
         return _claimed(job)
+
+
+# The node(s) an event names, as jobs.placed_nodes computes it: the job's node, else every node of its
+# placement in order, once each (a Kubernetes gang spread over several).
+_EVENT_NODE = """COALESCE(u.node, (SELECT string_agg(p.name, ',' ORDER BY p.first) FROM (
+        SELECT part->>'node' AS name, min(ord) AS first
+        FROM jsonb_array_elements(CASE WHEN jsonb_typeof(u.placement) = 'array' THEN u.placement ELSE '[]'::jsonb END)
+             WITH ORDINALITY AS t(part, ord)
+        WHERE COALESCE(part->>'node', '') <> '' GROUP BY 1) p))"""
+
+# The claim of a queued job in one round trip (the hot path of every job): the compare-and-set on the
+# dispatch token and the `running` event in one statement, in one transaction, as `claim` writes them.
+_CLAIM = text(
+    f"""
+    WITH u AS (
+        UPDATE jobs SET status = 'running', status_reason = :reason, updated_at = :now, worker_id = :worker,
+                        started_at = :now, heartbeat_at = :now
+        WHERE id = :id AND dispatch_token = :token AND status = 'queued'
+        RETURNING id, retry_count, image, command, env, config, cpu_millis, memory_bytes, gpus, gang_enabled,
+                  gang_min_members, timeout_seconds, cluster, node, gpu_indices, placement
+    ), e AS (
+        INSERT INTO job_events (job_id, at, from_status, to_status, reason, actor, attempt, worker_id, cluster, node, details)
+        SELECT u.id, :now, 'queued', 'running', :reason, :worker, u.retry_count, :worker, u.cluster, {_EVENT_NODE},
+               CAST(:details AS jsonb)
+        FROM u
+    )
+    SELECT * FROM u
+    """
+)
+
+
+def _claim_queued(
+    session: Session, job_id: str, dispatch_token: str, worker_id: str, now: datetime, claim_id: str | None
+) -> ClaimedJob | None:
+    """queued -> running in one statement; None when the job is not queued under this token."""
+    details = {"dispatch_token": dispatch_token, **({"claim": claim_id} if claim_id else {})}
+    with transaction(session):
+        row = session.execute(_CLAIM, {
+            "id": job_id, "token": dispatch_token, "worker": worker_id, "now": now,
+            "reason": f"started by {worker_id}", "details": json.dumps(details),
+        }).first()
+        if row is None:
+            return None
+        nodes = [str(part["node"]) for part in row.placement or []]
+        return ClaimedJob(
+            job_id=row.id,
+            attempt=row.retry_count,
+            image=row.image,
+            command=list(row.command) if row.command else None,
+            env=dict(row.env or {}),
+            config=dict(row.config or {}),
+            cpu_millis=row.cpu_millis,
+            memory_bytes=row.memory_bytes,
+            gpus=row.gpus,
+            members=row.gang_min_members if row.gang_enabled else 1,
+            timeout_seconds=row.timeout_seconds,
+            cluster=row.cluster or "",
+            node=row.node,
+            gpu_indices=[int(g) for g in row.gpu_indices or []],
+            gpu_type=_gpu_type_of(session, row.gpus, row.cluster, row.node or ",".join(dict.fromkeys(n for n in nodes if n))),
+            nodes=nodes,
+        )
 
 
 def _claim_event(session: Session, job_id: str, dispatch_token: str, attempt: int | None = None) -> JobEvent | None:
@@ -126,10 +193,16 @@ def _placed_gpu_type(job: Job) -> str | None:
     """The GPU model the scheduler counted for a Kubernetes job's GPUs: the kube-scheduler must not place its
     members on another model. None without GPUs, on the local cluster, or over nodes of mixed models."""
     session = object_session(job)
-    names = (placed_nodes(job) or "").split(",")
-    if session is None or not job.gpus or job.cluster in (None, LOCAL_CLUSTER) or not any(names):
+    if session is None:
         return None
-    types = set(session.scalars(select(Node.gpu_type).where(Node.cluster == job.cluster, Node.name.in_(names))))
+    return _gpu_type_of(session, job.gpus, job.cluster, placed_nodes(job))
+
+
+def _gpu_type_of(session: Session, gpus: int, cluster: str | None, placed: str | None) -> str | None:
+    names = (placed or "").split(",")
+    if not gpus or cluster in (None, LOCAL_CLUSTER) or not any(names):
+        return None
+    types = set(session.scalars(select(Node.gpu_type).where(Node.cluster == cluster, Node.name.in_(names))))
     return types.pop() if len(types) == 1 else None
 
 
@@ -145,6 +218,27 @@ def still_running(session: Session, job_id: str, dispatch_token: str, *, heartbe
             return bool(renewed.rowcount)
         status = session.scalar(select(Job.status).where(Job.id == job_id, Job.dispatch_token == dispatch_token))
         return status == JobStatus.RUNNING.value
+
+
+# A successful end in one round trip (the hot path of every job): the compare-and-set on the dispatch token,
+# the `succeeded` event and the scheduler's wake-up (sent at commit), as end_attempt writes them.
+_SUCCEED = text(
+    f"""
+    WITH u AS (
+        UPDATE jobs SET status = 'succeeded', status_reason = :reason, updated_at = :now, completed_at = :now,
+                        exit_code = :exit_code, holds_resources = false
+        WHERE id = :id AND dispatch_token = :token AND status = 'running'
+        RETURNING id, retry_count, worker_id, cluster, node, placement
+    ), e AS (
+        INSERT INTO job_events (job_id, at, from_status, to_status, reason, actor, attempt, worker_id, cluster, node,
+                                exit_code, details)
+        SELECT u.id, :now, 'running', 'succeeded', :reason, :actor, u.retry_count, u.worker_id, u.cluster, {_EVENT_NODE},
+               :exit_code, CAST(:details AS jsonb)
+        FROM u
+    )
+    SELECT pg_notify(:channel, 'attempt-ended') FROM u
+    """
+)
 
 
 def end(
@@ -167,6 +261,16 @@ def end(
     unacknowledged finds the job no longer running under this token and returns what that try recorded
     (never ending the job twice, nor ending a later attempt).
     """
+    if succeeded and not requeue:
+        now = utcnow()
+        with transaction(session):
+            ended = session.execute(_SUCCEED, {
+                "id": job_id, "token": dispatch_token, "now": now, "reason": reason, "actor": actor, "exit_code": exit_code,
+                "details": json.dumps(details or {}), "channel": SCHEDULER_CHANNEL,
+            }).first()
+        if ended is not None:
+            return JobStatus.SUCCEEDED.value
+        # Not running under this token: cancelled or preempted meanwhile, or a retry whose earlier try committed.
     with transaction(session):
         job = session.get(Job, job_id, with_for_update=True)
         if job is None:

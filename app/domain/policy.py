@@ -866,6 +866,10 @@ class _Timeline:
         self.reservations: list[_Reservation] = []
         self.by_node: dict[int, list[_Reservation]] = defaultdict(list)
         self._cumulative: dict[int, tuple[list[float], list[Vec]]] = {}
+        # (shape, duration) of requests for which `reserve` found no start, valid until the timeline changes
+        # (a hold or a committed reservation): a backlog of many alike jobs behind capacity held without
+        # timeouts then costs one sweep per pass, not one per job.
+        self._unreservable: set[tuple] = set()
 
     @property
     def has_reservations(self) -> bool:
@@ -912,6 +916,7 @@ class _Timeline:
             vec = [job.gpus * members, job.cpu_millis * members, job.memory_bytes * members, 1 if part == 0 else 0]
             bisect.insort(self.releases[i], (end, vec), key=lambda e: e[0])
             self._cumulative.pop(i, None)
+        self._unreservable.clear()
 
     def reserve(self, job: Pending, *, commit: bool) -> _Reservation | None:
         """The earliest start (and nodes) at which `job` fits without delaying an existing reservation.
@@ -920,6 +925,15 @@ class _Timeline:
         something ends can have become able to hold it (capacity only grows between reservation starts,
         and those are accounted for by `_window`), so each later step rechecks those nodes alone.
         """
+        key = (job.shape, job.duration)
+        if key in self._unreservable:
+            return None
+        found = self._reserve(job, commit=commit)
+        if found is None:
+            self._unreservable.add(key)
+        return found
+
+    def _reserve(self, job: Pending, *, commit: bool) -> _Reservation | None:
         clusters = _eligible_clusters(self.nodes, job)
         need = [job.gpus, job.cpu_millis, job.memory_bytes]
         whole = [x * job.members for x in need] + [1]
@@ -991,6 +1005,7 @@ class _Timeline:
             self.reservations.append(found)
             for i in demand:
                 self.by_node[i].append(found)
+            self._unreservable.clear()
         return found
 
     def _window(self, i: int, t: float, end: float) -> Vec:

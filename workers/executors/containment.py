@@ -23,7 +23,9 @@ import errno
 import logging
 import os
 import re
+import shutil
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -371,9 +373,16 @@ class Containment:
     def environment(self) -> dict[str, str]:
         return {MARKER: self.marker}
 
-    def member_setup(self, rank: int, cpu_millis: int, memory_bytes: int) -> tuple[Callable[[], None], Callable[[], None]]:
-        """(preexec_fn for the member's child, cleanup for the parent after Popen)."""
+    def member_setup(self, rank: int, cpu_millis: int, memory_bytes: int) -> tuple[Callable[[], None] | None, Callable[[], None]]:
+        """(preexec_fn for the member's child, cleanup for the parent after Popen).
+
+        The preexec_fn is None where the member needs nothing done between fork and exec but its death
+        signal and `pdeathsig_prefix()` gives that instead: Popen then starts it with vfork. A preexec_fn
+        forces a real fork(), which copies the page tables of this (large) worker process for every member.
+        """
         become_subreaper()  # idempotent; and libc is loaded here, not in the forked child
+        if self.cgroup is None and pdeathsig_prefix():
+            return None, lambda: None
         fd = -1
         if self.cgroup is not None:
             leaf = self.cgroup / f"m{rank}"
@@ -452,6 +461,27 @@ class Containment:
         reap_orphans()
         if self.cgroup is not None:
             _remove_cgroup(self.cgroup)
+
+
+_pdeathsig_prefix: list[str] | None = None
+
+
+def pdeathsig_prefix() -> list[str]:
+    """`setpriv --pdeathsig KILL --` (util-linux 2.33+), which sets the death signal and execs the member: a
+    member then needs no preexec_fn; [] where it is missing or refuses the option (checked once per process)."""
+    global _pdeathsig_prefix
+    if _pdeathsig_prefix is None:
+        _pdeathsig_prefix = []
+        setpriv = shutil.which("setpriv")
+        if setpriv is not None:
+            prefix = [setpriv, "--pdeathsig", "KILL", "--"]
+            try:
+                if subprocess.run([*prefix, "true"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, timeout=10).returncode == 0:
+                    _pdeathsig_prefix = prefix
+            except (OSError, subprocess.SubprocessError):
+                pass
+    return _pdeathsig_prefix
 
 
 # --- after a worker died ------------------------------------------------------------------------------

@@ -8,7 +8,9 @@ are started a few at a time from `poll()`, so a cancel or a timeout stops a laun
 """
 from __future__ import annotations
 
+import errno
 import os
+import select
 import signal
 import subprocess
 import threading
@@ -60,6 +62,7 @@ class LocalExecution:
         self._term_sent_at: float | None = None
         self._reaped_at = self.started
         self._outcome: Outcome | None = None
+        self._exit_fds: list[int] = []  # a pidfd per member (Linux 5.3+): readable once the member exited
 
     def poll(self) -> Outcome | None:
         if self._outcome is not None:
@@ -80,6 +83,22 @@ class LocalExecution:
             self._reaped_at = time.monotonic()
             containment.reap_orphans()  # daemons of the job that exited by themselves
         return None
+
+    def wait(self, timeout: float) -> None:
+        """Sleep until a member exits or `timeout` passes: the watch loop notices a short job's end at once
+        instead of at its next poll interval. Without pidfds (or while launching), a plain sleep."""
+        if self._outcome is not None or len(self._exit_fds) != self.spec.members or len(self.processes) < self.spec.members:
+            time.sleep(timeout)
+            return
+        # Only members still running: an exited one's pidfd stays readable (a gang's other members run on).
+        running = [fd for fd, process in zip(self._exit_fds, self.processes) if process.returncode is None]
+        if not running:
+            time.sleep(timeout)
+            return
+        try:
+            select.select(running, [], [], timeout)
+        except (OSError, ValueError):
+            time.sleep(timeout)
 
     def cancel(self, kind: EndKind = EndKind.CANCELLED, reason: str = "cancelled") -> None:
         if self._stop_outcome is None:
@@ -108,12 +127,18 @@ class LocalExecution:
 
     def _spawn(self, rank: int) -> None:
         assert self.spec.command
+        env = LocalExecutor._environment(self.spec, rank, self.folder) | self.contained.environment()
         preexec, close = self.contained.member_setup(rank, self.spec.cpu_millis, self.spec.memory_bytes)
+        command = self.spec.command
+        if preexec is None:
+            # Started with vfork through `setpriv --pdeathsig` (see Containment.member_setup); the program is
+            # found here first, so that a missing one fails the launch as Popen's own lookup would.
+            command = [*containment.pdeathsig_prefix(), _resolve(command[0], env.get("PATH"), self.folder), *command[1:]]
         try:
             process = subprocess.Popen(
-                self.spec.command,
+                command,
                 cwd=self.folder,
-                env=LocalExecutor._environment(self.spec, rank, self.folder) | self.contained.environment(),
+                env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -124,6 +149,10 @@ class LocalExecution:
             close()
         self.processes.append(process)
         self.contained.add_member(process.pid)
+        try:
+            self._exit_fds.append(os.pidfd_open(process.pid))
+        except (AttributeError, OSError):  # no pidfd here: wait() sleeps its interval
+            pass
         for stream, pipe in (("stdout", process.stdout), ("stderr", process.stderr)):
             assert pipe is not None
             reader = threading.Thread(target=_pump, args=(pipe, stream, rank, self.logs), daemon=True)
@@ -163,6 +192,9 @@ class LocalExecution:
         for reader in self.readers:
             reader.join(timeout=max(0.0, deadline - time.monotonic()))
         self.contained.release()
+        for fd in self._exit_fds:
+            os.close(fd)
+        self._exit_fds = []
         self._outcome = outcome
         return outcome
 
@@ -203,6 +235,28 @@ class LocalExecutor:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in mine)
         env["JOB_WORKDIR"] = str(folder.resolve())
         return env
+
+
+def _resolve(program: str, path: str | None, cwd: Path) -> str:
+    """The executable `program` names, as execvpe finds it (a name with a slash is taken as it is, relative
+    to the member's folder); FileNotFoundError or PermissionError as Popen raises them otherwise."""
+    if "/" in program:
+        found = str(cwd / program) if not os.path.isabs(program) else program
+        if not os.path.exists(found):
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
+        if os.path.isdir(found) or not os.access(found, os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), program)
+        return found
+    denied = False
+    for folder in (path if path is not None else os.defpath).split(os.pathsep):
+        candidate = os.path.join(folder or str(cwd), program)
+        if os.path.isfile(candidate):
+            if os.access(candidate, os.X_OK):
+                return candidate
+            denied = True
+    if denied:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), program)
+    raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
 
 
 def _pump(pipe: IO[bytes], stream: str, member: int, logs: LogSink) -> None:
