@@ -43,7 +43,7 @@ from app.domain.capacity import NodeCapacity
 from app.domain.nodes import why_unschedulable
 from app.domain.quantities import format_bytes, format_millis
 from app.domain.states import TERMINAL, JobStatus
-from app.models import Job, JobEvent, Node
+from app.models import FairShareWeightChange, Job, JobEvent, Node
 from config import Settings
 
 
@@ -187,6 +187,7 @@ class PlanCache:
             select(func.max(JobEvent.id)).scalar_subquery(),
             select(func.count()).select_from(Node).scalar_subquery(),
             select(func.max(Node.started_at)).scalar_subquery(),
+            select(func.max(FairShareWeightChange.id)).scalar_subquery(),  # an admin changed a weight
         )).one())
         with self._lock:
             if self._entry is None or version != self._version or time.monotonic() - self._made_at > self.ttl_seconds:

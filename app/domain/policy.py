@@ -131,8 +131,11 @@ class PolicyConfig:
     preemption_min_run_seconds: float = 60.0
     preemptors_per_pass: int = 4  # waiting jobs that may look for victims in one pass (each search copies the nodes)
 
-    def weight(self, owner: str) -> float:
-        weight = self.weights.get(owner, self.default_weight)
+    def weight(self, owner: str, admin_set: Mapping[str, float] | None = None) -> float:
+        """What an admin set (`admin_set`, the snapshot's), else the configured weight, else the default."""
+        weight = admin_set.get(owner) if admin_set else None
+        if weight is None:
+            weight = self.weights.get(owner, self.default_weight)
         return weight if weight > 0 else self.default_weight
 
 
@@ -147,6 +150,7 @@ class Snapshot:
     focus: str | None = None  # explain: estimate this job's start even beyond the reservation depth
     quotas: Mapping[str, Sequence[quotas.Quota]] = field(default_factory=dict)  # per tenant (Pending.owner); none: unlimited
     preemption_budget: Mapping[str, int] | None = None  # victims each cluster may still lose now (rate limit); None: unlimited
+    weights: Mapping[str, float] = field(default_factory=dict)  # set by admins (fair_share_weights): win over config.weights
 
 
 @dataclass(frozen=True, slots=True)
@@ -670,6 +674,7 @@ class _Shares:
 
     def __init__(self, snapshot: Snapshot, config: PolicyConfig, totals: tuple[float, float, float], waiting: Iterable[str] = ()) -> None:
         self.config = config
+        self.admin_weights = snapshot.weights
         self.totals = totals
         mean_life = max(config.half_life_seconds, 1e-9) / math.log(2)  # steady state of decayed usage = rate * mean life
         self.used: dict[str, list[float]] = {}
@@ -688,7 +693,7 @@ class _Shares:
         used = self.used.get(owner, (0.0, 0.0, 0.0))
         held = self.held.get(owner, (0.0, 0.0, 0.0))
         total = [u + h for u, h in zip(used, held)]
-        return dominant_fraction(*total, self.totals) / self.config.weight(owner)
+        return dominant_fraction(*total, self.totals) / self.config.weight(owner, self.admin_weights)
 
     def charge(self, job: Pending) -> None:
         held = self.held[job.owner]
@@ -730,7 +735,7 @@ class _Shares:
         waiting = set(self.owners_waiting)
         ranks = {owner: rank for rank, owner in enumerate((o for _, o, _, _ in rows if o in waiting), start=1)}
         return {
-            owner: OwnerShare(owner, self.config.weight(owner), usage, held, share, ranks.get(owner, 0))
+            owner: OwnerShare(owner, self.config.weight(owner, self.admin_weights), usage, held, share, ranks.get(owner, 0))
             for share, owner, usage, held in rows
         }
 

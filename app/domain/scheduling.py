@@ -25,7 +25,7 @@ from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.orm import Session
 
 from app.db import transaction
-from app.domain import capacity, fairshare, policy, pools, quotas
+from app.domain import capacity, fairshare, policy, pools, quotas, weights
 from app.domain.callers import SYSTEM
 from app.domain.jobs import clear_placement, notify_scheduler, record_transition, utcnow
 from app.domain.states import TERMINAL, JobStatus
@@ -237,7 +237,7 @@ def load_snapshot(session: Session, settings: Settings, now: datetime, *, includ
     usage = fairshare.usage_of(session, owners, now, settings.fair_share_half_life_seconds)
     budget = preemption_budget(session, settings, now) if settings.preemption_enabled else None
     return policy.Snapshot(now.timestamp(), nodes, running, backlog, usage, room, quotas=quotas.load_all(session),
-                           preemption_budget=budget)
+                           preemption_budget=budget, weights=weights.stored(session))
 
 
 def _preempted_by(session: Session, job_ids: list[str], now: datetime) -> dict[str, frozenset[str]]:
