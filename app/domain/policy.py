@@ -228,7 +228,7 @@ Vec = list[int]  # [gpus, cpu millis, memory bytes, worker slots]
 
 def decide(snapshot: Snapshot, config: PolicyConfig = PolicyConfig()) -> Plan:
     """Decisions for one pass over `snapshot`; `snapshot` is never modified."""
-    nodes = [dataclasses.replace(n, used_gpus=set(n.used_gpus)) for n in snapshot.nodes]
+    nodes = [n.copy() for n in snapshot.nodes]
     totals = _totals(nodes)
     shares = _Shares(snapshot, config, totals)
     plan = Plan({}, [], nodes, shares.report())
@@ -264,6 +264,7 @@ def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCap
     first_blocked: dict[tuple, str] = {}  # per pool, the first job that did not fit now
     free = _FreeIndex(nodes)
     never: dict[tuple, bool] = {}
+    messages: dict[tuple, str] = {}  # per pool, once its reservations are all taken (they never shrink in a pass)
     ledger = quotas.Ledger(snapshot.quotas, _holding(snapshot.running))
 
     def _one(job: Pending) -> Decision:
@@ -309,13 +310,15 @@ def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCap
                     f"a timeout of at most {max(0, math.floor(slack - config.end_margin_seconds))}s would let it start now",
                     blocked_by=conflict.job_id, estimated_start_at=None,
                 )
-        if job.shape not in never:
-            never[job.shape] = _never_fits(nodes, job)
-        if never[job.shape]:
+        shape = job.shape
+        never_fits = never.get(shape)
+        if never_fits is None:
+            never_fits = never[shape] = _never_fits(nodes, job)
+        if never_fits:
             return Wait(job, NEVER_FITS_LIVE, "No live node could hold it even empty; it waits for such a node and holds nothing back")
-        blocker = first_blocked.setdefault(job.pool, job.id)
+        blocker = first_blocked.setdefault(pool, job.id)
         blocked_by = blocker if blocker != job.id else None
-        ahead = reserved[job.pool]
+        ahead = reserved[pool]
         if len(ahead) < config.reservation_depth or job.id == snapshot.focus:
             found = timeline.reserve(job, commit=len(ahead) < config.reservation_depth)
             if found is None:
@@ -326,7 +329,11 @@ def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCap
                 ahead.append(decision)
                 return decision
             return Wait(job, CAPACITY, _capacity_message(ahead), blocked_by=blocked_by, estimated_start_at=found.start)
-        return Wait(job, CAPACITY, _capacity_message(ahead), blocked_by=blocked_by)
+        # The common case with a big backlog (its kind's reservations are taken): the same message for all of them.
+        message = messages.get(pool)
+        if message is None:
+            message = messages[pool] = _capacity_message(ahead)
+        return Wait(job, CAPACITY, message, blocked_by=blocked_by)
 
     def consider(job: Pending) -> None:
         plan.order.append(job.id)
@@ -375,7 +382,7 @@ def _release(by_key: Mapping[tuple[str, str], NodeCapacity], attempt: Running) -
 
 
 def _copy(nodes: Sequence[NodeCapacity]) -> list[NodeCapacity]:
-    return [dataclasses.replace(n, used_gpus=set(n.used_gpus)) for n in nodes]
+    return [n.copy() for n in nodes]
 
 
 def _fits_after(base: Sequence[NodeCapacity], victims: Sequence[Running], job: Pending) -> tuple[list[NodeCapacity], Placement | None]:
@@ -688,18 +695,24 @@ class _Shares:
             held[1] += attempt.cpu_millis * members
             held[2] += attempt.memory_bytes * members
         self.owners_waiting = sorted({job.owner for job in snapshot.backlog} | set(waiting))
+        self._cached: dict[str, float] = {}
 
     def share(self, owner: str) -> float:
-        used = self.used.get(owner, (0.0, 0.0, 0.0))
-        held = self.held.get(owner, (0.0, 0.0, 0.0))
-        total = [u + h for u, h in zip(used, held)]
-        return dominant_fraction(*total, self.totals) / self.config.weight(owner, self.admin_weights)
+        # Asked once per job the pass orders, but it changes only when the owner is charged: cached until then.
+        share = self._cached.get(owner)
+        if share is None:
+            used = self.used.get(owner, (0.0, 0.0, 0.0))
+            held = self.held.get(owner, (0.0, 0.0, 0.0))
+            total = [u + h for u, h in zip(used, held)]
+            share = self._cached[owner] = dominant_fraction(*total, self.totals) / self.config.weight(owner, self.admin_weights)
+        return share
 
     def charge(self, job: Pending) -> None:
         held = self.held[job.owner]
         held[0] += job.gpus * job.members
         held[1] += job.cpu_millis * job.members
         held[2] += job.memory_bytes * job.members
+        self._cached.pop(job.owner, None)
 
     def order(self, backlog: Sequence[Pending]) -> Iterator[Pending]:
         """Priority first; within a priority the owner with the lowest share next (updated as the pass admits)."""
@@ -775,6 +788,9 @@ class _Timeline:
         self.reservations: list[_Reservation] = []
         self.by_node: dict[int, list[_Reservation]] = defaultdict(list)
         self._cumulative: dict[int, tuple[list[float], list[Vec]]] = {}
+        self._eligible: dict[tuple, tuple[list[str], dict[str, list[int]], set[int], dict[int, str]]] = {}
+        self._release_steps: dict[tuple, tuple[int, list[tuple[float, set[int]]]]] = {}
+        self._holds = 0  # admissions so far: each adds a release, so cached release times are stale
 
     @property
     def has_reservations(self) -> bool:
@@ -821,6 +837,7 @@ class _Timeline:
             vec = [job.gpus * members, job.cpu_millis * members, job.memory_bytes * members, 1 if part == 0 else 0]
             bisect.insort(self.releases[i], (end, vec), key=lambda e: e[0])
             self._cumulative.pop(i, None)
+        self._holds += 1
 
     def reserve(self, job: Pending, *, commit: bool) -> _Reservation | None:
         """The earliest start (and nodes) at which `job` fits without delaying an existing reservation.
@@ -829,24 +846,9 @@ class _Timeline:
         something ends can have become able to hold it (capacity only grows between reservation starts,
         and those are accounted for by `_window`), so each later step rechecks those nodes alone.
         """
-        clusters = _eligible_clusters(self.nodes, job)
+        clusters, by_cluster, eligible, cluster_of = self._eligibility(job)
         need = [job.gpus, job.cpu_millis, job.memory_bytes]
         whole = [x * job.members for x in need] + [1]
-        by_cluster: dict[str, list[int]] = defaultdict(list)
-        for i, n in enumerate(self.nodes):
-            if n.cluster in clusters and job.serves(n):
-                by_cluster[n.cluster].append(i)
-        eligible = {i for members in by_cluster.values() for i in members}
-        changes: dict[float, set[int]] = defaultdict(set)
-        for i in eligible:
-            for at, _ in self.releases[i]:
-                if self.now < at < INF:
-                    changes[at].add(i)
-        for r in self.reservations:
-            if r.end < INF:
-                for i in r.demand:
-                    if i in eligible:
-                        changes[r.end].add(i)
         # Per Kubernetes cluster: how many members each node could take over the window, and their sum.
         spread: dict[str, dict[int, tuple[int, Vec]]] = {c: {} for c in clusters if c != LOCAL_CLUSTER}
         totals: dict[str, int] = defaultdict(int)
@@ -865,17 +867,18 @@ class _Timeline:
                 totals[cluster] += caps[i][0] - old
 
         # At `now` only nodes with enough free of what it needs (or holding reservations) can take a member.
-        def roomy(i: int) -> bool:
-            n = self.nodes[i]
-            return (n.gpus_free_count >= need[0] and n.cpu_millis - n.used_cpu_millis >= need[1]
-                    and n.memory_bytes - n.used_memory_bytes >= need[2]) or i in self.by_node
-
-        at_now = {i for i in eligible if roomy(i)}
-        steps = [(self.now, at_now)] + [(t, changes[t]) for t in sorted(changes)]
-        for t, changed in steps:
+        nodes, by_node = self.nodes, self.by_node
+        at_now = set()
+        for i in eligible:
+            n = nodes[i]
+            if i in by_node or (n.cpu_millis - n.used_cpu_millis >= need[1] and n.memory_bytes - n.used_memory_bytes >= need[2]
+                                and n.gpus_free_count >= need[0]):
+                at_now.add(i)
+        for t, changed in self._steps(job, eligible, at_now):
             end = t + job.duration + self.margin
             for cluster in clusters:
-                touched = [i for i in by_cluster.get(cluster, []) if i in changed]
+                # In node order, as the eligible nodes are listed (ties go to the first).
+                touched = sorted(i for i in changed if cluster_of[i] == cluster)
                 if cluster == LOCAL_CLUSTER:
                     best: tuple[int, int] | None = None
                     for i in touched:
@@ -893,6 +896,55 @@ class _Timeline:
                         if demand is not None:
                             return self._made(job, t, end, demand, cluster, commit)
         return None
+
+    def _eligibility(self, job: Pending) -> tuple[list[str], dict[str, list[int]], set[int], dict[int, str]]:
+        """The clusters and nodes that may hold `job` (the same for every job of its kind: computed once a pass)."""
+        key = (job.has_command, job.gpu_types, job.node_pool)
+        found = self._eligible.get(key)
+        if found is None:
+            clusters = _eligible_clusters(self.nodes, job)
+            by_cluster: dict[str, list[int]] = defaultdict(list)
+            for i, n in enumerate(self.nodes):
+                if n.cluster in clusters and job.serves(n):
+                    by_cluster[n.cluster].append(i)
+            cluster_of = {i: c for c, members in by_cluster.items() for i in members}
+            found = self._eligible[key] = (clusters, dict(by_cluster), set(cluster_of), cluster_of)
+        return found
+
+    def _steps(self, job: Pending, eligible: set[int], at_now: set[int]) -> Iterator[tuple[float, set[int]]]:
+        """`now` with `at_now`, then each later time something ends on an eligible node (an attempt, or a reservation's
+        window), with those nodes, in time order. What attempts release is listed once per kind of job until an
+        admission adds a release; reservations' ends, a few, are merged in."""
+        key = (job.has_command, job.gpu_types, job.node_pool)
+        cached = self._release_steps.get(key)
+        if cached is None or cached[0] != self._holds:
+            changes: dict[float, set[int]] = defaultdict(set)
+            for i in eligible:
+                for at, _ in self.releases[i]:
+                    if self.now < at < INF:
+                        changes[at].add(i)
+            cached = self._release_steps[key] = (self._holds, sorted(changes.items()))
+        ends: dict[float, set[int]] = defaultdict(set)
+        for r in self.reservations:
+            if r.end < INF:
+                for i in r.demand:
+                    if i in eligible:
+                        ends[r.end].add(i)
+        yield self.now, at_now
+        if not ends:
+            yield from cached[1]
+            return
+        merged = heapq.merge(cached[1], sorted(ends.items()), key=lambda e: e[0])
+        pending: tuple[float, set[int]] | None = None
+        for t, changed in merged:
+            if pending is not None and pending[0] == t:
+                pending = (t, pending[1] | changed)
+                continue
+            if pending is not None:
+                yield pending
+            pending = (t, changed)
+        if pending is not None:
+            yield pending
 
     def _made(self, job: Pending, t: float, end: float, demand: dict[int, Vec], cluster: str, commit: bool) -> _Reservation:
         found = _Reservation(job.id, t, end, demand, cluster, tuple(self.nodes[i].name for i in demand))
