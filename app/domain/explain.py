@@ -181,6 +181,7 @@ class PlanCache:
         self._made_at = -math.inf
         self._version: tuple[object, ...] | None = None
         self._entry: tuple[policy.Snapshot, policy.Plan] | None = None
+        self._rows = scheduling.SnapshotCache()  # used under the lock only
 
     def get(self, session: Session, settings: Settings, now: datetime) -> tuple[policy.Snapshot, policy.Plan]:
         version = tuple(session.execute(select(
@@ -191,7 +192,7 @@ class PlanCache:
         )).one())
         with self._lock:
             if self._entry is None or version != self._version or time.monotonic() - self._made_at > self.ttl_seconds:
-                snapshot = scheduling.load_snapshot(session, settings, now)
+                snapshot = scheduling.load_snapshot(session, settings, now, cache=self._rows)
                 self._entry = (snapshot, policy.decide(snapshot, scheduling.policy_config(settings)))
                 self._made_at, self._version = time.monotonic(), version
             return self._entry

@@ -576,10 +576,17 @@ class _Misfits:
 
     def __init__(self) -> None:
         self.shapes: dict[tuple, list[tuple[int, int, int]]] = defaultdict(list)
+        self.covered: set[tuple] = set()  # exact requests found covered: misfits only grow in a pass, so they stay covered
 
     def covers(self, job: Pending) -> bool:
         key = (job.has_command, job.members, job.gpu_types, job.node_pool)
-        return any(job.gpus >= g and job.cpu_millis >= c and job.memory_bytes >= m for g, c, m in self.shapes.get(key, ()))
+        exact = (key, job.gpus, job.cpu_millis, job.memory_bytes)
+        if exact in self.covered:
+            return True
+        if any(job.gpus >= g and job.cpu_millis >= c and job.memory_bytes >= m for g, c, m in self.shapes.get(key, ())):
+            self.covered.add(exact)
+            return True
+        return False
 
     def add(self, job: Pending) -> None:
         self.shapes[(job.has_command, job.members, job.gpu_types, job.node_pool)].append((job.gpus, job.cpu_millis, job.memory_bytes))
