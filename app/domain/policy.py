@@ -265,6 +265,7 @@ def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCap
     free = _FreeIndex(nodes)
     never: dict[tuple, bool] = {}
     messages: dict[tuple, str] = {}  # per pool, once its reservations are all taken (they never shrink in a pass)
+    malformed: dict[tuple, str | None] = {}  # per shape: what makes it impossible to reason about, if anything
     ledger = quotas.Ledger(snapshot.quotas, _holding(snapshot.running))
 
     def _one(job: Pending) -> Decision:
@@ -272,7 +273,10 @@ def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCap
         examined[pool] += 1
         if examined[pool] > config.scan_limit and job.id != snapshot.focus:
             return Wait(job, NOT_EXAMINED, f"More than {config.scan_limit} jobs of its kind are ahead of it this pass")
-        problem = capacity.malformed(job.cpu_millis, job.memory_bytes, job.gpus, job.members)
+        shape = job.shape
+        problem = malformed.get(shape, "")
+        if problem == "":
+            problem = malformed[shape] = capacity.malformed(job.cpu_millis, job.memory_bytes, job.gpus, job.members)
         if problem:
             return Fail(job, f"the scheduler could not admit this job: {problem}")
         if room is not None and room.get(job.queue, 0) <= 0:
@@ -283,8 +287,8 @@ def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCap
             over = ledger.check_any(job.owner, _eligible_clusters(nodes, job), ask)
             if over is not None:
                 return Wait(job, QUOTA_EXCEEDED, over.message, quota=over)
-        end = now + job.duration + config.end_margin_seconds
         if not misfits.covers(job):
+            end = now + job.duration + config.end_margin_seconds
             placement = free.place(job)
             if placement is None:
                 misfits.add(job)
@@ -310,7 +314,6 @@ def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCap
                     f"a timeout of at most {max(0, math.floor(slack - config.end_margin_seconds))}s would let it start now",
                     blocked_by=conflict.job_id, estimated_start_at=None,
                 )
-        shape = job.shape
         never_fits = never.get(shape)
         if never_fits is None:
             never_fits = never[shape] = _never_fits(nodes, job)

@@ -306,14 +306,25 @@ def load_snapshot(session: Session, settings: Settings, now: datetime, *, includ
     )
     room = {q.name: q.max_concurrency - active.get(q.name, 0) for q in settings.queues}
     full = sorted(name for name, left in room.items() if left <= 0)
+    backlog = _load_backlog(session, cache, now, full, include, settings.preemption_enabled)
+    owners = {job.owner for job in backlog} | {attempt.owner for attempt in running}
+    usage = fairshare.usage_of(session, owners, now, settings.fair_share_half_life_seconds)
+    budget = preemption_budget(session, settings, now) if settings.preemption_enabled else None
+    return policy.Snapshot(stamp, list(nodes.values()), running, backlog, usage, room, quotas=quotas.load_all(session),
+                           preemption_budget=budget, weights=weights.stored(session))
+
+
+def _load_backlog(session: Session, cache: SnapshotCache, now: datetime, full: list[str], include: str | None,
+                  preemption: bool) -> list[policy.Pending]:
+    """The backlog's heads (per owner, per pool, per demand class), and `include` if they left it out."""
     params = {"now": now, "full": full, "per_owner": BACKLOG_PER_OWNER, "per_pool": BACKLOG_PER_POOL,
-              "classes": BACKLOG_DEMAND_CLASSES, "per_class": BACKLOG_PER_CLASS, **cache.known(cache.backlog, stamp)}
+              "classes": BACKLOG_DEMAND_CLASSES, "per_class": BACKLOG_PER_CLASS, **cache.known(cache.backlog, now.timestamp())}
     rows = session.execute(_BACKLOG, params).all()
     fresh = [r for r in rows if r.owner is not None]
     extra = []
     if include is not None and not any(r.id == include for r in rows):
         extra = list(session.execute(_ONE_PENDING, {"id": include}))
-    preempted = (_preempted_by(session, [r.id for r in fresh + extra], now) if settings.preemption_enabled else {})
+    preempted = _preempted_by(session, [r.id for r in fresh + extra], now) if preemption else {}
     seen: dict[str, tuple[str, _Backlogged]] = {}
     backlog = []
     for r in rows:
@@ -322,13 +333,8 @@ def load_snapshot(session: Session, settings: Settings, now: datetime, *, includ
             entry = (r.version, _pending(r, preempted.get(r.id, ())))
         seen[r.id] = entry
         backlog.append(entry[1].job)
-    backlog += [_pending(r, preempted.get(r.id, ())).job for r in extra]
     cache.backlog = seen
-    owners = {job.owner for job in backlog} | {attempt.owner for attempt in running}
-    usage = fairshare.usage_of(session, owners, now, settings.fair_share_half_life_seconds)
-    budget = preemption_budget(session, settings, now) if settings.preemption_enabled else None
-    return policy.Snapshot(stamp, list(nodes.values()), running, backlog, usage, room, quotas=quotas.load_all(session),
-                           preemption_budget=budget, weights=weights.stored(session))
+    return backlog + [_pending(r, preempted.get(r.id, ())).job for r in extra]
 
 
 def _pending(r: Any, preempted: Any) -> _Backlogged:
