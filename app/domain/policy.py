@@ -5,9 +5,10 @@
 given is the scheduler's own, and what the simulator measures is what production runs.
 
 The rules, in order:
-- **Order.** Priority first. Among equal priorities, fair share: the owner with the smallest
-  dominant share (decayed usage plus what it holds now, over the fleet, divided by its weight) goes
-  next, and each admission in the pass raises its owner's share; then age.
+- **Order.** Priority first. Among equal priorities (within one band of `priority_band` points, see
+  `priority_band`: 49, 50 and 51 are one level), fair share: the owner with the smallest dominant share
+  (decayed usage plus what it holds now, over the fleet, divided by its weight) goes next, and each
+  admission in the pass raises its owner's share; then the owner's own jobs by priority, then age.
 - **Reservations (conservative backfill, as Slurm's).** A job that does not fit now gets a
   reservation, the earliest time and nodes at which it fits, computed from what holds capacity and
   when that ends (`started_at + timeout`; no timeout: never), for the first `reservation_depth`
@@ -127,6 +128,7 @@ class PolicyConfig:
     backfill: bool = True  # False: the old strict policy (priority then age; the first misfit stops all)
     end_margin_seconds: float = 0.0  # after its timeout a job may still hold its capacity this long (the kill grace)
     fair_share: bool = True
+    priority_band: int = 5  # FAIR_SHARE_PRIORITY_BAND: priorities this close (see priority_band) are ordered by fair share
     preemption: bool = False
     preemption_min_run_seconds: float = 60.0
     preemptors_per_pass: int = 4  # waiting jobs that may look for victims in one pass (each search copies the nodes)
@@ -681,6 +683,16 @@ def _totals(nodes: Sequence[NodeCapacity]) -> tuple[float, float, float]:
     )
 
 
+def priority_band(width: int) -> Callable[[int], int]:
+    """Priorities within one band count as equal for fair share: bands of `width` points centred on its multiples
+    (5: 48-52, 53-57, ...; 1: every priority its own band). Priorities set as a few levels, nudged by a point or two
+    (49, 50, 51), then share their level: fair share, not the nudge, decides among them, and a job never goes
+    before one more than `width` - 1 points above it."""
+    width = max(1, int(width))
+    half = width // 2
+    return lambda priority: (priority + half) // width
+
+
 def dominant_fraction(gpus: float, cpu_millis: float, memory_bytes: float, totals: tuple[float, float, float]) -> float:
     """The largest fraction of the fleet this amount is, over GPUs, CPU and memory (DRF)."""
     return max((amount / total for amount, total in zip((gpus, cpu_millis, memory_bytes), totals) if total > 0), default=0.0)
@@ -725,16 +737,18 @@ class _Shares:
         self._cached.pop(job.owner, None)
 
     def order(self, backlog: Sequence[Pending]) -> Iterator[Pending]:
-        """Priority first; within a priority the owner with the lowest share next (updated as the pass admits)."""
+        """Priority first; within a priority band the owner with the lowest share next (updated as the pass admits),
+        and each owner's own jobs by priority, then age."""
+        band = priority_band(self.config.priority_band)
         by_priority: dict[int, dict[str, list[Pending]]] = defaultdict(lambda: defaultdict(list))
         for job in backlog:
-            by_priority[job.priority][job.owner].append(job)
-        for priority in sorted(by_priority, reverse=True):
-            queues = by_priority[priority]
+            by_priority[band(job.priority)][job.owner].append(job)
+        for tier in sorted(by_priority, reverse=True):
+            queues = by_priority[tier]
             heap: list[tuple[float, str]] = []
             positions: dict[str, int] = {}
             for owner, jobs in queues.items():
-                jobs.sort(key=lambda j: (j.submitted_at, j.id))
+                jobs.sort(key=lambda j: (-j.priority, j.submitted_at, j.id))
                 positions[owner] = 0
                 heap.append((self.share(owner), owner))
             heapq.heapify(heap)

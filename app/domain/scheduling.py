@@ -118,6 +118,7 @@ def policy_config(settings: Settings) -> policy.PolicyConfig:
         reservation_depth=settings.scheduler_reservation_depth,
         half_life_seconds=settings.fair_share_half_life_seconds,
         weights=dict(settings.fair_share_weights),
+        priority_band=settings.fair_share_priority_band,
         scan_limit=settings.scheduler_scan_limit,
         end_margin_seconds=settings.kill_grace_seconds,
         preemption=settings.preemption_enabled,
