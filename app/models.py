@@ -320,6 +320,33 @@ class QuotaChange(Base):
     after: Mapped[list[Any]] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
 
 
+class FairShareWeight(Base):
+    """A tenant's fair-share weight set by an admin; it wins over FAIR_SHARE_WEIGHTS (the default)."""
+
+    __tablename__ = "fair_share_weights"
+    __table_args__ = (CheckConstraint("weight >= 0.001 AND weight <= 1000", name="bounded"),)
+
+    tenant: Mapped[str] = mapped_column(Text, primary_key=True)
+    weight: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[datetime]
+    updated_by: Mapped[str] = mapped_column(Text)
+
+
+class FairShareWeightChange(Base):
+    """The audit of weight changes: who set (or removed) which tenant's weight, when, before and after (None: not set)."""
+
+    __tablename__ = "fair_share_weight_changes"
+    __table_args__ = (Index("ix_fair_share_weight_changes_tenant", "tenant", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    tenant: Mapped[str] = mapped_column(Text)
+    at: Mapped[datetime]
+    actor: Mapped[str] = mapped_column(Text)
+    action: Mapped[str] = mapped_column(Text)
+    before: Mapped[float | None] = mapped_column(Float)
+    after: Mapped[float | None] = mapped_column(Float)
+
+
 # --- Counters and roll-ups, maintained by PostgreSQL triggers (migration 0002_observability) -----
 # Triggers on `jobs` and `job_events` append to the *_deltas tables in the writer's transaction;
 # app.domain.counters.fold moves the deltas into the folded tables. Readers add both up.

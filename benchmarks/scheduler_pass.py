@@ -4,14 +4,19 @@ Loads --pending pending jobs (default 100,000; 20 owners, GPU and CPU-only, a fe
 timeouts) and --nodes nodes of 8 GPUs (default 1,000) whose GPUs all but --free of them are held by
 running jobs with timeouts, into the empty database at DATABASE_URL (migrated here). Then it runs the
 scheduler's real admission pass (app.domain.scheduling.admit: lock, fair-share accrual, snapshot with
-the per-owner and per-pool pruning, the policy, the writes) --passes times and prints the time of the
-snapshot load, of the policy and of the whole pass. It deletes everything it added when it ends.
+the per-owner and per-pool pruning, the policy, the writes) --passes times, as the scheduler process runs
+it (one SnapshotCache kept between passes; --no-cache: none), and prints where a pass's time goes: the
+fair-share accrual, the snapshot's parts (nodes, the jobs holding capacity, the backlog's heads, the rest:
+queue counts, usage, quotas, weights), the policy, and the rest of the pass (lock, locking and writing the
+admissions, the next wake-up). The first pass (nothing cached) is shown apart. It deletes everything it
+added when it ends.
 
     DATABASE_URL=postgresql://postgres@127.0.0.1:5432/jobservice_bench python benchmarks/scheduler_pass.py
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -26,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from app.db import Database  # noqa: E402
-from app.domain import policy, scheduling  # noqa: E402
+from app.domain import fairshare, policy, scheduling  # noqa: E402
 from app.domain.jobs import utcnow  # noqa: E402
 from config import Settings  # noqa: E402
 
@@ -91,6 +96,7 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=1_000)
     parser.add_argument("--free", type=int, default=2, help="nodes with nothing running")
     parser.add_argument("--passes", type=int, default=20)
+    parser.add_argument("--no-cache", action="store_true", help="no SnapshotCache: every pass decodes every row")
     args = parser.parse_args()
     # Queue limits far above the fleet: the pass must cope with the backlog itself, not with a full queue.
     settings = Settings.from_env({"JOB_QUEUES": "high-priority:50-100:1000000,default:0-49:1000000", **os.environ})
@@ -101,8 +107,9 @@ def main() -> None:
     with database.engine.connect() as conn:
         if conn.execute(text("SELECT count(*) FROM jobs")).scalar():
             sys.exit("the database already holds jobs: use an empty one")
-    timings: dict[str, list[float]] = {"snapshot": [], "policy": [], "pass": []}
-    real_load, real_decide = scheduling.load_snapshot, policy.decide
+    parts = {"accrue": (fairshare, "accrue"), "nodes": (scheduling, "_load_nodes"), "holders": (scheduling, "_load_holders"),
+             "backlog": (scheduling, "_load_backlog"), "snapshot": (scheduling, "load_snapshot"), "policy": (policy, "decide")}
+    timings: dict[str, list[float]] = {name: [] for name in [*parts, "pass"]}
 
     def timed(name: str, function):  # type: ignore[no-untyped-def]
         def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -116,20 +123,30 @@ def main() -> None:
     try:
         load(database, args.pending, args.nodes, args.free)
         admitted = decisions = 0
-        with mock.patch.object(scheduling, "load_snapshot", timed("snapshot", real_load)), \
-                mock.patch.object(policy, "decide", timed("policy", real_decide)):
+        cache = None if args.no_cache else scheduling.SnapshotCache()
+        with contextlib.ExitStack() as patches:
+            for name, (module, attribute) in parts.items():
+                patches.enter_context(mock.patch.object(module, attribute, timed(name, getattr(module, attribute))))
             for number in range(args.passes):
                 with database.session() as session:
                     started = time.perf_counter()
-                    result = scheduling.admit(session, settings, utcnow() + timedelta(seconds=number))
+                    result = scheduling.admit(session, settings, utcnow() + timedelta(seconds=number), cache=cache)
                     timings["pass"].append(time.perf_counter() - started)
                 admitted += len(result.admitted)
                 decisions += len(result.plan.decisions) if result.plan else 0
-        print(f"{args.passes} passes: {admitted} jobs admitted, {decisions / args.passes:,.0f} decisions per pass "
-              f"(the backlog the policy sees after pruning per owner and per pool)")
-        for name, values in timings.items():
-            print(f"  {name:9s} first {1000 * values[0]:7.1f} ms   p50 {1000 * statistics.median(values[1:] or values):7.1f} ms   "
-                  f"max {1000 * max(values):7.1f} ms")
+        print(f"{args.passes} passes ({'no cache' if cache is None else 'one SnapshotCache, as the scheduler'}): {admitted} jobs admitted, "
+              f"{decisions / args.passes:,.0f} decisions per pass (the backlog the policy sees after pruning per owner and per pool)")
+        n = len(timings["pass"])
+        timings["snapshot, other"] = [timings["snapshot"][i] - timings["nodes"][i] - timings["holders"][i] - timings["backlog"][i]
+                                      for i in range(n)]
+        accrued = timings["accrue"] + [0.0] * (n - len(timings["accrue"]))
+        timings["pass, other"] = [timings["pass"][i] - timings["snapshot"][i] - timings["policy"][i] - accrued[i] for i in range(n)]
+        print("  (first: the first pass, nothing cached yet; p50 and max over the others)")
+        for name in ("accrue", "snapshot", "nodes", "holders", "backlog", "snapshot, other", "policy", "pass, other", "pass"):
+            values = timings[name]
+            rest = values[1:] or values
+            label = f"  {name}" if name in ("nodes", "holders", "backlog", "snapshot, other") else name
+            print(f"  {label:17s} first {1000 * values[0]:7.1f} ms   p50 {1000 * statistics.median(rest):7.1f} ms   max {1000 * max(rest):7.1f} ms")
     finally:
         clean(database)
         database.dispose()

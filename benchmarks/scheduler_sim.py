@@ -574,6 +574,7 @@ def main() -> None:
     parser.add_argument("--pending", type=int, default=100_000, help="backlog size of the pass-time measurement")
     parser.add_argument("--borrow", type=float, default=0.25, help="borrowing limit, as a fraction of the fleet's GPUs")
     defaults = Settings()
+    parser.add_argument("--priority-band", type=int, default=defaults.fair_share_priority_band, help="FAIR_SHARE_PRIORITY_BAND")
     parser.add_argument("--min-run", type=float, default=defaults.preemption_min_run_seconds, help="PREEMPTION_MIN_RUN_SECONDS")
     parser.add_argument("--max-per-minute", type=int, default=defaults.preemption_max_per_minute,
                         help="PREEMPTION_MAX_PER_MINUTE (victims per cluster per minute; the simulated fleet is one cluster; -1: unlimited)")
@@ -588,10 +589,13 @@ def main() -> None:
           f"+ {args.cpu_nodes} CPU nodes, offered load {args.load:g}x, tenants {tenants}")
     configs = {
         "strict (old)": PolicyConfig(backfill=False, fair_share=False),
-        "new": PolicyConfig(reservation_depth=args.depth, half_life_seconds=args.half_life, weights=tenants),
+        "new": PolicyConfig(reservation_depth=args.depth, half_life_seconds=args.half_life, weights=tenants,
+                              priority_band=args.priority_band),
         "new + preemption": PolicyConfig(reservation_depth=args.depth, half_life_seconds=args.half_life, weights=tenants,
+                              priority_band=args.priority_band,
                                          preemption=True, preemption_min_run_seconds=args.min_run),
         "new + quotas + preemption": PolicyConfig(reservation_depth=args.depth, half_life_seconds=args.half_life, weights=tenants,
+                              priority_band=args.priority_band,
                                                   preemption=True, preemption_min_run_seconds=args.min_run),
     }
     # Quotas: each tenant's weight-entitled share of the GPUs, and it may borrow up to --borrow of the fleet beyond it.

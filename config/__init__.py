@@ -177,6 +177,7 @@ class Settings:
     scheduler_scan_limit: int = 2000
     fair_share_half_life_seconds: float = 3600.0
     fair_share_weights: tuple[tuple[str, float], ...] = ()
+    fair_share_priority_band: int = 1
     preemption_enabled: bool = True
     preemption_min_run_seconds: float = 60.0  # a job runs at least this long before it may be preempted (no loops)
     preemption_max_per_minute: int = 60  # per cluster: a bad priority setting cannot churn the fleet (10 held urgent work back)
@@ -298,6 +299,7 @@ class Settings:
             scheduler_scan_limit=_int(env, "SCHEDULER_SCAN_LIMIT", 2000),
             fair_share_half_life_seconds=_float(env, "FAIR_SHARE_HALF_LIFE_SECONDS", 3600.0),
             fair_share_weights=parse_weights(env.get("FAIR_SHARE_WEIGHTS", "")),
+            fair_share_priority_band=min(101, max(1, _int(env, "FAIR_SHARE_PRIORITY_BAND", 1))),
             quotas_file=_optional(env, "QUOTAS_FILE"),
             preemption_enabled=_bool(env, "PREEMPTION_ENABLED", True),
             preemption_min_run_seconds=max(0.0, _float(env, "PREEMPTION_MIN_RUN_SECONDS", 60.0)),

@@ -26,7 +26,8 @@ from app.embedded import ensure_services
 from config import Settings
 
 TABLES = ("job_log_lines", "job_events", "outbox", "jobs", "nodes", "node_events", "job_counts", "job_count_deltas", "job_stats", "job_stat_buckets",
-          "job_stats_deltas", "scheduler_heartbeats", "fair_share_usage", "scheduler_state", "idempotency_keys", "quotas", "quota_changes")
+          "job_stats_deltas", "scheduler_heartbeats", "fair_share_usage", "scheduler_state", "idempotency_keys", "quotas", "quota_changes",
+          "fair_share_weights", "fair_share_weight_changes")
 TEST_JWT_SECRET = "test-secret-that-is-long-enough-for-hs256-0123456789"
 
 

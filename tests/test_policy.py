@@ -78,6 +78,27 @@ def test_fair_share_orders_equal_priorities_but_never_overrides_priority() -> No
     assert plan.shares["light"].rank == 1 and plan.shares["heavy"].rank == 2
 
 
+def test_fair_share_decides_among_priorities_a_point_or_two_apart_but_not_beyond_the_band() -> None:
+    a = node("a", gpus=1, slots=1)
+    usage = {"heavy": Usage(gpu_seconds=3600.0)}
+    nudged = job("nudged", gpus=1, owner="heavy", priority=51)  # the heavy user bumps its job by a point
+    light = job("light", gpus=1, owner="light", priority=50, at=100)
+    banded = PolicyConfig(priority_band=5)
+    # With FAIR_SHARE_PRIORITY_BAND=5, 48-52 are one level around 50: the light user's lower share wins.
+    plan = decide(Snapshot(NOW, [a], [], [nudged, light], usage=usage), banded)
+    assert [d.job.id for d in plan.admitted] == ["light"] and plan.order == ["light", "nudged"]
+    # The default (a band of 1) is strict priority, as the contract says: the nudge wins.
+    plan = decide(Snapshot(NOW, [a], [], [nudged, light], usage=usage))
+    assert [d.job.id for d in plan.admitted] == ["nudged"]
+    # Beyond the band priority dominates whatever the shares: 53 is the next level up from 50.
+    above = job("above", gpus=1, owner="heavy", priority=53)
+    plan = decide(Snapshot(NOW, [a], [], [above, light], usage=usage), banded)
+    assert [d.job.id for d in plan.admitted] == ["above"]
+    # An owner's own jobs keep their priority order inside the band.
+    mine = [job("mine-49", gpus=1, owner="light", priority=49), job("mine-52", gpus=1, owner="light", priority=52, at=50)]
+    assert decide(Snapshot(NOW, [a], [], mine), banded).order == ["mine-52", "mine-49"]
+
+
 def test_weights_scale_shares() -> None:
     config = PolicyConfig(weights={"big-team": 4.0})
     usage = {"big-team": Usage(gpu_seconds=3000.0), "small": Usage(gpu_seconds=1000.0)}

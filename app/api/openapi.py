@@ -104,7 +104,7 @@ _PATH_PARAMETERS = {
     "cluster_name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", "maxLength": 63},
     # Host names and Kubernetes node names (DNS subdomains, at most 253 characters).
     "node_name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,252}$", "maxLength": 253},
-    # A tenant with a quota (app.api.quotas.TENANT_PATTERN).
+    # A tenant with a quota or a fair-share weight (app.api.quotas.TENANT_PATTERN).
     "tenant": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.@:+-]{0,199}$", "maxLength": 200, "example": "team-a"},
 }
 

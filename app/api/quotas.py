@@ -129,7 +129,8 @@ class QuotaListSchema(ma.Schema):
     tenants = ma.fields.List(ma.fields.Nested(TenantQuotaSchema))
 
 
-def _tenant(value: str) -> str:
+def tenant_name(value: str) -> str:
+    """A tenant in a path, validated (400 naming `tenant`): quotas and fair-share weights name tenants alike."""
     if not _TENANT.fullmatch(value):
         abort(400, message="Invalid tenant", errors={"tenant": ["1-200 of A-Z a-z 0-9 _ . @ : + -, starting alphanumeric"]})
     return value
@@ -163,7 +164,7 @@ class TenantQuota(MethodView):
     def get(self, tenant: str) -> dict[str, Any]:
         """A tenant's quotas (empty: unlimited), usage, what it borrows, and the latest changes"""
         require_scope(SCOPE_ADMIN)
-        return _view(_tenant(tenant))
+        return _view(tenant_name(tenant))
 
     @blp.arguments(QuotaPutSchema)
     @blp.response(200, TenantQuotaSchema)
@@ -171,7 +172,7 @@ class TenantQuota(MethodView):
     def put(self, body: dict[str, Any], tenant: str) -> dict[str, Any]:
         """Set a tenant's quotas (replaces them all; audited)"""
         caller = require_scope(SCOPE_ADMIN)
-        tenant = _tenant(tenant)
+        tenant = tenant_name(tenant)
         quotas.replace(session(), tenant, to_quotas(tenant, body["quotas"]), caller.sub, utcnow())
         return _view(tenant)
 
@@ -180,7 +181,7 @@ class TenantQuota(MethodView):
     def delete(self, tenant: str) -> None:
         """Remove a tenant's quotas: unlimited again (audited)"""
         caller = require_scope(SCOPE_ADMIN)
-        if not quotas.remove(session(), _tenant(tenant), caller.sub, utcnow()):
+        if not quotas.remove(session(), tenant_name(tenant), caller.sub, utcnow()):
             abort(404, message=f"Tenant {tenant} has no quota")
 
 

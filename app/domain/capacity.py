@@ -81,6 +81,14 @@ class NodeCapacity:
             return "MEMORY"
         return None
 
+    def copy(self) -> "NodeCapacity":
+        """A copy whose holdings change apart from this one's. The scheduler copies every node every pass:
+        this is several times quicker than dataclasses.replace (which validates and calls __init__)."""
+        clone = object.__new__(NodeCapacity)
+        clone.__dict__.update(self.__dict__)
+        clone.used_gpus = set(self.used_gpus)
+        return clone
+
     def emptied(self) -> "NodeCapacity":
         """The same node with nothing held on it."""
         return NodeCapacity(self.cluster, self.name, self.gpu_indices, self.gpu_type, self.cpu_millis, self.memory_bytes, self.slots,
@@ -116,39 +124,66 @@ def load_nodes(
     `holders`, when given, receives the rows of the jobs holding resources (the scheduler's running attempts).
     """
     # Plain rows, not ORM objects: the scheduler reads every node on every pass.
-    query = select(Node.cluster, Node.name, Node.gpu_indices, Node.gpu_type, Node.cpu_millis, Node.memory_bytes, Node.slots, Node.pool)
-    if ready_only:
-        query = query.where(Node.ready.is_(True))
-    if alive_since is not None:
-        # Placement's view: live nodes that are neither cordoned nor draining (app.domain.nodes).
-        query = query.where(Node.heartbeat_at >= alive_since, Node.state == "ready")
-    nodes = {
-        (n.cluster, n.name): NodeCapacity(
-            n.cluster, n.name, sorted(int(g) for g in n.gpu_indices), n.gpu_type, n.cpu_millis, n.memory_bytes, n.slots,
-            pool=n.pool,
-        )
-        for n in session.execute(query)
-    }
+    nodes = {(n.cluster, n.name): node_of(n) for n in session.execute(_nodes_query(ready_only, alive_since))}
     held = session.execute(
         # Plain `holds_resources`, not IS TRUE: only this form uses the partial index ix_jobs_holding_node.
         select(Job.cluster, Job.placement, Job.cpu_millis, Job.memory_bytes, Job.gpus, Job.id, func.coalesce(Job.tenant, Job.owner).label("owner"), Job.status,
                Job.queued_at, Job.started_at, Job.timeout_seconds, Job.priority, Job.preemptible, Job.queue).where(Job.holds_resources)
     )
     for row in held:
-        cluster, placement, cpu, memory, gpus = row[:5]
         if holders is not None:
             holders.append(row)
-        for index, part in enumerate(placement or []):
-            node = nodes.get((cluster, part["node"]))
-            if node is None:
-                continue
-            members = int(part["members"])
-            node.used_gpus.update(int(g) for g in part.get("gpu_indices") or [])
-            node.used_anonymous_gpus += 0 if part.get("gpu_indices") else gpus * members
-            node.used_cpu_millis += cpu * members
-            node.used_memory_bytes += memory * members
-            node.used_slots += 1 if index == 0 else 0  # one worker slot runs the whole job
+        hold(nodes, holding_of(row.cluster, row.placement, row.cpu_millis, row.memory_bytes, row.gpus))
     return list(nodes.values())
+
+
+NODE_COLUMNS = (Node.cluster, Node.name, Node.gpu_indices, Node.gpu_type, Node.cpu_millis, Node.memory_bytes, Node.slots, Node.pool)
+
+
+def _nodes_query(ready_only: bool, alive_since: datetime | None) -> Any:
+    query = select(*NODE_COLUMNS)
+    if ready_only:
+        query = query.where(Node.ready.is_(True))
+    if alive_since is not None:
+        # Placement's view: live nodes that are neither cordoned nor draining (app.domain.nodes).
+        query = query.where(Node.heartbeat_at >= alive_since, Node.state == "ready")
+    return query
+
+
+def node_of(row: Any) -> NodeCapacity:
+    """A node row (NODE_COLUMNS) as the capacity it offers, nothing held."""
+    cluster, name, gpu_indices, gpu_type, cpu_millis, memory_bytes, slots, pool = row
+    return NodeCapacity(cluster, name, sorted(int(g) for g in gpu_indices), gpu_type, cpu_millis, memory_bytes, slots, pool=pool)
+
+
+# What one admitted job holds on one node: (cluster, node), GPU indices it names, GPUs held by count only (Kubernetes:
+# the device plugin picks them), CPU millis, memory bytes, worker slots.
+Holding = tuple[tuple[tuple[str, str], tuple[int, ...], int, int, int, int], ...]
+
+
+def holding_of(cluster: str | None, placement: list[Any] | None, cpu_millis: int, memory_bytes: int, gpus: int) -> Holding:
+    """A job's placement (jobs.placement) as what it holds on each node."""
+    parts = []
+    for index, part in enumerate(placement or []):
+        members = int(part["members"])
+        indices = tuple(int(g) for g in part.get("gpu_indices") or [])
+        parts.append(((cluster, part["node"]), indices, 0 if indices else gpus * members, cpu_millis * members,
+                      memory_bytes * members, 1 if index == 0 else 0))  # one worker slot runs the whole job
+    return tuple(parts)
+
+
+def hold(nodes: dict[tuple[str, str], NodeCapacity], holding: Holding) -> None:
+    """Deduct what a job holds from the nodes it is placed on (nodes not listed are not live: ignored)."""
+    for key, indices, anonymous, cpu, memory, slot in holding:
+        node = nodes.get(key)
+        if node is None:
+            continue
+        if indices:
+            node.used_gpus.update(indices)
+        node.used_anonymous_gpus += anonymous
+        node.used_cpu_millis += cpu
+        node.used_memory_bytes += memory
+        node.used_slots += slot
 
 
 @dataclass(frozen=True)

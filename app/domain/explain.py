@@ -43,7 +43,7 @@ from app.domain.capacity import NodeCapacity
 from app.domain.nodes import why_unschedulable
 from app.domain.quantities import format_bytes, format_millis
 from app.domain.states import TERMINAL, JobStatus
-from app.models import Job, JobEvent, Node
+from app.models import FairShareWeightChange, Job, JobEvent, Node
 from config import Settings
 
 
@@ -181,16 +181,18 @@ class PlanCache:
         self._made_at = -math.inf
         self._version: tuple[object, ...] | None = None
         self._entry: tuple[policy.Snapshot, policy.Plan] | None = None
+        self._rows = scheduling.SnapshotCache()  # used under the lock only
 
     def get(self, session: Session, settings: Settings, now: datetime) -> tuple[policy.Snapshot, policy.Plan]:
         version = tuple(session.execute(select(
             select(func.max(JobEvent.id)).scalar_subquery(),
             select(func.count()).select_from(Node).scalar_subquery(),
             select(func.max(Node.started_at)).scalar_subquery(),
+            select(func.max(FairShareWeightChange.id)).scalar_subquery(),  # an admin changed a weight
         )).one())
         with self._lock:
             if self._entry is None or version != self._version or time.monotonic() - self._made_at > self.ttl_seconds:
-                snapshot = scheduling.load_snapshot(session, settings, now)
+                snapshot = scheduling.load_snapshot(session, settings, now, cache=self._rows)
                 self._entry = (snapshot, policy.decide(snapshot, scheduling.policy_config(settings)))
                 self._made_at, self._version = time.monotonic(), version
             return self._entry

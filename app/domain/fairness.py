@@ -7,7 +7,7 @@ from datetime import datetime
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.domain import capacity, fairshare, policy, quotas, scheduling
+from app.domain import capacity, fairshare, policy, quotas, scheduling, weights
 from app.domain.policy import Usage
 from app.domain.states import JobStatus
 from app.models import Job
@@ -44,7 +44,8 @@ def report(session: Session, settings: Settings, now: datetime, owner: str | Non
     pending = dict(session.execute(select(owner_of, func.count()).where(Job.status == JobStatus.PENDING.value).group_by(owner_of)).all())
     usage = fairshare.usage_of(session, None, now, settings.fair_share_half_life_seconds)
     config = scheduling.policy_config(settings)
-    shares = policy.owner_shares(policy.Snapshot(now.timestamp(), nodes, running, [], usage), config, waiting=pending)
+    admin_set = weights.stored(session)
+    shares = policy.owner_shares(policy.Snapshot(now.timestamp(), nodes, running, [], usage, weights=admin_set), config, waiting=pending)
     all_quotas = quotas.load_all(session)
     held = quotas.usage(session) if all_quotas else {}
     rows = []
@@ -56,10 +57,12 @@ def report(session: Session, settings: Settings, now: datetime, owner: str | Non
                                 share.usage_share, share.held_share, share.share, share.rank or None, int(pending.get(name, 0)),
                                 quotas.standing(all_quotas.get(name, []), held)))
     listed = {row.owner for row in rows}
-    for name in sorted(set(all_quotas) - listed):  # a tenant with a quota but no usage or backlog yet
+    # A tenant with a quota or a weight set by an admin, but no usage or backlog yet.
+    for name in sorted((set(all_quotas) | set(admin_set)) - listed):
         if owner is None or name == owner:
-            rows.append(OwnerReport(name, config.weight(name), 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, None, 0, quotas.standing(all_quotas[name], held)))
+            rows.append(OwnerReport(name, config.weight(name, admin_set), 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, None, 0,
+                                    quotas.standing(all_quotas.get(name, []), held)))
     if owner is not None and not rows:
-        rows.append(OwnerReport(owner, config.weight(owner), 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, None, 0))
+        rows.append(OwnerReport(owner, config.weight(owner, admin_set), 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, None, 0))
     rows.sort(key=lambda r: (r.rank is None, r.rank or 0, r.owner))
     return FairnessReport(settings.fair_share_half_life_seconds, rows)

@@ -59,15 +59,17 @@ def accrue(session: Session, now: datetime, half_life_seconds: float) -> None:
 
 def usage_of(session: Session, owners: Iterable[str] | None, now: datetime, half_life_seconds: float) -> dict[str, Usage]:
     """Owners' usage decayed to `now` (every owner's when `owners` is None)."""
-    query = select(FairShareUsage)
+    # Plain rows, not ORM objects: the scheduler reads this every pass.
+    query = select(FairShareUsage.owner, FairShareUsage.gpu_seconds, FairShareUsage.cpu_seconds, FairShareUsage.memory_gib_seconds,
+                   FairShareUsage.updated_at)
     if owners is not None:
         wanted = sorted(set(owners))
         if not wanted:
             return {}
         query = query.where(FairShareUsage.owner.in_(wanted))
     result = {}
-    for row in session.scalars(query):
-        factor = 0.5 ** (max(0.0, (now - row.updated_at).total_seconds()) / max(half_life_seconds, 1.0))
-        result[row.owner] = Usage(row.gpu_seconds * factor, row.cpu_seconds * factor, row.memory_gib_seconds * factor)
+    for owner, gpu_seconds, cpu_seconds, memory_gib_seconds, updated_at in session.execute(query):
+        factor = 0.5 ** (max(0.0, (now - updated_at).total_seconds()) / max(half_life_seconds, 1.0))
+        result[owner] = Usage(gpu_seconds * factor, cpu_seconds * factor, memory_gib_seconds * factor)
     return result
 

@@ -5,9 +5,10 @@
 given is the scheduler's own, and what the simulator measures is what production runs.
 
 The rules, in order:
-- **Order.** Priority first. Among equal priorities, fair share: the owner with the smallest
-  dominant share (decayed usage plus what it holds now, over the fleet, divided by its weight) goes
-  next, and each admission in the pass raises its owner's share; then age.
+- **Order.** Priority first. Among equal priorities (by default exactly equal; with a `priority_band` of 5,
+  49, 50 and 51 are one level), fair share: the owner with the smallest dominant share
+  (decayed usage plus what it holds now, over the fleet, divided by its weight) goes next, and each
+  admission in the pass raises its owner's share; then the owner's own jobs by priority, then age.
 - **Reservations (conservative backfill, as Slurm's).** A job that does not fit now gets a
   reservation, the earliest time and nodes at which it fits, computed from what holds capacity and
   when that ends (`started_at + timeout`; no timeout: never), for the first `reservation_depth`
@@ -133,13 +134,17 @@ class PolicyConfig:
     backfill: bool = True  # False: the old strict policy (priority then age; the first misfit stops all)
     end_margin_seconds: float = 0.0  # after its timeout a job may still hold its capacity this long (the kill grace)
     fair_share: bool = True
+    priority_band: int = 1  # FAIR_SHARE_PRIORITY_BAND: priorities this close (see priority_band) are ordered by fair share
     preemption: bool = False
     preemption_min_run_seconds: float = 60.0
     preemptors_per_pass: int = 32  # waiting jobs that may look for victims in one pass (each search copies the nodes)
     preemption_scan_limit: int = 512  # blocked jobs examined for preemption in one pass (bounds the pass on a huge backlog)
 
-    def weight(self, owner: str) -> float:
-        weight = self.weights.get(owner, self.default_weight)
+    def weight(self, owner: str, admin_set: Mapping[str, float] | None = None) -> float:
+        """What an admin set (`admin_set`, the snapshot's), else the configured weight, else the default."""
+        weight = admin_set.get(owner) if admin_set else None
+        if weight is None:
+            weight = self.weights.get(owner, self.default_weight)
         return weight if weight > 0 else self.default_weight
 
 
@@ -154,6 +159,7 @@ class Snapshot:
     focus: str | None = None  # explain: estimate this job's start even beyond the reservation depth
     quotas: Mapping[str, Sequence[quotas.Quota]] = field(default_factory=dict)  # per tenant (Pending.owner); none: unlimited
     preemption_budget: Mapping[str, int] | None = None  # victims each cluster may still lose now (rate limit); None: unlimited
+    weights: Mapping[str, float] = field(default_factory=dict)  # set by admins (fair_share_weights): win over config.weights
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,7 +237,7 @@ Vec = list[int]  # [gpus, cpu millis, memory bytes, worker slots]
 
 def decide(snapshot: Snapshot, config: PolicyConfig = PolicyConfig()) -> Plan:
     """Decisions for one pass over `snapshot`; `snapshot` is never modified."""
-    nodes = [dataclasses.replace(n, used_gpus=set(n.used_gpus)) for n in snapshot.nodes]
+    nodes = [n.copy() for n in snapshot.nodes]
     totals = _totals(nodes)
     shares = _Shares(snapshot, config, totals)
     plan = Plan({}, [], nodes, shares.report())
@@ -267,6 +273,8 @@ def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCap
     first_blocked: dict[tuple, str] = {}  # per pool, the first job that did not fit now
     free = _FreeIndex(nodes)
     never: dict[tuple, bool] = {}
+    messages: dict[tuple, str] = {}  # per pool, once its reservations are all taken (they never shrink in a pass)
+    malformed: dict[tuple, str | None] = {}  # per shape: what makes it impossible to reason about, if anything
     ledger = quotas.Ledger(snapshot.quotas, _holding(snapshot.running))
 
     def _one(job: Pending) -> Decision:
@@ -274,7 +282,10 @@ def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCap
         examined[pool] += 1
         if examined[pool] > config.scan_limit and job.id != snapshot.focus:
             return Wait(job, NOT_EXAMINED, f"More than {config.scan_limit} jobs of its kind are ahead of it this pass")
-        problem = capacity.malformed(job.cpu_millis, job.memory_bytes, job.gpus, job.members)
+        shape = job.shape
+        problem = malformed.get(shape, "")
+        if problem == "":
+            problem = malformed[shape] = capacity.malformed(job.cpu_millis, job.memory_bytes, job.gpus, job.members)
         if problem:
             return Fail(job, f"the scheduler could not admit this job: {problem}")
         if room is not None and room.get(job.queue, 0) <= 0:
@@ -285,8 +296,8 @@ def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCap
             over = ledger.check_any(job.owner, _eligible_clusters(nodes, job), ask)
             if over is not None:
                 return Wait(job, QUOTA_EXCEEDED, over.message, quota=over)
-        end = now + job.duration + config.end_margin_seconds
         if not misfits.covers(job):
+            end = now + job.duration + config.end_margin_seconds
             placement = free.place(job)
             if placement is None:
                 misfits.add(job)
@@ -312,13 +323,14 @@ def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCap
                     f"a timeout of at most {max(0, math.floor(slack - config.end_margin_seconds))}s would let it start now",
                     blocked_by=conflict.job_id, estimated_start_at=None,
                 )
-        if job.shape not in never:
-            never[job.shape] = _never_fits(nodes, job)
-        if never[job.shape]:
+        never_fits = never.get(shape)
+        if never_fits is None:
+            never_fits = never[shape] = _never_fits(nodes, job)
+        if never_fits:
             return Wait(job, NEVER_FITS_LIVE, "No live node could hold it even empty; it waits for such a node and holds nothing back")
-        blocker = first_blocked.setdefault(job.pool, job.id)
+        blocker = first_blocked.setdefault(pool, job.id)
         blocked_by = blocker if blocker != job.id else None
-        ahead = reserved[job.pool]
+        ahead = reserved[pool]
         if len(ahead) < config.reservation_depth or job.id == snapshot.focus:
             found = timeline.reserve(job, commit=len(ahead) < config.reservation_depth)
             if found is None:
@@ -329,7 +341,11 @@ def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCap
                 ahead.append(decision)
                 return decision
             return Wait(job, CAPACITY, _capacity_message(ahead), blocked_by=blocked_by, estimated_start_at=found.start)
-        return Wait(job, CAPACITY, _capacity_message(ahead), blocked_by=blocked_by)
+        # The common case with a big backlog (its kind's reservations are taken): the same message for all of them.
+        message = messages.get(pool)
+        if message is None:
+            message = messages[pool] = _capacity_message(ahead)
+        return Wait(job, CAPACITY, message, blocked_by=blocked_by)
 
     def consider(job: Pending) -> None:
         plan.order.append(job.id)
@@ -378,7 +394,7 @@ def _release(by_key: Mapping[tuple[str, str], NodeCapacity], attempt: Running) -
 
 
 def _copy(nodes: Sequence[NodeCapacity]) -> list[NodeCapacity]:
-    return [dataclasses.replace(n, used_gpus=set(n.used_gpus)) for n in nodes]
+    return [n.copy() for n in nodes]
 
 
 def _fits_after(base: Sequence[NodeCapacity], victims: Sequence[Running], job: Pending) -> tuple[list[NodeCapacity], Placement | None]:
@@ -661,10 +677,17 @@ class _Misfits:
 
     def __init__(self) -> None:
         self.shapes: dict[tuple, list[tuple[int, int, int]]] = defaultdict(list)
+        self.covered: set[tuple] = set()  # exact requests found covered: misfits only grow in a pass, so they stay covered
 
     def covers(self, job: Pending) -> bool:
         key = (job.has_command, job.members, job.gpu_types, job.node_pool)
-        return any(job.gpus >= g and job.cpu_millis >= c and job.memory_bytes >= m for g, c, m in self.shapes.get(key, ()))
+        exact = (key, job.gpus, job.cpu_millis, job.memory_bytes)
+        if exact in self.covered:
+            return True
+        if any(job.gpus >= g and job.cpu_millis >= c and job.memory_bytes >= m for g, c, m in self.shapes.get(key, ())):
+            self.covered.add(exact)
+            return True
+        return False
 
     def add(self, job: Pending) -> None:
         self.shapes[(job.has_command, job.members, job.gpu_types, job.node_pool)].append((job.gpus, job.cpu_millis, job.memory_bytes))
@@ -756,6 +779,16 @@ def _totals(nodes: Sequence[NodeCapacity]) -> tuple[float, float, float]:
     )
 
 
+def priority_band(width: int) -> Callable[[int], int]:
+    """Priorities within one band count as equal for fair share: bands of `width` points centred on its multiples
+    (5: 48-52, 53-57, ...; 1: every priority its own band). Priorities set as a few levels, nudged by a point or two
+    (49, 50, 51), then share their level: fair share, not the nudge, decides among them, and a job never goes
+    before one more than `width` - 1 points above it."""
+    width = max(1, int(width))
+    half = width // 2
+    return lambda priority: (priority + half) // width
+
+
 def dominant_fraction(gpus: float, cpu_millis: float, memory_bytes: float, totals: tuple[float, float, float]) -> float:
     """The largest fraction of the fleet this amount is, over GPUs, CPU and memory (DRF)."""
     return max((amount / total for amount, total in zip((gpus, cpu_millis, memory_bytes), totals) if total > 0), default=0.0)
@@ -766,6 +799,7 @@ class _Shares:
 
     def __init__(self, snapshot: Snapshot, config: PolicyConfig, totals: tuple[float, float, float], waiting: Iterable[str] = ()) -> None:
         self.config = config
+        self.admin_weights = snapshot.weights
         self.totals = totals
         mean_life = max(config.half_life_seconds, 1e-9) / math.log(2)  # steady state of decayed usage = rate * mean life
         self.used: dict[str, list[float]] = {}
@@ -779,30 +813,38 @@ class _Shares:
             held[1] += attempt.cpu_millis * members
             held[2] += attempt.memory_bytes * members
         self.owners_waiting = sorted({job.owner for job in snapshot.backlog} | set(waiting))
+        self._cached: dict[str, float] = {}
 
     def share(self, owner: str) -> float:
-        used = self.used.get(owner, (0.0, 0.0, 0.0))
-        held = self.held.get(owner, (0.0, 0.0, 0.0))
-        total = [u + h for u, h in zip(used, held)]
-        return dominant_fraction(*total, self.totals) / self.config.weight(owner)
+        # Asked once per job the pass orders, but it changes only when the owner is charged: cached until then.
+        share = self._cached.get(owner)
+        if share is None:
+            used = self.used.get(owner, (0.0, 0.0, 0.0))
+            held = self.held.get(owner, (0.0, 0.0, 0.0))
+            total = [u + h for u, h in zip(used, held)]
+            share = self._cached[owner] = dominant_fraction(*total, self.totals) / self.config.weight(owner, self.admin_weights)
+        return share
 
     def charge(self, job: Pending) -> None:
         held = self.held[job.owner]
         held[0] += job.gpus * job.members
         held[1] += job.cpu_millis * job.members
         held[2] += job.memory_bytes * job.members
+        self._cached.pop(job.owner, None)
 
     def order(self, backlog: Sequence[Pending]) -> Iterator[Pending]:
-        """Priority first; within a priority the owner with the lowest share next (updated as the pass admits)."""
+        """Priority first; within a priority band the owner with the lowest share next (updated as the pass admits),
+        and each owner's own jobs by priority, then age."""
+        band = priority_band(self.config.priority_band)
         by_priority: dict[int, dict[str, list[Pending]]] = defaultdict(lambda: defaultdict(list))
         for job in backlog:
-            by_priority[job.priority][job.owner].append(job)
-        for priority in sorted(by_priority, reverse=True):
-            queues = by_priority[priority]
+            by_priority[band(job.priority)][job.owner].append(job)
+        for tier in sorted(by_priority, reverse=True):
+            queues = by_priority[tier]
             heap: list[tuple[float, str]] = []
             positions: dict[str, int] = {}
             for owner, jobs in queues.items():
-                jobs.sort(key=lambda j: (j.submitted_at, j.id))
+                jobs.sort(key=lambda j: (-j.priority, j.submitted_at, j.id))
                 positions[owner] = 0
                 heap.append((self.share(owner), owner))
             heapq.heapify(heap)
@@ -826,7 +868,7 @@ class _Shares:
         waiting = set(self.owners_waiting)
         ranks = {owner: rank for rank, owner in enumerate((o for _, o, _, _ in rows if o in waiting), start=1)}
         return {
-            owner: OwnerShare(owner, self.config.weight(owner), usage, held, share, ranks.get(owner, 0))
+            owner: OwnerShare(owner, self.config.weight(owner, self.admin_weights), usage, held, share, ranks.get(owner, 0))
             for share, owner, usage, held in rows
         }
 
@@ -870,6 +912,9 @@ class _Timeline:
         # (a hold or a committed reservation): a backlog of many alike jobs behind capacity held without
         # timeouts then costs one sweep per pass, not one per job.
         self._unreservable: set[tuple] = set()
+        self._eligible: dict[tuple, tuple[list[str], dict[str, list[int]], set[int], dict[int, str]]] = {}
+        self._release_steps: dict[tuple, tuple[int, list[tuple[float, set[int]]]]] = {}
+        self._holds = 0  # admissions so far: each adds a release, so cached release times are stale
 
     @property
     def has_reservations(self) -> bool:
@@ -917,6 +962,7 @@ class _Timeline:
             bisect.insort(self.releases[i], (end, vec), key=lambda e: e[0])
             self._cumulative.pop(i, None)
         self._unreservable.clear()
+        self._holds += 1
 
     def reserve(self, job: Pending, *, commit: bool) -> _Reservation | None:
         """The earliest start (and nodes) at which `job` fits without delaying an existing reservation.
@@ -934,24 +980,9 @@ class _Timeline:
         return found
 
     def _reserve(self, job: Pending, *, commit: bool) -> _Reservation | None:
-        clusters = _eligible_clusters(self.nodes, job)
+        clusters, by_cluster, eligible, cluster_of = self._eligibility(job)
         need = [job.gpus, job.cpu_millis, job.memory_bytes]
         whole = [x * job.members for x in need] + [1]
-        by_cluster: dict[str, list[int]] = defaultdict(list)
-        for i, n in enumerate(self.nodes):
-            if n.cluster in clusters and job.serves(n):
-                by_cluster[n.cluster].append(i)
-        eligible = {i for members in by_cluster.values() for i in members}
-        changes: dict[float, set[int]] = defaultdict(set)
-        for i in eligible:
-            for at, _ in self.releases[i]:
-                if self.now < at < INF:
-                    changes[at].add(i)
-        for r in self.reservations:
-            if r.end < INF:
-                for i in r.demand:
-                    if i in eligible:
-                        changes[r.end].add(i)
         # Per Kubernetes cluster: how many members each node could take over the window, and their sum.
         spread: dict[str, dict[int, tuple[int, Vec]]] = {c: {} for c in clusters if c != LOCAL_CLUSTER}
         totals: dict[str, int] = defaultdict(int)
@@ -970,17 +1001,18 @@ class _Timeline:
                 totals[cluster] += caps[i][0] - old
 
         # At `now` only nodes with enough free of what it needs (or holding reservations) can take a member.
-        def roomy(i: int) -> bool:
-            n = self.nodes[i]
-            return (n.gpus_free_count >= need[0] and n.cpu_millis - n.used_cpu_millis >= need[1]
-                    and n.memory_bytes - n.used_memory_bytes >= need[2]) or i in self.by_node
-
-        at_now = {i for i in eligible if roomy(i)}
-        steps = [(self.now, at_now)] + [(t, changes[t]) for t in sorted(changes)]
-        for t, changed in steps:
+        nodes, by_node = self.nodes, self.by_node
+        at_now = set()
+        for i in eligible:
+            n = nodes[i]
+            if i in by_node or (n.cpu_millis - n.used_cpu_millis >= need[1] and n.memory_bytes - n.used_memory_bytes >= need[2]
+                                and n.gpus_free_count >= need[0]):
+                at_now.add(i)
+        for t, changed in self._steps(job, eligible, at_now):
             end = t + job.duration + self.margin
             for cluster in clusters:
-                touched = [i for i in by_cluster.get(cluster, []) if i in changed]
+                # In node order, as the eligible nodes are listed (ties go to the first).
+                touched = sorted(i for i in changed if cluster_of[i] == cluster)
                 if cluster == LOCAL_CLUSTER:
                     best: tuple[int, int] | None = None
                     for i in touched:
@@ -998,6 +1030,55 @@ class _Timeline:
                         if demand is not None:
                             return self._made(job, t, end, demand, cluster, commit)
         return None
+
+    def _eligibility(self, job: Pending) -> tuple[list[str], dict[str, list[int]], set[int], dict[int, str]]:
+        """The clusters and nodes that may hold `job` (the same for every job of its kind: computed once a pass)."""
+        key = (job.has_command, job.gpu_types, job.node_pool)
+        found = self._eligible.get(key)
+        if found is None:
+            clusters = _eligible_clusters(self.nodes, job)
+            by_cluster: dict[str, list[int]] = defaultdict(list)
+            for i, n in enumerate(self.nodes):
+                if n.cluster in clusters and job.serves(n):
+                    by_cluster[n.cluster].append(i)
+            cluster_of = {i: c for c, members in by_cluster.items() for i in members}
+            found = self._eligible[key] = (clusters, dict(by_cluster), set(cluster_of), cluster_of)
+        return found
+
+    def _steps(self, job: Pending, eligible: set[int], at_now: set[int]) -> Iterator[tuple[float, set[int]]]:
+        """`now` with `at_now`, then each later time something ends on an eligible node (an attempt, or a reservation's
+        window), with those nodes, in time order. What attempts release is listed once per kind of job until an
+        admission adds a release; reservations' ends, a few, are merged in."""
+        key = (job.has_command, job.gpu_types, job.node_pool)
+        cached = self._release_steps.get(key)
+        if cached is None or cached[0] != self._holds:
+            changes: dict[float, set[int]] = defaultdict(set)
+            for i in eligible:
+                for at, _ in self.releases[i]:
+                    if self.now < at < INF:
+                        changes[at].add(i)
+            cached = self._release_steps[key] = (self._holds, sorted(changes.items()))
+        ends: dict[float, set[int]] = defaultdict(set)
+        for r in self.reservations:
+            if r.end < INF:
+                for i in r.demand:
+                    if i in eligible:
+                        ends[r.end].add(i)
+        yield self.now, at_now
+        if not ends:
+            yield from cached[1]
+            return
+        merged = heapq.merge(cached[1], sorted(ends.items()), key=lambda e: e[0])
+        pending: tuple[float, set[int]] | None = None
+        for t, changed in merged:
+            if pending is not None and pending[0] == t:
+                pending = (t, pending[1] | changed)
+                continue
+            if pending is not None:
+                yield pending
+            pending = (t, changed)
+        if pending is not None:
+            yield pending
 
     def _made(self, job: Pending, t: float, end: float, demand: dict[int, Vec], cluster: str, commit: bool) -> _Reservation:
         found = _Reservation(job.id, t, end, demand, cluster, tuple(self.nodes[i].name for i in demand))

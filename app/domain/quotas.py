@@ -92,6 +92,8 @@ class Ledger:
     def __init__(self, quotas: Mapping[str, Sequence[Quota]], holding: Iterable[tuple[str, str, Amounts]]) -> None:
         self.quotas = {tenant: {q.cluster: q for q in rows} for tenant, rows in quotas.items() if rows}
         self.used: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
+        if not self.quotas:
+            return  # no quota anywhere: what each tenant holds need not be added up (the scheduler's pass is hot)
         for tenant, cluster, amounts in holding:
             if tenant in self.quotas:
                 self.charge(tenant, cluster, amounts)

@@ -26,7 +26,7 @@ from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.orm import Session
 
 from app.db import transaction
-from app.domain import capacity, fairshare, policy, pools, quotas
+from app.domain import capacity, fairshare, policy, pools, quotas, weights
 from app.domain.callers import SYSTEM
 from app.domain.jobs import clear_placement, notify_scheduler, record_transition, utcnow
 from app.domain.states import TERMINAL, JobStatus, can_transition
@@ -61,8 +61,11 @@ class AdmissionResult:
         return [message.job_id for message in self.messages]
 
 
-def admit(session: Session, settings: Settings, now: datetime | None = None) -> AdmissionResult:
-    """One admission pass: load the snapshot, let the policy decide, write its admissions."""
+def admit(session: Session, settings: Settings, now: datetime | None = None, cache: "SnapshotCache | None" = None) -> AdmissionResult:
+    """One admission pass: load the snapshot, let the policy decide, write its admissions.
+
+    `cache`: the scheduler process's SnapshotCache (rows decoded in earlier passes); the decisions are the same without it.
+    """
     now = now or utcnow()
     result = AdmissionResult()
     unhandled: list[tuple[str, str]] = []
@@ -71,7 +74,7 @@ def admit(session: Session, settings: Settings, now: datetime | None = None) -> 
             result.locked_out = True
             return result
         fairshare.accrue(session, now, settings.fair_share_half_life_seconds)
-        snapshot = load_snapshot(session, settings, now)
+        snapshot = load_snapshot(session, settings, now, cache=cache)
         plan = policy.decide(snapshot, policy_config(settings))
         result.plan = plan
         for preemption in plan.preemptions:
@@ -124,6 +127,7 @@ def policy_config(settings: Settings) -> policy.PolicyConfig:
         reservation_depth=settings.scheduler_reservation_depth,
         half_life_seconds=settings.fair_share_half_life_seconds,
         weights=dict(settings.fair_share_weights),
+        priority_band=settings.fair_share_priority_band,
         scan_limit=settings.scheduler_scan_limit,
         end_margin_seconds=settings.kill_grace_seconds,
         preemption=settings.preemption_enabled,
@@ -194,76 +198,225 @@ BACKLOG_PER_CLASS = 100
 # NOT holds_resources: a preempted job is pending but its processes are still stopping (execution.end releases it).
 _ELIGIBLE = ("j.status = 'pending' AND (j.not_before IS NULL OR j.not_before <= :now) AND NOT j.holds_resources "
              "AND NOT (j.queue = ANY(CAST(:full AS text[])))")
-_BACKLOG = text(
-    f"""
+# The backlog query returns each job's id and row version (xmin: a committed row version's own, changed by every
+# UPDATE), and decodes a row only when the caller's cache does not hold that version (SnapshotCache): between
+# two passes few rows of the head change, and decoding ~2,000 rows into Python objects was most of a pass.
+_HEADS = f"""
     WITH RECURSIVE owners(owner) AS (
         (SELECT COALESCE(tenant, owner) FROM jobs WHERE status = 'pending' ORDER BY COALESCE(tenant, owner) LIMIT 1)
         UNION ALL
         SELECT (SELECT COALESCE(j.tenant, j.owner) FROM jobs j WHERE j.status = 'pending' AND COALESCE(j.tenant, j.owner) > o.owner
                 ORDER BY COALESCE(j.tenant, j.owner) LIMIT 1)
         FROM owners o WHERE o.owner IS NOT NULL
+    ), heads(id, version) AS (
+        SELECT h.id, h.version FROM owners o CROSS JOIN LATERAL (
+            SELECT j.id, j.xmin::text AS version FROM jobs j WHERE {_ELIGIBLE} AND COALESCE(j.tenant, j.owner) = o.owner
+            ORDER BY j.priority DESC, j.created_at, j.id LIMIT :per_owner) h
+        WHERE o.owner IS NOT NULL
+        UNION
+        (SELECT j.id, j.xmin::text FROM jobs j WHERE {_ELIGIBLE} AND j.gpus > 0 ORDER BY j.priority DESC, j.created_at, j.id LIMIT :per_pool)
+        UNION
+        (SELECT j.id, j.xmin::text FROM jobs j WHERE {_ELIGIBLE} AND j.gpus = 0 ORDER BY j.priority DESC, j.created_at, j.id LIMIT :per_pool)
+        UNION
+        SELECT h.id, h.version FROM (SELECT pool, gpu_types FROM ({pools.DEMAND_CLASSES_SQL}) AS d LIMIT :classes) c CROSS JOIN LATERAL (
+            SELECT j.id, j.xmin::text AS version FROM jobs j WHERE {_ELIGIBLE} AND {_DEMAND}
+              AND COALESCE(j.pool, '') = c.pool AND COALESCE(j.gpu_types, '{{}}'::text[]) = c.gpu_types
+            ORDER BY j.priority DESC, j.created_at, j.id LIMIT :per_class) h
     )
-    SELECT h.* FROM owners o CROSS JOIN LATERAL (
-        SELECT {_PENDING_COLUMNS} FROM jobs j WHERE {_ELIGIBLE} AND COALESCE(j.tenant, j.owner) = o.owner
-        ORDER BY j.priority DESC, j.created_at, j.id LIMIT :per_owner) h
-    WHERE o.owner IS NOT NULL
-    UNION
-    (SELECT {_PENDING_COLUMNS} FROM jobs j WHERE {_ELIGIBLE} AND j.gpus > 0 ORDER BY j.priority DESC, j.created_at, j.id LIMIT :per_pool)
-    UNION
-    (SELECT {_PENDING_COLUMNS} FROM jobs j WHERE {_ELIGIBLE} AND j.gpus = 0 ORDER BY j.priority DESC, j.created_at, j.id LIMIT :per_pool)
-    UNION
-    SELECT h.* FROM (SELECT pool, gpu_types FROM ({pools.DEMAND_CLASSES_SQL}) AS d LIMIT :classes) c CROSS JOIN LATERAL (
-        SELECT {_PENDING_COLUMNS} FROM jobs j WHERE {_ELIGIBLE} AND {_DEMAND}
-          AND COALESCE(j.pool, '') = c.pool AND COALESCE(j.gpu_types, '{{}}'::text[]) = c.gpu_types
-        ORDER BY j.priority DESC, j.created_at, j.id LIMIT :per_class) h
+"""
+# Rows the cache holds in this version come back as (id, version, NULLs); the others decoded (in the same statement,
+# so in the same version).
+_KNOWN = "unnest(CAST(:known_ids AS text[]), CAST(:known_versions AS text[])) AS k(id, version)"
+_BACKLOG = text(
+    f"""{_HEADS}
+    SELECT h.id, h.version, f.* FROM heads h
+    LEFT JOIN {_KNOWN} ON k.id = h.id AND k.version = h.version
+    LEFT JOIN LATERAL (SELECT {_PENDING_COLUMNS.replace("j.id,", "", 1)} FROM jobs j WHERE j.id = h.id AND k.id IS NULL
+                          OFFSET 0) f ON true  -- OFFSET 0: a primary key lookup per unknown row, never a join over all jobs
     """
 )
+# Every job holding capacity (the running attempts), likewise; plain `holds_resources`, not IS TRUE: only this form
+# uses the partial index ix_jobs_holding_node.
+_HOLDERS = text(
+    f"""
+    SELECT j.id, j.xmin::text AS version, f.* FROM jobs j
+    LEFT JOIN {_KNOWN} ON k.id = j.id AND k.version = j.xmin::text
+    LEFT JOIN LATERAL (
+        SELECT j.cluster, j.placement, j.cpu_millis, j.memory_bytes, j.gpus, COALESCE(j.tenant, j.owner) AS owner, j.status,
+               j.queued_at, j.started_at, j.timeout_seconds, j.priority, j.preemptible, j.queue
+        WHERE k.id IS NULL) f ON true
+    WHERE j.holds_resources
+    """
+)
+PREEMPTED_BY_WINDOW = timedelta(days=1)  # a job never preempts one that preempted it within this window
 
 
-def load_snapshot(session: Session, settings: Settings, now: datetime, *, include: str | None = None) -> policy.Snapshot:
-    """What the policy needs, read in the caller's transaction. `include`: a job to add if pruning left it out."""
-    holders: list = []
-    nodes = capacity.load_nodes(session, alive_since=capacity.node_alive_since(now, settings.node_lease_seconds), holders=holders)
+@dataclass
+class _Held:
+    """A holder row (a running attempt) decoded: what it holds on which node, and its attempt for the policy."""
+
+    row: Any
+    holding: capacity.Holding
+    attempt: policy.Running
+    valid_until: float  # `attempt` depends on the pass's time (its end is at least now): reusable while now < this
+
+
+@dataclass
+class _Backlogged:
+    job: policy.Pending
+    valid_until: float  # the oldest preemption it remembers leaves the window then
+
+
+class SnapshotCache:
+    """What a scheduler process decoded in earlier passes, reused while the row is unchanged.
+
+    Keyed by each row's id and version (xmin), which the pass's own queries return, so the snapshot is exactly
+    what those queries read: a row changed since (any UPDATE gives it a new version) is decoded afresh in the
+    same statement. Entries of rows not read in a pass are dropped, so the cache never outgrows one snapshot.
+    Not shared between threads (the scheduler is one thread; explain's PlanCache holds its lock).
+    """
+
+    def __init__(self) -> None:
+        self.settings_key: tuple[Any, ...] | None = None
+        self.backlog: dict[str, tuple[str, _Backlogged]] = {}
+        self.holders: dict[str, tuple[str, _Held]] = {}
+        self.nodes: dict[tuple[Any, ...], capacity.NodeCapacity] = {}
+
+    def for_settings(self, settings: Settings) -> "SnapshotCache":
+        key = (settings.preemption_enabled, settings.kill_grace_seconds, settings.job_lease_seconds, settings.job_heartbeat_seconds)
+        if key != self.settings_key:  # what a decoded row means depends on these
+            self.__init__()  # type: ignore[misc]
+            self.settings_key = key
+        return self
+
+    @staticmethod
+    def known(entries: dict[str, tuple[str, Any]], now: float) -> dict[str, Any]:
+        """The query's known_ids/known_versions: rows whose decoded form is still valid at `now`."""
+        ids, versions = [], []
+        for job_id, (version, entry) in entries.items():
+            if now < entry.valid_until:
+                ids.append(job_id)
+                versions.append(version)
+        return {"known_ids": ids, "known_versions": versions}
+
+
+def load_snapshot(session: Session, settings: Settings, now: datetime, *, include: str | None = None,
+                  cache: SnapshotCache | None = None) -> policy.Snapshot:
+    """What the policy needs, read in the caller's transaction. `include`: a job to add if pruning left it out.
+
+    `cache` (the scheduler's, kept between passes) only saves decoding rows whose version it holds: with or
+    without it the snapshot is the same.
+    """
+    cache = (cache or SnapshotCache()).for_settings(settings)
+    stamp = now.timestamp()
+    nodes = _load_nodes(session, cache, capacity.node_alive_since(now, settings.node_lease_seconds))
+    running = _load_holders(session, cache, nodes, now, settings)
     active = dict(
         session.execute(select(Job.queue, func.count()).where(Job.status.in_(["queued", "running"])).group_by(Job.queue)).all()
     )
     room = {q.name: q.max_concurrency - active.get(q.name, 0) for q in settings.queues}
     full = sorted(name for name, left in room.items() if left <= 0)
-    rows = list(session.execute(_BACKLOG, {"now": now, "full": full, "per_owner": BACKLOG_PER_OWNER, "per_pool": BACKLOG_PER_POOL,
-                                          "classes": BACKLOG_DEMAND_CLASSES, "per_class": BACKLOG_PER_CLASS}))
-    if include is not None and not any(r.id == include for r in rows):
-        rows += list(session.execute(_ONE_PENDING, {"id": include}))
-    # Who preempted each pending job (it never preempts them back) and each running one (they never preempt it again).
-    preempted_by = _preempted_by(session, [r.id for r in rows] + [h.id for h in holders], now) if settings.preemption_enabled else {}
-    none: frozenset[str] = frozenset()
-    # Rows unpacked by position (the order of _PENDING_COLUMNS): a pass builds hundreds of these, and reading a
-    # Row's fields by name costs more than the rest of building them.
-    backlog = [
-        policy.Pending(
-            job_id, owner, priority, queue, created_at.timestamp(), cpu_millis, memory_bytes, gpus, members,
-            bool(has_command), timeout_seconds, tuple(gpu_types or ()), pool, preempted_by.get(job_id, none),
-        )
-        for (job_id, owner, priority, queue, created_at, cpu_millis, memory_bytes, gpus, members, has_command,
-             timeout_seconds, gpu_types, pool) in rows
-    ]
-    running = [running_attempt(row, now, settings, preempted_by.get(row.id, frozenset())) for row in holders]
+    backlog = _load_backlog(session, cache, now, full, include, settings.preemption_enabled)
     owners = {job.owner for job in backlog} | {attempt.owner for attempt in running}
     usage = fairshare.usage_of(session, owners, now, settings.fair_share_half_life_seconds)
     budget = preemption_budget(session, settings, now) if settings.preemption_enabled else None
-    return policy.Snapshot(now.timestamp(), nodes, running, backlog, usage, room, quotas=quotas.load_all(session),
-                           preemption_budget=budget)
+    return policy.Snapshot(stamp, list(nodes.values()), running, backlog, usage, room, quotas=quotas.load_all(session),
+                           preemption_budget=budget, weights=weights.stored(session))
 
 
-def _preempted_by(session: Session, job_ids: list[str], now: datetime) -> dict[str, frozenset[str]]:
-    """Who preempted each of these jobs (last day): they are never its victims in turn."""
+def _load_backlog(session: Session, cache: SnapshotCache, now: datetime, full: list[str], include: str | None,
+                  preemption: bool) -> list[policy.Pending]:
+    """The backlog's heads (per owner, per pool, per demand class), and `include` if they left it out."""
+    params = {"now": now, "full": full, "per_owner": BACKLOG_PER_OWNER, "per_pool": BACKLOG_PER_POOL,
+              "classes": BACKLOG_DEMAND_CLASSES, "per_class": BACKLOG_PER_CLASS, **cache.known(cache.backlog, now.timestamp())}
+    rows = session.execute(_BACKLOG, params).all()
+    fresh = [r for r in rows if r.owner is not None]
+    extra = []
+    if include is not None and not any(r.id == include for r in rows):
+        extra = list(session.execute(_ONE_PENDING, {"id": include}))
+    preempted = _preempted_by(session, [r.id for r in fresh + extra], now) if preemption else {}
+    seen: dict[str, tuple[str, _Backlogged]] = {}
+    backlog = []
+    for r in rows:
+        entry = cache.backlog.get(r.id) if r.owner is None else None
+        if entry is None:
+            entry = (r.version, _pending(r, preempted.get(r.id, ())))
+        seen[r.id] = entry
+        backlog.append(entry[1].job)
+    cache.backlog = seen
+    return backlog + [_pending(r, preempted.get(r.id, ())).job for r in extra]
+
+
+def _pending(r: Any, preempted: Any) -> _Backlogged:
+    """A backlog row as the policy's Pending; `preempted`: (job, at) of the preemptions of it in the window."""
+    by = frozenset(job_id for job_id, _ in preempted)
+    oldest = min((at for _, at in preempted), default=None)
+    job = policy.Pending(
+        r.id, r.owner, r.priority, r.queue, r.created_at.timestamp(), r.cpu_millis, r.memory_bytes, r.gpus,
+        r.members, bool(r.has_command), r.timeout_seconds, tuple(r.gpu_types or ()), r.pool, by,
+    )
+    return _Backlogged(job, (oldest + PREEMPTED_BY_WINDOW).timestamp() if oldest is not None else policy.INF)
+
+
+def _load_nodes(session: Session, cache: SnapshotCache, alive_since: datetime) -> dict[tuple[str, str], capacity.NodeCapacity]:
+    """The live, ready nodes with nothing held yet. A node row changes at every heartbeat but its capacity seldom:
+    the decoded node is kept per content of the row, and copied."""
+    nodes = {}
+    known = cache.nodes
+    seen = {}
+    for row in session.execute(capacity._nodes_query(True, alive_since)):  # noqa: SLF001 - the scheduler's own view
+        key = (row[0], row[1], tuple(row[2]), *row[3:])
+        template = known.get(key)
+        if template is None:
+            template = capacity.node_of(row)
+        seen[key] = template
+        nodes[(row[0], row[1])] = template.copy()
+    cache.nodes = seen
+    return nodes
+
+
+def _load_holders(session: Session, cache: SnapshotCache, nodes: dict[tuple[str, str], capacity.NodeCapacity], now: datetime,
+                  settings: Settings) -> list[policy.Running]:
+    """Every job holding capacity: deducted from `nodes`, and returned as the policy's running attempts."""
+    stamp = now.timestamp()
+    rows = session.execute(_HOLDERS, cache.known(cache.holders, stamp)).all()
+    # Who preempted each newly decoded holder (within the window): that job never preempts it again.
+    fresh = [row.id for row in rows if row.status is not None]
+    preempted = _preempted_by(session, fresh, now) if settings.preemption_enabled else {}
+    seen: dict[str, tuple[str, _Held]] = {}
+    running = []
+    for row in rows:
+        held = cache.holders[row.id][1] if row.status is None else _held(row, now, settings, preempted.get(row.id, ()))
+        seen[row.id] = (row.version, held)
+        capacity.hold(nodes, held.holding)
+        running.append(held.attempt)
+    cache.holders = seen
+    return running
+
+
+def _held(row: Any, now: datetime, settings: Settings, preempted: Any = ()) -> _Held:
+    attempt = running_attempt(row, now, settings, frozenset(job_id for job_id, _ in preempted))
+    if row.status == JobStatus.RUNNING.value and row.started_at is not None:
+        # Its end depends on the pass's time only once past it (then it is "ending now"): reusable until then.
+        valid_until = attempt.ends_at
+    else:
+        valid_until = -policy.INF  # cancelled, preempted or not started yet: "ends at now + ...", made afresh each pass
+    oldest = min((at for _, at in preempted), default=None)
+    if oldest is not None:  # the remembered preemption leaves the window then
+        valid_until = min(valid_until, (oldest + PREEMPTED_BY_WINDOW).timestamp())
+    return _Held(row, capacity.holding_of(row.cluster, row.placement, row.cpu_millis, row.memory_bytes, row.gpus), attempt, valid_until)
+
+
+def _preempted_by(session: Session, job_ids: list[str], now: datetime) -> dict[str, list[tuple[str, datetime]]]:
+    """Who preempted each of these jobs, and when (within the window): they are never its victims in turn."""
     if not job_ids:
         return {}
-    found: dict[str, set[str]] = {}
-    for job_id, by in session.execute(text(
-        "SELECT job_id, details->>'preempted_by' FROM job_events WHERE to_status = 'pending' AND at > :since "
-        "AND details ? 'preempted_by' AND job_id = ANY(CAST(:ids AS text[]))"), {"since": now - timedelta(days=1), "ids": job_ids}):
-        found.setdefault(job_id, set()).add(by)
-    return {job_id: frozenset(by) for job_id, by in found.items()}
+    found: dict[str, list[tuple[str, datetime]]] = {}
+    for job_id, by, at in session.execute(text(
+        "SELECT job_id, details->>'preempted_by', at FROM job_events WHERE to_status = 'pending' AND at > :since "
+        "AND details ? 'preempted_by' AND job_id = ANY(CAST(:ids AS text[]))"), {"since": now - PREEMPTED_BY_WINDOW, "ids": job_ids}):
+        found.setdefault(job_id, []).append((by, at))
+    return found
 
 
 def running_attempt(row: Any, now: datetime, settings: Settings, preempted_by: frozenset[str] = frozenset()) -> policy.Running:

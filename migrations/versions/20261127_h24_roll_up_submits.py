@@ -16,7 +16,7 @@ from __future__ import annotations
 from alembic import op
 
 revision = 'h24_roll_up_submits'
-down_revision = 'h11_quotas'
+down_revision = 'h21_tenant_weights'
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,137 @@
+"""The scheduler's snapshot cache (issue 10, pass time): rows decoded in earlier passes are reused only while
+their version is unchanged, so a snapshot read with the cache is exactly the one read without it, after any
+change to jobs, nodes and preemptions, on real PostgreSQL."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import text
+
+from app.db import Database
+from app.domain import scheduling
+from app.domain.jobs import utcnow
+from app.domain.policy import Snapshot
+from config import Settings
+
+GIB = 1 << 30
+
+
+def canonical(snapshot: Snapshot) -> tuple[Any, ...]:
+    nodes = sorted((n.cluster, n.name, tuple(n.gpu_indices), n.gpu_type, n.cpu_millis, n.memory_bytes, n.slots, n.pool,
+                    tuple(sorted(n.used_gpus)), n.used_anonymous_gpus, n.used_cpu_millis, n.used_memory_bytes, n.used_slots)
+                   for n in snapshot.nodes)
+    return (snapshot.now, nodes, sorted(snapshot.running, key=lambda r: r.id), sorted(snapshot.backlog, key=lambda j: j.id),
+            snapshot.usage, snapshot.queue_room, snapshot.weights)
+
+
+def insert_nodes(database: Database, now: datetime) -> None:
+    with database.engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO nodes (cluster, name, gpu_indices, gpu_type, cpu_millis, memory_bytes, slots, ready, heartbeat_at, started_at) "
+            "SELECT c, 'n' || g, '[0,1,2,3]', 'H100', 32000, 68719476736, 8, true, :now, :now "
+            "FROM generate_series(1, 4) g, unnest(ARRAY['local', 'kube']) c"), {"now": now})
+
+
+def insert_jobs(database: Database, now: datetime) -> None:
+    with database.engine.begin() as conn:
+        # Holders: running local jobs with GPU indices (one past its timeout, one without a timeout), a Kubernetes
+        # gang spread over two nodes, a job queued but not started, and a cancelled one still stopping.
+        conn.execute(text("""
+            INSERT INTO jobs (id, owner, tenant, job_type, priority, queue, status, status_reason, command, cpu_millis, memory_bytes, gpus,
+                              timeout_seconds, created_at, updated_at, pending_since, queued_at, started_at, heartbeat_at, cluster, node,
+                              placement, holds_resources, dispatch_token, gang_enabled, gang_min_members)
+            VALUES
+            ('r1', 'alice', 'research', 't', 50, 'high-priority', 'running', 'r', '["true"]', 1000, 1073741824, 1, 600,
+             :now, :now, :now, :now, :started, :now, 'local', 'n1', '[{"node": "n1", "members": 1, "gpu_indices": [0]}]', true, 't', false, 1),
+            ('r2', 'bob', NULL, 't', 20, 'default', 'running', 'r', '["true"]', 1000, 1073741824, 2, 5,
+             :now, :now, :now, :now, :long_ago, :now, 'local', 'n2', '[{"node": "n2", "members": 1, "gpu_indices": [1, 2]}]', true, 't', false, 1),
+            ('r3', 'bob', NULL, 't', 20, 'default', 'running', 'r', '["true"]', 500, 1073741824, 0, NULL,
+             :now, :now, :now, :now, :started, :now, 'local', 'n3', '[{"node": "n3", "members": 1, "gpu_indices": []}]', true, 't', false, 1),
+            ('g1', 'carol', NULL, 't', 60, 'high-priority', 'running', 'r', NULL, 2000, 2147483648, 2, 3600,
+             :now, :now, :now, :now, :started, :now, 'kube', NULL,
+             '[{"node": "n1", "members": 2, "gpu_indices": []}, {"node": "n2", "members": 1, "gpu_indices": []}]', true, 't', true, 3),
+            ('q1', 'alice', 'research', 't', 50, 'high-priority', 'queued', 'r', '["true"]', 1000, 1073741824, 1, 60,
+             :now, :now, :now, :now, NULL, NULL, 'local', 'n4', '[{"node": "n4", "members": 1, "gpu_indices": [3]}]', true, 't', false, 1),
+            ('c1', 'bob', NULL, 't', 50, 'high-priority', 'cancelled', 'r', '["true"]', 1000, 1073741824, 1, 60,
+             :now, :now, :now, :now, :started, :now, 'local', 'n4', '[{"node": "n4", "members": 1, "gpu_indices": [0]}]', true, 't', false, 1)
+        """), {"now": now, "started": now - timedelta(seconds=30), "long_ago": now - timedelta(hours=1)})
+        # The backlog: several owners and pools, a gang, a job in backoff, one bound to a GPU type.
+        conn.execute(text("""
+            INSERT INTO jobs (id, owner, tenant, job_type, priority, queue, status, status_reason, command, cpu_millis, memory_bytes, gpus,
+                              timeout_seconds, created_at, updated_at, pending_since, gang_enabled, gang_min_members, not_before, gpu_types)
+            SELECT 'p' || g, (ARRAY['alice', 'bob', 'carol', 'dave'])[1 + g % 4], CASE WHEN g % 4 = 1 THEN 'research' END, 't',
+                   (ARRAY[20, 50, 80])[1 + g % 3], CASE WHEN g % 3 = 0 THEN 'default' ELSE 'high-priority' END, 'pending', 'submitted',
+                   CASE WHEN g % 5 = 0 THEN NULL ELSE '["true"]'::jsonb END, 1000, 1073741824, g % 3, 60 + g,
+                   :now - g * interval '1 s', :now, :now, g % 7 = 0, CASE WHEN g % 7 = 0 THEN 2 ELSE 1 END,
+                   CASE WHEN g % 11 = 0 THEN :now + interval '1 hour' END, CASE WHEN g % 13 = 0 THEN ARRAY['H100'] END
+            FROM generate_series(1, 60) g
+        """), {"now": now})
+
+
+def test_a_cached_snapshot_is_the_snapshot_after_every_kind_of_change(database: Database, settings: Settings) -> None:
+    now = utcnow()
+    insert_nodes(database, now)
+    insert_jobs(database, now)
+    cache = scheduling.SnapshotCache()
+    clock = [now]
+
+    def both() -> tuple[Snapshot, Snapshot]:
+        clock[0] += timedelta(seconds=1)
+        with database.session() as s, s.begin():
+            fresh = scheduling.load_snapshot(s, settings, clock[0])
+            cached = scheduling.load_snapshot(s, settings, clock[0], cache=cache)
+        assert canonical(cached) == canonical(fresh)
+        return fresh, cached
+
+    fresh, _ = both()
+    assert len(fresh.running) == 6 and len(fresh.backlog) == 60 - 5 and len(fresh.nodes) == 8  # 5 in backoff
+    assert len(cache.holders) == 6 and len(cache.backlog) == 55
+    both()  # everything from the cache now
+    changes = [
+        # a running job's placement and amounts change; another releases its capacity; a queued one starts
+        "UPDATE jobs SET placement = '[{\"node\": \"n3\", \"members\": 1, \"gpu_indices\": [2]}]', gpus = 1 WHERE id = 'r1'",
+        "UPDATE jobs SET holds_resources = false, status = 'succeeded' WHERE id = 'r3'",
+        "UPDATE jobs SET status = 'running', started_at = now() WHERE id = 'q1'",
+        # pending jobs change priority, owner, shape; one leaves its backoff; one is cancelled; a new one arrives
+        "UPDATE jobs SET priority = 99 WHERE id = 'p4'",
+        "UPDATE jobs SET tenant = 'infra', gpus = 3, cpu_millis = 7000 WHERE id = 'p5'",
+        "UPDATE jobs SET not_before = NULL WHERE id = 'p11'",
+        "UPDATE jobs SET status = 'cancelled' WHERE id = 'p6'",
+        "INSERT INTO jobs (id, owner, job_type, priority, queue, status, status_reason, command, cpu_millis, memory_bytes, gpus, created_at,"
+        " updated_at, pending_since) VALUES ('p99', 'erin', 't', 90, 'high-priority', 'pending', 'submitted', '[]', 1, 1, 0, now(), now(), now())",
+        # a node's capacity changes (a heartbeat alone does not), one goes away, one is cordoned
+        "UPDATE nodes SET heartbeat_at = heartbeat_at + interval '1 s'",
+        "UPDATE nodes SET slots = 2, gpu_indices = '[0,1]' WHERE name = 'n1' AND cluster = 'local'",
+        "UPDATE nodes SET heartbeat_at = now() - interval '1 day' WHERE name = 'n2' AND cluster = 'kube'",
+        "UPDATE nodes SET state = 'cordoned' WHERE name = 'n3' AND cluster = 'kube'",
+        # a running job is preempted (pending, still holding while it stops): its attempt ends "now + ..." each pass
+        "UPDATE jobs SET status = 'pending' WHERE id = 'g1'",
+        "UPDATE fair_share_usage SET gpu_seconds = 1",
+    ]
+    for statement in changes:
+        with database.engine.begin() as conn:
+            conn.execute(text(statement))
+        fresh, cached = both()
+    assert {j.id for j in cached.backlog} >= {"p99", "p11", "p4"} and "p6" not in {j.id for j in cached.backlog}
+    assert next(j for j in cached.backlog if j.id == "p5").owner == "infra"
+    assert {r.id for r in cached.running} == {"r1", "r2", "q1", "g1", "c1"}
+
+
+def test_a_remembered_preemption_leaves_the_snapshot_when_it_leaves_the_window(database: Database, settings: Settings) -> None:
+    now = utcnow()
+    insert_nodes(database, now)
+    insert_jobs(database, now)
+    with database.engine.begin() as conn:
+        conn.execute(text("INSERT INTO job_events (job_id, from_status, to_status, reason, actor, at, details) "
+                          "VALUES ('p2', 'running', 'pending', 'preempted', 'scheduler', :at, '{\"preempted_by\": \"g1\"}')"),
+                     {"at": now - timedelta(hours=23, minutes=59)})
+    cache = scheduling.SnapshotCache()
+    preemptive = settings.with_overrides(preemption_enabled=True)
+    for later in (timedelta(seconds=1), timedelta(seconds=30), timedelta(minutes=2)):  # the event leaves the window in between
+        with database.session() as s, s.begin():
+            fresh = scheduling.load_snapshot(s, preemptive, now + later)
+            cached = scheduling.load_snapshot(s, preemptive, now + later, cache=cache)
+        assert canonical(cached) == canonical(fresh)
+        p2 = next(j for j in cached.backlog if j.id == "p2")
+        assert p2.preempted_by == (frozenset({"g1"}) if later < timedelta(minutes=1) else frozenset())
