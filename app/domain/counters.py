@@ -138,8 +138,9 @@ def count_jobs(session: Session, status: str | None, priority_min: int) -> int:
     return int(session.scalar(_COUNT_MATCHING, {"status": status, "priority_min": priority_min}) or 0)
 
 
-_POSITION = text(
-    """
+# The jobs of higher priority and of the same priority, from the counters; then the jobs of its own level on
+# either side of it, each side scanning at most :scan_limit index entries.
+_POSITION_COUNTS = """
     WITH c AS (
         SELECT priority, count AS n FROM job_counts WHERE queue = :queue AND status = 'pending' AND priority >= :priority
         UNION ALL
@@ -147,17 +148,13 @@ _POSITION = text(
     )
     SELECT
         (SELECT coalesce(sum(n), 0) FROM c WHERE priority > :priority) AS higher,
-        (SELECT coalesce(sum(n), 0) FROM c WHERE priority = :priority) AS same,
+        (SELECT coalesce(sum(n), 0) FROM c WHERE priority = :priority) AS same,"""
+_SIDE = """
         (SELECT count(*) FROM (
             SELECT 1 FROM jobs
-            WHERE status = 'pending' AND queue = :queue AND priority = :priority AND (created_at, id) < (:created_at, :id)
-            LIMIT :scan_limit) AS a) AS ahead,
-        (SELECT count(*) FROM (
-            SELECT 1 FROM jobs
-            WHERE status = 'pending' AND queue = :queue AND priority = :priority AND (created_at, id) > (:created_at, :id)
-            LIMIT :scan_limit) AS b) AS behind
-    """
-)
+            WHERE status = 'pending' AND queue = :queue AND priority = :priority AND (created_at, id) {op} (:created_at, :id)
+            LIMIT :scan_limit) AS s) AS {name}"""
+_POSITION = text(_POSITION_COUNTS + _SIDE.format(op="<", name="ahead") + "," + _SIDE.format(op=">", name="behind"))
 
 _SAME_PRIORITY_AHEAD = text(
     """
@@ -187,22 +184,7 @@ def pending_position(session: Session, queue: str, priority: int, created_at: da
     return higher + ahead + 1
 
 
-_NEW_POSITION = text(
-    """
-    WITH c AS (
-        SELECT priority, count AS n FROM job_counts WHERE queue = :queue AND status = 'pending' AND priority >= :priority
-        UNION ALL
-        SELECT priority, delta FROM job_count_deltas WHERE queue = :queue AND status = 'pending' AND priority >= :priority
-    )
-    SELECT
-        (SELECT coalesce(sum(n), 0) FROM c WHERE priority > :priority) AS higher,
-        (SELECT coalesce(sum(n), 0) FROM c WHERE priority = :priority) AS same,
-        (SELECT count(*) FROM (
-            SELECT 1 FROM jobs
-            WHERE status = 'pending' AND queue = :queue AND priority = :priority AND (created_at, id) > (:created_at, :id)
-            LIMIT :scan_limit) AS b) AS behind
-    """
-)
+_NEW_POSITION = text(_POSITION_COUNTS + _SIDE.format(op=">", name="behind"))
 
 
 # For statements that read a new job's position among their own columns (parameters :queue, :priority,
