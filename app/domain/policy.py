@@ -1036,8 +1036,9 @@ class _Timeline:
         # timeouts then costs one sweep per pass, not one per job.
         self._unreservable: set[tuple] = set()
         self._eligible: dict[tuple, tuple[list[str], dict[str, list[int]], set[int], dict[int, str]]] = {}
-        self._release_steps: dict[tuple, tuple[int, list[tuple[float, set[int]]]]] = {}
-        self._holds = 0  # admissions so far: each adds a release, so cached release times are stale
+        # Per kind of job: each time something ends on its eligible nodes, with those nodes, in time order. Kept up to
+        # date by `hold` (an admission adds one release), not listed afresh: at 1,000 nodes that was most of a reserve.
+        self._release_steps: dict[tuple, list[tuple[float, set[int]]]] = {}
 
     @property
     def has_reservations(self) -> bool:
@@ -1084,8 +1085,15 @@ class _Timeline:
             vec = [job.gpus * members, job.cpu_millis * members, job.memory_bytes * members, 1 if part == 0 else 0]
             bisect.insort(self.releases[i], (end, vec), key=lambda e: e[0])
             self._cumulative.pop(i, None)
+            if self.now < end < INF:
+                for key, steps in self._release_steps.items():
+                    if i in self._eligible[key][2]:
+                        k = bisect.bisect_left(steps, end, key=lambda e: e[0])
+                        if k < len(steps) and steps[k][0] == end:
+                            steps[k][1].add(i)
+                        else:
+                            steps.insert(k, (end, {i}))
         self._unreservable.clear()
-        self._holds += 1
 
     def reserve(self, job: Pending, *, commit: bool) -> _Reservation | None:
         """The earliest start (and nodes) at which `job` fits without delaying an existing reservation.
@@ -1174,13 +1182,13 @@ class _Timeline:
         admission adds a release; reservations' ends, a few, are merged in."""
         key = (job.has_command, job.gpu_types, job.node_pool)
         cached = self._release_steps.get(key)
-        if cached is None or cached[0] != self._holds:
+        if cached is None:
             changes: dict[float, set[int]] = defaultdict(set)
             for i in eligible:
                 for at, _ in self.releases[i]:
                     if self.now < at < INF:
                         changes[at].add(i)
-            cached = self._release_steps[key] = (self._holds, sorted(changes.items()))
+            cached = self._release_steps[key] = sorted(changes.items())
         ends: dict[float, set[int]] = defaultdict(set)
         for r in self.reservations:
             if r.end < INF:
@@ -1189,9 +1197,9 @@ class _Timeline:
                         ends[r.end].add(i)
         yield self.now, at_now
         if not ends:
-            yield from cached[1]
+            yield from cached
             return
-        merged = heapq.merge(cached[1], sorted(ends.items()), key=lambda e: e[0])
+        merged = heapq.merge(cached, sorted(ends.items()), key=lambda e: e[0])
         pending: tuple[float, set[int]] | None = None
         for t, changed in merged:
             if pending is not None and pending[0] == t:
