@@ -275,6 +275,9 @@ def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCap
     messages: dict[tuple, str] = {}  # per pool, once its reservations are all taken (they never shrink in a pass)
     malformed: dict[tuple, str | None] = {}  # per shape: what makes it impossible to reason about, if anything
     ledger = quotas.Ledger(snapshot.quotas, _holding(snapshot.running))
+    # The clusters a job may run on depend only on the fleet's clusters and whether it has a command: listed once, not
+    # per job (with quotas set, listing them from 1,000 nodes for each of 2,000 jobs was 200 ms of a pass).
+    clusters_for = {command: _eligible_clusters(nodes, command) for command in (True, False)}
 
     def _one(job: Pending) -> Decision:
         pool = job.pool
@@ -292,7 +295,7 @@ def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCap
         ask = (job.gpus * job.members, job.cpu_millis * job.members, job.memory_bytes * job.members)
         if ledger.active:
             # Over its quota a job neither starts nor reserves: it waits for its own tenant's jobs to end.
-            over = ledger.check_any(job.owner, _eligible_clusters(nodes, job), ask)
+            over = ledger.check_any(job.owner, clusters_for[job.has_command], ask)
             if over is not None:
                 return Wait(job, QUOTA_EXCEEDED, over.message, quota=over)
         if not misfits.covers(job):
@@ -1251,8 +1254,10 @@ def vec_slot(vec: Vec) -> int:
     return vec[3]
 
 
-def _eligible_clusters(nodes: Sequence[NodeCapacity], job: Pending) -> list[str]:
-    """As capacity.place: local first (a job without a command only where no other cluster exists)."""
+def _eligible_clusters(nodes: Sequence[NodeCapacity], job: Pending | bool) -> list[str]:
+    """As capacity.place: local first (a job without a command only where no other cluster exists).
+    `job`: the job, or whether it has a command (all that matters)."""
+    has_command = job if isinstance(job, bool) else job.has_command
     others = sorted({n.cluster for n in nodes} - {LOCAL_CLUSTER})
-    local = [LOCAL_CLUSTER] if any(n.cluster == LOCAL_CLUSTER for n in nodes) and (job.has_command or not others) else []
+    local = [LOCAL_CLUSTER] if any(n.cluster == LOCAL_CLUSTER for n in nodes) and (has_command or not others) else []
     return local + others
