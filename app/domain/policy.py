@@ -591,21 +591,24 @@ def _preempt(snapshot: Snapshot, config: PolicyConfig, plan: Plan) -> None:
     lowest = min((r.priority for r in candidates), default=None)
     unfit: set[tuple] = set()
     # The candidates in the order a job's victims are tried (borrowers first, then the lowest priority, the youngest),
-    # sorted once: a job's pool is this list filtered, in the same order. `live`: those still takeable (not taken, their
-    # cluster's budget left), renewed after each preemption; once none is, no later job can preempt anything.
+    # sorted once: a job's pool is this list filtered, in the same order. Takeable: not taken yet, its cluster's budget
+    # left; `untaken` counts them per cluster, so that once none is takeable no later job is looked at.
     ranked = sorted(candidates, key=lambda r: (r.owner not in borrowers, r.priority, -r.started_at, r.id))
     on_node: dict[tuple[str, str], list[Running]] = defaultdict(list)  # each node's candidates, in that order
     for r in ranked:
         for name, _ in r.parts:
             on_node[(r.cluster, name)].append(r)
 
-    def takeable() -> list[Running]:
-        return [r for r in ranked if r.id not in taken and (budget is None or budget.get(r.cluster, 0) > 0)]
+    untaken: dict[str, int] = defaultdict(int)
+    for r in ranked:
+        untaken[r.cluster] += 1
 
-    live = takeable()
+    def any_takeable() -> bool:
+        return any(count > 0 and (budget is None or budget.get(cluster, 0) > 0) for cluster, count in untaken.items())
+
     serving: dict[tuple, set[tuple[str, str]]] = {}  # per kind of job: the nodes that serve it (the same in every copy)
     for job_id in plan.order:
-        if searched >= config.preemptors_per_pass or examined >= config.preemption_scan_limit or not live:
+        if searched >= config.preemptors_per_pass or examined >= config.preemption_scan_limit or not any_takeable():
             break
         decision = plan.decisions[job_id]
         if not (isinstance(decision, Reserve) or (isinstance(decision, Wait) and decision.reason in (CAPACITY, NO_RESERVATION))):
@@ -628,8 +631,9 @@ def _preempt(snapshot: Snapshot, config: PolicyConfig, plan: Plan) -> None:
         # tenant would reclaim it right back): only from its own tenant's jobs and from borrowers.
         borrows = job.owner in ledger.quotas and not within
         pool = [
-            r for r in live
-            if (r.priority < job.priority
+            r for r in ranked
+            if r.id not in taken and (budget is None or budget.get(r.cluster, 0) > 0)
+            and (r.priority < job.priority
                 or (reclaims and r.owner in borrowers and r.owner != job.owner and ledger.reclaimable(r.owner, r.cluster, r.amounts)))
             and r.id not in job.preempted_by and job.id not in r.preempted_by
             and not (borrows and r.owner != job.owner and r.owner in ledger.quotas and r.owner not in borrowers)
@@ -641,7 +645,8 @@ def _preempt(snapshot: Snapshot, config: PolicyConfig, plan: Plan) -> None:
         if kind not in serving:
             clusters = set(_eligible_clusters(plan.free, job))
             serving[kind] = {key for key, n in work.by_key.items() if n.cluster in clusters and job.serves(n)}
-        chosen = _victims_for(plan.free, work.by_key, pool, job, serving[kind], on_node)
+        # Without borrowers (ranked first whatever their priority) a pool is in (priority, youngest) order.
+        chosen = _victims_for(plan.free, work.by_key, pool, job, serving[kind], on_node, by_priority=not borrowers)
         if chosen is None:
             continue
         if ledger.active and not _reclaims_only_borrowed(ledger, job, chosen):
@@ -656,10 +661,10 @@ def _preempt(snapshot: Snapshot, config: PolicyConfig, plan: Plan) -> None:
                 budget[c] -= n
         placement = work.place_after(chosen, job)
         if placement is None:  # pragma: no cover - the search placed it with these victims gone
-            live = takeable()  # the budget was spent all the same
-            continue
+            continue  # (the budget was spent all the same)
         taken.update(r.id for r in chosen)
-        live = takeable()
+        for r in chosen:
+            untaken[r.cluster] -= 1
         if ledger.active:
             # What the victims give back no longer counts as borrowed for the next reclaimer; the job will hold its room.
             for r in chosen:
@@ -683,14 +688,15 @@ def _reclaims_only_borrowed(ledger: quotas.Ledger, job: Pending, chosen: Sequenc
 
 def _victims_for(work: Sequence[NodeCapacity], by_key: Mapping[tuple[str, str], NodeCapacity], pool: Sequence[Running],
                  job: Pending, serving: set[tuple[str, str]] | None = None,
-                 on_node: Mapping[tuple[str, str], Sequence[Running]] | None = None) -> list[Running] | None:
+                 on_node: Mapping[tuple[str, str], Sequence[Running]] | None = None, by_priority: bool = False) -> list[Running] | None:
     """The victims among `pool` (in preference order) that free a placement `job` can use: only on nodes that
     serve it (its GPU types, its worker pool, a cluster that can run it), since capacity freed elsewhere would
     be lost work that starts nothing. On one node whole (GPU indices on one host); for a gang on a cluster that
     spreads members over nodes (Kubernetes), also across that cluster's nodes. Fewest victims, then the lowest
     priorities, then the youngest, win (ties: the node listed first, then the cross-node choices).
     `serving`: those nodes' keys, when the caller has them; `on_node`: each node's victims, any superset of `pool`'s
-    in `pool`'s order (the caller's, kept for the pass), else found in `pool`."""
+    in `pool`'s order (the caller's, kept for the pass), else found in `pool`; `by_priority`: `pool` is in (priority,
+    youngest first) order."""
     if serving is None:
         clusters = set(_eligible_clusters(work, job))
         serving = {key for key, n in by_key.items() if n.cluster in clusters and job.serves(n)}
@@ -706,16 +712,23 @@ def _victims_for(work: Sequence[NodeCapacity], by_key: Mapping[tuple[str, str], 
     # ties go by), and none met at pool[p] or later has a better bound than the best (priority, youngest start) of
     # pool[p:]: nodes are searched by bound (then the order met) until the best choice found beats every bound left.
     ids = {victim.id for victim in pool}
-    floor: list[tuple[float, float]] = [(INF, INF)] * (len(pool) + 1)
-    for p in range(len(pool) - 1, -1, -1):
-        here = (pool[p].priority, -pool[p].started_at)
-        floor[p] = here if here < floor[p + 1] else floor[p + 1]
+    # floor(p): the least (priority, -started_at) of pool[p:].
+    if by_priority:  # each victim is the least of those after it
+        def floor(p: int) -> tuple[float, float]:
+            return (pool[p].priority, -pool[p].started_at) if p < len(pool) else (INF, INF)
+    else:
+        least: list[tuple[float, float]] = [(INF, INF)] * (len(pool) + 1)
+        for p in range(len(pool) - 1, -1, -1):
+            least[p] = min((pool[p].priority, -pool[p].started_at), least[p + 1])
+
+        def floor(p: int) -> tuple[float, float]:
+            return least[p]
     met: set[tuple[str, str]] = set()
     heap: list[tuple[tuple[float, float, float], int, tuple[str, str], list[Running]]] = []
     best: tuple[tuple[int, int, float], int, list[Running]] | None = None
     p = 0
     while True:
-        unmet = (1, *floor[p])  # no node not met yet has a better bound
+        unmet = (1, *floor(p))  # no node not met yet has a better bound
         if heap and (p >= len(pool) or heap[0][0] <= unmet):
             bound, index, key, ordered = heap[0]
             if best is not None and (best[0], best[1]) < (bound, index):
