@@ -12,8 +12,9 @@ the per-owner and per-pool pruning, the policy, the writes) --passes times, as t
 it (one SnapshotCache kept between passes; --no-cache: none), and prints where a pass's time goes: the
 fair-share accrual, the snapshot's parts (nodes, the jobs holding capacity, the backlog's heads, the rest:
 queue counts, usage, quotas, weights), the policy, and the rest of the pass (lock, locking and writing the
-admissions, the next wake-up). The first pass (nothing cached) is shown apart. It deletes everything it
-added when it ends.
+admissions, the next wake-up). The first pass (nothing cached) is shown apart. As the scheduler process, it
+freezes what startup made out of the garbage collector's full collections before the first pass (--no-freeze:
+not). It deletes everything it added when it ends.
 
     DATABASE_URL=postgresql://postgres@127.0.0.1:5432/jobservice_bench python benchmarks/scheduler_pass.py
 """
@@ -106,6 +107,8 @@ def main() -> None:
     parser.add_argument("--ran", type=float, default=3600.0,
                         help="the running jobs started up to this many seconds ago (0: just now, so none may be preempted yet)")
     parser.add_argument("--no-cache", action="store_true", help="no SnapshotCache: every pass decodes every row")
+    parser.add_argument("--no-freeze", action="store_true",
+                        help="leave startup's objects in the garbage collector's full collections (the scheduler freezes them)")
     args = parser.parse_args()
     # Queue limits far above the fleet: the pass must cope with the backlog itself, not with a full queue.
     settings = Settings.from_env({"JOB_QUEUES": "high-priority:50-100:1000000,default:0-49:1000000", **os.environ})
@@ -133,6 +136,10 @@ def main() -> None:
         min_ran = settings.preemption_min_run_seconds + 60 if args.ran > 0 else 0.0
         load(database, args.pending, args.nodes, args.free, max(args.ran, min_ran + 1) if args.ran > 0 else 0.0, min_ran)
         admitted = decisions = preempted = 0
+        if not args.no_freeze:
+            from app.scheduler import freeze_startup_objects
+
+            freeze_startup_objects()  # as the scheduler process does before its first pass
         cache = None if args.no_cache else scheduling.SnapshotCache()
         with contextlib.ExitStack() as patches:
             for name, (module, attribute) in parts.items():
@@ -148,7 +155,8 @@ def main() -> None:
         print(f"{args.passes} passes ({'no cache' if cache is None else 'one SnapshotCache, as the scheduler'}): {admitted} jobs admitted, "
               f"{preempted} preempted, {decisions / args.passes:,.0f} decisions per pass (the backlog the policy sees after pruning per "
               f"owner and per pool; preemption {'on' if settings.preemption_enabled else 'off'}, running jobs started "
-              f"{'up to %.0fs ago' % args.ran if args.ran > 0 else 'just now'})")
+              f"{'up to %.0fs ago' % args.ran if args.ran > 0 else 'just now'}; startup's objects "
+              f"{'not ' if args.no_freeze else ''}frozen out of full garbage collections)")
         n = len(timings["pass"])
         timings["snapshot, other"] = [timings["snapshot"][i] - timings["nodes"][i] - timings["holders"][i] - timings["backlog"][i]
                                       for i in range(n)]
