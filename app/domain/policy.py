@@ -1194,8 +1194,8 @@ class _Timeline:
 
     def _steps(self, job: Pending, eligible: set[int], at_now: set[int]) -> Iterator[tuple[float, set[int]]]:
         """`now` with `at_now`, then each later time something ends on an eligible node (an attempt, or a reservation's
-        window), with those nodes, in time order. What attempts release is listed once per kind of job until an
-        admission adds a release; reservations' ends, a few, are merged in."""
+        window), with those nodes, in time order. What attempts release is listed once per kind of job (then `hold` adds
+        each admission's release to it); reservations' ends, a few, are merged in."""
         key = (job.has_command, job.gpu_types, job.node_pool)
         cached = self._release_steps.get(key)
         if cached is None:
