@@ -26,7 +26,6 @@ Times are float seconds (epoch); `math.inf` means "no end known".
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import heapq
 import math
 from collections import defaultdict
@@ -276,6 +275,9 @@ def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCap
     messages: dict[tuple, str] = {}  # per pool, once its reservations are all taken (they never shrink in a pass)
     malformed: dict[tuple, str | None] = {}  # per shape: what makes it impossible to reason about, if anything
     ledger = quotas.Ledger(snapshot.quotas, _holding(snapshot.running))
+    # The clusters a job may run on depend only on the fleet's clusters and whether it has a command: listed once, not
+    # per job (with quotas set, listing them from 1,000 nodes for each of 2,000 jobs was 200 ms of a pass).
+    clusters_for = {command: _eligible_clusters(nodes, command) for command in (True, False)}
 
     def _one(job: Pending) -> Decision:
         pool = job.pool
@@ -293,7 +295,7 @@ def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCap
         ask = (job.gpus * job.members, job.cpu_millis * job.members, job.memory_bytes * job.members)
         if ledger.active:
             # Over its quota a job neither starts nor reserves: it waits for its own tenant's jobs to end.
-            over = ledger.check_any(job.owner, _eligible_clusters(nodes, job), ask)
+            over = ledger.check_any(job.owner, clusters_for[job.has_command], ask)
             if over is not None:
                 return Wait(job, QUOTA_EXCEEDED, over.message, quota=over)
         if not misfits.covers(job):
@@ -377,8 +379,13 @@ def _holding(running: Sequence[Running]) -> Iterator[tuple[str, str, quotas.Amou
 # --- preemption ------------------------------------------------------------------------------------
 
 
-def _release(by_key: Mapping[tuple[str, str], NodeCapacity], attempt: Running) -> None:
-    """Give back on node copies what `attempt` holds (its GPU indices, CPU, memory, its worker slot)."""
+def _release(by_key: Mapping[tuple[str, str], NodeCapacity], *attempts: Running) -> None:
+    """Give back on node copies what `attempts` hold (their GPU indices, CPU, memory, worker slots)."""
+    for attempt in attempts:
+        _release_one(by_key, attempt)
+
+
+def _release_one(by_key: Mapping[tuple[str, str], NodeCapacity], attempt: Running) -> None:
     indices = dict(attempt.gpu_indices)
     for index, (name, members) in enumerate(attempt.parts):
         node = by_key.get((attempt.cluster, name))
@@ -393,20 +400,82 @@ def _release(by_key: Mapping[tuple[str, str], NodeCapacity], attempt: Running) -
         node.used_slots -= 1 if index == 0 else 0
 
 
-def _copy(nodes: Sequence[NodeCapacity]) -> list[NodeCapacity]:
-    return [n.copy() for n in nodes]
+class _Work:
+    """The capacity preemption searches on: the nodes after the pass's admissions, as victims are chosen.
 
+    Kept by node, and changed in place node by node (the nodes a placement takes, the victims' nodes), never
+    copied whole: at 1,000 nodes, copying and scanning the fleet per preemptor was most of a pass. `roomy`: per
+    size of one member (GPUs, CPU, memory), the nodes with room for it now, kept as nodes change; a node without
+    room for one member takes none in capacity.place, so placing on those alone places the same (as _FreeIndex).
+    """
 
-def _fits_after(base: Sequence[NodeCapacity], victims: Sequence[Running], job: Pending) -> tuple[list[NodeCapacity], Placement | None]:
-    trial = _copy(base)
-    by_key = {(n.cluster, n.name): n for n in trial}
-    for victim in victims:
-        _release(by_key, victim)
-    return trial, _place(trial, job)
+    def __init__(self, nodes: Sequence[NodeCapacity]) -> None:
+        self.by_key = {(n.cluster, n.name): n.copy() for n in nodes}
+        self.elsewhere = any(n.cluster != LOCAL_CLUSTER for n in nodes)  # as capacity.place tells it from the whole list
+        self.roomy: dict[tuple[int, int, int], set[tuple[str, str]]] = {}
+
+    @staticmethod
+    def _has_room(node: NodeCapacity, need: tuple[int, int, int]) -> bool:
+        gpus, cpu, memory = need
+        return ((not gpus or node.gpus_free_count >= gpus) and (not cpu or node.cpu_millis - node.used_cpu_millis >= cpu)
+                and (not memory or node.memory_bytes - node.used_memory_bytes >= memory))
+
+    def _roomy(self, need: tuple[int, int, int]) -> set[tuple[str, str]]:
+        keys = self.roomy.get(need)
+        if keys is None:
+            keys = self.roomy[need] = {key for key, n in self.by_key.items() if self._has_room(n, need)}
+        return keys
+
+    def _place(self, nodes: list[NodeCapacity], job: Pending) -> Placement | None:
+        if not nodes:
+            return None
+        return capacity.place(nodes, job.cpu_millis, job.memory_bytes, job.gpus, job.members, has_command=job.has_command,
+                              elsewhere=self.elsewhere, gpu_types=job.gpu_types, pool=job.node_pool)
+
+    def changed(self, keys: Iterable[tuple[str, str]]) -> None:
+        """These nodes' holdings changed: file them afresh in `roomy`."""
+        for need, members in self.roomy.items():
+            for key in keys:
+                if self._has_room(self.by_key[key], need):
+                    members.add(key)
+                else:
+                    members.discard(key)
+
+    def place(self, job: Pending) -> Placement | None:
+        """`_place` on the work nodes: reserves the job's room when it fits."""
+        need = (job.gpus, job.cpu_millis, job.memory_bytes)
+        placement = self._place([self.by_key[key] for key in self._roomy(need)], job)
+        if placement is not None:
+            self.changed([(placement.cluster, name) for name, _, _ in placement.parts])
+        return placement
+
+    def release(self, attempts: Sequence[Running]) -> None:
+        """What `attempts` hold comes back (attempts already stopping)."""
+        _release(self.by_key, *attempts)
+        self.changed({(a.cluster, name) for a in attempts for name, _ in a.parts if (a.cluster, name) in self.by_key})
+
+    def place_after(self, victims: Sequence[Running], job: Pending) -> Placement | None:
+        """Place `job` as if `victims` were gone; when it fits, they are gone from the work nodes and it holds its room
+        there (when it does not, nothing changes). Only the victims' nodes are copied, for the trial."""
+        copies: dict[tuple[str, str], NodeCapacity] = {}
+        for victim in victims:
+            for name, _ in victim.parts:
+                key = (victim.cluster, name)
+                if key in self.by_key and key not in copies:
+                    copies[key] = self.by_key[key].copy()
+        _release(copies, *victims)
+        need = (job.gpus, job.cpu_millis, job.memory_bytes)
+        keys = self._roomy(need) | copies.keys()
+        trial = [copies[key] if key in copies else self.by_key[key] for key in keys]
+        placement = self._place([n for n in trial if self._has_room(n, need)], job)  # changes nodes only when it fits
+        if placement is not None:
+            self.by_key.update(copies)
+            self.changed(copies.keys() | {(placement.cluster, name) for name, _, _ in placement.parts})
+        return placement
 
 
 def _one_node(node: NodeCapacity) -> NodeCapacity:
-    return dataclasses.replace(node, used_gpus=set(node.used_gpus))
+    return node.copy()  # as dataclasses.replace(node, used_gpus=set(...)), several times quicker (once per node per search)
 
 
 def _victims_on(node: NodeCapacity, ordered: Sequence[Running], job: Pending) -> list[Running] | None:
@@ -513,18 +582,33 @@ def _preempt(snapshot: Snapshot, config: PolicyConfig, plan: Plan) -> None:
     ]
     if not candidates and not stopping:
         return
-    work = _copy(plan.free)
-    by_key = {(n.cluster, n.name): n for n in work}
-    for attempt in stopping:
-        _release(by_key, attempt)
+    work = _Work(plan.free)
+    work.release(stopping)
     changed = bool(stopping)  # `work` may hold room plan.free did not
     budget = dict(snapshot.preemption_budget) if snapshot.preemption_budget is not None else None
     taken: set[str] = set()
     searched = examined = 0
     lowest = min((r.priority for r in candidates), default=None)
     unfit: set[tuple] = set()
+    # The candidates in the order a job's victims are tried (borrowers first, then the lowest priority, the youngest),
+    # sorted once: a job's pool is this list filtered, in the same order. Takeable: not taken yet, its cluster's budget
+    # left; `untaken` counts them per cluster, so that once none is takeable no later job is looked at.
+    ranked = sorted(candidates, key=lambda r: (r.owner not in borrowers, r.priority, -r.started_at, r.id))
+    on_node: dict[tuple[str, str], list[Running]] = defaultdict(list)  # each node's candidates, in that order
+    for r in ranked:
+        for name, _ in r.parts:
+            on_node[(r.cluster, name)].append(r)
+
+    untaken: dict[str, int] = defaultdict(int)
+    for r in ranked:
+        untaken[r.cluster] += 1
+
+    def any_takeable() -> bool:
+        return any(count > 0 and (budget is None or budget.get(cluster, 0) > 0) for cluster, count in untaken.items())
+
+    serving: dict[tuple, set[tuple[str, str]]] = {}  # per kind of job: the nodes that serve it (the same in every copy)
     for job_id in plan.order:
-        if searched >= config.preemptors_per_pass or examined >= config.preemption_scan_limit:
+        if searched >= config.preemptors_per_pass or examined >= config.preemption_scan_limit or not any_takeable():
             break
         decision = plan.decisions[job_id]
         if not (isinstance(decision, Reserve) or (isinstance(decision, Wait) and decision.reason in (CAPACITY, NO_RESERVATION))):
@@ -535,7 +619,7 @@ def _preempt(snapshot: Snapshot, config: PolicyConfig, plan: Plan) -> None:
         # jobs would otherwise start one per pass). What is freed for one is kept for it in `work`, and the next
         # pass considers it in the same order, before anything its victims' room could go to instead.
         if changed and job.shape not in unfit:
-            if _place(work, job) is not None:
+            if work.place(job) is not None:
                 continue  # what is being freed already makes room for it: it keeps that room, nobody preempts more
             unfit.add(job.shape)  # `work` only shrinks until the next preemption: the same shape does not fit either
         ask = (job.gpus * job.members, job.cpu_millis * job.members, job.memory_bytes * job.members)
@@ -546,19 +630,23 @@ def _preempt(snapshot: Snapshot, config: PolicyConfig, plan: Plan) -> None:
         # A job that would borrow never takes capacity from another tenant within its nominal quota (that
         # tenant would reclaim it right back): only from its own tenant's jobs and from borrowers.
         borrows = job.owner in ledger.quotas and not within
-        pool = sorted(
-            (r for r in candidates
-             if (r.priority < job.priority
-                 or (reclaims and r.owner in borrowers and r.owner != job.owner and ledger.reclaimable(r.owner, r.cluster, r.amounts)))
-             and r.id not in job.preempted_by and job.id not in r.preempted_by
-             and not (borrows and r.owner != job.owner and r.owner in ledger.quotas and r.owner not in borrowers)
-             and r.id not in taken and (budget is None or budget.get(r.cluster, 0) > 0)),
-            key=lambda r: (r.owner not in borrowers, r.priority, -r.started_at, r.id),
-        )
+        pool = [
+            r for r in ranked
+            if r.id not in taken and (budget is None or budget.get(r.cluster, 0) > 0)
+            and (r.priority < job.priority
+                or (reclaims and r.owner in borrowers and r.owner != job.owner and ledger.reclaimable(r.owner, r.cluster, r.amounts)))
+            and r.id not in job.preempted_by and job.id not in r.preempted_by
+            and not (borrows and r.owner != job.owner and r.owner in ledger.quotas and r.owner not in borrowers)
+        ]
         if not pool:
             continue
         searched += 1
-        chosen = _victims_for(work, by_key, pool, job)
+        kind = (job.has_command, job.gpu_types, job.node_pool)
+        if kind not in serving:
+            clusters = set(_eligible_clusters(plan.free, job))
+            serving[kind] = {key for key, n in work.by_key.items() if n.cluster in clusters and job.serves(n)}
+        # Without borrowers (ranked first whatever their priority) a pool is in (priority, youngest) order.
+        chosen = _victims_for(plan.free, work.by_key, pool, job, serving[kind], on_node, by_priority=not borrowers)
         if chosen is None:
             continue
         if ledger.active and not _reclaims_only_borrowed(ledger, job, chosen):
@@ -571,18 +659,19 @@ def _preempt(snapshot: Snapshot, config: PolicyConfig, plan: Plan) -> None:
                 continue
             for c, n in per_cluster.items():
                 budget[c] -= n
-        trial, placement = _fits_after(work, chosen, job)
+        placement = work.place_after(chosen, job)
         if placement is None:  # pragma: no cover - the search placed it with these victims gone
-            continue
+            continue  # (the budget was spent all the same)
         taken.update(r.id for r in chosen)
+        for r in chosen:
+            untaken[r.cluster] -= 1
         if ledger.active:
             # What the victims give back no longer counts as borrowed for the next reclaimer; the job will hold its room.
             for r in chosen:
                 ledger.charge(r.owner, r.cluster, (-r.amounts[0], -r.amounts[1], -r.amounts[2]))
             ledger.charge(job.owner, placement.cluster, ask)
         plan.preemptions.append(Preemption(job, tuple(chosen), placement.cluster))
-        work, changed = trial, True  # its room is its own from now on
-        by_key = {(n.cluster, n.name): n for n in work}
+        changed = True  # its room is its own from now on
         unfit.clear()
 
 
@@ -598,30 +687,75 @@ def _reclaims_only_borrowed(ledger: quotas.Ledger, job: Pending, chosen: Sequenc
 
 
 def _victims_for(work: Sequence[NodeCapacity], by_key: Mapping[tuple[str, str], NodeCapacity], pool: Sequence[Running],
-                 job: Pending) -> list[Running] | None:
+                 job: Pending, serving: set[tuple[str, str]] | None = None,
+                 on_node: Mapping[tuple[str, str], Sequence[Running]] | None = None, by_priority: bool = False) -> list[Running] | None:
     """The victims among `pool` (in preference order) that free a placement `job` can use: only on nodes that
     serve it (its GPU types, its worker pool, a cluster that can run it), since capacity freed elsewhere would
     be lost work that starts nothing. On one node whole (GPU indices on one host); for a gang on a cluster that
     spreads members over nodes (Kubernetes), also across that cluster's nodes. Fewest victims, then the lowest
-    priorities, then the youngest, win."""
-    clusters = set(_eligible_clusters(work, job))
-    serving = {key for key, n in by_key.items() if n.cluster in clusters and job.serves(n)}
-    per_node: dict[tuple[str, str], list[Running]] = defaultdict(list)
-    per_cluster: dict[str, list[Running]] = defaultdict(list)
-    for victim in pool:
-        useful = False
-        for name, _ in victim.parts:
-            if (victim.cluster, name) in serving:
-                per_node[(victim.cluster, name)].append(victim)
-                useful = True
-        if useful:
-            per_cluster[victim.cluster].append(victim)
+    priorities, then the youngest, win (ties: the node listed first, then the cross-node choices).
+    `serving`: those nodes' keys, when the caller has them; `on_node`: each node's victims, any superset of `pool`'s
+    in `pool`'s order (the caller's, kept for the pass), else found in `pool`; `by_priority`: `pool` is in (priority,
+    youngest first) order."""
+    if serving is None:
+        clusters = set(_eligible_clusters(work, job))
+        serving = {key for key, n in by_key.items() if n.cluster in clusters and job.serves(n)}
+    if on_node is None:
+        on_node = defaultdict(list)
+        for victim in pool:
+            for name, _ in victim.parts:
+                on_node[(victim.cluster, name)].append(victim)
     options: list[list[Running]] = []
-    for key, ordered in per_node.items():
-        chosen = _victims_on(by_key[key], ordered, job)
-        if chosen:
-            options.append(chosen)
+    # Each node's choice is searched on a copy of it (_victims_on); at 1,000 nodes with a victim each, searching them
+    # all per preemptor was most of a pass. Branch and bound instead: a node's choice has at least one victim, of at
+    # least its lowest priority, started no later than its youngest. Nodes are met in the order of `pool` (the order
+    # ties go by), and none met at pool[p] or later has a better bound than the best (priority, youngest start) of
+    # pool[p:]: nodes are searched by bound (then the order met) until the best choice found beats every bound left.
+    ids = {victim.id for victim in pool}
+    # floor(p): the least (priority, -started_at) of pool[p:].
+    if by_priority:  # each victim is the least of those after it
+        def floor(p: int) -> tuple[float, float]:
+            return (pool[p].priority, -pool[p].started_at) if p < len(pool) else (INF, INF)
+    else:
+        least: list[tuple[float, float]] = [(INF, INF)] * (len(pool) + 1)
+        for p in range(len(pool) - 1, -1, -1):
+            least[p] = min((pool[p].priority, -pool[p].started_at), least[p + 1])
+
+        def floor(p: int) -> tuple[float, float]:
+            return least[p]
+    met: set[tuple[str, str]] = set()
+    heap: list[tuple[tuple[float, float, float], int, tuple[str, str], list[Running]]] = []
+    best: tuple[tuple[int, int, float], int, list[Running]] | None = None
+    p = 0
+    while True:
+        unmet = (1, *floor(p))  # no node not met yet has a better bound
+        if heap and (p >= len(pool) or heap[0][0] <= unmet):
+            bound, index, key, ordered = heap[0]
+            if best is not None and (best[0], best[1]) < (bound, index):
+                break
+            heapq.heappop(heap)
+            chosen = _victims_on(by_key[key], ordered, job)
+            if chosen and (best is None or (_victims_key(chosen), index) < (best[0], best[1])):
+                best = (_victims_key(chosen), index, chosen)
+            continue
+        if p >= len(pool) or (best is not None and best[0] <= unmet and (not heap or (best[0], best[1]) < heap[0][:2])):
+            break
+        victim = pool[p]
+        p += 1
+        for name, _ in victim.parts:
+            key = (victim.cluster, name)
+            if key in serving and key not in met:
+                met.add(key)
+                ordered = [r for r in on_node[key] if r.id in ids]
+                bound = (1, min(r.priority for r in ordered), -max(r.started_at for r in ordered))
+                heapq.heappush(heap, (bound, len(met), key, ordered))
+    if best is not None:
+        options.append(best[2])
     if job.members > 1:
+        per_cluster: dict[str, list[Running]] = defaultdict(list)
+        for victim in pool:
+            if any((victim.cluster, name) in serving for name, _ in victim.parts):
+                per_cluster[victim.cluster].append(victim)
         for cluster, ordered in per_cluster.items():
             if cluster != LOCAL_CLUSTER:
                 chosen = _victims_across([by_key[k] for k in serving if k[0] == cluster], ordered, job)
@@ -629,7 +763,12 @@ def _victims_for(work: Sequence[NodeCapacity], by_key: Mapping[tuple[str, str], 
                     options.append(chosen)
     if not options:
         return None
-    return min(options, key=lambda c: (len(c), max(r.priority for r in c), -min(r.started_at for r in c)))
+    return min(options, key=_victims_key)
+
+
+def _victims_key(chosen: Sequence[Running]) -> tuple[int, int, float]:
+    """Fewest victims, then the lowest highest priority among them, then the youngest: the smaller wins."""
+    return (len(chosen), max(r.priority for r in chosen), -min(r.started_at for r in chosen))
 
 
 def _capacity_message(ahead: list[Reserve]) -> str:
@@ -913,8 +1052,9 @@ class _Timeline:
         # timeouts then costs one sweep per pass, not one per job.
         self._unreservable: set[tuple] = set()
         self._eligible: dict[tuple, tuple[list[str], dict[str, list[int]], set[int], dict[int, str]]] = {}
-        self._release_steps: dict[tuple, tuple[int, list[tuple[float, set[int]]]]] = {}
-        self._holds = 0  # admissions so far: each adds a release, so cached release times are stale
+        # Per kind of job: each time something ends on its eligible nodes, with those nodes, in time order. Kept up to
+        # date by `hold` (an admission adds one release), not listed afresh: at 1,000 nodes that was most of a reserve.
+        self._release_steps: dict[tuple, list[tuple[float, set[int]]]] = {}
 
     @property
     def has_reservations(self) -> bool:
@@ -961,8 +1101,15 @@ class _Timeline:
             vec = [job.gpus * members, job.cpu_millis * members, job.memory_bytes * members, 1 if part == 0 else 0]
             bisect.insort(self.releases[i], (end, vec), key=lambda e: e[0])
             self._cumulative.pop(i, None)
+            if self.now < end < INF:
+                for key, steps in self._release_steps.items():
+                    if i in self._eligible[key][2]:
+                        k = bisect.bisect_left(steps, end, key=lambda e: e[0])
+                        if k < len(steps) and steps[k][0] == end:
+                            steps[k][1].add(i)
+                        else:
+                            steps.insert(k, (end, {i}))
         self._unreservable.clear()
-        self._holds += 1
 
     def reserve(self, job: Pending, *, commit: bool) -> _Reservation | None:
         """The earliest start (and nodes) at which `job` fits without delaying an existing reservation.
@@ -1047,17 +1194,17 @@ class _Timeline:
 
     def _steps(self, job: Pending, eligible: set[int], at_now: set[int]) -> Iterator[tuple[float, set[int]]]:
         """`now` with `at_now`, then each later time something ends on an eligible node (an attempt, or a reservation's
-        window), with those nodes, in time order. What attempts release is listed once per kind of job until an
-        admission adds a release; reservations' ends, a few, are merged in."""
+        window), with those nodes, in time order. What attempts release is listed once per kind of job (then `hold` adds
+        each admission's release to it); reservations' ends, a few, are merged in."""
         key = (job.has_command, job.gpu_types, job.node_pool)
         cached = self._release_steps.get(key)
-        if cached is None or cached[0] != self._holds:
+        if cached is None:
             changes: dict[float, set[int]] = defaultdict(set)
             for i in eligible:
                 for at, _ in self.releases[i]:
                     if self.now < at < INF:
                         changes[at].add(i)
-            cached = self._release_steps[key] = (self._holds, sorted(changes.items()))
+            cached = self._release_steps[key] = sorted(changes.items())
         ends: dict[float, set[int]] = defaultdict(set)
         for r in self.reservations:
             if r.end < INF:
@@ -1066,9 +1213,9 @@ class _Timeline:
                         ends[r.end].add(i)
         yield self.now, at_now
         if not ends:
-            yield from cached[1]
+            yield from cached
             return
-        merged = heapq.merge(cached[1], sorted(ends.items()), key=lambda e: e[0])
+        merged = heapq.merge(cached, sorted(ends.items()), key=lambda e: e[0])
         pending: tuple[float, set[int]] | None = None
         for t, changed in merged:
             if pending is not None and pending[0] == t:
@@ -1120,8 +1267,10 @@ def vec_slot(vec: Vec) -> int:
     return vec[3]
 
 
-def _eligible_clusters(nodes: Sequence[NodeCapacity], job: Pending) -> list[str]:
-    """As capacity.place: local first (a job without a command only where no other cluster exists)."""
+def _eligible_clusters(nodes: Sequence[NodeCapacity], job: Pending | bool) -> list[str]:
+    """As capacity.place: local first (a job without a command only where no other cluster exists).
+    `job`: the job, or whether it has a command (all that matters)."""
+    has_command = job if isinstance(job, bool) else job.has_command
     others = sorted({n.cluster for n in nodes} - {LOCAL_CLUSTER})
-    local = [LOCAL_CLUSTER] if any(n.cluster == LOCAL_CLUSTER for n in nodes) and (job.has_command or not others) else []
+    local = [LOCAL_CLUSTER] if any(n.cluster == LOCAL_CLUSTER for n in nodes) and (has_command or not others) else []
     return local + others
