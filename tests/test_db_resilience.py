@@ -286,3 +286,10 @@ def test_the_outbox_sweep_publishes_outside_any_transaction_and_survives_a_row_p
     assert not any(in_transaction for _, in_transaction in published), published
     with database.session() as s:
         assert s.scalars(select(OutboxMessage)).all() == []
+
+
+def test_every_session_of_the_service_runs_without_jit(database: Database) -> None:
+    with database.engine.connect() as conn:
+        assert conn.execute(text("SHOW jit")).scalar() == "off"
+    with database.session() as session:
+        assert session.execute(text("SHOW jit")).scalar() == "off"
