@@ -712,6 +712,7 @@ def test_every_request_of_the_executor_goes_through_the_limiter(fake: FakeKubern
     sink = Sink()
     assert outcome_of(executor.launch(make_spec("test/succeed", members=2, gpus=0), sink)).succeeded
     read_inventory(api, "test-cluster")
+    executor.close()
     api.close()
     assert limiter.taken == len(fake.requests) > 5  # creates, lists, watches, log streams, the inventory
 
