@@ -223,6 +223,8 @@ def main() -> None:
 
     while len(recorded) < args.jobs and time.monotonic() < started + args.hold * 3 + 120:
         time.sleep(0.2)
+    supervisor.stop()  # before the fake server goes: no reconnecting watch or log stream meanwhile
+    executor.close()
     done.set()
     watches = queue.get(timeout=30)
     with database.engine.connect() as conn:
@@ -254,8 +256,6 @@ def main() -> None:
     if latencies:
         print(f"pod's end -> end recorded in PostgreSQL: p50 {statistics.median(latencies):.2f}s, "
               f"p99 {latencies[max(0, int(len(latencies) * 0.99) - 1)]:.2f}s (includes reading the last log lines)")
-    supervisor.stop()
-    executor.close()
 
 
 if __name__ == "__main__":
