@@ -4,7 +4,8 @@ process, label-selected to this service's objects, with a local cache that feeds
 The shape of client-go's `tools/cache` shared informer: a reflector (watches.py) keeps the cache current,
 resumes its watch, relists on 410; handlers are keyed by owner (job id label, attempt label), so an
 attempt's cost is a dictionary entry, not a connection. The API server sees two watches per cluster,
-whatever the number of running jobs.
+whatever the number of running jobs. The cache holds slim records (`records`) read from the API's JSON, not
+the client's models, and is indexed by owner, so that an attempt that subscribes costs no scan of it.
 """
 from __future__ import annotations
 

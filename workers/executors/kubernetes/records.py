@@ -41,7 +41,9 @@ class Meta:
         self.resource_version: str | None = raw.get("resourceVersion")
         self.deletion_timestamp: str | None = raw.get("deletionTimestamp")
         job_id, attempt = labels.get(LABEL_JOB_ID), labels.get(LABEL_ATTEMPT)
-        self.owner: tuple[str, str] | None = (job_id, _word(attempt)) if job_id is not None and attempt is not None else None
+        self.owner: tuple[str, str] | None = None
+        if job_id is not None and attempt is not None:
+            self.owner = (job_id, _word(attempt))
         index = annotations.get(COMPLETION_INDEX, labels.get(COMPLETION_INDEX))
         self.completion_index: str | None = _word(index)
 
