@@ -9,8 +9,10 @@ one statement per round, stores the logs and records each end in PostgreSQL.
 
 Prints: Job creates/s (claim + create, through the client-side rate limiter), watches opened (shared
 informers: 2 per cluster, whatever N), threads (log followers: one per running member; no thread per job
-otherwise), memory per running job (RSS; `--heap`: Python heap by tracemalloc, which slows everything),
-and the time from a pod's end to its end being recorded in PostgreSQL (p50/p99).
+otherwise), memory per running job (RSS; `--heap`: Python heap by tracemalloc, which slows creates tenfold),
+and the time from a pod's end to its end being recorded in PostgreSQL (p50/p99). With `--heap` the heap is split
+into the job's own part, its log stream, the log buffers (lines read, not yet stored) and the benchmark's own
+bookkeeping, and RSS besides log buffers is printed: the issue's "memory per running job besides log buffers".
 
     DATABASE_URL=postgresql://... python benchmarks/kubernetes_executor.py --jobs 1000 --hold 40 [--qps 0]
 
