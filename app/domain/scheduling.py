@@ -16,7 +16,7 @@ import json
 import logging
 import math
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -61,16 +61,36 @@ class AdmissionResult:
         return [message.job_id for message in self.messages]
 
 
-def admit(session: Session, settings: Settings, now: datetime | None = None, cache: "SnapshotCache | None" = None) -> AdmissionResult:
+# The pass's first statement, one round trip for three things:
+# - the admission lock;
+# - the commit without waiting for the WAL flush (synchronous_commit off for this transaction): nothing outside
+#   the database acts on an admission before a durable write follows it. Its task is published after the commit,
+#   and the worker's claim commits synchronously, which flushes the WAL up to it, this admission included. If the
+#   database crashes before the flush, the admission (jobs, events, outbox rows: one transaction) is lost whole:
+#   the job is pending again, and a task already sent names a dispatch token the claim's compare-and-set refuses;
+# - deleting the outbox rows of tasks the previous pass published (`published`): their delete rides on this
+#   statement instead of a transaction of its own after each publication. Losing it costs a second publication,
+#   which the claim ignores.
+_BEGIN_PASS = text(
+    """
+    WITH published AS (DELETE FROM outbox WHERE id = ANY(CAST(:published AS bigint[])))
+    SELECT pg_try_advisory_xact_lock(:key) AS locked, set_config('synchronous_commit', 'off', true)
+    """
+)
+
+
+def admit(session: Session, settings: Settings, now: datetime | None = None, cache: "SnapshotCache | None" = None,
+          published: Sequence[int] = ()) -> AdmissionResult:
     """One admission pass: load the snapshot, let the policy decide, write its admissions.
 
     `cache`: the scheduler process's SnapshotCache (rows decoded in earlier passes); the decisions are the same without it.
+    `published`: outbox rows whose tasks were published since; deleted in this pass's transaction (even when locked out).
     """
     now = now or utcnow()
     result = AdmissionResult()
     unhandled: list[tuple[str, str]] = []
     with transaction(session):
-        if not session.scalar(text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": ADMISSION_LOCK}):
+        if not session.execute(_BEGIN_PASS, {"key": ADMISSION_LOCK, "published": list(published)}).scalar():
             result.locked_out = True
             return result
         fairshare.accrue(session, now, settings.fair_share_half_life_seconds)
@@ -79,6 +99,9 @@ def admit(session: Session, settings: Settings, now: datetime | None = None, cac
         result.plan = plan
         for preemption in plan.preemptions:
             result.preempted += _preempt(session, preemption, now)
+        if result.preempted:
+            # A worker acts on a preemption (stops the job) without writing first: this commit waits for the flush.
+            session.execute(text("SET LOCAL synchronous_commit = on"))
         unhandled = [(d.job.id, d.reason) for d in plan.decisions.values() if isinstance(d, policy.Fail)]
         admits = plan.admitted
         if admits:
@@ -524,13 +547,16 @@ def _place_all(session: Session, placed: list[tuple[Job, capacity.Placement]], n
     returned = session.execute(
         _PLACE_ALL, {"rows": json.dumps(rows), "ids": [row["id"] for row in rows], "now": now, "task": EXECUTE_TASK}
     ).all()
-    for job, _ in placed:
-        session.expire(job)  # its row changed under the ORM: read afresh if anyone looks
     by_job = {row.job_id: row for row in returned}
-    return [
+    messages = [
         OutboxMessage(id=row.id, job_id=row.job_id, task_name=EXECUTE_TASK, queue=row.queue, args=list(row.args), created_at=now)
         for job, _ in placed if (row := by_job.get(job.id)) is not None
     ]
+    for job, _ in placed:
+        # Its row changed under the ORM: read afresh if anyone looks. Only after the ids were taken above: reading
+        # `job.id` of an expired object costs a SELECT of the whole row, a round trip on every admission.
+        session.expire(job)
+    return messages
 
 
 def retry_delay_seconds(settings: Settings, job: Job) -> float:
