@@ -71,10 +71,14 @@ class AdmissionResult:
 # - deleting the outbox rows of tasks the previous pass published (`published`): their delete rides on this
 #   statement instead of a transaction of its own after each publication. Losing it costs a second publication,
 #   which the claim ignores.
+# It also reads the pass's next wake-up (the earliest backoff expiry): the pass itself never changes it (it admits
+# only jobs whose backoff ended; a victim of a preemption has none), and a backoff set meanwhile is set by an end
+# that wakes the scheduler again.
 _BEGIN_PASS = text(
     """
     WITH published AS (DELETE FROM outbox WHERE id = ANY(CAST(:published AS bigint[])))
-    SELECT pg_try_advisory_xact_lock(:key) AS locked, set_config('synchronous_commit', 'off', true)
+    SELECT pg_try_advisory_xact_lock(:key) AS locked, set_config('synchronous_commit', 'off', true),
+           (SELECT min(not_before) FROM jobs WHERE status = 'pending' AND not_before > :now) AS next_wakeup
     """
 )
 
@@ -90,7 +94,8 @@ def admit(session: Session, settings: Settings, now: datetime | None = None, cac
     result = AdmissionResult()
     unhandled: list[tuple[str, str]] = []
     with transaction(session):
-        if not session.execute(_BEGIN_PASS, {"key": ADMISSION_LOCK, "published": list(published)}).scalar():
+        begun = session.execute(_BEGIN_PASS, {"key": ADMISSION_LOCK, "published": list(published), "now": now}).one()
+        if not begun.locked:
             result.locked_out = True
             return result
         fairshare.accrue(session, now, settings.fair_share_half_life_seconds)
@@ -136,9 +141,7 @@ def admit(session: Session, settings: Settings, now: datetime | None = None, cac
                         unhandled.append((job.id, f"the scheduler could not admit this job: {type(exc).__name__}: {exc}"[:1000]))
                         continue
                     result.messages.append(message)
-        result.next_wakeup = session.scalar(
-            select(func.min(Job.not_before)).where(Job.status == JobStatus.PENDING.value, Job.not_before > now)
-        )
+        result.next_wakeup = begun.next_wakeup
     for job_id, reason in unhandled:
         if fail_unhandled(session, job_id, reason, now):
             result.failed.append(job_id)
