@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import psycopg2
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -106,14 +106,23 @@ def retry_on_disconnect(
 
 
 class Database:
-    def __init__(self, url: str, *, pool_size: int = 10, application_name: str = "jobservice") -> None:
-        """`application_name` names this process's sessions in pg_stat_activity (operators and tests target them)."""
+    def __init__(self, url: str, *, pool_size: int = 10, application_name: str = "jobservice",
+                 ping_idle_after: float | None = None) -> None:
+        """`application_name` names this process's sessions in pg_stat_activity (operators and tests target them).
+
+        `ping_idle_after`: test a pooled connection before use only when it sat idle this many seconds (default: every
+        checkout, a round trip before every transaction). Only for callers whose every transaction is retried on a
+        connection error (Database.retrying): a connection that died while briefly idle fails its statement, and the
+        retry runs on a fresh one.
+        """
         self.url = url
         self.application_name = application_name[:63]
         self.engine: Engine = create_engine(
-            sqlalchemy_url(url), pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size * 2,
+            sqlalchemy_url(url), pool_pre_ping=ping_idle_after is None, pool_size=pool_size, max_overflow=pool_size * 2,
             connect_args={"application_name": self.application_name},
         )
+        if ping_idle_after is not None:
+            _ping_when_idle(self.engine, ping_idle_after)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager
@@ -136,6 +145,26 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _ping_when_idle(engine: Engine, idle_seconds: float) -> None:
+    """The pool's pre-ping, for connections idle at least `idle_seconds` only (SQLAlchemy's custom pessimistic
+    disconnect handling: DisconnectionError from a checkout makes the pool replace the connection and try again)."""
+
+    @event.listens_for(engine, "checkin")
+    def _idle_from(_dbapi_connection: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        idle_since = record.info.pop("idle_since", None)
+        if idle_since is None or time.monotonic() - idle_since < idle_seconds:
+            return  # just connected, or in use a moment ago
+        try:
+            with dbapi_connection.cursor() as cursor:
+                cursor.execute("SELECT 1")
+        except psycopg2.Error as exc:
+            raise sa_exc.DisconnectionError(first_line(exc)) from exc
 
 
 @contextmanager
