@@ -34,6 +34,7 @@ PASS_RECORD_EVERY_SECONDS = 1.0  # a burst of NOTIFY wake-ups records its pass o
 # The outbox rows of published tasks are deleted by the next pass's first statement; with no wake-up
 # meanwhile, a pass comes this soon anyway (well before OUTBOX_REPUBLISH_AFTER_SECONDS would resend them).
 DELETE_PUBLISHED_WITHIN_SECONDS = 0.5
+STOP_CHECK_SECONDS = 0.5  # how soon a waiting scheduler sees a stop request
 
 
 class Scheduler:
@@ -143,7 +144,7 @@ class Scheduler:
                 listener = self._reconnect()
                 continue
             try:
-                self._wait(listener, timeout)
+                self._wait(listener, timeout, stop)
             except psycopg2.Error as exc:
                 # The server ended the LISTEN session (restart, pg_terminate_backend): expected, not a bug.
                 log.warning("lost the LISTEN connection; reconnecting: %s", first_line(exc))
@@ -177,11 +178,20 @@ class Scheduler:
         return connection
 
     @staticmethod
-    def _wait(listener: psycopg2.extensions.connection, timeout: float) -> None:
-        """Sleep until a notification or the timeout; a burst of notifications makes one wake-up."""
-        if select.select([listener], [], [], timeout) != ([], [], []):
-            listener.poll()
-            listener.notifies.clear()
+    def _wait(listener: psycopg2.extensions.connection, timeout: float, stop: threading.Event) -> None:
+        """Sleep until a notification, the timeout or `stop`; a burst of notifications makes one wake-up.
+
+        The sleep is sliced because select() is resumed after a signal handler (PEP 475): SIGTERM would
+        otherwise wait out a long SCHEDULER_INTERVAL_SECONDS before the loop saw `stop`."""
+        deadline = time.monotonic() + timeout
+        while not stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            if select.select([listener], [], [], min(remaining, STOP_CHECK_SECONDS)) != ([], [], []):
+                listener.poll()
+                listener.notifies.clear()
+                return
 
 
 def run_forever(settings: Settings) -> None:

@@ -374,6 +374,7 @@ def test_gang_that_cannot_be_placed_whole_is_torn_down(fake: FakeKubernetes, api
     assert "Unschedulable" in waiting and "Insufficient nvidia.com/gpu" in waiting
     assert jobs_in(fake, spec) == []
     assert fake.objects("pods", NAMESPACE, f"jobservice.io/job-id={spec.job_id}") == []
+    executor.close()
 
 
 def test_timeout_through_active_deadline(fake: FakeKubernetes, executor: KubernetesExecutor) -> None:
@@ -532,6 +533,7 @@ def test_api_unavailable_after_retries_is_lost(fake: FakeKubernetes, api: client
     outcome = executor.launch(make_spec("test/succeed"), Sink()).poll()
     assert outcome is not None and outcome.kind == EndKind.LOST and outcome.retryable
     assert len(fake.served("POST", "/jobs$")) == 3
+    executor.close()
 
 
 def test_a_restarted_worker_adopts_its_jobs(fake: FakeKubernetes, executor: KubernetesExecutor) -> None:
@@ -561,6 +563,7 @@ def test_a_restarted_worker_adopts_its_jobs(fake: FakeKubernetes, executor: Kube
     # Adopting a Job that has already ended reports its outcome straight away.
     finished = restarted.adopt(spec, Sink())
     assert finished is not None and outcome_of(finished).succeeded
+    restarted.close()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -712,6 +715,7 @@ def test_every_request_of_the_executor_goes_through_the_limiter(fake: FakeKubern
     sink = Sink()
     assert outcome_of(executor.launch(make_spec("test/succeed", members=2, gpus=0), sink)).succeeded
     read_inventory(api, "test-cluster")
+    executor.close()
     api.close()
     assert limiter.taken == len(fake.requests) > 5  # creates, lists, watches, log streams, the inventory
 
