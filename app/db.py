@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import psycopg2
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -106,16 +106,26 @@ def retry_on_disconnect(
 
 
 class Database:
-    def __init__(self, url: str, *, pool_size: int = 10, application_name: str = "jobservice") -> None:
-        """`application_name` names this process's sessions in pg_stat_activity (operators and tests target them)."""
+    def __init__(self, url: str, *, pool_size: int = 10, application_name: str = "jobservice",
+                 ping_idle_after: float | None = None) -> None:
+        """`application_name` names this process's sessions in pg_stat_activity (operators and tests target them).
+
+        `ping_idle_after`: test a pooled connection before use only when it sat idle this many seconds (default: every
+        checkout, a round trip before every transaction). Only for callers whose every transaction is retried on a
+        connection error (Database.retrying): a connection that died while briefly idle fails its statement, and the
+        retry runs on a fresh one.
+        """
         self.url = url
         self.application_name = application_name[:63]
         self.engine: Engine = create_engine(
-            sqlalchemy_url(url), pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size * 2,
+            sqlalchemy_url(url), pool_pre_ping=ping_idle_after is None, pool_size=pool_size, max_overflow=pool_size * 2,
             # JIT off for every session: this service's statements are short, and one whose estimate passes
-            # jit_above_cost (a count over a big backlog) paid hundreds of ms of LLVM compilation each time.
+            # jit_above_cost paid LLVM compilation at every execution (psycopg2 prepares nothing): the scheduler's
+            # backlog-heads query, 15 ms of index probes at 100,000 pending, took 250 ms of JIT per pass.
             connect_args={"application_name": self.application_name, "options": "-c jit=off"},
         )
+        if ping_idle_after is not None:
+            _ping_when_idle(self.engine, ping_idle_after)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager
@@ -138,6 +148,26 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _ping_when_idle(engine: Engine, idle_seconds: float) -> None:
+    """The pool's pre-ping, for connections idle at least `idle_seconds` only (SQLAlchemy's custom pessimistic
+    disconnect handling: DisconnectionError from a checkout makes the pool replace the connection and try again)."""
+
+    @event.listens_for(engine, "checkin")
+    def _idle_from(_dbapi_connection: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        idle_since = record.info.pop("idle_since", None)
+        if idle_since is None or time.monotonic() - idle_since < idle_seconds:
+            return  # just connected, or in use a moment ago
+        try:
+            with dbapi_connection.cursor() as cursor:
+                cursor.execute("SELECT 1")
+        except psycopg2.Error as exc:
+            raise sa_exc.DisconnectionError(first_line(exc)) from exc
 
 
 @contextmanager

@@ -36,11 +36,11 @@ class CeleryPublisher:
         self.celery.close()
 
 
-def publish(session: Session, publisher: TaskPublisher, messages: list[OutboxMessage]) -> int:
-    """Publish committed outbox messages, then delete them.
+def publish_only(publisher: TaskPublisher, messages: list[OutboxMessage]) -> list[int]:
+    """Publish committed outbox messages; returns the ids of those sent, whose rows the caller deletes.
 
-    A crash between publish and delete publishes the message again later: workers ignore a task
-    whose dispatch token no longer matches, so a duplicate costs nothing.
+    Until they are deleted, the sweep publishes them again once OUTBOX_REPUBLISH_AFTER_SECONDS old: workers
+    ignore a task whose dispatch token no longer matches, so a duplicate costs nothing.
     """
     published: list[int] = []
     for message in messages:
@@ -49,13 +49,29 @@ def publish(session: Session, publisher: TaskPublisher, messages: list[OutboxMes
             published.append(message.id)
         except Exception:  # noqa: BLE001 - the sweep retries it
             log.exception("publishing %s for job %s failed; will retry", message.task_name, message.job_id, extra={"job_id": message.job_id})
-    if published:
+    return published
+
+
+def publish(session: Session, publisher: TaskPublisher, messages: list[OutboxMessage]) -> int:
+    """Publish committed outbox messages, then delete them (in a transaction of their own).
+
+    A crash between publish and delete publishes the message again later: workers ignore a task
+    whose dispatch token no longer matches, so a duplicate costs nothing. The scheduler's passes use
+    publish_only and delete the rows in their next pass's first statement (app.domain.scheduling.admit).
+    """
+    published = publish_only(publisher, messages)
+    delete_published(session, published)
+    return len(published)
+
+
+def delete_published(session: Session, ids: list[int]) -> None:
+    """Delete the outbox rows of published tasks, in a transaction of their own."""
+    if ids:
         with transaction(session):
             # No wait for the WAL flush: this delete is the one write whose loss (a database crash right after)
             # costs nothing but a second publication, which the claim's compare-and-set ignores.
             session.execute(text("SET LOCAL synchronous_commit = off"))
-            session.execute(delete(OutboxMessage).where(OutboxMessage.id.in_(published)))
-    return len(published)
+            session.execute(delete(OutboxMessage).where(OutboxMessage.id.in_(ids)))
 
 
 def publish_stale(session: Session, publisher: TaskPublisher, settings: Settings) -> int:

@@ -152,6 +152,9 @@ class JobEvent(Base):
     __table_args__ = (
         Index("ix_job_events_job", "job_id", "id"),
         Index("ix_job_events_to_status_at", "to_status", "at"),  # recent throughput (GET /metrics/)
+        # Preemptions (the scheduler reads the last minute's every pass): without it, every submit of the minute
+        # (`pending` too) is scanned for the key.
+        Index("ix_job_events_preemptions", "at", postgresql_where=text("to_status = 'pending' AND details ? 'preempted_by'")),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from app import heartbeat
 from app.db import Database, first_line, is_connection_error
-from app.dispatch import CeleryPublisher, TaskPublisher, publish, publish_stale
+from app.dispatch import CeleryPublisher, TaskPublisher, delete_published, publish_only, publish_stale
 from app.domain import counters, idempotency, liveness, logs as log_store, pools
 from app.domain.jobs import SCHEDULER_CHANNEL, utcnow
 from app.domain.scheduling import AdmissionResult, SnapshotCache, admit, recover_lost, requeue_unclaimed
@@ -32,6 +32,9 @@ log = logging.getLogger("jobservice.scheduler")
 PURGE_EVERY_SECONDS = 3600.0
 SCHEDULER_APPLICATION = "jobservice-scheduler"  # application_name of its database sessions
 PASS_RECORD_EVERY_SECONDS = 1.0  # a burst of NOTIFY wake-ups records its pass once
+# The outbox rows of published tasks are deleted by the next pass's first statement; with no wake-up
+# meanwhile, a pass comes this soon anyway (well before OUTBOX_REPUBLISH_AFTER_SECONDS would resend them).
+DELETE_PUBLISHED_WITHIN_SECONDS = 0.5
 STOP_CHECK_SECONDS = 0.5  # how soon a waiting scheduler sees a stop request
 
 
@@ -44,6 +47,7 @@ class Scheduler:
         self._last_purge = 0.0
         self._listen_failures = 0
         self._last_pass_recorded = float("-inf")
+        self._published: list[int] = []  # outbox rows whose tasks were sent, to delete in the next pass
         self.name = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.snapshots = SnapshotCache()  # rows decoded in earlier passes, reused while unchanged (a pass's main cost)
 
@@ -87,20 +91,23 @@ class Scheduler:
             return result
 
     def _admit(self, session: Session) -> AdmissionResult:
-        result = admit(session, self.settings, cache=self.snapshots)
+        result = admit(session, self.settings, cache=self.snapshots, published=self._published)
+        self._published = []  # deleted in the pass's transaction, which committed
         if result.admitted:
-            publish(session, self.publisher, result.messages)
+            # Sent right after the admission committed, from this process: no transaction of their own for the
+            # outbox rows' delete on the way to the worker (the next pass deletes them).
+            self._published = publish_only(self.publisher, result.messages)
             for job_id in result.admitted:
                 log.info("admitted", extra={"job_id": job_id})
         return result
 
-    def _record(self, record: Callable[[Session], None]) -> None:
+    def _record(self, record: Callable[[Session], None], what: str = "the scheduler's liveness") -> None:
         """Best effort: the liveness rows must never be what stops the scheduler."""
         try:
             with self.database.session() as session:
                 record(session)
         except Exception:  # noqa: BLE001
-            log.warning("could not record the scheduler's liveness", exc_info=True)
+            log.warning("could not record %s", what, exc_info=True)
 
     @staticmethod
     def _fold_counters(session: Session) -> None:
@@ -131,6 +138,8 @@ class Scheduler:
             timeout = self.settings.scheduler_interval_seconds
             if result.next_wakeup is not None:
                 timeout = max(0.0, min(timeout, (result.next_wakeup - utcnow()).total_seconds()))
+            if self._published:
+                timeout = min(timeout, DELETE_PUBLISHED_WITHIN_SECONDS)
             if listener is None:  # no LISTEN session: tick on the interval until one is back
                 stop.wait(timeout)
                 listener = self._reconnect()
@@ -144,6 +153,9 @@ class Scheduler:
                 listener = self._reconnect()
         if listener is not None:
             listener.close()
+        published, self._published = self._published, []
+        # Else the sweep of another scheduler (or the next) resends them, and the claims ignore them.
+        self._record(lambda session: delete_published(session, published), "the published tasks' outbox delete")
         self._record(lambda session: liveness.stopped(session, self.name))
 
     def _reconnect(self) -> psycopg2.extensions.connection | None:

@@ -15,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from app.db import Database, is_connection_error, retry_on_disconnect
 from app.domain import execution, logs as log_store
 from app.domain.jobs import utcnow
-from app.domain.scheduling import admit, requeue_unclaimed
+from app.domain.scheduling import ADMISSION_LOCK, admit, requeue_unclaimed
 from app.models import Job, JobEvent, OutboxMessage
 from config import Settings
 from tests.conftest import ApiClient, wait_for
@@ -80,6 +80,34 @@ def test_a_terminated_session_is_retried_on_a_new_connection(database: Database)
 
         pid = db.retrying(work, what="test", sleep=lambda _: None)
         assert len(tries) == 2 and pid != first_pid and pid == tries[1]
+    finally:
+        db.dispose()
+
+
+def test_a_connection_idle_past_the_ping_bound_is_replaced_before_use(database: Database) -> None:
+    db = Database(database.url, pool_size=1, application_name="jobservice-test-idle-ping", ping_idle_after=0.0)
+    try:
+        with db.session() as s:
+            first_pid = s.scalar(text("SELECT pg_backend_pid()"))
+        signal_backend(database, first_pid)  # dies while idle in the pool
+        with db.session() as s:  # pinged at checkout, found dead, replaced: no error reaches the caller
+            assert s.scalar(text("SELECT pg_backend_pid()")) != first_pid
+    finally:
+        db.dispose()
+
+
+def test_a_connection_in_use_a_moment_ago_is_not_pinged_and_its_death_is_retried(database: Database) -> None:
+    db = Database(database.url, pool_size=1, application_name="jobservice-test-idle-ping", ping_idle_after=3600.0)
+    try:
+        with db.session() as s:
+            first_pid = s.scalar(text("SELECT pg_backend_pid()"))
+        signal_backend(database, first_pid)
+        with pytest.raises(Exception) as raised:  # not pinged: the caller's statement meets the dead connection
+            with db.session() as s:
+                s.scalar(text("SELECT 1"))
+        assert is_connection_error(raised.value)  # what Database.retrying retries, on a new connection:
+        pid = db.retrying(lambda session: session.scalar(text("SELECT pg_backend_pid()")), what="test", sleep=lambda _: None)
+        assert pid != first_pid
     finally:
         db.dispose()
 
@@ -178,6 +206,37 @@ def test_a_log_batch_retried_after_its_commit_is_stored_once(api: ApiClient, dat
         assert log_store.append_once(s, job["id"], 1, batch, retry=True)  # another attempt's lines are its own
     with database.session() as s:
         assert [line.line for line in log_store.tail(s, job["id"], 10)] == ["one", "two", "three", "one", "two"]
+
+
+def test_a_pass_deletes_the_outbox_rows_published_since_the_last_one_even_when_locked_out(api: ApiClient, database: Database, settings: Settings) -> None:
+    first, _ = admitted_job(api, database, settings)
+    second, _ = admitted_job(api, database, settings)
+    with database.session() as s:
+        rows = dict(s.execute(select(OutboxMessage.job_id, OutboxMessage.id)).tuples().all())
+    with database.engine.connect() as holder:  # another scheduler's pass holds the admission lock
+        holder.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ADMISSION_LOCK})
+        with database.session() as s:
+            assert admit(s, settings, published=[rows[first]]).locked_out
+        holder.rollback()
+    with database.session() as s:
+        assert dict(s.execute(select(OutboxMessage.job_id, OutboxMessage.id)).tuples().all()) == {second: rows[second]}
+        result = admit(s, settings, published=[rows[second]])
+        assert not result.locked_out and result.admitted == []
+        assert s.scalar(select(OutboxMessage.id)) is None
+
+
+def test_the_scheduler_deletes_what_it_published(api: ApiClient, start_scheduler, start_worker, database: Database) -> None:
+    start_worker("node-a")
+    start_scheduler()
+    job = api.submit(command=["true"])
+    wait_for(lambda: api.get(f"/jobs/{job['id']}").json()["status"] == "succeeded", 60, message="the job succeeded")
+
+    def outbox_empty() -> bool:
+        with database.engine.connect() as conn:
+            return conn.execute(text("SELECT count(*) FROM outbox")).scalar() == 0
+
+    # Its pass published it, and the next pass (the job's end wakes one; else one comes within half a second) deleted it.
+    wait_for(outbox_empty, 30, message="the outbox emptied")
 
 
 # --- no job stays queued without a worker that owns it --------------------------------------------------

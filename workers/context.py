@@ -10,6 +10,8 @@ from config import Settings
 from workers.executors.base import Executor
 from workers.runner import Runner
 
+WORKER_PING_IDLE_AFTER_SECONDS = 1.0
+
 
 @dataclass
 class WorkerContext:
@@ -61,7 +63,10 @@ def _context_for(pid: int) -> WorkerContext:
     settings = Settings.from_env()
     # A Kubernetes worker's one process serves its launch threads and its supervisor's (leases, logs, reports).
     pool_size = 5 if settings.worker_executor == "kubernetes" else 2
-    database = Database(settings.database_url or "", pool_size=pool_size, application_name=f"jobservice-worker/{settings.worker_node}")
+    # Every transaction of the runner and the supervisor is retried on a connection error (Database.retrying), so a
+    # connection in use a moment ago is not pinged first: a round trip less before each claim and end report.
+    database = Database(settings.database_url or "", pool_size=pool_size, application_name=f"jobservice-worker/{settings.worker_node}",
+                        ping_idle_after=WORKER_PING_IDLE_AFTER_SECONDS)
     worker_id = f"worker-{settings.worker_node}-{pid}"
     if settings.worker_executor == "kubernetes":
         from workers.supervisor import SupervisingRunner

@@ -16,7 +16,7 @@ import json
 import logging
 import math
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -61,18 +61,36 @@ class AdmissionResult:
         return [message.job_id for message in self.messages]
 
 
-def admit(session: Session, settings: Settings, now: datetime | None = None, cache: "SnapshotCache | None" = None) -> AdmissionResult:
+# The pass's first statement, one round trip for two things:
+# - the admission lock;
+# - deleting the outbox rows of tasks the previous pass published (`published`): their delete rides on this
+#   statement instead of a transaction of its own after each publication. Losing it costs a second publication,
+#   which the claim ignores.
+# It also reads the pass's next wake-up (the earliest backoff expiry): the pass itself never changes it (it admits
+# only jobs whose backoff ended; a victim of a preemption has none), and a backoff set meanwhile is set by an end
+# that wakes the scheduler again.
+_BEGIN_PASS = text(
+    """
+    WITH published AS (DELETE FROM outbox WHERE id = ANY(CAST(:published AS bigint[])))
+    SELECT pg_try_advisory_xact_lock(:key) AS locked,
+           (SELECT min(not_before) FROM jobs WHERE status = 'pending' AND not_before > :now) AS next_wakeup
+    """
+)
+
+
+def admit(session: Session, settings: Settings, now: datetime | None = None, cache: "SnapshotCache | None" = None,
+          published: Sequence[int] = ()) -> AdmissionResult:
     """One admission pass: load the snapshot, let the policy decide, write its admissions.
 
     `cache`: the scheduler process's SnapshotCache (rows decoded in earlier passes); the decisions are the same without it.
+    `published`: outbox rows whose tasks were published since; deleted in this pass's transaction (even when locked out).
     """
     now = now or utcnow()
     result = AdmissionResult()
     unhandled: list[tuple[str, str]] = []
     with transaction(session):
-        # jit off with the lock, in one round trip: see NO_JIT.
-        got_lock = session.execute(text(f"{NO_JIT}, pg_try_advisory_xact_lock(:key)"), {"key": ADMISSION_LOCK}).one()[1]
-        if not got_lock:
+        begun = session.execute(_BEGIN_PASS, {"key": ADMISSION_LOCK, "published": list(published), "now": now}).one()
+        if not begun.locked:
             result.locked_out = True
             return result
         fairshare.accrue(session, now, settings.fair_share_half_life_seconds)
@@ -115,20 +133,11 @@ def admit(session: Session, settings: Settings, now: datetime | None = None, cac
                         unhandled.append((job.id, f"the scheduler could not admit this job: {type(exc).__name__}: {exc}"[:1000]))
                         continue
                     result.messages.append(message)
-        result.next_wakeup = session.scalar(
-            select(func.min(Job.not_before)).where(Job.status == JobStatus.PENDING.value, Job.not_before > now)
-        )
+        result.next_wakeup = begun.next_wakeup
     for job_id, reason in unhandled:
         if fail_unhandled(session, job_id, reason, now):
             result.failed.append(job_id)
     return result
-
-
-# The pass's statements are index probes of a few ms, but the planner's estimate of the backlog query (a nested loop
-# per owner, and a primary-key lookup per head row) passes jit_above_cost, and PostgreSQL then compiles it with LLVM
-# at every execution (psycopg2 prepares nothing): 250 ms of JIT for 15 ms of work at 100,000 pending. Off for the
-# pass's (and explain's) transaction only (set_config(..., true) is SET LOCAL).
-NO_JIT = "SELECT set_config('jit', 'off', true)"
 
 
 def policy_config(settings: Settings) -> policy.PolicyConfig:
@@ -314,7 +323,6 @@ def load_snapshot(session: Session, settings: Settings, now: datetime, *, includ
     """
     cache = (cache or SnapshotCache()).for_settings(settings)
     stamp = now.timestamp()
-    session.execute(text(NO_JIT))  # see NO_JIT (admit set it already; explain's callers did not)
     nodes = _load_nodes(session, cache, capacity.node_alive_since(now, settings.node_lease_seconds))
     running = _load_holders(session, cache, nodes, now, settings)
     active = dict(
@@ -533,13 +541,16 @@ def _place_all(session: Session, placed: list[tuple[Job, capacity.Placement]], n
     returned = session.execute(
         _PLACE_ALL, {"rows": json.dumps(rows), "ids": [row["id"] for row in rows], "now": now, "task": EXECUTE_TASK}
     ).all()
-    for job, _ in placed:
-        session.expire(job)  # its row changed under the ORM: read afresh if anyone looks
     by_job = {row.job_id: row for row in returned}
-    return [
+    messages = [
         OutboxMessage(id=row.id, job_id=row.job_id, task_name=EXECUTE_TASK, queue=row.queue, args=list(row.args), created_at=now)
         for job, _ in placed if (row := by_job.get(job.id)) is not None
     ]
+    for job, _ in placed:
+        # Its row changed under the ORM: read afresh if anyone looks. Only after the ids were taken above: reading
+        # `job.id` of an expired object costs a SELECT of the whole row, a round trip on every admission.
+        session.expire(job)
+    return messages
 
 
 def retry_delay_seconds(settings: Settings, job: Job) -> float:
