@@ -626,6 +626,8 @@ def main() -> None:
     parser.add_argument("--min-run", type=float, default=defaults.preemption_min_run_seconds, help="PREEMPTION_MIN_RUN_SECONDS")
     parser.add_argument("--max-per-minute", type=int, default=defaults.preemption_max_per_minute,
                         help="PREEMPTION_MAX_PER_MINUTE (victims per cluster per minute; the simulated fleet is one cluster; -1: unlimited)")
+    parser.add_argument("--max-per-node-per-minute", type=float, default=defaults.preemption_max_per_node_per_minute,
+                        help="PREEMPTION_MAX_PER_NODE_PER_MINUTE (raises the per-cluster limit to this many victims per node)")
     parser.add_argument("--kill-grace", type=float, default=10.0, help="a preempted job holds its capacity this long")
     args = parser.parse_args()
 
@@ -650,11 +652,16 @@ def main() -> None:
     quotas = {t: [Quota(t, "*", (int(gpus * w / sum(tenants.values())), None, None), (int(gpus * args.borrow), 0, 0))] for t, w in tenants.items()}
     results = {}
     configs = {name: config for name, config in configs.items() if args.only in name}
+    # The rate limit as the scheduler computes it (scheduling.preemption_limit): the simulated fleet is one cluster.
+    limit = (None if args.max_per_minute < 0 else
+             max(args.max_per_minute, math.floor(args.max_per_node_per_minute * (args.gpu_nodes + args.cpu_nodes))))
+    print(f"preemption rate limit: {'none' if limit is None else f'{limit} victims per minute'} "
+          f"(--max-per-minute {args.max_per_minute}, --max-per-node-per-minute {args.max_per_node_per_minute:g})")
     for name, config in configs.items():
         wall = time.perf_counter()
         results[name] = simulate(name, trace, fleet, config, args.hours, args.interval, tenants,
                                  quotas if "quotas" in name else None, args.kill_grace,
-                                 args.max_per_minute if args.max_per_minute >= 0 else None,
+                                 limit,
                                  args.trace_repeats)
         print(f"  simulated {name}: {time.perf_counter() - wall:.1f}s wall", file=sys.stderr)
 

@@ -294,3 +294,40 @@ def test_the_victim_is_on_the_gpu_type_the_preemptor_asks_for(admin: ApiClient, 
     assert not any(e["reason"].startswith("preempted") for e in events(admin, on_a100["id"]))
     for job_id in (on_h100["id"], on_a100["id"]):
         admin.delete(f"/jobs/{job_id}")
+
+
+def test_every_blocked_job_is_searched_for_in_one_pass_not_only_the_first_few_dozen() -> None:
+    """The search used to stop after 32 searches a pass: a burst of urgent jobs started a few dozen per pass."""
+    nodes = [node(f"n{i}", gpus=1) for i in range(100)]
+    busy = [run(f"low{i}", n, 1, 10, started_ago=900) for i, n in enumerate(nodes)]
+    backlog = [job(f"urgent{i}", gpus=1, priority=90, at=i) for i in range(100)]
+    plan = decide(Snapshot(NOW, nodes, busy, backlog), ON)
+    assert sorted(p.job.id for p in plan.preemptions) == sorted(j.id for j in backlog)
+    assert len({v.id for p in plan.preemptions for v in p.victims}) == 100  # one victim each, none twice
+    assert plan.preemption_search.unexamined == 0
+
+
+def test_a_failed_search_is_not_repeated_for_the_same_shape_but_a_higher_priority_is_searched() -> None:
+    a = node("a", gpus=2)
+    busy = [run("p50", a, 1, 50, started_ago=900), run("p70", a, 1, 70, started_ago=900)]
+    backlog = [job("big60", gpus=2, priority=60), job("big55", gpus=2, priority=55, at=1), job("big80", gpus=2, priority=80, at=2)]
+    plan = decide(Snapshot(NOW, [a], busy, backlog), ON)
+    search = plan.preemption_search
+    # Priority 80 goes first and takes both; 60 then finds nothing, and 55 (same shape, lower priority) is not searched:
+    # its candidates are a subset of 60's.
+    assert victims(plan) == [["p50", "p70"]] and plan.preemptions[0].job.id == "big80"
+    assert search.outcomes["big60"] == search.NO_VICTIMS and search.outcomes["big55"] == search.SKIPPED
+    # Without the priority-80 job: 60 needs both GPUs but may take only p50's; one search, and 55 is not searched.
+    plan = decide(Snapshot(NOW, [a], busy, backlog[:2]), ON)
+    assert plan.preemptions == [] and plan.preemption_search.searched == 1 and plan.preemption_search.skipped == 1
+
+
+
+def test_the_rate_limit_scales_with_the_cluster() -> None:
+    from app.domain.scheduling import preemption_limit
+
+    settings = Settings.from_env({})
+    assert preemption_limit(settings, 3) == 60  # a small cluster: PREEMPTION_MAX_PER_MINUTE
+    assert preemption_limit(settings, 150) == 300  # 2 per node: the simulator's 150-node cluster needs up to 188
+    fixed = Settings.from_env({"PREEMPTION_MAX_PER_MINUTE": "10", "PREEMPTION_MAX_PER_NODE_PER_MINUTE": "0"})
+    assert preemption_limit(fixed, 150) == 10
