@@ -112,7 +112,9 @@ class Database:
         self.application_name = application_name[:63]
         self.engine: Engine = create_engine(
             sqlalchemy_url(url), pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size * 2,
-            connect_args={"application_name": self.application_name},
+            # JIT off for every session: this service's statements are short, and one whose estimate passes
+            # jit_above_cost (a count over a big backlog) paid hundreds of ms of LLVM compilation each time.
+            connect_args={"application_name": self.application_name, "options": "-c jit=off"},
         )
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 

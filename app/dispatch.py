@@ -62,5 +62,9 @@ def publish_stale(session: Session, publisher: TaskPublisher, settings: Settings
     """The sweep: publish what a crashed publisher left in the outbox."""
     cutoff = utcnow() - timedelta(seconds=settings.outbox_republish_after_seconds)
     messages = stale_outbox(session, cutoff)
+    # Detached with what was read: a rollback expires ORM objects, and reading one afterwards would open a
+    # transaction per message (and fail for a row the scheduler's own publish deleted meanwhile).
+    for message in messages:
+        session.expunge(message)
     session.rollback()  # end the read transaction: publishing must not hold it open
     return publish(session, publisher, messages)

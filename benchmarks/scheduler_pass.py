@@ -2,14 +2,19 @@
 
 Loads --pending pending jobs (default 100,000; 20 owners, GPU and CPU-only, a few priority levels,
 timeouts) and --nodes nodes of 8 GPUs (default 1,000) whose GPUs all but --free of them are held by
-running jobs with timeouts, into the empty database at DATABASE_URL (migrated here). Then it runs the
+running jobs with timeouts, into the empty database at DATABASE_URL (migrated here). The running jobs started
+--ran seconds ago at most (spread; default 3,600; at least PREEMPTION_MIN_RUN_SECONDS + 60 ago when positive), so
+with preemption on (the default) the pending priority-80 jobs may preempt the priority-50 fleet, as they would in a
+fleet that has been running for a while: each pass then also searches for victims, within
+PREEMPTION_MAX_PER_MINUTE; `--ran 0`: every running job started just now (nothing may be preempted yet). Then it runs the
 scheduler's real admission pass (app.domain.scheduling.admit: lock, fair-share accrual, snapshot with
 the per-owner and per-pool pruning, the policy, the writes) --passes times, as the scheduler process runs
 it (one SnapshotCache kept between passes; --no-cache: none), and prints where a pass's time goes: the
 fair-share accrual, the snapshot's parts (nodes, the jobs holding capacity, the backlog's heads, the rest:
 queue counts, usage, quotas, weights), the policy, and the rest of the pass (lock, locking and writing the
-admissions, the next wake-up). The first pass (nothing cached) is shown apart. It deletes everything it
-added when it ends.
+admissions, the next wake-up). The first pass (nothing cached) is shown apart. As the scheduler process, it
+freezes what startup made out of the garbage collector's full collections before the first pass (--no-freeze:
+not). It deletes everything it added when it ends.
 
     DATABASE_URL=postgresql://postgres@127.0.0.1:5432/jobservice_bench python benchmarks/scheduler_pass.py
 """
@@ -47,7 +52,7 @@ def migrate(settings: Settings) -> None:
         upgrade()
 
 
-def load(database: Database, pending: int, nodes: int, free: int) -> None:
+def load(database: Database, pending: int, nodes: int, free: int, ran: float = 0.0, min_ran: float = 0.0) -> None:
     with database.engine.begin() as conn:
         started = time.perf_counter()
         conn.execute(text("""
@@ -56,17 +61,20 @@ def load(database: Database, pending: int, nodes: int, free: int) -> None:
             FROM generate_series(1, :n) AS g
         """), {"cluster": CLUSTER, "n": nodes})
         # Every node but `free` runs one 8-GPU job with a timeout (ends spread over the next 4 hours) that
-        # also takes nearly all its CPU: the fleet is saturated, as it is when a backlog builds up.
+        # also takes nearly all its CPU: the fleet is saturated, as it is when a backlog builds up. Each started
+        # between min_ran and ran seconds ago (ran 0: now), its timeout lengthened by as much.
         conn.execute(text("""
             INSERT INTO jobs (id, owner, job_type, priority, queue, status, status_reason, command, cpu_millis, memory_bytes, gpus,
                               timeout_seconds, created_at, updated_at, pending_since, queued_at, started_at, heartbeat_at,
                               cluster, node, placement, holds_resources, dispatch_token)
             SELECT 'bench-r' || g, 'owner-' || (g % 20), 'bench', 50, 'high-priority', 'running', 'running', '["true"]'::jsonb,
-                   126000, 68719476736, 8, 600 + (g * 13) % 14400, now(), now(), now(), now(), now(), now() + interval '1 day',
+                   126000, 68719476736, 8, 600 + (g * 13) % 14400 + s.ago, now(), now(), now(), now(), now() - s.ago * interval '1 s',
+                   now() + interval '1 day',
                    :cluster, 'node-' || g, jsonb_build_array(jsonb_build_object('node', 'node-' || g, 'members', 1, 'gpu_indices', '[]'::jsonb)),
                    true, 't'
             FROM generate_series(1, :n) AS g
-        """), {"cluster": CLUSTER, "n": nodes - free})
+            CROSS JOIN LATERAL (SELECT CASE WHEN :ran > 0 THEN :min_ran + (g * 7919) % GREATEST(1, :ran - :min_ran) ELSE 0 END AS ago) AS s
+        """), {"cluster": CLUSTER, "n": nodes - free, "ran": int(ran), "min_ran": int(min_ran)})
         conn.execute(text("""
             INSERT INTO jobs (id, owner, job_type, priority, queue, status, status_reason, command, cpu_millis, memory_bytes, gpus,
                               timeout_seconds, created_at, updated_at, pending_since)
@@ -96,7 +104,11 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=1_000)
     parser.add_argument("--free", type=int, default=2, help="nodes with nothing running")
     parser.add_argument("--passes", type=int, default=20)
+    parser.add_argument("--ran", type=float, default=3600.0,
+                        help="the running jobs started up to this many seconds ago (0: just now, so none may be preempted yet)")
     parser.add_argument("--no-cache", action="store_true", help="no SnapshotCache: every pass decodes every row")
+    parser.add_argument("--no-freeze", action="store_true",
+                        help="leave startup's objects in the garbage collector's full collections (the scheduler freezes them)")
     args = parser.parse_args()
     # Queue limits far above the fleet: the pass must cope with the backlog itself, not with a full queue.
     settings = Settings.from_env({"JOB_QUEUES": "high-priority:50-100:1000000,default:0-49:1000000", **os.environ})
@@ -121,8 +133,13 @@ def main() -> None:
         return wrapper
 
     try:
-        load(database, args.pending, args.nodes, args.free)
-        admitted = decisions = 0
+        min_ran = settings.preemption_min_run_seconds + 60 if args.ran > 0 else 0.0
+        load(database, args.pending, args.nodes, args.free, max(args.ran, min_ran + 1) if args.ran > 0 else 0.0, min_ran)
+        admitted = decisions = preempted = 0
+        if not args.no_freeze:
+            from app.scheduler import freeze_startup_objects
+
+            freeze_startup_objects()  # as the scheduler process does before its first pass
         cache = None if args.no_cache else scheduling.SnapshotCache()
         with contextlib.ExitStack() as patches:
             for name, (module, attribute) in parts.items():
@@ -133,9 +150,13 @@ def main() -> None:
                     result = scheduling.admit(session, settings, utcnow() + timedelta(seconds=number), cache=cache)
                     timings["pass"].append(time.perf_counter() - started)
                 admitted += len(result.admitted)
+                preempted += len(result.preempted)
                 decisions += len(result.plan.decisions) if result.plan else 0
         print(f"{args.passes} passes ({'no cache' if cache is None else 'one SnapshotCache, as the scheduler'}): {admitted} jobs admitted, "
-              f"{decisions / args.passes:,.0f} decisions per pass (the backlog the policy sees after pruning per owner and per pool)")
+              f"{preempted} preempted, {decisions / args.passes:,.0f} decisions per pass (the backlog the policy sees after pruning per "
+              f"owner and per pool; preemption {'on' if settings.preemption_enabled else 'off'}, running jobs started "
+              f"{'up to %.0fs ago' % args.ran if args.ran > 0 else 'just now'}; startup's objects "
+              f"{'not ' if args.no_freeze else ''}frozen out of full garbage collections)")
         n = len(timings["pass"])
         timings["snapshot, other"] = [timings["snapshot"][i] - timings["nodes"][i] - timings["holders"][i] - timings["backlog"][i]
                                       for i in range(n)]

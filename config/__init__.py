@@ -41,6 +41,20 @@ def parse_queues(spec: str) -> tuple[QueueConfig, ...]:
     return tuple(sorted(queues, key=lambda q: -q.max_priority))
 
 
+_CGROUP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def parse_cgroup(value: str) -> str:
+    """WORKER_CGROUP: `auto`, `off`, an absolute cgroup v2 folder, or a folder name beside the worker's cgroup.
+    A relative path is refused: it would name a plain folder under the worker's working directory."""
+    value = value.strip() or "auto"
+    if value in ("auto", "off") or _CGROUP_NAME.fullmatch(value):
+        return value
+    if value.startswith("/") and "\0" not in value and "/../" not in f"{value}/" and len(value) <= 4096:
+        return value
+    raise ValueError(f"WORKER_CGROUP {value!r} is not auto, off, an absolute path or a folder name ([A-Za-z0-9._-], 64 at most)")
+
+
 def parse_clusters(spec: str) -> tuple[tuple[str, str | None], ...]:
     """`name=context,...`; the context `in-cluster` (or none) means the pod's service account."""
     clusters = []
@@ -325,7 +339,7 @@ class Settings:
             worker_workdir=env.get("WORKER_WORKDIR", os.path.join(env.get("JOBSERVICE_DATA_DIR", ".jobservice"), "work")),
             kill_grace_seconds=_float(env, "KILL_GRACE_SECONDS", 10.0),
             worker_drain_seconds=min(86400.0, max(0.0, _float(env, "WORKER_DRAIN_SECONDS", 30.0))),
-            worker_cgroup=env.get("WORKER_CGROUP", "auto").strip() or "auto",
+            worker_cgroup=parse_cgroup(env.get("WORKER_CGROUP", "auto")),
             nvidia_smi=env.get("NVIDIA_SMI", "nvidia-smi"),
             kubernetes_clusters=parse_clusters(env.get("KUBERNETES_CLUSTERS", "")),
             kubeconfig=_optional(env, "KUBECONFIG"),

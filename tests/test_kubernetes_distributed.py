@@ -120,6 +120,8 @@ def test_a_gang_on_tainted_gpu_nodes_finds_member_zero_through_its_headless_serv
                               what="an unschedulable pod")
         stuck.cancel()
         assert outcome_of(stuck).kind == EndKind.CANCELLED
+        executor.close()
+        untolerating.close()
         api.close()
 
 
@@ -178,4 +180,5 @@ def test_a_gang_whose_service_is_refused_is_not_left_running_and_a_redelivery_ke
         for execution in (first, again):
             execution.cancel()
             outcome_of(execution)
+        executor.close()
         api.close()

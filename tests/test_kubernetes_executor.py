@@ -26,6 +26,7 @@ from workers.executors.kubernetes import (
     Timings,
     build_job_manifest,
     job_name,
+    member_index,
     parse_log_timestamp,
     pod_failure_details,
     pod_verdict,
@@ -192,13 +193,18 @@ def test_job_names_are_short_dns_labels_and_distinct(job_id: str) -> None:
     assert name != job_name(job_id, 4) and name != job_name(job_id + "x", 3)
 
 
-def _pod(status: dict[str, Any], deleting: bool = False) -> client.V1Pod:
-    return client.V1Pod.from_dict({
+def _raw_pod(status: dict[str, Any], deleting: bool = False) -> dict[str, Any]:
+    return {
         "metadata": {"name": "p-1-abcde", "annotations": {"batch.kubernetes.io/job-completion-index": "1"},
+                     "labels": {"jobservice.io/job-id": "job-a", "jobservice.io/attempt": "2", "other": "x"},
                      **({"deletionTimestamp": "2024-01-01T00:00:00Z"} if deleting else {})},
         "spec": {"nodeName": "gpu-node-1", "containers": [{"name": "main", "image": "img"}]},
         "status": status,
-    })
+    }
+
+
+def _pod(status: dict[str, Any], deleting: bool = False) -> client.V1Pod:
+    return client.V1Pod.from_dict(_raw_pod(status, deleting))
 
 
 def _container(state: dict[str, Any]) -> dict[str, Any]:
@@ -225,6 +231,118 @@ def test_pod_failure_details_and_verdicts() -> None:
 
     creating = _pod({"phase": "Pending", "containerStatuses": [_container({"waiting": {"reason": "ContainerCreating"}})]})
     assert pod_verdict(creating) is None
+
+
+POD_STATUSES = [
+    {"phase": "Failed", "containerStatuses": [_container({"terminated": {"exitCode": 137, "reason": "OOMKilled"}})]},
+    {"phase": "Failed", "reason": "Evicted", "message": "low on memory",
+     "containerStatuses": [_container({"terminated": {"exitCode": 137, "reason": "Error"}})]},
+    {"phase": "Pending", "containerStatuses": [_container({"waiting": {"reason": "ImagePullBackOff", "message": "nope"}})]},
+    {"phase": "Pending", "containerStatuses": [_container({"waiting": {"reason": "ContainerCreating"}})]},
+    {"phase": "Running", "conditions": [{"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler",
+                                         "message": "preempted"}],
+     "containerStatuses": [_container({"running": {"startedAt": "2024-01-01T00:00:00Z"}})]},
+    {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                         "message": "0/2 nodes are available"}]},
+    {"phase": "Succeeded", "initContainerStatuses": [_container({"terminated": {"exitCode": 0, "reason": "Completed"}})],
+     "containerStatuses": [_container({"terminated": {"exitCode": 0, "reason": "Completed"}})]},
+]
+
+
+@pytest.mark.parametrize("status", POD_STATUSES)
+@pytest.mark.parametrize("deleting", [False, True])
+def test_the_informers_slim_pod_records_say_what_the_clients_models_say(status: dict[str, Any], deleting: bool) -> None:
+    """The informers keep `records.Pod` (a few fields, read from the JSON), not the client's models: every
+    judgement the executor makes from a pod must come out the same."""
+    from workers.executors.kubernetes import owner_key, records
+    from workers.executors.kubernetes.execution import _scheduling_message
+    from workers.executors.kubernetes.outcomes import _container_statuses
+
+    record, model = records.Pod(_raw_pod(status, deleting)), _pod(status, deleting)
+    assert pod_failure_details(record) == pod_failure_details(model)
+    assert pod_verdict(record) == pod_verdict(model)
+    assert member_index(record) == member_index(model) == 1
+    assert owner_key(record) == owner_key(model) == ("job-a", "2")
+    assert _scheduling_message(record) == _scheduling_message(model)
+    assert (record.metadata.deletion_timestamp is None) == (model.metadata.deletion_timestamp is None) == (not deleting)
+    assert [bool(c.state.running or c.state.terminated) for c in _container_statuses(record)] == \
+        [bool(c.state.running or c.state.terminated) for c in _container_statuses(model)]
+    assert not hasattr(record, "__dict__")  # __slots__: no per-object dictionary
+
+
+@pytest.mark.parametrize("condition", [
+    None,
+    {"type": "Complete", "status": "True"},
+    {"type": "Failed", "status": "True", "reason": "DeadlineExceeded", "message": "Job was active longer than specified deadline"},
+    {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"},
+    {"type": "Failed", "status": "False", "reason": "BackoffLimitExceeded"},
+])
+def test_the_informers_slim_job_records_give_the_same_verdict(condition: dict[str, Any] | None) -> None:
+    from workers.executors.kubernetes import job_verdict, records
+
+    raw = {"metadata": {"name": "j", "resourceVersion": "7", "labels": {"jobservice.io/job-id": "a", "jobservice.io/attempt": "0"}},
+           "status": {"conditions": [condition] if condition else []}}
+    record, model = records.Job(raw), client.V1Job.from_dict(raw)
+    got, expected = job_verdict(record), job_verdict(model)
+    assert (got is None) == (expected is None)
+    if got is not None:
+        assert got[0] == expected[0] and (got[1].reason, got[1].message) == (expected[1].reason, expected[1].message)
+    assert record.metadata.resource_version == "7"
+
+
+def test_an_informer_hands_each_attempt_its_own_objects_from_an_index() -> None:
+    """A subscribing attempt gets its objects from the owner index, not a scan of the cache; updates and
+    deletions keep the index true."""
+    from workers.executors.kubernetes import SharedInformer, records
+
+    def pod(name: str, job: str, phase: str = "Running") -> records.Pod:
+        return records.Pod({"metadata": {"name": name, "resourceVersion": "1",
+                                         "labels": {"jobservice.io/job-id": job, "jobservice.io/attempt": "0"}},
+                            "status": {"phase": phase}})
+
+    informer = SharedInformer("pods-test", lambda *a, **k: None, NAMESPACE, 30, records.Pod)
+    informer._sync([pod("a-1", "a"), pod("a-2", "a"), pod("b-1", "b"), pod("stray", "c")], "10")
+    informer._event("MODIFIED", pod("a-1", "a", "Succeeded"))
+    informer._event("DELETED", pod("a-2", "a"))
+    informer._event("ADDED", pod("b-2", "b"))
+    seen: dict[str, list[str]] = {}
+    for job in ("a", "b", "z"):
+        informer.subscribe((job, "0"), object(), lambda objs, version, job=job: seen.setdefault(job, []).extend(
+            f"{o.metadata.name}:{o.status.phase}" for o in objs), lambda kind, obj: None)
+    assert seen == {"a": ["a-1:Succeeded"], "b": ["b-1:Running", "b-2:Running"], "z": []}
+    assert len(informer) == 4 and ("c", "0") in informer._by_owner
+    informer._event("DELETED", pod("stray", "c"))
+    assert ("c", "0") not in informer._by_owner
+    informer.stop()
+
+
+def test_the_fake_scheduler_counts_what_bound_pods_take_until_they_end() -> None:
+    """The fake keeps each node's requested resources with its pod index (as the kube-scheduler's cache does):
+    a pod that does not fit waits, and is bound once the pod that took the room has ended."""
+    node = FakeNode("small", gpus=0, cpu_millis=1000, memory_bytes=2**30, reserved_cpu_millis=0, reserved_memory_bytes=0)
+    with FakeKubernetes([node], step=0.02) as fake:
+        fake.scripts["test/hold"] = Script(lines=["working"], line_interval=0.5, exit_code=0)
+
+        def pod(name: str) -> dict[str, Any]:
+            return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+                    "spec": {"containers": [{"name": "c", "image": "test/hold",
+                                             "resources": {"requests": {"cpu": "600m", "memory": "1Mi"}}}]}}
+
+        with fake._cond:
+            fake.create_pod(NAMESPACE, pod("first"))
+        wait_for(lambda: (fake.get("pods", NAMESPACE, "first") or {}).get("spec", {}).get("nodeName") == "small",
+                 what="the first pod bound")
+        with fake._cond:
+            fake.create_pod(NAMESPACE, pod("second"))
+        wait_for(lambda: any(c.get("reason") == "Unschedulable" and "Insufficient cpu" in c.get("message", "")
+                             for c in fake.get("pods", NAMESPACE, "second")["status"].get("conditions", [])),
+                 what="the second pod waiting for room")
+        assert fake.get("pods", NAMESPACE, "second")["spec"].get("nodeName") is None
+        wait_for(lambda: fake.get("pods", NAMESPACE, "first")["status"].get("phase") == "Succeeded", timeout=30,
+                 what="the first pod ended")
+        wait_for(lambda: fake.get("pods", NAMESPACE, "second")["spec"].get("nodeName") == "small", timeout=30,
+                 what="the second pod bound once the first ended")
+        assert fake._requested_on["small"]["cpu"] == pytest.approx(0.6)
 
 
 def test_jobs_to_delete_keeps_finished_jobs_for_their_retention() -> None:
@@ -374,6 +492,7 @@ def test_gang_that_cannot_be_placed_whole_is_torn_down(fake: FakeKubernetes, api
     assert "Unschedulable" in waiting and "Insufficient nvidia.com/gpu" in waiting
     assert jobs_in(fake, spec) == []
     assert fake.objects("pods", NAMESPACE, f"jobservice.io/job-id={spec.job_id}") == []
+    executor.close()
 
 
 def test_timeout_through_active_deadline(fake: FakeKubernetes, executor: KubernetesExecutor) -> None:
@@ -532,6 +651,7 @@ def test_api_unavailable_after_retries_is_lost(fake: FakeKubernetes, api: client
     outcome = executor.launch(make_spec("test/succeed"), Sink()).poll()
     assert outcome is not None and outcome.kind == EndKind.LOST and outcome.retryable
     assert len(fake.served("POST", "/jobs$")) == 3
+    executor.close()
 
 
 def test_a_restarted_worker_adopts_its_jobs(fake: FakeKubernetes, executor: KubernetesExecutor) -> None:
@@ -561,6 +681,7 @@ def test_a_restarted_worker_adopts_its_jobs(fake: FakeKubernetes, executor: Kube
     # Adopting a Job that has already ended reports its outcome straight away.
     finished = restarted.adopt(spec, Sink())
     assert finished is not None and outcome_of(finished).succeeded
+    restarted.close()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -712,6 +833,7 @@ def test_every_request_of_the_executor_goes_through_the_limiter(fake: FakeKubern
     sink = Sink()
     assert outcome_of(executor.launch(make_spec("test/succeed", members=2, gpus=0), sink)).succeeded
     read_inventory(api, "test-cluster")
+    executor.close()
     api.close()
     assert limiter.taken == len(fake.requests) > 5  # creates, lists, watches, log streams, the inventory
 

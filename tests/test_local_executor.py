@@ -263,3 +263,20 @@ def test_the_program_is_found_as_exec_would_find_it(tmp_path: Path) -> None:
         _resolve("plain", str(tmp_path), tmp_path)
     with pytest.raises(PermissionError):
         _resolve(str(tmp_path), None, tmp_path)  # a folder
+
+
+def test_a_cgroup_name_lands_beside_the_workers_own_cgroup_and_a_relative_path_is_refused() -> None:
+    from config import parse_cgroup
+
+    assert [parse_cgroup(v) for v in ("", " auto ", "off", "jobs-ci.1", "/sys/fs/cgroup/x")] == ["auto", "auto", "off", "jobs-ci.1", "/sys/fs/cgroup/x"]
+    for bad in ("jobs/ci", "./jobs", "../jobs", ".hidden", "/sys/fs/cgroup/../x", "/a\0b", "x" * 65):
+        with pytest.raises(ValueError, match="WORKER_CGROUP"):
+            parse_cgroup(bad)
+    auto = containment.find_jobs_cgroup("auto")
+    named = containment.find_jobs_cgroup("jobs-ci.1")
+    if auto is None:  # no cgroup v2 here: a name finds nothing either, rather than a plain folder in the cwd
+        assert named is None
+    else:
+        assert named == auto.parent / "jobs-ci.1"
+    assert containment.find_jobs_cgroup("/sys/fs/cgroup/x") == Path("/sys/fs/cgroup/x")
+    assert containment.find_jobs_cgroup("off") is None

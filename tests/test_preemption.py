@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import random
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from app.db import Database
+from app.domain import policy
 from app.domain.capacity import NodeCapacity
 from app.domain.policy import PolicyConfig, Running, Snapshot, decide
 from config import Settings
@@ -331,3 +333,53 @@ def test_the_rate_limit_scales_with_the_cluster() -> None:
     assert preemption_limit(settings, 150) == 300  # 2 per node: the simulator's 150-node cluster needs up to 188
     fixed = Settings.from_env({"PREEMPTION_MAX_PER_MINUTE": "10", "PREEMPTION_MAX_PER_NODE_PER_MINUTE": "0"})
     assert preemption_limit(fixed, 150) == 10
+
+
+def _exhaustive_victims(nodes: list[NodeCapacity], busy: list[Running], job_: Any) -> list[Running] | None:
+    """The rule spelled out on real node copies: on every node, its candidates lowest priority first, then the youngest,
+    until the job fits there whole, then the unneeded ones dropped (highest priority first); the best node by fewest
+    victims, then the lowest highest priority, then the youngest; ties to the node listed first."""
+    ranked = sorted(busy, key=lambda r: (r.priority, -r.started_at, r.id))
+    best: tuple[tuple[int, int, float], list[Running]] | None = None
+    for n in nodes:
+        ordered = [r for r in ranked if any(name == n.name for name, _ in r.parts)]
+
+        def fits(victims: list[Running], n: NodeCapacity = n) -> bool:
+            trial = n.copy()
+            policy._release({(trial.cluster, trial.name): trial}, *victims)
+            return trial.shortfall(job_.cpu_millis, job_.memory_bytes, job_.gpus, job_.members) is None
+
+        chosen: list[Running] = []
+        for victim in ordered:
+            chosen.append(victim)
+            if fits(chosen):
+                break
+        else:
+            continue
+        for victim in sorted(chosen[:-1], key=lambda r: (-r.priority, r.started_at)):
+            if fits([r for r in chosen if r is not victim]):
+                chosen = [r for r in chosen if r is not victim]
+        rank = policy._option_rank(chosen)
+        if best is None or rank < best[0]:
+            best = (rank, chosen)
+    return None if best is None else best[1]
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_the_victim_search_chooses_what_trying_every_node_would(seed: int) -> None:
+    # The search adds integers along each node's indexed candidates instead of copying nodes: it must still choose
+    # exactly what trying every node on real copies chooses, ties included, whatever order the attempts come in.
+    rng = random.Random(seed)
+    nodes = [node(f"n{i}", gpus=rng.choice([2, 4, 8])) for i in range(rng.randint(3, 60))]
+    busy = []
+    ages = rng.choice([[100, 200, 300, 900], [300]])  # half the seeds: ties everywhere
+    for k in range(rng.randint(3, 150)):
+        n, gpus = rng.choice(nodes), rng.choice([1, 1, 2])
+        if len(n.free_gpus) >= gpus and n.used_slots < n.slots:
+            busy.append(run(f"r{k}", n, gpus, rng.choice([10, 20, 30]), started_ago=rng.choice(ages)))
+    urgent = job("urgent", gpus=rng.choice([1, 2, 4, 8]), priority=90)
+    expected = _exhaustive_victims(nodes, busy, urgent)
+    for attempts in (busy, rng.sample(busy, len(busy))):
+        found = policy._Victims(policy._copy(nodes), attempts, set()).search(urgent, lambda r, borrower: True, lower_only=True)
+        chosen = None if found is None else found[0]
+        assert (None if chosen is None else [r.id for r in chosen]) == (None if expected is None else [r.id for r in expected])

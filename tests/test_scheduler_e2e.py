@@ -154,3 +154,34 @@ def test_an_admission_that_cannot_be_written_fails_alone(database: Database, e2e
         assert outbox[job_id] == [job_id, rows[job_id].dispatch_token]
         assert [(e.from_status, e.to_status) for e in events(database, job_id)][-1] == ("pending", "queued")
     assert doomed not in outbox
+
+
+def test_a_scheduler_waiting_out_a_long_interval_stops_when_asked(e2e_settings: Settings, database: Database) -> None:
+    """select() resumes after a signal handler (PEP 475), so a stop (SIGTERM's handler sets it) must not
+    wait for the interval's end: the loop looks at it while it waits."""
+    import threading
+
+    from app.dispatch import CeleryPublisher
+    from app.scheduler import SCHEDULER_APPLICATION, Scheduler
+
+    settings = e2e_settings.with_overrides(scheduler_interval_seconds=300.0)
+    publisher = CeleryPublisher(settings)
+    scheduler = Scheduler(settings, Database(settings.database_url or "", pool_size=2, application_name=SCHEDULER_APPLICATION), publisher)
+    stop = threading.Event()
+    thread = threading.Thread(target=scheduler.run_forever, args=(stop,), daemon=True)
+    thread.start()
+
+    def listening() -> int:
+        with database.engine.connect() as conn:
+            return conn.execute(text("SELECT count(*) FROM pg_stat_activity WHERE application_name = :name AND query LIKE 'LISTEN%'"),
+                                {"name": SCHEDULER_APPLICATION}).scalar_one()
+
+    try:
+        wait_for(listening, 30, message="the scheduler waiting on its LISTEN session")
+        stop.set()
+        thread.join(60)  # a fifth of the interval: the wait did not run to its end
+        assert not thread.is_alive()
+    finally:
+        stop.set()
+        publisher.close()
+        scheduler.database.dispose()

@@ -135,3 +135,16 @@ def test_a_remembered_preemption_leaves_the_snapshot_when_it_leaves_the_window(d
         assert canonical(cached) == canonical(fresh)
         p2 = next(j for j in cached.backlog if j.id == "p2")
         assert p2.preempted_by == (frozenset({"g1"}) if later < timedelta(minutes=1) else frozenset())
+
+
+def test_the_pass_and_explain_read_their_snapshot_with_jit_off_for_their_transaction_only(database: Database,
+                                                                                         settings: Settings) -> None:
+    # The backlog query's cost estimate passes jit_above_cost; compiling it took ten times as long as running it.
+    with database.engine.connect() as conn:
+        default = conn.execute(text("SHOW jit")).scalar()
+    with database.session() as s:
+        with s.begin():
+            scheduling.load_snapshot(s, settings, utcnow())
+            assert s.scalar(text("SHOW jit")) == "off"
+        with s.begin():
+            assert s.scalar(text("SHOW jit")) == default  # SET LOCAL: the connection goes back to the pool as it came

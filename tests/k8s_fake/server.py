@@ -366,11 +366,17 @@ class FakeKubernetes:
         self._log_waiters: dict[str, tuple[threading.Condition, int]] = {}  # pod uid -> (condition, streams)
         # Indexes over pods, kept by _write (the one place the store changes), so that the controllers' usual
         # questions (a pod by uid, a Job's pods, what runs on a node, what is unbound) do not scan every pod.
-        self._pod_index: dict[tuple[str, str], tuple[str, tuple[str, ...], str | None]] = {}  # key -> (uid, owners, node)
+        # key -> (uid, owners, node, what it requests there while it has not ended)
+        self._pod_index: dict[tuple[str, str], tuple[str, tuple[str, ...], str | None, dict[str, float]]] = {}
         self._pods_by_uid: dict[str, tuple[str, str]] = {}
         self._pods_by_owner: dict[str, set[tuple[str, str]]] = {}
         self._pods_by_node: dict[str, set[tuple[str, str]]] = {}
         self._unbound_pods: set[tuple[str, str]] = set()
+        # What the live pods bound to each node request, kept with the pod index as the kube-scheduler's cache
+        # keeps it: a scheduling pass reads a node's free room without summing its pods (at 1,000 running pods
+        # that sum, per node per pending pod, was most of the fake's time and held its lock).
+        self._requested_on: dict[str, dict[str, float]] = {}
+        self._jobs_by_uid: dict[str, tuple[str, str]] = {}
         self._rv = 1
         self._compacted_rv = 0
         self._objects: dict[str, dict[tuple[str, str], Obj]] = {r: {} for r in RESOURCES}
@@ -508,6 +514,11 @@ class FakeKubernetes:
         if resource == "pods":
             self._index_pod(key, None if event == "DELETED" else obj)
             self._wake_log_followers(meta.get("uid"))
+        elif resource == "jobs":
+            if event == "DELETED":
+                self._jobs_by_uid.pop(meta["uid"], None)
+            else:
+                self._jobs_by_uid[meta["uid"]] = key
         self._history.append((self._rv, resource, event, copy.deepcopy(obj)))
         self._history_rvs.append(self._rv)
         self._cond.notify_all()
@@ -516,12 +527,15 @@ class FakeKubernetes:
     def _index_pod(self, key: tuple[str, str], pod: Obj | None) -> None:
         old = self._pod_index.pop(key, None)
         if old is not None:
-            uid, owners, node = old
+            uid, owners, node, requests = old
             self._pods_by_uid.pop(uid, None)
             for owner in owners:
                 self._pods_by_owner.get(owner, set()).discard(key)
             if node is not None:
                 self._pods_by_node.get(node, set()).discard(key)
+                requested = self._requested_on.setdefault(node, {})
+                for name, amount in requests.items():
+                    requested[name] = requested.get(name, 0) - amount
         self._unbound_pods.discard(key)
         if pod is None:
             return
@@ -529,12 +543,17 @@ class FakeKubernetes:
         uid = meta["uid"]
         owners = tuple(ref["uid"] for ref in meta.get("ownerReferences") or [] if ref.get("uid"))
         node = pod["spec"].get("nodeName")
-        self._pod_index[key] = (uid, owners, node)
+        # What the pod takes on its node while it has not ended (the kube-scheduler's NodeInfo.Requested).
+        requests = self._pod_requests(pod) if node is not None and pod["status"].get("phase") not in TERMINAL_PHASES else {}
+        self._pod_index[key] = (uid, owners, node, requests)
         self._pods_by_uid[uid] = key
         for owner in owners:
             self._pods_by_owner.setdefault(owner, set()).add(key)
         if node is not None:
             self._pods_by_node.setdefault(node, set()).add(key)
+            requested = self._requested_on.setdefault(node, {})
+            for name, amount in requests.items():
+                requested[name] = requested.get(name, 0) + amount
         elif not meta.get("deletionTimestamp"):
             self._unbound_pods.add(key)
 
@@ -554,6 +573,10 @@ class FakeKubernetes:
         for service in list(self._objects["services"].values()):
             if any(r.get("uid") == owner_uid for r in service["metadata"].get("ownerReferences") or []):
                 self._write("services", service, "DELETED")
+
+    def _job_by_uid(self, uid: str) -> Obj | None:
+        key = self._jobs_by_uid.get(uid)
+        return self._objects["jobs"].get(key) if key is not None else None
 
     def _find(self, resource: str, namespace: str, name: str) -> Obj | None:
         return self._objects[resource].get((namespace, name))
@@ -625,11 +648,8 @@ class FakeKubernetes:
 
     def _free_on(self, node: Obj) -> dict[str, float]:
         free = {name: parse_quantity(value) for name, value in node["status"]["allocatable"].items()}
-        for key in self._pods_by_node.get(node["metadata"]["name"], ()):
-            pod = self._objects["pods"][key]
-            if pod["status"].get("phase") not in TERMINAL_PHASES:
-                for name, amount in self._pod_requests(pod).items():
-                    free[name] = free.get(name, 0) - amount
+        for name, amount in self._requested_on.get(node["metadata"]["name"], {}).items():
+            free[name] = free.get(name, 0) - amount
         return free
 
     @staticmethod
@@ -680,11 +700,11 @@ class FakeKubernetes:
         )
         nodes = list(self._objects["nodes"].values())
         for pod in pending:
-            why = Counter(self._unfit(pod, node) for node in nodes)
             chosen = next((node for node in nodes if self._unfit(pod, node) is None), None)
             if chosen is not None:
                 self._bind(pod, chosen)
                 continue
+            why = Counter(self._unfit(pod, node) for node in nodes)
             reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(why.items()) if reason)
             message = f"0/{len(nodes)} nodes are available: {reasons}." if nodes else "no nodes available"
             conditions = pod["status"].setdefault("conditions", [])
@@ -950,7 +970,7 @@ class FakeKubernetes:
             self._delete_pod(pod["metadata"]["namespace"], pod["metadata"]["name"])
 
     def _deadline(self, uid: str) -> None:
-        job = next((j for j in self._objects["jobs"].values() if j["metadata"]["uid"] == uid), None)
+        job = self._job_by_uid(uid)
         if job is None or job["metadata"].get("deletionTimestamp"):
             return
         if any(c["type"] in ("Complete", "Failed", "FailureTarget") for c in job["status"].get("conditions", [])):
@@ -960,7 +980,7 @@ class FakeKubernetes:
         self._sync_job(job)
 
     def _start_job(self, uid: str) -> None:
-        job = next((j for j in self._objects["jobs"].values() if j["metadata"]["uid"] == uid), None)
+        job = self._job_by_uid(uid)
         if job is None or job["metadata"].get("deletionTimestamp"):
             return
         job["status"]["startTime"] = rfc3339()
@@ -1042,8 +1062,7 @@ class FakeKubernetes:
         owners = [r for r in service["metadata"].get("ownerReferences") or []]
         self._write("services", service, "ADDED")
         # An owner that is already gone: the garbage collector removes the dependent at once.
-        live = {j["metadata"]["uid"] for j in self._objects["jobs"].values()}
-        if owners and not any(r.get("uid") in live for r in owners):
+        if owners and not any(r.get("uid") in self._jobs_by_uid for r in owners):
             self._write("services", service, "DELETED")
         return service
 
@@ -1636,7 +1655,7 @@ class _Handler(BaseHTTPRequestHandler):
                     ended = not running or fake._closed or fake._log_epoch != epoch
                     if lines or ended:
                         break
-                    waiter.wait(timeout=1.0)
+                    waiter.wait(timeout=10.0)  # every change that matters notifies: this is a backstop
             self._chunk("".join(self._format(line, timestamps) for line in lines if line[0] >= since_ns).encode())
             if ended:
                 self._end_chunked()

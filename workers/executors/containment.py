@@ -242,18 +242,20 @@ def _write(path: Path, value: str) -> None:
 
 
 def find_jobs_cgroup(setting: str) -> Path | None:
-    """Where the attempts' cgroups go: `off`, an explicit folder, or (`auto`) beside the worker's own cgroup."""
+    """Where the attempts' cgroups go: `off`, an absolute folder, or beside the worker's own cgroup: named
+    `jobservice-jobs` (`auto`) or the name given (several workers' suites on one host keep apart that way)."""
     if setting == "off":
         return None
-    if setting != "auto":
+    if setting.startswith("/"):
         return Path(setting)
+    name = JOBS_CGROUP if setting == "auto" else setting
     mount, own = _cgroup2_mount(), _own_cgroup()
     if mount is None or own is None:
         return None
     base = mount / own.lstrip("/")
     if base.name == WORKER_LEAF:  # this worker was moved into its leaf already (see prepare_jobs_cgroup)
         base = base.parent
-    return base / JOBS_CGROUP
+    return base / name
 
 
 def _enable_controllers(cgroup: Path, wanted: set[str]) -> set[str]:

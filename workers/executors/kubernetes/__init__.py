@@ -25,6 +25,7 @@ The package, one module per concern:
 - `calls`: the retry policy for API calls;
 - `watches`: list + watch with resume and 410 relist;
 - `informers`: one shared Job informer and one pod informer per executor (cluster), feeding every attempt;
+- `records`: the slim records those informers cache (the fields the executor reads, from the API's JSON);
 - `logs`: following a member's container log;
 - `execution`: one launched Job (`KubernetesExecution`);
 - `executor`: `KubernetesExecutor` (launch, adopt, managed Jobs and their retention).

@@ -14,9 +14,11 @@ from kubernetes import client
 from kubernetes.client import ApiClient, ApiException
 
 from workers.executors.base import EndKind, JobSpec, LogLine, LogSink, Outcome
+from workers.executors.kubernetes import records
 from workers.executors.kubernetes.calls import REQUEST_TIMEOUT, RetryPolicy, _describe
 from workers.executors.kubernetes.logs import _LogFollower
 from workers.executors.kubernetes.informers import SharedInformer, version_at_least
+from workers.executors.kubernetes.watches import list_raw
 from workers.executors.kubernetes.manifest import label_value, owner_selector
 from workers.executors.kubernetes.outcomes import (
     Verdict,
@@ -43,7 +45,7 @@ class Timings:
 
 @dataclass
 class _Member:
-    pod: client.V1Pod
+    pod: records.Pod
     index: int
     deleted: bool = False
     started: bool = False
@@ -96,7 +98,7 @@ class KubernetesExecution:
         self._lock = threading.RLock()
         self._sink_lock = threading.Lock()
         self._order = itertools.count()
-        self._job: client.V1Job | None = None
+        self._job: records.Job | None = None
         self._job_gone = False
         self._members: dict[str, _Member] = {}
         self._gang_formed = False
@@ -229,9 +231,9 @@ class KubernetesExecution:
         """Once the Job has ended, read its pods afresh before judging: the two watches are separate streams,
         and the pod one may lag behind the Job's, which would lose the culprit member and its last log lines."""
         try:
-            listed = self._retry.call(f"list pods of {self.name}", lambda: self._core.list_namespaced_pod(
-                self.namespace, label_selector=owner_selector(self.spec.job_id, self.spec.attempt),
-                _request_timeout=REQUEST_TIMEOUT))
+            pods, _ = self._retry.call(f"list pods of {self.name}", lambda: list_raw(
+                self._core.list_namespaced_pod, self.namespace, records.Pod,
+                label_selector=owner_selector(self.spec.job_id, self.spec.attempt)))
         except Exception as error:
             with self._lock:
                 self._confirm_failures += 1
@@ -239,7 +241,7 @@ class KubernetesExecution:
                 self._pods_confirmed = self._confirm_failures >= 3
             log.warning("could not list pods of Job %s: %s", self.name, _describe(error))
             return
-        self._sync_pods(list(listed.items or []))
+        self._sync_pods(pods)
         with self._lock:
             self._pods_confirmed = True
 
@@ -281,7 +283,7 @@ class KubernetesExecution:
 
     # -- what the watches report ------------------------------------------------------------------------
 
-    def _sync_job(self, items: list[client.V1Job], version: str | None = None) -> None:
+    def _sync_job(self, items: list[records.Job], version: str | None = None) -> None:
         with self._lock:
             current = next((j for j in items if j.metadata.name == self.name), None)
             if current is None:
@@ -291,7 +293,7 @@ class KubernetesExecution:
                 self._job = current
         self._changed()
 
-    def _job_event(self, kind: str, job: client.V1Job) -> None:
+    def _job_event(self, kind: str, job: records.Job) -> None:
         if job.metadata.name != self.name:
             return
         with self._lock:
@@ -301,7 +303,7 @@ class KubernetesExecution:
                 self._job = job
         self._changed()
 
-    def _sync_pods(self, items: list[client.V1Pod], version: str | None = None) -> None:
+    def _sync_pods(self, items: list[records.Pod], version: str | None = None) -> None:
         with self._lock:
             self._pods_synced = True
             listed = {p.metadata.name for p in items}
@@ -312,7 +314,7 @@ class KubernetesExecution:
                 self._observe(pod, deleted=False)
         self._changed()
 
-    def _pod_event(self, kind: str, pod: client.V1Pod) -> None:
+    def _pod_event(self, kind: str, pod: records.Pod) -> None:
         with self._lock:
             self._observe(pod, deleted=kind == "DELETED")
         self._changed()
@@ -322,7 +324,7 @@ class KubernetesExecution:
         if notify is not None:
             notify()
 
-    def _observe(self, pod: client.V1Pod, deleted: bool) -> None:
+    def _observe(self, pod: records.Pod, deleted: bool) -> None:
         name = pod.metadata.name
         member = self._members.get(name)
         if member is None:
@@ -360,7 +362,7 @@ class KubernetesExecution:
                 log.exception("log sink failed for job %s", self.spec.job_id)
 
 
-def _scheduling_message(pod: client.V1Pod) -> str:
+def _scheduling_message(pod: records.Pod) -> str:
     for condition in (pod.status.conditions if pod.status else None) or []:
         if condition.type == "PodScheduled" and condition.status != "True":
             return f"{condition.reason}: {condition.message}"

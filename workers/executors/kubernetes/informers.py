@@ -4,7 +4,8 @@ process, label-selected to this service's objects, with a local cache that feeds
 The shape of client-go's `tools/cache` shared informer: a reflector (watches.py) keeps the cache current,
 resumes its watch, relists on 410; handlers are keyed by owner (job id label, attempt label), so an
 attempt's cost is a dictionary entry, not a connection. The API server sees two watches per cluster,
-whatever the number of running jobs.
+whatever the number of running jobs. The cache holds slim records (`records`) read from the API's JSON, not
+the client's models, and is indexed by owner, so that an attempt that subscribes costs no scan of it.
 """
 from __future__ import annotations
 
@@ -14,12 +15,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from workers.executors.kubernetes.manifest import LABEL_ATTEMPT, LABEL_JOB_ID, LABEL_MANAGED_BY, MANAGER
+from workers.executors.kubernetes.records import Meta
 from workers.executors.kubernetes.watches import _Reflector
 
 Key = tuple[str, str]  # (job id label value, attempt label value)
 
 
 def owner_key(obj: Any) -> Key | None:
+    if isinstance(obj.metadata, Meta):
+        return obj.metadata.owner
     labels = obj.metadata.labels or {}
     if LABEL_JOB_ID not in labels or LABEL_ATTEMPT not in labels:
         return None
@@ -41,15 +45,20 @@ class _Handler:
 class SharedInformer:
     """The cache of one resource type in a namespace, and the handlers of the attempts that watch it."""
 
-    def __init__(self, name: str, list_call: Callable[..., Any], namespace: str, timeout_seconds: int) -> None:
+    def __init__(self, name: str, list_call: Callable[..., Any], namespace: str, timeout_seconds: int,
+                 decode: Callable[[dict[str, Any]], Any]) -> None:
+        """`decode` makes the cached record of an object from the API's JSON (`records.Job`, `records.Pod`)."""
         self.name = name
         self._lock = threading.Lock()  # held while handlers run: each sees the cache's changes in order
         self._cache: dict[str, Any] = {}
+        # The cache again, by owner: an attempt that subscribes gets its objects without a scan of the
+        # whole cache (which made each launch O(running jobs)).
+        self._by_owner: dict[Key, dict[str, Any]] = {}
         self._version: str | None = None
         self._synced = False
         self._handlers: dict[Key, dict[object, _Handler]] = {}  # an attempt watched twice (a redelivery) has two
         self._reflector = _Reflector(name, list_call, namespace, {"label_selector": f"{LABEL_MANAGED_BY}={MANAGER}"},
-                                     self._sync, self._event, timeout_seconds)
+                                     self._sync, self._event, timeout_seconds, decode)
         self._started = False
 
     @property
@@ -78,7 +87,7 @@ class SharedInformer:
                 self._started = True
                 self._reflector.start()
             if self._synced:
-                on_sync([o for o in self._cache.values() if owner_key(o) == key], self._version)
+                on_sync(list(self._by_owner.get(key, {}).values()), self._version)
 
     def unsubscribe(self, key: Key, token: object) -> None:
         with self._lock:
@@ -92,24 +101,38 @@ class SharedInformer:
 
     def _sync(self, items: list[Any], version: str | None) -> None:
         with self._lock:
-            self._cache = {o.metadata.name: o for o in items}
+            self._cache, self._by_owner = {}, {}
+            for obj in items:
+                self._put(obj)
             self._version = version
             self._synced = True
-            grouped: dict[Key, list[Any]] = {key: [] for key in self._handlers}
-            for obj in items:
-                key = owner_key(obj)
-                if key in grouped:
-                    grouped[key].append(obj)
-            for key, objs in grouped.items():
-                for handler in list(self._handlers[key].values()):
+            for key, handlers in self._handlers.items():
+                objs = list(self._by_owner.get(key, {}).values())
+                for handler in list(handlers.values()):
                     handler.on_sync(objs, version)
+
+    def _put(self, obj: Any) -> None:
+        name = obj.metadata.name
+        self._drop(name)
+        self._cache[name] = obj
+        key = owner_key(obj)
+        if key is not None:
+            self._by_owner.setdefault(key, {})[name] = obj
+
+    def _drop(self, name: str) -> None:
+        old = self._cache.pop(name, None)
+        key = owner_key(old) if old is not None else None
+        if key is not None and (owned := self._by_owner.get(key)) is not None:
+            owned.pop(name, None)
+            if not owned:
+                del self._by_owner[key]
 
     def _event(self, kind: str, obj: Any) -> None:
         with self._lock:
             if kind == "DELETED":
-                self._cache.pop(obj.metadata.name, None)
+                self._drop(obj.metadata.name)
             else:
-                self._cache[obj.metadata.name] = obj
+                self._put(obj)
             self._version = obj.metadata.resource_version or self._version
             key = owner_key(obj)
             for handler in list(self._handlers.get(key, {}).values()) if key is not None else []:

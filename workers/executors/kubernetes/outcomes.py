@@ -8,23 +8,28 @@ from typing import Any
 from kubernetes import client
 
 from workers.executors.base import EndKind, Outcome
+from workers.executors.kubernetes import records
 from workers.executors.kubernetes.manifest import COMPLETION_INDEX
 
+# The informers' slim records (`records`) or the client's models: the functions read the fields both carry.
+PodLike = records.Pod | client.V1Pod
+JobLike = records.Job | client.V1Job
 
-def member_index(pod: client.V1Pod) -> int:
+
+def member_index(pod: PodLike) -> int:
     meta = pod.metadata
     raw = (meta.annotations or {}).get(COMPLETION_INDEX) or (meta.labels or {}).get(COMPLETION_INDEX)
     return int(raw) if raw is not None and raw.isdigit() else 0
 
 
-def _container_statuses(pod: client.V1Pod) -> list[client.V1ContainerStatus]:
+def _container_statuses(pod: PodLike) -> list[Any]:
     status = pod.status
     if status is None:
         return []
     return list(status.init_container_statuses or []) + list(status.container_statuses or [])
 
 
-def pod_failure_details(pod: client.V1Pod) -> dict[str, Any]:
+def pod_failure_details(pod: PodLike) -> dict[str, Any]:
     """What went wrong with a pod, for Outcome.details: the most telling container, its exit code, reason and
     message (a pod-level reason such as Evicted says more than the container's), and where it ran."""
     status = pod.status or client.V1PodStatus()
@@ -100,7 +105,7 @@ def _lookup(table: dict[tuple[str, str], Verdict], source: str, reason: str | No
     return table.get((source, reason or "")) or table.get((source, "*"))
 
 
-def pod_facts(pod: client.V1Pod) -> Iterator[tuple[str, str]]:
+def pod_facts(pod: PodLike) -> Iterator[tuple[str, str]]:
     """What a pod says about itself, most telling first, as keys into POD_VERDICTS."""
     status = pod.status or client.V1PodStatus()
     if status.phase == "Failed" and status.reason:
@@ -116,7 +121,7 @@ def pod_facts(pod: client.V1Pod) -> Iterator[tuple[str, str]]:
             yield "terminated", state.terminated.reason or ""
 
 
-def pod_verdict(pod: client.V1Pod) -> tuple[str, Verdict] | None:
+def pod_verdict(pod: PodLike) -> tuple[str, Verdict] | None:
     """The first fact of the pod that the table knows, with where it was found."""
     for source, reason in pod_facts(pod):
         verdict = _lookup(POD_VERDICTS, source, reason)
@@ -125,7 +130,7 @@ def pod_verdict(pod: client.V1Pod) -> tuple[str, Verdict] | None:
     return None
 
 
-def job_verdict(job: client.V1Job) -> tuple[Verdict, client.V1JobCondition] | None:
+def job_verdict(job: JobLike) -> tuple[Verdict, Any] | None:
     """The Job's terminal condition (Complete or Failed) and what it means; None while it runs."""
     for condition in (job.status.conditions if job.status else None) or []:
         if condition.status == "True" and condition.type in ("Complete", "Failed"):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import threading
 import time
@@ -9,8 +10,8 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from kubernetes import watch
 from kubernetes.client import ApiException
+from kubernetes.watch.watch import iter_resp_lines
 
 
 from workers.executors.kubernetes.calls import REQUEST_TIMEOUT, _describe
@@ -32,12 +33,33 @@ def _stop_running_reflectors() -> None:
         reflector._thread.join(max(0.0, deadline - time.monotonic()))
 
 
+def list_raw(list_call: Callable[..., Any], namespace: str, decode: Callable[[dict[str, Any]], Any],
+             **selectors: Any) -> tuple[list[Any], str | None]:
+    """A list call's items, each read from the API's JSON by `decode`, and the list's resourceVersion. The
+    client's own decoding (into its models) costs far more CPU and memory than the few fields read."""
+    response = list_call(namespace, **selectors, _preload_content=False, _request_timeout=REQUEST_TIMEOUT)
+    try:
+        body = response.data
+    except BaseException:
+        response.close()
+        raise
+    finally:
+        response.release_conn()
+    listed = json.loads(body)
+    return [decode(item) for item in listed.get("items") or []], (listed.get("metadata") or {}).get("resourceVersion")
+
+
+class _Expired(Exception):
+    """The watch's resourceVersion is older than what the API server keeps (410): list again."""
+
+
 class _Reflector:
     """Keeps a watch open over one selection and hands every change to `on_event`.
 
     A watch ends (server timeout, load balancer, API server restart): it is resumed from the last
     resourceVersion seen. If that version is too old (410 Gone / Expired), the selection is listed again
     (`on_sync` gets the full current state and its resourceVersion) and watched from the list's resourceVersion.
+    Objects reach the handlers as `decode` makes them from the API's JSON (see `records`).
     """
 
     def __init__(
@@ -49,6 +71,7 @@ class _Reflector:
         on_sync: Callable[[list[Any], str | None], None],
         on_event: Callable[[str, Any], None],
         timeout_seconds: int,
+        decode: Callable[[dict[str, Any]], Any],
     ) -> None:
         self._list_call = list_call
         self._namespace = namespace
@@ -56,8 +79,9 @@ class _Reflector:
         self._on_sync = on_sync
         self._on_event = on_event
         self._timeout = timeout_seconds
+        self._decode = decode
         self._stop = threading.Event()
-        self._watch: watch.Watch | None = None
+        self._response: Any = None
         self.lists = 0
         self.resumes = 0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -68,9 +92,12 @@ class _Reflector:
 
     def stop(self) -> None:
         self._stop.set()
-        current = self._watch
-        if current is not None:
-            current.stop()
+        response = self._response
+        if response is not None:
+            try:
+                response.shutdown()  # unblocks a read waiting on a quiet watch
+            except Exception:  # noqa: BLE001 - best effort; the read timeout ends it anyway
+                pass
 
     def _run(self) -> None:
         version: str | None = None
@@ -78,31 +105,17 @@ class _Reflector:
         while not self._stop.is_set():
             try:
                 if version is None:
-                    listed = self._list_call(self._namespace, **self._selectors, _request_timeout=REQUEST_TIMEOUT)
-                    version = listed.metadata.resource_version
+                    items, version = list_raw(self._list_call, self._namespace, self._decode, **self._selectors)
                     self.lists += 1
-                    self._on_sync(list(listed.items or []), version)
+                    self._on_sync(items, version)
                 else:
                     self.resumes += 1
-                self._watch = watch.Watch()
-                # timeout_seconds also makes Watch.stream raise on 410 instead of retrying with the same version.
-                for event in self._watch.stream(
-                    self._list_call,
-                    self._namespace,
-                    **self._selectors,
-                    resource_version=version,
-                    timeout_seconds=self._timeout,
-                    allow_watch_bookmarks=True,
-                    _request_timeout=(REQUEST_TIMEOUT[0], self._timeout + 30),
-                ):
-                    if self._stop.is_set():
-                        break
-                    if event["type"] == "BOOKMARK":
-                        version = event["raw_object"]["metadata"]["resourceVersion"]
-                        continue
-                    version = event["object"].metadata.resource_version
-                    self._on_event(event["type"], event["object"])
+                version = self._watch(version)
                 failures = 0
+            except _Expired:
+                log.info("watch %s: resourceVersion %s expired; relisting", self._thread.name, version)
+                version = None
+                continue
             except ApiException as error:
                 if error.status == 410:
                     log.info("watch %s: resourceVersion %s expired; relisting", self._thread.name, version)
@@ -115,7 +128,44 @@ class _Reflector:
                     return
                 failures += 1
                 log.warning("watch %s broke: %s", self._thread.name, _describe(error))
-            finally:
-                self._watch = None
             if failures:
                 self._stop.wait(min(30.0, 0.2 * 2 ** min(failures, 8)))
+
+    def _watch(self, version: str | None) -> str | None:
+        """One watch from `version` until the server ends it; returns the last version seen."""
+        response = self._list_call(
+            self._namespace,
+            **self._selectors,
+            watch=True,
+            resource_version=version,
+            timeout_seconds=self._timeout,
+            allow_watch_bookmarks=True,
+            _preload_content=False,
+            _request_timeout=(REQUEST_TIMEOUT[0], self._timeout + 30),
+        )
+        self._response = response
+        complete = False
+        try:
+            for line in iter_resp_lines(response):
+                if self._stop.is_set():
+                    break
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                kind, obj = event.get("type"), event.get("object") or {}
+                if kind == "ERROR":
+                    # A Status: 410 when the version has been compacted away, else the API's refusal.
+                    if obj.get("code") == 410:
+                        raise _Expired()
+                    raise ApiException(status=obj.get("code"), reason=f"{obj.get('reason')}: {obj.get('message')}")
+                version = (obj.get("metadata") or {}).get("resourceVersion") or version
+                if kind != "BOOKMARK":
+                    self._on_event(kind, self._decode(obj))
+            else:
+                complete = True  # the server ended the stream: the connection is clean for the next request
+        finally:
+            self._response = None
+            if not complete:
+                response.close()  # unread events would be the next request's answer on a reused connection
+            response.release_conn()
+        return version
