@@ -310,17 +310,17 @@ def test_every_blocked_job_is_searched_for_in_one_pass_not_only_the_first_few_do
 
 
 def test_a_failed_search_is_not_repeated_for_the_same_shape_but_a_higher_priority_is_searched() -> None:
-    a = node("a", gpus=2)
-    busy = [run("p50", a, 1, 50, started_ago=900), run("p70", a, 1, 70, started_ago=900)]
+    a, b = node("a", gpus=2), node("b", gpus=1)  # b is too small for any of them: a candidate that never helps
+    busy = [run("p50", a, 1, 50, started_ago=900), run("p70", a, 1, 70, started_ago=900), run("b-p10", b, 1, 10, started_ago=900)]
     backlog = [job("big60", gpus=2, priority=60), job("big55", gpus=2, priority=55, at=1), job("big80", gpus=2, priority=80, at=2)]
-    plan = decide(Snapshot(NOW, [a], busy, backlog), ON)
+    plan = decide(Snapshot(NOW, [a, b], busy, backlog), ON)
     search = plan.preemption_search
     # Priority 80 goes first and takes both; 60 then finds nothing, and 55 (same shape, lower priority) is not searched:
     # its candidates are a subset of 60's.
     assert victims(plan) == [["p50", "p70"]] and plan.preemptions[0].job.id == "big80"
     assert search.outcomes["big60"] == search.NO_VICTIMS and search.outcomes["big55"] == search.SKIPPED
     # Without the priority-80 job: 60 needs both GPUs but may take only p50's; one search, and 55 is not searched.
-    plan = decide(Snapshot(NOW, [a], busy, backlog[:2]), ON)
+    plan = decide(Snapshot(NOW, [a, b], busy, backlog[:2]), ON)
     assert plan.preemptions == [] and plan.preemption_search.searched == 1 and plan.preemption_search.skipped == 1
 
 

@@ -749,7 +749,10 @@ def _preempt(snapshot: Snapshot, config: PolicyConfig, plan: Plan) -> None:
     failed: dict[tuple, list[list[int]]] = defaultdict(list)
     blocked = [plan.decisions[job_id] for job_id in plan.order]
     blocked = [d for d in blocked if isinstance(d, Reserve) or (isinstance(d, Wait) and d.reason in (CAPACITY, NO_RESERVATION))]
+    clusters_for = {command: _eligible_clusters(work, command) for command in (True, False)}  # not per job: 1,000 nodes
     for position, decision in enumerate(blocked):
+        if (budget is not None and all(v <= 0 for v in budget.values())) or len(taken) >= len(victims.gives):
+            break  # nothing is left to preempt this pass (the rate limit is spent, or every candidate is taken)
         if stats.searched >= config.preemption_searches_per_pass or stats.examined >= config.preemption_scan_limit:
             stats.unexamined, stats.first_unexamined = len(blocked) - position, decision.job.id
             break
@@ -779,7 +782,7 @@ def _preempt(snapshot: Snapshot, config: PolicyConfig, plan: Plan) -> None:
             stats.outcomes[job.id] = stats.SKIPPED
             continue
 
-        if budget is not None and all(budget.get(c, 0) <= 0 for c in _eligible_clusters(victims.work, job)):
+        if budget is not None and all(budget.get(c, 0) <= 0 for c in clusters_for[job.has_command]):
             stats.outcomes[job.id] = stats.RATE_LIMIT
             continue
 
