@@ -33,6 +33,7 @@ from app.domain.capacity import NodeCapacity, Placement, place  # noqa: E402
 from app.domain.policy import (  # noqa: E402
     Admit, Pending, Plan, PolicyConfig, Reserve, Running, Snapshot, Usage, Wait, decide,
 )
+from app.domain import policy as policy_module  # noqa: E402
 from app.domain import quotas as quota_rules  # noqa: E402
 from app.domain.policy import _holding as policy_holding  # noqa: E402
 from app.domain.quotas import Quota  # noqa: E402
@@ -43,6 +44,20 @@ CLUSTER = "gpu-cluster"
 BANDS = ((0, 24), (25, 49), (50, 74), (75, 100))
 PER_OWNER, PER_POOL = 100, 300  # the same pruning as app.domain.scheduling.load_snapshot
 BURST_AT: list = [math.inf, ""]  # when the burst comes and whose it is (set by make_trace)
+PREEMPT_TIME = [0.0]  # seconds the policy's preemption phase took in the current pass
+
+
+def _timed_preempt(preempt):  # type: ignore[no-untyped-def]
+    def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+        started = time.perf_counter()
+        try:
+            return preempt(*args, **kwargs)
+        finally:
+            PREEMPT_TIME[0] += time.perf_counter() - started
+    return wrapper
+
+
+policy_module._preempt = _timed_preempt(policy_module._preempt)  # decide() looks it up by name: the phase is timed apart
 
 
 @dataclass
@@ -202,6 +217,14 @@ class Result:
     started: int = 0
     unstarted: int = 0
     preemptions: int = 0
+    searches: int = 0  # victim searches run (policy.PreemptionSearch), all passes
+    searches_skipped: int = 0  # blocked jobs not searched: the same shape failed at an equal or higher priority
+    max_searches: int = 0  # in one pass
+    passes_cut: int = 0  # passes whose search limits left blocked jobs unexamined
+    preempt_seconds: float = 0.0  # time in the policy's preemption phase, all passes
+    preempt_max: float = 0.0  # in one pass
+    victims_per_minute: int = 0  # most victims in any 60 simulated seconds (what the rate limit would have to allow)
+    victim_gpus_per_minute: int = 0  # their GPUs
     gpu_seconds_lost: float = 0.0
     preemption_loops: int = 0
     repeated_preemptions: int = 0
@@ -227,6 +250,7 @@ def simulate(name: str, trace: list[SimJob], fleet: list[NodeCapacity], config: 
     per cluster, the limit less the victims of the last 60 s); None: unlimited."""
     result = Result(name, target=kill_grace + interval)
     recent_victims: deque[tuple[float, str]] = deque()  # (when, cluster) of every victim, for the rate limit
+    minute: deque[tuple[float, int]] = deque()  # (when, GPUs) of the victims of the last 60 s, for the peak rate
     quotas = quotas or {}
     preempted_by: set[tuple[str, str]] = set()  # (preemptor, victim)
     jobs = [SimJob(j.pending, j.kind, j.runtime) for j in trace]
@@ -329,6 +353,14 @@ def simulate(name: str, trace: list[SimJob], fleet: list[NodeCapacity], config: 
         result.policy_seconds += time.perf_counter() - started
         result.passes += 1
         result.decisions += len(plan.decisions)
+        search = plan.preemption_search
+        result.searches += search.searched
+        result.searches_skipped += search.skipped
+        result.max_searches = max(result.max_searches, search.searched)
+        result.passes_cut += 1 if search.unexamined else 0
+        result.preempt_seconds += PREEMPT_TIME[0]
+        result.preempt_max = max(result.preempt_max, PREEMPT_TIME[0])
+        PREEMPT_TIME[0] = 0.0
         hour = int(at // 3600)
         waiting_tenants = backlog.tenants_waiting_for_gpus()
         hour_backlogged[hour] = hour_backlogged.get(hour, True) and waiting_tenants >= set(tenants)
@@ -375,6 +407,11 @@ def simulate(name: str, trace: list[SimJob], fleet: list[NodeCapacity], config: 
                 members = sum(m for _, m in attempt.parts)
                 result.preemptions += 1
                 recent_victims.append((at, victim.cluster))
+                minute.append((at, attempt.gpus * members))
+                while minute[0][0] <= at - 60:
+                    minute.popleft()
+                result.victims_per_minute = max(result.victims_per_minute, len(minute))
+                result.victim_gpus_per_minute = max(result.victim_gpus_per_minute, sum(g for _, g in minute))
                 result.gpu_seconds_lost += attempt.gpus * members * (at - (job.started or at))
                 if (victim.id, preemption.job.id) in preempted_by:
                     result.preemption_loops += 1  # a cycle: the victim once preempted its preemptor
@@ -419,30 +456,38 @@ NOT_FITTING = ("held by equal or higher priority", "over its tenant's quota", "n
 
 
 def _diagnose(plan: Plan, snapshot: Snapshot, config: PolicyConfig, by_id: dict[str, SimJob], budget: dict[str, int] | None) -> None:
+    """Why each blocked high-priority job waits this pass: what the policy's preemption phase did for it
+    (plan.preemption_search.outcomes), and, for the rest, counterfactuals on the capacity the pass left
+    (plan.free, with what stopping victims hold counted free, as the policy counts it)."""
     blocked = [plan.decisions[j] for j in plan.order if plan.decisions[j].job.priority >= 75 and not isinstance(plan.decisions[j], Admit)]
     if not blocked:
         return
-    preemptors = {p.job.id for p in plan.preemptions}
-    stopping = any(r.stopping for r in snapshot.running)
-    # Counterfactuals, per priority level: the fleet with every strictly lower-priority attempt gone (all of them,
-    # or only those past the minimum run time), the blocked jobs of that level or higher placed in the pass's order.
+    search = plan.preemption_search
+    unexamined: set[str] = set()  # left for the next pass by the search limits
+    if search.first_unexamined is not None:
+        after = plan.order[plan.order.index(search.first_unexamined):]
+        unexamined = {j for j in after if isinstance(plan.decisions[j], Reserve)
+                      or getattr(plan.decisions[j], "reason", None) in ("CAPACITY", "NO_RESERVATION")}
+    # Counterfactuals, per priority level: the capacity the pass left with every strictly lower-priority attempt gone
+    # (all of them, and the lower-priority jobs this pass admitted; or only the attempts past the minimum run time),
+    # the blocked jobs of that level or higher placed in the pass's order. Does not fit even with all lower-priority
+    # work gone: the capacity is held by work of its priority or higher (running, admitted, or ahead of it).
     fits_all: dict[str, bool] = {}
     fits_old: dict[str, bool] = {}
     for level in sorted({d.job.priority for d in blocked}):
         for store, old_only in ((fits_all, False), (fits_old, True)):
-            nodes = {n.name: dataclasses.replace(n, used_gpus=set(n.used_gpus)) for n in snapshot.nodes}
+            nodes = [n.copy() for n in plan.free]
+            by_key = {(n.cluster, n.name): n for n in nodes}
             for r in snapshot.running:
-                if r.priority < level and not r.stopping and (not old_only or snapshot.now - r.started_at >= config.preemption_min_run_seconds):
-                    for i, (name, members) in enumerate(r.parts):
-                        node = nodes[name]
-                        node.used_anonymous_gpus -= r.gpus * members
-                        node.used_cpu_millis -= r.cpu_millis * members
-                        node.used_memory_bytes -= r.memory_bytes * members
-                        node.used_slots -= 1 if i == 0 else 0
-            free = list(nodes.values())
+                if r.stopping or (r.priority < level and (not old_only or snapshot.now - r.started_at >= config.preemption_min_run_seconds)):
+                    policy_module._release(by_key, r)
+            if not old_only:
+                for admitted in plan.admitted:
+                    if admitted.job.priority < level:
+                        policy_module._unplace(by_key, admitted.placement, admitted.job)
             for d in blocked:
                 if d.job.priority >= level and not (isinstance(d, Wait) and d.reason in ("QUOTA_EXCEEDED", "NEVER_FITS_LIVE")):
-                    placed = place(free, d.job.cpu_millis, d.job.memory_bytes, d.job.gpus, d.job.members, has_command=d.job.has_command)
+                    placed = place(nodes, d.job.cpu_millis, d.job.memory_bytes, d.job.gpus, d.job.members, has_command=d.job.has_command)
                     if d.job.priority == level:
                         store[d.job.id] = placed is not None
     exhausted = budget is not None and all(v <= 0 for v in budget.values())
@@ -453,12 +498,15 @@ def _diagnose(plan: Plan, snapshot: Snapshot, config: PolicyConfig, by_id: dict[
     for d in blocked:
         job = by_id[d.job.id]
         reason = getattr(d, "reason", "RESERVED")
+        outcome = search.outcomes.get(d.job.id)
         if reason == "QUOTA_EXCEEDED":
             why = NOT_FITTING[1]
         elif reason == "NEVER_FITS_LIVE":
             why = NOT_FITTING[2]
-        elif d.job.id in preemptors:
+        elif outcome == search.PREEMPTED:
             why = "preempted for it: victims stopping (kill grace)"
+        elif outcome == search.ROOM_ON_ITS_WAY:
+            why = "room being freed for it (victims stopping, kill grace)"
         elif not fits_all.get(d.job.id, False):
             why = NOT_FITTING[0]
         elif ledger.active and d.job.owner in ledger.quotas and not ledger.within_nominal(
@@ -468,14 +516,14 @@ def _diagnose(plan: Plan, snapshot: Snapshot, config: PolicyConfig, by_id: dict[
             why = "fits now but would run into a reservation"
         elif not config.preemption:
             why = "no preemption"
-        elif exhausted:
+        elif exhausted or outcome == search.RATE_LIMIT:
             why = "rate limit (PREEMPTION_MAX_PER_MINUTE)"
         elif not fits_old.get(d.job.id, False):
             why = "minimum run time (PREEMPTION_MIN_RUN_SECONDS)"
-        elif stopping:
-            why = "room being freed (for it or a job ahead)"
+        elif d.job.id in unexamined:
+            why = "search limits (preemption_searches_per_pass, preemption_scan_limit)"
         else:
-            why = "not preempted for (search limits, cycles, placement)"
+            why = f"not preempted for: {outcome or 'not examined'}"
         job.why[why] += 1
 
 
@@ -578,6 +626,8 @@ def main() -> None:
     parser.add_argument("--min-run", type=float, default=defaults.preemption_min_run_seconds, help="PREEMPTION_MIN_RUN_SECONDS")
     parser.add_argument("--max-per-minute", type=int, default=defaults.preemption_max_per_minute,
                         help="PREEMPTION_MAX_PER_MINUTE (victims per cluster per minute; the simulated fleet is one cluster; -1: unlimited)")
+    parser.add_argument("--max-per-node-per-minute", type=float, default=defaults.preemption_max_per_node_per_minute,
+                        help="PREEMPTION_MAX_PER_NODE_PER_MINUTE (raises the per-cluster limit to this many victims per node)")
     parser.add_argument("--kill-grace", type=float, default=10.0, help="a preempted job holds its capacity this long")
     args = parser.parse_args()
 
@@ -602,11 +652,16 @@ def main() -> None:
     quotas = {t: [Quota(t, "*", (int(gpus * w / sum(tenants.values())), None, None), (int(gpus * args.borrow), 0, 0))] for t, w in tenants.items()}
     results = {}
     configs = {name: config for name, config in configs.items() if args.only in name}
+    # The rate limit as the scheduler computes it (scheduling.preemption_limit): the simulated fleet is one cluster.
+    limit = (None if args.max_per_minute < 0 else
+             max(args.max_per_minute, math.floor(args.max_per_node_per_minute * (args.gpu_nodes + args.cpu_nodes))))
+    print(f"preemption rate limit: {'none' if limit is None else f'{limit} victims per minute'} "
+          f"(--max-per-minute {args.max_per_minute}, --max-per-node-per-minute {args.max_per_node_per_minute:g})")
     for name, config in configs.items():
         wall = time.perf_counter()
         results[name] = simulate(name, trace, fleet, config, args.hours, args.interval, tenants,
                                  quotas if "quotas" in name else None, args.kill_grace,
-                                 args.max_per_minute if args.max_per_minute >= 0 else None,
+                                 limit,
                                  args.trace_repeats)
         print(f"  simulated {name}: {time.perf_counter() - wall:.1f}s wall", file=sys.stderr)
 
@@ -631,6 +686,12 @@ def main() -> None:
     for why in reasons:
         row(f"    {why}", lambda r, why=why: f"{over_target(r)[1].get(why, 0):,}")
     row("preemptions; GPU-seconds lost to them", lambda r: f"{r.preemptions:,}; {r.gpu_seconds_lost:,.0f}")
+    row("  most victims in 60 s; their GPUs", lambda r: f"{r.victims_per_minute:,}; {r.victim_gpus_per_minute:,}")
+    row("victim searches; skipped (same shape failed); most in a pass",
+        lambda r: f"{r.searches:,}; {r.searches_skipped:,}; {r.max_searches}")
+    row("  passes whose search limits left jobs unexamined", lambda r: f"{r.passes_cut:,}")
+    row("  preemption phase per pass: mean / max (ms)",
+        lambda r: f"{1000 * r.preempt_seconds / max(r.passes, 1):.1f} / {1000 * r.preempt_max:.1f}")
     row("preemption loops: cycles A->B->A (must be 0)", lambda r: f"{r.preemption_loops}")
     row("the same victim preempted again for the same job (must be 0)", lambda r: f"{r.repeated_preemptions}")
     row("quota violations beyond borrowing (must be 0)", lambda r: f"{r.quota_violations}")

@@ -194,7 +194,10 @@ class Settings:
     fair_share_priority_band: int = 1
     preemption_enabled: bool = True
     preemption_min_run_seconds: float = 60.0  # a job runs at least this long before it may be preempted (no loops)
-    preemption_max_per_minute: int = 60  # per cluster: a bad priority setting cannot churn the fleet (10 held urgent work back)
+    preemption_max_per_minute: int = 60  # per cluster, at least: a bad priority setting cannot churn the fleet
+    # ... raised to this many per node of the cluster: the guard scales with the fleet (a fixed 60 held a
+    # 1,000-GPU cluster's urgent burst back for minutes; the simulator's burst needs up to 188 a minute on 150 nodes)
+    preemption_max_per_node_per_minute: float = 2.0
     preemption_protect_priority: int = 50  # above it, only admins may submit `preemptible: false`
     quotas_file: str | None = None  # JSON {tenant: [quota entries as PUT /quotas/{tenant} takes them]}, seeded at scheduler start
     log_retention_days: int = 30
@@ -318,6 +321,7 @@ class Settings:
             preemption_enabled=_bool(env, "PREEMPTION_ENABLED", True),
             preemption_min_run_seconds=max(0.0, _float(env, "PREEMPTION_MIN_RUN_SECONDS", 60.0)),
             preemption_max_per_minute=max(0, _int(env, "PREEMPTION_MAX_PER_MINUTE", 60)),
+            preemption_max_per_node_per_minute=max(0.0, _float(env, "PREEMPTION_MAX_PER_NODE_PER_MINUTE", 2.0)),
             preemption_protect_priority=min(100, max(0, _int(env, "PREEMPTION_PROTECT_PRIORITY", 50))),
             log_retention_days=_int(env, "LOG_RETENTION_DAYS", 30),
             log_max_lines_per_attempt=max(1, _int(env, "LOG_MAX_LINES_PER_ATTEMPT", 100_000)),

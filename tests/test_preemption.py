@@ -298,34 +298,88 @@ def test_the_victim_is_on_the_gpu_type_the_preemptor_asks_for(admin: ApiClient, 
         admin.delete(f"/jobs/{job_id}")
 
 
-def _exhaustive_victims(nodes: list[NodeCapacity], pool: list[Running], job_: Any) -> list[Running] | None:
-    """The rule spelled out: every node's choice (policy._victims_on), the best by fewest victims, then the lowest
-    highest priority, then the youngest; ties to the node met first in `pool`."""
-    by_key = {(n.cluster, n.name): n for n in nodes}
-    per_node: dict[tuple[str, str], list[Running]] = {}
-    for victim in pool:
-        for name, _ in victim.parts:
-            per_node.setdefault((victim.cluster, name), []).append(victim)
-    options = [chosen for key, ordered in per_node.items() if (chosen := policy._victims_on(by_key[key], ordered, job_))]
-    return min(options, key=policy._victims_key) if options else None
+def test_every_blocked_job_is_searched_for_in_one_pass_not_only_the_first_few_dozen() -> None:
+    """The search used to stop after 32 searches a pass: a burst of urgent jobs started a few dozen per pass."""
+    nodes = [node(f"n{i}", gpus=1) for i in range(100)]
+    busy = [run(f"low{i}", n, 1, 10, started_ago=900) for i, n in enumerate(nodes)]
+    backlog = [job(f"urgent{i}", gpus=1, priority=90, at=i) for i in range(100)]
+    plan = decide(Snapshot(NOW, nodes, busy, backlog), ON)
+    assert sorted(p.job.id for p in plan.preemptions) == sorted(j.id for j in backlog)
+    assert len({v.id for p in plan.preemptions for v in p.victims}) == 100  # one victim each, none twice
+    assert plan.preemption_search.unexamined == 0
+
+
+def test_a_failed_search_is_not_repeated_for_the_same_shape_but_a_higher_priority_is_searched() -> None:
+    a, b = node("a", gpus=2), node("b", gpus=1)  # b is too small for any of them: a candidate that never helps
+    busy = [run("p50", a, 1, 50, started_ago=900), run("p70", a, 1, 70, started_ago=900), run("b-p10", b, 1, 10, started_ago=900)]
+    backlog = [job("big60", gpus=2, priority=60), job("big55", gpus=2, priority=55, at=1), job("big80", gpus=2, priority=80, at=2)]
+    plan = decide(Snapshot(NOW, [a, b], busy, backlog), ON)
+    search = plan.preemption_search
+    # Priority 80 goes first and takes both; 60 then finds nothing, and 55 (same shape, lower priority) is not searched:
+    # its candidates are a subset of 60's.
+    assert victims(plan) == [["p50", "p70"]] and plan.preemptions[0].job.id == "big80"
+    assert search.outcomes["big60"] == search.NO_VICTIMS and search.outcomes["big55"] == search.SKIPPED
+    # Without the priority-80 job: 60 needs both GPUs but may take only p50's; one search, and 55 is not searched.
+    plan = decide(Snapshot(NOW, [a, b], busy, backlog[:2]), ON)
+    assert plan.preemptions == [] and plan.preemption_search.searched == 1 and plan.preemption_search.skipped == 1
+
+
+
+def test_the_rate_limit_scales_with_the_cluster() -> None:
+    from app.domain.scheduling import preemption_limit
+
+    settings = Settings.from_env({})
+    assert preemption_limit(settings, 3) == 60  # a small cluster: PREEMPTION_MAX_PER_MINUTE
+    assert preemption_limit(settings, 150) == 300  # 2 per node: the simulator's 150-node cluster needs up to 188
+    fixed = Settings.from_env({"PREEMPTION_MAX_PER_MINUTE": "10", "PREEMPTION_MAX_PER_NODE_PER_MINUTE": "0"})
+    assert preemption_limit(fixed, 150) == 10
+
+
+def _exhaustive_victims(nodes: list[NodeCapacity], busy: list[Running], job_: Any) -> list[Running] | None:
+    """The rule spelled out on real node copies: on every node, its candidates lowest priority first, then the youngest,
+    until the job fits there whole, then the unneeded ones dropped (highest priority first); the best node by fewest
+    victims, then the lowest highest priority, then the youngest; ties to the node listed first."""
+    ranked = sorted(busy, key=lambda r: (r.priority, -r.started_at, r.id))
+    best: tuple[tuple[int, int, float], list[Running]] | None = None
+    for n in nodes:
+        ordered = [r for r in ranked if any(name == n.name for name, _ in r.parts)]
+
+        def fits(victims: list[Running], n: NodeCapacity = n) -> bool:
+            trial = n.copy()
+            policy._release({(trial.cluster, trial.name): trial}, *victims)
+            return trial.shortfall(job_.cpu_millis, job_.memory_bytes, job_.gpus, job_.members) is None
+
+        chosen: list[Running] = []
+        for victim in ordered:
+            chosen.append(victim)
+            if fits(chosen):
+                break
+        else:
+            continue
+        for victim in sorted(chosen[:-1], key=lambda r: (-r.priority, r.started_at)):
+            if fits([r for r in chosen if r is not victim]):
+                chosen = [r for r in chosen if r is not victim]
+        rank = policy._option_rank(chosen)
+        if best is None or rank < best[0]:
+            best = (rank, chosen)
+    return None if best is None else best[1]
 
 
 @pytest.mark.parametrize("seed", range(300))
 def test_the_victim_search_chooses_what_trying_every_node_would(seed: int) -> None:
-    # The search stops early (branch and bound over the nodes, issue 10's pass time at 1,000 nodes): it must still
-    # choose exactly what searching every node chooses, ties included, whatever the pool's order.
+    # The search adds integers along each node's indexed candidates instead of copying nodes: it must still choose
+    # exactly what trying every node on real copies chooses, ties included, whatever order the attempts come in.
     rng = random.Random(seed)
     nodes = [node(f"n{i}", gpus=rng.choice([2, 4, 8])) for i in range(rng.randint(3, 60))]
     busy = []
-    ages = rng.choice([[100, 200, 300, 900], [300]])  # half the seeds: ties everywhere, decided by the pool's order
+    ages = rng.choice([[100, 200, 300, 900], [300]])  # half the seeds: ties everywhere
     for k in range(rng.randint(3, 150)):
         n, gpus = rng.choice(nodes), rng.choice([1, 1, 2])
         if len(n.free_gpus) >= gpus and n.used_slots < n.slots:
             busy.append(run(f"r{k}", n, gpus, rng.choice([10, 20, 30]), started_ago=rng.choice(ages)))
     urgent = job("urgent", gpus=rng.choice([1, 2, 4, 8]), priority=90)
-    by_key = {(n.cluster, n.name): n for n in nodes}
-    ranked = sorted(busy, key=lambda r: (r.priority, -r.started_at, r.id))
-    for pool, by_priority in ((ranked, True), (rng.sample(busy, len(busy)), False)):
-        expected = _exhaustive_victims(nodes, pool, urgent)
-        chosen = policy._victims_for(nodes, by_key, pool, urgent, by_priority=by_priority)
+    expected = _exhaustive_victims(nodes, busy, urgent)
+    for attempts in (busy, rng.sample(busy, len(busy))):
+        found = policy._Victims(policy._copy(nodes), attempts, set()).search(urgent, lambda r, borrower: True, lower_only=True)
+        chosen = None if found is None else found[0]
         assert (None if chosen is None else [r.id for r in chosen]) == (None if expected is None else [r.id for r in expected])

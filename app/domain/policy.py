@@ -136,8 +136,10 @@ class PolicyConfig:
     priority_band: int = 1  # FAIR_SHARE_PRIORITY_BAND: priorities this close (see priority_band) are ordered by fair share
     preemption: bool = False
     preemption_min_run_seconds: float = 60.0
-    preemptors_per_pass: int = 32  # waiting jobs that may look for victims in one pass (each search copies the nodes)
-    preemption_scan_limit: int = 512  # blocked jobs examined for preemption in one pass (bounds the pass on a huge backlog)
+    # Bounds on one pass's victim search, far above what a pass needs (every blocked job is searched for; a failed
+    # search is not repeated for the same shape), there only so that no backlog can make a pass unbounded.
+    preemption_searches_per_pass: int = 256
+    preemption_scan_limit: int = 5000  # blocked jobs examined
 
     def weight(self, owner: str, admin_set: Mapping[str, float] | None = None) -> float:
         """What an admin set (`admin_set`, the snapshot's), else the configured weight, else the default."""
@@ -201,6 +203,31 @@ class Preemption:
     cluster: str
 
 
+@dataclass
+class PreemptionSearch:
+    """What the pass's victim search did (the simulator and the logs read it)."""
+
+    examined: int = 0  # blocked jobs looked at
+    searched: int = 0  # victim searches run
+    skipped: int = 0  # jobs not searched: a search for the same shape at an equal or higher priority failed this pass
+    room_on_its_way: int = 0  # jobs for which capacity already being freed makes room
+    unexamined: int = 0  # blocked jobs left for the next pass by the limits (preemption_searches_per_pass, _scan_limit)
+    first_unexamined: str | None = None  # the first of them (the rest follow it in the pass's order)
+    # What became of each examined job: PREEMPTED, ROOM_ON_ITS_WAY, NO_LOWER (nobody it may preempt), SKIPPED,
+    # NO_VICTIMS (no victim set frees a placement it can use), RECLAIM_RULE, RATE_LIMIT.
+    outcomes: dict[str, str] = field(default_factory=dict)
+
+    PREEMPTED = "preempted"
+    ROOM_ON_ITS_WAY = "room on its way"
+    NO_LOWER = "no lower-priority candidate"
+    SKIPPED = "same shape failed"
+    NO_VICTIMS = "no victim set frees a placement"
+    RECLAIM_RULE = "reclaim would take more than is borrowed"
+    RATE_LIMIT = "rate limit"
+    UNPLACED = "placement failed"
+
+
+
 Decision = Admit | Reserve | Wait | Fail
 
 
@@ -221,6 +248,7 @@ class Plan:
     free: list[NodeCapacity]  # capacity left after the admissions (explain diagnoses against it)
     shares: dict[str, OwnerShare]
     preemptions: list[Preemption] = field(default_factory=list)
+    preemption_search: PreemptionSearch = field(default_factory=PreemptionSearch)
 
     @property
     def admitted(self) -> list[Admit]:
@@ -400,149 +428,265 @@ def _release_one(by_key: Mapping[tuple[str, str], NodeCapacity], attempt: Runnin
         node.used_slots -= 1 if index == 0 else 0
 
 
-class _Work:
-    """The capacity preemption searches on: the nodes after the pass's admissions, as victims are chosen.
+def _copy(nodes: Sequence[NodeCapacity]) -> list[NodeCapacity]:
+    return [n.copy() for n in nodes]
 
-    Kept by node, and changed in place node by node (the nodes a placement takes, the victims' nodes), never
-    copied whole: at 1,000 nodes, copying and scanning the fleet per preemptor was most of a pass. `roomy`: per
-    size of one member (GPUs, CPU, memory), the nodes with room for it now, kept as nodes change; a node without
-    room for one member takes none in capacity.place, so placing on those alone places the same (as _FreeIndex).
+
+NodeKey = tuple[str, str]  # (cluster, node)
+Room = list[int]  # [worker slots, GPUs, CPU millis, memory bytes] free (or given back) on one node
+
+
+def _room(node: NodeCapacity) -> Room:
+    return [node.slots - node.used_slots, node.gpus_free_count, node.cpu_millis - node.used_cpu_millis,
+            node.memory_bytes - node.used_memory_bytes]
+
+
+class _Victims:
+    """The pass's preemption candidates, indexed once for every search of the pass.
+
+    Per node, the candidates holding capacity on it in preference order (borrowers first, then the lowest
+    priority, then the most recently started); per candidate, what it gives back on each node; per node of the
+    working capacity, what is free; all as plain integers. A search then adds and compares numbers along a
+    node's list instead of copying nodes and placing for every candidate victim (which took milliseconds per
+    search, so the pass could afford only a few dozen searches and a burst of urgent jobs waited for passes).
+    Only the option finally chosen is checked by a real placement on copies of the nodes it touches.
     """
 
-    def __init__(self, nodes: Sequence[NodeCapacity]) -> None:
-        self.by_key = {(n.cluster, n.name): n.copy() for n in nodes}
-        self.elsewhere = any(n.cluster != LOCAL_CLUSTER for n in nodes)  # as capacity.place tells it from the whole list
-        self.roomy: dict[tuple[int, int, int], set[tuple[str, str]]] = {}
+    def __init__(self, work: list[NodeCapacity], candidates: Sequence[Running], borrowers: set[str]) -> None:
+        self.work = work  # replaced node by node as preemptors take their room (the caller's list)
+        self.position = {(n.cluster, n.name): i for i, n in enumerate(work)}
+        self.free: dict[NodeKey, Room] = {key: _room(work[i]) for key, i in self.position.items()}
+        self.elsewhere = any(n.cluster != LOCAL_CLUSTER for n in work)
+        self.gives: dict[str, dict[NodeKey, Room]] = {}
+        self.per_node: dict[NodeKey, list[tuple[Running, bool]]] = defaultdict(list)  # (attempt, its owner borrows)
+        self.per_cluster: dict[str, list[tuple[Running, bool]]] = defaultdict(list)
+        self._serving: dict[tuple, list[NodeKey]] = {}
+        self._served_sets: dict[tuple, set[NodeKey]] = {}
+        for r in sorted(candidates, key=lambda r: (r.owner not in borrowers, r.priority, -r.started_at, r.id)):
+            gives: dict[NodeKey, Room] = {}
+            for index, (name, members) in enumerate(r.parts):
+                key = (r.cluster, name)
+                if key not in self.position:
+                    continue  # not a live node: what it holds there frees nothing the pass can use
+                room = gives.setdefault(key, [0, 0, 0, 0])
+                room[0] += 1 if index == 0 else 0
+                room[1] += r.gpus * members
+                room[2] += r.cpu_millis * members
+                room[3] += r.memory_bytes * members
+            if not gives:
+                continue
+            self.gives[r.id] = gives
+            entry = (r, r.owner in borrowers)
+            for key in gives:
+                self.per_node[key].append(entry)
+            self.per_cluster[r.cluster].append(entry)
+        # Nodes in the order of the best option they could offer (one victim, their lowest priority, their youngest
+        # start), then as listed: a search stops at the first node whose bound the best option found already beats,
+        # instead of trying all of them (at 1,000 nodes with a candidate each, trying all was most of a pass).
+        bound = {key: (1, min(r.priority for r, _ in ordered), -max(r.started_at for r, _ in ordered))
+                 for key, ordered in self.per_node.items()}
+        self.by_bound = sorted(bound, key=lambda key: (bound[key], self.position[key]))
+        self.bound = bound
 
-    @staticmethod
-    def _has_room(node: NodeCapacity, need: tuple[int, int, int]) -> bool:
-        gpus, cpu, memory = need
-        return ((not gpus or node.gpus_free_count >= gpus) and (not cpu or node.cpu_millis - node.used_cpu_millis >= cpu)
-                and (not memory or node.memory_bytes - node.used_memory_bytes >= memory))
-
-    def _roomy(self, need: tuple[int, int, int]) -> set[tuple[str, str]]:
-        keys = self.roomy.get(need)
+    def serving(self, job: Pending) -> list[NodeKey]:
+        """The nodes whose capacity `job` could use (its GPU types, its pool, a cluster that can run it)."""
+        kind = (job.has_command, job.gpu_types, job.node_pool)
+        keys = self._serving.get(kind)
         if keys is None:
-            keys = self.roomy[need] = {key for key, n in self.by_key.items() if self._has_room(n, need)}
+            clusters = set(_eligible_clusters(self.work, job))
+            keys = self._serving[kind] = [key for key, i in self.position.items() if key[0] in clusters and job.serves(self.work[i])]
         return keys
 
-    def _place(self, nodes: list[NodeCapacity], job: Pending) -> Placement | None:
-        if not nodes:
+    def _served(self, job: Pending, serving: list[NodeKey]) -> set[NodeKey]:
+        kind = (job.has_command, job.gpu_types, job.node_pool)
+        served = self._served_sets.get(kind)
+        if served is None:
+            served = self._served_sets[kind] = set(serving)
+        return served
+
+    def refresh(self, keys: Iterable[NodeKey]) -> None:
+        for key in keys:
+            self.free[key] = _room(self.work[self.position[key]])
+
+    def room_now(self, job: Pending) -> Placement | None:
+        """Place `job` on what is free in the working capacity now (capacity being freed included), or None. A
+        single job is looked for in the integer index (this runs for every blocked job after a preemption: placing
+        over the whole fleet each time took most of a burst's pass); a gang is placed as capacity.place does."""
+        if job.members > 1:
+            placement = _place(self.work, job)
+        else:
+            need = (job.gpus, job.cpu_millis, job.memory_bytes)
+            best: tuple[tuple[int, str], NodeKey] | None = None
+            for key in self.serving(job):
+                f = self.free[key]
+                if f[0] >= 1 and f[1] >= need[0] and f[2] >= need[1] and f[3] >= need[2]:
+                    rank = (f[1] - need[0], key[1])  # best fit: the fewest GPUs left free
+                    if best is None or rank < best[0]:
+                        best = (rank, key)
+            if best is None:
+                return None
+            placement = capacity.place([self.work[self.position[best[1]]]], job.cpu_millis, job.memory_bytes, job.gpus, 1,
+                                       has_command=job.has_command, elsewhere=self.elsewhere, gpu_types=job.gpu_types,
+                                       pool=job.node_pool)
+        if placement is not None:
+            self.refresh((placement.cluster, name) for name, _, _ in placement.parts)
+        return placement
+
+    def search(self, job: Pending, eligible: Callable[[Running, bool], bool], lower_only: bool) -> tuple[list[Running], list[NodeKey]] | None:
+        """The fewest eligible victims (then the lowest priorities, then the youngest) that let `job` fit: on one
+        node whole, or (a gang on a cluster that spreads members over nodes, Kubernetes) across that cluster's
+        nodes. `lower_only`: only attempts of lower priority than the job are eligible (no reclaim), so a node's
+        list can be left at the first attempt of its priority that is not a borrower's. Returns the victims and
+        the nodes to place the job on, or None."""
+        need = (1, job.gpus * job.members, job.cpu_millis * job.members, job.memory_bytes * job.members)
+        best: tuple[list[Running], list[NodeKey]] | None = None
+        best_rank: tuple[int, int, float] | None = None
+        best_at = -1  # the position of the best option's node: ties go to the node listed first
+        serving = self.serving(job)
+        served = self._served(job, serving)
+        for key in self.by_bound:
+            if key not in served:
+                continue
+            if best_rank is not None and (best_rank, best_at) < (self.bound[key], self.position[key]):
+                break  # no node left could offer better (nor as good and listed earlier)
+            ordered = self.per_node[key]
+            node = self.work[self.position[key]]
+            if len(node.gpu_indices) < need[1] or node.cpu_millis < need[2] or node.memory_bytes < need[3] or node.slots < 1:
+                continue  # even empty it could not hold the job
+            chosen = self._on_node(key, ordered, need, job.priority, eligible, lower_only)
+            if chosen:
+                rank = _option_rank(chosen)
+                if best_rank is None or (rank, self.position[key]) < (best_rank, best_at):
+                    best, best_rank, best_at = (chosen, [key]), rank, self.position[key]
+        if job.members > 1:
+            for keys in self._groups(job, serving):
+                chosen = self._across(keys, job, eligible, lower_only)
+                if chosen:
+                    rank = _option_rank(chosen)
+                    if best_rank is None or rank < best_rank:
+                        best, best_rank = (chosen, keys), rank
+        return best
+
+    def _on_node(self, key: NodeKey, ordered: list[tuple[Running, bool]], need: tuple[int, int, int, int], priority: int,
+                 eligible: Callable[[Running, bool], bool], lower_only: bool) -> list[Running] | None:
+        free = self.free[key]
+        acc = list(free)
+        chosen: list[Running] = []
+        for victim, borrower in ordered:
+            if lower_only and not borrower and victim.priority >= priority:
+                break  # the rest of the list is of its priority or higher
+            if not eligible(victim, borrower):
+                continue
+            chosen.append(victim)
+            gives = self.gives[victim.id][key]
+            acc[0] += gives[0]
+            acc[1] += gives[1]
+            acc[2] += gives[2]
+            acc[3] += gives[3]
+            if acc[0] >= need[0] and acc[1] >= need[1] and acc[2] >= need[2] and acc[3] >= need[3]:
+                break
+        else:
             return None
-        return capacity.place(nodes, job.cpu_millis, job.memory_bytes, job.gpus, job.members, has_command=job.has_command,
-                              elsewhere=self.elsewhere, gpu_types=job.gpu_types, pool=job.node_pool)
+        if not chosen or not (acc[0] >= need[0] and acc[1] >= need[1] and acc[2] >= need[2] and acc[3] >= need[3]):
+            return None
+        # Fewest: drop any whose release turns out not to be needed (the highest priorities first).
+        for victim in sorted(chosen[:-1], key=lambda r: (-r.priority, r.started_at)):
+            gives = self.gives[victim.id][key]
+            if all(acc[i] - gives[i] >= need[i] for i in range(4)):
+                chosen.remove(victim)
+                for i in range(4):
+                    acc[i] -= gives[i]
+        return chosen
 
-    def changed(self, keys: Iterable[tuple[str, str]]) -> None:
-        """These nodes' holdings changed: file them afresh in `roomy`."""
-        for need, members in self.roomy.items():
-            for key in keys:
-                if self._has_room(self.by_key[key], need):
-                    members.add(key)
-                else:
-                    members.discard(key)
+    def _groups(self, job: Pending, serving: list[NodeKey]) -> Iterator[list[NodeKey]]:
+        """The node sets a gang's members may spread over (as capacity.place: one cluster other than local, one
+        GPU type of those it accepts)."""
+        per_cluster: dict[str, list[NodeKey]] = defaultdict(list)
+        for key in serving:
+            if key[0] != LOCAL_CLUSTER:
+                per_cluster[key[0]].append(key)
+        for keys in per_cluster.values():
+            if not job.gpu_types:
+                yield keys
+                continue
+            for gpu_type in job.gpu_types:
+                of_type = [k for k in keys if self.work[self.position[k]].serves((gpu_type,))]
+                if of_type:
+                    yield of_type
 
-    def place(self, job: Pending) -> Placement | None:
-        """`_place` on the work nodes: reserves the job's room when it fits."""
-        need = (job.gpus, job.cpu_millis, job.memory_bytes)
-        placement = self._place([self.by_key[key] for key in self._roomy(need)], job)
-        if placement is not None:
-            self.changed([(placement.cluster, name) for name, _, _ in placement.parts])
+    def _across(self, keys: list[NodeKey], job: Pending, eligible: Callable[[Running, bool], bool], lower_only: bool) -> list[Running] | None:
+        """As capacity._spread counts it: the gang fits when its members' room over `keys` adds up to its size and
+        one node with a free worker slot has room for a member."""
+        per = (job.gpus, job.cpu_millis, job.memory_bytes)
+        members = job.members
+        keyset = set(keys)
+        acc = {key: list(self.free[key]) for key in keys}
+
+        def room(r: Room) -> int:
+            limits = [r[i + 1] // per[i] for i in range(3) if per[i]]
+            return max(0, min(limits)) if limits else members
+
+        rooms = {key: room(acc[key]) for key in keys}
+        total = sum(rooms.values())
+        slotted = sum(1 for key in keys if acc[key][0] >= 1 and rooms[key] >= 1)
+
+        def apply(victim: Running, sign: int) -> None:
+            nonlocal total, slotted
+            for key, gives in self.gives[victim.id].items():
+                if key not in keyset:
+                    continue
+                r = acc[key]
+                before = r[0] >= 1 and rooms[key] >= 1
+                for i in range(4):
+                    r[i] += sign * gives[i]
+                total -= rooms[key]
+                rooms[key] = room(r)
+                total += rooms[key]
+                slotted += (r[0] >= 1 and rooms[key] >= 1) - before
+
+        chosen: list[Running] = []
+        cluster = keys[0][0]
+        for victim, borrower in self.per_cluster.get(cluster, ()):
+            if lower_only and not borrower and victim.priority >= job.priority:
+                break
+            if not eligible(victim, borrower) or not keyset.intersection(self.gives[victim.id]):
+                continue
+            chosen.append(victim)
+            apply(victim, +1)
+            if total >= members and slotted:
+                break
+        else:
+            return None
+        if not (total >= members and slotted):
+            return None
+        for victim in sorted(chosen[:-1], key=lambda r: (-r.priority, r.started_at)):
+            apply(victim, -1)
+            if total >= members and slotted:
+                chosen.remove(victim)
+            else:
+                apply(victim, +1)
+        return chosen
+
+    def take(self, victims: Sequence[Running], job: Pending, onto: Sequence[NodeKey]) -> Placement | None:
+        """Stop `victims` and place `job` on `onto` in the working capacity (copies of the nodes touched), so its
+        room is its own for the rest of the pass; None (nothing changed) if it does not fit after all."""
+        touched = set(onto) | {key for r in victims for key in self.gives[r.id]}
+        copies = {key: self.work[self.position[key]].copy() for key in touched}
+        for victim in victims:
+            _release(copies, victim)
+        placement = capacity.place([copies[key] for key in onto], job.cpu_millis, job.memory_bytes, job.gpus, job.members,
+                                   has_command=job.has_command, elsewhere=self.elsewhere, gpu_types=job.gpu_types, pool=job.node_pool)
+        if placement is None:
+            return None
+        for key, node in copies.items():
+            self.work[self.position[key]] = node
+        self.refresh(touched)
         return placement
 
-    def release(self, attempts: Sequence[Running]) -> None:
-        """What `attempts` hold comes back (attempts already stopping)."""
-        _release(self.by_key, *attempts)
-        self.changed({(a.cluster, name) for a in attempts for name, _ in a.parts if (a.cluster, name) in self.by_key})
 
-    def place_after(self, victims: Sequence[Running], job: Pending) -> Placement | None:
-        """Place `job` as if `victims` were gone; when it fits, they are gone from the work nodes and it holds its room
-        there (when it does not, nothing changes). Only the victims' nodes are copied, for the trial."""
-        copies: dict[tuple[str, str], NodeCapacity] = {}
-        for victim in victims:
-            for name, _ in victim.parts:
-                key = (victim.cluster, name)
-                if key in self.by_key and key not in copies:
-                    copies[key] = self.by_key[key].copy()
-        _release(copies, *victims)
-        need = (job.gpus, job.cpu_millis, job.memory_bytes)
-        keys = self._roomy(need) | copies.keys()
-        trial = [copies[key] if key in copies else self.by_key[key] for key in keys]
-        placement = self._place([n for n in trial if self._has_room(n, need)], job)  # changes nodes only when it fits
-        if placement is not None:
-            self.by_key.update(copies)
-            self.changed(copies.keys() | {(placement.cluster, name) for name, _, _ in placement.parts})
-        return placement
-
-
-def _one_node(node: NodeCapacity) -> NodeCapacity:
-    return node.copy()  # as dataclasses.replace(node, used_gpus=set(...)), several times quicker (once per node per search)
-
-
-def _victims_on(node: NodeCapacity, ordered: Sequence[Running], job: Pending) -> list[Running] | None:
-    """The fewest of `ordered` (in their order) whose release lets `job` fit on `node` whole, pruned."""
-    def fits(victims: Sequence[Running]) -> bool:
-        trial = _one_node(node)
-        key = {(trial.cluster, trial.name): trial}
-        for victim in victims:
-            _release(key, victim)
-        return trial.shortfall(job.cpu_millis, job.memory_bytes, job.gpus, job.members) is None
-
-    trial = _one_node(node)
-    key = {(trial.cluster, trial.name): trial}
-    chosen: list[Running] = []
-    for victim in ordered:
-        chosen.append(victim)
-        _release(key, victim)
-        if trial.shortfall(job.cpu_millis, job.memory_bytes, job.gpus, job.members) is None:
-            break
-    else:
-        return None
-    return _pruned(chosen, fits)
-
-
-def _pruned(chosen: list[Running], fits: Callable[[Sequence[Running]], bool]) -> list[Running]:
-    """Fewest victims: drop any whose release turns out not to be needed (the highest priorities first)."""
-    for victim in sorted(chosen[:-1], key=lambda r: (-r.priority, r.started_at)):
-        fewer = [r for r in chosen if r is not victim]
-        if fits(fewer):
-            chosen = fewer
-    return chosen
-
-
-def _members_room(node: NodeCapacity, job: Pending) -> int:
-    """How many of the job's members fit in what is free on `node` (as capacity._spread counts them)."""
-    limits = [free // need for free, need in ((node.gpus_free_count, job.gpus), (node.cpu_millis - node.used_cpu_millis, job.cpu_millis),
-                                              (node.memory_bytes - node.used_memory_bytes, job.memory_bytes)) if need]
-    return max(0, min(limits)) if limits else job.members
-
-
-def _victims_across(nodes: Sequence[NodeCapacity], ordered: Sequence[Running], job: Pending) -> list[Running] | None:
-    """A gang on a cluster whose members may spread over nodes (Kubernetes): the fewest of `ordered` (in their
-    order) whose release lets all its members fit on `nodes` (one of them with a worker slot), pruned."""
-    def fits(victims: Sequence[Running]) -> bool:
-        trial = [_one_node(n) for n in nodes]
-        by_key = {(n.cluster, n.name): n for n in trial}
-        for victim in victims:
-            _release(by_key, victim)
-        return _place(trial, job) is not None
-
-    trial = [_one_node(n) for n in nodes]
-    by_key = {(n.cluster, n.name): n for n in trial}
-    room = {key: _members_room(n, job) for key, n in by_key.items()}
-    chosen: list[Running] = []
-    for victim in ordered:
-        chosen.append(victim)
-        _release(by_key, victim)
-        for name, _ in victim.parts:
-            key = (victim.cluster, name)
-            if key in by_key:
-                room[key] = _members_room(by_key[key], job)
-        # Cheap count first; the real placement (capacity.place) confirms it.
-        if sum(room.values()) >= job.members and fits(chosen):
-            break
-    else:
-        return None
-    return _pruned(chosen, fits)
+def _option_rank(chosen: Sequence[Running]) -> tuple[int, int, float]:
+    """Fewest victims, then the lowest priorities, then the youngest."""
+    return (len(chosen), max(r.priority for r in chosen), -min(r.started_at for r in chosen))
 
 
 def _preempt(snapshot: Snapshot, config: PolicyConfig, plan: Plan) -> None:
@@ -564,8 +708,14 @@ def _preempt(snapshot: Snapshot, config: PolicyConfig, plan: Plan) -> None:
 
     No repeats: an attempt is never preempted again for a job that already preempted it (if that job lost the
     room to jobs ahead of it and the victim started again meanwhile, it looks elsewhere or waits).
+
+    Every blocked job is searched for, in the pass's order (as Kueue and Volcano do for every pending workload),
+    cheaply: the candidates are indexed once (_Victims), and once a search for a shape fails at priority p, the
+    jobs of the same shape at priority p or below are not searched again until a preemption could have changed
+    the answer (their candidates are a subset of the failed job's, and the free capacity only shrinks meanwhile).
     """
     now = snapshot.now
+    stats = plan.preemption_search
     ledger = quotas.Ledger(snapshot.quotas, _holding(snapshot.running))
     if ledger.active:
         for admitted in plan.admitted:
@@ -582,97 +732,110 @@ def _preempt(snapshot: Snapshot, config: PolicyConfig, plan: Plan) -> None:
     ]
     if not candidates and not stopping:
         return
-    work = _Work(plan.free)
-    work.release(stopping)
+    work = _copy(plan.free)
+    by_key = {(n.cluster, n.name): n for n in work}
+    for attempt in stopping:
+        _release(by_key, attempt)
+    victims = _Victims(work, candidates, borrowers)
+    remembered = {job_id for r in candidates for job_id in r.preempted_by}  # jobs some candidate must be spared for
     changed = bool(stopping)  # `work` may hold room plan.free did not
     budget = dict(snapshot.preemption_budget) if snapshot.preemption_budget is not None else None
     taken: set[str] = set()
-    searched = examined = 0
     lowest = min((r.priority for r in candidates), default=None)
     unfit: set[tuple] = set()
-    # The candidates in the order a job's victims are tried (borrowers first, then the lowest priority, the youngest),
-    # sorted once: a job's pool is this list filtered, in the same order. Takeable: not taken yet, its cluster's budget
-    # left; `untaken` counts them per cluster, so that once none is takeable no later job is looked at.
-    ranked = sorted(candidates, key=lambda r: (r.owner not in borrowers, r.priority, -r.started_at, r.id))
-    on_node: dict[tuple[str, str], list[Running]] = defaultdict(list)  # each node's candidates, in that order
-    for r in ranked:
-        for name, _ in r.parts:
-            on_node[(r.cluster, name)].append(r)
-
-    untaken: dict[str, int] = defaultdict(int)
-    for r in ranked:
-        untaken[r.cluster] += 1
-
-    def any_takeable() -> bool:
-        return any(count > 0 and (budget is None or budget.get(cluster, 0) > 0) for cluster, count in untaken.items())
-
-    serving: dict[tuple, set[tuple[str, str]]] = {}  # per kind of job: the nodes that serve it (the same in every copy)
-    for job_id in plan.order:
-        if searched >= config.preemptors_per_pass or examined >= config.preemption_scan_limit or not any_takeable():
+    # Searches that failed: (shape, reclaim context) -> spans [floor, priority]: the same shape fails at any priority
+    # in (floor, priority]. A preemption frees what its victims held beyond the preemptor's need, which a job that
+    # could not take those victims (priority at or below theirs) could use: the floor rises to their priority.
+    failed: dict[tuple, list[list[int]]] = defaultdict(list)
+    blocked = [plan.decisions[job_id] for job_id in plan.order]
+    blocked = [d for d in blocked if isinstance(d, Reserve) or (isinstance(d, Wait) and d.reason in (CAPACITY, NO_RESERVATION))]
+    clusters_for = {command: _eligible_clusters(work, command) for command in (True, False)}  # not per job: 1,000 nodes
+    for position, decision in enumerate(blocked):
+        if (budget is not None and all(v <= 0 for v in budget.values())) or len(taken) >= len(victims.gives):
+            break  # nothing is left to preempt this pass (the rate limit is spent, or every candidate is taken)
+        if stats.searched >= config.preemption_searches_per_pass or stats.examined >= config.preemption_scan_limit:
+            stats.unexamined, stats.first_unexamined = len(blocked) - position, decision.job.id
             break
-        decision = plan.decisions[job_id]
-        if not (isinstance(decision, Reserve) or (isinstance(decision, Wait) and decision.reason in (CAPACITY, NO_RESERVATION))):
-            continue
         job = decision.job
-        examined += 1
+        stats.examined += 1
         # Every blocked job, in the pass's order, may preempt (not only the first of its pool: a burst of urgent
         # jobs would otherwise start one per pass). What is freed for one is kept for it in `work`, and the next
         # pass considers it in the same order, before anything its victims' room could go to instead.
         if changed and job.shape not in unfit:
-            if work.place(job) is not None:
+            if victims.room_now(job) is not None:
+                stats.room_on_its_way += 1
+                stats.outcomes[job.id] = stats.ROOM_ON_ITS_WAY
                 continue  # what is being freed already makes room for it: it keeps that room, nobody preempts more
             unfit.add(job.shape)  # `work` only shrinks until the next preemption: the same shape does not fit either
         ask = (job.gpus * job.members, job.cpu_millis * job.members, job.memory_bytes * job.members)
         within = ledger.within_nominal(job.owner, ask)
         reclaims = bool(borrowers) and within
         if lowest is None or (lowest >= job.priority and not reclaims):
+            stats.outcomes[job.id] = stats.NO_LOWER
             continue  # nobody it may preempt
         # A job that would borrow never takes capacity from another tenant within its nominal quota (that
         # tenant would reclaim it right back): only from its own tenant's jobs and from borrowers.
         borrows = job.owner in ledger.quotas and not within
-        pool = [
-            r for r in ranked
-            if r.id not in taken and (budget is None or budget.get(r.cluster, 0) > 0)
-            and (r.priority < job.priority
-                or (reclaims and r.owner in borrowers and r.owner != job.owner and ledger.reclaimable(r.owner, r.cluster, r.amounts)))
-            and r.id not in job.preempted_by and job.id not in r.preempted_by
-            and not (borrows and r.owner != job.owner and r.owner in ledger.quotas and r.owner not in borrowers)
-        ]
-        if not pool:
+        context = (job.shape, reclaims, borrows, job.owner if reclaims or borrows else None)
+        if any(floor < job.priority <= ceiling for floor, ceiling in failed.get(context, ())):
+            stats.skipped += 1
+            stats.outcomes[job.id] = stats.SKIPPED
             continue
-        searched += 1
-        kind = (job.has_command, job.gpu_types, job.node_pool)
-        if kind not in serving:
-            clusters = set(_eligible_clusters(plan.free, job))
-            serving[kind] = {key for key, n in work.by_key.items() if n.cluster in clusters and job.serves(n)}
-        # Without borrowers (ranked first whatever their priority) a pool is in (priority, youngest) order.
-        chosen = _victims_for(plan.free, work.by_key, pool, job, serving[kind], on_node, by_priority=not borrowers)
-        if chosen is None:
+
+        if budget is not None and all(budget.get(c, 0) <= 0 for c in clusters_for[job.has_command]):
+            stats.outcomes[job.id] = stats.RATE_LIMIT
             continue
+
+        def eligible(r: Running, borrower: bool, job: Pending = job, reclaims: bool = reclaims, borrows: bool = borrows) -> bool:
+            return ((r.priority < job.priority
+                     or (reclaims and borrower and r.owner != job.owner and ledger.reclaimable(r.owner, r.cluster, r.amounts)))
+                    and r.id not in taken and r.id not in job.preempted_by and job.id not in r.preempted_by
+                    and not (borrows and r.owner != job.owner and r.owner in ledger.quotas and not borrower)
+                    and (budget is None or budget.get(r.cluster, 0) > 0))
+
+        stats.searched += 1
+        found = victims.search(job, eligible, lower_only=not reclaims)
+        # A failure holds for the same shape at lower priorities unless this job had candidates withheld from it alone.
+        alone = bool(job.preempted_by) or job.id in remembered
+        if found is None:
+            if not alone:
+                failed[context].append([-1, job.priority])
+            stats.outcomes[job.id] = stats.NO_VICTIMS
+            continue
+        chosen, onto = found
         if ledger.active and not _reclaims_only_borrowed(ledger, job, chosen):
+            stats.outcomes[job.id] = stats.RECLAIM_RULE
             continue
         if budget is not None:
             per_cluster: dict[str, int] = defaultdict(int)
             for r in chosen:
                 per_cluster[r.cluster] += 1
             if any(budget.get(c, 0) < n for c, n in per_cluster.items()):
+                stats.outcomes[job.id] = stats.RATE_LIMIT
                 continue
+        placement = victims.take(chosen, job, onto)
+        if placement is None:  # pragma: no cover - the search counted room the real placement did not find
+            stats.outcomes[job.id] = stats.UNPLACED
+            continue
+        if budget is not None:
             for c, n in per_cluster.items():
                 budget[c] -= n
-        placement = work.place_after(chosen, job)
-        if placement is None:  # pragma: no cover - the search placed it with these victims gone
-            continue  # (the budget was spent all the same)
         taken.update(r.id for r in chosen)
-        for r in chosen:
-            untaken[r.cluster] -= 1
         if ledger.active:
             # What the victims give back no longer counts as borrowed for the next reclaimer; the job will hold its room.
             for r in chosen:
                 ledger.charge(r.owner, r.cluster, (-r.amounts[0], -r.amounts[1], -r.amounts[2]))
             ledger.charge(job.owner, placement.cluster, ask)
         plan.preemptions.append(Preemption(job, tuple(chosen), placement.cluster))
+        stats.outcomes[job.id] = stats.PREEMPTED
         changed = True  # its room is its own from now on
         unfit.clear()
+        top = max(r.priority for r in chosen)
+        for context_, spans in list(failed.items()):
+            # Reclaim and borrowing depend on the quota ledger, which this preemption changed: searched afresh.
+            spans[:] = [] if ledger.active and (context_[1] or context_[2]) else [[max(f, top), c] for f, c in spans if max(f, top) < c]
+            if not spans:
+                del failed[context_]
 
 
 def _reclaims_only_borrowed(ledger: quotas.Ledger, job: Pending, chosen: Sequence[Running]) -> bool:
@@ -684,91 +847,6 @@ def _reclaims_only_borrowed(ledger: quotas.Ledger, job: Pending, chosen: Sequenc
             for i, amount in enumerate(r.amounts):
                 total[i] += amount
     return all(ledger.reclaimable(owner, cluster, (a[0], a[1], a[2])) for (owner, cluster), a in per_tenant.items())
-
-
-def _victims_for(work: Sequence[NodeCapacity], by_key: Mapping[tuple[str, str], NodeCapacity], pool: Sequence[Running],
-                 job: Pending, serving: set[tuple[str, str]] | None = None,
-                 on_node: Mapping[tuple[str, str], Sequence[Running]] | None = None, by_priority: bool = False) -> list[Running] | None:
-    """The victims among `pool` (in preference order) that free a placement `job` can use: only on nodes that
-    serve it (its GPU types, its worker pool, a cluster that can run it), since capacity freed elsewhere would
-    be lost work that starts nothing. On one node whole (GPU indices on one host); for a gang on a cluster that
-    spreads members over nodes (Kubernetes), also across that cluster's nodes. Fewest victims, then the lowest
-    priorities, then the youngest, win (ties: the node listed first, then the cross-node choices).
-    `serving`: those nodes' keys, when the caller has them; `on_node`: each node's victims, any superset of `pool`'s
-    in `pool`'s order (the caller's, kept for the pass), else found in `pool`; `by_priority`: `pool` is in (priority,
-    youngest first) order."""
-    if serving is None:
-        clusters = set(_eligible_clusters(work, job))
-        serving = {key for key, n in by_key.items() if n.cluster in clusters and job.serves(n)}
-    if on_node is None:
-        on_node = defaultdict(list)
-        for victim in pool:
-            for name, _ in victim.parts:
-                on_node[(victim.cluster, name)].append(victim)
-    options: list[list[Running]] = []
-    # Each node's choice is searched on a copy of it (_victims_on); at 1,000 nodes with a victim each, searching them
-    # all per preemptor was most of a pass. Branch and bound instead: a node's choice has at least one victim, of at
-    # least its lowest priority, started no later than its youngest. Nodes are met in the order of `pool` (the order
-    # ties go by), and none met at pool[p] or later has a better bound than the best (priority, youngest start) of
-    # pool[p:]: nodes are searched by bound (then the order met) until the best choice found beats every bound left.
-    ids = {victim.id for victim in pool}
-    # floor(p): the least (priority, -started_at) of pool[p:].
-    if by_priority:  # each victim is the least of those after it
-        def floor(p: int) -> tuple[float, float]:
-            return (pool[p].priority, -pool[p].started_at) if p < len(pool) else (INF, INF)
-    else:
-        least: list[tuple[float, float]] = [(INF, INF)] * (len(pool) + 1)
-        for p in range(len(pool) - 1, -1, -1):
-            least[p] = min((pool[p].priority, -pool[p].started_at), least[p + 1])
-
-        def floor(p: int) -> tuple[float, float]:
-            return least[p]
-    met: set[tuple[str, str]] = set()
-    heap: list[tuple[tuple[float, float, float], int, tuple[str, str], list[Running]]] = []
-    best: tuple[tuple[int, int, float], int, list[Running]] | None = None
-    p = 0
-    while True:
-        unmet = (1, *floor(p))  # no node not met yet has a better bound
-        if heap and (p >= len(pool) or heap[0][0] <= unmet):
-            bound, index, key, ordered = heap[0]
-            if best is not None and (best[0], best[1]) < (bound, index):
-                break
-            heapq.heappop(heap)
-            chosen = _victims_on(by_key[key], ordered, job)
-            if chosen and (best is None or (_victims_key(chosen), index) < (best[0], best[1])):
-                best = (_victims_key(chosen), index, chosen)
-            continue
-        if p >= len(pool) or (best is not None and best[0] <= unmet and (not heap or (best[0], best[1]) < heap[0][:2])):
-            break
-        victim = pool[p]
-        p += 1
-        for name, _ in victim.parts:
-            key = (victim.cluster, name)
-            if key in serving and key not in met:
-                met.add(key)
-                ordered = [r for r in on_node[key] if r.id in ids]
-                bound = (1, min(r.priority for r in ordered), -max(r.started_at for r in ordered))
-                heapq.heappush(heap, (bound, len(met), key, ordered))
-    if best is not None:
-        options.append(best[2])
-    if job.members > 1:
-        per_cluster: dict[str, list[Running]] = defaultdict(list)
-        for victim in pool:
-            if any((victim.cluster, name) in serving for name, _ in victim.parts):
-                per_cluster[victim.cluster].append(victim)
-        for cluster, ordered in per_cluster.items():
-            if cluster != LOCAL_CLUSTER:
-                chosen = _victims_across([by_key[k] for k in serving if k[0] == cluster], ordered, job)
-                if chosen:
-                    options.append(chosen)
-    if not options:
-        return None
-    return min(options, key=_victims_key)
-
-
-def _victims_key(chosen: Sequence[Running]) -> tuple[int, int, float]:
-    """Fewest victims, then the lowest highest priority among them, then the youngest: the smaller wins."""
-    return (len(chosen), max(r.priority for r in chosen), -min(r.started_at for r in chosen))
 
 
 def _capacity_message(ahead: list[Reserve]) -> str:

@@ -185,12 +185,19 @@ def _preempt(session: Session, preemption: policy.Preemption, now: datetime) -> 
 
 
 def preemption_budget(session: Session, settings: Settings, now: datetime) -> dict[str, int] | None:
-    """Victims each cluster may still lose now: PREEMPTION_MAX_PER_MINUTE less those of the last minute."""
-    clusters = set(session.scalars(select(Node.cluster).distinct()))
+    """Victims each cluster may still lose now: its limit (PREEMPTION_MAX_PER_MINUTE, raised to
+    PREEMPTION_MAX_PER_NODE_PER_MINUTE per node it has) less those of the last minute."""
+    nodes = dict(session.execute(select(Node.cluster, func.count()).group_by(Node.cluster)).all())
     recent = dict(session.execute(text(
         "SELECT cluster, count(*) FROM job_events WHERE to_status = 'pending' AND at > :since AND details ? 'preempted_by' "
         "GROUP BY cluster"), {"since": now - timedelta(seconds=60)}).all())
-    return {c: max(0, settings.preemption_max_per_minute - int(recent.get(c, 0))) for c in clusters}
+    return {c: max(0, preemption_limit(settings, int(n)) - int(recent.get(c, 0))) for c, n in nodes.items()}
+
+
+def preemption_limit(settings: Settings, nodes: int) -> int:
+    """Victims a cluster of `nodes` nodes may lose per minute: a guard against preemption storms that scales with
+    the cluster (a fixed number either throttles a big cluster's urgent work or lets a small one churn)."""
+    return max(settings.preemption_max_per_minute, math.floor(settings.preemption_max_per_node_per_minute * nodes))
 
 
 # The backlog the policy sees, pruned per owner and per pool in PostgreSQL: the head of every owner's
