@@ -462,6 +462,16 @@ class _Victims:
         self.per_cluster: dict[str, list[tuple[Running, bool]]] = defaultdict(list)
         self._serving: dict[tuple, list[NodeKey]] = {}
         self._served_sets: dict[tuple, set[NodeKey]] = {}
+        # The nodes with a free slot, by their free GPUs, each bucket sorted by (name, position): the best fit for
+        # a single job (fewest GPUs left free, then the name, then the node listed first) is the first node that
+        # holds it in the first bucket with enough GPUs. After every preemption each blocked job looks for room
+        # being freed: scanning the whole fleet for it (a CPU job fits almost anywhere) was most of a burst's pass.
+        self._with_slot: dict[int, list[tuple[str, int, NodeKey]]] = defaultdict(list)
+        for key, i in self.position.items():
+            if self.free[key][0] >= 1:
+                self._with_slot[self.free[key][1]].append((key[1], i, key))
+        for bucket in self._with_slot.values():
+            bucket.sort()
         for r in sorted(candidates, key=lambda r: (r.owner not in borrowers, r.priority, -r.started_at, r.id)):
             gives: dict[NodeKey, Room] = {}
             for index, (name, members) in enumerate(r.parts):
@@ -506,7 +516,22 @@ class _Victims:
 
     def refresh(self, keys: Iterable[NodeKey]) -> None:
         for key in keys:
-            self.free[key] = _room(self.work[self.position[key]])
+            entry = (key[1], self.position[key], key)
+            old = self.free[key]
+            if old[0] >= 1:
+                bucket = self._with_slot[old[1]]
+                del bucket[bisect.bisect_left(bucket, entry)]
+            room = self.free[key] = _room(self.work[self.position[key]])
+            if room[0] >= 1:
+                bisect.insort(self._with_slot[room[1]], entry)
+
+    def _best_fit(self, served: set[NodeKey], gpus: int, cpu_millis: int, memory_bytes: int) -> NodeKey | None:
+        for gpus_free in sorted(g for g in self._with_slot if g >= gpus):
+            for _, _, key in self._with_slot[gpus_free]:
+                f = self.free[key]
+                if f[2] >= cpu_millis and f[3] >= memory_bytes and key in served:
+                    return key
+        return None
 
     def room_now(self, job: Pending) -> Placement | None:
         """Place `job` on what is free in the working capacity now (capacity being freed included), or None. A
@@ -515,17 +540,11 @@ class _Victims:
         if job.members > 1:
             placement = _place(self.work, job)
         else:
-            need = (job.gpus, job.cpu_millis, job.memory_bytes)
-            best: tuple[tuple[int, str], NodeKey] | None = None
-            for key in self.serving(job):
-                f = self.free[key]
-                if f[0] >= 1 and f[1] >= need[0] and f[2] >= need[1] and f[3] >= need[2]:
-                    rank = (f[1] - need[0], key[1])  # best fit: the fewest GPUs left free
-                    if best is None or rank < best[0]:
-                        best = (rank, key)
+            served = self._served(job, self.serving(job))
+            best = self._best_fit(served, job.gpus, job.cpu_millis, job.memory_bytes)
             if best is None:
                 return None
-            placement = capacity.place([self.work[self.position[best[1]]]], job.cpu_millis, job.memory_bytes, job.gpus, 1,
+            placement = capacity.place([self.work[self.position[best]]], job.cpu_millis, job.memory_bytes, job.gpus, 1,
                                        has_command=job.has_command, elsewhere=self.elsewhere, gpu_types=job.gpu_types,
                                        pool=job.node_pool)
         if placement is not None:
