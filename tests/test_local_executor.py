@@ -233,15 +233,47 @@ def test_without_a_cgroup_members_start_with_vfork_through_setpriv(tmp_path: Pat
     if not containment.pdeathsig_prefix():
         pytest.skip("no setpriv with --pdeathsig on this host: members start with a preexec_fn")
     contained = containment.Containment("job-vfork", 0, None)
-    preexec, close = contained.member_setup(0, 100, 2**20)
-    close()
+    start = contained.member_setup(0, 100, 2**20)
+    start.close()
     containment.unregister_execution([])
-    assert preexec is None  # no preexec_fn: Popen may use vfork
+    assert start.preexec is None  # no preexec_fn: Popen may use vfork
     executor = LocalExecutor(tmp_path / "work", kill_grace_seconds=1, cgroup="off")
     lines: list[LogLine] = []
     execution = executor.launch(spec(["sh", "-c", "grep -h '^PPid' /proc/self/status; echo ok"]), lines.extend)
     assert run_until_end(execution).kind == EndKind.EXITED
     assert "ok" in [line.line for line in lines]
+
+
+def test_with_a_cgroup_members_join_their_leaf_themselves_and_start_with_vfork(tmp_path: Path) -> None:
+    if CGROUP is None or not containment.pdeathsig_prefix():
+        pytest.skip("no writable cgroup v2, or no setpriv with --pdeathsig, on this host")
+    contained = containment.Containment("job-vfork-cgroup", 0, CGROUP)
+    start = contained.member_setup(0, 100, 2**20)
+    start.close()
+    assert start.preexec is None and start.prefix[-len(containment.pdeathsig_prefix()):] == containment.pdeathsig_prefix()
+    assert contained.cgroup is not None
+    containment.sweep(CGROUP)
+    containment.unregister_execution([])
+
+    executor = LocalExecutor(tmp_path / "work", kill_grace_seconds=1, cgroup="auto")
+    lines: list[LogLine] = []
+    execution = executor.launch(spec(["sh", "-c", "cat /proc/self/cgroup; sleep 0.2; echo ok"], job_id="job-vfork-cgroup"), lines.extend)
+    assert run_until_end(execution).kind == EndKind.EXITED
+    texts = [line.line for line in lines]
+    assert "ok" in texts, texts
+    unified = [t for t in texts if t.startswith("0::")]
+    assert unified and unified[0].endswith("/m0") and "job-vfork-cgroup.0." in unified[0], texts
+
+
+def test_a_member_that_cannot_join_its_cgroup_never_runs(tmp_path: Path) -> None:
+    if not containment.pdeathsig_prefix():
+        pytest.skip("no setpriv with --pdeathsig on this host")
+    marker = tmp_path / "ran"
+    missing = tmp_path / "no-such-cgroup" / "cgroup.procs"
+    run = subprocess.run([containment._SHELL, "-c", containment._JOIN_CGROUP, str(missing), *containment.pdeathsig_prefix(),
+                          "touch", str(marker)], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 125 and "cannot join the attempt's cgroup" in run.stderr
+    assert not marker.exists()
 
 
 def test_the_program_is_found_as_exec_would_find_it(tmp_path: Path) -> None:

@@ -128,12 +128,12 @@ class LocalExecution:
     def _spawn(self, rank: int) -> None:
         assert self.spec.command
         env = LocalExecutor._environment(self.spec, rank, self.folder) | self.contained.environment()
-        preexec, close = self.contained.member_setup(rank, self.spec.cpu_millis, self.spec.memory_bytes)
+        start = self.contained.member_setup(rank, self.spec.cpu_millis, self.spec.memory_bytes)
         command = self.spec.command
-        if preexec is None:
+        if start.preexec is None:
             # Started with vfork through `setpriv --pdeathsig` (see Containment.member_setup); the program is
             # found here first, so that a missing one fails the launch as Popen's own lookup would.
-            command = [*containment.pdeathsig_prefix(), _resolve(command[0], env.get("PATH"), self.folder), *command[1:]]
+            command = [*start.prefix, _resolve(command[0], env.get("PATH"), self.folder), *command[1:]]
         try:
             process = subprocess.Popen(
                 command,
@@ -143,10 +143,10 @@ class LocalExecution:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 start_new_session=True,
-                preexec_fn=preexec,
+                preexec_fn=start.preexec,
             )
         finally:
-            close()
+            start.close()
         self.processes.append(process)
         self.contained.add_member(process.pid)
         try:
