@@ -320,8 +320,9 @@ class Settings:
             quotas_file=_optional(env, "QUOTAS_FILE"),
             preemption_enabled=_bool(env, "PREEMPTION_ENABLED", True),
             preemption_min_run_seconds=max(0.0, _float(env, "PREEMPTION_MIN_RUN_SECONDS", 60.0)),
-            preemption_max_per_minute=max(0, _int(env, "PREEMPTION_MAX_PER_MINUTE", 60)),
-            preemption_max_per_node_per_minute=max(0.0, _float(env, "PREEMPTION_MAX_PER_NODE_PER_MINUTE", 2.0)),
+            preemption_max_per_minute=min(1_000_000, max(0, _int(env, "PREEMPTION_MAX_PER_MINUTE", 60))),
+            # Bounded: `inf` would overflow the limit's arithmetic in every pass (NaN falls to 0).
+            preemption_max_per_node_per_minute=min(1000.0, max(0.0, _float(env, "PREEMPTION_MAX_PER_NODE_PER_MINUTE", 2.0))),
             preemption_protect_priority=min(100, max(0, _int(env, "PREEMPTION_PROTECT_PRIORITY", 50))),
             log_retention_days=_int(env, "LOG_RETENTION_DAYS", 30),
             log_max_lines_per_attempt=max(1, _int(env, "LOG_MAX_LINES_PER_ATTEMPT", 100_000)),

@@ -333,6 +333,10 @@ def test_the_rate_limit_scales_with_the_cluster() -> None:
     assert preemption_limit(settings, 150) == 300  # 2 per node: the simulator's 150-node cluster needs up to 188
     fixed = Settings.from_env({"PREEMPTION_MAX_PER_MINUTE": "10", "PREEMPTION_MAX_PER_NODE_PER_MINUTE": "0"})
     assert preemption_limit(fixed, 150) == 10
+    for hostile, per_node in (("inf", 1000.0), ("nan", 0.0), ("-5", 0.0), ("1e308", 1000.0)):
+        bounded = Settings.from_env({"PREEMPTION_MAX_PER_NODE_PER_MINUTE": hostile})
+        assert bounded.preemption_max_per_node_per_minute == per_node
+        assert preemption_limit(bounded, 150) == max(60, int(per_node * 150))  # no OverflowError in the pass
 
 
 def _exhaustive_victims(nodes: list[NodeCapacity], busy: list[Running], job_: Any) -> list[Running] | None:
