@@ -31,7 +31,7 @@ def _browser() -> str:
     found = next((path for path in map(shutil.which, BROWSERS) if path), None)
     if found is None:
         if os.environ.get("CI"):
-            pytest.fail("no chromium: .ci/run installs Debian's chromium package")
+            pytest.fail("no chromium: scripts/test installs Debian's chromium package when it runs as root or with sudo")
         pytest.skip("no chromium on this machine (apt-get install chromium)")
     return found
 
