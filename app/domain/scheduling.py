@@ -307,6 +307,19 @@ class SnapshotCache:
         self.backlog: dict[str, tuple[str, _Backlogged]] = {}
         self.holders: dict[str, tuple[str, _Held]] = {}
         self.nodes: dict[tuple[Any, ...], capacity.NodeCapacity] = {}
+        # The live nodes with what the holders hold deducted, as the last pass left them, and what they were computed
+        # from (`deducted_base`: the nodes with nothing held; `on_node`: the holders on each node). While the nodes are
+        # unchanged, a pass recomputes only the nodes whose holders changed (each from scratch, so the result is the
+        # one a full recomputation gives), instead of copying every node and deducting every holder again. The
+        # NodeCapacity objects in `deducted` are never changed once made (a changed node is a new object), so the
+        # snapshots of earlier passes can share them.
+        self.deducted: dict[tuple[str, str], capacity.NodeCapacity] | None = None
+        self.deducted_base: dict[tuple[str, str], capacity.NodeCapacity] | None = None
+        self.on_node: dict[tuple[str, str], frozenset[str]] = {}
+        self._known: dict[str, tuple[dict[str, str], str]] = {}  # per kind of rows (backlog, holders): the last `known` and its JSON
+        self.recomputed_nodes = 0  # nodes recomputed by the last pass (benchmarks/scheduler_pass.py prints it)
+        self.decoded_holders = 0  # holder rows decoded by the last pass (not known in their version)
+        self.decoded_backlog = 0  # backlog rows decoded by the last pass
 
     def for_settings(self, settings: Settings) -> "SnapshotCache":
         key = (settings.preemption_enabled, settings.kill_grace_seconds, settings.job_lease_seconds, settings.job_heartbeat_seconds)
@@ -315,10 +328,14 @@ class SnapshotCache:
             self.settings_key = key
         return self
 
-    @staticmethod
-    def known(entries: dict[str, tuple[str, Any]], now: float) -> dict[str, Any]:
-        """The query's `known`: rows whose decoded form is still valid at `now`, as {id: version} in JSON."""
-        return {"known": json.dumps({job_id: version for job_id, (version, entry) in entries.items() if now < entry.valid_until})}
+    def known(self, kind: str, entries: dict[str, tuple[str, Any]], now: float) -> dict[str, Any]:
+        """The query's `known`: rows whose decoded form is still valid at `now`, as {id: version} in JSON (encoded again
+        only when it differs from the last one made for the same kind of rows: between passes it seldom does)."""
+        known = {job_id: version for job_id, (version, entry) in entries.items() if now < entry.valid_until}
+        last = self._known.get(kind)
+        if last is None or last[0] != known:
+            last = self._known[kind] = (known, json.dumps(known))
+        return {"known": last[1]}
 
 
 def load_snapshot(session: Session, settings: Settings, now: datetime, *, include: str | None = None,
@@ -331,7 +348,7 @@ def load_snapshot(session: Session, settings: Settings, now: datetime, *, includ
     cache = (cache or SnapshotCache()).for_settings(settings)
     stamp = now.timestamp()
     nodes = _load_nodes(session, cache, capacity.node_alive_since(now, settings.node_lease_seconds))
-    running = _load_holders(session, cache, nodes, now, settings)
+    running, deducted = _load_holders(session, cache, nodes, now, settings)
     active = dict(
         session.execute(select(Job.queue, func.count()).where(Job.status.in_(["queued", "running"])).group_by(Job.queue)).all()
     )
@@ -341,7 +358,8 @@ def load_snapshot(session: Session, settings: Settings, now: datetime, *, includ
     owners = {job.owner for job in backlog} | {attempt.owner for attempt in running}
     usage = fairshare.usage_of(session, owners, now, settings.fair_share_half_life_seconds)
     budget = preemption_budget(session, settings, now) if settings.preemption_enabled else None
-    return policy.Snapshot(stamp, list(nodes.values()), running, backlog, usage, room, quotas=quotas.load_all(session),
+    # In the nodes query's order, as a pass without the cache lists them (ties between nodes go to the first listed).
+    return policy.Snapshot(stamp, [deducted[key] for key in nodes], running, backlog, usage, room, quotas=quotas.load_all(session),
                            preemption_budget=budget, weights=weights.stored(session))
 
 
@@ -349,7 +367,7 @@ def _load_backlog(session: Session, cache: SnapshotCache, now: datetime, full: l
                   preemption: bool) -> list[policy.Pending]:
     """The backlog's heads (per owner, per pool, per demand class), and `include` if they left it out."""
     params = {"now": now, "full": full, "per_owner": BACKLOG_PER_OWNER, "per_pool": BACKLOG_PER_POOL,
-              "classes": BACKLOG_DEMAND_CLASSES, "per_class": BACKLOG_PER_CLASS, **cache.known(cache.backlog, now.timestamp())}
+              "classes": BACKLOG_DEMAND_CLASSES, "per_class": BACKLOG_PER_CLASS, **cache.known("backlog", cache.backlog, now.timestamp())}
     rows = session.execute(_BACKLOG, params).all()
     fresh = [r for r in rows if r.owner is not None]
     extra = []
@@ -358,13 +376,12 @@ def _load_backlog(session: Session, cache: SnapshotCache, now: datetime, full: l
     preempted = _preempted_by(session, [r.id for r in fresh + extra], now) if preemption else {}
     seen: dict[str, tuple[str, _Backlogged]] = {}
     backlog = []
+    old = cache.backlog
     for r in rows:
-        entry = cache.backlog.get(r.id) if r.owner is None else None
-        if entry is None:
-            entry = (r.version, _pending(r, preempted.get(r.id, ())))
+        entry = old[r.id] if r.owner is None else (r.version, _pending(r, preempted.get(r.id, ())))
         seen[r.id] = entry
         backlog.append(entry[1].job)
-    cache.backlog = seen
+    cache.backlog, cache.decoded_backlog = seen, len(fresh)
     return backlog + [_pending(r, preempted.get(r.id, ())).job for r in extra]
 
 
@@ -380,8 +397,9 @@ def _pending(r: Any, preempted: Any) -> _Backlogged:
 
 
 def _load_nodes(session: Session, cache: SnapshotCache, alive_since: datetime) -> dict[tuple[str, str], capacity.NodeCapacity]:
-    """The live, ready nodes with nothing held yet. A node row changes at every heartbeat but its capacity seldom:
-    the decoded node is kept per content of the row, and copied."""
+    """The live, ready nodes with nothing held, in the query's order. A node row changes at every heartbeat but its
+    capacity seldom: the decoded node is kept per content of the row. The nodes returned are the cache's own: never
+    change them (copy)."""
     nodes = {}
     known = cache.nodes
     seen = {}
@@ -394,28 +412,93 @@ def _load_nodes(session: Session, cache: SnapshotCache, alive_since: datetime) -
         if template is None:
             template = capacity.node_of((row[0], row[1], json.loads(row[2]), *row[3:]))
         seen[key] = template
-        nodes[(row[0], row[1])] = template.copy()
+        nodes[(row[0], row[1])] = template
     cache.nodes = seen
     return nodes
 
 
 def _load_holders(session: Session, cache: SnapshotCache, nodes: dict[tuple[str, str], capacity.NodeCapacity], now: datetime,
-                  settings: Settings) -> list[policy.Running]:
-    """Every job holding capacity: deducted from `nodes`, and returned as the policy's running attempts."""
+                  settings: Settings) -> tuple[list[policy.Running], dict[tuple[str, str], capacity.NodeCapacity]]:
+    """Every job holding capacity, as the policy's running attempts, and `nodes` (nothing held) with what they hold
+    deducted. `nodes` is left as it is."""
     stamp = now.timestamp()
-    rows = session.execute(_HOLDERS, cache.known(cache.holders, stamp)).all()
+    rows = session.execute(_HOLDERS, cache.known("holders", cache.holders, stamp)).all()
     # Who preempted each newly decoded holder (within the window): that job never preempts it again.
     fresh = [row.id for row in rows if row.status is not None]
     preempted = _preempted_by(session, fresh, now) if settings.preemption_enabled else {}
+    # No database work below: the cache is replaced only once the pass read everything it needs (a connection
+    # dropped mid-pass leaves it as the last complete pass left it).
+    old = cache.holders
     seen: dict[str, tuple[str, _Held]] = {}
     running = []
+    changed: list[tuple[str, _Held | None, _Held | None]] = []  # (id, what it held before, what it holds now)
     for row in rows:
-        held = cache.holders[row.id][1] if row.status is None else _held(row, now, settings, preempted.get(row.id, ()))
-        seen[row.id] = (row.version, held)
-        capacity.hold(nodes, held.holding)
-        running.append(held.attempt)
-    cache.holders = seen
-    return running
+        if row.status is None:
+            entry = old[row.id]
+        else:
+            entry = (row.version, _held(row, now, settings, preempted.get(row.id, ())))
+            before = old.get(row.id)
+            changed.append((row.id, before[1] if before is not None else None, entry[1]))
+        seen[row.id] = entry
+        running.append(entry[1].attempt)
+    changed += [(job_id, old[job_id][1], None) for job_id in old.keys() - seen.keys()]  # hold nothing now, or are gone
+    if cache.deducted is not None and cache.deducted_base == nodes:
+        deducted, on_node, recomputed = _deduct_changes(nodes, cache.deducted, cache.on_node, seen, changed)
+    else:
+        deducted, on_node, recomputed = _deduct_all(nodes, seen)
+    cache.holders, cache.deducted, cache.deducted_base, cache.on_node = seen, deducted, nodes, on_node
+    cache.recomputed_nodes, cache.decoded_holders = recomputed, len(fresh)
+    return running, deducted
+
+
+NodeKey = tuple[str, str]
+
+
+def _deduct_all(nodes: dict[NodeKey, capacity.NodeCapacity], holders: dict[str, tuple[str, _Held]]
+                ) -> tuple[dict[NodeKey, capacity.NodeCapacity], dict[NodeKey, frozenset[str]], int]:
+    """Every node with every holder deducted; the holders on each node."""
+    deducted = {key: template.copy() for key, template in nodes.items()}
+    on_node: dict[NodeKey, set[str]] = {}
+    for job_id, (_, held) in holders.items():
+        capacity.hold(deducted, held.holding)
+        for part in held.holding:
+            on_node.setdefault(part[0], set()).add(job_id)
+    return deducted, {key: frozenset(ids) for key, ids in on_node.items()}, len(deducted)
+
+
+def _deduct_changes(nodes: dict[NodeKey, capacity.NodeCapacity], before: dict[NodeKey, capacity.NodeCapacity],
+                    on_node_before: dict[NodeKey, frozenset[str]], holders: dict[str, tuple[str, _Held]],
+                    changed: list[tuple[str, "_Held | None", "_Held | None"]]
+                    ) -> tuple[dict[NodeKey, capacity.NodeCapacity], dict[NodeKey, frozenset[str]], int]:
+    """`before` (the same nodes with the last pass's holders deducted) brought up to date with the holders that
+    changed since: each node they were or are on is recomputed from scratch (its nothing-held self and every holder
+    on it now), so it is exactly what `_deduct_all` would make, whatever the changes (two holders naming the same GPU
+    included). `before` and the nodes in it are left as they are."""
+    if not changed:
+        return before, on_node_before, 0
+    on_node = dict(on_node_before)
+    touched: set[NodeKey] = set()
+    for job_id, old, new in changed:
+        old_keys = {part[0] for part in old.holding} if old is not None else set()
+        new_keys = {part[0] for part in new.holding} if new is not None else set()
+        for key in old_keys - new_keys:
+            on_node[key] = on_node.get(key, frozenset()) - {job_id}
+        for key in new_keys - old_keys:
+            on_node[key] = on_node.get(key, frozenset()) | {job_id}
+        touched |= old_keys | new_keys
+    deducted = dict(before)
+    recomputed = 0
+    for key in touched:
+        template = nodes.get(key)
+        if template is None:
+            continue  # not a live node: what is held there is not deducted anywhere
+        node = template.copy()
+        one = {key: node}
+        for job_id in on_node.get(key, ()):
+            capacity.hold(one, holders[job_id][1].holding)
+        deducted[key] = node
+        recomputed += 1
+    return deducted, {key: ids for key, ids in on_node.items() if ids}, recomputed
 
 
 def _held(row: Any, now: datetime, settings: Settings, preempted: Any = ()) -> _Held:
