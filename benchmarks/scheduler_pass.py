@@ -12,9 +12,12 @@ the per-owner and per-pool pruning, the policy, the writes) --passes times, as t
 it (one SnapshotCache kept between passes; --no-cache: none), and prints where a pass's time goes: the
 fair-share accrual, the snapshot's parts (nodes, the jobs holding capacity, the backlog's heads, the rest:
 queue counts, usage, quotas, weights), the policy, and the rest of the pass (lock, locking and writing the
-admissions, the next wake-up). The first pass (nothing cached) is shown apart. As the scheduler process, it
+admissions, the next wake-up). The first pass (nothing cached) is shown apart, and so are the rows each pass decoded
+again (holders and backlog rows not known in their version) and the nodes it recomputed (a node whose holders changed;
+every node when one changed). As the scheduler process, it
 freezes what startup made out of the garbage collector's full collections before the first pass (--no-freeze:
-not). It deletes everything it added when it ends.
+not). It deletes everything it added when it ends. `--submit-each-pass --pending 0 --nodes 2 --free 2`: the idle pass
+of a submit (one job submitted to an idle fleet before each pass, ended after it).
 
     DATABASE_URL=postgresql://postgres@127.0.0.1:5432/jobservice_bench python benchmarks/scheduler_pass.py
 """
@@ -89,6 +92,24 @@ def load(database: Database, pending: int, nodes: int, free: int, ran: float = 0
               f"in {time.perf_counter() - started:.1f}s", flush=True)
 
 
+def submit(database: Database, number: int) -> None:
+    """One 1-GPU job submitted (as the API inserts it) before a pass."""
+    with database.engine.begin() as conn:
+        conn.execute(text("""
+            INSERT INTO jobs (id, owner, job_type, priority, queue, status, status_reason, command, cpu_millis, memory_bytes, gpus,
+                              timeout_seconds, created_at, updated_at, pending_since)
+            VALUES ('bench-s' || :n, 'owner-1', 'bench', 50, 'high-priority', 'pending', 'submitted', '["true"]'::jsonb,
+                    1000, 1073741824, 1, 600, now(), now(), now())
+        """), {"n": number})
+
+
+def end(database: Database, number: int) -> None:
+    """The submitted job ends after its pass (releasing what it holds), so the next pass finds the fleet idle again."""
+    with database.engine.begin() as conn:
+        conn.execute(text("UPDATE jobs SET status = 'succeeded', holds_resources = false, completed_at = now() "
+                          "WHERE id = 'bench-s' || :n"), {"n": number})
+
+
 def clean(database: Database) -> None:
     with database.engine.begin() as conn:
         conn.execute(text("DELETE FROM outbox WHERE job_id LIKE 'bench-%'"))
@@ -107,6 +128,9 @@ def main() -> None:
     parser.add_argument("--ran", type=float, default=3600.0,
                         help="the running jobs started up to this many seconds ago (0: just now, so none may be preempted yet)")
     parser.add_argument("--no-cache", action="store_true", help="no SnapshotCache: every pass decodes every row")
+    parser.add_argument("--submit-each-pass", action="store_true",
+                        help="submit one 1-GPU job before each pass and end it after (the idle pass of a submit: "
+                             "use with --pending 0 --nodes 2 --free 2)")
     parser.add_argument("--no-freeze", action="store_true",
                         help="leave startup's objects in the garbage collector's full collections (the scheduler freezes them)")
     args = parser.parse_args()
@@ -122,6 +146,7 @@ def main() -> None:
     parts = {"accrue": (fairshare, "accrue"), "nodes": (scheduling, "_load_nodes"), "holders": (scheduling, "_load_holders"),
              "backlog": (scheduling, "_load_backlog"), "snapshot": (scheduling, "load_snapshot"), "policy": (policy, "decide")}
     timings: dict[str, list[float]] = {name: [] for name in [*parts, "pass"]}
+    reread: dict[str, list[int]] = {"holders decoded": [], "nodes recomputed": [], "backlog decoded": []}
 
     def timed(name: str, function):  # type: ignore[no-untyped-def]
         def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -145,10 +170,18 @@ def main() -> None:
             for name, (module, attribute) in parts.items():
                 patches.enter_context(mock.patch.object(module, attribute, timed(name, getattr(module, attribute))))
             for number in range(args.passes):
+                if args.submit_each_pass:
+                    submit(database, number)
                 with database.session() as session:
                     started = time.perf_counter()
                     result = scheduling.admit(session, settings, utcnow() + timedelta(seconds=number), cache=cache)
                     timings["pass"].append(time.perf_counter() - started)
+                if args.submit_each_pass:
+                    end(database, number)
+                if cache is not None:
+                    reread["holders decoded"].append(cache.decoded_holders)
+                    reread["nodes recomputed"].append(cache.recomputed_nodes)
+                    reread["backlog decoded"].append(cache.decoded_backlog)
                 admitted += len(result.admitted)
                 preempted += len(result.preempted)
                 decisions += len(result.plan.decisions) if result.plan else 0
@@ -168,6 +201,10 @@ def main() -> None:
             rest = values[1:] or values
             label = f"  {name}" if name in ("nodes", "holders", "backlog", "snapshot, other") else name
             print(f"  {label:17s} first {1000 * values[0]:7.1f} ms   p50 {1000 * statistics.median(rest):7.1f} ms   max {1000 * max(rest):7.1f} ms")
+        for name, values in reread.items():  # rows the snapshot decoded again (not known in their version)
+            if values:
+                rest = values[1:] or values
+                print(f"  {name:17s} first {values[0]:7d}      p50 {statistics.median(rest):7.0f}      max {max(rest):7d}")
     finally:
         clean(database)
         database.dispose()

@@ -9,52 +9,68 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, select, text
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from app.domain.policy import Usage
-from app.models import FairShareUsage, SchedulerState
+from app.models import FairShareUsage
 
 ACCRUE_EVERY_SECONDS = 1.0
 
+# The whole accrual in one statement (it was four: lock and read the state row, the upsert, the state's update and the
+# purge; a round trip each on every pass). What it does, in order of the old statements:
+# - lock the single scheduler_state row (insert it, with nothing accrued, when missing);
+# - if at least :every seconds passed since the last accrual: add what every owner holds times the seconds elapsed
+#   to its decayed usage, and record the accrual's time;
+# - then delete the rows decayed below a millionth of what they were (:cutoff), except the ones just accrued (the
+#   statement's parts all see the rows as they were before it, so an accrued row must be excluded by hand).
 _ACCRUE = text(
     """
-    INSERT INTO fair_share_usage AS u (owner, gpu_seconds, cpu_seconds, memory_gib_seconds, updated_at)
-    SELECT owner,
-           sum(gpus * members) * :dt,
-           sum(cpu_millis * members) / 1000.0 * :dt,
-           sum(memory_bytes * members) / 1073741824.0 * :dt,
-           :now
-    FROM (SELECT COALESCE(tenant, owner) AS owner, gpus, cpu_millis, memory_bytes,
-                 CASE WHEN gang_enabled THEN gang_min_members ELSE 1 END AS members
-          FROM jobs WHERE holds_resources) AS held
-    GROUP BY owner
-    ON CONFLICT (owner) DO UPDATE SET
-        gpu_seconds = u.gpu_seconds * power(0.5, extract(epoch FROM (EXCLUDED.updated_at - u.updated_at)) / :half_life)
-                      + EXCLUDED.gpu_seconds,
-        cpu_seconds = u.cpu_seconds * power(0.5, extract(epoch FROM (EXCLUDED.updated_at - u.updated_at)) / :half_life)
-                      + EXCLUDED.cpu_seconds,
-        memory_gib_seconds = u.memory_gib_seconds * power(0.5, extract(epoch FROM (EXCLUDED.updated_at - u.updated_at)) / :half_life)
-                      + EXCLUDED.memory_gib_seconds,
-        updated_at = EXCLUDED.updated_at
+    WITH state AS (
+        SELECT usage_accrued_at FROM scheduler_state WHERE id = 1 FOR UPDATE
+    ), due AS (
+        SELECT dt FROM (SELECT CAST(extract(epoch FROM (CAST(:now AS timestamptz) - COALESCE(usage_accrued_at, :now))) AS float8) AS dt
+                        FROM state) AS s
+        WHERE dt >= :every
+    ), accrued AS (
+        INSERT INTO fair_share_usage AS u (owner, gpu_seconds, cpu_seconds, memory_gib_seconds, updated_at)
+        SELECT owner,
+               sum(gpus * members) * due.dt,
+               sum(cpu_millis * members) / 1000.0 * due.dt,
+               sum(memory_bytes * members) / 1073741824.0 * due.dt,
+               :now
+        FROM (SELECT COALESCE(tenant, owner) AS owner, gpus, cpu_millis, memory_bytes,
+                     CASE WHEN gang_enabled THEN gang_min_members ELSE 1 END AS members
+              FROM jobs WHERE holds_resources) AS held
+        CROSS JOIN due
+        GROUP BY owner, due.dt
+        ON CONFLICT (owner) DO UPDATE SET
+            gpu_seconds = u.gpu_seconds * power(0.5, extract(epoch FROM (EXCLUDED.updated_at - u.updated_at)) / :half_life)
+                          + EXCLUDED.gpu_seconds,
+            cpu_seconds = u.cpu_seconds * power(0.5, extract(epoch FROM (EXCLUDED.updated_at - u.updated_at)) / :half_life)
+                          + EXCLUDED.cpu_seconds,
+            memory_gib_seconds = u.memory_gib_seconds * power(0.5, extract(epoch FROM (EXCLUDED.updated_at - u.updated_at)) / :half_life)
+                          + EXCLUDED.memory_gib_seconds,
+            updated_at = EXCLUDED.updated_at
+        RETURNING u.owner
+    ), stamped AS (
+        UPDATE scheduler_state SET usage_accrued_at = :now WHERE id = 1 AND EXISTS (SELECT 1 FROM due)
+    ), purged AS (
+        DELETE FROM fair_share_usage f WHERE f.updated_at < :cutoff AND EXISTS (SELECT 1 FROM due)
+          AND NOT EXISTS (SELECT 1 FROM accrued a WHERE a.owner = f.owner)
+    )
+    INSERT INTO scheduler_state (id, usage_accrued_at) SELECT 1, :now WHERE NOT EXISTS (SELECT 1 FROM state)
+    ON CONFLICT (id) DO NOTHING
     """
 )
 
 
 def accrue(session: Session, now: datetime, half_life_seconds: float) -> None:
-    """Add what each owner holds since the last accrual. Caller holds the admission lock and commits."""
-    state = session.get(SchedulerState, 1, with_for_update=True)
-    if state is None:
-        session.add(SchedulerState(id=1, usage_accrued_at=now))
-        return
-    last = state.usage_accrued_at or now
-    elapsed = (now - last).total_seconds()
-    if elapsed < ACCRUE_EVERY_SECONDS:
-        return
-    session.execute(_ACCRUE, {"dt": elapsed, "now": now, "half_life": max(half_life_seconds, 1.0)})
-    state.usage_accrued_at = now
-    # Rows decayed below a millionth of what they were are gone for good.
-    session.execute(delete(FairShareUsage).where(FairShareUsage.updated_at < now - timedelta(seconds=20 * max(half_life_seconds, 1.0))))
+    """Add what each owner holds since the last accrual (at most once per ACCRUE_EVERY_SECONDS). Caller holds the
+    admission lock and commits."""
+    half_life = max(half_life_seconds, 1.0)
+    session.execute(_ACCRUE, {"now": now, "every": ACCRUE_EVERY_SECONDS, "half_life": half_life,
+                              "cutoff": now - timedelta(seconds=20 * half_life)})
 
 
 def usage_of(session: Session, owners: Iterable[str] | None, now: datetime, half_life_seconds: float) -> dict[str, Usage]:
@@ -67,8 +83,14 @@ def usage_of(session: Session, owners: Iterable[str] | None, now: datetime, half
         if not wanted:
             return {}
         query = query.where(FairShareUsage.owner.in_(wanted))
+    return usage_from_rows(session.execute(query), now, half_life_seconds)
+
+
+def usage_from_rows(rows: Iterable[tuple[str, float, float, float, datetime]], now: datetime,
+                    half_life_seconds: float) -> dict[str, Usage]:
+    """fair_share_usage rows (owner, GPU, CPU and memory GiB seconds, updated_at) decayed to `now`."""
     result = {}
-    for owner, gpu_seconds, cpu_seconds, memory_gib_seconds, updated_at in session.execute(query):
+    for owner, gpu_seconds, cpu_seconds, memory_gib_seconds, updated_at in rows:
         factor = 0.5 ** (max(0.0, (now - updated_at).total_seconds()) / max(half_life_seconds, 1.0))
         result[owner] = Usage(gpu_seconds * factor, cpu_seconds * factor, memory_gib_seconds * factor)
     return result

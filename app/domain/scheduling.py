@@ -285,6 +285,7 @@ class _Held:
     holding: capacity.Holding
     attempt: policy.Running
     valid_until: float  # `attempt` depends on the pass's time (its end is at least now): reusable while now < this
+    preempted: Any = ()  # (job, at) of the preemptions of it in the window, as read when it was decoded
 
 
 @dataclass
@@ -349,18 +350,50 @@ def load_snapshot(session: Session, settings: Settings, now: datetime, *, includ
     stamp = now.timestamp()
     nodes = _load_nodes(session, cache, capacity.node_alive_since(now, settings.node_lease_seconds))
     running, deducted = _load_holders(session, cache, nodes, now, settings)
-    active = dict(
-        session.execute(select(Job.queue, func.count()).where(Job.status.in_(["queued", "running"])).group_by(Job.queue)).all()
-    )
+    facts = session.execute(_PASS_FACTS, {"preemption": settings.preemption_enabled,
+                                          "since": now - timedelta(seconds=60)}).one()
+    active = dict(facts.active)
     room = {q.name: q.max_concurrency - active.get(q.name, 0) for q in settings.queues}
     full = sorted(name for name, left in room.items() if left <= 0)
     backlog = _load_backlog(session, cache, now, full, include, settings.preemption_enabled)
     owners = {job.owner for job in backlog} | {attempt.owner for attempt in running}
-    usage = fairshare.usage_of(session, owners, now, settings.fair_share_half_life_seconds)
-    budget = preemption_budget(session, settings, now) if settings.preemption_enabled else None
+    usage = fairshare.usage_from_rows(
+        ((owner, gpu, cpu, memory, datetime.fromisoformat(at)) for owner, gpu, cpu, memory, at in facts.usage if owner in owners),
+        now, settings.fair_share_half_life_seconds)
+    budget = None
+    if settings.preemption_enabled:
+        recent = dict(facts.preempted)
+        budget = {c: max(0, preemption_limit(settings, int(n)) - int(recent.get(c, 0))) for c, n in facts.nodes}
+    all_quotas: dict[str, list[quotas.Quota]] = {}
+    for tenant, cluster, *amounts in facts.quotas:
+        all_quotas.setdefault(tenant, []).append(quotas.Quota(tenant, cluster, tuple(amounts[:3]), tuple(amounts[3:])))
     # In the nodes query's order, as a pass without the cache lists them (ties between nodes go to the first listed).
-    return policy.Snapshot(stamp, [deducted[key] for key in nodes], running, backlog, usage, room, quotas=quotas.load_all(session),
-                           preemption_budget=budget, weights=weights.stored(session))
+    return policy.Snapshot(stamp, [deducted[key] for key in nodes], running, backlog, usage, room, quotas=all_quotas,
+                           preemption_budget=budget, weights=dict(facts.weights))
+
+
+# The snapshot's small reads in one round trip (each was a statement of its own: a pass with a small backlog was
+# mostly round trips): the jobs admitted per queue (queued or running), fair-share usage rows, quotas and the weights
+# admins set, and with preemption on what its rate limit needs (nodes per cluster, the last minute's preemptions, as
+# preemption_budget reads them). Each is a JSON array of arrays; JSON carries float8 and bigint exactly (PostgreSQL
+# writes the shortest text that reads back as the same double), timestamps as ISO text with microseconds.
+_PASS_FACTS = text(
+    """
+    SELECT
+      (SELECT COALESCE(json_agg(json_build_array(queue, n)), '[]') FROM (
+          SELECT queue, count(*) AS n FROM jobs WHERE status IN ('queued', 'running') GROUP BY queue) a) AS active,
+      (SELECT COALESCE(json_agg(json_build_array(owner, gpu_seconds, cpu_seconds, memory_gib_seconds, updated_at)), '[]')
+         FROM fair_share_usage) AS usage,
+      (SELECT COALESCE(json_agg(json_build_array(tenant, cluster, gpus, cpu_millis, memory_bytes, borrow_gpus, borrow_cpu_millis,
+                                                 borrow_memory_bytes) ORDER BY tenant, cluster), '[]') FROM quotas) AS quotas,
+      (SELECT COALESCE(json_agg(json_build_array(tenant, weight)), '[]') FROM fair_share_weights) AS weights,
+      (SELECT COALESCE(json_agg(json_build_array(cluster, n)), '[]') FROM (
+          SELECT cluster, count(*) AS n FROM nodes GROUP BY cluster) c WHERE :preemption) AS nodes,
+      (SELECT COALESCE(json_agg(json_build_array(cluster, n)), '[]') FROM (
+          SELECT cluster, count(*) AS n FROM job_events WHERE to_status = 'pending' AND at > :since AND details ? 'preempted_by'
+          GROUP BY cluster) r WHERE :preemption) AS preempted
+    """
+)
 
 
 def _load_backlog(session: Session, cache: SnapshotCache, now: datetime, full: list[str], include: str | None,
@@ -423,12 +456,18 @@ def _load_holders(session: Session, cache: SnapshotCache, nodes: dict[tuple[str,
     deducted. `nodes` is left as it is."""
     stamp = now.timestamp()
     rows = session.execute(_HOLDERS, cache.known("holders", cache.holders, stamp)).all()
-    # Who preempted each newly decoded holder (within the window): that job never preempts it again.
+    old = cache.holders
+    # Who preempted each newly decoded holder (within the window): that job never preempts it again. A row decoded
+    # again in the same version (its attempt depends on the pass's time: queued, stopping) keeps what was read for it:
+    # a preemption is recorded in the transaction that changes the row, so the version would have changed.
     fresh = [row.id for row in rows if row.status is not None]
-    preempted = _preempted_by(session, fresh, now) if settings.preemption_enabled else {}
+    renewed = {row.id for row in rows if row.status is not None and row.id in old and old[row.id][0] == row.version}
+    preempted = _preempted_by(session, [job_id for job_id in fresh if job_id not in renewed], now) if settings.preemption_enabled else {}
+    since = now - PREEMPTED_BY_WINDOW
+    for job_id in renewed if settings.preemption_enabled else ():
+        preempted[job_id] = [(by, at) for by, at in old[job_id][1].preempted if at > since]
     # No database work below: the cache is replaced only once the pass read everything it needs (a connection
     # dropped mid-pass leaves it as the last complete pass left it).
-    old = cache.holders
     seen: dict[str, tuple[str, _Held]] = {}
     running = []
     changed: list[tuple[str, _Held | None, _Held | None]] = []  # (id, what it held before, what it holds now)
@@ -511,7 +550,8 @@ def _held(row: Any, now: datetime, settings: Settings, preempted: Any = ()) -> _
     oldest = min((at for _, at in preempted), default=None)
     if oldest is not None:  # the remembered preemption leaves the window then
         valid_until = min(valid_until, (oldest + PREEMPTED_BY_WINDOW).timestamp())
-    return _Held(row, capacity.holding_of(row.cluster, row.placement, row.cpu_millis, row.memory_bytes, row.gpus), attempt, valid_until)
+    return _Held(row, capacity.holding_of(row.cluster, row.placement, row.cpu_millis, row.memory_bytes, row.gpus), attempt, valid_until,
+                 tuple(preempted))
 
 
 def _preempted_by(session: Session, job_ids: list[str], now: datetime) -> dict[str, list[tuple[str, datetime]]]:
