@@ -135,3 +135,125 @@ def test_a_remembered_preemption_leaves_the_snapshot_when_it_leaves_the_window(d
         assert canonical(cached) == canonical(fresh)
         p2 = next(j for j in cached.backlog if j.id == "p2")
         assert p2.preempted_by == (frozenset({"g1"}) if later < timedelta(minutes=1) else frozenset())
+
+
+def holder_changes_pass(database: Database, settings: Settings, cache: scheduling.SnapshotCache, clock: list[datetime],
+                        statement: str) -> None:
+    with database.engine.begin() as conn:
+        conn.execute(text(statement))
+    clock[0] += timedelta(seconds=1)
+    with database.session() as s, s.begin():
+        fresh = scheduling.load_snapshot(s, settings, clock[0])
+        cached = scheduling.load_snapshot(s, settings, clock[0], cache=cache)
+    assert canonical(cached) == canonical(fresh), statement
+
+
+def test_holders_changing_while_the_nodes_do_not_recompute_only_their_nodes_and_give_the_full_snapshot(
+        database: Database, settings: Settings) -> None:
+    """The incremental deduction (only the nodes whose holders changed are recomputed) against a full read after each
+    kind of holder change, including two holders naming the same GPU (a release must not free what the other holds)."""
+    now = utcnow()
+    insert_nodes(database, now)
+    insert_jobs(database, now)
+    cache = scheduling.SnapshotCache()
+    clock = [now]
+    holder_changes_pass(database, settings, cache, clock, "SELECT 1")
+    assert cache.recomputed_nodes == 8  # the first pass: every node
+    holder = ("INSERT INTO jobs (id, owner, job_type, priority, queue, status, status_reason, command, cpu_millis, memory_bytes, gpus,"
+              " timeout_seconds, created_at, updated_at, pending_since, queued_at, started_at, heartbeat_at, cluster, node, placement,"
+              " holds_resources, dispatch_token) VALUES ('{id}', 'erin', 't', 50, 'high-priority', 'running', 'r', '[\"true\"]', 250, 1024,"
+              " 1, 600, now(), now(), now(), now(), now() - interval '10 s', now(), '{cluster}', '{node}', '{placement}', true, 't')")
+    changes = [
+        # a new holder naming GPU 0 of local/n1, which r1 holds too; then r1 releases it: n1's GPU 0 stays held
+        holder.format(id="d1", cluster="local", node="n1", placement='[{"node": "n1", "members": 1, "gpu_indices": [0]}]'),
+        "UPDATE jobs SET holds_resources = false, status = 'succeeded' WHERE id = 'r1'",
+        # a holder moves to another node; one leaves the holding state; one row is deleted; a Kubernetes gang member moves
+        "UPDATE jobs SET node = 'n3', placement = '[{\"node\": \"n3\", \"members\": 1, \"gpu_indices\": [1, 2]}]' WHERE id = 'r2'",
+        "UPDATE jobs SET holds_resources = false WHERE id = 'c1'",
+        "DELETE FROM jobs WHERE id = 'd1'",
+        "UPDATE jobs SET placement = '[{\"node\": \"n3\", \"members\": 2, \"gpu_indices\": []}, {\"node\": \"n4\", \"members\": 1,"
+        " \"gpu_indices\": []}]' WHERE id = 'g1'",
+        # a holder on a node that is not live (nothing to deduct), and one on no node at all
+        holder.format(id="d2", cluster="elsewhere", node="x1", placement='[{"node": "x1", "members": 1, "gpu_indices": [5]}]'),
+        holder.format(id="d3", cluster="local", node="n2", placement='[]'),
+        "UPDATE jobs SET status = 'pending' WHERE id = 'q1'",  # preempted: stopping, decoded again every pass
+        "SELECT 1",
+        # and after a node changed (a full recomputation), holder changes are incremental again
+        "UPDATE nodes SET cpu_millis = 16000 WHERE name = 'n4' AND cluster = 'local'",
+        "UPDATE jobs SET cpu_millis = 3000, started_at = now() WHERE id = 'r2'",
+    ]
+    for statement in changes:
+        holder_changes_pass(database, settings, cache, clock, statement)
+        if statement.startswith("UPDATE nodes"):
+            assert cache.recomputed_nodes == 8
+        else:
+            # only the nodes the change touched, and those of the holders decoded every pass (queued, stopping)
+            assert cache.recomputed_nodes < 8, statement
+
+
+def test_a_connection_dropped_mid_pass_leaves_the_cache_as_the_last_complete_pass_left_it(
+        database: Database, settings: Settings, monkeypatch: Any) -> None:
+    import pytest
+    from sqlalchemy.exc import OperationalError
+
+    preemptive = settings.with_overrides(preemption_enabled=True)
+    now = utcnow()
+    insert_nodes(database, now)
+    insert_jobs(database, now)
+    cache = scheduling.SnapshotCache()
+    clock = [now]
+    holder_changes_pass(database, preemptive, cache, clock, "SELECT 1")
+    real = scheduling._preempted_by
+
+    def dropped(session: Any, job_ids: list[str], at: datetime) -> Any:
+        # The server ends the session after the holders were read and before the pass ends (a restart, a failover).
+        session.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+        return real(session, job_ids, at)
+
+    with database.engine.begin() as conn:  # a holder changes: its row is decoded, so who preempted it is read
+        conn.execute(text("UPDATE jobs SET placement = '[{\"node\": \"n4\", \"members\": 1, \"gpu_indices\": [2]}]', node = 'n4' "
+                          "WHERE id = 'r1'"))
+    monkeypatch.setattr(scheduling, "_preempted_by", dropped)
+    with pytest.raises(OperationalError):
+        with database.session() as s, s.begin():
+            scheduling.load_snapshot(s, preemptive, clock[0] + timedelta(seconds=1), cache=cache)
+    monkeypatch.setattr(scheduling, "_preempted_by", real)
+    database.engine.dispose()  # the pool's other connections went with the server's restart in real life
+    for statement in ("SELECT 1", "UPDATE jobs SET holds_resources = false, status = 'succeeded' WHERE id = 'r2'"):
+        holder_changes_pass(database, preemptive, cache, clock, statement)
+
+
+def test_the_pass_reads_usage_quotas_weights_and_the_preemption_budget_as_their_own_readers_do(
+        database: Database, settings: Settings) -> None:
+    """The snapshot's small reads travel as JSON in one statement: the values must be exactly those of the readers
+    the API uses (floats to the last bit, microseconds, NULL limits)."""
+    from app.domain import fairshare, quotas, weights
+
+    preemptive = settings.with_overrides(preemption_enabled=True)
+    now = utcnow()
+    insert_nodes(database, now)
+    insert_jobs(database, now)
+    with database.engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO fair_share_usage (owner, gpu_seconds, cpu_seconds, memory_gib_seconds, updated_at) VALUES "
+            "('research', 0.1 + 0.2, 1e-300, 123456789.123456789, :at1), ('bob', 1.0 / 3, 2.0 / 3, 7e22, :at2), "
+            "('nobody', 5, 5, 5, :at2)"),
+            {"at1": now - timedelta(seconds=12.345678), "at2": now - timedelta(microseconds=1)})
+        conn.execute(text(
+            "INSERT INTO quotas (tenant, cluster, gpus, cpu_millis, memory_bytes, borrow_gpus, borrow_cpu_millis, borrow_memory_bytes, "
+            "updated_at, updated_by) VALUES ('research', '*', 4, NULL, 9007199254740993, 1, 0, 0, now(), 'a'), ('research', 'kube', NULL, 1000,"
+            " NULL, 0, 5, 0, now(), 'a'), ('bob', 'local', 0, 0, 0, 0, 0, 0, now(), 'a')"))
+        conn.execute(text("INSERT INTO fair_share_weights (tenant, weight, updated_at, updated_by) VALUES "
+                          "('research', 0.1, now(), 'a'), ('bob', 333.333333333333, now(), 'a')"))
+        conn.execute(text("INSERT INTO job_events (job_id, from_status, to_status, reason, actor, at, cluster, details) VALUES "
+                          "('r1', 'running', 'pending', 'preempted', 'scheduler', :at, 'local', '{\"preempted_by\": \"p1\"}')"),
+                     {"at": now - timedelta(seconds=5)})
+    with database.session() as s, s.begin():
+        snapshot = scheduling.load_snapshot(s, preemptive, now)
+        owners = {job.owner for job in snapshot.backlog} | {attempt.owner for attempt in snapshot.running}
+        assert snapshot.usage == fairshare.usage_of(s, owners, now, preemptive.fair_share_half_life_seconds)
+        assert set(snapshot.usage) == {"research", "bob"}  # `nobody` has no job: not read
+        assert snapshot.quotas == quotas.load_all(s)
+        assert snapshot.weights == weights.stored(s) == {"research": 0.1, "bob": 333.333333333333}
+        assert snapshot.preemption_budget == scheduling.preemption_budget(s, preemptive, now)
+        assert snapshot.queue_room is not None
