@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
+import pytest
 from sqlalchemy import text
 
 from app.db import Database
@@ -193,7 +194,6 @@ def test_holders_changing_while_the_nodes_do_not_recompute_only_their_nodes_and_
 
 def test_a_connection_dropped_mid_pass_leaves_the_cache_as_the_last_complete_pass_left_it(
         database: Database, settings: Settings, monkeypatch: Any) -> None:
-    import pytest
     from sqlalchemy.exc import OperationalError
 
     preemptive = settings.with_overrides(preemption_enabled=True)
@@ -257,3 +257,40 @@ def test_the_pass_reads_usage_quotas_weights_and_the_preemption_budget_as_their_
         assert snapshot.weights == weights.stored(s) == {"research": 0.1, "bob": 333.333333333333}
         assert snapshot.preemption_budget == scheduling.preemption_budget(s, preemptive, now)
         assert snapshot.queue_room is not None
+
+
+def test_fair_share_accrual_in_one_statement_accrues_decays_stamps_and_purges_as_before(database: Database) -> None:
+    """The accrual's four statements became one: the first call only records the time; within ACCRUE_EVERY_SECONDS
+    nothing changes; then what each owner holds times the seconds elapsed is added to its decayed usage, and rows
+    decayed past 20 half-lives are deleted, except an owner's that was just accrued."""
+    from app.domain import fairshare
+
+    now = utcnow()
+    insert_nodes(database, now)
+    insert_jobs(database, now)  # holders: research 1 GPU + 1 GPU (r1, q1), bob 2 + 0 + 1 (r2, r3, c1), carol 2 x 3 members (g1)
+    half_life = 100.0
+
+    def accrue(at: datetime) -> dict[str, tuple[float, float, float, datetime]]:
+        with database.session() as s, s.begin():
+            fairshare.accrue(s, at, half_life)
+        with database.engine.connect() as conn:
+            return {r[0]: tuple(r[1:]) for r in conn.execute(text(
+                "SELECT owner, gpu_seconds, cpu_seconds, memory_gib_seconds, updated_at FROM fair_share_usage"))}
+
+    with database.engine.begin() as conn:  # stale rows: one of an owner holding nothing, one of an owner holding GPUs
+        conn.execute(text("INSERT INTO fair_share_usage (owner, gpu_seconds, cpu_seconds, memory_gib_seconds, updated_at) VALUES "
+                          "('gone', 1, 1, 1, :old), ('bob', 8, 0, 0, :old)"), {"old": now - timedelta(seconds=30 * half_life)})
+    assert set(accrue(now)) == {"gone", "bob"}  # the first call: the state row only
+    with database.engine.connect() as conn:
+        assert conn.execute(text("SELECT usage_accrued_at FROM scheduler_state")).scalar() == now
+    assert set(accrue(now + timedelta(seconds=0.5))) == {"gone", "bob"}  # too soon: nothing
+    later = now + timedelta(seconds=10)
+    usage = accrue(later)
+    assert set(usage) == {"research", "bob", "carol"}  # `gone` purged; bob's stale row accrued, not purged
+    assert usage["research"][0] == pytest.approx(2 * 10) and usage["carol"][0] == pytest.approx(6 * 10)
+    assert usage["carol"][1] == pytest.approx(3 * 2.0 * 10) and usage["carol"][2] == pytest.approx(3 * 2 * 10)
+    assert usage["bob"][0] == pytest.approx(8 * 0.5 ** 30 + 3 * 10) and usage["bob"][3] == later
+    again = accrue(later + timedelta(seconds=100))  # one half-life later: halved, plus 100 s more
+    assert again["research"][0] == pytest.approx(20 * 0.5 + 2 * 100)
+    with database.engine.connect() as conn:
+        assert conn.execute(text("SELECT usage_accrued_at FROM scheduler_state")).scalar() == later + timedelta(seconds=100)
