@@ -125,7 +125,8 @@ def test_a_remembered_preemption_leaves_the_snapshot_when_it_leaves_the_window(d
     insert_jobs(database, now)
     with database.engine.begin() as conn:
         conn.execute(text("INSERT INTO job_events (job_id, from_status, to_status, reason, actor, at, details) "
-                          "VALUES ('p2', 'running', 'pending', 'preempted', 'scheduler', :at, '{\"preempted_by\": \"g1\"}')"),
+                          "VALUES ('p2', 'running', 'pending', 'preempted', 'scheduler', :at, '{\"preempted_by\": \"g1\"}'), "
+                          "('r1', 'running', 'pending', 'preempted', 'scheduler', :at, '{\"preempted_by\": \"p3\"}')"),
                      {"at": now - timedelta(hours=23, minutes=59)})
     cache = scheduling.SnapshotCache()
     preemptive = settings.with_overrides(preemption_enabled=True)
@@ -136,6 +137,8 @@ def test_a_remembered_preemption_leaves_the_snapshot_when_it_leaves_the_window(d
         assert canonical(cached) == canonical(fresh)
         p2 = next(j for j in cached.backlog if j.id == "p2")
         assert p2.preempted_by == (frozenset({"g1"}) if later < timedelta(minutes=1) else frozenset())
+        r1 = next(r for r in cached.running if r.id == "r1")  # a holder's, likewise
+        assert r1.preempted_by == (frozenset({"p3"}) if later < timedelta(minutes=1) else frozenset())
 
 
 def holder_changes_pass(database: Database, settings: Settings, cache: scheduling.SnapshotCache, clock: list[datetime],

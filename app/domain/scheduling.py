@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import Text, cast, delete, func, select, text, update
+from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.orm import Session
 
 from app.db import transaction
@@ -261,17 +261,26 @@ _BACKLOG = text(
                           OFFSET 0) f ON true  -- OFFSET 0: a primary key lookup per unknown row, never a join over all jobs
     """
 )
-# Every job holding capacity (the running attempts), likewise; plain `holds_resources`, not IS TRUE: only this form
-# uses the partial index ix_jobs_holding_node.
+# The jobs holding capacity (the running attempts) that changed since the cache's rows (`known`: the holders decoded
+# in earlier passes, by version), decoded; and the known ones that no longer hold anything in that version (their id,
+# with a NULL version). Unchanged holders do not travel at all: returning and walking 1,000 unchanged rows per pass
+# was most of the holders' time once their decoding was cached. All in one statement, so in one version of every row.
+# Plain `holds_resources`, not IS TRUE: only this form uses the partial index ix_jobs_holding_node.
 _HOLDERS = text(
-    f"""
-    SELECT j.id, j.xmin::text AS version, f.* FROM jobs j
-    LEFT JOIN {_KNOWN} ON k.id = j.id AND k.version = j.xmin::text
+    """
+    WITH k AS MATERIALIZED (SELECT k.id, k.version FROM json_each_text(CAST(:known AS json)) AS k(id, version)),
+    changed AS (
+        SELECT j.id, j.xmin::text AS version FROM jobs j
+        WHERE j.holds_resources AND NOT EXISTS (SELECT 1 FROM k WHERE k.id = j.id AND k.version = j.xmin::text)
+    ), dropped AS (
+        SELECT k.id, NULL::text AS version FROM k
+        WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = k.id AND j.holds_resources AND j.xmin::text = k.version)
+    )
+    SELECT c.id, c.version, f.* FROM (SELECT * FROM changed UNION ALL SELECT * FROM dropped) c
     LEFT JOIN LATERAL (
         SELECT j.cluster, j.placement, j.cpu_millis, j.memory_bytes, j.gpus, COALESCE(j.tenant, j.owner) AS owner, j.status,
                j.queued_at, j.started_at, j.timeout_seconds, j.priority, j.preemptible, j.queue
-        WHERE k.id IS NULL) f ON true
-    WHERE j.holds_resources
+        FROM jobs j WHERE j.id = c.id AND c.version IS NOT NULL OFFSET 0) f ON true
     """
 )
 PREEMPTED_BY_WINDOW = timedelta(days=1)  # a job never preempts one that preempted it within this window
@@ -307,7 +316,8 @@ class SnapshotCache:
         self.settings_key: tuple[Any, ...] | None = None
         self.backlog: dict[str, tuple[str, _Backlogged]] = {}
         self.holders: dict[str, tuple[str, _Held]] = {}
-        self.nodes: dict[tuple[Any, ...], capacity.NodeCapacity] = {}
+        self.nodes: dict[tuple[str, str], capacity.NodeCapacity] = {}
+        self.node_digest: str | None = None  # of the rows `nodes` was made from (see _NODES)
         # The live nodes with what the holders hold deducted, as the last pass left them, and what they were computed
         # from (`deducted_base`: the nodes with nothing held; `on_node`: the holders on each node). While the nodes are
         # unchanged, a pass recomputes only the nodes whose holders changed (each from scratch, so the result is the
@@ -332,11 +342,15 @@ class SnapshotCache:
     def known(self, kind: str, entries: dict[str, tuple[str, Any]], now: float) -> dict[str, Any]:
         """The query's `known`: rows whose decoded form is still valid at `now`, as {id: version} in JSON (encoded again
         only when it differs from the last one made for the same kind of rows: between passes it seldom does)."""
-        known = {job_id: version for job_id, (version, entry) in entries.items() if now < entry.valid_until}
+        return {"known": self.known_rows(kind, entries, now)[1]}
+
+    def known_rows(self, kind: str, entries: dict[str, tuple[str, Any]], now: float | None) -> tuple[dict[str, str], str]:
+        """`known` as {id: version}, and in JSON; `now` None: every row, valid or not."""
+        known = {job_id: version for job_id, (version, entry) in entries.items() if now is None or now < entry.valid_until}
         last = self._known.get(kind)
         if last is None or last[0] != known:
             last = self._known[kind] = (known, json.dumps(known))
-        return {"known": last[1]}
+        return last
 
 
 def load_snapshot(session: Session, settings: Settings, now: datetime, *, include: str | None = None,
@@ -367,7 +381,7 @@ def load_snapshot(session: Session, settings: Settings, now: datetime, *, includ
     all_quotas: dict[str, list[quotas.Quota]] = {}
     for tenant, cluster, *amounts in facts.quotas:
         all_quotas.setdefault(tenant, []).append(quotas.Quota(tenant, cluster, tuple(amounts[:3]), tuple(amounts[3:])))
-    # In the nodes query's order, as a pass without the cache lists them (ties between nodes go to the first listed).
+    # By cluster and name (_NODES), with the cache as without it: ties between nodes go to the first listed.
     return policy.Snapshot(stamp, [deducted[key] for key in nodes], running, backlog, usage, room, quotas=all_quotas,
                            preemption_budget=budget, weights=dict(facts.weights))
 
@@ -430,24 +444,31 @@ def _pending(r: Any, preempted: Any) -> _Backlogged:
 
 
 def _load_nodes(session: Session, cache: SnapshotCache, alive_since: datetime) -> dict[tuple[str, str], capacity.NodeCapacity]:
-    """The live, ready nodes with nothing held, in the query's order. A node row changes at every heartbeat but its
-    capacity seldom: the decoded node is kept per content of the row. The nodes returned are the cache's own: never
-    change them (copy)."""
-    nodes = {}
-    known = cache.nodes
-    seen = {}
-    # gpu_indices as its text: part of the key as it is, decoded (JSON) only for a node not known in this content.
-    query = capacity._nodes_query(True, alive_since).with_only_columns(  # noqa: SLF001 - the scheduler's own view
-        *capacity.NODE_COLUMNS[:2], cast(Node.gpu_indices, Text), *capacity.NODE_COLUMNS[3:])
-    for row in session.execute(query):
-        key = tuple(row)
-        template = known.get(key)
-        if template is None:
-            template = capacity.node_of((row[0], row[1], json.loads(row[2]), *row[3:]))
-        seen[key] = template
-        nodes[(row[0], row[1])] = template
-    cache.nodes = seen
+    """The live, ready nodes with nothing held, by cluster and name. Node rows change at every heartbeat but what the
+    scheduler reads of them seldom: the statement returns a digest of that, and the rows only when the digest is not
+    the cache's. The nodes returned are the cache's own: never change them (copy)."""
+    row = session.execute(_NODES, {"alive_since": alive_since, "known": cache.node_digest}).one()
+    if row.rows is None and row.digest == cache.node_digest:
+        return cache.nodes
+    nodes = {(r[0], r[1]): capacity.node_of(r) for r in row.rows or ()}
+    cache.nodes, cache.node_digest = nodes, row.digest
     return nodes
+
+
+# What the scheduler reads of the live, ready nodes (capacity._nodes_query(True, ...): ready, heartbeating, neither
+# cordoned nor draining), in one JSON array, its SHA-256, and the array itself only when the caller's digest differs.
+_NODES = text(
+    """
+    WITH n AS (
+        SELECT json_agg(json_build_array(cluster, name, gpu_indices, gpu_type, cpu_millis, memory_bytes, slots, pool)
+                        ORDER BY cluster, name) AS rows
+        FROM nodes WHERE ready IS true AND heartbeat_at >= :alive_since AND state = 'ready'
+    ), d AS (
+        SELECT rows, encode(sha256(convert_to(COALESCE(rows::text, '[]'), 'UTF8')), 'hex') AS digest FROM n
+    )
+    SELECT digest, CASE WHEN digest IS DISTINCT FROM CAST(:known AS text) THEN rows END AS rows FROM d
+    """
+)
 
 
 def _load_holders(session: Session, cache: SnapshotCache, nodes: dict[tuple[str, str], capacity.NodeCapacity], now: datetime,
@@ -455,32 +476,39 @@ def _load_holders(session: Session, cache: SnapshotCache, nodes: dict[tuple[str,
     """Every job holding capacity, as the policy's running attempts, and `nodes` (nothing held) with what they hold
     deducted. `nodes` is left as it is."""
     stamp = now.timestamp()
-    rows = session.execute(_HOLDERS, cache.known("holders", cache.holders, stamp)).all()
+    # Every holder the cache holds, valid now or not: a holder's row is all its decoding needs, and the cache keeps it.
+    known, known_json = cache.known_rows("holders", cache.holders, None)
+    result = session.execute(_HOLDERS, {"known": known_json}).all()
+    rows = [row for row in result if row.version is not None]
+    dropped = {row.id for row in result if row.version is None}
     old = cache.holders
-    # Who preempted each newly decoded holder (within the window): that job never preempts it again. A row decoded
-    # again in the same version (its attempt depends on the pass's time: queued, stopping) keeps what was read for it:
-    # a preemption is recorded in the transaction that changes the row, so the version would have changed.
-    fresh = [row.id for row in rows if row.status is not None]
-    renewed = {row.id for row in rows if row.status is not None and row.id in old and old[row.id][0] == row.version}
-    preempted = _preempted_by(session, [job_id for job_id in fresh if job_id not in renewed], now) if settings.preemption_enabled else {}
+    # Who preempted each newly decoded holder (within the window): that job never preempts it again. (A preemption is
+    # recorded in the transaction that changes the victim's row: a holder known in its version needs no new read.)
+    fresh = [row.id for row in rows]
+    preempted = _preempted_by(session, fresh, now) if settings.preemption_enabled else {}
     since = now - PREEMPTED_BY_WINDOW
-    for job_id in renewed if settings.preemption_enabled else ():
-        preempted[job_id] = [(by, at) for by, at in old[job_id][1].preempted if at > since]
     # No database work below: the cache is replaced only once the pass read everything it needs (a connection
     # dropped mid-pass leaves it as the last complete pass left it).
+    # The known holders still holding in the same version, then the changed and new ones. A known holder whose attempt
+    # depends on the pass's time (queued, stopping, past its end: valid_until) is made again from its cached row, with
+    # the preemptions of it still in the window; what it holds is the same (its row is), so no node is recomputed.
     seen: dict[str, tuple[str, _Held]] = {}
-    running = []
+    for job_id in known:
+        if job_id not in dropped:
+            version, held = old[job_id]
+            if stamp >= held.valid_until:
+                held = _held(held.row, now, settings, [(by, at) for by, at in held.preempted if at > since]
+                             if settings.preemption_enabled else ())
+            seen[job_id] = (version, held)
     changed: list[tuple[str, _Held | None, _Held | None]] = []  # (id, what it held before, what it holds now)
     for row in rows:
-        if row.status is None:
-            entry = old[row.id]
-        else:
-            entry = (row.version, _held(row, now, settings, preempted.get(row.id, ())))
-            before = old.get(row.id)
-            changed.append((row.id, before[1] if before is not None else None, entry[1]))
+        entry = (row.version, _held(row, now, settings, preempted.get(row.id, ())))
+        before = old.get(row.id)
+        changed.append((row.id, before[1] if before is not None else None, entry[1]))
         seen[row.id] = entry
-        running.append(entry[1].attempt)
     changed += [(job_id, old[job_id][1], None) for job_id in old.keys() - seen.keys()]  # hold nothing now, or are gone
+    # By id: the same order with the cache as without it, whichever rows it held.
+    running = [seen[job_id][1].attempt for job_id in sorted(seen)]
     if cache.deducted is not None and cache.deducted_base == nodes:
         deducted, on_node, recomputed = _deduct_changes(nodes, cache.deducted, cache.on_node, seen, changed)
     else:
