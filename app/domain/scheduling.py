@@ -249,16 +249,20 @@ _HEADS = f"""
             ORDER BY j.priority DESC, j.created_at, j.id LIMIT :per_class) h
     )
 """
-# Rows the cache holds in this version come back as (id, version, NULLs); the others decoded (in the same statement,
-# so in the same version). The cache's rows travel as one JSON object {id: version}: two text[] parameters of 2,000
-# elements each were 2,000 quoted literals for the server to parse per statement, more time than the scan itself.
+# Only what changed travels: the heads the cache does not hold in this version (decoded, in the same statement, so in
+# the same version), and the ids of the rows the cache holds that are no longer heads in that version (a NULL version).
+# The cache's rows travel as one JSON object {id: version}: two text[] parameters of 2,000 elements each were 2,000
+# quoted literals for the server to parse per statement, more time than the scan itself. Returning and walking the
+# ~2,000 unchanged heads every pass was most of the backlog's time once their decoding was cached.
 _KNOWN = "json_each_text(CAST(:known AS json)) AS k(id, version)"
 _BACKLOG = text(
-    f"""{_HEADS}
-    SELECT h.id, h.version, f.* FROM heads h
-    LEFT JOIN {_KNOWN} ON k.id = h.id AND k.version = h.version
-    LEFT JOIN LATERAL (SELECT {_PENDING_COLUMNS.replace("j.id,", "", 1)} FROM jobs j WHERE j.id = h.id AND k.id IS NULL
-                          OFFSET 0) f ON true  -- OFFSET 0: a primary key lookup per unknown row, never a join over all jobs
+    f"""{_HEADS}, k AS MATERIALIZED (SELECT k.id, k.version FROM {_KNOWN}),
+    changed AS (SELECT h.id, h.version FROM heads h WHERE NOT EXISTS (SELECT 1 FROM k WHERE k.id = h.id AND k.version = h.version)),
+    dropped AS (SELECT k.id, NULL::text AS version FROM k
+                WHERE NOT EXISTS (SELECT 1 FROM heads h WHERE h.id = k.id AND h.version = k.version))
+    SELECT c.id, c.version, f.* FROM (SELECT * FROM changed UNION ALL SELECT * FROM dropped) c
+    LEFT JOIN LATERAL (SELECT {_PENDING_COLUMNS.replace("j.id,", "", 1)} FROM jobs j WHERE j.id = c.id AND c.version IS NOT NULL
+                          OFFSET 0) f ON true  -- OFFSET 0: a primary key lookup per changed row, never a join over all jobs
     """
 )
 # The jobs holding capacity (the running attempts) that changed since the cache's rows (`known`: the holders decoded
@@ -413,23 +417,24 @@ _PASS_FACTS = text(
 def _load_backlog(session: Session, cache: SnapshotCache, now: datetime, full: list[str], include: str | None,
                   preemption: bool) -> list[policy.Pending]:
     """The backlog's heads (per owner, per pool, per demand class), and `include` if they left it out."""
+    known, known_json = cache.known_rows("backlog", cache.backlog, now.timestamp())
     params = {"now": now, "full": full, "per_owner": BACKLOG_PER_OWNER, "per_pool": BACKLOG_PER_POOL,
-              "classes": BACKLOG_DEMAND_CLASSES, "per_class": BACKLOG_PER_CLASS, **cache.known("backlog", cache.backlog, now.timestamp())}
-    rows = session.execute(_BACKLOG, params).all()
-    fresh = [r for r in rows if r.owner is not None]
+              "classes": BACKLOG_DEMAND_CLASSES, "per_class": BACKLOG_PER_CLASS, "known": known_json}
+    result = session.execute(_BACKLOG, params).all()
+    fresh = [r for r in result if r.version is not None]
+    dropped = {r.id for r in result if r.version is None}
+    old = cache.backlog
+    # The heads the cache holds in their version (`known`, less those no longer heads in it), then the changed ones.
+    seen: dict[str, tuple[str, _Backlogged]] = {job_id: old[job_id] for job_id in known if job_id not in dropped}
     extra = []
-    if include is not None and not any(r.id == include for r in rows):
+    if include is not None and include not in seen and not any(r.id == include for r in fresh):
         extra = list(session.execute(_ONE_PENDING, {"id": include}))
     preempted = _preempted_by(session, [r.id for r in fresh + extra], now) if preemption else {}
-    seen: dict[str, tuple[str, _Backlogged]] = {}
-    backlog = []
-    old = cache.backlog
-    for r in rows:
-        entry = old[r.id] if r.owner is None else (r.version, _pending(r, preempted.get(r.id, ())))
-        seen[r.id] = entry
-        backlog.append(entry[1].job)
+    for r in fresh:
+        seen[r.id] = (r.version, _pending(r, preempted.get(r.id, ())))
     cache.backlog, cache.decoded_backlog = seen, len(fresh)
-    return backlog + [_pending(r, preempted.get(r.id, ())).job for r in extra]
+    # By id: the same list with the cache as without it (the policy orders the backlog itself).
+    return [seen[job_id][1].job for job_id in sorted(seen)] + [_pending(r, preempted.get(r.id, ())).job for r in extra]
 
 
 def _pending(r: Any, preempted: Any) -> _Backlogged:
