@@ -310,9 +310,11 @@ class _Backlogged:
 class SnapshotCache:
     """What a scheduler process decoded in earlier passes, reused while the row is unchanged.
 
-    Keyed by each row's id and version (xmin), which the pass's own queries return, so the snapshot is exactly
-    what those queries read: a row changed since (any UPDATE gives it a new version) is decoded afresh in the
-    same statement. Entries of rows not read in a pass are dropped, so the cache never outgrows one snapshot.
+    Keyed by each row's id and version (xmin): the pass's queries get the cache's {id: version} and return only the
+    rows not held in that version (decoded, in the same statement) and the ids of held rows that left (so the snapshot
+    is exactly what a read of every row would give: any UPDATE gives a row a new version). Nodes are kept by a digest
+    of what the scheduler reads of them (_NODES). Entries of rows that left are dropped, so the cache never outgrows
+    one snapshot.
     Not shared between threads (the scheduler is one thread; explain's PlanCache holds its lock).
     """
 
@@ -343,13 +345,10 @@ class SnapshotCache:
             self.settings_key = key
         return self
 
-    def known(self, kind: str, entries: dict[str, tuple[str, Any]], now: float) -> dict[str, Any]:
-        """The query's `known`: rows whose decoded form is still valid at `now`, as {id: version} in JSON (encoded again
-        only when it differs from the last one made for the same kind of rows: between passes it seldom does)."""
-        return {"known": self.known_rows(kind, entries, now)[1]}
-
     def known_rows(self, kind: str, entries: dict[str, tuple[str, Any]], now: float | None) -> tuple[dict[str, str], str]:
-        """`known` as {id: version}, and in JSON; `now` None: every row, valid or not."""
+        """The queries' `known`: rows whose decoded form is still valid at `now` (None: every row), as {id: version} and
+        as its JSON (encoded again only when it differs from the last one made for the same kind of rows: between
+        passes it seldom does)."""
         known = {job_id: version for job_id, (version, entry) in entries.items() if now is None or now < entry.valid_until}
         last = self._known.get(kind)
         if last is None or last[0] != known:
