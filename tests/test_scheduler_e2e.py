@@ -185,3 +185,42 @@ def test_a_scheduler_waiting_out_a_long_interval_stops_when_asked(e2e_settings: 
         stop.set()
         publisher.close()
         scheduler.database.dispose()
+
+
+def test_a_pass_skips_a_job_whose_row_someone_holds_and_admits_it_once_released(database: Database, e2e_settings: Settings) -> None:
+    """A cancel holding a pending job's row must not stall admission: the pass leaves that job pending (no event, no
+    outbox row), admits the others, and a later pass admits it once the row is free."""
+    import threading
+
+    from app.domain.scheduling import admit
+
+    now = datetime.now(timezone.utc)
+    with database.engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO nodes (cluster, name, gpu_indices, cpu_millis, memory_bytes, slots, ready, heartbeat_at, started_at) "
+            "VALUES ('local', 'node-l', '[]'::jsonb, 100000, 1099511627776, 8, true, now() + interval '1 day', now())"
+        ))
+    held, free = (insert_job(database, created_at=now - timedelta(seconds=2 - i)) for i in range(2))
+    results: list[Any] = []
+
+    def one_pass() -> None:
+        with database.session() as session:
+            results.append(admit(session, e2e_settings))
+
+    with database.engine.connect() as holder:
+        holder.execute(text("SELECT id FROM jobs WHERE id = :id FOR UPDATE"), {"id": held})
+        passing = threading.Thread(target=one_pass, daemon=True)
+        passing.start()
+        passing.join(30)
+        assert not passing.is_alive(), "the pass waited for the row lock instead of skipping the job"
+        holder.rollback()
+    assert results[0].admitted == [free]
+    with database.session() as session:
+        row = session.get(Job, held)
+        assert row is not None and row.status == "pending" and not row.holds_resources
+        assert session.execute(text("SELECT count(*) FROM outbox WHERE job_id = :id"), {"id": held}).scalar() == 0
+    assert [e.to_status for e in events(database, held)] == ["pending"]
+    one_pass()
+    assert results[1].admitted == [held]
+    with database.session() as session:
+        assert session.get(Job, held).status == "queued"

@@ -29,7 +29,7 @@ from app.db import transaction
 from app.domain import capacity, fairshare, policy, pools, quotas, weights
 from app.domain.callers import SYSTEM
 from app.domain.jobs import clear_placement, notify_scheduler, record_transition, utcnow
-from app.domain.states import TERMINAL, JobStatus, can_transition
+from app.domain.states import TERMINAL, JobStatus
 from app.models import Job, Node, OutboxMessage
 from config import Settings
 
@@ -102,27 +102,25 @@ def admit(session: Session, settings: Settings, now: datetime | None = None, cac
         unhandled = [(d.job.id, d.reason) for d in plan.decisions.values() if isinstance(d, policy.Fail)]
         admits = plan.admitted
         if admits:
-            # Locked only now, and skipped if someone (a cancel) holds the row: it is simply not admitted.
-            locked = {
-                job.id: job
-                for job in session.scalars(
-                    select(Job)
-                    .where(Job.id.in_([d.job.id for d in admits]), Job.status == JobStatus.PENDING.value)
-                    .with_for_update(skip_locked=True)
-                )
-            }
-            placed = [(locked[d.job.id], d.placement) for d in admits if d.job.id in locked]
             try:
-                # The fast path: every admission of the pass (jobs, events, outbox rows) in one statement.
+                # The fast path: every admission of the pass (row locks, jobs, events, outbox rows) in one statement.
                 with session.begin_nested():
-                    result.messages += _place_all(session, placed, now)
+                    result.messages += _place_all(session, [(d.job, d.placement) for d in admits], now)
             except _INFRASTRUCTURE_ERRORS:
                 raise
             except Exception:  # noqa: BLE001 - some row cannot be written: find it, one savepoint per job
                 log.warning("writing the pass's admissions together failed; writing them one by one", exc_info=True)
                 result.messages.clear()
-                for job, placement in placed:
-                    session.refresh(job)  # the savepoint's rollback left nothing of the batch
+                # Locked only now, and skipped if someone (a cancel) holds the row: it is simply not admitted.
+                locked = {
+                    job.id: job
+                    for job in session.scalars(
+                        select(Job)
+                        .where(Job.id.in_([d.job.id for d in admits]), Job.status == JobStatus.PENDING.value)
+                        .with_for_update(skip_locked=True)
+                    )
+                }
+                for job, placement in [(locked[d.job.id], d.placement) for d in admits if d.job.id in locked]:
                     try:
                         with session.begin_nested():  # a row that cannot be written fails alone
                             message = _place(session, job, placement, now)
@@ -659,12 +657,15 @@ _PLACE_ALL = text(
         SELECT * FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS v(
             id text, cluster text, node text, placement jsonb, gpu_indices jsonb, token text, reason text,
             event_node text, broker_queue text)
+    ), locked AS (
+        -- A row someone holds (a cancel) is skipped, not waited for: that job is simply not admitted in this pass.
+        -- ANY(:ids): the planner cannot count the JSON array's rows, and must find the jobs by primary key.
+        SELECT id FROM jobs WHERE id = ANY(CAST(:ids AS text[])) AND status = 'pending' FOR UPDATE SKIP LOCKED
     ), u AS (
         UPDATE jobs j SET cluster = v.cluster, node = v.node, placement = v.placement, gpu_indices = v.gpu_indices,
                           holds_resources = true, dispatch_token = v.token, queued_at = :now, status = 'queued',
                           status_reason = v.reason, updated_at = :now
-        -- ANY(:ids) too: the planner cannot count the JSON array's rows, and must find the jobs by primary key
-        FROM v WHERE j.id = v.id AND j.id = ANY(CAST(:ids AS text[])) AND j.status = 'pending'
+        FROM v JOIN locked ON locked.id = v.id WHERE j.id = v.id AND j.status = 'pending'
         RETURNING j.id, j.retry_count, j.worker_id
     ), e AS (
         INSERT INTO job_events (job_id, at, from_status, to_status, reason, actor, attempt, worker_id, cluster, node, details)
@@ -679,15 +680,14 @@ _PLACE_ALL = text(
 )
 
 
-def _place_all(session: Session, placed: list[tuple[Job, capacity.Placement]], now: datetime) -> list[OutboxMessage]:
-    """`_place` for many jobs at once, in Core SQL: one statement (one trigger run) instead of a savepoint and
-    three ORM writes per job. Returns the outbox rows to publish after the commit (not added to the session)."""
+def _place_all(session: Session, placed: list[tuple[policy.Pending, capacity.Placement]], now: datetime) -> list[OutboxMessage]:
+    """`_place` for many jobs at once, in Core SQL: one statement (one trigger run) locks the rows, writes the jobs,
+    their events and outbox rows, instead of a SELECT FOR UPDATE, then a savepoint and three ORM writes per job.
+    Returns the outbox rows to publish after the commit (not added to the session)."""
     if not placed:
         return []
     rows = []
     for job, placement in placed:
-        if not can_transition(job.status, JobStatus.QUEUED):
-            raise ValueError(f"job {job.id} is {job.status}; it cannot become queued")
         placement_json = placement.as_json()
         where = ", ".join(f"{node} x{members}" if members > 1 else node for node, members, _ in placement.parts)
         gpus = placement.gpu_indices
@@ -704,15 +704,10 @@ def _place_all(session: Session, placed: list[tuple[Job, capacity.Placement]], n
         _PLACE_ALL, {"rows": json.dumps(rows), "ids": [row["id"] for row in rows], "now": now, "task": EXECUTE_TASK}
     ).all()
     by_job = {row.job_id: row for row in returned}
-    messages = [
+    return [
         OutboxMessage(id=row.id, job_id=row.job_id, task_name=EXECUTE_TASK, queue=row.queue, args=list(row.args), created_at=now)
         for job, _ in placed if (row := by_job.get(job.id)) is not None
     ]
-    for job, _ in placed:
-        # Its row changed under the ORM: read afresh if anyone looks. Only after the ids were taken above: reading
-        # `job.id` of an expired object costs a SELECT of the whole row, a round trip on every admission.
-        session.expire(job)
-    return messages
 
 
 def retry_delay_seconds(settings: Settings, job: Job) -> float:
