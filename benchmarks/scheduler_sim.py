@@ -1,7 +1,9 @@
 """Scheduler simulator: the real policy function (app.domain.policy.decide) over a simulated clock.
 
 No database: a seeded trace of jobs arrives at a simulated fleet, a pass runs when something arrives
-or ends (at most once per --interval simulated seconds, as the scheduler's NOTIFY wake-ups), jobs run
+or ends (at most once per --interval simulated seconds: the scheduler's NOTIFY wake-ups, coalesced to keep the
+simulation short; but at once when a preempted job's kill grace ends, so its room goes to its preemptor
+without waiting out the interval, as the worker's NOTIFY 'resources-released' wakes the scheduler), jobs run
 for their true run time (at most their timeout) and free their capacity. The same trace is run under
 the old strict policy (priority then age, the first misfit stops the pass) and the new one
 (reservations, backfill, pools, fair share), and the figures are printed side by side.
@@ -16,6 +18,7 @@ lost to preemption, quota violations and preemption loops (both must be 0).
 from __future__ import annotations
 
 import argparse
+import bisect
 import dataclasses
 import heapq
 import math
@@ -37,12 +40,13 @@ from app.domain import policy as policy_module  # noqa: E402
 from app.domain import quotas as quota_rules  # noqa: E402
 from app.domain.policy import _holding as policy_holding  # noqa: E402
 from app.domain.quotas import Quota  # noqa: E402
+from app.domain.scheduling import BACKLOG_PER_OWNER, BACKLOG_PER_POOL  # noqa: E402
 from config import Settings  # noqa: E402
 
 GIB = 1 << 30
 CLUSTER = "gpu-cluster"
 BANDS = ((0, 24), (25, 49), (50, 74), (75, 100))
-PER_OWNER, PER_POOL = 100, 300  # the same pruning as app.domain.scheduling.load_snapshot
+PER_OWNER, PER_POOL = BACKLOG_PER_OWNER, BACKLOG_PER_POOL  # the scheduler's own pruning (scheduling.load_snapshot)
 BURST_AT: list = [math.inf, ""]  # when the burst comes and whose it is (set by make_trace)
 PREEMPT_TIME = [0.0]  # seconds the policy's preemption phase took in the current pass
 
@@ -72,6 +76,7 @@ class SimJob:
     attempt: int = 0  # bumped by a preemption: its old end event is stale
     first_started: float | None = None
     why: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # high priority: passes it waited, by reason
+    log: list[tuple[float, str]] = field(default_factory=list)  # high priority: (pass, why it waited), for diagnosis
 
 
 # --- the trace -------------------------------------------------------------------------------------
@@ -157,9 +162,13 @@ class Backlog:
         self.gpu_demand = 0
 
     def add(self, job: SimJob) -> None:
+        """In its place by submit time, as the indexes order it: a preempted job goes back ahead of those submitted after it."""
         p = job.pending
-        self.by_owner[p.owner][p.priority].append(job)
-        self.by_pool["gpu" if p.gpus else "cpu"][p.priority].append(job)
+        for queue in (self.by_owner[p.owner][p.priority], self.by_pool["gpu" if p.gpus else "cpu"][p.priority]):
+            if not queue or queue[-1].pending.submitted_at <= p.submitted_at:
+                queue.append(job)  # an arrival: the newest
+            else:
+                queue.insert(bisect.bisect_right(queue, p.submitted_at, key=lambda j: j.pending.submitted_at), job)
         self.count += 1
         self.gpu_demand += p.gpus * p.members
 
@@ -170,12 +179,14 @@ class Backlog:
     @staticmethod
     def _head(levels: dict[int, deque[SimJob]], limit: int) -> list[SimJob]:
         out: list[SimJob] = []
+        listed: set[str] = set()  # a preempted job's first entry may still be queued (removed lazily) beside its new one
         for priority in sorted(levels, reverse=True):
             queue = levels[priority]
             while queue and queue[0].started is not None:
                 queue.popleft()
             for job in queue:
-                if job.started is None:
+                if job.started is None and job.pending.id not in listed:
+                    listed.add(job.pending.id)
                     out.append(job)
                     if len(out) >= limit:
                         return out
@@ -260,6 +271,7 @@ def simulate(name: str, trace: list[SimJob], fleet: list[NodeCapacity], config: 
     backlog = Backlog()
     running: dict[str, tuple[SimJob, Running]] = {}
     ends: list[tuple[float, str]] = []
+    releases: list[float] = []  # when preempted attempts end (their kill grace): each wakes a pass
     usage: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
     holding: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])  # GPUs, CPUs, GiB held now
 
@@ -305,6 +317,14 @@ def simulate(name: str, trace: list[SimJob], fleet: list[NodeCapacity], config: 
         if next_event == math.inf:
             break
         at = max(next_event, last_pass + interval)
+        # A preempted attempt's end wakes a pass at once, however recent the last one: its worker's report of the
+        # processes gone commits with a NOTIFY (execution.end, 'resources-released') and the scheduler passes on
+        # every NOTIFY. That pass starts the jobs the room was freed for; waiting out the coalescing interval instead
+        # would add up to a whole interval to every preemptor's start.
+        while releases and releases[0] <= last_pass:
+            heapq.heappop(releases)
+        if releases and releases[0] < at:
+            at = releases[0]
         if at >= horizon:
             break
         # Everything that happened up to the pass, in time order.
@@ -367,6 +387,15 @@ def simulate(name: str, trace: list[SimJob], fleet: list[NodeCapacity], config: 
         order_index = {job_id: i for i, job_id in enumerate(plan.order)}
         if config.backfill:
             _diagnose(plan, snapshot, config, by_id, budget)
+            pruned = {job.id for job in snapshot.backlog}  # a high-priority job left out of it waits this pass unseen
+            for levels in backlog.by_pool.values():
+                for priority, queue in levels.items():
+                    if priority >= 75:
+                        for job in queue:
+                            if job.started is None and job.pending.id not in pruned:
+                                pruned.add(job.pending.id)  # a preempted job may be queued twice (see Backlog._head)
+                                job.why[HIDDEN] += 1
+                                job.log.append((at, HIDDEN))
         for decision in plan.decisions.values():
             job_id = decision.job.id
             if isinstance(decision, Admit):
@@ -426,6 +455,7 @@ def simulate(name: str, trace: list[SimJob], fleet: list[NodeCapacity], config: 
                 # It holds its capacity through the kill grace, then goes back to the backlog.
                 running[victim.id] = (job, dataclasses.replace(attempt, stopping=True, preemptible=False, ends_at=at + kill_grace))
                 heapq.heappush(ends, (at + kill_grace, victim.id, job.attempt))
+                heapq.heappush(releases, at + kill_grace)
         if quotas:
             used: dict[str, float] = defaultdict(float)
             for job, attempt in running.values():
@@ -451,6 +481,7 @@ def simulate(name: str, trace: list[SimJob], fleet: list[NodeCapacity], config: 
 # Why a high-priority job waited, pass by pass. "Does not fit" reasons exclude it from the target (a high-priority
 # job that fits the fleet starts within the kill grace plus one pass): the fleet is held by work of its own priority
 # or higher, its tenant is at its quota, or no node could ever hold it.
+HIDDEN = "not in the backlog's head (the per-owner and per-pool limits) in a pass"
 NOT_FITTING = ("held by equal or higher priority", "over its tenant's quota", "no node could hold it",
                "beyond its tenant's nominal quota (borrows idle capacity only)")
 
@@ -525,6 +556,7 @@ def _diagnose(plan: Plan, snapshot: Snapshot, config: PolicyConfig, by_id: dict[
         else:
             why = f"not preempted for: {outcome or 'not examined'}"
         job.why[why] += 1
+        job.log.append((snapshot.now, why))
 
 
 def over_target(result: Result) -> tuple[list[float], dict[str, int], int]:
@@ -534,17 +566,34 @@ def over_target(result: Result) -> tuple[list[float], dict[str, int], int]:
     over: dict[str, int] = defaultdict(int)
     excluded = 0
     for job in result.high:
-        main = max(job.why.items(), key=lambda kv: kv[1])[0] if job.why else "never blocked in a pass it was seen in (pruned from the backlog's head)"
+        seen = [(why, passes) for why, passes in job.why.items() if why != HIDDEN]
+        main = max(seen, key=lambda kv: kv[1])[0] if seen else "never blocked in a pass it was seen in"
         if main in NOT_FITTING:
             excluded += 1
             continue
         wait = (job.first_started if job.first_started is not None else math.inf) - job.pending.submitted_at
         waits.append(wait)
         if wait > result.target:
+            # Over the target for the reason it waited most passes: passes it was hidden by the head limits included.
+            main = max(job.why.items(), key=lambda kv: kv[1])[0] if job.why else main
             over[main] += 1
             if job.kind != "cpu" and job.pending.submitted_at >= BURST_AT[0] and job.pending.owner == BURST_AT[1]:
                 over["(of them submitted in the burst)"] += 1
     return waits, dict(over), excluded
+
+
+def print_over_target(result: Result) -> None:
+    """Each high-priority job that fits the fleet and started after the target: seconds after its submit of each
+    pass it waited in, and why (the passes where the head limits hid it included)."""
+    for job in result.high:
+        seen = [(why, passes) for why, passes in job.why.items() if why != HIDDEN]
+        if seen and max(seen, key=lambda kv: kv[1])[0] in NOT_FITTING:
+            continue
+        wait = (job.first_started if job.first_started is not None else math.inf) - job.pending.submitted_at
+        if wait > result.target:
+            passes = "; ".join(f"+{at - job.pending.submitted_at:.0f}s {why}" for at, why in job.log)
+            print(f"  {result.name}: {job.pending.id} p{job.pending.priority} {job.pending.owner} {job.kind} submitted "
+                  f"{job.pending.submitted_at:.1f}, started after {wait:.1f}s: {passes}", file=sys.stderr)
 
 
 def _displaced(plan: Plan, order_index: dict[str, int], job: SimJob, promised_at: float) -> bool:
@@ -619,6 +668,8 @@ def main() -> None:
     parser.add_argument("--half-life", type=float, default=3600.0)
     parser.add_argument("--only", default="", help="run only the configurations whose name contains this")
     parser.add_argument("--trace-repeats", action="store_true", help="print each repeated preemption (stderr)")
+    parser.add_argument("--over-target", action="store_true",
+                        help="print each high-priority job over the target with why it waited, pass by pass (stderr)")
     parser.add_argument("--pending", type=int, default=100_000, help="backlog size of the pass-time measurement")
     parser.add_argument("--borrow", type=float, default=0.25, help="borrowing limit, as a fraction of the fleet's GPUs")
     defaults = Settings()
@@ -664,6 +715,8 @@ def main() -> None:
                                  limit,
                                  args.trace_repeats)
         print(f"  simulated {name}: {time.perf_counter() - wall:.1f}s wall", file=sys.stderr)
+        if args.over_target:
+            print_over_target(results[name])
 
     rows: list[tuple[str, ...]] = []
 

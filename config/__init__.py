@@ -312,8 +312,9 @@ class Settings:
             retry_backoff_base_seconds=_float(env, "RETRY_BACKOFF_BASE_SECONDS", 10.0),
             retry_backoff_max_seconds=_float(env, "RETRY_BACKOFF_MAX_SECONDS", 3600.0),
             scheduler_health_intervals=_float(env, "SCHEDULER_HEALTH_INTERVALS", 5.0),
-            scheduler_reservation_depth=_int(env, "SCHEDULER_RESERVATION_DEPTH", 4),
-            scheduler_scan_limit=_int(env, "SCHEDULER_SCAN_LIMIT", 2000),
+            # Bounded: each reservation is a timeline search in every pass; a scan limit below 1 would admit nothing.
+            scheduler_reservation_depth=min(1000, max(0, _int(env, "SCHEDULER_RESERVATION_DEPTH", 4))),
+            scheduler_scan_limit=min(1_000_000, max(1, _int(env, "SCHEDULER_SCAN_LIMIT", 2000))),
             fair_share_half_life_seconds=_float(env, "FAIR_SHARE_HALF_LIFE_SECONDS", 3600.0),
             fair_share_weights=parse_weights(env.get("FAIR_SHARE_WEIGHTS", "")),
             fair_share_priority_band=min(101, max(1, _int(env, "FAIR_SHARE_PRIORITY_BAND", 1))),

@@ -339,6 +339,15 @@ def test_the_rate_limit_scales_with_the_cluster() -> None:
         assert preemption_limit(bounded, 150) == max(60, int(per_node * 150))  # no OverflowError in the pass
 
 
+def test_the_scheduling_depth_and_scan_limit_are_bounded() -> None:
+    """A negative scan limit would leave every job unexamined (nothing admitted, ever); a huge depth, a timeline search
+    per blocked job in every pass."""
+    for depth, scan, want in (("-3", "-1", (0, 1)), ("0", "0", (0, 1)), ("99999999", "99999999999", (1000, 1_000_000)),
+                              ("7", "500", (7, 500))):
+        settings = Settings.from_env({"SCHEDULER_RESERVATION_DEPTH": depth, "SCHEDULER_SCAN_LIMIT": scan})
+        assert (settings.scheduler_reservation_depth, settings.scheduler_scan_limit) == want
+
+
 def _exhaustive_victims(nodes: list[NodeCapacity], busy: list[Running], job_: Any) -> list[Running] | None:
     """The rule spelled out on real node copies: on every node, its candidates lowest priority first, then the youngest,
     until the job fits there whole, then the unneeded ones dropped (highest priority first); the best node by fewest
