@@ -81,6 +81,26 @@ def test_capacity_already_being_freed_is_not_preempted_again_and_the_rate_limit_
     assert decide(Snapshot(NOW, [b], busy, [job("urgent", gpus=1, priority=90)], preemption_budget={"local": 1}), ON).preemptions
 
 
+def test_the_room_being_freed_for_a_preemptor_is_kept_from_jobs_of_no_higher_priority() -> None:
+    """Its victim holds one GPU through the kill grace; the free GPU beside it is part of the preemptor's room."""
+    a, b = node("a", gpus=2), node("b", gpus=2)
+    stopping = dataclasses.replace(run("victim", a, 1, 10, 300, stopping=True), ends_at=NOW + 10, preempted_by=frozenset({"urgent"}))
+    elsewhere = run("busy-b", b, 2, 95, 300, preemptible=False)
+    backlog = [job("urgent", gpus=2, priority=90), job("lower", gpus=1, priority=50, timeout=600),
+               job("peer", gpus=1, priority=90, timeout=600)]
+    plan = decide(Snapshot(NOW, [a, b], [stopping, elsewhere], backlog), dataclasses.replace(ON, reservation_depth=0))
+    for kept_out in ("lower", "peer"):  # equal priority races it too
+        decision = plan.decisions[kept_out]
+        assert decision.reason == policy.BACKFILL_WINDOW and decision.blocked_by == "urgent", decision
+    assert plan.preemptions == [] and plan.admitted == []
+    higher = job("higher", gpus=1, priority=95, timeout=600)
+    plan = decide(Snapshot(NOW, [a, b], [stopping, elsewhere], [*backlog, higher]), dataclasses.replace(ON, reservation_depth=0))
+    assert [d.job.id for d in plan.admitted] == ["higher"]  # a job of higher priority may take it
+    # Once the preemptor has left the backlog (it started elsewhere, or was cancelled), nothing is kept.
+    plan = decide(Snapshot(NOW, [a, b], [stopping, elsewhere], backlog[1:]), dataclasses.replace(ON, reservation_depth=0))
+    assert [d.job.id for d in plan.admitted] == ["peer"]
+
+
 def test_preemption_is_off_unless_configured_and_a_job_that_fits_preempts_nobody() -> None:
     a = node("a", gpus=2)
     busy = [run("low", a, 1, 10, 300)]
@@ -227,6 +247,33 @@ def test_a_gang_is_preempted_whole_and_a_non_preemptible_job_never(admin: ApiCli
     assert admin.get(f"/jobs/{pinned['id']}").json()["preemptible"] is False
     for job_id in (pinned["id"], gang["id"]):
         admin.delete(f"/jobs/{job_id}")
+
+
+def test_the_room_being_freed_is_the_preemptors_even_when_a_lower_job_waits_beside_it(admin: ApiClient, start_worker, start_scheduler) -> None:
+    """Its victim ignores SIGTERM, so it holds its GPU through the whole kill grace, while a lower job that fits the GPU left
+    free waits: the preemptor keeps the room (free GPU plus the victim's) through every pass of the grace, even with no
+    reservation depth left for its pool; the lower job starts after it, and nothing is preempted a second time."""
+    start_worker("gpu-b", concurrency=4, gpus=2, WORKER_CPU="8", WORKER_MEMORY="8Gi", KILL_GRACE_SECONDS="6")
+    start_scheduler(**{**FAST_PREEMPTION, "PREEMPTION_MIN_RUN_SECONDS": "0", "SCHEDULER_RESERVATION_DEPTH": "0"})
+    victim = admin.submit(command=["sh", "-c", "trap '' TERM; sleep 60"], priority=10, timeout_seconds=120,
+                          resources={**TINY, "gpu": 1})
+    wait_for_status(admin, victim["id"], "running")
+    urgent = admin.submit(command=["sleep", "1"], priority=90, timeout_seconds=30, resources={**TINY, "gpu": 2})
+    wait_for(lambda: any(e["reason"].startswith("preempted by") for e in events(admin, victim["id"])), timeout=20,
+             message="the victim preempted")
+    assert admin.get(f"/jobs/{victim['id']}").json()["status"] == "pending"  # stopping: its GPU is still in use
+    lower = admin.submit(command=["sleep", "1"], priority=50, timeout_seconds=60, resources={**TINY, "gpu": 1})
+    wait_for(lambda: admin.get(f"/jobs/{lower['id']}/explain").json().get("reason") == "BACKFILL_WINDOW", timeout=20,
+             message="explain says the lower job waits for the preemptor's room")
+    assert urgent["id"] in admin.get(f"/jobs/{lower['id']}/explain").json()["message"]
+    wait_for_status(admin, urgent["id"], "succeeded", timeout=60)
+    wait_for_status(admin, lower["id"], "succeeded", timeout=60)
+    started = {job_id: [e["at"] for e in events(admin, job_id) if e["to_status"] == "running"] for job_id in (urgent["id"], lower["id"])}
+    assert len(started[urgent["id"]]) == 1 and len(started[lower["id"]]) == 1, started
+    assert started[lower["id"]][0] >= started[urgent["id"]][0], started  # never raced into the room being freed
+    for job_id in (urgent["id"], lower["id"]):
+        assert not any(e["reason"].startswith("preempted") for e in events(admin, job_id))
+    admin.delete(f"/jobs/{victim['id']}")
 
 
 def test_only_admins_may_pin_a_high_priority_job(admin: ApiClient, e2e_settings: Settings) -> None:

@@ -298,7 +298,7 @@ def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCap
     reserved: dict[tuple, list[Reserve]] = defaultdict(list)
     misfits = _Misfits()  # shapes that do not fit the free capacity now (it only shrinks during a pass)
     first_blocked: dict[tuple, str] = {}  # per pool, the first job that did not fit now
-    free = _FreeIndex(nodes)
+    free = _FreeIndex(nodes, _withheld(snapshot))
     never: dict[tuple, bool] = {}
     messages: dict[tuple, str] = {}  # per pool, once its reservations are all taken (they never shrink in a pass)
     malformed: dict[tuple, str | None] = {}  # per shape: what makes it impossible to reason about, if anything
@@ -330,6 +330,15 @@ def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCap
             end = now + job.duration + config.end_margin_seconds
             placement = free.place(job)
             if placement is None:
+                kept_for = free.withheld_from(job)
+                if kept_for is not None:
+                    preemptor, its_priority = kept_for
+                    return Wait(
+                        job, BACKFILL_WINDOW,
+                        f"It fits now, but only on room being freed for job {preemptor} (priority {its_priority}), "
+                        f"which preempted for it; it may start there once that job has",
+                        blocked_by=preemptor, estimated_start_at=None,
+                    )
                 misfits.add(job)
             else:
                 over = ledger.check(job.owner, placement.cluster, ask) if ledger.active else None
@@ -929,11 +938,34 @@ class _Misfits:
         self.shapes[(job.has_command, job.members, job.gpu_types, job.node_pool)].append((job.gpus, job.cpu_millis, job.memory_bytes))
 
 
-class _FreeIndex:
-    """Nodes by free GPU count, so that placing a GPU job looks only at nodes with enough free GPUs."""
+def _withheld(snapshot: Snapshot) -> dict[tuple[str, str], dict[str, int]]:
+    """Nodes where attempts are stopping for waiting preemptors: (cluster, node) -> {preemptor: its priority}.
 
-    def __init__(self, nodes: list[NodeCapacity]) -> None:
+    Their victims hold their capacity through the kill grace, but what is free beside them is part of the room the
+    preemptors were promised: another job of no higher priority placed there would race them for it (and be
+    preempted again at the grace's end)."""
+    priorities = {job.id: job.priority for job in snapshot.backlog}
+    withheld: dict[tuple[str, str], dict[str, int]] = {}
+    for attempt in snapshot.running:
+        if not attempt.stopping:
+            continue
+        for preemptor in attempt.preempted_by:
+            priority = priorities.get(preemptor)
+            if priority is None:
+                continue  # it started (or left the backlog): nothing is kept for it
+            for name, _ in attempt.parts:
+                withheld.setdefault((attempt.cluster, name), {})[preemptor] = priority
+    return withheld
+
+
+class _FreeIndex:
+    """Nodes by free GPU count, so that placing a GPU job looks only at nodes with enough free GPUs.
+
+    `withheld`: nodes kept for preemptors (_withheld); only they, and jobs of higher priority, are placed there."""
+
+    def __init__(self, nodes: list[NodeCapacity], withheld: Mapping[tuple[str, str], dict[str, int]] | None = None) -> None:
         self.nodes = nodes
+        self.withheld = dict(withheld or {})
         self.by_name = {(n.cluster, n.name): n for n in nodes}
         self.elsewhere = any(n.cluster != LOCAL_CLUSTER for n in nodes)
         self.buckets: dict[int, dict[tuple[str, str], NodeCapacity]] = defaultdict(dict)
@@ -954,17 +986,39 @@ class _FreeIndex:
         for name, _, _ in placement.parts:
             self._file(self.by_name[(placement.cluster, name)])
 
-    def place(self, job: Pending) -> Placement | None:
+    def place(self, job: Pending, *, withholding: bool = True) -> Placement | None:
         if job.gpus > 0:
             candidates = [n for count, bucket in self.buckets.items() if count >= job.gpus for n in bucket.values()]
         else:
             candidates = [n for n in self.nodes if n.cpu_millis - n.used_cpu_millis >= job.cpu_millis
                           and n.memory_bytes - n.used_memory_bytes >= job.memory_bytes]
+        if withholding and self.withheld:
+            candidates = [n for n in candidates if not self._kept_from(job, (n.cluster, n.name))]
         placement = capacity.place(candidates, job.cpu_millis, job.memory_bytes, job.gpus, job.members,
                                    has_command=job.has_command, elsewhere=self.elsewhere, gpu_types=job.gpu_types, pool=job.node_pool)
         if placement is not None:
             self.refresh(placement)
         return placement
+
+    def _kept_from(self, job: Pending, key: tuple[str, str]) -> bool:
+        kept_for = self.withheld.get(key)
+        return bool(kept_for) and job.id not in kept_for and max(kept_for.values()) >= job.priority
+
+    def withheld_from(self, job: Pending) -> tuple[str, int] | None:
+        """The preemptor (and its priority) whose room alone would hold `job` now (a trial placement, undone), or None."""
+        if not any(self._kept_from(job, key) for key in self.withheld):
+            return None
+        trial = self.place(job, withholding=False)
+        if trial is None:
+            return None
+        _unplace(self.by_name, trial, job)
+        self.refresh(trial)
+        kept = [(priority, preemptor) for name, _, _ in trial.parts if self._kept_from(job, key := (trial.cluster, name))
+                for preemptor, priority in self.withheld[key].items()]
+        if not kept:
+            return None
+        priority, preemptor = max(kept)
+        return preemptor, priority
 
 
 def _never_fits(nodes: Sequence[NodeCapacity], job: Pending) -> bool:
