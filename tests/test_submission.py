@@ -15,6 +15,7 @@ from app.api.schemas import GangSchema, JobCreateSchema, ResourcesSchema, RetryP
 from app.db import Database
 from app.domain import execution, idempotency
 from app.domain.jobs import SCHEDULER_CHANNEL, utcnow
+from app.wakeup import SchedulerWaker
 from config import Settings
 from tests.conftest import ApiClient, LiveServer, make_token, wait_for
 from tests.test_db_resilience import backend_pids
@@ -303,6 +304,42 @@ def test_a_wake_up_survives_a_dropped_connection(api: ApiClient, settings: Setti
         listener.notifies.clear()
         api.submit(**JOB)
         wait_for(notified, 10, interval=0.02, message="a wake-up after the API's sessions were dropped")
+    finally:
+        listener.close()
+
+
+def test_a_burst_of_pokes_asks_one_pass_per_min_interval_and_a_lone_poke_is_sent_at_once(settings: Settings, database: Database) -> None:
+    """Each NOTIFY costs the scheduler a pass: under load, one per MIN_INTERVAL_SECONDS; after a quiet spell, at once."""
+    now = [100.0]
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:  # the waker's clock moves only when it waits
+        sleeps.append(seconds)
+        now[0] += seconds
+
+    waker = SchedulerWaker(database.engine, reason="test-burst", min_interval=0.05, clock=lambda: now[0], sleep=sleep)
+    listener = psycopg2.connect(settings.database_url)
+    listener.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
+    received: list[str] = []
+
+    def wake_ups(count: int) -> bool:
+        listener.poll()
+        received.extend(n.payload for n in listener.notifies if n.payload == "test-burst")
+        listener.notifies.clear()
+        return len(received) >= count
+
+    try:
+        listener.cursor().execute(f"LISTEN {SCHEDULER_CHANNEL}")
+        waker.poke()
+        wait_for(lambda: wake_ups(1), 10, interval=0.02, message="the first wake-up")
+        assert sleeps == []  # nothing sent before: no wait
+        waker.poke()  # at the same instant: the second NOTIFY waits out the interval
+        wait_for(lambda: wake_ups(2), 10, interval=0.02, message="the second wake-up")
+        assert sleeps == [pytest.approx(0.05)]
+        now[0] += 1.0  # a quiet spell
+        waker.poke()
+        wait_for(lambda: wake_ups(3), 10, interval=0.02, message="the wake-up after a quiet spell")
+        assert sleeps == [pytest.approx(0.05)] and len(received) == 3
     finally:
         listener.close()
 
