@@ -344,6 +344,33 @@ def test_a_burst_of_pokes_asks_one_pass_per_min_interval_and_a_lone_poke_is_sent
         listener.close()
 
 
+def test_a_submit_skips_the_pre_ping_and_retries_a_connection_found_dead_before_its_commit(
+    live_server: LiveServer, api: ApiClient, database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pre-ping is a round trip per request; a submit retries instead, which is safe before its COMMIT."""
+    engine = live_server.app.extensions["jobservice.database"].engine
+    pings: list[int] = []
+    ping = engine.dialect.do_ping
+    monkeypatch.setattr(engine.dialect, "do_ping", lambda connection: pings.append(1) or ping(connection))
+    first = api.submit(**JOB)
+    api.submit(**JOB)  # the waker keeps a connection of its own: a used one is in the pool after two submits
+    pings.clear()
+    api.submit(**JOB)  # its connection was in use a moment ago
+    assert pings == []
+    assert api.get(f"/jobs/{first['id']}").status_code == 200
+    assert pings == [1]  # every other request still pings
+    for pid in backend_pids(database, "jobservice-api"):  # dies while idle in the pool, a moment after use
+        with database.engine.connect() as conn:
+            conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    with database.session() as s:
+        before = s.scalar(text("SELECT count(*) FROM jobs"))
+    response = api.post("/jobs/", json=JOB)
+    assert response.status_code == 201, response.text  # not a 503: nothing was committed, so it was retried
+    with database.session() as s:
+        assert s.scalar(text("SELECT count(*) FROM jobs")) == before + 1
+        assert s.scalar(text("SELECT count(*) FROM job_events WHERE job_id = :id"), {"id": response.json()["id"]}) == 1
+
+
 def test_the_submit_transaction_itself_does_not_notify(live_server: LiveServer, api: ApiClient) -> None:
     """PostgreSQL commits notifying transactions one at a time: a NOTIFY inside the submit serialises all submits."""
     engine = live_server.app.extensions["jobservice.database"].engine

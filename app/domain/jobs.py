@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from app.db import first_line, is_connection_error, transaction
+from app.db import first_line, is_connection_error, retried_on_disconnect, transaction
 from app.domain import capacity, counters, idempotency, quotas
 from app.domain.idempotency import IdempotencyKey
 from app.domain.callers import Caller
@@ -328,7 +328,35 @@ def submit_many(
 
     The scheduler is not notified here (a NOTIFY serialises the commits of concurrent submits, see
     app.wakeup): the caller wakes it after the commit, and its interval tick is the guarantee.
+
+    A connection that turns out dead before the COMMIT was sent is retried once on a new one: nothing was
+    committed, so nothing can be created twice. That lets the pool skip its pre-ping round trip for a connection
+    in use a moment ago (app.db.retried_on_disconnect). A connection lost during the COMMIT is not retried:
+    whether it committed is unknown, and the client's retry (with its Idempotency-Key) decides.
     """
+    with retried_on_disconnect():
+        try:
+            return _submit_once(session, caller, requests, settings, key, field)
+        except _LostBeforeCommit as lost:
+            log.info("a submit met a dropped database connection before its commit; retrying it on a new one: %s",
+                     first_line(lost.error))
+            try:
+                return _submit_once(session, caller, requests, settings, key, field)
+            except _LostBeforeCommit as again:
+                raise again.error from None
+
+
+class _LostBeforeCommit(Exception):
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _submit_once(
+    session: Session, caller: Caller, requests: list[JobRequest], settings: Settings, key: IdempotencyKey | None,
+    field: FieldNamer,
+) -> Submission:
+    committing = False
     try:
         with transaction(session):
             now = utcnow()
@@ -343,6 +371,7 @@ def submit_many(
             if key is not None:
                 answer = idempotency.Stored(201, {"jobs": [job.as_json() for job in jobs]})
                 idempotency.remember(session, caller.sub, key, answer, now, settings.idempotency_key_ttl_seconds)
+            committing = True  # the block's end sends the COMMIT
             return Submission(jobs)
     except idempotency.KeyTaken:
         # A racing request with this key committed first: our jobs rolled back; answer what it answered.
@@ -351,6 +380,10 @@ def submit_many(
         if stored is None:  # pragma: no cover - it committed, so it is there (and not yet expired)
             raise Conflict("Idempotency-Key is being used by another request; retry")
         return _replay(stored)
+    except Exception as exc:
+        if not committing and is_connection_error(exc):
+            raise _LostBeforeCommit(exc) from exc
+        raise
 
 
 def submit(
