@@ -14,6 +14,7 @@ from sqlalchemy import event, text
 from app.api.schemas import GangSchema, JobCreateSchema, ResourcesSchema, RetryPolicySchema
 from app.db import Database
 from app.domain import execution, idempotency
+from app.domain import jobs as jobs_domain
 from app.domain.jobs import SCHEDULER_CHANNEL, utcnow
 from app.wakeup import SchedulerWaker
 from config import Settings
@@ -22,6 +23,11 @@ from tests.test_db_resilience import backend_pids
 from tests.test_jobs_api import assert_error
 
 JOB = {"job_type": "sweep", "command": ["true"], "priority": 10}
+
+
+def writes_jobs(statement: str) -> bool:
+    """A submit's INSERT of jobs and events: prepared once per database session, then executed by name."""
+    return jobs_domain.EXECUTE_INSERT.split("(")[0] in statement
 
 
 @pytest.fixture
@@ -81,7 +87,7 @@ def test_batch_writes_jobs_and_events_in_one_statement(live_server: LiveServer, 
     inserts: list[str] = []
 
     def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if "INSERT INTO" in statement:
+        if ("INSERT INTO" in statement and not statement.startswith("PREPARE")) or writes_jobs(statement):
             inserts.append(statement)
 
     event.listen(engine, "before_cursor_execute", seen)
@@ -91,7 +97,8 @@ def test_batch_writes_jobs_and_events_in_one_statement(live_server: LiveServer, 
         event.remove(engine, "before_cursor_execute", seen)
     assert response.status_code == 201, response.text
     assert len(inserts) == 1, inserts  # not one round trip per job (nor per table)
-    assert "INSERT INTO jobs" in inserts[0] and "INSERT INTO job_events" in inserts[0]
+    assert writes_jobs(inserts[0])
+    assert "INSERT INTO jobs" in jobs_domain.PREPARE_INSERT and "INSERT INTO job_events" in jobs_domain.PREPARE_INSERT
 
 
 def test_batch_is_all_or_nothing_and_errors_name_the_item(api: ApiClient, database: Database) -> None:
@@ -345,30 +352,62 @@ def test_a_burst_of_pokes_asks_one_pass_per_min_interval_and_a_lone_poke_is_sent
 
 
 def test_a_submit_skips_the_pre_ping_and_retries_a_connection_found_dead_before_its_commit(
-    live_server: LiveServer, api: ApiClient, database: Database, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, database: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The pre-ping is a round trip per request; a submit retries instead, which is safe before its COMMIT."""
-    engine = live_server.app.extensions["jobservice.database"].engine
-    pings: list[int] = []
-    ping = engine.dialect.do_ping
-    monkeypatch.setattr(engine.dialect, "do_ping", lambda connection: pings.append(1) or ping(connection))
-    first = api.submit(**JOB)
-    api.submit(**JOB)  # the waker keeps a connection of its own: a used one is in the pool after two submits
-    pings.clear()
-    api.submit(**JOB)  # its connection was in use a moment ago
-    assert pings == []
-    assert api.get(f"/jobs/{first['id']}").status_code == 200
-    assert pings == [1]  # every other request still pings
-    for pid in backend_pids(database, "jobservice-api"):  # dies while idle in the pool, a moment after use
-        with database.engine.connect() as conn:
-            conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
-    with database.session() as s:
-        before = s.scalar(text("SELECT count(*) FROM jobs"))
-    response = api.post("/jobs/", json=JOB)
-    assert response.status_code == 201, response.text  # not a 503: nothing was committed, so it was retried
-    with database.session() as s:
-        assert s.scalar(text("SELECT count(*) FROM jobs")) == before + 1
-        assert s.scalar(text("SELECT count(*) FROM job_events WHERE job_id = :id"), {"id": response.json()["id"]}) == 1
+    server = LiveServer(settings)  # a pool of its own: which connection a checkout gets is known
+    try:
+        api = ApiClient(server.url)
+        engine = server.app.extensions["jobservice.database"].engine
+        pings: list[int] = []
+        ping = engine.dialect.do_ping
+        monkeypatch.setattr(engine.dialect, "do_ping", lambda connection: pings.append(1) or ping(connection))
+        first = api.submit(**JOB)
+        api.submit(**JOB)  # the waker keeps a connection of its own: a used one is in the pool after two submits
+        pings.clear()
+        api.submit(**JOB)  # its connection was in use a moment ago
+        assert pings == []
+        assert api.get(f"/jobs/{first['id']}").status_code == 200
+        assert pings == [1]  # every other request still pings
+        for pid in backend_pids(database, "jobservice-api"):  # dies while idle in the pool, a moment after use
+            with database.engine.connect() as conn:
+                conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        with database.session() as s:
+            before = s.scalar(text("SELECT count(*) FROM jobs"))
+        response = api.post("/jobs/", json=JOB)
+        assert response.status_code == 201, response.text  # not a 503: nothing was committed, so it was retried
+        with database.session() as s:
+            assert s.scalar(text("SELECT count(*) FROM jobs")) == before + 1
+            assert s.scalar(text("SELECT count(*) FROM job_events WHERE job_id = :id"), {"id": response.json()["id"]}) == 1
+    finally:
+        server.stop()
+
+
+def test_the_submit_insert_is_prepared_once_per_database_session(settings: Settings, database: Database) -> None:
+    """Planning the INSERT cost PostgreSQL as much as running it: each session plans it once."""
+    server = LiveServer(settings)
+    try:
+        api = ApiClient(server.url)
+        engine = server.app.extensions["jobservice.database"].engine
+        statements: list[tuple[int, str]] = []
+
+        def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            statements.append((id(conn.connection.dbapi_connection), statement))
+
+        event.listen(engine, "before_cursor_execute", seen)
+        try:
+            for _ in range(4):
+                api.submit(**JOB)
+            assert api.post("/jobs/batch", json={"jobs": [JOB] * 3}).status_code == 201
+        finally:
+            event.remove(engine, "before_cursor_execute", seen)
+        prepared = [conn for conn, s in statements if s.startswith("PREPARE jobservice_submit_insert")]
+        assert prepared and len(prepared) == len(set(prepared))  # once per session, whatever the number of submits
+        assert sum(writes_jobs(s) for _, s in statements) == 5
+        with database.session() as s:
+            assert s.scalar(text("SELECT count(*) FROM jobs")) >= 7
+    finally:
+        server.stop()
 
 
 def test_the_submit_transaction_itself_does_not_notify(live_server: LiveServer, api: ApiClient) -> None:
@@ -391,13 +430,13 @@ def test_the_submit_transaction_itself_does_not_notify(live_server: LiveServer, 
             event.remove(engine, name, listener)
     submitting: set[int] = set()  # connections inside a submit's transaction
     for conn, statement in list(seen):
-        if "INSERT INTO jobs" in statement:
+        if writes_jobs(statement):
             submitting.add(conn)
         elif statement in ("COMMIT", "ROLLBACK"):
             submitting.discard(conn)
         elif "pg_notify" in statement:
             assert conn not in submitting, "NOTIFY inside the submit's transaction"
-    assert sum("INSERT INTO jobs" in s for _, s in seen) == 2
+    assert sum(writes_jobs(s) for _, s in seen) == 2
 
 
 # --- schemas -------------------------------------------------------------------------------------------------

@@ -6,8 +6,9 @@ Each verb that changes a job is one transaction: it locks the row, checks the tr
 from __future__ import annotations
 
 import logging
-import secrets
 import json
+import re
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -211,8 +212,35 @@ _READ_NODES_AND_POSITION = (
     "FROM (SELECT EXISTS (SELECT 1 FROM quotas WHERE tenant = :quota_tenant) AS has_quota) AS q "
     f"CROSS JOIN ({counters.NEW_POSITION_SQL}) AS p LEFT JOIN nodes AS n ON true"
 )
-_INSERT_READ_NODES_AND_POSITION = text(f"{_INSERT_JOBS.text}; SAVEPOINT {POSITION_SAVEPOINT}; {_READ_NODES_AND_POSITION}")
 _READ_NODES_ALONE = text(_READ_NODES)
+
+
+def _prepared(name: str, sql: str, types: dict[str, str]) -> tuple[str, str]:
+    """(PREPARE statement, EXECUTE statement with the same :names): the text's :names become $1, $2, ..."""
+    order = list(types)
+    body = re.sub(r"(?<![:\w]):([a-z_]+)\b", lambda m: f"${order.index(m.group(1)) + 1}", sql)
+    unknown = re.findall(r"(?<![:\w]):([a-z_]+)\b", sql)
+    assert set(unknown) <= set(order), f"{name}: untyped parameters {set(unknown) - set(order)}"
+    return (f"PREPARE {name} ({', '.join(types.values())}) AS {body}",
+            f"EXECUTE {name} ({', '.join(f':{p}' for p in order)})")
+
+
+# The INSERT is prepared once per database session: planning it took about as much PostgreSQL CPU as running it
+# (psycopg2 prepares nothing), and its plan has no choice to get wrong (a function scan into two inserts). The
+# reads after it are not: a generic plan of their scans, blind to the parameters, chose a sequential scan of jobs.
+# A prepared statement outlives a rolled-back transaction; it lives as long as the database session.
+PREPARE_INSERT, EXECUTE_INSERT = _prepared(
+    "jobservice_submit_insert", _INSERT_JOBS.text, {"rows": "jsonb", "owner": "text", "tenant": "text"})
+_PREPARE_SUBMIT = text(PREPARE_INSERT)
+_INSERT_READ_NODES_AND_POSITION = text(f"{EXECUTE_INSERT}; SAVEPOINT {POSITION_SAVEPOINT}; {_READ_NODES_AND_POSITION}")
+_PREPARED_KEY = "jobservice_submit_prepared"  # in the pooled connection's info: cleared when it closes
+
+
+def _prepare_submit(session: Session) -> None:
+    connection = session.connection()
+    if not connection.info.get(_PREPARED_KEY):
+        session.execute(_PREPARE_SUBMIT)
+        connection.info[_PREPARED_KEY] = True
 _POSITION_FAILED = -1  # the first position's read failed: none is answered
 
 
@@ -250,6 +278,7 @@ def insert_pending(
               "quota_tenant": caller.fair_share_owner, "queue": first.queue, "priority": first.priority,
               "created_at": first.created_at, "id": first.id, "scan_limit": counters.SAME_PRIORITY_SCAN_LIMIT + 1}
     try:
+        _prepare_submit(session)
         node_rows = session.execute(_INSERT_READ_NODES_AND_POSITION, params).all()
         first.queue_position = counters.new_position_from(session, node_rows[0], first.queue, first.priority,
                                                           first.created_at, first.id)
