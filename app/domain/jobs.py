@@ -241,6 +241,8 @@ def _prepare_submit(session: Session) -> None:
     if not connection.info.get(_PREPARED_KEY):
         session.execute(_PREPARE_SUBMIT)
         connection.info[_PREPARED_KEY] = True
+
+
 _POSITION_FAILED = -1  # the first position's read failed: none is answered
 
 
