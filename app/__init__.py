@@ -13,6 +13,7 @@ from app.db import Database
 from config import Settings, flask_config
 
 log = logging.getLogger("jobservice.api")
+API_RETRIED_PING_IDLE_AFTER_SECONDS = 1.0  # as the workers (workers.context): a pooled connection idle longer is pinged
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -35,7 +36,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     from app.api import auth, clusters, context, errors, fairness, guards, health, jobs, logs as job_logs, ratelimit
     from app.api import docs, metrics, nodes, openapi, prometheus, queues, quotas, streams, timeline
 
-    context.register(app, Database(settings.database_url, application_name="jobservice-api"))
+    # Submits retry a transaction that meets a dead connection before its commit: they skip the pre-ping of a
+    # connection in use a moment ago (a round trip per submit); every other request keeps it.
+    context.register(app, Database(settings.database_url, application_name="jobservice-api",
+                                   retried_ping_idle_after=API_RETRIED_PING_IDLE_AFTER_SECONDS))
     streams.register(app)
     _register_access_log(app)
     errors.register(app)

@@ -10,6 +10,7 @@ import random
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 import psycopg2
@@ -105,27 +106,49 @@ def retry_on_disconnect(
         return result
 
 
+# Set by `retried_on_disconnect()`: the transactions opened meanwhile are retried by their caller.
+_RETRIED_ON_DISCONNECT: ContextVar[bool] = ContextVar("jobservice_retried_on_disconnect", default=False)
+
+
+@contextmanager
+def retried_on_disconnect() -> Iterator[None]:
+    """Declares that the caller retries the transactions it opens inside this block when a connection error
+    meets them before their COMMIT (nothing was committed then): a Database built with `retried_ping_idle_after`
+    skips the pre-ping of a connection in use a moment ago for them. Per thread / greenlet (a context variable)."""
+    token = _RETRIED_ON_DISCONNECT.set(True)
+    try:
+        yield
+    finally:
+        _RETRIED_ON_DISCONNECT.reset(token)
+
+
 class Database:
     def __init__(self, url: str, *, pool_size: int = 10, application_name: str = "jobservice",
-                 ping_idle_after: float | None = None) -> None:
+                 ping_idle_after: float | None = None, retried_ping_idle_after: float | None = None) -> None:
         """`application_name` names this process's sessions in pg_stat_activity (operators and tests target them).
 
         `ping_idle_after`: test a pooled connection before use only when it sat idle this many seconds (default: every
         checkout, a round trip before every transaction). Only for callers whose every transaction is retried on a
         connection error (Database.retrying): a connection that died while briefly idle fails its statement, and the
         retry runs on a fresh one.
+
+        `retried_ping_idle_after`: the same, but only inside `retried_on_disconnect()` blocks; every other checkout
+        is pinged (for a process, the API, where only some transactions are retried: its submits).
         """
         self.url = url
         self.application_name = application_name[:63]
         self.engine: Engine = create_engine(
-            sqlalchemy_url(url), pool_pre_ping=ping_idle_after is None, pool_size=pool_size, max_overflow=pool_size * 2,
+            sqlalchemy_url(url), pool_pre_ping=ping_idle_after is None and retried_ping_idle_after is None,
+            pool_size=pool_size, max_overflow=pool_size * 2,
             # JIT off for every session: this service's statements are short, and one whose estimate passes
             # jit_above_cost paid LLVM compilation at every execution (psycopg2 prepares nothing): the scheduler's
             # backlog-heads query, 15 ms of index probes at 100,000 pending, took 250 ms of JIT per pass.
             connect_args={"application_name": self.application_name, "options": "-c jit=off"},
         )
         if ping_idle_after is not None:
-            _ping_when_idle(self.engine, ping_idle_after)
+            _ping_when_idle(self.engine, ping_idle_after, always_retried=True)
+        elif retried_ping_idle_after is not None:
+            _ping_when_idle(self.engine, retried_ping_idle_after, always_retried=False)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager
@@ -150,9 +173,10 @@ class Database:
         self.engine.dispose()
 
 
-def _ping_when_idle(engine: Engine, idle_seconds: float) -> None:
+def _ping_when_idle(engine: Engine, idle_seconds: float, *, always_retried: bool) -> None:
     """The pool's pre-ping, for connections idle at least `idle_seconds` only (SQLAlchemy's custom pessimistic
-    disconnect handling: DisconnectionError from a checkout makes the pool replace the connection and try again)."""
+    disconnect handling: DisconnectionError from a checkout makes the pool replace the connection and try again).
+    Unless `always_retried`, that holds inside `retried_on_disconnect()` only, and every other checkout is pinged."""
 
     @event.listens_for(engine, "checkin")
     def _idle_from(_dbapi_connection: Any, record: Any) -> None:
@@ -161,11 +185,12 @@ def _ping_when_idle(engine: Engine, idle_seconds: float) -> None:
     @event.listens_for(engine, "checkout")
     def _ping(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
         idle_since = record.info.pop("idle_since", None)
-        if idle_since is None or time.monotonic() - idle_since < idle_seconds:
-            return  # just connected, or in use a moment ago
+        if idle_since is None:
+            return  # just connected
+        if (always_retried or _RETRIED_ON_DISCONNECT.get()) and time.monotonic() - idle_since < idle_seconds:
+            return  # in use a moment ago, and its caller retries a transaction that meets a dead connection
         try:
-            with dbapi_connection.cursor() as cursor:
-                cursor.execute("SELECT 1")
+            engine.dialect.do_ping(dbapi_connection)  # as pool_pre_ping does: autocommit, no transaction left open
         except psycopg2.Error as exc:
             raise sa_exc.DisconnectionError(first_line(exc)) from exc
 

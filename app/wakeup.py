@@ -7,8 +7,15 @@ submits stop sharing (group-committing) their flushes. Measured here (benchmarks
 
 So submits commit without notifying, and a per-process thread sends the wake-up, in a transaction of
 its own: `poke()` only sets a flag; the thread sends one NOTIFY, then one more if pokes came while
-it was sending. A burst of submits costs a handful of NOTIFYs. A NOTIFY that fails (the database
-restarting) is retried every half second until one goes through.
+it was sending. A NOTIFY that fails (the database restarting) is retried every half second until one
+goes through.
+
+Under a sustained load the thread also waits MIN_INTERVAL_SECONDS between two NOTIFYs: each one costs
+the scheduler a whole admission pass, and at hundreds of submits a second, a NOTIFY per free moment of
+the thread made the scheduler and its database session burn a third of the 2 cores the submits ran on
+(benchmarks/dispatch.py --submit-only, 16 clients). The first poke after a quiet spell is sent at once,
+so a lone submit's dispatch latency is unchanged; under load a job waits at most that long more for a
+pass that admits every job submitted meanwhile.
 
 Nothing is lost by moving it out of the transaction: a NOTIFY never was the guarantee. If this
 process dies between a commit and its NOTIFY, or the NOTIFY fails, the scheduler's safety-net tick
@@ -19,6 +26,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
@@ -28,11 +36,18 @@ from app.domain.jobs import SCHEDULER_CHANNEL
 
 log = logging.getLogger("jobservice.wakeup")
 
+MIN_INTERVAL_SECONDS = 0.05  # between two NOTIFYs of one process: at most 20 passes a second asked by each
+
 
 class SchedulerWaker:
-    def __init__(self, engine: Engine, reason: str = "submit") -> None:
+    def __init__(self, engine: Engine, reason: str = "submit", *, min_interval: float = MIN_INTERVAL_SECONDS,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
         self._engine = engine
         self._reason = reason
+        self._min_interval = min_interval
+        self._clock = clock
+        self._sleep = sleep
+        self._last_sent: float | None = None
         self._wanted = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -52,8 +67,16 @@ class SchedulerWaker:
     def _run(self) -> None:
         while True:
             self._wanted.wait()
+            self._wait_out_min_interval()
             self._wanted.clear()  # pokes from now on ask for another NOTIFY after this one
             self._notify()
+
+    def _wait_out_min_interval(self) -> None:
+        """Pokes that come meanwhile are answered by the NOTIFY sent after the wait."""
+        if self._last_sent is not None:
+            remaining = self._last_sent + self._min_interval - self._clock()
+            if remaining > 0:
+                self._sleep(remaining)
 
     def _notify(self) -> None:
         try:
@@ -63,6 +86,7 @@ class SchedulerWaker:
                 if not is_connection_error(exc):
                     raise
                 self._send()  # its kept connection was dropped (a restart, a drill): once more on a new one
+            self._last_sent = self._clock()
             self._failures = 0
         except Exception as exc:  # noqa: BLE001 - never raise into the submit path; try again below
             self._failures += 1

@@ -14,13 +14,20 @@ from sqlalchemy import event, text
 from app.api.schemas import GangSchema, JobCreateSchema, ResourcesSchema, RetryPolicySchema
 from app.db import Database
 from app.domain import execution, idempotency
+from app.domain import jobs as jobs_domain
 from app.domain.jobs import SCHEDULER_CHANNEL, utcnow
+from app.wakeup import SchedulerWaker
 from config import Settings
 from tests.conftest import ApiClient, LiveServer, make_token, wait_for
 from tests.test_db_resilience import backend_pids
 from tests.test_jobs_api import assert_error
 
 JOB = {"job_type": "sweep", "command": ["true"], "priority": 10}
+
+
+def writes_jobs(statement: str) -> bool:
+    """A submit's INSERT of jobs and events: prepared once per database session, then executed by name."""
+    return jobs_domain.EXECUTE_INSERT.split("(")[0] in statement
 
 
 @pytest.fixture
@@ -80,7 +87,7 @@ def test_batch_writes_jobs_and_events_in_one_statement(live_server: LiveServer, 
     inserts: list[str] = []
 
     def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if "INSERT INTO" in statement:
+        if ("INSERT INTO" in statement and not statement.startswith("PREPARE")) or writes_jobs(statement):
             inserts.append(statement)
 
     event.listen(engine, "before_cursor_execute", seen)
@@ -90,7 +97,8 @@ def test_batch_writes_jobs_and_events_in_one_statement(live_server: LiveServer, 
         event.remove(engine, "before_cursor_execute", seen)
     assert response.status_code == 201, response.text
     assert len(inserts) == 1, inserts  # not one round trip per job (nor per table)
-    assert "INSERT INTO jobs" in inserts[0] and "INSERT INTO job_events" in inserts[0]
+    assert writes_jobs(inserts[0])
+    assert "INSERT INTO jobs" in jobs_domain.PREPARE_INSERT and "INSERT INTO job_events" in jobs_domain.PREPARE_INSERT
 
 
 def test_batch_is_all_or_nothing_and_errors_name_the_item(api: ApiClient, database: Database) -> None:
@@ -307,6 +315,101 @@ def test_a_wake_up_survives_a_dropped_connection(api: ApiClient, settings: Setti
         listener.close()
 
 
+def test_a_burst_of_pokes_asks_one_pass_per_min_interval_and_a_lone_poke_is_sent_at_once(settings: Settings, database: Database) -> None:
+    """Each NOTIFY costs the scheduler a pass: under load, one per MIN_INTERVAL_SECONDS; after a quiet spell, at once."""
+    now = [100.0]
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:  # the waker's clock moves only when it waits
+        sleeps.append(seconds)
+        now[0] += seconds
+
+    waker = SchedulerWaker(database.engine, reason="test-burst", min_interval=0.05, clock=lambda: now[0], sleep=sleep)
+    listener = psycopg2.connect(settings.database_url)
+    listener.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
+    received: list[str] = []
+
+    def wake_ups(count: int) -> bool:
+        listener.poll()
+        received.extend(n.payload for n in listener.notifies if n.payload == "test-burst")
+        listener.notifies.clear()
+        return len(received) >= count
+
+    try:
+        listener.cursor().execute(f"LISTEN {SCHEDULER_CHANNEL}")
+        waker.poke()
+        wait_for(lambda: wake_ups(1), 10, interval=0.02, message="the first wake-up")
+        assert sleeps == []  # nothing sent before: no wait
+        waker.poke()  # at the same instant: the second NOTIFY waits out the interval
+        wait_for(lambda: wake_ups(2), 10, interval=0.02, message="the second wake-up")
+        assert sleeps == [pytest.approx(0.05)]
+        now[0] += 1.0  # a quiet spell
+        waker.poke()
+        wait_for(lambda: wake_ups(3), 10, interval=0.02, message="the wake-up after a quiet spell")
+        assert sleeps == [pytest.approx(0.05)] and len(received) == 3
+    finally:
+        listener.close()
+
+
+def test_a_submit_skips_the_pre_ping_and_retries_a_connection_found_dead_before_its_commit(
+    settings: Settings, database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pre-ping is a round trip per request; a submit retries instead, which is safe before its COMMIT."""
+    server = LiveServer(settings)  # a pool of its own: which connection a checkout gets is known
+    try:
+        api = ApiClient(server.url)
+        engine = server.app.extensions["jobservice.database"].engine
+        pings: list[int] = []
+        ping = engine.dialect.do_ping
+        monkeypatch.setattr(engine.dialect, "do_ping", lambda connection: pings.append(1) or ping(connection))
+        first = api.submit(**JOB)
+        api.submit(**JOB)  # the waker keeps a connection of its own: a used one is in the pool after two submits
+        pings.clear()
+        api.submit(**JOB)  # its connection was in use a moment ago
+        assert pings == []
+        assert api.get(f"/jobs/{first['id']}").status_code == 200
+        assert pings == [1]  # every other request still pings
+        for pid in backend_pids(database, "jobservice-api"):  # dies while idle in the pool, a moment after use
+            with database.engine.connect() as conn:
+                conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        with database.session() as s:
+            before = s.scalar(text("SELECT count(*) FROM jobs"))
+        response = api.post("/jobs/", json=JOB)
+        assert response.status_code == 201, response.text  # not a 503: nothing was committed, so it was retried
+        with database.session() as s:
+            assert s.scalar(text("SELECT count(*) FROM jobs")) == before + 1
+            assert s.scalar(text("SELECT count(*) FROM job_events WHERE job_id = :id"), {"id": response.json()["id"]}) == 1
+    finally:
+        server.stop()
+
+
+def test_the_submit_insert_is_prepared_once_per_database_session(settings: Settings, database: Database) -> None:
+    """Planning the INSERT cost PostgreSQL as much as running it: each session plans it once."""
+    server = LiveServer(settings)
+    try:
+        api = ApiClient(server.url)
+        engine = server.app.extensions["jobservice.database"].engine
+        statements: list[tuple[int, str]] = []
+
+        def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            statements.append((id(conn.connection.dbapi_connection), statement))
+
+        event.listen(engine, "before_cursor_execute", seen)
+        try:
+            for _ in range(4):
+                api.submit(**JOB)
+            assert api.post("/jobs/batch", json={"jobs": [JOB] * 3}).status_code == 201
+        finally:
+            event.remove(engine, "before_cursor_execute", seen)
+        prepared = [conn for conn, s in statements if s.startswith("PREPARE jobservice_submit_insert")]
+        assert prepared and len(prepared) == len(set(prepared))  # once per session, whatever the number of submits
+        assert sum(writes_jobs(s) for _, s in statements) == 5
+        with database.session() as s:
+            assert s.scalar(text("SELECT count(*) FROM jobs")) >= 7
+    finally:
+        server.stop()
+
+
 def test_the_submit_transaction_itself_does_not_notify(live_server: LiveServer, api: ApiClient) -> None:
     """PostgreSQL commits notifying transactions one at a time: a NOTIFY inside the submit serialises all submits."""
     engine = live_server.app.extensions["jobservice.database"].engine
@@ -327,13 +430,13 @@ def test_the_submit_transaction_itself_does_not_notify(live_server: LiveServer, 
             event.remove(engine, name, listener)
     submitting: set[int] = set()  # connections inside a submit's transaction
     for conn, statement in list(seen):
-        if "INSERT INTO jobs" in statement:
+        if writes_jobs(statement):
             submitting.add(conn)
         elif statement in ("COMMIT", "ROLLBACK"):
             submitting.discard(conn)
         elif "pg_notify" in statement:
             assert conn not in submitting, "NOTIFY inside the submit's transaction"
-    assert sum("INSERT INTO jobs" in s for _, s in seen) == 2
+    assert sum(writes_jobs(s) for _, s in seen) == 2
 
 
 # --- schemas -------------------------------------------------------------------------------------------------

@@ -6,8 +6,9 @@ Each verb that changes a job is one transaction: it locks the row, checks the tr
 from __future__ import annotations
 
 import logging
-import secrets
 import json
+import re
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -16,7 +17,7 @@ from typing import Any
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from app.db import first_line, is_connection_error, transaction
+from app.db import first_line, is_connection_error, retried_on_disconnect, transaction
 from app.domain import capacity, counters, idempotency, quotas
 from app.domain.idempotency import IdempotencyKey
 from app.domain.callers import Caller
@@ -211,8 +212,37 @@ _READ_NODES_AND_POSITION = (
     "FROM (SELECT EXISTS (SELECT 1 FROM quotas WHERE tenant = :quota_tenant) AS has_quota) AS q "
     f"CROSS JOIN ({counters.NEW_POSITION_SQL}) AS p LEFT JOIN nodes AS n ON true"
 )
-_INSERT_READ_NODES_AND_POSITION = text(f"{_INSERT_JOBS.text}; SAVEPOINT {POSITION_SAVEPOINT}; {_READ_NODES_AND_POSITION}")
 _READ_NODES_ALONE = text(_READ_NODES)
+
+
+def _prepared(name: str, sql: str, types: dict[str, str]) -> tuple[str, str]:
+    """(PREPARE statement, EXECUTE statement with the same :names): the text's :names become $1, $2, ..."""
+    order = list(types)
+    body = re.sub(r"(?<![:\w]):([a-z_]+)\b", lambda m: f"${order.index(m.group(1)) + 1}", sql)
+    unknown = re.findall(r"(?<![:\w]):([a-z_]+)\b", sql)
+    assert set(unknown) <= set(order), f"{name}: untyped parameters {set(unknown) - set(order)}"
+    return (f"PREPARE {name} ({', '.join(types.values())}) AS {body}",
+            f"EXECUTE {name} ({', '.join(f':{p}' for p in order)})")
+
+
+# The INSERT is prepared once per database session: planning it took about as much PostgreSQL CPU as running it
+# (psycopg2 prepares nothing), and its plan has no choice to get wrong (a function scan into two inserts). The
+# reads after it are not: a generic plan of their scans, blind to the parameters, chose a sequential scan of jobs.
+# A prepared statement outlives a rolled-back transaction; it lives as long as the database session.
+PREPARE_INSERT, EXECUTE_INSERT = _prepared(
+    "jobservice_submit_insert", _INSERT_JOBS.text, {"rows": "jsonb", "owner": "text", "tenant": "text"})
+_PREPARE_SUBMIT = text(PREPARE_INSERT)
+_INSERT_READ_NODES_AND_POSITION = text(f"{EXECUTE_INSERT}; SAVEPOINT {POSITION_SAVEPOINT}; {_READ_NODES_AND_POSITION}")
+_PREPARED_KEY = "jobservice_submit_prepared"  # in the pooled connection's info: cleared when it closes
+
+
+def _prepare_submit(session: Session) -> None:
+    connection = session.connection()
+    if not connection.info.get(_PREPARED_KEY):
+        session.execute(_PREPARE_SUBMIT)
+        connection.info[_PREPARED_KEY] = True
+
+
 _POSITION_FAILED = -1  # the first position's read failed: none is answered
 
 
@@ -250,6 +280,7 @@ def insert_pending(
               "quota_tenant": caller.fair_share_owner, "queue": first.queue, "priority": first.priority,
               "created_at": first.created_at, "id": first.id, "scan_limit": counters.SAME_PRIORITY_SCAN_LIMIT + 1}
     try:
+        _prepare_submit(session)
         node_rows = session.execute(_INSERT_READ_NODES_AND_POSITION, params).all()
         first.queue_position = counters.new_position_from(session, node_rows[0], first.queue, first.priority,
                                                           first.created_at, first.id)
@@ -328,7 +359,35 @@ def submit_many(
 
     The scheduler is not notified here (a NOTIFY serialises the commits of concurrent submits, see
     app.wakeup): the caller wakes it after the commit, and its interval tick is the guarantee.
+
+    A connection that turns out dead before the COMMIT was sent is retried once on a new one: nothing was
+    committed, so nothing can be created twice. That lets the pool skip its pre-ping round trip for a connection
+    in use a moment ago (app.db.retried_on_disconnect). A connection lost during the COMMIT is not retried:
+    whether it committed is unknown, and the client's retry (with its Idempotency-Key) decides.
     """
+    with retried_on_disconnect():
+        try:
+            return _submit_once(session, caller, requests, settings, key, field)
+        except _LostBeforeCommit as lost:
+            log.info("a submit met a dropped database connection before its commit; retrying it on a new one: %s",
+                     first_line(lost.error))
+            try:
+                return _submit_once(session, caller, requests, settings, key, field)
+            except _LostBeforeCommit as again:
+                raise again.error from None
+
+
+class _LostBeforeCommit(Exception):
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _submit_once(
+    session: Session, caller: Caller, requests: list[JobRequest], settings: Settings, key: IdempotencyKey | None,
+    field: FieldNamer,
+) -> Submission:
+    committing = False
     try:
         with transaction(session):
             now = utcnow()
@@ -343,6 +402,7 @@ def submit_many(
             if key is not None:
                 answer = idempotency.Stored(201, {"jobs": [job.as_json() for job in jobs]})
                 idempotency.remember(session, caller.sub, key, answer, now, settings.idempotency_key_ttl_seconds)
+            committing = True  # the block's end sends the COMMIT
             return Submission(jobs)
     except idempotency.KeyTaken:
         # A racing request with this key committed first: our jobs rolled back; answer what it answered.
@@ -351,6 +411,10 @@ def submit_many(
         if stored is None:  # pragma: no cover - it committed, so it is there (and not yet expired)
             raise Conflict("Idempotency-Key is being used by another request; retry")
         return _replay(stored)
+    except Exception as exc:
+        if not committing and is_connection_error(exc):
+            raise _LostBeforeCommit(exc) from exc
+        raise
 
 
 def submit(
