@@ -36,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -71,6 +72,118 @@ def cpu_seconds(pid: int) -> float:
         return total
     except psutil.NoSuchProcess:
         return 0.0
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class ProcessCpu:
+    ppid: int
+    started: int  # clock ticks after boot: tells a reused pid from the process that had it
+    own: float  # user + system seconds
+    reaped: float  # user + system seconds of the children it has waited for (a worker's job processes)
+    cmdline: str
+
+    @property
+    def seconds(self) -> float:
+        return self.own + self.reaped
+
+
+def process_cpu() -> dict[int, ProcessCpu]:
+    """Every process's CPU time from /proc/<pid>/stat."""
+    found: dict[int, ProcessCpu] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                command = cmdline.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue  # gone meanwhile
+        # fields[0] is the state (field 3 of stat(5)): ppid 4, utime 14, stime 15, cutime 16, cstime 17, starttime 22
+        own, reaped = int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
+        found[int(entry)] = ProcessCpu(int(fields[1]), int(fields[19]), own / CLOCK_TICKS, reaped / CLOCK_TICKS, command)
+    return found
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat."""
+    with open("/proc/stat") as stat:
+        values = [int(v) for v in stat.readline().split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return (sum(values[:8]) - idle) / CLOCK_TICKS, sum(values[:8]) / CLOCK_TICKS
+
+
+def cpu_per_job(before: dict[int, ProcessCpu], after: dict[int, ProcessCpu], machine_before: tuple[float, float],
+                machine_after: tuple[float, float], roots: dict[str, int], database_name: str, jobs: int,
+                seconds: float) -> None:
+    """CPU ms per completed job for every process of the run, grouped, and how busy the whole machine was.
+
+    A process that ended within the window is counted only through the parent that reaped it; a PostgreSQL
+    backend that ended is lost (the benchmark's sessions are pooled: they live through the window)."""
+    def group_of(pid: int) -> str:
+        seen = set()
+        walk = pid
+        while walk in after and walk not in seen:
+            seen.add(walk)
+            for name, root in roots.items():
+                if walk == root:
+                    return name
+            walk = after[walk].ppid
+        command = after[pid].cmdline
+        if command.startswith("postgres:"):
+            return f"PostgreSQL backends of {database_name}" if f" {database_name} " in command else "PostgreSQL, other"
+        if command.startswith("redis-server"):
+            return "Redis"
+        return "other processes (not this benchmark's)"
+
+    used: dict[str, float] = {}
+    worker_parts: dict[str, float] = {}  # a worker's time: its main process, its pool processes, the jobs they ran
+    worker_roots = {root for name, root in roots.items() if name.startswith("worker")}
+    for pid, now in after.items():
+        earlier = before.get(pid)
+        if earlier is None or earlier.started != now.started:
+            earlier = ProcessCpu(0, 0, 0.0, 0.0, "")
+        delta = now.seconds - earlier.seconds
+        if delta > 0:
+            group = group_of(pid)
+            used[group] = used.get(group, 0.0) + delta
+            if group.startswith("worker"):
+                part = "main process" if pid in worker_roots else "pool processes"
+                worker_parts[part] = worker_parts.get(part, 0.0) + now.own - earlier.own
+                worker_parts["job processes (reaped)"] = worker_parts.get("job processes (reaped)", 0.0) + now.reaped - earlier.reaped
+    busy = machine_after[0] - machine_before[0]
+    total = machine_after[1] - machine_before[1]
+    print(f"CPU per completed job over {seconds:.1f} s ({jobs} jobs), from /proc/<pid>/stat deltas:")
+    for name, value in sorted(used.items(), key=lambda item: -item[1]):
+        print(f"  {name:<48} {value * 1000 / jobs:7.2f} ms/job  {value / seconds:5.2f} cores")
+    print(f"  {'all processes':<48} {sum(used.values()) * 1000 / jobs:7.2f} ms/job")
+    print("  workers: " + ", ".join(f"{part} {value * 1000 / jobs:.2f}" for part, value in worker_parts.items()) + " ms/job")
+    print(f"machine: {busy / total * 100:.0f}% busy ({busy / seconds:.2f} of {total / seconds:.2f} cores), "
+          f"load {open('/proc/loadavg').read().split()[0]}")
+
+
+def start_profilers(folder: str, processes: list[subprocess.Popen]) -> list[subprocess.Popen]:
+    """py-spy on the scheduler and on each worker with its pool processes, until stop_profilers."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    spy = str(Path(sys.executable).parent / "py-spy")
+    names = ["scheduler", *(f"worker{index}" for index in range(len(processes) - 2))]
+    return [
+        subprocess.Popen([spy, "record", "--format", "raw", "--rate", "200", "--nonblocking", "--subprocesses",
+                          "--output", str(Path(folder) / f"{name}.txt"), "--pid", str(process.pid)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for name, process in zip(names, processes[1:])
+    ]
+
+
+def stop_profilers(profilers: list[subprocess.Popen]) -> None:
+    for profiler in profilers:
+        profiler.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+    for profiler in profilers:
+        profiler.wait(30)
+
 
 def stage_breakdown(database: Database) -> None:
     """Where a worker slot's time goes per job, from the jobs' recorded events (steady state: the middle 80%
@@ -133,6 +246,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=0, help="submit through POST /jobs/batch, this many jobs a request")
     parser.add_argument("--warmup", type=int, default=200, help="submissions before the timed run (connections, caches)")
     parser.add_argument("--idle", type=int, default=0, help="instead: this many jobs one at a time, idle dispatch latency")
+    parser.add_argument("--pool", default="", help="the workers' Celery pool (--pool), as the worker chooses it when empty")
+    parser.add_argument("--py-spy", metavar="FOLDER", default="",
+                        help="record the scheduler and the workers with py-spy while the jobs run (collapsed stacks here)")
     args = parser.parse_args()
 
     data_dir = tempfile.mkdtemp(prefix="jobservice-bench-")
@@ -169,7 +285,7 @@ def main() -> None:
             subprocess.Popen(
                 [sys.executable, "-m", "celery", "--app", "workers.celery_app", "worker", "--loglevel", "WARNING",
                  "--concurrency", str(args.concurrency), "--prefetch-multiplier", "1", "--without-gossip",
-                 "--without-mingle", "--hostname", f"bench{index}@%h"],
+                 "--without-mingle", "--hostname", f"bench{index}@%h", *(["--pool", args.pool] if args.pool else [])],
                 env={**env, "WORKER_NODE": f"bench-{index}"}, cwd=ROOT, start_new_session=True,
             )
         )
@@ -233,6 +349,8 @@ def main() -> None:
             conn.execute(text("ANALYZE jobs; ANALYZE job_events; ANALYZE job_count_deltas"))
         cpu_before = [cpu_seconds(process.pid) for process in processes[:2]]
         client_before = time.process_time()
+        processes_before, machine_before = process_cpu(), machine_cpu()
+        profilers = start_profilers(args.py_spy, processes) if args.py_spy and not args.submit_only else []
         started = time.perf_counter()
         with ThreadPoolExecutor(args.clients) as pool:
             ids = [i for chunk in pool.map(submit, range(requests_needed)) for i in chunk]
@@ -262,6 +380,8 @@ def main() -> None:
                 raise SystemExit(f"{left} jobs still unfinished after 600 s")
             time.sleep(0.2)
         total_seconds = time.perf_counter() - started
+        processes_after, machine_after = process_cpu(), machine_cpu()
+        stop_profilers(profilers)
 
         with database.engine.connect() as conn:
             rows = conn.execute(
@@ -280,6 +400,10 @@ def main() -> None:
         )
         print(f"not succeeded: {failed}")
         stage_breakdown(database)
+        roots = {"API (gunicorn)": processes[0].pid, "scheduler": processes[1].pid, "benchmark itself": os.getpid(),
+                 **{f"worker {index} (Celery, its pool and jobs)": process.pid for index, process in enumerate(processes[2:])}}
+        cpu_per_job(processes_before, processes_after, machine_before, machine_after, roots, database.engine.url.database or "",
+                    len(ids), total_seconds)
     finally:
         for process in processes:
             try:

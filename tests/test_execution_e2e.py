@@ -305,3 +305,40 @@ def test_several_schedulers_admit_each_job_once(api: ApiClient, start_scheduler,
     with database.engine.connect() as conn:
         admissions = conn.execute(text("SELECT job_id, count(*) FROM job_events WHERE to_status = 'queued' GROUP BY job_id")).all()
     assert len(admissions) == 20 and all(count == 1 for _, count in admissions)
+
+
+def test_a_worker_sends_task_events_only_once_a_monitor_asks_for_them(api: ApiClient, start_scheduler, start_worker,
+                                                                      e2e_env: dict[str, str]) -> None:
+    """Unasked, task events cost the worker a Redis PUBLISH per task state (on the way to the claim, too);
+    Flower asks for them (`enable_events`), and from then on the worker sends them."""
+    import threading
+
+    from celery import Celery
+
+    monitor = Celery("monitor", broker=e2e_env["REDIS_URL"])
+    received: list[dict] = []
+    with monitor.connection() as connection:
+        receiver = monitor.events.Receiver(connection, handlers={"*": received.append})
+        listening = threading.Thread(target=lambda: receiver.capture(limit=None, timeout=None, wakeup=False), daemon=True)
+        listening.start()
+        try:
+            with monitor.events.default_dispatcher() as dispatcher:  # the receiver is subscribed once it sees this
+                wait_for(lambda: dispatcher.send("test-listening") or any(e["type"] == "test-listening" for e in received),
+                         message="the event receiver to subscribe")
+            start_worker("node-a")
+            start_scheduler()
+            unasked = api.submit(command=["true"])
+            assert wait_for_status(api, unasked["id"], {"succeeded", "failed"})["status"] == "succeeded"
+            replies = monitor.control.enable_events(reply=True, timeout=10)  # what Flower does
+            assert replies, "the worker did not answer enable_events"
+            asked = api.submit(command=["true"])
+            assert wait_for_status(api, asked["id"], {"succeeded", "failed"})["status"] == "succeeded"
+            ids = {e["uuid"]: e["args"] for e in received if e["type"] == "task-received"}
+            done = wait_for(lambda: [ids.get(e["uuid"]) for e in received if e["type"] == "task-succeeded"],
+                            message="the task events of the job run once a monitor asked")
+        finally:
+            receiver.should_stop = True
+            listening.join(timeout=5)
+    # Events of one sender arrive in order: the job run before the monitor asked would have come first.
+    assert all(unasked["id"] not in str(args) for args in ids.values()), ids
+    assert len(done) == 1 and asked["id"] in str(done[0]), (ids, done)

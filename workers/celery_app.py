@@ -32,7 +32,11 @@ def create_celery_app(settings: Settings) -> Celery:
         # redelivered after the visibility timeout. A dead worker is found by its job's lease.
         task_acks_late=False,
         worker_prefetch_multiplier=1,
-        worker_send_task_events=True,
+        # Task events only while a monitor asks for them: Flower (the Procfile's) turns them on by itself
+        # (`enable_events` every few seconds). Sent unasked, they were a Redis PUBLISH per task state, about 1 ms
+        # of the worker's CPU per job (benchmarks/dispatch.py), and the `task-started` one was sent by the pool
+        # process before the task began, on the way from the broker to the claim.
+        worker_send_task_events=False,
         task_send_sent_event=True,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
