@@ -8,13 +8,13 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
 import psycopg2
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, event, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -53,6 +53,14 @@ def is_connection_error(exc: BaseException) -> bool:
         # No SQLSTATE: libpq's own error (server closed the connection, could not connect).
         return code is None or code.startswith("08") or code in _SESSION_ENDED_STATES
     return False
+
+
+def vacuum(engine: Engine, tables: Sequence[str]) -> None:
+    """VACUUM (SKIP_LOCKED) these tables, outside any transaction (VACUUM cannot run in one)."""
+    names = ", ".join(f'"{name}"' for name in tables if name.isidentifier())
+    if names:
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            connection.execute(text(f"VACUUM (SKIP_LOCKED) {names}"))
 
 
 def first_line(exc: BaseException) -> str:

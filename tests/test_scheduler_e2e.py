@@ -224,3 +224,40 @@ def test_a_pass_skips_a_job_whose_row_someone_holds_and_admits_it_once_released(
     assert results[1].admitted == [held]
     with database.session() as session:
         assert session.get(Job, held).status == "queued"
+
+
+def test_the_scheduler_vacuums_the_tables_its_passes_and_folds_churn(e2e_settings: Settings, database: Database) -> None:
+    """Dead rows of the delta tables are what every submit's position read scans: the scheduler's sweep vacuums them
+    (this machine's PostgreSQL runs with autovacuum off, as some do)."""
+    from app.dispatch import CeleryPublisher
+    from app.scheduler import CHURN_TABLES, SCHEDULER_APPLICATION, Scheduler
+
+    def dead_and_vacuumed() -> dict[str, tuple[int, Any]]:
+        with database.engine.connect() as conn:
+            conn.execute(text("SELECT pg_stat_force_next_flush()"))
+            return {name: (dead, last) for name, dead, last in conn.execute(text(
+                "SELECT relname, n_dead_tup, last_vacuum FROM pg_stat_user_tables WHERE relname = ANY(:names)"),
+                {"names": list(CHURN_TABLES)})}
+
+    with database.engine.connect() as conn:  # two transactions, and this session's statistics sent at once
+        conn.execute(text("INSERT INTO job_count_deltas (queue, status, priority, delta) "
+                          "SELECT 'q-vacuum', 'pending', 1, 1 FROM generate_series(1, 2000)"))
+        conn.commit()
+        conn.execute(text("DELETE FROM job_count_deltas WHERE queue = 'q-vacuum'"))
+        conn.commit()
+        conn.execute(text("SELECT pg_stat_force_next_flush()"))
+        conn.commit()
+    before = wait_for(lambda: (seen := dead_and_vacuumed())["job_count_deltas"][0] >= 2000 and seen, timeout=10,
+                      message="the deleted rows counted dead")
+    assert before["job_count_deltas"][0] >= 2000
+    scheduler = Scheduler(e2e_settings, Database(e2e_settings.database_url or "", pool_size=2, application_name=SCHEDULER_APPLICATION),
+                          CeleryPublisher(e2e_settings))
+    try:
+        scheduler.tick()
+    finally:
+        scheduler.database.dispose()
+    after = wait_for(lambda: (seen := dead_and_vacuumed())["job_count_deltas"][0] < 2000 and seen, timeout=10,
+                     message="the dead rows vacuumed")
+    assert set(after) == set(CHURN_TABLES)
+    for name, (_, last_vacuum) in after.items():
+        assert last_vacuum is not None and last_vacuum != before[name][1], name
