@@ -87,9 +87,9 @@ def test_the_room_being_freed_for_a_preemptor_is_kept_from_jobs_of_no_higher_pri
     stopping = dataclasses.replace(run("victim", a, 1, 10, 300, stopping=True), ends_at=NOW + 10, preempted_by=frozenset({"urgent"}))
     elsewhere = run("busy-b", b, 2, 95, 300, preemptible=False)
     backlog = [job("urgent", gpus=2, priority=90), job("lower", gpus=1, priority=50, timeout=600),
-               job("peer", gpus=1, priority=90, timeout=600)]
+               job("peer", gpus=1, priority=90, timeout=600), job("lower-2", gpus=1, priority=50, timeout=600)]
     plan = decide(Snapshot(NOW, [a, b], [stopping, elsewhere], backlog), dataclasses.replace(ON, reservation_depth=0))
-    for kept_out in ("lower", "peer"):  # equal priority races it too
+    for kept_out in ("lower", "peer", "lower-2"):  # equal priority races it too; the same request again, the same answer
         decision = plan.decisions[kept_out]
         assert decision.reason == policy.BACKFILL_WINDOW and decision.blocked_by == "urgent", decision
     assert plan.preemptions == [] and plan.admitted == []
@@ -99,6 +99,7 @@ def test_the_room_being_freed_for_a_preemptor_is_kept_from_jobs_of_no_higher_pri
     # Once the preemptor has left the backlog (it started elsewhere, or was cancelled), nothing is kept.
     plan = decide(Snapshot(NOW, [a, b], [stopping, elsewhere], backlog[1:]), dataclasses.replace(ON, reservation_depth=0))
     assert [d.job.id for d in plan.admitted] == ["peer"]
+    assert plan.decisions["lower"].reason == plan.decisions["lower-2"].reason == policy.CAPACITY
 
 
 def test_preemption_is_off_unless_configured_and_a_job_that_fits_preempts_nobody() -> None:

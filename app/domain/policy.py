@@ -299,6 +299,7 @@ def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCap
     misfits = _Misfits()  # shapes that do not fit the free capacity now (it only shrinks during a pass)
     first_blocked: dict[tuple, str] = {}  # per pool, the first job that did not fit now
     free = _FreeIndex(nodes, _withheld(snapshot))
+    kept_requests: dict[tuple, tuple[str, int]] = {}  # (shape, priority) -> the preemptor whose room alone holds it
     never: dict[tuple, bool] = {}
     messages: dict[tuple, str] = {}  # per pool, once its reservations are all taken (they never shrink in a pass)
     malformed: dict[tuple, str | None] = {}  # per shape: what makes it impossible to reason about, if anything
@@ -328,10 +329,17 @@ def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCap
                 return Wait(job, QUOTA_EXCEEDED, over.message, quota=over)
         if not misfits.covers(job):
             end = now + job.duration + config.end_margin_seconds
-            placement = free.place(job)
+            # A request kept off a preemptor's room stays so for the rest of the pass (free capacity only shrinks):
+            # the trial placement is not repeated for each of a burst's identical jobs.
+            kept_key = (shape, job.priority) if job.id not in free.preemptors else None
+            kept_for = kept_requests.get(kept_key) if kept_key is not None else None
+            placement = free.place(job) if kept_for is None else None
             if placement is None:
-                kept_for = free.withheld_from(job)
+                if kept_for is None:
+                    kept_for = free.withheld_from(job)
                 if kept_for is not None:
+                    if kept_key is not None:
+                        kept_requests[kept_key] = kept_for
                     preemptor, its_priority = kept_for
                     return Wait(
                         job, BACKFILL_WINDOW,
@@ -966,6 +974,7 @@ class _FreeIndex:
     def __init__(self, nodes: list[NodeCapacity], withheld: Mapping[tuple[str, str], dict[str, int]] | None = None) -> None:
         self.nodes = nodes
         self.withheld = dict(withheld or {})
+        self.preemptors = {job_id for kept_for in self.withheld.values() for job_id in kept_for}
         self.by_name = {(n.cluster, n.name): n for n in nodes}
         self.elsewhere = any(n.cluster != LOCAL_CLUSTER for n in nodes)
         self.buckets: dict[int, dict[tuple[str, str], NodeCapacity]] = defaultdict(dict)
