@@ -171,6 +171,15 @@ def _quota_of(row: QuotaRow) -> Quota:
                  (row.borrow_gpus, row.borrow_cpu_millis, row.borrow_memory_bytes))
 
 
+def by_tenant(rows: Iterable[Sequence[Any]]) -> dict[str, list[Quota]]:
+    """Quotas from (tenant, cluster, gpus, cpu_millis, memory_bytes, borrow_gpus, borrow_cpu_millis, borrow_memory_bytes)
+    rows (the scheduler's one-statement read), per tenant in the rows' order."""
+    grouped: dict[str, list[Quota]] = defaultdict(list)
+    for tenant, cluster, *amounts in rows:
+        grouped[tenant].append(Quota(tenant, cluster, tuple(amounts[:3]), tuple(amounts[3:])))
+    return dict(grouped)
+
+
 def as_json(quota: Quota) -> dict[str, Any]:
     """The API's (and the audit's) form: quantities as strings, as a job's resources."""
     nominal = quota.nominal

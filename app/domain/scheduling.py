@@ -16,7 +16,7 @@ import json
 import logging
 import math
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -185,11 +185,17 @@ def _preempt(session: Session, preemption: policy.Preemption, now: datetime) -> 
 def preemption_budget(session: Session, settings: Settings, now: datetime) -> dict[str, int] | None:
     """Victims each cluster may still lose now: its limit (PREEMPTION_MAX_PER_MINUTE, raised to
     PREEMPTION_MAX_PER_NODE_PER_MINUTE per node it has) less those of the last minute."""
-    nodes = dict(session.execute(select(Node.cluster, func.count()).group_by(Node.cluster)).all())
-    recent = dict(session.execute(text(
+    nodes = session.execute(select(Node.cluster, func.count()).group_by(Node.cluster)).all()
+    recent = session.execute(text(
         "SELECT cluster, count(*) FROM job_events WHERE to_status = 'pending' AND at > :since AND details ? 'preempted_by' "
-        "GROUP BY cluster"), {"since": now - timedelta(seconds=60)}).all())
-    return {c: max(0, preemption_limit(settings, int(n)) - int(recent.get(c, 0))) for c, n in nodes.items()}
+        "GROUP BY cluster"), {"since": now - timedelta(seconds=60)}).all()
+    return budget_left(settings, nodes, recent)
+
+
+def budget_left(settings: Settings, nodes: Iterable[Sequence[Any]], recent: Iterable[Sequence[Any]]) -> dict[str, int]:
+    """Per cluster, from (cluster, nodes) and (cluster, victims of the last minute): what it may still lose now."""
+    preempted = {cluster: int(n) for cluster, n in recent}
+    return {cluster: max(0, preemption_limit(settings, int(n)) - preempted.get(cluster, 0)) for cluster, n in nodes}
 
 
 def preemption_limit(settings: Settings, nodes: int) -> int:
@@ -375,13 +381,8 @@ def load_snapshot(session: Session, settings: Settings, now: datetime, *, includ
     usage = fairshare.usage_from_rows(
         ((owner, gpu, cpu, memory, datetime.fromisoformat(at)) for owner, gpu, cpu, memory, at in facts.usage if owner in owners),
         now, settings.fair_share_half_life_seconds)
-    budget = None
-    if settings.preemption_enabled:
-        recent = dict(facts.preempted)
-        budget = {c: max(0, preemption_limit(settings, int(n)) - int(recent.get(c, 0))) for c, n in facts.nodes}
-    all_quotas: dict[str, list[quotas.Quota]] = {}
-    for tenant, cluster, *amounts in facts.quotas:
-        all_quotas.setdefault(tenant, []).append(quotas.Quota(tenant, cluster, tuple(amounts[:3]), tuple(amounts[3:])))
+    budget = budget_left(settings, facts.nodes, facts.preempted) if settings.preemption_enabled else None
+    all_quotas = quotas.by_tenant(facts.quotas)
     # By cluster and name (_NODES), with the cache as without it: ties between nodes go to the first listed.
     return policy.Snapshot(stamp, [deducted[key] for key in nodes], running, backlog, usage, room, quotas=all_quotas,
                            preemption_budget=budget, weights=dict(facts.weights))
