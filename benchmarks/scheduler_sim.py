@@ -453,7 +453,10 @@ def simulate(name: str, trace: list[SimJob], fleet: list[NodeCapacity], config: 
                 preempted_by.add((preemption.job.id, victim.id))
                 job.pending = dataclasses.replace(job.pending, preempted_by=job.pending.preempted_by | {preemption.job.id})
                 # It holds its capacity through the kill grace, then goes back to the backlog.
-                running[victim.id] = (job, dataclasses.replace(attempt, stopping=True, preemptible=False, ends_at=at + kill_grace))
+                # Its attempt names its preemptor, as the scheduler's holder rows do (the preemption events of the
+                # window): the policy keeps the room being freed for it (policy._withheld).
+                running[victim.id] = (job, dataclasses.replace(attempt, stopping=True, preemptible=False, ends_at=at + kill_grace,
+                                                               preempted_by=job.pending.preempted_by))
                 heapq.heappush(ends, (at + kill_grace, victim.id, job.attempt))
                 heapq.heappush(releases, at + kill_grace)
         if quotas:
