@@ -27,6 +27,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict, deque
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from app.domain import policy as policy_module  # noqa: E402
 from app.domain import quotas as quota_rules  # noqa: E402
 from app.domain.policy import _holding as policy_holding  # noqa: E402
 from app.domain.quotas import Quota  # noqa: E402
-from app.domain.scheduling import BACKLOG_PER_OWNER, BACKLOG_PER_POOL  # noqa: E402
+from app.domain.scheduling import BACKLOG_PER_OWNER, BACKLOG_PER_POOL, waiting_for_room  # noqa: E402
 from config import Settings  # noqa: E402
 
 GIB = 1 << 30
@@ -177,9 +178,11 @@ class Backlog:
         self.gpu_demand -= job.pending.gpus * job.pending.members
 
     @staticmethod
-    def _head(levels: dict[int, deque[SimJob]], limit: int) -> list[SimJob]:
+    def _head(levels: dict[int, deque[SimJob]], limit: int, uncounted: Collection[str] = ()) -> list[SimJob]:
         out: list[SimJob] = []
-        listed: set[str] = set()  # a preempted job's first entry may still be queued (removed lazily) beside its new one
+        # A preempted job's first entry may still be queued (removed lazily) beside its new one; `uncounted` are left
+        # out of the head (read besides it).
+        listed: set[str] = set(uncounted)
         for priority in sorted(levels, reverse=True):
             queue = levels[priority]
             while queue and queue[0].started is not None:
@@ -192,14 +195,19 @@ class Backlog:
                         return out
         return out
 
-    def pruned(self) -> list[Pending]:
+    def pruned(self, waiting: Collection[SimJob] = ()) -> list[Pending]:
+        """The heads, as scheduling._HEADS reads them: `waiting` (the preemptors waiting for their room, pending) are
+        not counted in the pools' heads, and are read besides them."""
         seen: dict[str, Pending] = {}
         for levels in self.by_owner.values():
             for job in self._head(levels, PER_OWNER):
                 seen[job.pending.id] = job.pending
+        uncounted = {job.pending.id for job in waiting}
         for levels in self.by_pool.values():
-            for job in self._head(levels, PER_POOL):
+            for job in self._head(levels, PER_POOL, uncounted):
                 seen[job.pending.id] = job.pending
+        for job in waiting:
+            seen[job.pending.id] = job.pending
         return list(seen.values())
 
     def tenants_waiting_for_gpus(self) -> set[str]:
@@ -261,6 +269,7 @@ def simulate(name: str, trace: list[SimJob], fleet: list[NodeCapacity], config: 
     per cluster, the limit less the victims of the last 60 s); None: unlimited."""
     result = Result(name, target=kill_grace + interval)
     recent_victims: deque[tuple[float, str]] = deque()  # (when, cluster) of every victim, for the rate limit
+    recent_preemptors: deque[tuple[float, str]] = deque()  # (when, preemptor) of every preemption (scheduling.waiting_for_room)
     minute: deque[tuple[float, int]] = deque()  # (when, GPUs) of the victims of the last 60 s, for the peak rate
     quotas = quotas or {}
     preempted_by: set[tuple[str, str]] = set()  # (preemptor, victim)
@@ -367,7 +376,13 @@ def simulate(name: str, trace: list[SimJob], fleet: list[NodeCapacity], config: 
             for _, cluster in recent_victims:
                 used_budget[cluster] += 1
             budget = {c: max(0, max_per_minute - used_budget[c]) for c in {n.cluster for n in nodes.values()}}
-        snapshot = Snapshot(at, list(nodes.values()), attempts, backlog.pruned(), owner_usage, quotas=quotas,
+        # The preemptors waiting for their room (scheduling.waiting_for_room: those of stopping victims, and of the last
+        # minute's preemptions, as _PASS_FACTS reads them) that are pending (not started).
+        while recent_preemptors and recent_preemptors[0][0] <= at - 60:
+            recent_preemptors.popleft()
+        waiting = [by_id[job_id] for job_id in waiting_for_room(attempts, (job_id for _, job_id in recent_preemptors))
+                   if by_id[job_id].started is None]
+        snapshot = Snapshot(at, list(nodes.values()), attempts, backlog.pruned(waiting), owner_usage, quotas=quotas,
                             preemption_budget=budget)
         plan = decide(snapshot, config)
         result.policy_seconds += time.perf_counter() - started
@@ -436,6 +451,7 @@ def simulate(name: str, trace: list[SimJob], fleet: list[NodeCapacity], config: 
                 members = sum(m for _, m in attempt.parts)
                 result.preemptions += 1
                 recent_victims.append((at, victim.cluster))
+                recent_preemptors.append((at, preemption.job.id))
                 minute.append((at, attempt.gpus * members))
                 while minute[0][0] <= at - 60:
                     minute.popleft()

@@ -4,12 +4,15 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from app.db import Database
-from app.domain import policy
+from app.domain import execution, policy, scheduling
+from app.domain.jobs import utcnow
 from app.domain.capacity import NodeCapacity
 from app.domain.policy import PolicyConfig, Running, Snapshot, decide
 from config import Settings
@@ -444,3 +447,68 @@ def test_the_victim_search_chooses_what_trying_every_node_would(seed: int) -> No
         found = policy._Victims(policy._copy(nodes), attempts, set()).search(urgent, lambda r, borrower: True, lower_only=True)
         chosen = None if found is None else found[0]
         assert (None if chosen is None else [r.id for r in chosen]) == (None if expected is None else [r.id for r in expected])
+
+
+# --- on real PostgreSQL: the scheduler's own pass ------------------------------------------------------
+
+
+def test_preemptors_waiting_for_their_room_do_not_hide_a_newer_urgent_job_from_the_pools_head(
+        database: Database, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Preemptors waiting out their victims' kill grace stayed in the per-pool (and per-owner) head until they started:
+    a burst of them filled it, and an urgent job submitted just after was not seen for a pass or two. The heads no
+    longer count them; they still reach the policy (their room is kept for them) and start once it is free."""
+    # Heads of two: the two preemptors fill both their owner's head and the GPU pool's.
+    monkeypatch.setattr(scheduling, "BACKLOG_PER_POOL", 2)
+    monkeypatch.setattr(scheduling, "BACKLOG_PER_OWNER", 2)
+    preemptive = settings.with_overrides(preemption_enabled=True, preemption_min_run_seconds=60.0)
+    now = utcnow()
+    with database.engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO nodes (cluster, name, gpu_indices, gpu_type, cpu_millis, memory_bytes, slots, ready, heartbeat_at, started_at) "
+            "VALUES ('local', 'n1', '[0,1,2,3]', 'H100', 32000, 68719476736, 8, true, :now + interval '1 hour', :now)"), {"now": now})
+        # The node's four GPUs run four priority-10 jobs, all started an hour ago (candidates for preemption).
+        conn.execute(text("""
+            INSERT INTO jobs (id, owner, job_type, priority, queue, status, status_reason, command, cpu_millis, memory_bytes, gpus,
+                              timeout_seconds, created_at, updated_at, pending_since, queued_at, started_at, heartbeat_at, cluster, node,
+                              placement, holds_resources, dispatch_token, preemptible)
+            SELECT 'low' || g, 'bob', 't', 10, 'default', 'running', 'r', '["true"]', 1000, 1073741824, 1, 7200,
+                   :ago, :ago, :ago, :ago, :ago + g * interval '1 s', :now, 'local', 'n1',
+                   jsonb_build_array(jsonb_build_object('node', 'n1', 'members', 1, 'gpu_indices', jsonb_build_array(g))), true,
+                   'token-' || g, true
+            FROM generate_series(0, 3) g
+        """), {"now": now, "ago": now - timedelta(hours=1)})
+
+    def submit(job_id: str, at: datetime) -> None:
+        with database.engine.begin() as conn:
+            conn.execute(text("""
+                INSERT INTO jobs (id, owner, job_type, priority, queue, status, status_reason, command, cpu_millis, memory_bytes, gpus,
+                                  timeout_seconds, created_at, updated_at, pending_since)
+                VALUES (:id, 'alice', 't', 90, 'high-priority', 'pending', 'submitted', '["true"]', 1000, 1073741824, 1, 600, :at, :at, :at)
+            """), {"id": job_id, "at": at})
+
+    def preempted_for(job_id: str) -> list[str]:
+        with database.engine.begin() as conn:
+            return list(conn.execute(text("SELECT job_id FROM job_events WHERE details->>'preempted_by' = :id"), {"id": job_id}).scalars())
+
+    def admit(at: datetime) -> scheduling.AdmissionResult:
+        with database.session() as session:
+            return scheduling.admit(session, preemptive, at)
+
+    submit("urgent-1", now)
+    submit("urgent-2", now + timedelta(seconds=1))
+    first = admit(now + timedelta(seconds=2))
+    assert sorted(first.preempted) == ["low2", "low3"] and first.admitted == []  # the youngest two; they stop meanwhile
+    submit("urgent-3", now + timedelta(seconds=3))  # behind both waiting preemptors, in its owner's head and its pool's
+    second = admit(now + timedelta(seconds=4))
+    assert preempted_for("urgent-3") == ["low1"], "the newer urgent job was not seen while the preemptors waited"
+    assert second.admitted == []  # nobody starts on GPUs still in use
+    with database.session() as session, session.begin():
+        seen = {job.id for job in scheduling.load_snapshot(session, preemptive, now + timedelta(seconds=5)).backlog}
+    assert {"urgent-1", "urgent-2", "urgent-3"} <= seen  # the waiting preemptors still reach the policy
+    # The victims' processes end (their workers report it): each preemptor starts on the room freed for it.
+    for victim in ("low1", "low2", "low3"):
+        with database.session() as session:
+            execution.end(session, preemptive, victim, "token-" + victim[-1], succeeded=False, retryable=True,
+                          reason="terminated", actor="worker")
+    third = admit(now + timedelta(seconds=6))
+    assert sorted(third.admitted) == ["urgent-1", "urgent-2", "urgent-3"] and third.preempted == []
