@@ -229,9 +229,9 @@ _ELIGIBLE = ("j.status = 'pending' AND (j.not_before IS NULL OR j.not_before <= 
              "AND NOT (j.queue = ANY(CAST(:full AS text[])))")
 # A pool's head (and a demand class's) does not count the preemptors waiting for their room (`waiting`: waiting_for_room):
 # they were decided already (their room is being freed, and the policy keeps it for them), so they would only push the
-# newer jobs behind them out of the head. A burst of urgent jobs otherwise filled a pool's head with
-# preemptors for a pass or two, and the urgent jobs submitted just after waited unseen (the simulator's p99 start
-# 25 s against a target of the kill grace plus one pass). They still reach the policy, by id: each needs its kept room.
+# newer jobs behind them out of the head. A burst of urgent jobs otherwise filled a pool's head with preemptors, and
+# the urgent jobs submitted just after waited unseen for a pass or two (the simulator's p99 start was 25 s against a
+# target of the kill grace plus one pass). They still reach the policy, by id: each needs its kept room.
 _NOT_WAITING = "NOT (j.id = ANY(CAST(:waiting AS text[])))"
 # The backlog query returns each job's id and row version (xmin: a committed row version's own, changed by every
 # UPDATE), and decodes a row only when the caller's cache does not hold that version (SnapshotCache): between
@@ -386,7 +386,8 @@ def load_snapshot(session: Session, settings: Settings, now: datetime, *, includ
     active = dict(facts.active)
     room = {q.name: q.max_concurrency - active.get(q.name, 0) for q in settings.queues}
     full = sorted(name for name, left in room.items() if left <= 0)
-    backlog = _load_backlog(session, cache, now, full, include, settings.preemption_enabled, waiting_for_room(running, facts.preemptors))
+    waiting = waiting_for_room(running, facts.preemptors)
+    backlog = _load_backlog(session, cache, now, full, include, settings.preemption_enabled, waiting)
     owners = {job.owner for job in backlog} | {attempt.owner for attempt in running}
     usage = fairshare.usage_from_rows(
         ((owner, gpu, cpu, memory, datetime.fromisoformat(at)) for owner, gpu, cpu, memory, at in facts.usage if owner in owners),
@@ -401,8 +402,9 @@ def load_snapshot(session: Session, settings: Settings, now: datetime, *, includ
 # The snapshot's small reads in one round trip (each was a statement of its own: a pass with a small backlog was
 # mostly round trips): the jobs admitted per queue (queued or running), fair-share usage rows, quotas and the weights
 # admins set, and with preemption on what its rate limit needs (nodes per cluster, the last minute's preemptions, as
-# preemption_budget reads them; and who preempted in it: waiting_for_room). Each is a JSON array of arrays; JSON carries float8 and bigint exactly (PostgreSQL
-# writes the shortest text that reads back as the same double), timestamps as ISO text with microseconds.
+# preemption_budget reads them) and who preempted in that minute (waiting_for_room). Each is a JSON array (of arrays);
+# JSON carries float8 and bigint exactly (PostgreSQL writes the shortest text that reads back as the same double),
+# timestamps as ISO text with microseconds.
 _PASS_FACTS = text(
     """
     SELECT
@@ -430,7 +432,8 @@ def waiting_for_room(running: Iterable[policy.Running], recent_preemptors: Itera
     minute (`recent_preemptors`, the rate limit's window): once its victims have ended, a preemptor must still be seen
     in the pass that their release wakes, or a lower job takes the room freed for it. So the set is bounded by the
     stopping victims and the preemption rate limit. The simulator prunes its backlog by the same rule."""
-    return sorted({job_id for attempt in running if attempt.stopping for job_id in attempt.preempted_by} | set(recent_preemptors))
+    stopping_for = {job_id for attempt in running if attempt.stopping for job_id in attempt.preempted_by}
+    return sorted(stopping_for | set(recent_preemptors))
 
 
 def _load_backlog(session: Session, cache: SnapshotCache, now: datetime, full: list[str], include: str | None,
