@@ -479,9 +479,6 @@ class _Victims:
         self.position = {(n.cluster, n.name): i for i, n in enumerate(work)}
         self.free: dict[NodeKey, Room] = {key: _room(work[i]) for key, i in self.position.items()}
         self.elsewhere = any(n.cluster != LOCAL_CLUSTER for n in work)
-        self.gives: dict[str, dict[NodeKey, Room]] = {}
-        self.per_node: dict[NodeKey, list[tuple[Running, bool]]] = defaultdict(list)  # (attempt, its owner borrows)
-        self.per_cluster: dict[str, list[tuple[Running, bool]]] = defaultdict(list)
         self._serving: dict[tuple, list[NodeKey]] = {}
         self._served_sets: dict[tuple, set[NodeKey]] = {}
         # The nodes with a free slot, by their free GPUs, each bucket sorted by (name, position): the best fit for
@@ -500,6 +497,23 @@ class _Victims:
         # jobs, a few shapes over and over, each scanned the fleet's slotted nodes).
         self._best: dict[tuple, tuple[tuple[int, str, int], NodeKey] | None] = {}
         self._best_needs: dict[tuple, tuple[int, int, int, set[NodeKey]]] = {}
+        # The candidates' index (what each gives back where, per node in preference order) is built on the first
+        # search: a pass whose blocked jobs all find room being freed, or have nobody below them, needs none of it.
+        self._candidates, self._borrowers = candidates, borrowers
+        self._indexed = False
+        self.gives: dict[str, dict[NodeKey, Room]] = {}
+        self.per_node: dict[NodeKey, list[tuple[Running, bool]]] = defaultdict(list)  # (attempt, its owner borrows)
+        self.per_cluster: dict[str, list[tuple[Running, bool]]] = defaultdict(list)
+        self.by_bound: list[NodeKey] = []
+        self.bound: dict[NodeKey, tuple[int, int, float]] = {}
+        # How many candidates hold something on a live node (as many as `gives` will have): the pass stops once all are taken.
+        self.count = sum(1 for r in candidates if any((r.cluster, name) in self.position for name, _ in r.parts))
+
+    def _index(self) -> None:
+        if self._indexed:
+            return
+        self._indexed = True
+        candidates, borrowers = self._candidates, self._borrowers
         for r in sorted(candidates, key=lambda r: (r.owner not in borrowers, r.priority, -r.started_at, r.id)):
             gives: dict[NodeKey, Room] = {}
             for index, (name, members) in enumerate(r.parts):
@@ -624,6 +638,7 @@ class _Victims:
         nodes. `lower_only`: only attempts of lower priority than the job are eligible (no reclaim), so a node's
         list can be left at the first attempt of its priority that is not a borrower's. Returns the victims and
         the nodes to place the job on, or None."""
+        self._index()
         need = (1, job.gpus * job.members, job.cpu_millis * job.members, job.memory_bytes * job.members)
         best: tuple[list[Running], list[NodeKey]] | None = None
         best_rank: tuple[int, int, float] | None = None
@@ -756,6 +771,7 @@ class _Victims:
     def take(self, victims: Sequence[Running], job: Pending, onto: Sequence[NodeKey]) -> Placement | None:
         """Stop `victims` and place `job` on `onto` in the working capacity (copies of the nodes touched), so its
         room is its own for the rest of the pass; None (nothing changed) if it does not fit after all."""
+        self._index()
         touched = set(onto) | {key for r in victims for key in self.gives[r.id]}
         copies = {key: self.work[self.position[key]].copy() for key in touched}
         for victim in victims:
@@ -845,7 +861,7 @@ def _preempt(snapshot: Snapshot, config: PolicyConfig, plan: Plan) -> None:
     blocked = [d for d in blocked if isinstance(d, Reserve) or (isinstance(d, Wait) and d.reason in (CAPACITY, NO_RESERVATION))]
     clusters_for = {command: _eligible_clusters(work, command) for command in (True, False)}  # not per job: 1,000 nodes
     for position, decision in enumerate(blocked):
-        if (budget is not None and all(v <= 0 for v in budget.values())) or len(taken) >= len(victims.gives):
+        if (budget is not None and all(v <= 0 for v in budget.values())) or len(taken) >= victims.count:
             break  # nothing is left to preempt this pass (the rate limit is spent, or every candidate is taken)
         if stats.searched >= config.preemption_searches_per_pass or stats.examined >= config.preemption_scan_limit:
             stats.unexamined, stats.first_unexamined = len(blocked) - position, decision.job.id
