@@ -499,7 +499,7 @@ class _Victims:
         self._best_needs: dict[tuple, tuple[int, int, int, set[NodeKey]]] = {}
         # The candidates' index (what each gives back where, per node in preference order) is built on the first
         # search: a pass whose blocked jobs all find room being freed, or have nobody below them, needs none of it.
-        self._candidates, self._borrowers = candidates, borrowers
+        self._candidates, self._borrowers = tuple(candidates), borrowers
         self._indexed = False
         self.gives: dict[str, dict[NodeKey, Room]] = {}
         self.per_node: dict[NodeKey, list[tuple[Running, bool]]] = defaultdict(list)  # (attempt, its owner borrows)
