@@ -12,12 +12,14 @@ crash is published again by the next pass's sweep.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import math
 import secrets
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -79,6 +81,24 @@ _BEGIN_PASS = text(
 )
 
 
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """The cyclic garbage collector off while the policy decides (on again after, unless it was off before).
+
+    The policy makes tens of thousands of short-lived objects (decisions, tuples, node copies) that reference counting
+    frees; they set off ~20 young-generation collections per pass at 100,000 pending jobs and 1,000 nodes, each also
+    traversing what the pass keeps alive: ~25 ms of a ~70 ms policy (benchmarks/scheduler_pass.py --ran 3600). With it
+    off the pass pays one collection afterwards instead. Pure computation, no I/O or locks: off for its few tens of ms.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def admit(session: Session, settings: Settings, now: datetime | None = None, cache: "SnapshotCache | None" = None,
           published: Sequence[int] = ()) -> AdmissionResult:
     """One admission pass: load the snapshot, let the policy decide, write its admissions.
@@ -96,7 +116,8 @@ def admit(session: Session, settings: Settings, now: datetime | None = None, cac
             return result
         fairshare.accrue(session, now, settings.fair_share_half_life_seconds)
         snapshot = load_snapshot(session, settings, now, cache=cache)
-        plan = policy.decide(snapshot, policy_config(settings))
+        with collector_paused():
+            plan = policy.decide(snapshot, policy_config(settings))
         result.plan = plan
         for preemption in plan.preemptions:
             result.preempted += _preempt(session, preemption, now)
