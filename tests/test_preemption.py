@@ -512,3 +512,61 @@ def test_preemptors_waiting_for_their_room_do_not_hide_a_newer_urgent_job_from_t
                           reason="terminated", actor="worker")
     third = admit(now + timedelta(seconds=6))
     assert sorted(third.admitted) == ["urgent-1", "urgent-2", "urgent-3"] and third.preempted == []
+
+
+def _best_fit_by_scan(work: list[NodeCapacity], pending: policy.Pending) -> tuple[str, str] | None:
+    """The node room_now must choose for a single job, found by trying every node: a free slot and room for it, the
+    fewest GPUs left free, then the name, then the node listed first."""
+    fitting = [(n.gpus_free_count, n.name, i) for i, n in enumerate(work)
+               if n.shortfall(pending.cpu_millis, pending.memory_bytes, pending.gpus, 1) is None and pending.serves(n)]
+    if not fitting:
+        return None
+    _, _, i = min(fitting)
+    return (work[i].cluster, work[i].name)
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_room_being_freed_goes_to_the_best_fit_that_trying_every_node_finds(seed: int) -> None:
+    # room_now keeps each request's best fit up to date node by node instead of scanning the fleet for every blocked job:
+    # as nodes fill up (slots, GPUs, CPU, memory) and preemptions give room back, it must still choose what a scan would.
+    rng = random.Random(seed)
+    cluster = rng.choice(["local", "k8s"])
+    nodes = [node(f"n{i}", gpus=rng.choice([0, 2, 4, 8]), cpu=rng.choice([4000, 16_000, 64_000]), slots=rng.choice([1, 2, 4, 16]),
+                  cluster=cluster) for i in range(rng.randint(2, 30))]
+    for i in range(rng.randint(0, 3)):  # nodes alike but for their names: ties broken by name
+        twin = rng.choice(nodes).copy()
+        twin.name = f"twin{i}"
+        nodes.append(twin)
+    busy = []
+    for k in range(rng.randint(0, 40)):
+        n, gpus = rng.choice(nodes), rng.choice([0, 1, 2])
+        if len(n.free_gpus) >= gpus and n.used_slots < n.slots and n.used_cpu_millis + 1000 <= n.cpu_millis:
+            busy.append(run(f"r{k}", n, gpus, 10, started_ago=900))
+    before = policy._copy(nodes)
+    # As the pass gives it the plan's nodes: none copied yet (copy on write), and the plan's must stay as they are.
+    victims = policy._Victims(list(nodes), busy, set(), owned=set())
+    shapes = [dict(gpus=g, cpu_millis=c) for g in (0, 1, 2, 8) for c in (500, 1000, 3000)]
+    for step in range(rng.randint(10, 80)):
+        pending = dataclasses.replace(job(f"j{step}", priority=90), **rng.choice(shapes))
+        if busy and rng.random() < 0.25:
+            # A preemption: a victim's room comes back and the preemptor takes its share of it.
+            victim = busy.pop(rng.randrange(len(busy)))
+            victims.take([victim], pending, [(victim.cluster, victim.parts[0][0])])
+            continue
+        expected = _best_fit_by_scan(victims.work, pending)
+        placement = victims.room_now(pending)
+        assert (None if placement is None else (placement.cluster, placement.parts[0][0])) == expected
+    assert nodes == before
+
+
+def test_room_being_freed_for_blocked_jobs_leaves_the_plans_free_capacity_as_the_admissions_left_it() -> None:
+    # The preemption phase works on the plan's nodes copied on write (only those it changes): a blocked job keeping room
+    # on a stopping victim's node must not change the free capacity the plan reports.
+    a, b = node("a", gpus=4), node("b", gpus=4)
+    busy = [run("stopping", a, 4, 10, started_ago=900, stopping=True), run("other", b, 4, 95, started_ago=900)]
+    snapshot = Snapshot(NOW, [a, b], busy, [job("urgent", gpus=1, priority=90), job("next", gpus=2, priority=90, at=1)])
+    plan = decide(snapshot, ON)
+    assert plan.preemption_search.room_on_its_way == 2 and plan.preemptions == []
+    without = decide(snapshot, dataclasses.replace(ON, preemption=False))
+    assert plan.free == without.free
+    assert [n.gpus_free_count for n in plan.free] == [0, 0]

@@ -297,3 +297,27 @@ def test_fair_share_accrual_in_one_statement_accrues_decays_stamps_and_purges_as
     assert again["research"][0] == pytest.approx(20 * 0.5 + 2 * 100)
     with database.engine.connect() as conn:
         assert conn.execute(text("SELECT usage_accrued_at FROM scheduler_state")).scalar() == later + timedelta(seconds=100)
+
+
+def test_the_garbage_collector_is_paused_only_while_the_policy_decides() -> None:
+    import gc
+
+    from app.domain.scheduling import collector_paused
+
+    assert gc.isenabled()
+    with collector_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()  # off already (another pause, or the process turned it off): left off
+    try:
+        with collector_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    try:
+        with collector_paused():
+            raise RuntimeError("the policy failed")
+    except RuntimeError:
+        pass
+    assert gc.isenabled()

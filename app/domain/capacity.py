@@ -236,6 +236,17 @@ def place(
     return None
 
 
+def place_member(node: NodeCapacity, cpu_millis: int, memory_bytes: int, gpus: int) -> Placement:
+    """What place([node], ...) does for one member on a node known to serve the job and to hold it now (a free worker
+    slot, enough GPUs, CPU and memory): local nodes reserve GPU indices, other clusters' GPUs are held by count. The
+    scheduler's preemption phase places many single jobs on nodes it already picked; this skips listing and sorting."""
+    if node.cluster == LOCAL_CLUSTER:
+        indices = node.reserve(cpu_millis, memory_bytes, gpus, 1)
+        return Placement(node.cluster, ((node.name, 1, tuple(indices)),))
+    node.hold_member(cpu_millis, memory_bytes, gpus, slot=True)
+    return Placement(node.cluster, ((node.name, 1, ()),))
+
+
 def _place_any(
     nodes: list[NodeCapacity], cpu_millis: int, memory_bytes: int, gpus: int, members: int, *, has_command: bool,
     elsewhere: bool,

@@ -469,14 +469,16 @@ class _Victims:
     Only the option finally chosen is checked by a real placement on copies of the nodes it touches.
     """
 
-    def __init__(self, work: list[NodeCapacity], candidates: Sequence[Running], borrowers: set[str]) -> None:
-        self.work = work  # replaced node by node as preemptors take their room (the caller's list)
+    def __init__(self, work: list[NodeCapacity], candidates: Sequence[Running], borrowers: set[str],
+                 owned: set[int] | None = None) -> None:
+        # Replaced node by node as preemptors take their room (the caller's list). Copy on write: a node is shared with
+        # the plan's free capacity until something is placed on it here (`owned`: the positions already copied; None:
+        # `work` is the caller's own copy), so a pass copies the few nodes it changes, not the fleet.
+        self.work = work
+        self.owned = owned if owned is not None else set(range(len(work)))
         self.position = {(n.cluster, n.name): i for i, n in enumerate(work)}
         self.free: dict[NodeKey, Room] = {key: _room(work[i]) for key, i in self.position.items()}
         self.elsewhere = any(n.cluster != LOCAL_CLUSTER for n in work)
-        self.gives: dict[str, dict[NodeKey, Room]] = {}
-        self.per_node: dict[NodeKey, list[tuple[Running, bool]]] = defaultdict(list)  # (attempt, its owner borrows)
-        self.per_cluster: dict[str, list[tuple[Running, bool]]] = defaultdict(list)
         self._serving: dict[tuple, list[NodeKey]] = {}
         self._served_sets: dict[tuple, set[NodeKey]] = {}
         # The nodes with a free slot, by their free GPUs, each bucket sorted by (name, position): the best fit for
@@ -489,6 +491,29 @@ class _Victims:
                 self._with_slot[self.free[key][1]].append((key[1], i, key))
         for bucket in self._with_slot.values():
             bucket.sort()
+        # The best fit found per request (GPUs, CPU, memory, the nodes serving it): (its rank, the node), or None when
+        # no node holds it. Kept up to date node by node in refresh(): a node whose room changed is the only one that
+        # can enter, leave or move in any request's ranking, so most room_now calls need no scan (a burst's blocked
+        # jobs, a few shapes over and over, each scanned the fleet's slotted nodes).
+        self._best: dict[tuple, tuple[tuple[int, str, int], NodeKey] | None] = {}
+        self._best_needs: dict[tuple, tuple[int, int, int, set[NodeKey]]] = {}
+        # The candidates' index (what each gives back where, per node in preference order) is built on the first
+        # search: a pass whose blocked jobs all find room being freed, or have nobody below them, needs none of it.
+        self._candidates, self._borrowers = tuple(candidates), borrowers
+        self._indexed = False
+        self.gives: dict[str, dict[NodeKey, Room]] = {}
+        self.per_node: dict[NodeKey, list[tuple[Running, bool]]] = defaultdict(list)  # (attempt, its owner borrows)
+        self.per_cluster: dict[str, list[tuple[Running, bool]]] = defaultdict(list)
+        self.by_bound: list[NodeKey] = []
+        self.bound: dict[NodeKey, tuple[int, int, float]] = {}
+        # How many candidates hold something on a live node (as many as `gives` will have): the pass stops once all are taken.
+        self.count = sum(1 for r in candidates if any((r.cluster, name) in self.position for name, _ in r.parts))
+
+    def _index(self) -> None:
+        if self._indexed:
+            return
+        self._indexed = True
+        candidates, borrowers = self._candidates, self._borrowers
         for r in sorted(candidates, key=lambda r: (r.owner not in borrowers, r.priority, -r.started_at, r.id)):
             gives: dict[NodeKey, Room] = {}
             for index, (name, members) in enumerate(r.parts):
@@ -514,6 +539,13 @@ class _Victims:
                  for key, ordered in self.per_node.items()}
         self.by_bound = sorted(bound, key=lambda key: (bound[key], self.position[key]))
         self.bound = bound
+
+    def _own(self, i: int) -> NodeCapacity:
+        """The working node at position i, copied first if it is still the plan's."""
+        if i not in self.owned:
+            self.work[i] = self.work[i].copy()
+            self.owned.add(i)
+        return self.work[i]
 
     def serving(self, job: Pending) -> list[NodeKey]:
         """The nodes whose capacity `job` could use (its GPU types, its pool, a cluster that can run it)."""
@@ -541,29 +573,61 @@ class _Victims:
             room = self.free[key] = _room(self.work[self.position[key]])
             if room[0] >= 1:
                 bisect.insort(self._with_slot[room[1]], entry)
+            if self._best:
+                self._rerank(key, room)
 
-    def _best_fit(self, served: set[NodeKey], gpus: int, cpu_millis: int, memory_bytes: int) -> NodeKey | None:
+    def _rerank(self, key: NodeKey, room: Room) -> None:
+        """Bring every remembered best fit up to date with `key`'s new room (the other nodes are as they were)."""
+        rank = (room[1], key[1], self.position[key])
+        stale = []
+        for request, best in self._best.items():
+            gpus, cpu_millis, memory_bytes, served = self._best_needs[request]
+            fits = room[0] >= 1 and room[1] >= gpus and room[2] >= cpu_millis and room[3] >= memory_bytes and key in served
+            if best is not None and best[1] == key:
+                if fits and rank <= best[0]:
+                    self._best[request] = (rank, key)  # it only moved up: still ahead of every other
+                else:
+                    stale.append(request)  # it left or moved down: another may be best now (scanned when asked)
+            elif fits and (best is None or rank < best[0]):
+                self._best[request] = (rank, key)
+        for request in stale:
+            del self._best[request]
+
+    def _best_fit(self, served: set[NodeKey], gpus: int, cpu_millis: int, memory_bytes: int, kind: tuple) -> NodeKey | None:
+        """The node with a free slot and room for one member that leaves the fewest GPUs free (then by name, then
+        listed first), or None; remembered per request until a node's room changes it (refresh)."""
+        request = (gpus, cpu_millis, memory_bytes, kind)
+        if request in self._best:
+            best = self._best[request]
+            return best[1] if best is not None else None
+        found: tuple[tuple[int, str, int], NodeKey] | None = None
         for gpus_free in sorted(g for g in self._with_slot if g >= gpus):
-            for _, _, key in self._with_slot[gpus_free]:
+            for name, position, key in self._with_slot[gpus_free]:
                 f = self.free[key]
                 if f[2] >= cpu_millis and f[3] >= memory_bytes and key in served:
-                    return key
-        return None
+                    found = ((gpus_free, name, position), key)
+                    break
+            if found is not None:
+                break
+        self._best[request] = found
+        self._best_needs[request] = (gpus, cpu_millis, memory_bytes, served)
+        return found[1] if found is not None else None
 
     def room_now(self, job: Pending) -> Placement | None:
         """Place `job` on what is free in the working capacity now (capacity being freed included), or None. A
         single job is looked for in the integer index (this runs for every blocked job after a preemption: placing
         over the whole fleet each time took most of a burst's pass); a gang is placed as capacity.place does."""
         if job.members > 1:
+            for i in range(len(self.work)):
+                self._own(i)
             placement = _place(self.work, job)
         else:
             served = self._served(job, self.serving(job))
-            best = self._best_fit(served, job.gpus, job.cpu_millis, job.memory_bytes)
+            best = self._best_fit(served, job.gpus, job.cpu_millis, job.memory_bytes, (job.has_command, job.gpu_types, job.node_pool))
             if best is None:
                 return None
-            placement = capacity.place([self.work[self.position[best]]], job.cpu_millis, job.memory_bytes, job.gpus, 1,
-                                       has_command=job.has_command, elsewhere=self.elsewhere, gpu_types=job.gpu_types,
-                                       pool=job.node_pool)
+            # The best fit has a free slot and room for it, and serves it (as capacity.place would check again).
+            placement = capacity.place_member(self._own(self.position[best]), job.cpu_millis, job.memory_bytes, job.gpus)
         if placement is not None:
             self.refresh((placement.cluster, name) for name, _, _ in placement.parts)
         return placement
@@ -574,6 +638,7 @@ class _Victims:
         nodes. `lower_only`: only attempts of lower priority than the job are eligible (no reclaim), so a node's
         list can be left at the first attempt of its priority that is not a borrower's. Returns the victims and
         the nodes to place the job on, or None."""
+        self._index()
         need = (1, job.gpus * job.members, job.cpu_millis * job.members, job.memory_bytes * job.members)
         best: tuple[list[Running], list[NodeKey]] | None = None
         best_rank: tuple[int, int, float] | None = None
@@ -706,6 +771,7 @@ class _Victims:
     def take(self, victims: Sequence[Running], job: Pending, onto: Sequence[NodeKey]) -> Placement | None:
         """Stop `victims` and place `job` on `onto` in the working capacity (copies of the nodes touched), so its
         room is its own for the rest of the pass; None (nothing changed) if it does not fit after all."""
+        self._index()
         touched = set(onto) | {key for r in victims for key in self.gives[r.id]}
         copies = {key: self.work[self.position[key]].copy() for key in touched}
         for victim in victims:
@@ -716,6 +782,7 @@ class _Victims:
             return None
         for key, node in copies.items():
             self.work[self.position[key]] = node
+            self.owned.add(self.position[key])
         self.refresh(touched)
         return placement
 
@@ -768,11 +835,18 @@ def _preempt(snapshot: Snapshot, config: PolicyConfig, plan: Plan) -> None:
     ]
     if not candidates and not stopping:
         return
-    work = _copy(plan.free)
-    by_key = {(n.cluster, n.name): n for n in work}
+    # The plan's free capacity is left as it is: the nodes changed here are copied first (copy on write).
+    work = list(plan.free)
+    position = {(n.cluster, n.name): i for i, n in enumerate(work)}
+    owned: set[int] = set()
     for attempt in stopping:
-        _release(by_key, attempt)
-    victims = _Victims(work, candidates, borrowers)
+        for name, _ in attempt.parts:
+            i = position.get((attempt.cluster, name))
+            if i is not None and i not in owned:
+                work[i] = work[i].copy()
+                owned.add(i)
+    _release({key: work[i] for key, i in position.items() if i in owned}, *stopping)
+    victims = _Victims(work, candidates, borrowers, owned)
     remembered = {job_id for r in candidates for job_id in r.preempted_by}  # jobs some candidate must be spared for
     changed = bool(stopping)  # `work` may hold room plan.free did not
     budget = dict(snapshot.preemption_budget) if snapshot.preemption_budget is not None else None
@@ -787,7 +861,7 @@ def _preempt(snapshot: Snapshot, config: PolicyConfig, plan: Plan) -> None:
     blocked = [d for d in blocked if isinstance(d, Reserve) or (isinstance(d, Wait) and d.reason in (CAPACITY, NO_RESERVATION))]
     clusters_for = {command: _eligible_clusters(work, command) for command in (True, False)}  # not per job: 1,000 nodes
     for position, decision in enumerate(blocked):
-        if (budget is not None and all(v <= 0 for v in budget.values())) or len(taken) >= len(victims.gives):
+        if (budget is not None and all(v <= 0 for v in budget.values())) or len(taken) >= victims.count:
             break  # nothing is left to preempt this pass (the rate limit is spent, or every candidate is taken)
         if stats.searched >= config.preemption_searches_per_pass or stats.examined >= config.preemption_scan_limit:
             stats.unexamined, stats.first_unexamined = len(blocked) - position, decision.job.id
