@@ -156,7 +156,7 @@ def cpu_per_job(before: dict[int, ProcessCpu], after: dict[int, ProcessCpu], mac
                 worker_parts["job processes (reaped)"] = worker_parts.get("job processes (reaped)", 0.0) + now.reaped - earlier.reaped
     busy = machine_after[0] - machine_before[0]
     total = machine_after[1] - machine_before[1]
-    print(f"CPU per completed job over {seconds:.1f} s ({jobs} jobs), from /proc/<pid>/stat deltas:")
+    print(f"CPU per job over {seconds:.1f} s ({jobs} jobs), from /proc/<pid>/stat deltas:")
     for name, value in sorted(used.items(), key=lambda item: -item[1]):
         print(f"  {name:<48} {value * 1000 / jobs:7.2f} ms/job  {value / seconds:5.2f} cores")
     print(f"  {'all processes':<48} {sum(used.values()) * 1000 / jobs:7.2f} ms/job")
@@ -166,15 +166,16 @@ def cpu_per_job(before: dict[int, ProcessCpu], after: dict[int, ProcessCpu], mac
 
 
 def start_profilers(folder: str, processes: list[subprocess.Popen]) -> list[subprocess.Popen]:
-    """py-spy on the scheduler and on each worker with its pool processes, until stop_profilers."""
+    """py-spy on the API (its gunicorn workers), the scheduler and each worker with its pool processes, until
+    stop_profilers."""
     Path(folder).mkdir(parents=True, exist_ok=True)
     spy = str(Path(sys.executable).parent / "py-spy")
-    names = ["scheduler", *(f"worker{index}" for index in range(len(processes) - 2))]
+    names = ["api", "scheduler", *(f"worker{index}" for index in range(len(processes) - 2))]
     return [
         subprocess.Popen([spy, "record", "--format", "raw", "--rate", "200", "--nonblocking", "--subprocesses",
                           "--output", str(Path(folder) / f"{name}.txt"), "--pid", str(process.pid)],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for name, process in zip(names, processes[1:])
+        for name, process in zip(names, processes)
     ]
 
 
@@ -248,7 +249,7 @@ def main() -> None:
     parser.add_argument("--idle", type=int, default=0, help="instead: this many jobs one at a time, idle dispatch latency")
     parser.add_argument("--pool", default="", help="the workers' Celery pool (--pool), as the worker chooses it when empty")
     parser.add_argument("--py-spy", metavar="FOLDER", default="",
-                        help="record the scheduler and the workers with py-spy while the jobs run (collapsed stacks here)")
+                        help="record the API, the scheduler and the workers with py-spy while the jobs run (collapsed stacks here)")
     args = parser.parse_args()
 
     data_dir = tempfile.mkdtemp(prefix="jobservice-bench-")
@@ -350,7 +351,7 @@ def main() -> None:
         cpu_before = [cpu_seconds(process.pid) for process in processes[:2]]
         client_before = time.process_time()
         processes_before, machine_before = process_cpu(), machine_cpu()
-        profilers = start_profilers(args.py_spy, processes) if args.py_spy and not args.submit_only else []
+        profilers = start_profilers(args.py_spy, processes) if args.py_spy else []
         started = time.perf_counter()
         with ThreadPoolExecutor(args.clients) as pool:
             ids = [i for chunk in pool.map(submit, range(requests_needed)) for i in chunk]
@@ -367,6 +368,10 @@ def main() -> None:
               f"load generator {client_cpu * 1000 / len(ids):.2f}  "
               f"(API {cpu_used[0] / submit_seconds:.2f} cores, scheduler {cpu_used[1] / submit_seconds:.2f} cores)")
         if args.submit_only:
+            stop_profilers(profilers)
+            roots = {"API (gunicorn)": processes[0].pid, "scheduler": processes[1].pid, "benchmark itself": os.getpid()}
+            cpu_per_job(processes_before, process_cpu(), machine_before, machine_cpu(), roots,
+                        database.engine.url.database or "", len(ids), submit_seconds)
             return
         ids += warm
 

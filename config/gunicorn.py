@@ -6,7 +6,11 @@
   workers may still hold the port for a moment; `graceful_timeout` keeps that moment short.
 - gunicorn's own refusals (bad request line, 414, 431, ...) answer in the API's JSON error envelope.
 - No gunicorn access log: the app writes one JSON line per request itself (app._register_access_log);
-  gunicorn's own lines are JSON too when LOG_FORMAT is `json`.
+  gunicorn's own lines are JSON too when LOG_FORMAT is `json`. QuietAccessLogger skips gunicorn's access
+  entry altogether: with a logging config it built the entry's atoms for every request and then dropped the
+  line (2.6% of the API's samples under 16 submitting clients, benchmarks/dispatch.py --submit-only --py-spy).
+- A response's head and body leave in one write (OneWriteResponse): gunicorn wrote them with a send() each,
+  two loopback segments and two client wake-ups per answer (9% of the API's samples, the same profile).
 
 Every value comes from config.Settings, the one reader of the environment.
 """
@@ -21,7 +25,8 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-from gunicorn import util
+from gunicorn import glogging, util
+from gunicorn.http import wsgi
 from gunicorn.workers.ggevent import GeventWorker
 
 from config import Settings
@@ -36,6 +41,7 @@ worker_connections = _settings.web_worker_connections
 reuse_port = True
 graceful_timeout = math.ceil(_settings.web_graceful_timeout_seconds)
 accesslog = None
+logger_class = "config.gunicorn.QuietAccessLogger"
 # gunicorn >= 25 opens a control socket at one fixed path per user: a second master (a restart, another
 # instance on the host) would fight over it, and nothing here uses gunicornc.
 control_socket_disable = True
@@ -105,8 +111,34 @@ def write_envelope(sock: socket.socket, status_int: int, reason: str, mesg: str)
     util.write_nonblock(sock, head + body)
 
 
+class QuietAccessLogger(glogging.Logger):
+    """gunicorn's logger without its access log: the app logs each request itself (app._register_access_log)."""
+
+    def access(self, resp: Any, req: Any, environ: Any, request_time: Any) -> None:
+        return None
+
+
+class OneWriteResponse(wsgi.Response):
+    """An HTTP/1 response whose head goes out in the same write as its body's first (for the API: only) piece.
+
+    Only for a body of known length that is not chunked: anything else (a stream, a HEAD, a 204/304, an empty
+    piece) is written as gunicorn writes it, head first."""
+
+    def write(self, arg: bytes) -> None:
+        if (self.headers_sent or self.chunked or self._omits_body or not isinstance(arg, bytes) or not arg
+                or self.response_length is None or len(arg) > self.response_length - self.sent):
+            super().write(arg)
+            return
+        lines = self.default_headers()
+        lines.extend(f"{name}: {value}\r\n" for name, value in self.headers)
+        head = util.to_bytestring("%s\r\n" % "".join(lines), "latin-1")  # as Response.send_headers builds it
+        self.headers_sent = True
+        self.sent += len(arg)
+        util.write(self.sock, head + arg)
+
+
 class EnvelopeGeventWorker(GeventWorker):
-    """gunicorn's gevent worker with cooperative psycopg2 and JSON error pages."""
+    """gunicorn's gevent worker with cooperative psycopg2, JSON error pages and one write per response."""
 
     def patch(self) -> None:
         super().patch()  # gevent's monkey.patch_all(), before the app is loaded
@@ -114,6 +146,7 @@ class EnvelopeGeventWorker(GeventWorker):
 
         patch_psycopg()
         util.write_error = write_envelope  # base.Worker.handle_error looks it up at call time
+        wsgi.Response = OneWriteResponse  # wsgi.create looks it up at call time (HTTP/2 passes its own class)
 
 
 def on_starting(server: Any) -> None:

@@ -214,3 +214,58 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0]
     except OSError:
         return "Z"
+
+
+def _parsed_request(raw: bytes) -> tuple[Any, socket.socket, socket.socket]:
+    """A request as gunicorn's worker parses it, read from a SOCK_SEQPACKET pair: every write on the server's
+    end arrives as one record on the client's, so a test sees how many writes an answer took."""
+    from gunicorn.config import Config
+    from gunicorn.http.parser import RequestParser
+
+    server_end, client_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    client_end.sendall(raw)
+    cfg = Config()
+    return next(RequestParser(cfg, server_end, ("127.0.0.1", 40000))), server_end, client_end
+
+
+def test_an_answer_of_known_length_leaves_in_one_write_head_and_body() -> None:
+    from gunicorn.config import Config
+    from gunicorn.http import wsgi
+
+    from config.gunicorn import OneWriteResponse
+
+    request, server_end, client_end = _parsed_request(b"POST /api/v1/jobs/ HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n")
+    response, _environ = wsgi.create(request, server_end, ("127.0.0.1", 40000), ("127.0.0.1", 8000), Config(),
+                                     response_class=OneWriteResponse)
+    body = b'{"id": "job-0123456789ab", "status": "pending"}'
+    response.start_response("201 CREATED", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+    response.write(body)
+    response.close()
+    client_end.settimeout(5)
+    first = client_end.recv(65536)
+    assert first.startswith(b"HTTP/1.1 201 CREATED\r\n")
+    head, _, rest = first.partition(b"\r\n\r\n")
+    assert b"\r\nContent-Length: " + str(len(body)).encode() in head + b"\r\n"
+    assert rest == body  # the whole answer in the first record: one write
+
+
+def test_a_streamed_answer_is_still_written_as_gunicorn_writes_it() -> None:
+    from gunicorn.config import Config
+    from gunicorn.http import wsgi
+
+    from config.gunicorn import OneWriteResponse
+
+    request, server_end, client_end = _parsed_request(b"GET /api/v1/jobs/x/events HTTP/1.1\r\nHost: a\r\n\r\n")
+    response, _environ = wsgi.create(request, server_end, ("127.0.0.1", 40000), ("127.0.0.1", 8000), Config(),
+                                     response_class=OneWriteResponse)
+    response.start_response("200 OK", [("Content-Type", "text/event-stream")])  # no length: chunked
+    response.write(b"data: 1\n\n")
+    response.write(b"data: 2\n\n")
+    response.close()
+    client_end.settimeout(5)
+    records = []
+    server_end.close()
+    while chunk := client_end.recv(65536):
+        records.append(chunk)
+    assert records[0].endswith(b"\r\n\r\n") and b"Transfer-Encoding: chunked" in records[0]  # the head alone first
+    assert b"".join(records[1:]) == b"9\r\ndata: 1\n\n\r\n9\r\ndata: 2\n\n\r\n0\r\n\r\n"
