@@ -124,6 +124,8 @@ def test_a_remembered_preemption_leaves_the_snapshot_when_it_leaves_the_window(d
     insert_nodes(database, now)
     insert_jobs(database, now)
     with database.engine.begin() as conn:
+        # p2 was preempted, so it ran: its claim set started_at (the scheduler reads the preemptions of such jobs only).
+        conn.execute(text("UPDATE jobs SET started_at = :at WHERE id = 'p2'"), {"at": now - timedelta(days=1)})
         conn.execute(text("INSERT INTO job_events (job_id, from_status, to_status, reason, actor, at, details) "
                           "VALUES ('p2', 'running', 'pending', 'preempted', 'scheduler', :at, '{\"preempted_by\": \"g1\"}'), "
                           "('r1', 'running', 'pending', 'preempted', 'scheduler', :at, '{\"preempted_by\": \"p3\"}')"),

@@ -93,7 +93,10 @@ def admit(session: Session, settings: Settings, now: datetime | None = None, cac
         if not begun.locked:
             result.locked_out = True
             return result
-        fairshare.accrue(session, now, settings.fair_share_half_life_seconds)
+        accrued_at = fairshare.accrue(session, now, settings.fair_share_half_life_seconds,
+                                      cache.accrued_at if cache is not None else None)
+        if cache is not None:
+            cache.accrued_at = accrued_at
         snapshot = load_snapshot(session, settings, now, cache=cache)
         plan = policy.decide(snapshot, policy_config(settings))
         result.plan = plan
@@ -215,7 +218,7 @@ _PENDING_COLUMNS = """
     j.id, COALESCE(j.tenant, j.owner) AS owner, j.priority, j.queue, j.created_at, j.cpu_millis, j.memory_bytes, j.gpus,
     CASE WHEN j.gang_enabled THEN j.gang_min_members ELSE 1 END AS members,
     CASE WHEN jsonb_typeof(j.command) = 'array' THEN jsonb_array_length(j.command) > 0 ELSE false END AS has_command,
-    j.timeout_seconds, j.gpu_types, j.pool
+    j.timeout_seconds, j.gpu_types, j.pool, j.started_at IS NOT NULL AS ever_started
 """
 _ONE_PENDING = text(f"SELECT {_PENDING_COLUMNS} FROM jobs j WHERE j.id = :id AND j.status = 'pending'")
 # Jobs bound to a GPU type or worker pool (ix_jobs_pending_demand): the head of each such class (listed by the
@@ -341,6 +344,9 @@ class SnapshotCache:
         self.recomputed_nodes = 0  # nodes recomputed by the last pass (benchmarks/scheduler_pass.py prints it)
         self.decoded_holders = 0  # holder rows decoded by the last pass (not known in their version)
         self.decoded_backlog = 0  # backlog rows decoded by the last pass
+        # The fair-share accrual's time as the last pass's accrual statement left it: until ACCRUE_EVERY_SECONDS later
+        # nothing is due, and the pass sends no accrual statement (fairshare.accrue).
+        self.accrued_at: datetime | None = None
 
     def for_settings(self, settings: Settings) -> "SnapshotCache":
         key = (settings.preemption_enabled, settings.kill_grace_seconds, settings.job_lease_seconds, settings.job_heartbeat_seconds)
@@ -427,7 +433,9 @@ def _load_backlog(session: Session, cache: SnapshotCache, now: datetime, full: l
     extra = []
     if include is not None and include not in seen and not any(r.id == include for r in fresh):
         extra = list(session.execute(_ONE_PENDING, {"id": include}))
-    preempted = _preempted_by(session, [r.id for r in fresh + extra], now) if preemption else {}
+    # Only a job that once ran can have been preempted (a victim is running, so claimed: started_at is set, and nothing
+    # clears it): a fresh submit, most of what a pass decodes, needs no read of the events (a round trip per pass).
+    preempted = _preempted_by(session, [r.id for r in fresh + extra if r.ever_started], now) if preemption else {}
     for r in fresh:
         seen[r.id] = (r.version, _pending(r, preempted.get(r.id, ())))
     cache.backlog, cache.decoded_backlog = seen, len(fresh)
