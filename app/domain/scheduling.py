@@ -351,8 +351,9 @@ class SnapshotCache:
     def for_settings(self, settings: Settings) -> "SnapshotCache":
         key = (settings.preemption_enabled, settings.kill_grace_seconds, settings.job_lease_seconds, settings.job_heartbeat_seconds)
         if key != self.settings_key:  # what a decoded row means depends on these
+            accrued_at = self.accrued_at  # does not: it is the database's, as the last accrual statement read it
             self.__init__()  # type: ignore[misc]
-            self.settings_key = key
+            self.settings_key, self.accrued_at = key, accrued_at
         return self
 
     def known_rows(self, kind: str, entries: dict[str, tuple[str, Any]], now: float | None) -> tuple[dict[str, str], str]:
@@ -497,7 +498,9 @@ def _load_holders(session: Session, cache: SnapshotCache, nodes: dict[tuple[str,
     # Who preempted each newly decoded holder (within the window): that job never preempts it again. (A preemption is
     # recorded in the transaction that changes the victim's row: a holder known in its version needs no new read.)
     fresh = [row.id for row in rows]
-    preempted = _preempted_by(session, fresh, now) if settings.preemption_enabled else {}
+    # A holder never started (queued: admitted, not claimed yet) cannot have been preempted (see _load_backlog).
+    preempted = _preempted_by(session, [row.id for row in rows if row.started_at is not None], now) \
+        if settings.preemption_enabled else {}
     since = now - PREEMPTED_BY_WINDOW
     # No database work below: the cache is replaced only once the pass read everything it needs (a connection
     # dropped mid-pass leaves it as the last complete pass left it).
