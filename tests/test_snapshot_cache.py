@@ -124,6 +124,8 @@ def test_a_remembered_preemption_leaves_the_snapshot_when_it_leaves_the_window(d
     insert_nodes(database, now)
     insert_jobs(database, now)
     with database.engine.begin() as conn:
+        # p2 was preempted, so it ran: its claim set started_at (the scheduler reads the preemptions of such jobs only).
+        conn.execute(text("UPDATE jobs SET started_at = :at WHERE id = 'p2'"), {"at": now - timedelta(days=1)})
         conn.execute(text("INSERT INTO job_events (job_id, from_status, to_status, reason, actor, at, details) "
                           "VALUES ('p2', 'running', 'pending', 'preempted', 'scheduler', :at, '{\"preempted_by\": \"g1\"}'), "
                           "('r1', 'running', 'pending', 'preempted', 'scheduler', :at, '{\"preempted_by\": \"p3\"}')"),
@@ -321,3 +323,63 @@ def test_the_garbage_collector_is_paused_only_while_the_policy_decides() -> None
     except RuntimeError:
         pass
     assert gc.isenabled()
+
+
+def test_an_idle_pass_admitting_a_fresh_submit_sends_five_statements_and_defers_no_accrual(
+        database: Database, settings: Settings) -> None:
+    """Issue 14, idle dispatch: a pass is mostly round trips when the fleet is idle. A pass that admits a job never run
+    before sends: the lock, the nodes with the pass's facts, the holders, the backlog, and the admission (with its own
+    savepoint); no accrual while none is due (the process remembers when it accrued), no read of the preemptions of a
+    job that never ran, no SAVEPOINT or RELEASE of their own. Accrual is only deferred: the next one that is due adds
+    every second since the last."""
+    from sqlalchemy import event
+
+    from app.domain import fairshare
+
+    now = utcnow()
+    with database.engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO nodes (cluster, name, gpu_indices, gpu_type, cpu_millis, memory_bytes, slots, ready, heartbeat_at, started_at) "
+            "VALUES ('local', 'n1', '[0,1,2,3]', 'H100', 32000, 68719476736, 8, true, :at, :at)"), {"at": now + timedelta(hours=1)})
+
+    def submit(job_id: str, at: datetime) -> None:
+        with database.engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO jobs (id, owner, job_type, priority, queue, status, status_reason, command, cpu_millis, memory_bytes, "
+                "gpus, created_at, updated_at, pending_since) VALUES (:id, 'alice', 't', 10, 'default', 'pending', 'submitted', "
+                "'[\"true\"]', 1000, 1073741824, 1, :at, :at, :at)"), {"id": job_id, "at": at})
+
+    preemptive = settings.with_overrides(preemption_enabled=True)
+    cache = scheduling.SnapshotCache()
+    sent: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        sent.append(" ".join(statement.split()))
+
+    def admit(job_id: str, at: datetime) -> list[str]:
+        submit(job_id, at)
+        sent.clear()
+        event.listen(database.engine, "before_cursor_execute", record)
+        try:
+            with database.session() as s:
+                result = scheduling.admit(s, preemptive, at, cache=cache)
+        finally:
+            event.remove(database.engine, "before_cursor_execute", record)
+        assert result.admitted == [job_id]
+        return list(sent)
+
+    admit("first", now)  # accrues (the state row), decodes the node
+    statements = admit("second", now + timedelta(seconds=0.5))  # the first job holds a GPU, the second one is new
+    assert len(statements) == 5, "\n".join(statements)
+    assert not any(s.startswith(("SAVEPOINT sa_", "RELEASE")) for s in statements), statements
+    assert not any("preempted_by'" in s and "job_id = ANY" in s for s in statements), statements
+    assert not any("usage_accrued_at" in s for s in statements), statements
+
+    # The accrual that comes due adds every second since the last one (`now`, the first pass's): the pass that sent
+    # none lost nothing. (An accrual counts what is held when it runs: `first` and `second`, a GPU each.)
+    assert fairshare.ACCRUE_EVERY_SECONDS == 1.0
+    statements = admit("third", now + timedelta(seconds=1.5))
+    assert sum("usage_accrued_at" in s for s in statements) == 1
+    with database.engine.connect() as conn:
+        gpu_seconds = conn.execute(text("SELECT gpu_seconds FROM fair_share_usage WHERE owner = 'alice'")).scalar()
+    assert gpu_seconds == pytest.approx(2 * 1.5)

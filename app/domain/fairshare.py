@@ -23,7 +23,8 @@ ACCRUE_EVERY_SECONDS = 1.0
 # - if at least :every seconds passed since the last accrual: add what every owner holds times the seconds elapsed
 #   to its decayed usage, and record the accrual's time;
 # - then delete the rows decayed below a millionth of what they were (:cutoff), except the ones just accrued (the
-#   statement's parts all see the rows as they were before it, so an accrued row must be excluded by hand).
+#   statement's parts all see the rows as they were before it, so an accrued row must be excluded by hand);
+# - answer the accrual's time as it leaves it (`accrue` sends nothing more until the next accrual is due).
 _ACCRUE = text(
     """
     WITH state AS (
@@ -58,19 +59,30 @@ _ACCRUE = text(
     ), purged AS (
         DELETE FROM fair_share_usage f WHERE f.updated_at < :cutoff AND EXISTS (SELECT 1 FROM due)
           AND NOT EXISTS (SELECT 1 FROM accrued a WHERE a.owner = f.owner)
+    ), seeded AS (
+        INSERT INTO scheduler_state (id, usage_accrued_at) SELECT 1, :now WHERE NOT EXISTS (SELECT 1 FROM state)
+        ON CONFLICT (id) DO NOTHING
     )
-    INSERT INTO scheduler_state (id, usage_accrued_at) SELECT 1, :now WHERE NOT EXISTS (SELECT 1 FROM state)
-    ON CONFLICT (id) DO NOTHING
+    SELECT CASE WHEN EXISTS (SELECT 1 FROM due) OR NOT EXISTS (SELECT 1 FROM state) THEN CAST(:now AS timestamptz)
+                ELSE (SELECT usage_accrued_at FROM state) END AS accrued_at
     """
 )
 
 
-def accrue(session: Session, now: datetime, half_life_seconds: float) -> None:
+def accrue(session: Session, now: datetime, half_life_seconds: float, accrued_at: datetime | None = None) -> datetime | None:
     """Add what each owner holds since the last accrual (at most once per ACCRUE_EVERY_SECONDS). Caller holds the
-    admission lock and commits."""
+    admission lock and commits.
+
+    Returns the time of the last accrual as this statement left it (None: unknown). `accrued_at`: what an earlier call
+    of this process returned; while `now` is within ACCRUE_EVERY_SECONDS of it, nothing can be due (the stored time
+    only ever moves forward, whoever accrues), so the statement, a round trip of every pass, is not sent at all. If
+    that earlier pass rolled back, the next accrual still adds everything since the stored time: deferred, not lost.
+    """
+    if accrued_at is not None and (now - accrued_at).total_seconds() < ACCRUE_EVERY_SECONDS:
+        return accrued_at
     half_life = max(half_life_seconds, 1.0)
-    session.execute(_ACCRUE, {"now": now, "every": ACCRUE_EVERY_SECONDS, "half_life": half_life,
-                              "cutoff": now - timedelta(seconds=20 * half_life)})
+    return session.execute(_ACCRUE, {"now": now, "every": ACCRUE_EVERY_SECONDS, "half_life": half_life,
+                                     "cutoff": now - timedelta(seconds=20 * half_life)}).scalar()
 
 
 def usage_of(session: Session, owners: Iterable[str] | None, now: datetime, half_life_seconds: float) -> dict[str, Usage]:

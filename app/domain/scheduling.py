@@ -114,7 +114,10 @@ def admit(session: Session, settings: Settings, now: datetime | None = None, cac
         if not begun.locked:
             result.locked_out = True
             return result
-        fairshare.accrue(session, now, settings.fair_share_half_life_seconds)
+        accrued_at = fairshare.accrue(session, now, settings.fair_share_half_life_seconds,
+                                      cache.accrued_at if cache is not None else None)
+        if cache is not None:
+            cache.accrued_at = accrued_at
         snapshot = load_snapshot(session, settings, now, cache=cache)
         with collector_paused():
             plan = policy.decide(snapshot, policy_config(settings))
@@ -125,9 +128,9 @@ def admit(session: Session, settings: Settings, now: datetime | None = None, cac
         admits = plan.admitted
         if admits:
             try:
-                # The fast path: every admission of the pass (row locks, jobs, events, outbox rows) in one statement.
-                with session.begin_nested():
-                    result.messages += _place_all(session, [(d.job, d.placement) for d in admits], now)
+                # The fast path: every admission of the pass (row locks, jobs, events, outbox rows) in one statement,
+                # behind a savepoint it sets itself (a failed statement is undone to it: _place_all).
+                result.messages += _place_all(session, [(d.job, d.placement) for d in admits], now)
             except _INFRASTRUCTURE_ERRORS:
                 raise
             except Exception:  # noqa: BLE001 - some row cannot be written: find it, one savepoint per job
@@ -237,7 +240,7 @@ _PENDING_COLUMNS = """
     j.id, COALESCE(j.tenant, j.owner) AS owner, j.priority, j.queue, j.created_at, j.cpu_millis, j.memory_bytes, j.gpus,
     CASE WHEN j.gang_enabled THEN j.gang_min_members ELSE 1 END AS members,
     CASE WHEN jsonb_typeof(j.command) = 'array' THEN jsonb_array_length(j.command) > 0 ELSE false END AS has_command,
-    j.timeout_seconds, j.gpu_types, j.pool
+    j.timeout_seconds, j.gpu_types, j.pool, j.started_at IS NOT NULL AS ever_started
 """
 _ONE_PENDING = text(f"SELECT {_PENDING_COLUMNS} FROM jobs j WHERE j.id = :id AND j.status = 'pending'")
 # Jobs bound to a GPU type or worker pool (ix_jobs_pending_demand): the head of each such class (listed by the
@@ -373,12 +376,16 @@ class SnapshotCache:
         self.recomputed_nodes = 0  # nodes recomputed by the last pass (benchmarks/scheduler_pass.py prints it)
         self.decoded_holders = 0  # holder rows decoded by the last pass (not known in their version)
         self.decoded_backlog = 0  # backlog rows decoded by the last pass
+        # The fair-share accrual's time as the last pass's accrual statement left it: until ACCRUE_EVERY_SECONDS later
+        # nothing is due, and the pass sends no accrual statement (fairshare.accrue).
+        self.accrued_at: datetime | None = None
 
     def for_settings(self, settings: Settings) -> "SnapshotCache":
         key = (settings.preemption_enabled, settings.kill_grace_seconds, settings.job_lease_seconds, settings.job_heartbeat_seconds)
         if key != self.settings_key:  # what a decoded row means depends on these
+            accrued_at = self.accrued_at  # does not: it is the database's, as the last accrual statement read it
             self.__init__()  # type: ignore[misc]
-            self.settings_key = key
+            self.settings_key, self.accrued_at = key, accrued_at
         return self
 
     def known_rows(self, kind: str, entries: dict[str, tuple[str, Any]], now: float | None) -> tuple[dict[str, str], str]:
@@ -401,10 +408,9 @@ def load_snapshot(session: Session, settings: Settings, now: datetime, *, includ
     """
     cache = (cache or SnapshotCache()).for_settings(settings)
     stamp = now.timestamp()
-    nodes = _load_nodes(session, cache, capacity.node_alive_since(now, settings.node_lease_seconds))
+    nodes, facts = _load_nodes(session, cache, capacity.node_alive_since(now, settings.node_lease_seconds),
+                               preemption=settings.preemption_enabled, preempted_since=now - timedelta(seconds=60))
     running, deducted = _load_holders(session, cache, nodes, now, settings)
-    facts = session.execute(_PASS_FACTS, {"preemption": settings.preemption_enabled,
-                                          "since": now - timedelta(seconds=60)}).one()
     active = dict(facts.active)
     room = {q.name: q.max_concurrency - active.get(q.name, 0) for q in settings.queues}
     full = sorted(name for name, left in room.items() if left <= 0)
@@ -414,22 +420,20 @@ def load_snapshot(session: Session, settings: Settings, now: datetime, *, includ
     usage = fairshare.usage_from_rows(
         ((owner, gpu, cpu, memory, datetime.fromisoformat(at)) for owner, gpu, cpu, memory, at in facts.usage if owner in owners),
         now, settings.fair_share_half_life_seconds)
-    budget = budget_left(settings, facts.nodes, facts.preempted) if settings.preemption_enabled else None
+    budget = budget_left(settings, facts.nodes_per_cluster, facts.preempted) if settings.preemption_enabled else None
     all_quotas = quotas.by_tenant(facts.quotas)
     # By cluster and name (_NODES), with the cache as without it: ties between nodes go to the first listed.
     return policy.Snapshot(stamp, [deducted[key] for key in nodes], running, backlog, usage, room, quotas=all_quotas,
                            preemption_budget=budget, weights=dict(facts.weights))
 
 
-# The snapshot's small reads in one round trip (each was a statement of its own: a pass with a small backlog was
-# mostly round trips): the jobs admitted per queue (queued or running), fair-share usage rows, quotas and the weights
+# The snapshot's small reads, read with the nodes (_NODES) in one round trip (each was a statement of its own: a pass
+# with a small backlog was mostly round trips): the jobs admitted per queue (queued or running), fair-share usage rows, quotas and the weights
 # admins set, and with preemption on what its rate limit needs (nodes per cluster, the last minute's preemptions, as
 # preemption_budget reads them) and who preempted in that minute (waiting_for_room). Each is a JSON array (of arrays);
 # JSON carries float8 and bigint exactly (PostgreSQL writes the shortest text that reads back as the same double),
 # timestamps as ISO text with microseconds.
-_PASS_FACTS = text(
-    """
-    SELECT
+_PASS_FACTS = """
       (SELECT COALESCE(json_agg(json_build_array(queue, n)), '[]') FROM (
           SELECT queue, count(*) AS n FROM jobs WHERE status IN ('queued', 'running') GROUP BY queue) a) AS active,
       (SELECT COALESCE(json_agg(json_build_array(owner, gpu_seconds, cpu_seconds, memory_gib_seconds, updated_at)), '[]')
@@ -438,14 +442,13 @@ _PASS_FACTS = text(
                                                  borrow_memory_bytes) ORDER BY tenant, cluster), '[]') FROM quotas) AS quotas,
       (SELECT COALESCE(json_agg(json_build_array(tenant, weight)), '[]') FROM fair_share_weights) AS weights,
       (SELECT COALESCE(json_agg(json_build_array(cluster, n)), '[]') FROM (
-          SELECT cluster, count(*) AS n FROM nodes GROUP BY cluster) c WHERE :preemption) AS nodes,
+          SELECT cluster, count(*) AS n FROM nodes GROUP BY cluster) c WHERE :preemption) AS nodes_per_cluster,
       (SELECT COALESCE(json_agg(json_build_array(cluster, n)), '[]') FROM (
           SELECT cluster, count(*) AS n FROM job_events WHERE to_status = 'pending' AND at > :since AND details ? 'preempted_by'
           GROUP BY cluster) r WHERE :preemption) AS preempted,
       (SELECT COALESCE(json_agg(DISTINCT details->>'preempted_by'), '[]') FROM job_events
          WHERE to_status = 'pending' AND at > :since AND details ? 'preempted_by' AND :preemption) AS preemptors
-    """
-)
+"""
 
 
 def waiting_for_room(running: Iterable[policy.Running], recent_preemptors: Iterable[str] = ()) -> list[str]:
@@ -474,7 +477,9 @@ def _load_backlog(session: Session, cache: SnapshotCache, now: datetime, full: l
     extra = []
     if include is not None and include not in seen and not any(r.id == include for r in fresh):
         extra = list(session.execute(_ONE_PENDING, {"id": include}))
-    preempted = _preempted_by(session, [r.id for r in fresh + extra], now) if preemption else {}
+    # Only a job that once ran can have been preempted (a victim is running, so claimed: started_at is set, and nothing
+    # clears it): a fresh submit, most of what a pass decodes, needs no read of the events (a round trip per pass).
+    preempted = _preempted_by(session, [r.id for r in fresh + extra if r.ever_started], now) if preemption else {}
     for r in fresh:
         seen[r.id] = (r.version, _pending(r, preempted.get(r.id, ())))
     cache.backlog, cache.decoded_backlog = seen, len(fresh)
@@ -493,22 +498,26 @@ def _pending(r: Any, preempted: Any) -> _Backlogged:
     return _Backlogged(job, (oldest + PREEMPTED_BY_WINDOW).timestamp() if oldest is not None else policy.INF)
 
 
-def _load_nodes(session: Session, cache: SnapshotCache, alive_since: datetime) -> dict[tuple[str, str], capacity.NodeCapacity]:
-    """The live, ready nodes with nothing held, by cluster and name. Node rows change at every heartbeat but what the
-    scheduler reads of them seldom: the statement returns a digest of that, and the rows only when the digest is not
-    the cache's. The nodes returned are the cache's own: never change them (copy)."""
-    row = session.execute(_NODES, {"alive_since": alive_since, "known": cache.node_digest}).one()
+def _load_nodes(session: Session, cache: SnapshotCache, alive_since: datetime, *, preemption: bool,
+                preempted_since: datetime) -> tuple[dict[tuple[str, str], capacity.NodeCapacity], Any]:
+    """The live, ready nodes with nothing held, by cluster and name, and the pass's small facts (_PASS_FACTS, read in
+    the same round trip). Node rows change at every heartbeat but what the scheduler reads of them seldom: the
+    statement returns a digest of that, and the rows only when the digest is not the cache's. The nodes returned are
+    the cache's own: never change them (copy)."""
+    row = session.execute(_NODES, {"alive_since": alive_since, "known": cache.node_digest, "preemption": preemption,
+                                   "since": preempted_since}).one()
     if row.rows is None and row.digest == cache.node_digest:
-        return cache.nodes
+        return cache.nodes, row
     nodes = {(r[0], r[1]): capacity.node_of(r) for r in row.rows or ()}
     cache.nodes, cache.node_digest = nodes, row.digest
-    return nodes
+    return nodes, row
 
 
 # What the scheduler reads of the live, ready nodes (capacity._nodes_query(True, ...): ready, heartbeating, neither
-# cordoned nor draining), in one JSON array, its SHA-256, and the array itself only when the caller's digest differs.
+# cordoned nor draining), in one JSON array, its SHA-256, and the array itself only when the caller's digest differs;
+# and the pass's facts (_PASS_FACTS), which need nothing from the nodes: one round trip for both.
 _NODES = text(
-    """
+    f"""
     WITH n AS (
         SELECT json_agg(json_build_array(cluster, name, gpu_indices, gpu_type, cpu_millis, memory_bytes, slots, pool)
                         ORDER BY cluster, name) AS rows
@@ -516,7 +525,8 @@ _NODES = text(
     ), d AS (
         SELECT rows, encode(sha256(convert_to(COALESCE(rows::text, '[]'), 'UTF8')), 'hex') AS digest FROM n
     )
-    SELECT digest, CASE WHEN digest IS DISTINCT FROM CAST(:known AS text) THEN rows END AS rows FROM d
+    SELECT digest, CASE WHEN digest IS DISTINCT FROM CAST(:known AS text) THEN rows END AS rows, {_PASS_FACTS}
+    FROM d
     """
 )
 
@@ -535,7 +545,9 @@ def _load_holders(session: Session, cache: SnapshotCache, nodes: dict[tuple[str,
     # Who preempted each newly decoded holder (within the window): that job never preempts it again. (A preemption is
     # recorded in the transaction that changes the victim's row: a holder known in its version needs no new read.)
     fresh = [row.id for row in rows]
-    preempted = _preempted_by(session, fresh, now) if settings.preemption_enabled else {}
+    # A holder never started (queued: admitted, not claimed yet) cannot have been preempted (see _load_backlog).
+    preempted = _preempted_by(session, [row.id for row in rows if row.started_at is not None], now) \
+        if settings.preemption_enabled else {}
     since = now - PREEMPTED_BY_WINDOW
     # No database work below: the cache is replaced only once the pass read everything it needs (a connection
     # dropped mid-pass leaves it as the last complete pass left it).
@@ -711,8 +723,12 @@ def _place(session: Session, job: Job, placement: capacity.Placement, now: datet
 # The pass's admissions in one round trip (as `_place` does for one job, and with the same rows): the jobs
 # become queued with their placement and a fresh dispatch token, each with its `queued` event and its outbox
 # row, in the pass's transaction. The rows are locked (FOR UPDATE SKIP LOCKED) and pending.
+# The statement sets the savepoint that undoes it when it fails, in the same round trip (begin_nested() cost a round
+# trip for SAVEPOINT and one for RELEASE, in every pass that admits: the commit releases it anyway).
+_PLACE_ALL_SAVEPOINT = "place_all"
 _PLACE_ALL = text(
-    """
+    f"""
+    SAVEPOINT {_PLACE_ALL_SAVEPOINT};
     WITH v AS (
         SELECT * FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS v(
             id text, cluster text, node text, placement jsonb, gpu_indices jsonb, token text, reason text,
@@ -760,14 +776,23 @@ def _place_all(session: Session, placed: list[tuple[policy.Pending, capacity.Pla
             "broker_queue": broker_queue(job.queue, placement.cluster, placement.node if placement.cluster == capacity.LOCAL_CLUSTER else None),
         })
     session.flush()  # what the ORM holds (preemptions of this pass) is written before, as it would have been
-    returned = session.execute(
-        _PLACE_ALL, {"rows": json.dumps(rows), "ids": [row["id"] for row in rows], "now": now, "task": EXECUTE_TASK}
-    ).all()
-    by_job = {row.job_id: row for row in returned}
-    return [
-        OutboxMessage(id=row.id, job_id=row.job_id, task_name=EXECUTE_TASK, queue=row.queue, args=list(row.args), created_at=now)
-        for job, _ in placed if (row := by_job.get(job.id)) is not None
-    ]
+    try:
+        returned = session.execute(
+            _PLACE_ALL, {"rows": json.dumps(rows), "ids": [row["id"] for row in rows], "now": now, "task": EXECUTE_TASK}
+        ).all()
+        by_job = {row.job_id: row for row in returned}
+        return [
+            OutboxMessage(id=row.id, job_id=row.job_id, task_name=EXECUTE_TASK, queue=row.queue, args=list(row.args), created_at=now)
+            for job, _ in placed if (row := by_job.get(job.id)) is not None
+        ]
+    except _INFRASTRUCTURE_ERRORS:
+        raise
+    except Exception:
+        # Refused by the database (the savepoint, first in the statement, was set) or failed after it: everything back
+        # to the savepoint, as begin_nested() did, so that the transaction (the pass's lock, accrual, preemptions) goes
+        # on to write the admissions one by one.
+        session.execute(text(f"ROLLBACK TO SAVEPOINT {_PLACE_ALL_SAVEPOINT}"))
+        raise
 
 
 def retry_delay_seconds(settings: Settings, job: Job) -> float:
