@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -312,3 +313,33 @@ def test_a_cgroup_name_lands_beside_the_workers_own_cgroup_and_a_relative_path_i
         assert named == auto.parent / "jobs-ci.1"
     assert containment.find_jobs_cgroup("/sys/fs/cgroup/x") == Path("/sys/fs/cgroup/x")
     assert containment.find_jobs_cgroup("off") is None
+
+
+def watch(execution: LocalExecution, limit: float = 30) -> tuple[Outcome, int]:
+    """As the worker's watch loop drives it (poll, then wait on the members' exits): the outcome, and the most
+    threads this process ran meanwhile beyond those it had before."""
+    before = threading.active_count()
+    most = 0
+    deadline = time.monotonic() + limit
+    while (outcome := execution.poll()) is None:
+        assert time.monotonic() < deadline, "the execution did not end"
+        most = max(most, threading.active_count() - before)
+        execution.wait(0.05)
+    return outcome, most
+
+
+def test_a_job_that_prints_nothing_costs_no_log_reader_thread_and_output_after_a_quiet_spell_is_kept_whole(
+    executor: LocalExecutor,
+) -> None:
+    lines: list[LogLine] = []
+    quiet = executor.launch(spec(["sleep", "0.5"], job_id="job-quiet"), lines.extend)
+    outcome, extra_threads = watch(quiet)
+    assert outcome.kind == EndKind.EXITED and outcome.exit_code == 0
+    assert extra_threads == 0 and lines == []
+    # Output that comes later, more than a pipe holds, with no line end, then on the other stream: all of it kept.
+    size = 3 * PIECE_BYTES + 10
+    noisy = executor.launch(spec(["sh", "-c", f"sleep 0.3; head -c {size} /dev/zero | tr '\\0' a; echo; echo last >&2"],
+                                 job_id="job-late-output"), lines.extend)
+    assert watch(noisy)[0].kind == EndKind.EXITED
+    assert sum(len(line.line) for line in lines if line.stream == "stdout") == size
+    assert [line.line for line in lines if line.stream == "stderr"] == ["last"]

@@ -264,7 +264,12 @@ def end(
     if succeeded and not requeue:
         now = utcnow()
         with transaction(session):
-            ended = session.execute(_SUCCEED, {
+            # One statement is a transaction of its own: sent in autocommit it is one round trip, where BEGIN,
+            # the statement and COMMIT were three. Its update, event, counters (statement triggers) and wake-up
+            # still commit together or not at all. The connection goes back to the pool at the block's end,
+            # which restores its isolation level: the fallback below runs in a real transaction.
+            connection = session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+            ended = connection.execute(_SUCCEED, {
                 "id": job_id, "token": dispatch_token, "now": now, "reason": reason, "actor": actor, "exit_code": exit_code,
                 "details": json.dumps(details or {}), "channel": SCHEDULER_CHANNEL,
             }).first()

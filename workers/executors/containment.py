@@ -97,8 +97,23 @@ def read_marker(pid: int) -> str | None:
 
 def owner_token(pid: int | None = None) -> str:
     """This process as an owner: pid and start time, so that a reused pid is not taken for it."""
-    info = read_process(pid or os.getpid())
-    return f"{info.pid}-{info.start}" if info else f"{pid or os.getpid()}-0"
+    if pid is None:
+        return _own_token()
+    info = read_process(pid)
+    return f"{info.pid}-{info.start}" if info else f"{pid}-0"
+
+
+_own_tokens: dict[int, str] = {}
+
+
+def _own_token() -> str:
+    # Read once per process (a forked pool process has a pid of its own), not from /proc at every attempt.
+    pid = os.getpid()
+    token = _own_tokens.get(pid)
+    if token is None:
+        info = read_process(pid)
+        token = _own_tokens[pid] = f"{info.pid}-{info.start}" if info else f"{pid}-0"
+    return token
 
 
 def owner_alive(token: str) -> bool:
@@ -341,8 +356,12 @@ def _kill_cgroup(cgroup: Path) -> None:
 def _remove_cgroup(cgroup: Path) -> bool:
     """rmdir the tree, leaves first; False while a process is still in it."""
     try:
-        for child in sorted((p for p in cgroup.iterdir() if p.is_dir()), reverse=True):
-            _remove_cgroup(child)
+        # scandir's entry types come with the listing: a cgroup holds some 40 control files, and a stat of
+        # each (Path.is_dir) was most of the end of a short job in the worker.
+        with os.scandir(cgroup) as entries:
+            children = sorted((entry.path for entry in entries if entry.is_dir(follow_symlinks=False)), reverse=True)
+        for child in children:
+            _remove_cgroup(Path(child))
         cgroup.rmdir()
         return True
     except FileNotFoundError:

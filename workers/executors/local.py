@@ -8,11 +8,14 @@ are started a few at a time from `poll()`, so a cancel or a timeout stops a laun
 """
 from __future__ import annotations
 
+import array
 import errno
+import fcntl
 import os
 import select
 import signal
 import subprocess
+import termios
 import threading
 import time
 from datetime import datetime, timezone
@@ -63,12 +66,19 @@ class LocalExecution:
         self._reaped_at = self.started
         self._outcome: Outcome | None = None
         self._exit_fds: list[int] = []  # a pidfd per member (Linux 5.3+): readable once the member exited
+        # Output pipes no reader thread reads yet: (pipe, stream, rank). A member watched through its pidfd gets
+        # its readers once a pipe holds output; a member that printed nothing by its exit needs none: two
+        # threads started and joined per job cost ~0.2 ms of CPU.
+        self._unread: list[tuple[IO[bytes], str, int]] = []
+        self._closed: set[IO[bytes]] = set()  # unread pipes at their end (readable forever): no longer waited on
 
     def poll(self) -> Outcome | None:
         if self._outcome is not None:
             return self._outcome
         if self._stop_outcome is None and len(self.processes) < self.spec.members:
             self._launch_some()
+        if self._unread:
+            self._check_pipes(0)
         codes = [p.poll() for p in self.processes]
         if self._stop_outcome is None:
             self._check_for_stop(codes)
@@ -96,9 +106,14 @@ class LocalExecution:
             time.sleep(timeout)
             return
         try:
-            select.select(running, [], [], timeout)
+            # Output wakes it too: the readers start at once, so the job never waits on a full pipe.
+            ready, _, _ = select.select(running + self._waited_pipes(), [], [], timeout)
         except (OSError, ValueError):
+            self._start_readers()
             time.sleep(timeout)
+            return
+        if any(not isinstance(fd, int) for fd in ready):
+            self._check_pipes(0)
 
     def cancel(self, kind: EndKind = EndKind.CANCELLED, reason: str = "cancelled") -> None:
         if self._stop_outcome is None:
@@ -149,15 +164,44 @@ class LocalExecution:
             start.close()
         self.processes.append(process)
         self.contained.add_member(process.pid)
+        watched = False
         try:
             self._exit_fds.append(os.pidfd_open(process.pid))
+            watched = True
         except (AttributeError, OSError):  # no pidfd here: wait() sleeps its interval
             pass
         for stream, pipe in (("stdout", process.stdout), ("stderr", process.stderr)):
             assert pipe is not None
-            reader = threading.Thread(target=_pump, args=(pipe, stream, rank, self.logs), daemon=True)
+            self._unread.append((pipe, stream, rank))
+        if not watched or self.spec.members > 1:
+            self._start_readers()  # wait() sleeps without pidfds, and a gang's launch spans several polls
+
+    def _waited_pipes(self) -> list[IO[bytes]]:
+        return [pipe for pipe, _, _ in self._unread if pipe not in self._closed]
+
+    def _check_pipes(self, timeout: float) -> None:
+        """Start the readers once a pipe holds output. A pipe readable with nothing in it is at its end (every
+        writer gone, as at the member's exit): the finish reads it, and it is no longer waited on."""
+        try:
+            ready, _, _ = select.select(self._waited_pipes(), [], [], timeout)
+            for pipe in ready:
+                waiting = array.array("i", [0])
+                fcntl.ioctl(pipe.fileno(), termios.FIONREAD, waiting)
+                if waiting[0] > 0:
+                    self._start_readers()
+                    return
+                self._closed.add(pipe)
+        except (OSError, ValueError):
+            self._start_readers()  # cannot tell: read them as before
+
+    def _start_readers(self) -> None:
+        for pipe, stream, rank in self._unread:
+            reader = threading.Thread(target=_pump, args=(pipe, stream, rank, self.logs), name=f"log-reader-{stream}-{rank}",
+                                      daemon=True)
             reader.start()
             self.readers.append(reader)
+        self._unread = []
+        self._closed.clear()
 
     def _check_for_stop(self, codes: list[int | None]) -> None:
         timeout = self.spec.timeout_seconds
@@ -188,6 +232,16 @@ class LocalExecution:
         # is all gone the attempt has not ended: its GPUs are not free yet.
         if not self.contained.kill_all():
             return None
+        if self._unread:
+            self._check_pipes(0)  # output left in a pipe: its readers start now and are joined below
+        if self._unread and all(pipe in self._closed for pipe, _, _ in self._unread):
+            # At their end and empty (the member printed nothing): nothing to read, no thread to start.
+            for pipe, _, _ in self._unread:
+                pipe.close()
+            self._unread = []
+            self._closed.clear()
+        elif self._unread:
+            self._start_readers()  # still held open by a process no longer of the attempt: read as before
         deadline = time.monotonic() + 5
         for reader in self.readers:
             reader.join(timeout=max(0.0, deadline - time.monotonic()))
