@@ -251,8 +251,10 @@ def test_the_pass_reads_usage_quotas_weights_and_the_preemption_budget_as_their_
         conn.execute(text("INSERT INTO fair_share_weights (tenant, weight, updated_at, updated_by) VALUES "
                           "('research', 0.1, now(), 'a'), ('bob', 333.333333333333, now(), 'a')"))
         conn.execute(text("INSERT INTO job_events (job_id, from_status, to_status, reason, actor, at, cluster, details) VALUES "
-                          "('r1', 'running', 'pending', 'preempted', 'scheduler', :at, 'local', '{\"preempted_by\": \"p1\"}')"),
-                     {"at": now - timedelta(seconds=5)})
+                          "('r1', 'running', 'pending', 'preempted', 'scheduler', :at, 'local', '{\"preempted_by\": \"p1\"}'), "
+                          "('r2', 'running', 'pending', 'preempted', 'scheduler', :at, 'local', '{\"preempted_by\": \"p2\"}'), "
+                          "('r3', 'running', 'pending', 'preempted', 'scheduler', :at, 'local', '{\"preempted_by\": \"p1\"}')"),
+                     {"at": now - timedelta(seconds=5)})  # three victims of one cluster, by two preemptors
     with database.session() as s, s.begin():
         snapshot = scheduling.load_snapshot(s, preemptive, now)
         owners = {job.owner for job in snapshot.backlog} | {attempt.owner for attempt in snapshot.running}

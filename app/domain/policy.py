@@ -837,15 +837,11 @@ def _preempt(snapshot: Snapshot, config: PolicyConfig, plan: Plan) -> None:
         return
     # The plan's free capacity is left as it is: the nodes changed here are copied first (copy on write).
     work = list(plan.free)
-    position = {(n.cluster, n.name): i for i, n in enumerate(work)}
-    owned: set[int] = set()
-    for attempt in stopping:
-        for name, _ in attempt.parts:
-            i = position.get((attempt.cluster, name))
-            if i is not None and i not in owned:
-                work[i] = work[i].copy()
-                owned.add(i)
-    _release({key: work[i] for key, i in position.items() if i in owned}, *stopping)
+    index_of = {(n.cluster, n.name): i for i, n in enumerate(work)}
+    owned = {index_of[key] for r in stopping for name, _ in r.parts if (key := (r.cluster, name)) in index_of}
+    for i in owned:
+        work[i] = work[i].copy()
+    _release({(work[i].cluster, work[i].name): work[i] for i in owned}, *stopping)
     victims = _Victims(work, candidates, borrowers, owned)
     remembered = {job_id for r in candidates for job_id in r.preempted_by}  # jobs some candidate must be spared for
     changed = bool(stopping)  # `work` may hold room plan.free did not

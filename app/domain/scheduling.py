@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import secrets
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -414,13 +415,17 @@ def load_snapshot(session: Session, settings: Settings, now: datetime, *, includ
     active = dict(facts.active)
     room = {q.name: q.max_concurrency - active.get(q.name, 0) for q in settings.queues}
     full = sorted(name for name, left in room.items() if left <= 0)
-    waiting = waiting_for_room(running, facts.preemptors)
+    # The last minute's preemptions, read once: (cluster, victims, preemptor), for the rate limit and the waiting preemptors.
+    victims_per_cluster: dict[str, int] = defaultdict(int)
+    for cluster, victims, _ in facts.preempted:
+        victims_per_cluster[cluster] += victims
+    waiting = waiting_for_room(running, (preemptor for _, _, preemptor in facts.preempted))
     backlog = _load_backlog(session, cache, now, full, include, settings.preemption_enabled, waiting)
     owners = {job.owner for job in backlog} | {attempt.owner for attempt in running}
     usage = fairshare.usage_from_rows(
         ((owner, gpu, cpu, memory, datetime.fromisoformat(at)) for owner, gpu, cpu, memory, at in facts.usage if owner in owners),
         now, settings.fair_share_half_life_seconds)
-    budget = budget_left(settings, facts.nodes_per_cluster, facts.preempted) if settings.preemption_enabled else None
+    budget = budget_left(settings, facts.nodes_per_cluster, victims_per_cluster.items()) if settings.preemption_enabled else None
     all_quotas = quotas.by_tenant(facts.quotas)
     # By cluster and name (_NODES), with the cache as without it: ties between nodes go to the first listed.
     return policy.Snapshot(stamp, [deducted[key] for key in nodes], running, backlog, usage, room, quotas=all_quotas,
@@ -430,7 +435,7 @@ def load_snapshot(session: Session, settings: Settings, now: datetime, *, includ
 # The snapshot's small reads, read with the nodes (_NODES) in one round trip (each was a statement of its own: a pass
 # with a small backlog was mostly round trips): the jobs admitted per queue (queued or running), fair-share usage rows, quotas and the weights
 # admins set, and with preemption on what its rate limit needs (nodes per cluster, the last minute's preemptions, as
-# preemption_budget reads them) and who preempted in that minute (waiting_for_room). Each is a JSON array (of arrays);
+# preemption_budget reads them, by preemptor too: waiting_for_room). Each is a JSON array (of arrays);
 # JSON carries float8 and bigint exactly (PostgreSQL writes the shortest text that reads back as the same double),
 # timestamps as ISO text with microseconds.
 _PASS_FACTS = """
@@ -443,11 +448,10 @@ _PASS_FACTS = """
       (SELECT COALESCE(json_agg(json_build_array(tenant, weight)), '[]') FROM fair_share_weights) AS weights,
       (SELECT COALESCE(json_agg(json_build_array(cluster, n)), '[]') FROM (
           SELECT cluster, count(*) AS n FROM nodes GROUP BY cluster) c WHERE :preemption) AS nodes_per_cluster,
-      (SELECT COALESCE(json_agg(json_build_array(cluster, n)), '[]') FROM (
-          SELECT cluster, count(*) AS n FROM job_events WHERE to_status = 'pending' AND at > :since AND details ? 'preempted_by'
-          GROUP BY cluster) r WHERE :preemption) AS preempted,
-      (SELECT COALESCE(json_agg(DISTINCT details->>'preempted_by'), '[]') FROM job_events
-         WHERE to_status = 'pending' AND at > :since AND details ? 'preempted_by' AND :preemption) AS preemptors
+      (SELECT COALESCE(json_agg(json_build_array(cluster, n, preemptor)), '[]') FROM (
+          SELECT cluster, count(*) AS n, details->>'preempted_by' AS preemptor FROM job_events
+          WHERE to_status = 'pending' AND at > :since AND details ? 'preempted_by'
+          GROUP BY cluster, details->>'preempted_by') r WHERE :preemption) AS preempted
 """
 
 
@@ -544,7 +548,6 @@ def _load_holders(session: Session, cache: SnapshotCache, nodes: dict[tuple[str,
     old = cache.holders
     # Who preempted each newly decoded holder (within the window): that job never preempts it again. (A preemption is
     # recorded in the transaction that changes the victim's row: a holder known in its version needs no new read.)
-    fresh = [row.id for row in rows]
     # A holder never started (queued: admitted, not claimed yet) cannot have been preempted (see _load_backlog).
     preempted = _preempted_by(session, [row.id for row in rows if row.started_at is not None], now) \
         if settings.preemption_enabled else {}
@@ -576,7 +579,7 @@ def _load_holders(session: Session, cache: SnapshotCache, nodes: dict[tuple[str,
     else:
         deducted, on_node, recomputed = _deduct_all(nodes, seen)
     cache.holders, cache.deducted, cache.deducted_base, cache.on_node = seen, deducted, nodes, on_node
-    cache.recomputed_nodes, cache.decoded_holders = recomputed, len(fresh)
+    cache.recomputed_nodes, cache.decoded_holders = recomputed, len(rows)
     return running, deducted
 
 
