@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -15,6 +16,7 @@ from typing import Any, TypeVar
 
 import psycopg2
 from sqlalchemy import create_engine, event, text
+from sqlalchemy.engine import Connection, Result
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -25,6 +27,48 @@ T = TypeVar("T")
 # SQLSTATEs PostgreSQL sends when it ends a session itself: class 08 (connection exception), and
 # admin_shutdown (pg_terminate_backend, a fast shutdown), crash_shutdown, cannot_connect_now (starting up).
 _SESSION_ENDED_STATES = ("57P01", "57P02", "57P03")
+
+
+_PARAMETER = re.compile(r"(?<![:\w]):([a-z_]+)\b")
+_PREPARED_INFO_KEY = "jobservice_prepared"  # in the pooled connection's info, which SQLAlchemy clears when it closes
+
+
+class Prepared:
+    """A statement PREPAREd once per database session, then EXECUTEd by name.
+
+    psycopg2 prepares nothing: every execution of a text statement is parsed, analysed and planned again, which for
+    the hot paths' statements (the scheduler's snapshot, a worker's claim) cost several times their execution
+    (benchmarks/idle_steps.py). Only for statements whose plan has no choice to get wrong blind to the parameters:
+    after five executions PostgreSQL keeps a generic plan when its estimate is no worse than the custom ones'.
+
+    `types`: each :name of `sql` and its PostgreSQL type, in the EXECUTE's order. `before`: statements sent in the
+    same round trip ahead of the EXECUTE (a SAVEPOINT). A prepared statement lives as long as the database session
+    (a rolled-back transaction does not undo it), so one is prepared once per pooled connection.
+    """
+
+    def __init__(self, name: str, sql: str, types: Mapping[str, str], *, before: str = "") -> None:
+        order = list(types)
+        unknown = set(_PARAMETER.findall(sql)) - set(order)
+        if unknown:
+            raise ValueError(f"{name}: untyped parameters {sorted(unknown)}")
+        body = _PARAMETER.sub(lambda m: f"${order.index(m.group(1)) + 1}", sql)
+        self.name = name
+        self.prepare_sql = f"PREPARE {name} ({', '.join(types.values())}) AS {body}"
+        self.execute_sql = f"EXECUTE {name} ({', '.join(f':{p}' for p in order)})"
+        self._prepare = text(self.prepare_sql)
+        self._execute = text(f"{before}; {self.execute_sql}" if before else self.execute_sql)
+
+    def ensure(self, connection: Connection) -> None:
+        """Prepared on this connection's database session (a round trip the first time only)."""
+        done = connection.info.setdefault(_PREPARED_INFO_KEY, set())
+        if self.name not in done:
+            connection.execute(self._prepare)
+            done.add(self.name)
+
+    def execute(self, session: Session | Connection, params: Mapping[str, Any] | None = None) -> Result[Any]:
+        connection = session.connection() if isinstance(session, Session) else session
+        self.ensure(connection)
+        return connection.execute(self._execute, dict(params or {}))
 
 
 def sqlalchemy_url(url: str) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 import secrets
 import select
@@ -21,7 +22,7 @@ import psycopg2.extensions
 from sqlalchemy.orm import Session
 
 from app import heartbeat
-from app.db import Database, first_line, is_connection_error, vacuum
+from app.db import Database, first_line, is_connection_error, retried_on_disconnect, vacuum
 from app.dispatch import CeleryPublisher, TaskPublisher, delete_published, publish_only, publish_stale
 from app.domain import counters, idempotency, liveness, logs as log_store, pools
 from app.domain.jobs import SCHEDULER_CHANNEL, utcnow
@@ -36,6 +37,10 @@ PASS_RECORD_EVERY_SECONDS = 1.0  # a burst of NOTIFY wake-ups records its pass o
 # meanwhile, a pass comes this soon anyway (well before OUTBOX_REPUBLISH_AFTER_SECONDS would resend them).
 DELETE_PUBLISHED_WITHIN_SECONDS = 0.5
 STOP_CHECK_SECONDS = 0.5  # how soon a waiting scheduler sees a stop request
+# A tick's pooled connections are not pinged before use: the ping was a round trip of every pass (0.9 ms of a lone
+# submit's way to its worker on an idle stack). A tick that meets a dead one runs again at once, on pinged connections
+# (Scheduler._tick); the liveness records outside ticks are pinged as before.
+TICK_PING_IDLE_AFTER_SECONDS = math.inf
 # Tables that every submit, admission or end appends to and a fold or pass deletes from (or updates in place).
 # Their dead rows are what the submit's position read and the pass scan: autovacuum comes a minute late at best
 # (and some servers run with it off), so at hundreds of submits a second tens of thousands of dead rows pile up
@@ -101,6 +106,20 @@ class Scheduler:
                 self._last_pass_recorded = now_mono
             return result
 
+    def _tick(self) -> AdmissionResult:
+        """A tick on connections not pinged when in use a moment ago; if one of them turned out dead (a database
+        restart, a dropped session), the tick runs again at once on a pinged one. Nothing the first try did is
+        undone or done twice: each of its transactions committed or not, and the next pass reads what is there (a
+        pass whose commit's answer was lost has its tasks published by the outbox sweep, as before)."""
+        try:
+            with retried_on_disconnect():
+                return self.tick()
+        except Exception as exc:
+            if not is_connection_error(exc):
+                raise
+            log.info("a scheduler tick met a dropped database connection; running it again: %s", first_line(exc))
+        return self.tick()
+
     def _admit(self, session: Session) -> AdmissionResult:
         result = admit(session, self.settings, cache=self.snapshots, published=self._published)
         self._published = []  # deleted in the pass's transaction, which committed
@@ -143,7 +162,7 @@ class Scheduler:
         heartbeat_file = heartbeat.path_for(self.settings, "scheduler")
         while not stop.is_set():
             try:
-                result = self.tick()
+                result = self._tick()
                 heartbeat.touch(heartbeat_file)  # only a tick that worked proves liveness
             except Exception as exc:  # noqa: BLE001 - a scheduler must outlive a bad tick (database restart, broker blip)
                 if is_connection_error(exc):
@@ -213,8 +232,14 @@ class Scheduler:
                 return
 
 
+def scheduler_database(settings: Settings) -> Database:
+    """The scheduler's pool: two connections, named in pg_stat_activity, not pinged inside ticks (Scheduler._tick)."""
+    return Database(settings.database_url or "", pool_size=2, application_name=SCHEDULER_APPLICATION,
+                    retried_ping_idle_after=TICK_PING_IDLE_AFTER_SECONDS)
+
+
 def run_forever(settings: Settings) -> None:
-    database = Database(settings.database_url or "", pool_size=2, application_name=SCHEDULER_APPLICATION)
+    database = scheduler_database(settings)
     publisher = CeleryPublisher(settings)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -352,3 +352,35 @@ def test_every_session_of_the_service_runs_without_jit(database: Database) -> No
         assert conn.execute(text("SHOW jit")).scalar() == "off"
     with database.session() as session:
         assert session.execute(text("SHOW jit")).scalar() == "off"
+
+
+def test_a_prepared_statement_is_prepared_once_per_database_session_and_again_on_a_new_one(
+        settings: Settings, database: Database) -> None:
+    """app.db.Prepared (the scheduler's pass, the submit's INSERT): PREPAREd the first time a pooled connection runs it,
+    then EXECUTEd by name, also after a rolled-back transaction (PREPARE is not undone by it); a connection that died
+    is replaced, and the statement is prepared again on the new session instead of failing as unknown."""
+    from sqlalchemy import event
+
+    from app.db import Prepared
+
+    with pytest.raises(ValueError, match="untyped parameters"):
+        Prepared("test_untyped", "SELECT :a + :b", {"a": "int"})
+    double = Prepared("test_double", "SELECT CAST(:n AS bigint) * 2 AS doubled, :label AS label", {"n": "bigint", "label": "text"})
+    pooled = Database(settings.database_url or "", pool_size=1, application_name="test-prepared")
+    sent: list[str] = []
+    event.listen(pooled.engine, "before_cursor_execute", lambda _c, _cur, statement, *_: sent.append(statement.split()[0]))
+    try:
+        with pooled.session() as session:
+            assert double.execute(session, {"n": 21, "label": "a"}).one() == (42, "a")
+            session.rollback()
+            assert double.execute(session, {"n": 5, "label": "b"}).one() == (10, "b")
+        with pooled.session() as session:  # the same pooled connection
+            assert double.execute(session, {"n": 1, "label": "c"}).one() == (2, "c")
+        assert sent.count("PREPARE") == 1 and sent.count("EXECUTE") == 3, sent
+        pid = backend_pids(database, "test-prepared")[0]
+        signal_backend(database, pid)
+        with pooled.session() as session:  # pinged at checkout: the dead session is replaced
+            assert double.execute(session, {"n": 3, "label": "d"}).one() == (6, "d")
+        assert sent.count("PREPARE") == 2, sent
+    finally:
+        pooled.dispose()

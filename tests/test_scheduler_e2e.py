@@ -262,3 +262,37 @@ def test_the_scheduler_vacuums_the_tables_its_passes_and_folds_churn(e2e_setting
     assert set(after) == set(CHURN_TABLES)
     for name, (_, last_vacuum) in after.items():
         assert last_vacuum is not None and last_vacuum != before[name][1], name
+
+
+def test_a_tick_whose_idle_connection_died_runs_again_at_once(e2e_settings: Settings, database: Database,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 14, idle dispatch: a tick does not ping its pooled connections first (a round trip of every pass). A
+    connection that died while idle (a database restart, a terminated session) fails the tick's first statement; the
+    tick then runs again at once on a pinged connection and admits what it would have, with no error and no wait."""
+    import logging
+
+    from app.dispatch import CeleryPublisher
+    from app.scheduler import SCHEDULER_APPLICATION, Scheduler, scheduler_database
+
+    with database.engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO nodes (cluster, name, gpu_indices, cpu_millis, memory_bytes, slots, ready, heartbeat_at, started_at) "
+            "VALUES ('local', 'tick-node', '[]', 4000, 8589934592, 4, true, now() + interval '1 hour', now())"))
+    publisher = CeleryPublisher(e2e_settings)
+    scheduler = Scheduler(e2e_settings, scheduler_database(e2e_settings), publisher)
+    try:
+        scheduler._tick()  # the pool now holds an idle connection, used a moment ago
+        with database.engine.connect() as conn:
+            killed = conn.execute(text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = :name"),
+                                  {"name": SCHEDULER_APPLICATION}).scalar_one()
+        assert killed >= 1
+        job_id = insert_job(database, priority=60)
+        with caplog.at_level(logging.INFO, logger="jobservice.scheduler"):
+            result = scheduler._tick()
+        assert job_id in result.admitted
+        assert any("met a dropped database connection" in r.getMessage() for r in caplog.records), caplog.text
+    finally:
+        publisher.close()
+        scheduler.database.dispose()
+        with database.engine.begin() as conn:
+            conn.execute(text("DELETE FROM nodes WHERE name = 'tick-node'"))

@@ -373,6 +373,8 @@ def test_an_idle_pass_admitting_a_fresh_submit_sends_five_statements_and_defers_
     admit("first", now)  # accrues (the state row), decodes the node
     statements = admit("second", now + timedelta(seconds=0.5))  # the first job holds a GPU, the second one is new
     assert len(statements) == 5, "\n".join(statements)
+    # Each executed by name: prepared once per database session (by an earlier pass: the session is pooled).
+    assert all(s.startswith(("EXECUTE jobservice_", "SAVEPOINT place_all; EXECUTE jobservice_place_all")) for s in statements), statements
     assert not any(s.startswith(("SAVEPOINT sa_", "RELEASE")) for s in statements), statements
     assert not any("preempted_by'" in s and "job_id = ANY" in s for s in statements), statements
     assert not any("usage_accrued_at" in s for s in statements), statements
@@ -385,3 +387,45 @@ def test_an_idle_pass_admitting_a_fresh_submit_sends_five_statements_and_defers_
     with database.engine.connect() as conn:
         gpu_seconds = conn.execute(text("SELECT gpu_seconds FROM fair_share_usage WHERE owner = 'alice'")).scalar()
     assert gpu_seconds == pytest.approx(2 * 1.5)
+
+
+def test_the_backlog_is_read_by_a_prepared_statement_only_while_the_last_pass_saw_few_heads(
+        database: Database, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 14: planning the backlog statement cost several times running it in an idle pass, so it is prepared while
+    the backlog is small. With many heads a generic plan, blind to the limits, can run slower than a custom one: a pass
+    that follows one which saw more than PREPARED_BACKLOG_MAX_HEADS heads sends the statement's text instead. Both
+    give the same backlog."""
+    from sqlalchemy import event
+
+    monkeypatch.setattr(scheduling, "PREPARED_BACKLOG_MAX_HEADS", 2)
+    now = utcnow()
+    with database.engine.begin() as conn:  # no node: nothing is admitted, the backlog stays
+        conn.execute(text(
+            "INSERT INTO jobs (id, owner, job_type, priority, queue, status, status_reason, command, cpu_millis, memory_bytes, "
+            "gpus, created_at, updated_at, pending_since) SELECT 'heads-' || g, 'alice', 't', 10, 'default', 'pending', "
+            "'submitted', '[\"true\"]', 1000, 1073741824, 0, :at, :at, :at FROM generate_series(1, 3) g"), {"at": now})
+    cache = scheduling.SnapshotCache()
+    sent: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        sent.append(statement)
+
+    def backlog_read(at: datetime) -> tuple[str, list[str]]:
+        sent.clear()
+        event.listen(database.engine, "before_cursor_execute", record)
+        try:
+            with database.session() as s:
+                snapshot = scheduling.load_snapshot(s, settings, at, cache=cache)
+        finally:
+            event.remove(database.engine, "before_cursor_execute", record)
+        reads = [s for s in sent if "jobservice_backlog" in s or "WITH RECURSIVE owners" in s]
+        assert len(reads) == 1, sent
+        return ("prepared" if reads[0].startswith("EXECUTE jobservice_backlog") else "text"), sorted(j.id for j in snapshot.backlog)
+
+    three = ["heads-1", "heads-2", "heads-3"]
+    assert backlog_read(now) == ("prepared", three)  # nothing seen yet
+    assert backlog_read(now) == ("text", three)  # the last pass saw 3 heads
+    with database.engine.begin() as conn:
+        conn.execute(text("DELETE FROM jobs WHERE id IN ('heads-1', 'heads-2')"))
+    assert backlog_read(now) == ("text", ["heads-3"])
+    assert backlog_read(now) == ("prepared", ["heads-3"])

@@ -27,7 +27,7 @@ JOB = {"job_type": "sweep", "command": ["true"], "priority": 10}
 
 def writes_jobs(statement: str) -> bool:
     """A submit's INSERT of jobs and events: prepared once per database session, then executed by name."""
-    return jobs_domain.EXECUTE_INSERT.split("(")[0] in statement
+    return jobs_domain.INSERT.execute_sql.split("(")[0] in statement
 
 
 @pytest.fixture
@@ -98,7 +98,7 @@ def test_batch_writes_jobs_and_events_in_one_statement(live_server: LiveServer, 
     assert response.status_code == 201, response.text
     assert len(inserts) == 1, inserts  # not one round trip per job (nor per table)
     assert writes_jobs(inserts[0])
-    assert "INSERT INTO jobs" in jobs_domain.PREPARE_INSERT and "INSERT INTO job_events" in jobs_domain.PREPARE_INSERT
+    assert "INSERT INTO jobs" in jobs_domain.INSERT.prepare_sql and "INSERT INTO job_events" in jobs_domain.INSERT.prepare_sql
 
 
 def test_batch_is_all_or_nothing_and_errors_name_the_item(api: ApiClient, database: Database) -> None:

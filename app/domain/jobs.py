@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import json
-import re
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from typing import Any
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from app.db import first_line, is_connection_error, retried_on_disconnect, transaction
+from app.db import Prepared, first_line, is_connection_error, retried_on_disconnect, transaction
 from app.domain import capacity, counters, idempotency, quotas
 from app.domain.idempotency import IdempotencyKey
 from app.domain.callers import Caller
@@ -215,32 +214,11 @@ _READ_NODES_AND_POSITION = (
 _READ_NODES_ALONE = text(_READ_NODES)
 
 
-def _prepared(name: str, sql: str, types: dict[str, str]) -> tuple[str, str]:
-    """(PREPARE statement, EXECUTE statement with the same :names): the text's :names become $1, $2, ..."""
-    order = list(types)
-    body = re.sub(r"(?<![:\w]):([a-z_]+)\b", lambda m: f"${order.index(m.group(1)) + 1}", sql)
-    unknown = re.findall(r"(?<![:\w]):([a-z_]+)\b", sql)
-    assert set(unknown) <= set(order), f"{name}: untyped parameters {set(unknown) - set(order)}"
-    return (f"PREPARE {name} ({', '.join(types.values())}) AS {body}",
-            f"EXECUTE {name} ({', '.join(f':{p}' for p in order)})")
-
-
 # The INSERT is prepared once per database session: planning it took about as much PostgreSQL CPU as running it
 # (psycopg2 prepares nothing), and its plan has no choice to get wrong (a function scan into two inserts). The
 # reads after it are not: a generic plan of their scans, blind to the parameters, chose a sequential scan of jobs.
-# A prepared statement outlives a rolled-back transaction; it lives as long as the database session.
-PREPARE_INSERT, EXECUTE_INSERT = _prepared(
-    "jobservice_submit_insert", _INSERT_JOBS.text, {"rows": "jsonb", "owner": "text", "tenant": "text"})
-_PREPARE_SUBMIT = text(PREPARE_INSERT)
-_INSERT_READ_NODES_AND_POSITION = text(f"{EXECUTE_INSERT}; SAVEPOINT {POSITION_SAVEPOINT}; {_READ_NODES_AND_POSITION}")
-_PREPARED_KEY = "jobservice_submit_prepared"  # in the pooled connection's info: cleared when it closes
-
-
-def _prepare_submit(session: Session) -> None:
-    connection = session.connection()
-    if not connection.info.get(_PREPARED_KEY):
-        session.execute(_PREPARE_SUBMIT)
-        connection.info[_PREPARED_KEY] = True
+INSERT = Prepared("jobservice_submit_insert", _INSERT_JOBS.text, {"rows": "jsonb", "owner": "text", "tenant": "text"})
+_INSERT_READ_NODES_AND_POSITION = text(f"{INSERT.execute_sql}; SAVEPOINT {POSITION_SAVEPOINT}; {_READ_NODES_AND_POSITION}")
 
 
 _POSITION_FAILED = -1  # the first position's read failed: none is answered
@@ -280,7 +258,7 @@ def insert_pending(
               "quota_tenant": caller.fair_share_owner, "queue": first.queue, "priority": first.priority,
               "created_at": first.created_at, "id": first.id, "scan_limit": counters.SAME_PRIORITY_SCAN_LIMIT + 1}
     try:
-        _prepare_submit(session)
+        INSERT.ensure(session.connection())
         node_rows = session.execute(_INSERT_READ_NODES_AND_POSITION, params).all()
         first.queue_position = counters.new_position_from(session, node_rows[0], first.queue, first.priority,
                                                           first.created_at, first.id)

@@ -29,7 +29,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.orm import Session
 
-from app.db import transaction
+from app.db import Prepared, transaction
 from app.domain import capacity, fairshare, policy, pools, quotas, weights
 from app.domain.callers import SYSTEM
 from app.domain.jobs import clear_placement, notify_scheduler, record_transition, utcnow
@@ -73,12 +73,14 @@ class AdmissionResult:
 # It also reads the pass's next wake-up (the earliest backoff expiry): the pass itself never changes it (it admits
 # only jobs whose backoff ended; a victim of a preemption has none), and a backoff set meanwhile is set by an end
 # that wakes the scheduler again.
-_BEGIN_PASS = text(
+_BEGIN_PASS = Prepared(
+    "jobservice_begin_pass",
     """
-    WITH published AS (DELETE FROM outbox WHERE id = ANY(CAST(:published AS bigint[])))
+    WITH published AS (DELETE FROM outbox WHERE id = ANY(:published))
     SELECT pg_try_advisory_xact_lock(:key) AS locked,
            (SELECT min(not_before) FROM jobs WHERE status = 'pending' AND not_before > :now) AS next_wakeup
-    """
+    """,
+    {"published": "bigint[]", "key": "bigint", "now": "timestamptz"},
 )
 
 
@@ -111,7 +113,7 @@ def admit(session: Session, settings: Settings, now: datetime | None = None, cac
     result = AdmissionResult()
     unhandled: list[tuple[str, str]] = []
     with transaction(session):
-        begun = session.execute(_BEGIN_PASS, {"key": ADMISSION_LOCK, "published": list(published), "now": now}).one()
+        begun = _BEGIN_PASS.execute(session, {"key": ADMISSION_LOCK, "published": list(published), "now": now}).one()
         if not begun.locked:
             result.locked_out = True
             return result
@@ -295,7 +297,7 @@ _HEADS = f"""
 # quoted literals for the server to parse per statement, more time than the scan itself. Returning and walking the
 # ~2,000 unchanged heads every pass was most of the backlog's time once their decoding was cached.
 _KNOWN = "json_each_text(CAST(:known AS json)) AS k(id, version)"
-_BACKLOG = text(
+_BACKLOG_SQL = (
     f"""{_HEADS}, k AS MATERIALIZED (SELECT k.id, k.version FROM {_KNOWN}),
     changed AS (SELECT h.id, h.version FROM heads h WHERE NOT EXISTS (SELECT 1 FROM k WHERE k.id = h.id AND k.version = h.version)),
     dropped AS (SELECT k.id, NULL::text AS version FROM k
@@ -305,12 +307,22 @@ _BACKLOG = text(
                           OFFSET 0) f ON true  -- OFFSET 0: a primary key lookup per changed row, never a join over all jobs
     """
 )
+_BACKLOG_TYPES = {"now": "timestamptz", "full": "text[]", "per_owner": "bigint", "per_pool": "bigint", "classes": "bigint",
+                  "per_class": "bigint", "known": "text", "waiting": "text[]"}
+# Prepared (app.db.Prepared) while the backlog is small, as in an idle pass: planning the statement cost several times
+# running it there (1.7 of 2.3 ms between a submit and its admission). Not when the last pass saw more heads: at
+# 100,000 pending, a generic plan of the heads' index scans, blind to the limits and the full queues, ran slower than
+# the custom plans (14.4 -> 20.6 ms per pass, measured last stop), and planning is a small part of that pass.
+PREPARED_BACKLOG_MAX_HEADS = 100
+_BACKLOG = text(_BACKLOG_SQL)
+_BACKLOG_PREPARED = Prepared("jobservice_backlog", _BACKLOG_SQL, _BACKLOG_TYPES)
 # The jobs holding capacity (the running attempts) that changed since the cache's rows (`known`: the holders decoded
 # in earlier passes, by version), decoded; and the known ones that no longer hold anything in that version (their id,
 # with a NULL version). Unchanged holders do not travel at all: returning and walking 1,000 unchanged rows per pass
 # was most of the holders' time once their decoding was cached. All in one statement, so in one version of every row.
 # Plain `holds_resources`, not IS TRUE: only this form uses the partial index ix_jobs_holding_node.
-_HOLDERS = text(
+_HOLDERS = Prepared(
+    "jobservice_holders",
     """
     WITH k AS MATERIALIZED (SELECT k.id, k.version FROM json_each_text(CAST(:known AS json)) AS k(id, version)),
     changed AS (
@@ -325,7 +337,8 @@ _HOLDERS = text(
         SELECT j.cluster, j.placement, j.cpu_millis, j.memory_bytes, j.gpus, COALESCE(j.tenant, j.owner) AS owner, j.status,
                j.queued_at, j.started_at, j.timeout_seconds, j.priority, j.preemptible, j.queue
         FROM jobs j WHERE j.id = c.id AND c.version IS NOT NULL OFFSET 0) f ON true
-    """
+    """,
+    {"known": "text"},
 )
 PREEMPTED_BY_WINDOW = timedelta(days=1)  # a job never preempts one that preempted it within this window
 
@@ -472,7 +485,10 @@ def _load_backlog(session: Session, cache: SnapshotCache, now: datetime, full: l
     known, known_json = cache.known_rows("backlog", cache.backlog, now.timestamp())
     params = {"now": now, "full": full, "per_owner": BACKLOG_PER_OWNER, "per_pool": BACKLOG_PER_POOL,
               "classes": BACKLOG_DEMAND_CLASSES, "per_class": BACKLOG_PER_CLASS, "known": known_json, "waiting": list(waiting)}
-    result = session.execute(_BACKLOG, params).all()
+    if len(cache.backlog) <= PREPARED_BACKLOG_MAX_HEADS:
+        result = _BACKLOG_PREPARED.execute(session, params).all()
+    else:
+        result = session.execute(_BACKLOG, params).all()
     fresh = [r for r in result if r.version is not None]
     dropped = {r.id for r in result if r.version is None}
     old = cache.backlog
@@ -508,7 +524,7 @@ def _load_nodes(session: Session, cache: SnapshotCache, alive_since: datetime, *
     the same round trip). Node rows change at every heartbeat but what the scheduler reads of them seldom: the
     statement returns a digest of that, and the rows only when the digest is not the cache's. The nodes returned are
     the cache's own: never change them (copy)."""
-    row = session.execute(_NODES, {"alive_since": alive_since, "known": cache.node_digest, "preemption": preemption,
+    row = _NODES.execute(session, {"alive_since": alive_since, "known": cache.node_digest, "preemption": preemption,
                                    "since": preempted_since}).one()
     if row.rows is None and row.digest == cache.node_digest:
         return cache.nodes, row
@@ -520,7 +536,8 @@ def _load_nodes(session: Session, cache: SnapshotCache, alive_since: datetime, *
 # What the scheduler reads of the live, ready nodes (capacity._nodes_query(True, ...): ready, heartbeating, neither
 # cordoned nor draining), in one JSON array, its SHA-256, and the array itself only when the caller's digest differs;
 # and the pass's facts (_PASS_FACTS), which need nothing from the nodes: one round trip for both.
-_NODES = text(
+_NODES = Prepared(
+    "jobservice_nodes",
     f"""
     WITH n AS (
         SELECT json_agg(json_build_array(cluster, name, gpu_indices, gpu_type, cpu_millis, memory_bytes, slots, pool)
@@ -531,7 +548,8 @@ _NODES = text(
     )
     SELECT digest, CASE WHEN digest IS DISTINCT FROM CAST(:known AS text) THEN rows END AS rows, {_PASS_FACTS}
     FROM d
-    """
+    """,
+    {"alive_since": "timestamptz", "known": "text", "preemption": "boolean", "since": "timestamptz"},
 )
 
 
@@ -542,7 +560,7 @@ def _load_holders(session: Session, cache: SnapshotCache, nodes: dict[tuple[str,
     stamp = now.timestamp()
     # Every holder the cache holds, valid now or not: a holder's row is all its decoding needs, and the cache keeps it.
     known, known_json = cache.known_rows("holders", cache.holders, None)
-    result = session.execute(_HOLDERS, {"known": known_json}).all()
+    result = _HOLDERS.execute(session, {"known": known_json}).all()
     rows = [row for row in result if row.version is not None]
     dropped = {row.id for row in result if row.version is None}
     old = cache.holders
@@ -729,9 +747,9 @@ def _place(session: Session, job: Job, placement: capacity.Placement, now: datet
 # The statement sets the savepoint that undoes it when it fails, in the same round trip (begin_nested() cost a round
 # trip for SAVEPOINT and one for RELEASE, in every pass that admits: the commit releases it anyway).
 _PLACE_ALL_SAVEPOINT = "place_all"
-_PLACE_ALL = text(
-    f"""
-    SAVEPOINT {_PLACE_ALL_SAVEPOINT};
+_PLACE_ALL = Prepared(
+    "jobservice_place_all",
+    """
     WITH v AS (
         SELECT * FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS v(
             id text, cluster text, node text, placement jsonb, gpu_indices jsonb, token text, reason text,
@@ -755,7 +773,9 @@ _PLACE_ALL = text(
     INSERT INTO outbox (job_id, task_name, queue, args, created_at)
     SELECT u.id, :task, v.broker_queue, jsonb_build_array(u.id, v.token), :now FROM u JOIN v ON v.id = u.id
     RETURNING id, job_id, queue, args
-    """
+    """,
+    {"rows": "text", "ids": "text[]", "now": "timestamptz", "task": "text"},
+    before=f"SAVEPOINT {_PLACE_ALL_SAVEPOINT}",
 )
 
 
@@ -780,8 +800,8 @@ def _place_all(session: Session, placed: list[tuple[policy.Pending, capacity.Pla
         })
     session.flush()  # what the ORM holds (preemptions of this pass) is written before, as it would have been
     try:
-        returned = session.execute(
-            _PLACE_ALL, {"rows": json.dumps(rows), "ids": [row["id"] for row in rows], "now": now, "task": EXECUTE_TASK}
+        returned = _PLACE_ALL.execute(
+            session, {"rows": json.dumps(rows), "ids": [row["id"] for row in rows], "now": now, "task": EXECUTE_TASK}
         ).all()
         by_job = {row.job_id: row for row in returned}
         return [
