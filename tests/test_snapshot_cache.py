@@ -327,11 +327,11 @@ def test_the_garbage_collector_is_paused_only_while_the_policy_decides() -> None
     assert gc.isenabled()
 
 
-def test_an_idle_pass_admitting_a_fresh_submit_sends_five_statements_and_defers_no_accrual(
+def test_an_idle_pass_admitting_a_fresh_submit_sends_four_prepared_statements_and_defers_no_accrual(
         database: Database, settings: Settings) -> None:
     """Issue 14, idle dispatch: a pass is mostly round trips when the fleet is idle. A pass that admits a job never run
-    before sends: the lock, the nodes with the pass's facts, the holders, the backlog, and the admission (with its own
-    savepoint); no accrual while none is due (the process remembers when it accrued), no read of the preemptions of a
+    before sends four statements, each prepared once per database session: the lock, the nodes with the pass's facts
+    and the holders, the backlog, and the admission (with its own savepoint); no accrual while none is due (the process remembers when it accrued), no read of the preemptions of a
     job that never ran, no SAVEPOINT or RELEASE of their own. Accrual is only deferred: the next one that is due adds
     every second since the last."""
     from sqlalchemy import event
@@ -372,7 +372,7 @@ def test_an_idle_pass_admitting_a_fresh_submit_sends_five_statements_and_defers_
 
     admit("first", now)  # accrues (the state row), decodes the node
     statements = admit("second", now + timedelta(seconds=0.5))  # the first job holds a GPU, the second one is new
-    assert len(statements) == 5, "\n".join(statements)
+    assert len(statements) == 4, "\n".join(statements)
     # Each executed by name: prepared once per database session (by an earlier pass: the session is pooled).
     assert all(s.startswith(("EXECUTE jobservice_", "SAVEPOINT place_all; EXECUTE jobservice_place_all")) for s in statements), statements
     assert not any(s.startswith(("SAVEPOINT sa_", "RELEASE")) for s in statements), statements

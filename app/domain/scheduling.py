@@ -23,7 +23,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import delete, func, select, text, update
@@ -321,25 +321,58 @@ _BACKLOG_PREPARED = Prepared("jobservice_backlog", _BACKLOG_SQL, _BACKLOG_TYPES)
 # with a NULL version). Unchanged holders do not travel at all: returning and walking 1,000 unchanged rows per pass
 # was most of the holders' time once their decoding was cached. All in one statement, so in one version of every row.
 # Plain `holds_resources`, not IS TRUE: only this form uses the partial index ix_jobs_holding_node.
-_HOLDERS = Prepared(
-    "jobservice_holders",
-    """
-    WITH k AS MATERIALIZED (SELECT k.id, k.version FROM json_each_text(CAST(:known AS json)) AS k(id, version)),
-    changed AS (
+# Read in the nodes' statement (_NODES), as one JSON array of [id, version, *_HOLDER_COLUMNS] (version and columns
+# null for a dropped one): a statement of its own was a round trip of every pass.
+_HOLDER_COLUMNS = ("cluster", "placement", "cpu_millis", "memory_bytes", "gpus", "owner", "status", "queued_at", "started_at",
+                   "timeout_seconds", "priority", "preemptible", "queue")
+_HOLDERS = """
+    hk AS MATERIALIZED (SELECT k.id, k.version FROM json_each_text(CAST(:holders_known AS json)) AS k(id, version)),
+    hchanged AS (
         SELECT j.id, j.xmin::text AS version FROM jobs j
-        WHERE j.holds_resources AND NOT EXISTS (SELECT 1 FROM k WHERE k.id = j.id AND k.version = j.xmin::text)
-    ), dropped AS (
-        SELECT k.id, NULL::text AS version FROM k
-        WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = k.id AND j.holds_resources AND j.xmin::text = k.version)
+        WHERE j.holds_resources AND NOT EXISTS (SELECT 1 FROM hk WHERE hk.id = j.id AND hk.version = j.xmin::text)
+    ), hdropped AS (
+        SELECT hk.id, NULL::text AS version FROM hk
+        WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = hk.id AND j.holds_resources AND j.xmin::text = hk.version)
+    ), h AS (
+        SELECT json_agg(json_build_array(c.id, c.version, f.cluster, f.placement, f.cpu_millis, f.memory_bytes, f.gpus, f.owner,
+                                         f.status, f.queued_at, f.started_at, f.timeout_seconds, f.priority, f.preemptible,
+                                         f.queue)) AS holders
+        FROM (SELECT * FROM hchanged UNION ALL SELECT * FROM hdropped) c
+        LEFT JOIN LATERAL (
+            SELECT j.cluster, j.placement, j.cpu_millis, j.memory_bytes, j.gpus, COALESCE(j.tenant, j.owner) AS owner, j.status,
+                   j.queued_at, j.started_at, j.timeout_seconds, j.priority, j.preemptible, j.queue
+            FROM jobs j WHERE j.id = c.id AND c.version IS NOT NULL OFFSET 0) f ON true
     )
-    SELECT c.id, c.version, f.* FROM (SELECT * FROM changed UNION ALL SELECT * FROM dropped) c
-    LEFT JOIN LATERAL (
-        SELECT j.cluster, j.placement, j.cpu_millis, j.memory_bytes, j.gpus, COALESCE(j.tenant, j.owner) AS owner, j.status,
-               j.queued_at, j.started_at, j.timeout_seconds, j.priority, j.preemptible, j.queue
-        FROM jobs j WHERE j.id = c.id AND c.version IS NOT NULL OFFSET 0) f ON true
-    """,
-    {"known": "text"},
-)
+"""
+
+
+class _HolderRow(NamedTuple):
+    """A holder as _NODES returns it (in its JSON array), with the types a row of its columns would have."""
+
+    id: str
+    version: str | None
+    cluster: str | None
+    placement: Any
+    cpu_millis: int
+    memory_bytes: int
+    gpus: int
+    owner: str
+    status: str
+    queued_at: datetime | None
+    started_at: datetime | None
+    timeout_seconds: int | None
+    priority: int
+    preemptible: bool
+    queue: str
+
+    @classmethod
+    def of(cls, values: list[Any]) -> "_HolderRow":
+        row = cls(*values)
+        return row._replace(queued_at=_timestamp(row.queued_at), started_at=_timestamp(row.started_at))
+
+
+def _timestamp(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value is not None else None
 PREEMPTED_BY_WINDOW = timedelta(days=1)  # a job never preempts one that preempted it within this window
 
 
@@ -375,6 +408,7 @@ class SnapshotCache:
         self.settings_key: tuple[Any, ...] | None = None
         self.backlog: dict[str, tuple[str, _Backlogged]] = {}
         self.holders: dict[str, tuple[str, _Held]] = {}
+        self.holders_sent: dict[str, str] = {}  # the holders (id: version) the pass's nodes statement was told it knows
         self.nodes: dict[tuple[str, str], capacity.NodeCapacity] = {}
         self.node_digest: str | None = None  # of the rows `nodes` was made from (see _NODES)
         # The live nodes with what the holders hold deducted, as the last pass left them, and what they were computed
@@ -424,7 +458,7 @@ def load_snapshot(session: Session, settings: Settings, now: datetime, *, includ
     stamp = now.timestamp()
     nodes, facts = _load_nodes(session, cache, capacity.node_alive_since(now, settings.node_lease_seconds),
                                preemption=settings.preemption_enabled, preempted_since=now - timedelta(seconds=60))
-    running, deducted = _load_holders(session, cache, nodes, now, settings)
+    running, deducted = _load_holders(session, cache, nodes, now, settings, facts.holders)
     active = dict(facts.active)
     room = {q.name: q.max_concurrency - active.get(q.name, 0) for q in settings.queues}
     full = sorted(name for name, left in room.items() if left <= 0)
@@ -524,8 +558,10 @@ def _load_nodes(session: Session, cache: SnapshotCache, alive_since: datetime, *
     the same round trip). Node rows change at every heartbeat but what the scheduler reads of them seldom: the
     statement returns a digest of that, and the rows only when the digest is not the cache's. The nodes returned are
     the cache's own: never change them (copy)."""
+    # Every holder the cache holds, valid now or not: a holder's row is all its decoding needs, and the cache keeps it.
+    cache.holders_sent, holders_known = cache.known_rows("holders", cache.holders, None)
     row = _NODES.execute(session, {"alive_since": alive_since, "known": cache.node_digest, "preemption": preemption,
-                                   "since": preempted_since}).one()
+                                   "since": preempted_since, "holders_known": holders_known}).one()
     if row.rows is None and row.digest == cache.node_digest:
         return cache.nodes, row
     nodes = {(r[0], r[1]): capacity.node_of(r) for r in row.rows or ()}
@@ -545,22 +581,23 @@ _NODES = Prepared(
         FROM nodes WHERE ready IS true AND heartbeat_at >= :alive_since AND state = 'ready'
     ), d AS (
         SELECT rows, encode(sha256(convert_to(COALESCE(rows::text, '[]'), 'UTF8')), 'hex') AS digest FROM n
-    )
-    SELECT digest, CASE WHEN digest IS DISTINCT FROM CAST(:known AS text) THEN rows END AS rows, {_PASS_FACTS}
+    ), {_HOLDERS}
+    SELECT digest, CASE WHEN digest IS DISTINCT FROM CAST(:known AS text) THEN rows END AS rows, {_PASS_FACTS},
+           (SELECT holders FROM h) AS holders
     FROM d
     """,
-    {"alive_since": "timestamptz", "known": "text", "preemption": "boolean", "since": "timestamptz"},
+    {"alive_since": "timestamptz", "known": "text", "preemption": "boolean", "since": "timestamptz", "holders_known": "text"},
 )
 
 
 def _load_holders(session: Session, cache: SnapshotCache, nodes: dict[tuple[str, str], capacity.NodeCapacity], now: datetime,
-                  settings: Settings) -> tuple[list[policy.Running], dict[tuple[str, str], capacity.NodeCapacity]]:
+                  settings: Settings, holders_json: list[list[Any]] | None
+                  ) -> tuple[list[policy.Running], dict[tuple[str, str], capacity.NodeCapacity]]:
     """Every job holding capacity, as the policy's running attempts, and `nodes` (nothing held) with what they hold
-    deducted. `nodes` is left as it is."""
+    deducted. `nodes` is left as it is. `holders_json`: what _NODES read of them (the changed and the dropped ones)."""
     stamp = now.timestamp()
-    # Every holder the cache holds, valid now or not: a holder's row is all its decoding needs, and the cache keeps it.
-    known, known_json = cache.known_rows("holders", cache.holders, None)
-    result = _HOLDERS.execute(session, {"known": known_json}).all()
+    known = cache.holders_sent  # what the nodes' statement was sent as known (cache.holders then)
+    result = [_HolderRow.of(values) for values in holders_json or ()]
     rows = [row for row in result if row.version is not None]
     dropped = {row.id for row in result if row.version is None}
     old = cache.holders
