@@ -351,6 +351,61 @@ def test_a_burst_of_pokes_asks_one_pass_per_min_interval_and_a_lone_poke_is_sent
         listener.close()
 
 
+def test_a_lone_submit_carries_its_wake_up_in_its_transaction_and_a_quick_second_one_leaves_it_to_the_waker(
+        settings: Settings, database: Database) -> None:
+    """Issue 14, idle dispatch: a submit after a quiet spell wakes the scheduler by its own commit (the NOTIFY rides in
+    its INSERT's round trip), so the waker thread sends nothing; a second submit within MIN_INTERVAL_SECONDS pokes the
+    thread, which waits out the interval (commits stay unserialised under load). A submit that rolls back after its
+    INSERT (a job no node could ever hold: 400) wakes nobody: it created nothing."""
+    now = [100.0]
+
+    def sleep(seconds: float) -> None:  # the waker's clock moves only when it waits
+        now[0] += seconds
+
+    server = LiveServer(settings)
+    waker = SchedulerWaker(server.app.extensions["jobservice.database"].engine, min_interval=0.05, clock=lambda: now[0],
+                           sleep=sleep)
+    server.app.extensions["jobservice.scheduler_waker"] = waker
+    listener = psycopg2.connect(settings.database_url)
+    listener.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
+    received: list[str] = []
+
+    def wake_ups(count: int) -> bool:
+        listener.poll()
+        received.extend(n.payload for n in listener.notifies)
+        listener.notifies.clear()
+        return len(received) >= count
+
+    with database.engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO nodes (cluster, name, gpu_indices, cpu_millis, memory_bytes, slots, ready, heartbeat_at, started_at) "
+            "VALUES ('local', 'wake-node', '[]', 4000, 8589934592, 4, true, now(), now())"))
+    try:
+        listener.cursor().execute(f"LISTEN {SCHEDULER_CHANNEL}")
+        api = ApiClient(server.url)
+        assert api.post("/jobs/", json=JOB).status_code == 201
+        wait_for(lambda: wake_ups(1), 10, interval=0.02, message="the first submit's wake-up")
+        assert waker._thread is None  # delivered by its commit: the thread never started
+
+        assert api.post("/jobs/", json=JOB).status_code == 201  # the same instant: left to the thread
+        wait_for(lambda: wake_ups(2), 10, interval=0.02, message="the second submit's wake-up")
+        assert waker._thread is not None and now[0] == pytest.approx(100.05)
+
+        now[0] += 1.0  # a quiet spell: the next submit would carry its wake-up, but it rolls back
+        refused = api.post("/jobs/", json={**JOB, "resources": {"gpus": 64}})
+        assert refused.status_code == 400, refused.text
+        with database.engine.connect() as conn:  # a NOTIFY sent now arrives after anything the refused one sent
+            conn.execute(text("SELECT pg_notify(:channel, 'marker')"), {"channel": SCHEDULER_CHANNEL})
+            conn.commit()
+        wait_for(lambda: wake_ups(3), 10, interval=0.02, message="the marker")
+        assert received == ["submit", "submit", "marker"]
+    finally:
+        listener.close()
+        server.stop()
+        with database.engine.begin() as conn:
+            conn.execute(text("DELETE FROM nodes WHERE name = 'wake-node'"))
+
+
 def test_a_submit_skips_the_pre_ping_and_retries_a_connection_found_dead_before_its_commit(
     settings: Settings, database: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:

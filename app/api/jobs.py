@@ -66,8 +66,9 @@ class JobCollection(MethodView):
             preview = dryrun.preview(session(), caller, [job], settings(), _field_of_single)[0]
             return _dry_run_answer(_DRY_RUN.dump({"dry_run": True, **asdict(preview)}))
         key = _key("submit", idempotency_key)
-        created = jobs.submit(session(), caller, job, settings(), key=key)  # queue_position computed before the commit
-        return _created(dump_created(created), created.replayed)
+        woken = scheduler_waker().at_commit()
+        created = jobs.submit(session(), caller, job, settings(), key=key, wake_at_commit=woken)  # queue_position before the commit
+        return _created(dump_created(created), created.replayed, woken)
 
 
 @blp.route("/batch")
@@ -88,8 +89,10 @@ class JobBatch(MethodView):
             previews = [asdict(p) for p in dryrun.preview(session(), caller, batch["jobs"], settings(), _field_of_item)]
             return _dry_run_answer(_DRY_RUN_BATCH.dump({"dry_run": True, "jobs": previews}))
         key = _key("batch", idempotency_key)
-        submission = jobs.submit_many(session(), caller, batch["jobs"], settings(), key=key, field=_field_of_item)
-        return _created({"jobs": [dump_created(job) for job in submission.jobs]}, submission.replayed)
+        woken = scheduler_waker().at_commit()
+        submission = jobs.submit_many(session(), caller, batch["jobs"], settings(), key=key, field=_field_of_item,
+                                      wake_at_commit=woken)
+        return _created({"jobs": [dump_created(job) for job in submission.jobs]}, submission.replayed, woken)
 
 
 def _refuse_unpreemptible(caller: Any, requests: list[jobs.JobRequest]) -> None:
@@ -120,12 +123,13 @@ def _dry_run_answer(body: dict[str, Any]) -> Response:
     return response
 
 
-def _created(body: dict[str, Any], replayed: bool) -> Response:
+def _created(body: dict[str, Any], replayed: bool, woken: bool) -> Response:
+    """`woken`: the submit's transaction carried the scheduler's wake-up (app.wakeup), delivered by its commit."""
     response = jsonify(body)
     response.status_code = 201
     if replayed:
         response.headers[REPLAYED_HEADER] = "true"
-    else:
+    elif not woken:
         scheduler_waker().poke()  # after the commit; the scheduler's interval tick covers a lost wake-up
     return response
 

@@ -219,15 +219,21 @@ _READ_NODES_ALONE = text(_READ_NODES)
 # reads after it are not: a generic plan of their scans, blind to the parameters, chose a sequential scan of jobs.
 INSERT = Prepared("jobservice_submit_insert", _INSERT_JOBS.text, {"rows": "jsonb", "owner": "text", "tenant": "text"})
 _INSERT_READ_NODES_AND_POSITION = text(f"{INSERT.execute_sql}; SAVEPOINT {POSITION_SAVEPOINT}; {_READ_NODES_AND_POSITION}")
+# The same with the scheduler's wake-up, delivered by the commit (app.wakeup: a lone submit after a quiet spell).
+_INSERT_NOTIFY_READ_NODES_AND_POSITION = text(
+    f"{INSERT.execute_sql}; SELECT pg_notify('{SCHEDULER_CHANNEL}', 'submit'); SAVEPOINT {POSITION_SAVEPOINT}; "
+    f"{_READ_NODES_AND_POSITION}")
 
 
 _POSITION_FAILED = -1  # the first position's read failed: none is answered
 
 
 def insert_pending(
-    session: Session, caller: Caller, requests: list[JobRequest], settings: Settings, field: FieldNamer
+    session: Session, caller: Caller, requests: list[JobRequest], settings: Settings, field: FieldNamer,
+    *, wake_at_commit: bool = False,
 ) -> list[Submitted]:
-    """Write the jobs and their `submitted` events in the caller's transaction (which commits, or not).
+    """Write the jobs and their `submitted` events in the caller's transaction (which commits, or not); with
+    `wake_at_commit`, and the NOTIFY that wakes the schedulers when it commits (app.wakeup).
 
     Raises InvalidRequest (the caller's transaction must then roll back) for any job that no known
     node could ever run, even empty: `field(index, "resources")` names each.
@@ -259,7 +265,8 @@ def insert_pending(
               "created_at": first.created_at, "id": first.id, "scan_limit": counters.SAME_PRIORITY_SCAN_LIMIT + 1}
     try:
         INSERT.ensure(session.connection())
-        node_rows = session.execute(_INSERT_READ_NODES_AND_POSITION, params).all()
+        statement = _INSERT_NOTIFY_READ_NODES_AND_POSITION if wake_at_commit else _INSERT_READ_NODES_AND_POSITION
+        node_rows = session.execute(statement, params).all()
         first.queue_position = counters.new_position_from(session, node_rows[0], first.queue, first.priority,
                                                           first.created_at, first.id)
     except Exception as exc:
@@ -332,11 +339,13 @@ def submit_many(
     *,
     key: IdempotencyKey | None = None,
     field: FieldNamer = lambda index, name: f"jobs.{index}.{name}",
+    wake_at_commit: bool = False,
 ) -> Submission:
     """Create all the jobs or none, in one transaction; with `key`, at most once per caller and key.
 
-    The scheduler is not notified here (a NOTIFY serialises the commits of concurrent submits, see
-    app.wakeup): the caller wakes it after the commit, and its interval tick is the guarantee.
+    The scheduler is notified here only with `wake_at_commit` (a NOTIFY serialises the commits of concurrent
+    submits: app.wakeup decides when one may carry it); else the caller wakes it after the commit. Its interval
+    tick is the guarantee.
 
     A connection that turns out dead before the COMMIT was sent is retried once on a new one: nothing was
     committed, so nothing can be created twice. That lets the pool skip its pre-ping round trip for a connection
@@ -345,12 +354,12 @@ def submit_many(
     """
     with retried_on_disconnect():
         try:
-            return _submit_once(session, caller, requests, settings, key, field)
+            return _submit_once(session, caller, requests, settings, key, field, wake_at_commit)
         except _LostBeforeCommit as lost:
             log.info("a submit met a dropped database connection before its commit; retrying it on a new one: %s",
                      first_line(lost.error))
             try:
-                return _submit_once(session, caller, requests, settings, key, field)
+                return _submit_once(session, caller, requests, settings, key, field, wake_at_commit)
             except _LostBeforeCommit as again:
                 raise again.error from None
 
@@ -363,7 +372,7 @@ class _LostBeforeCommit(Exception):
 
 def _submit_once(
     session: Session, caller: Caller, requests: list[JobRequest], settings: Settings, key: IdempotencyKey | None,
-    field: FieldNamer,
+    field: FieldNamer, wake_at_commit: bool,
 ) -> Submission:
     committing = False
     try:
@@ -373,7 +382,7 @@ def _submit_once(
                 stored = idempotency.find(session, caller.sub, key, now)
                 if stored is not None:
                     return _replay(stored)
-            jobs = insert_pending(session, caller, requests, settings, field)
+            jobs = insert_pending(session, caller, requests, settings, field, wake_at_commit=wake_at_commit)
             # The answer is computed before the commit: after it, nothing may turn a created job into an error
             # (a client that retries a 500 would submit it twice).
             _fill_positions(session, jobs)
@@ -396,9 +405,11 @@ def _submit_once(
 
 
 def submit(
-    session: Session, caller: Caller, request: JobRequest, settings: Settings, *, key: IdempotencyKey | None = None
+    session: Session, caller: Caller, request: JobRequest, settings: Settings, *, key: IdempotencyKey | None = None,
+    wake_at_commit: bool = False,
 ) -> Submitted:
-    submission = submit_many(session, caller, [request], settings, key=key, field=lambda _index, name: name)
+    submission = submit_many(session, caller, [request], settings, key=key, field=lambda _index, name: name,
+                             wake_at_commit=wake_at_commit)
     return submission.jobs[0]
 
 
