@@ -176,6 +176,35 @@ def test_an_end_report_retried_after_its_commit_returns_what_was_recorded(api: A
     assert [e.to_status for e in events(database, job_id)] == ["pending", "queued", "running", "succeeded"]
 
 
+def test_a_claim_and_a_successful_end_are_executed_by_name(api: ApiClient, database: Database, settings: Settings) -> None:
+    """Issue 14: a worker's claim and end, the statements of every job, are prepared once per database session
+    (planning them cost PostgreSQL more than running them), and stay compare-and-sets: a duplicate claim, a stale
+    token and a repeated end change nothing."""
+    from sqlalchemy import event
+
+    job_id, token = admitted_job(api, database, settings)
+    sent: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        sent.append(" ".join(statement.split()[:2]))
+
+    report = dict(succeeded=True, retryable=False, reason="exited with code 0", actor="worker-a-1", exit_code=0)
+    event.listen(database.engine, "before_cursor_execute", record)
+    try:
+        with database.session() as s:
+            assert execution.claim(s, job_id, token, "worker-a-1", claim_id="c1") is not None
+            assert execution.end(s, settings, job_id, token, **report) == "succeeded"
+    finally:
+        event.remove(database.engine, "before_cursor_execute", record)
+    assert "EXECUTE jobservice_claim" in sent and "EXECUTE jobservice_succeed" in sent, sent
+    assert not any(statement.startswith("WITH u") for statement in sent), sent
+    with database.session() as s:
+        assert execution.claim(s, job_id, token, "worker-b-1", claim_id="c2") is None
+        assert execution.claim(s, job_id, "stale", "worker-a-1", claim_id="c1") is None
+        assert execution.end(s, settings, job_id, token, **report) == "succeeded"
+    assert [e.to_status for e in events(database, job_id)] == ["pending", "queued", "running", "succeeded"]
+
+
 def test_a_late_end_report_never_ends_a_later_attempt(api: ApiClient, database: Database, settings: Settings) -> None:
     job_id, token = admitted_job(api, database, settings, retry_policy={"max_retries": 1})
     with database.session() as s:

@@ -10,7 +10,7 @@ from sqlalchemy import delete, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, object_session
 
-from app.db import transaction
+from app.db import Prepared, transaction
 from app.domain.capacity import LOCAL_CLUSTER
 from app.domain.jobs import SCHEDULER_CHANNEL, clear_placement, notify_scheduler, placed_nodes, record_transition, utcnow
 from app.domain.scheduling import end_attempt
@@ -89,8 +89,10 @@ _EVENT_NODE = """COALESCE(u.node, (SELECT string_agg(p.name, ',' ORDER BY p.firs
         WHERE COALESCE(part->>'node', '') <> '' GROUP BY 1) p))"""
 
 # The claim of a queued job in one round trip (the hot path of every job): the compare-and-set on the
-# dispatch token and the `running` event in one statement, in one transaction, as `claim` writes them.
-_CLAIM = text(
+# dispatch token and the `running` event in one statement, in one transaction, as `claim` writes them. Prepared
+# (app.db.Prepared): planning it cost PostgreSQL more than running it, and a primary-key update has no plan to get wrong.
+_CLAIM = Prepared(
+    "jobservice_claim",
     f"""
     WITH u AS (
         UPDATE jobs SET status = 'running', status_reason = :reason, updated_at = :now, worker_id = :worker,
@@ -105,7 +107,8 @@ _CLAIM = text(
         FROM u
     )
     SELECT * FROM u
-    """
+    """,
+    {"id": "text", "token": "text", "worker": "text", "now": "timestamptz", "reason": "text", "details": "text"},
 )
 
 
@@ -115,7 +118,7 @@ def _claim_queued(
     """queued -> running in one statement; None when the job is not queued under this token."""
     details = {"dispatch_token": dispatch_token, **({"claim": claim_id} if claim_id else {})}
     with transaction(session):
-        row = session.execute(_CLAIM, {
+        row = _CLAIM.execute(session, {
             "id": job_id, "token": dispatch_token, "worker": worker_id, "now": now,
             "reason": f"started by {worker_id}", "details": json.dumps(details),
         }).first()
@@ -221,8 +224,9 @@ def still_running(session: Session, job_id: str, dispatch_token: str, *, heartbe
 
 
 # A successful end in one round trip (the hot path of every job): the compare-and-set on the dispatch token,
-# the `succeeded` event and the scheduler's wake-up (sent at commit), as end_attempt writes them.
-_SUCCEED = text(
+# the `succeeded` event and the scheduler's wake-up (sent at commit), as end_attempt writes them. Prepared, as _CLAIM.
+_SUCCEED = Prepared(
+    "jobservice_succeed",
     f"""
     WITH u AS (
         UPDATE jobs SET status = 'succeeded', status_reason = :reason, updated_at = :now, completed_at = :now,
@@ -237,7 +241,9 @@ _SUCCEED = text(
         FROM u
     )
     SELECT pg_notify(:channel, 'attempt-ended') FROM u
-    """
+    """,
+    {"id": "text", "token": "text", "now": "timestamptz", "reason": "text", "actor": "text", "exit_code": "integer",
+     "details": "text", "channel": "text"},
 )
 
 
@@ -269,7 +275,7 @@ def end(
             # still commit together or not at all. The connection goes back to the pool at the block's end,
             # which restores its isolation level: the fallback below runs in a real transaction.
             connection = session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
-            ended = connection.execute(_SUCCEED, {
+            ended = _SUCCEED.execute(connection, {
                 "id": job_id, "token": dispatch_token, "now": now, "reason": reason, "actor": actor, "exit_code": exit_code,
                 "details": json.dumps(details or {}), "channel": SCHEDULER_CHANNEL,
             }).first()
