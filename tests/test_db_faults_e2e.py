@@ -72,7 +72,7 @@ def test_a_session_dropped_during_the_claim_does_not_leave_the_job_queued(
         with database.session() as s:
             assert publish(s, publisher, result.messages) == 1
         publisher.close()
-        terminate_waiting(database, "%UPDATE jobs SET status = 'running'%")  # the claim's transaction dies
+        terminate_waiting(database, "%EXECUTE jobservice_claim%")  # the claim's transaction dies (its prepared statement)
     finally:
         lock.release()
     done = wait_for_status(api, job["id"], {"succeeded", "failed"}, timeout=30)
@@ -122,7 +122,7 @@ def test_a_session_dropped_during_the_end_report_neither_reruns_nor_fails_a_fini
     lock = Lock(database, "SELECT 1 FROM jobs WHERE id = :id FOR UPDATE", id=job["id"])
     try:
         go.touch()
-        terminate_waiting(database, "%UPDATE jobs SET status = 'succeeded'%")  # the end report's transaction dies
+        terminate_waiting(database, "%EXECUTE jobservice_succeed%")  # the end report's transaction dies (its prepared statement)
     finally:
         lock.release()
     done = wait_for_status(api, job["id"], {"succeeded", "failed"}, timeout=30)
