@@ -10,7 +10,8 @@ PREEMPTION_MAX_PER_MINUTE; `--ran 0`: every running job started just now (nothin
 scheduler's real admission pass (app.domain.scheduling.admit: lock, fair-share accrual, snapshot with
 the per-owner and per-pool pruning, the policy, the writes) --passes times, as the scheduler process runs
 it (one SnapshotCache kept between passes; --no-cache: none), and prints where a pass's time goes: the
-fair-share accrual, the snapshot's parts (nodes, the jobs holding capacity, the backlog's heads, the rest:
+fair-share accrual, the snapshot's parts (nodes: the one statement that reads the nodes, the facts below and the
+jobs holding capacity; holders: decoding those; the backlog's heads; the rest:
 queue counts, usage, quotas, weights), the policy, and the rest of the pass (lock, locking and writing the
 admissions, the next wake-up). The first pass (nothing cached) is shown apart, and so are the rows each pass decoded
 again (holders and backlog rows not known in their version) and the nodes it recomputed (a node whose holders changed;

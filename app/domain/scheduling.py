@@ -555,7 +555,7 @@ def _pending(r: Any, preempted: Any) -> _Backlogged:
 def _load_nodes(session: Session, cache: SnapshotCache, alive_since: datetime, *, preemption: bool,
                 preempted_since: datetime) -> tuple[dict[tuple[str, str], capacity.NodeCapacity], Any]:
     """The live, ready nodes with nothing held, by cluster and name, and the pass's small facts (_PASS_FACTS, read in
-    the same round trip). Node rows change at every heartbeat but what the scheduler reads of them seldom: the
+    the same round trip, with the changed holders for _load_holders: `holders`). Node rows change at every heartbeat but what the scheduler reads of them seldom: the
     statement returns a digest of that, and the rows only when the digest is not the cache's. The nodes returned are
     the cache's own: never change them (copy)."""
     # Every holder the cache holds, valid now or not: a holder's row is all its decoding needs, and the cache keeps it.
@@ -571,7 +571,8 @@ def _load_nodes(session: Session, cache: SnapshotCache, alive_since: datetime, *
 
 # What the scheduler reads of the live, ready nodes (capacity._nodes_query(True, ...): ready, heartbeating, neither
 # cordoned nor draining), in one JSON array, its SHA-256, and the array itself only when the caller's digest differs;
-# and the pass's facts (_PASS_FACTS), which need nothing from the nodes: one round trip for both.
+# the pass's facts (_PASS_FACTS), which need nothing from the nodes; and the jobs holding capacity that changed since
+# the cache's rows (_HOLDERS): one round trip for the three, in one snapshot.
 _NODES = Prepared(
     "jobservice_nodes",
     f"""
