@@ -351,59 +351,97 @@ def test_a_burst_of_pokes_asks_one_pass_per_min_interval_and_a_lone_poke_is_sent
         listener.close()
 
 
+class WakeUpProbe:
+    """A LiveServer whose waker runs on a clock that moves only when it waits, and a LISTEN session on the
+    schedulers' channel (with a node, so that submits are accepted)."""
+
+    def __init__(self, settings: Settings, database: Database) -> None:
+        self.now = [100.0]
+        self.server = LiveServer(settings)
+        self.waker = SchedulerWaker(self.server.app.extensions["jobservice.database"].engine, min_interval=0.05,
+                                    clock=lambda: self.now[0], sleep=self._sleep)
+        self.server.app.extensions["jobservice.scheduler_waker"] = self.waker
+        self.api = ApiClient(self.server.url)
+        self.received: list[str] = []
+        self._database = database
+        with database.engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO nodes (cluster, name, gpu_indices, cpu_millis, memory_bytes, slots, ready, heartbeat_at, "
+                "started_at) VALUES ('local', 'wake-node', '[]', 4000, 8589934592, 4, true, now(), now())"))
+        self.listener = psycopg2.connect(settings.database_url)
+        self.listener.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
+        self.listener.cursor().execute(f"LISTEN {SCHEDULER_CHANNEL}")
+
+    def _sleep(self, seconds: float) -> None:
+        self.now[0] += seconds
+
+    def wake_ups(self, count: int) -> bool:
+        self.listener.poll()
+        self.received.extend(n.payload for n in self.listener.notifies)
+        self.listener.notifies.clear()
+        return len(self.received) >= count
+
+    def received_before_a_marker(self) -> list[str]:
+        """Every wake-up not yet taken: a NOTIFY committed now arrives after anything committed before it, so what
+        came before it is all there is. Takes them, and the marker."""
+        with self._database.engine.connect() as conn:
+            conn.execute(text("SELECT pg_notify(:channel, 'marker')"), {"channel": SCHEDULER_CHANNEL})
+            conn.commit()
+        wait_for(lambda: self.wake_ups(len(self.received) + 1) and "marker" in self.received, 10, interval=0.02,
+                 message="the marker")
+        cut = self.received.index("marker")
+        taken, self.received = self.received[:cut], self.received[cut + 1:]
+        return taken
+
+    def close(self) -> None:
+        self.listener.close()
+        self.server.stop()
+        with self._database.engine.begin() as conn:
+            conn.execute(text("DELETE FROM nodes WHERE name = 'wake-node'"))
+
+
+@pytest.fixture
+def wake_up_probe(settings: Settings, database: Database) -> Iterator[WakeUpProbe]:
+    probe = WakeUpProbe(settings, database)
+    yield probe
+    probe.close()
+
+
 def test_a_lone_submit_carries_its_wake_up_in_its_transaction_and_a_quick_second_one_leaves_it_to_the_waker(
-        settings: Settings, database: Database) -> None:
+        wake_up_probe: WakeUpProbe) -> None:
     """Issue 14, idle dispatch: a submit after a quiet spell wakes the scheduler by its own commit (the NOTIFY rides in
     its INSERT's round trip), so the waker thread sends nothing; a second submit within MIN_INTERVAL_SECONDS pokes the
     thread, which waits out the interval (commits stay unserialised under load). A submit that rolls back after its
     INSERT (a job no node could ever hold: 400) wakes nobody: it created nothing."""
-    now = [100.0]
+    probe, api = wake_up_probe, wake_up_probe.api
+    assert api.post("/jobs/", json=JOB).status_code == 201
+    wait_for(lambda: probe.wake_ups(1), 10, interval=0.02, message="the first submit's wake-up")
+    assert probe.waker._thread is None  # delivered by its commit: the thread never started
 
-    def sleep(seconds: float) -> None:  # the waker's clock moves only when it waits
-        now[0] += seconds
+    assert api.post("/jobs/", json=JOB).status_code == 201  # the same instant: left to the thread
+    wait_for(lambda: probe.wake_ups(2), 10, interval=0.02, message="the second submit's wake-up")
+    assert probe.waker._thread is not None and probe.now[0] == pytest.approx(100.05)
 
-    server = LiveServer(settings)
-    waker = SchedulerWaker(server.app.extensions["jobservice.database"].engine, min_interval=0.05, clock=lambda: now[0],
-                           sleep=sleep)
-    server.app.extensions["jobservice.scheduler_waker"] = waker
-    listener = psycopg2.connect(settings.database_url)
-    listener.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
-    received: list[str] = []
+    probe.now[0] += 1.0  # a quiet spell: the next submit would carry its wake-up, but it rolls back
+    refused = api.post("/jobs/", json={**JOB, "resources": {"gpus": 64}})
+    assert refused.status_code == 400, refused.text
+    assert probe.received_before_a_marker() == ["submit", "submit"]
 
-    def wake_ups(count: int) -> bool:
-        listener.poll()
-        received.extend(n.payload for n in listener.notifies)
-        listener.notifies.clear()
-        return len(received) >= count
 
-    with database.engine.begin() as conn:
-        conn.execute(text(
-            "INSERT INTO nodes (cluster, name, gpu_indices, cpu_millis, memory_bytes, slots, ready, heartbeat_at, started_at) "
-            "VALUES ('local', 'wake-node', '[]', 4000, 8589934592, 4, true, now(), now())"))
-    try:
-        listener.cursor().execute(f"LISTEN {SCHEDULER_CHANNEL}")
-        api = ApiClient(server.url)
-        assert api.post("/jobs/", json=JOB).status_code == 201
-        wait_for(lambda: wake_ups(1), 10, interval=0.02, message="the first submit's wake-up")
-        assert waker._thread is None  # delivered by its commit: the thread never started
+def test_a_batch_after_a_quiet_spell_carries_one_wake_up_in_its_transaction_and_a_refused_one_none(
+        wake_up_probe: WakeUpProbe) -> None:
+    """The batch path too: one NOTIFY for all its jobs, delivered by its commit, none from the waker thread; a batch
+    that rolls back (one job no node could ever hold) created nothing and wakes nobody."""
+    probe, api = wake_up_probe, wake_up_probe.api
+    refused = api.post("/jobs/batch", json={"jobs": [JOB, {**JOB, "resources": {"gpus": 64}}]})
+    assert refused.status_code == 400, refused.text
+    assert probe.received_before_a_marker() == []
 
-        assert api.post("/jobs/", json=JOB).status_code == 201  # the same instant: left to the thread
-        wait_for(lambda: wake_ups(2), 10, interval=0.02, message="the second submit's wake-up")
-        assert waker._thread is not None and now[0] == pytest.approx(100.05)
-
-        now[0] += 1.0  # a quiet spell: the next submit would carry its wake-up, but it rolls back
-        refused = api.post("/jobs/", json={**JOB, "resources": {"gpus": 64}})
-        assert refused.status_code == 400, refused.text
-        with database.engine.connect() as conn:  # a NOTIFY sent now arrives after anything the refused one sent
-            conn.execute(text("SELECT pg_notify(:channel, 'marker')"), {"channel": SCHEDULER_CHANNEL})
-            conn.commit()
-        wait_for(lambda: wake_ups(3), 10, interval=0.02, message="the marker")
-        assert received == ["submit", "submit", "marker"]
-    finally:
-        listener.close()
-        server.stop()
-        with database.engine.begin() as conn:
-            conn.execute(text("DELETE FROM nodes WHERE name = 'wake-node'"))
+    probe.now[0] += 1.0  # the refused batch reserved the interval's in-transaction wake-up: a quiet spell after it
+    created = api.post("/jobs/batch", json={"jobs": [JOB, {**JOB, "priority": 90}, JOB]})
+    assert created.status_code == 201, created.text
+    assert probe.received_before_a_marker() == ["submit"]
+    assert probe.waker._thread is None  # delivered by its commit: the thread never started
 
 
 def test_a_submit_skips_the_pre_ping_and_retries_a_connection_found_dead_before_its_commit(
