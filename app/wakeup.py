@@ -5,17 +5,16 @@ that notified one at a time, each holding a database-wide lock across its WAL fl
 submits stop sharing (group-committing) their flushes. Measured here (benchmarks/dispatch.py
 --submit-only, 16 clients): 124 submits/s with it, 183/s without it, nothing else changed.
 
-So submits commit without notifying, and a per-process thread sends the wake-up, in a transaction of
-its own: `poke()` only sets a flag; the thread sends one NOTIFY, then one more if pokes came while
-it was sending. A NOTIFY that fails (the database restarting) is retried every half second until one
-goes through.
+So submits commit without notifying (except one after a quiet spell: below), and a per-process thread
+sends the wake-up, in a transaction of its own: `poke()` only sets a flag; the thread sends one NOTIFY,
+then one more if pokes came while it was sending. A NOTIFY that fails (the database restarting) is
+retried every half second until one goes through.
 
 Under a sustained load the thread also waits MIN_INTERVAL_SECONDS between two NOTIFYs: each one costs
 the scheduler a whole admission pass, and at hundreds of submits a second, a NOTIFY per free moment of
 the thread made the scheduler and its database session burn a third of the 2 cores the submits ran on
-(benchmarks/dispatch.py --submit-only, 16 clients). The first poke after a quiet spell is sent at once,
-so a lone submit's dispatch latency is unchanged; under load a job waits at most that long more for a
-pass that admits every job submitted meanwhile.
+(benchmarks/dispatch.py --submit-only, 16 clients). The first poke after a quiet spell is sent at once;
+under load a job waits at most that long more for a pass that admits every job submitted meanwhile.
 
 A lone submit after a quiet spell carries the NOTIFY in its own transaction instead (`at_commit()`), in the
 round trip of its INSERT: PostgreSQL delivers it at the commit, sparing the wake-up thread's round trip and the
@@ -102,7 +101,8 @@ class SchedulerWaker:
                 if not is_connection_error(exc):
                     raise
                 self._send()  # its kept connection was dropped (a restart, a drill): once more on a new one
-            self._last_sent = self._clock()
+            with self._lock:  # never earlier than a slot at_commit() reserved meanwhile
+                self._last_sent = max(self._clock(), self._last_sent or 0.0)
             self._failures = 0
         except Exception as exc:  # noqa: BLE001 - never raise into the submit path; try again below
             self._failures += 1
