@@ -3,11 +3,13 @@ their version is unchanged, so a snapshot read with the cache is exactly the one
 change to jobs, nodes and preemptions, on real PostgreSQL."""
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from app.db import Database
 from app.domain import scheduling
@@ -24,6 +26,21 @@ def canonical(snapshot: Snapshot) -> tuple[Any, ...]:
                    for n in snapshot.nodes)
     return (snapshot.now, nodes, sorted(snapshot.running, key=lambda r: r.id), sorted(snapshot.backlog, key=lambda j: j.id),
             snapshot.usage, snapshot.queue_room, snapshot.weights)
+
+
+@contextlib.contextmanager
+def statements_sent(database: Database) -> Iterator[list[str]]:
+    """The statements sent on `database`'s engine inside the block, whitespace folded."""
+    sent: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        sent.append(" ".join(statement.split()))
+
+    event.listen(database.engine, "before_cursor_execute", record)
+    try:
+        yield sent
+    finally:
+        event.remove(database.engine, "before_cursor_execute", record)
 
 
 def insert_nodes(database: Database, now: datetime) -> None:
@@ -334,8 +351,6 @@ def test_an_idle_pass_admitting_a_fresh_submit_sends_four_prepared_statements_an
     and the holders, the backlog, and the admission (with its own savepoint); no accrual while none is due (the process remembers when it accrued), no read of the preemptions of a
     job that never ran, no SAVEPOINT or RELEASE of their own. Accrual is only deferred: the next one that is due adds
     every second since the last."""
-    from sqlalchemy import event
-
     from app.domain import fairshare
 
     now = utcnow()
@@ -353,22 +368,13 @@ def test_an_idle_pass_admitting_a_fresh_submit_sends_four_prepared_statements_an
 
     preemptive = settings.with_overrides(preemption_enabled=True)
     cache = scheduling.SnapshotCache()
-    sent: list[str] = []
-
-    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        sent.append(" ".join(statement.split()))
 
     def admit(job_id: str, at: datetime) -> list[str]:
         submit(job_id, at)
-        sent.clear()
-        event.listen(database.engine, "before_cursor_execute", record)
-        try:
-            with database.session() as s:
-                result = scheduling.admit(s, preemptive, at, cache=cache)
-        finally:
-            event.remove(database.engine, "before_cursor_execute", record)
+        with statements_sent(database) as sent, database.session() as s:
+            result = scheduling.admit(s, preemptive, at, cache=cache)
         assert result.admitted == [job_id]
-        return list(sent)
+        return sent
 
     admit("first", now)  # accrues (the state row), decodes the node
     statements = admit("second", now + timedelta(seconds=0.5))  # the first job holds a GPU, the second one is new
@@ -395,8 +401,6 @@ def test_the_backlog_is_read_by_a_prepared_statement_only_while_the_last_pass_sa
     the backlog is small. With many heads a generic plan, blind to the limits, can run slower than a custom one: a pass
     that follows one which saw more than PREPARED_BACKLOG_MAX_HEADS heads sends the statement's text instead. Both
     give the same backlog."""
-    from sqlalchemy import event
-
     monkeypatch.setattr(scheduling, "PREPARED_BACKLOG_MAX_HEADS", 2)
     now = utcnow()
     with database.engine.begin() as conn:  # no node: nothing is admitted, the backlog stays
@@ -405,19 +409,10 @@ def test_the_backlog_is_read_by_a_prepared_statement_only_while_the_last_pass_sa
             "gpus, created_at, updated_at, pending_since) SELECT 'heads-' || g, 'alice', 't', 10, 'default', 'pending', "
             "'submitted', '[\"true\"]', 1000, 1073741824, 0, :at, :at, :at FROM generate_series(1, 3) g"), {"at": now})
     cache = scheduling.SnapshotCache()
-    sent: list[str] = []
-
-    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        sent.append(statement)
 
     def backlog_read(at: datetime) -> tuple[str, list[str]]:
-        sent.clear()
-        event.listen(database.engine, "before_cursor_execute", record)
-        try:
-            with database.session() as s:
-                snapshot = scheduling.load_snapshot(s, settings, at, cache=cache)
-        finally:
-            event.remove(database.engine, "before_cursor_execute", record)
+        with statements_sent(database) as sent, database.session() as s:
+            snapshot = scheduling.load_snapshot(s, settings, at, cache=cache)
         reads = [s for s in sent if "jobservice_backlog" in s or "WITH RECURSIVE owners" in s]
         assert len(reads) == 1, sent
         return ("prepared" if reads[0].startswith("EXECUTE jobservice_backlog") else "text"), sorted(j.id for j in snapshot.backlog)

@@ -408,7 +408,6 @@ class SnapshotCache:
         self.settings_key: tuple[Any, ...] | None = None
         self.backlog: dict[str, tuple[str, _Backlogged]] = {}
         self.holders: dict[str, tuple[str, _Held]] = {}
-        self.holders_sent: dict[str, str] = {}  # the holders (id: version) the pass's nodes statement was told it knows
         self.nodes: dict[tuple[str, str], capacity.NodeCapacity] = {}
         self.node_digest: str | None = None  # of the rows `nodes` was made from (see _NODES)
         # The live nodes with what the holders hold deducted, as the last pass left them, and what they were computed
@@ -456,9 +455,12 @@ def load_snapshot(session: Session, settings: Settings, now: datetime, *, includ
     """
     cache = (cache or SnapshotCache()).for_settings(settings)
     stamp = now.timestamp()
+    # Every holder the cache holds, valid now or not: a holder's row is all its decoding needs, and the cache keeps it.
+    known_holders, known_holders_json = cache.known_rows("holders", cache.holders, None)
     nodes, facts = _load_nodes(session, cache, capacity.node_alive_since(now, settings.node_lease_seconds),
-                               preemption=settings.preemption_enabled, preempted_since=now - timedelta(seconds=60))
-    running, deducted = _load_holders(session, cache, nodes, now, settings, facts.holders)
+                               preemption=settings.preemption_enabled, preempted_since=now - timedelta(seconds=60),
+                               known_holders=known_holders_json)
+    running, deducted = _load_holders(session, cache, nodes, now, settings, known_holders, facts.holders)
     active = dict(facts.active)
     room = {q.name: q.max_concurrency - active.get(q.name, 0) for q in settings.queues}
     full = sorted(name for name, left in room.items() if left <= 0)
@@ -553,15 +555,13 @@ def _pending(r: Any, preempted: Any) -> _Backlogged:
 
 
 def _load_nodes(session: Session, cache: SnapshotCache, alive_since: datetime, *, preemption: bool,
-                preempted_since: datetime) -> tuple[dict[tuple[str, str], capacity.NodeCapacity], Any]:
+                preempted_since: datetime, known_holders: str) -> tuple[dict[tuple[str, str], capacity.NodeCapacity], Any]:
     """The live, ready nodes with nothing held, by cluster and name, and the pass's small facts (_PASS_FACTS, read in
-    the same round trip, with the changed holders for _load_holders: `holders`). Node rows change at every heartbeat but what the scheduler reads of them seldom: the
-    statement returns a digest of that, and the rows only when the digest is not the cache's. The nodes returned are
+    the same round trip, with the holders changed since `known_holders` for _load_holders: `holders`). Node rows change
+    at every heartbeat but what the scheduler reads of them seldom: the statement returns a digest of that, and the rows only when the digest is not the cache's. The nodes returned are
     the cache's own: never change them (copy)."""
-    # Every holder the cache holds, valid now or not: a holder's row is all its decoding needs, and the cache keeps it.
-    cache.holders_sent, holders_known = cache.known_rows("holders", cache.holders, None)
     row = _NODES.execute(session, {"alive_since": alive_since, "known": cache.node_digest, "preemption": preemption,
-                                   "since": preempted_since, "holders_known": holders_known}).one()
+                                   "since": preempted_since, "holders_known": known_holders}).one()
     if row.rows is None and row.digest == cache.node_digest:
         return cache.nodes, row
     nodes = {(r[0], r[1]): capacity.node_of(r) for r in row.rows or ()}
@@ -592,12 +592,12 @@ _NODES = Prepared(
 
 
 def _load_holders(session: Session, cache: SnapshotCache, nodes: dict[tuple[str, str], capacity.NodeCapacity], now: datetime,
-                  settings: Settings, holders_json: list[list[Any]] | None
+                  settings: Settings, known: dict[str, str], holders_json: list[list[Any]] | None
                   ) -> tuple[list[policy.Running], dict[tuple[str, str], capacity.NodeCapacity]]:
     """Every job holding capacity, as the policy's running attempts, and `nodes` (nothing held) with what they hold
-    deducted. `nodes` is left as it is. `holders_json`: what _NODES read of them (the changed and the dropped ones)."""
+    deducted. `nodes` is left as it is. `holders_json`: what _NODES read of them given `known` (the changed and the
+    dropped ones)."""
     stamp = now.timestamp()
-    known = cache.holders_sent  # what the nodes' statement was sent as known (cache.holders then)
     result = [_HolderRow.of(values) for values in holders_json or ()]
     rows = [row for row in result if row.version is not None]
     dropped = {row.id for row in result if row.version is None}
