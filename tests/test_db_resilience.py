@@ -176,7 +176,7 @@ def test_an_end_report_retried_after_its_commit_returns_what_was_recorded(api: A
     assert [e.to_status for e in events(database, job_id)] == ["pending", "queued", "running", "succeeded"]
 
 
-def test_a_claim_and_a_successful_end_are_executed_by_name(api: ApiClient, database: Database, settings: Settings) -> None:
+def test_a_claim_and_a_successful_end_are_executed_by_name_each_in_one_round_trip(api: ApiClient, database: Database, settings: Settings) -> None:
     """Issue 14: a worker's claim and end, the statements of every job, are prepared once per database session
     (planning them cost PostgreSQL more than running them), and stay compare-and-sets: a duplicate claim, a stale
     token and a repeated end change nothing."""
@@ -184,9 +184,12 @@ def test_a_claim_and_a_successful_end_are_executed_by_name(api: ApiClient, datab
 
     job_id, token = admitted_job(api, database, settings)
     sent: list[str] = []
+    autocommitted: list[str] = []
 
-    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+    def record(conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
         sent.append(" ".join(statement.split()[:2]))
+        if conn.connection.dbapi_connection.autocommit:
+            autocommitted.append(sent[-1])
 
     report = dict(succeeded=True, retryable=False, reason="exited with code 0", actor="worker-a-1", exit_code=0)
     event.listen(database.engine, "before_cursor_execute", record)
@@ -198,6 +201,8 @@ def test_a_claim_and_a_successful_end_are_executed_by_name(api: ApiClient, datab
         event.remove(database.engine, "before_cursor_execute", record)
     assert "EXECUTE jobservice_claim" in sent and "EXECUTE jobservice_succeed" in sent, sent
     assert not any(statement.startswith("WITH u") for statement in sent), sent
+    # Each one statement sent in autocommit: a transaction by itself, one round trip (no BEGIN, no COMMIT).
+    assert {"EXECUTE jobservice_claim", "EXECUTE jobservice_succeed"} <= set(autocommitted), (sent, autocommitted)
     with database.session() as s:
         assert execution.claim(s, job_id, token, "worker-b-1", claim_id="c2") is None
         assert execution.claim(s, job_id, "stale", "worker-a-1", claim_id="c1") is None

@@ -118,7 +118,11 @@ def _claim_queued(
     """queued -> running in one statement; None when the job is not queued under this token."""
     details = {"dispatch_token": dispatch_token, **({"claim": claim_id} if claim_id else {})}
     with transaction(session):
-        row = _CLAIM.execute(session, {
+        # Sent in autocommit, as end()'s _SUCCEED: one statement is a transaction of its own, so the update and its
+        # event (and the counters' statement triggers) commit together in one round trip, where BEGIN, the statement
+        # and COMMIT were three. The GPU type read after it needs no transaction.
+        connection = session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+        row = _CLAIM.execute(connection, {
             "id": job_id, "token": dispatch_token, "worker": worker_id, "now": now,
             "reason": f"started by {worker_id}", "details": json.dumps(details),
         }).first()
