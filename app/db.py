@@ -247,6 +247,16 @@ def _ping_when_idle(engine: Engine, idle_seconds: float, *, always_retried: bool
             raise sa_exc.DisconnectionError(first_line(exc)) from exc
 
 
+def autocommit_connection(session: Session) -> Connection:
+    """The session's connection in autocommit, for a transaction of one statement (its own transaction then): one
+    round trip, where BEGIN, the statement and COMMIT are three. A session already in a transaction (a caller that
+    wrote before) keeps it: the statement joins it. The connection's isolation is restored when the session's
+    transaction ends (it goes back to the pool)."""
+    if session.in_transaction():
+        return session.connection()
+    return session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+
+
 @contextmanager
 def transaction(session: Session) -> Iterator[Session]:
     """One unit of work: commits when the block ends, rolls back when it raises."""

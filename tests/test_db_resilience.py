@@ -11,14 +11,16 @@ from typing import Any
 import pytest
 from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from app.db import Database, is_connection_error, retry_on_disconnect
 from app.domain import execution, logs as log_store
 from app.domain.jobs import utcnow
-from app.domain.scheduling import ADMISSION_LOCK, admit, requeue_unclaimed
+from app.domain.scheduling import ADMISSION_LOCK, AdmissionResult, SnapshotCache, admit, requeue_unclaimed
 from app.models import Job, JobEvent, OutboxMessage
 from config import Settings
 from tests.conftest import ApiClient, wait_for
+from tests.test_snapshot_cache import statements_sent
 
 
 def backend_pids(database: Database, application: str, *, waiting_on_lock: bool = False, query_like: str = "%") -> list[int]:
@@ -242,21 +244,38 @@ def test_a_log_batch_retried_after_its_commit_is_stored_once(api: ApiClient, dat
         assert [line.line for line in log_store.tail(s, job["id"], 10)] == ["one", "two", "three", "one", "two"]
 
 
-def test_a_pass_deletes_the_outbox_rows_published_since_the_last_one_even_when_locked_out(api: ApiClient, database: Database, settings: Settings) -> None:
+@pytest.mark.parametrize("accrual_due", [True, False], ids=["lock-alone", "lock-with-the-nodes-read"])
+def test_a_pass_deletes_the_outbox_rows_published_since_the_last_one_even_when_locked_out(
+        api: ApiClient, database: Database, settings: Settings, accrual_due: bool) -> None:
+    """Both ways a pass takes the lock: alone, before the accrual that is due, or (none due: the scheduler's cache
+    knows) in the nodes read's round trip, which then reads nothing while another pass holds the lock."""
     first, _ = admitted_job(api, database, settings)
     second, _ = admitted_job(api, database, settings)
+    cache = SnapshotCache()
+
+    def admitting(s: Session, published: list[int]) -> AdmissionResult:
+        cache.accrued_at = None if accrual_due else utcnow()
+        return admit(s, settings, published=published, cache=cache)
+
     with database.session() as s:
         rows = dict(s.execute(select(OutboxMessage.job_id, OutboxMessage.id)).tuples().all())
+        api.submit(command=["true"], retry_policy={"max_retries": 1})
+        waiting = s.scalar(select(Job.id).where(Job.status == "pending"))
+        s.execute(text("UPDATE jobs SET not_before = now() + interval '1 hour' WHERE id = :id"), {"id": waiting})
+        s.commit()
     with database.engine.connect() as holder:  # another scheduler's pass holds the admission lock
         holder.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ADMISSION_LOCK})
-        with database.session() as s:
-            assert admit(s, settings, published=[rows[first]]).locked_out
+        with statements_sent(database) as sent, database.session() as s:
+            assert admitting(s, [rows[first]]).locked_out
+        assert not any("jobservice_backlog" in statement or "WITH RECURSIVE" in statement for statement in sent), sent
         holder.rollback()
     with database.session() as s:
         assert dict(s.execute(select(OutboxMessage.job_id, OutboxMessage.id)).tuples().all()) == {second: rows[second]}
-        result = admit(s, settings, published=[rows[second]])
+        result = admitting(s, [rows[second]])
         assert not result.locked_out and result.admitted == []
         assert s.scalar(select(OutboxMessage.id)) is None
+        # The earliest backoff expiry: when the scheduler wakes next without being told.
+        assert result.next_wakeup == s.scalar(select(Job.not_before).where(Job.id == waiting))
 
 
 def test_the_scheduler_deletes_what_it_published(api: ApiClient, start_scheduler, start_worker, database: Database) -> None:

@@ -344,13 +344,15 @@ def test_the_garbage_collector_is_paused_only_while_the_policy_decides() -> None
     assert gc.isenabled()
 
 
-def test_an_idle_pass_admitting_a_fresh_submit_sends_four_prepared_statements_and_defers_no_accrual(
+def test_an_idle_pass_admitting_a_fresh_submit_sends_three_round_trips_and_defers_no_accrual(
         database: Database, settings: Settings) -> None:
     """Issue 14, idle dispatch: a pass is mostly round trips when the fleet is idle. A pass that admits a job never run
-    before sends four statements, each prepared once per database session: the lock, the nodes with the pass's facts
-    and the holders, the backlog, and the admission (with its own savepoint); no accrual while none is due (the process remembers when it accrued), no read of the preemptions of a
-    job that never ran, no SAVEPOINT or RELEASE of their own. Accrual is only deferred: the next one that is due adds
-    every second since the last."""
+    before sends three, each executing a statement prepared once per database session: the lock (with the published
+    outbox rows' delete) and then the nodes with the pass's facts and the holders, the backlog, and the admission (with
+    its own savepoint); no accrual while none is due (the process remembers when it accrued), no read of the
+    preemptions of a job that never ran, no SAVEPOINT or RELEASE of their own. Accrual is only deferred: the next one
+    that is due adds every second since the last (that pass sends the lock alone first, as its accrual must follow the
+    lock and precede the nodes read's facts)."""
     from app.domain import fairshare
 
     now = utcnow()
@@ -378,9 +380,11 @@ def test_an_idle_pass_admitting_a_fresh_submit_sends_four_prepared_statements_an
 
     admit("first", now)  # accrues (the state row), decodes the node
     statements = admit("second", now + timedelta(seconds=0.5))  # the first job holds a GPU, the second one is new
-    assert len(statements) == 4, "\n".join(statements)
+    assert len(statements) == 3, "\n".join(statements)
     # Each executed by name: prepared once per database session (by an earlier pass: the session is pooled).
-    assert all(s.startswith(("EXECUTE jobservice_", "SAVEPOINT place_all; EXECUTE jobservice_place_all")) for s in statements), statements
+    assert statements[0].startswith("WITH published AS (DELETE FROM outbox") and "pg_try_advisory_xact_lock" in statements[0]
+    assert statements[0].split("; ")[-1].startswith("EXECUTE jobservice_nodes"), statements[0]
+    assert all(s.startswith(("EXECUTE jobservice_", "SAVEPOINT place_all; EXECUTE jobservice_place_all")) for s in statements[1:]), statements
     assert not any(s.startswith(("SAVEPOINT sa_", "RELEASE")) for s in statements), statements
     assert not any("preempted_by'" in s and "job_id = ANY" in s for s in statements), statements
     assert not any("usage_accrued_at" in s for s in statements), statements
@@ -390,6 +394,7 @@ def test_an_idle_pass_admitting_a_fresh_submit_sends_four_prepared_statements_an
     assert fairshare.ACCRUE_EVERY_SECONDS == 1.0
     statements = admit("third", now + timedelta(seconds=1.5))
     assert sum("usage_accrued_at" in s for s in statements) == 1
+    assert statements[0].startswith("EXECUTE jobservice_begin_pass") and statements[2].startswith("EXECUTE jobservice_nodes")
     with database.engine.connect() as conn:
         gpu_seconds = conn.execute(text("SELECT gpu_seconds FROM fair_share_usage WHERE owner = 'alice'")).scalar()
     assert gpu_seconds == pytest.approx(2 * 1.5)

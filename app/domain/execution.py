@@ -10,7 +10,7 @@ from sqlalchemy import delete, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, object_session
 
-from app.db import Prepared, transaction
+from app.db import Prepared, autocommit_connection, transaction
 from app.domain.capacity import LOCAL_CLUSTER
 from app.domain.jobs import SCHEDULER_CHANNEL, clear_placement, notify_scheduler, placed_nodes, record_transition, utcnow
 from app.domain.scheduling import end_attempt
@@ -118,11 +118,9 @@ def _claim_queued(
     """queued -> running in one statement; None when the job is not queued under this token."""
     details = {"dispatch_token": dispatch_token, **({"claim": claim_id} if claim_id else {})}
     with transaction(session):
-        # Sent in autocommit, as end()'s _SUCCEED: one statement is a transaction of its own, so the update and its
-        # event (and the counters' statement triggers) commit together in one round trip, where BEGIN, the statement
-        # and COMMIT were three. The GPU type read after it needs no transaction.
-        connection = session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
-        row = _CLAIM.execute(connection, {
+        # One statement, a transaction of its own (as end()'s _SUCCEED): the update and its event (and the counters'
+        # statement triggers) commit together. The GPU type read after it needs no transaction.
+        row = _CLAIM.execute(autocommit_connection(session), {
             "id": job_id, "token": dispatch_token, "worker": worker_id, "now": now,
             "reason": f"started by {worker_id}", "details": json.dumps(details),
         }).first()
@@ -274,12 +272,10 @@ def end(
     if succeeded and not requeue:
         now = utcnow()
         with transaction(session):
-            # One statement is a transaction of its own: sent in autocommit it is one round trip, where BEGIN,
-            # the statement and COMMIT were three. Its update, event, counters (statement triggers) and wake-up
-            # still commit together or not at all. The connection goes back to the pool at the block's end,
+            # One statement is a transaction of its own: its update, event, counters (statement triggers) and
+            # wake-up commit together or not at all. The connection goes back to the pool at the block's end,
             # which restores its isolation level: the fallback below runs in a real transaction.
-            connection = session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
-            ended = _SUCCEED.execute(connection, {
+            ended = _SUCCEED.execute(autocommit_connection(session), {
                 "id": job_id, "token": dispatch_token, "now": now, "reason": reason, "actor": actor, "exit_code": exit_code,
                 "details": json.dumps(details or {}), "channel": SCHEDULER_CHANNEL,
             }).first()

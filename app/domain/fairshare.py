@@ -69,6 +69,11 @@ _ACCRUE = text(
 )
 
 
+def accrual_due(now: datetime, accrued_at: datetime | None) -> bool:
+    """Whether an accrual may be due at `now`, given the time an earlier accrue() of this process returned (see there)."""
+    return accrued_at is None or (now - accrued_at).total_seconds() >= ACCRUE_EVERY_SECONDS
+
+
 def accrue(session: Session, now: datetime, half_life_seconds: float, accrued_at: datetime | None = None) -> datetime | None:
     """Add what each owner holds since the last accrual (at most once per ACCRUE_EVERY_SECONDS). Caller holds the
     admission lock and commits.
@@ -78,7 +83,7 @@ def accrue(session: Session, now: datetime, half_life_seconds: float, accrued_at
     only ever moves forward, whoever accrues), so the statement, a round trip of every pass, is not sent at all. If
     that earlier pass rolled back, the next accrual still adds everything since the stored time: deferred, not lost.
     """
-    if accrued_at is not None and (now - accrued_at).total_seconds() < ACCRUE_EVERY_SECONDS:
+    if not accrual_due(now, accrued_at):
         return accrued_at
     half_life = max(half_life_seconds, 1.0)
     return session.execute(_ACCRUE, {"now": now, "every": ACCRUE_EVERY_SECONDS, "half_life": half_life,

@@ -84,6 +84,31 @@ _BEGIN_PASS = Prepared(
 )
 
 
+# _BEGIN_PASS's lock and delete, for a pass that sends no accrual (the common case: one is due once a second at
+# most): sent in the nodes read's round trip (the statement before its EXECUTE, see _load_nodes), a round trip less
+# on every pass. Whether it took the lock reaches the nodes statement through a setting local to the transaction:
+# psycopg2 returns only the last statement's rows. Two statements, not one: the nodes read takes its snapshot after
+# the lock is held (in one statement, a pass could read nodes and holders as they were before the commit of the pass
+# that held the lock until then, and promise its capacity again).
+_LOCK_PASS_SQL = (
+    "WITH published AS (DELETE FROM outbox WHERE id = ANY(CAST(:published AS bigint[]))) "
+    "SELECT set_config('jobservice.pass_locked', CAST(pg_try_advisory_xact_lock(:lock_key) AS text), true)"
+)
+
+
+@dataclass
+class PassStart:
+    """A pass's lock and outbox delete, sent with its nodes read (_LOCK_PASS_SQL); what they found."""
+
+    published: list[int]
+    locked: bool = False
+    next_wakeup: datetime | None = None
+
+
+class _LockedOut(Exception):
+    """Another scheduler's pass holds the admission lock."""
+
+
 @contextlib.contextmanager
 def collector_paused() -> Iterator[None]:
     """The cyclic garbage collector off while the policy decides (on again after, unless it was off before).
@@ -113,15 +138,26 @@ def admit(session: Session, settings: Settings, now: datetime | None = None, cac
     result = AdmissionResult()
     unhandled: list[tuple[str, str]] = []
     with transaction(session):
-        begun = _BEGIN_PASS.execute(session, {"key": ADMISSION_LOCK, "published": list(published), "now": now}).one()
-        if not begun.locked:
+        start: PassStart | None = None
+        if cache is not None and not fairshare.accrual_due(now, cache.accrued_at):
+            start = PassStart(list(published))  # locks in the nodes read's round trip
+        else:
+            begun = _BEGIN_PASS.execute(session, {"key": ADMISSION_LOCK, "published": list(published), "now": now}).one()
+            if not begun.locked:
+                result.locked_out = True
+                return result
+            accrued_at = fairshare.accrue(session, now, settings.fair_share_half_life_seconds,
+                                          cache.accrued_at if cache is not None else None)
+            if cache is not None:
+                cache.accrued_at = accrued_at
+            result.next_wakeup = begun.next_wakeup
+        try:
+            snapshot = load_snapshot(session, settings, now, cache=cache, start=start)
+        except _LockedOut:
             result.locked_out = True
             return result
-        accrued_at = fairshare.accrue(session, now, settings.fair_share_half_life_seconds,
-                                      cache.accrued_at if cache is not None else None)
-        if cache is not None:
-            cache.accrued_at = accrued_at
-        snapshot = load_snapshot(session, settings, now, cache=cache)
+        if start is not None:
+            result.next_wakeup = start.next_wakeup
         with collector_paused():
             plan = policy.decide(snapshot, policy_config(settings))
         result.plan = plan
@@ -159,7 +195,6 @@ def admit(session: Session, settings: Settings, now: datetime | None = None, cac
                         unhandled.append((job.id, f"the scheduler could not admit this job: {type(exc).__name__}: {exc}"[:1000]))
                         continue
                     result.messages.append(message)
-        result.next_wakeup = begun.next_wakeup
     for job_id, reason in unhandled:
         if fail_unhandled(session, job_id, reason, now):
             result.failed.append(job_id)
@@ -447,11 +482,12 @@ class SnapshotCache:
 
 
 def load_snapshot(session: Session, settings: Settings, now: datetime, *, include: str | None = None,
-                  cache: SnapshotCache | None = None) -> policy.Snapshot:
+                  cache: SnapshotCache | None = None, start: PassStart | None = None) -> policy.Snapshot:
     """What the policy needs, read in the caller's transaction. `include`: a job to add if pruning left it out.
 
     `cache` (the scheduler's, kept between passes) only saves decoding rows whose version it holds: with or
-    without it the snapshot is the same.
+    without it the snapshot is the same. `start`: the admission pass's lock and outbox delete, sent first in the same
+    round trip (filled in with what they found); raises _LockedOut, having read nothing, when another pass holds the lock.
     """
     cache = (cache or SnapshotCache()).for_settings(settings)
     stamp = now.timestamp()
@@ -459,7 +495,7 @@ def load_snapshot(session: Session, settings: Settings, now: datetime, *, includ
     known_holders, known_holders_json = cache.known_rows("holders", cache.holders, None)
     nodes, facts = _load_nodes(session, cache, capacity.node_alive_since(now, settings.node_lease_seconds),
                                preemption=settings.preemption_enabled, preempted_since=now - timedelta(seconds=60),
-                               known_holders=known_holders_json)
+                               known_holders=known_holders_json, start=start, now=now)
     running, deducted = _load_holders(session, cache, nodes, now, settings, known_holders, facts.holders)
     active = dict(facts.active)
     room = {q.name: q.max_concurrency - active.get(q.name, 0) for q in settings.queues}
@@ -555,13 +591,24 @@ def _pending(r: Any, preempted: Any) -> _Backlogged:
 
 
 def _load_nodes(session: Session, cache: SnapshotCache, alive_since: datetime, *, preemption: bool,
-                preempted_since: datetime, known_holders: str) -> tuple[dict[tuple[str, str], capacity.NodeCapacity], Any]:
+                preempted_since: datetime, known_holders: str, start: PassStart | None = None, now: datetime
+                ) -> tuple[dict[tuple[str, str], capacity.NodeCapacity], Any]:
     """The live, ready nodes with nothing held, by cluster and name, and the pass's small facts (_PASS_FACTS, read in
     the same round trip, with the holders changed since `known_holders` for _load_holders: `holders`). Node rows change
     at every heartbeat but what the scheduler reads of them seldom: the statement returns a digest of that, and the rows only when the digest is not the cache's. The nodes returned are
-    the cache's own: never change them (copy)."""
-    row = _NODES.execute(session, {"alive_since": alive_since, "known": cache.node_digest, "preemption": preemption,
-                                   "since": preempted_since, "holders_known": known_holders}).one()
+    the cache's own: never change them (copy). `start`: see load_snapshot."""
+    params = {"alive_since": alive_since, "known": cache.node_digest, "preemption": preemption,
+              "since": preempted_since, "holders_known": known_holders, "now": now}
+    if start is None:
+        row = _NODES.execute(session, params).one()
+    else:
+        connection = session.connection()
+        _NODES.ensure(connection)
+        row = connection.execute(_LOCK_PASS_AND_NODES, {**params, "published": start.published,
+                                                        "lock_key": ADMISSION_LOCK}).one()
+        start.locked, start.next_wakeup = row.locked == "true", row.next_wakeup
+        if not start.locked:
+            raise _LockedOut()
     if row.rows is None and row.digest == cache.node_digest:
         return cache.nodes, row
     nodes = {(r[0], r[1]): capacity.node_of(r) for r in row.rows or ()}
@@ -584,11 +631,18 @@ _NODES = Prepared(
         SELECT rows, encode(sha256(convert_to(COALESCE(rows::text, '[]'), 'UTF8')), 'hex') AS digest FROM n
     ), {_HOLDERS}
     SELECT digest, CASE WHEN digest IS DISTINCT FROM CAST(:known AS text) THEN rows END AS rows, {_PASS_FACTS},
-           (SELECT holders FROM h) AS holders
+           (SELECT holders FROM h) AS holders,
+           current_setting('jobservice.pass_locked', true) AS locked,
+           CASE WHEN current_setting('jobservice.pass_locked', true) = 'true' THEN
+               (SELECT min(not_before) FROM jobs WHERE status = 'pending' AND not_before > :now) END AS next_wakeup
     FROM d
     """,
-    {"alive_since": "timestamptz", "known": "text", "preemption": "boolean", "since": "timestamptz", "holders_known": "text"},
+    {"alive_since": "timestamptz", "known": "text", "preemption": "boolean", "since": "timestamptz", "holders_known": "text",
+     "now": "timestamptz"},
 )
+# _LOCK_PASS_SQL and the nodes read in one round trip: `locked` says whether the first took the lock (NULL or '' for
+# a read that sent no _LOCK_PASS_SQL: explain, a pass that sent _BEGIN_PASS), `next_wakeup` is _BEGIN_PASS's.
+_LOCK_PASS_AND_NODES = text(f"{_LOCK_PASS_SQL}; {_NODES.execute_sql}")
 
 
 def _load_holders(session: Session, cache: SnapshotCache, nodes: dict[tuple[str, str], capacity.NodeCapacity], now: datetime,
