@@ -84,6 +84,10 @@ elif "app.cli scheduler" in _argv:
     _wrap(policy, "decide", "scheduler policy")
     _wrap(scheduling, "_place_all", "scheduler admission write")
     _wrap(scheduler, "publish_only", "scheduler publish")
+    for step in ("recover_lost", "requeue_unclaimed", "publish_stale"):
+        _wrap(scheduler, step, "scheduler sweep " + step)
+    _wrap(scheduler.Scheduler, "_fold_counters", "scheduler sweep fold")
+    _wrap(scheduler.Scheduler, "_vacuum_churn", "scheduler sweep vacuum")
     _statements()
 elif "celery" in _argv and "worker" in _argv:
     import workers.runner as runner, app.domain.execution as execution
@@ -95,6 +99,8 @@ elif "celery" in _argv and "worker" in _argv:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=60)
+    parser.add_argument("--slow", type=float, default=0.0, metavar="MS",
+                        help="also print every step of each job whose way to running took longer than this")
     args = parser.parse_args()
     if not os.environ.get("DATABASE_URL"):
         raise SystemExit("set DATABASE_URL (and REDIS_URL): the steps are read from the jobs' rows afterwards")
@@ -120,6 +126,11 @@ def main() -> None:
     stamps = [stamp for stamp, _ in marks]
     since_created: dict[str, list[float]] = defaultdict(list)
     for created, running, ended in jobs[5:]:  # dispatch.py's warm-up jobs first
+        took = (float(running) - float(created)) * 1000
+        if args.slow and took > args.slow:
+            print(f"a slow job: {took:.1f} ms; every mark from 50 ms before its created_at to its running event:")
+            for stamp, label in marks[bisect.bisect_left(stamps, float(created) - 0.05):bisect.bisect_right(stamps, float(running))]:
+                print(f"  {(stamp - float(created)) * 1000:8.2f}  {label}")
         since_created["= running event"].append((float(running) - float(created)) * 1000)
         seen = set()
         for stamp, label in marks[bisect.bisect_left(stamps, float(created)):bisect.bisect_right(stamps, float(running))]:
