@@ -65,7 +65,8 @@ class AdmissionResult:
         return [message.job_id for message in self.messages]
 
 
-# The pass's first statement, one round trip for two things:
+# The first statement of a pass whose fair-share accrual may be due (else _LOCK_PASS_SQL does its work), one round
+# trip for two things:
 # - the admission lock;
 # - deleting the outbox rows of tasks the previous pass published (`published`): their delete rides on this
 #   statement instead of a transaction of its own after each publication. Losing it costs a second publication,
