@@ -19,6 +19,7 @@ import cProfile
 import json
 import os
 import pstats
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -113,6 +114,8 @@ def main() -> None:
     args = parser.parse_args()
     if not os.environ.get("DATABASE_URL") or not os.environ.get("REDIS_URL"):
         raise SystemExit("set DATABASE_URL and REDIS_URL")
+    # The schema first (a fresh database has none), as dispatch.py does.
+    subprocess.run([sys.executable, "-m", "flask", "--app", "app", "db", "upgrade"], cwd=ROOT, check=True, capture_output=True)
     plain = make_app({"AUTH_ENABLED": "false", "RATELIMIT_ENABLED": "false"})
     database = plain.extensions["jobservice.database"]
     with database.engine.begin() as conn:

@@ -1,0 +1,91 @@
+"""Publishing a pass's tasks to the real Redis broker (app.dispatch): together, in order, each to its queue; one that
+the broker cannot take delays no other."""
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pytest
+import redis
+
+from app.dispatch import CeleryPublisher, Task, publish_only
+from app.domain.scheduling import EXECUTE_TASK
+from app.models import OutboxMessage
+from config import Settings
+
+
+class CountingPublisher(CeleryPublisher):
+    """The real publisher, counting which of its two ways each publication took."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.singles = 0
+        self.batches = 0
+
+    def publish(self, task_name: str, queue: str, args: list[object]) -> None:
+        self.singles += 1
+        super().publish(task_name, queue, args)
+
+    def publish_all(self, tasks: Sequence[Task]) -> None:
+        self.batches += 1
+        super().publish_all(tasks)
+
+
+@pytest.fixture
+def publisher(settings: Settings) -> Iterator[CountingPublisher]:
+    publisher = CountingPublisher(settings)
+    yield publisher
+    publisher.close()
+
+
+@pytest.fixture
+def queues(settings: Settings) -> Iterator[tuple[str, str]]:
+    """Two queue names of this test's own (their Redis lists are removed afterwards)."""
+    names = (f"dispatch-test-{uuid.uuid4().hex}.a", f"dispatch-test-{uuid.uuid4().hex}.b")
+    yield names
+    client = redis.Redis.from_url(settings.redis_url or "")
+    client.delete(*names)
+    client.close()
+
+
+def delivered(settings: Settings, queue: str) -> list[tuple[str, list[Any]]]:
+    """(task name, args) of each message waiting in `queue`, oldest first (kombu LPUSHes, a worker BRPOPs)."""
+    client = redis.Redis.from_url(settings.redis_url or "")
+    try:
+        raw = client.lrange(queue, 0, -1)
+    finally:
+        client.close()
+    messages = [json.loads(item) for item in reversed(raw)]
+    return [(m["headers"]["task"], json.loads(base64.b64decode(m["body"]))[0]) for m in messages]
+
+
+def message(id: int, queue: str, args: list[Any]) -> OutboxMessage:
+    return OutboxMessage(id=id, job_id=str(args[0]), task_name=EXECUTE_TASK, queue=queue, args=args)
+
+
+def test_a_pass_s_tasks_are_published_together_each_to_its_queue_in_order(
+        settings: Settings, publisher: CountingPublisher, queues: tuple[str, str]) -> None:
+    a, b = queues
+    messages = [message(1, a, ["job-1", "t1"]), message(2, b, ["job-2", "t2"]), message(3, a, ["job-3", "t3"])]
+    assert publish_only(publisher, messages) == [1, 2, 3]
+    assert (publisher.batches, publisher.singles) == (1, 0)
+    assert delivered(settings, a) == [(EXECUTE_TASK, ["job-1", "t1"]), (EXECUTE_TASK, ["job-3", "t3"])]
+    assert delivered(settings, b) == [(EXECUTE_TASK, ["job-2", "t2"])]
+
+    assert publish_only(publisher, [message(4, b, ["job-4", "t4"])]) == [4]  # a lone task: no batch to set up
+    assert (publisher.batches, publisher.singles) == (1, 1)
+    assert delivered(settings, b)[-1] == (EXECUTE_TASK, ["job-4", "t4"])
+
+
+def test_a_batch_the_broker_refuses_is_published_one_by_one_and_a_refused_task_delays_no_other(
+        settings: Settings, publisher: CountingPublisher, queues: tuple[str, str]) -> None:
+    a, _ = queues
+    # A set is not JSON: the serializer refuses the second task, which fails the batch before anything was sent.
+    messages = [message(1, a, ["job-1", "t1"]), message(2, a, ["job-2", {"not", "json"}]), message(3, a, ["job-3", "t3"])]
+    assert publish_only(publisher, messages) == [1, 3]  # the refused one's outbox row stays: the sweep retries it
+    assert (publisher.batches, publisher.singles) == (1, 3)
+    # Each once: the failed batch sent nothing (kombu discards what a batch buffered when its block raises).
+    assert delivered(settings, a) == [(EXECUTE_TASK, ["job-1", "t1"]), (EXECUTE_TASK, ["job-3", "t3"])]
