@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -86,8 +87,9 @@ def celery_column(args: argparse.Namespace) -> str:
             time.sleep(0.05)
         drain_seconds = time.perf_counter() - started  # includes the worker's start: a lower bound of its rate
         pickups = []
+        run = uuid.uuid4().hex  # keys of this run's own: another run's (kept 60 s) would be read as this one's
         for index in range(args.idle):
-            key = f"plain-bench-pickup-{index}"
+            key = f"plain-bench-pickup-{run}-{index}"
             noop.delay(time.time(), key)
             deadline = time.monotonic() + 10
             while (value := client.get(key)) is None and time.monotonic() < deadline:
