@@ -9,6 +9,7 @@ The tasks go to a queue of this run's own, removed at the end.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import statistics
 import sys
@@ -52,8 +53,6 @@ def main() -> None:
     queue = f"publish-bench-{uuid.uuid4().hex}"
     messages = [OutboxMessage(id=i, job_id=f"job-{i}", task_name=EXECUTE_TASK, queue=queue, args=[f"job-{i}", "token"])
                 for i in range(args.tasks)]
-    import logging
-
     logging.getLogger("app.dispatch").setLevel(logging.ERROR)  # the one-by-one stand-in's "batch failed" warnings
     ways = {"one by one": OneByOne(publisher), "together": publisher}
     timings: dict[str, list[float]] = {name: [] for name in ways}
