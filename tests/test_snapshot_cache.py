@@ -382,9 +382,9 @@ def test_an_idle_pass_admitting_a_fresh_submit_sends_three_round_trips_and_defer
     statements = admit("second", now + timedelta(seconds=0.5))  # the first job holds a GPU, the second one is new
     assert len(statements) == 3, "\n".join(statements)
     # Each executed by name: prepared once per database session (by an earlier pass: the session is pooled).
-    assert statements[0].startswith("WITH published AS (DELETE FROM outbox") and "pg_try_advisory_xact_lock" in statements[0]
+    assert statements[0].startswith("EXECUTE jobservice_lock_pass")  # the lock, then the nodes read, in one round trip
     assert statements[0].split("; ")[-1].startswith("EXECUTE jobservice_nodes"), statements[0]
-    assert all(s.startswith(("EXECUTE jobservice_", "SAVEPOINT place_all; EXECUTE jobservice_place_all")) for s in statements[1:]), statements
+    assert all(s.startswith(("EXECUTE jobservice_", "SAVEPOINT place_all; EXECUTE jobservice_place_all")) for s in statements), statements
     assert not any(s.startswith(("SAVEPOINT sa_", "RELEASE")) for s in statements), statements
     assert not any("preempted_by'" in s and "job_id = ANY" in s for s in statements), statements
     assert not any("usage_accrued_at" in s for s in statements), statements
@@ -394,7 +394,8 @@ def test_an_idle_pass_admitting_a_fresh_submit_sends_three_round_trips_and_defer
     assert fairshare.ACCRUE_EVERY_SECONDS == 1.0
     statements = admit("third", now + timedelta(seconds=1.5))
     assert sum("usage_accrued_at" in s for s in statements) == 1
-    assert statements[0].startswith("EXECUTE jobservice_begin_pass") and statements[2].startswith("EXECUTE jobservice_nodes")
+    assert statements[0] == "EXECUTE jobservice_lock_pass (%(published)s, %(lock_key)s)"  # alone: the accrual follows it
+    assert statements[2].startswith("EXECUTE jobservice_nodes")
     with database.engine.connect() as conn:
         gpu_seconds = conn.execute(text("SELECT gpu_seconds FROM fair_share_usage WHERE owner = 'alice'")).scalar()
     assert gpu_seconds == pytest.approx(2 * 1.5)

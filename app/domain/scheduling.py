@@ -65,45 +65,44 @@ class AdmissionResult:
         return [message.job_id for message in self.messages]
 
 
-# The first statement of a pass whose fair-share accrual may be due (else _LOCK_PASS_SQL does its work), one round
-# trip for two things:
-# - the admission lock;
+# The pass's lock, one statement for two things:
+# - the admission lock, whose result reaches the nodes statement (its `locked`) through a setting local to the
+#   transaction: psycopg2 returns only the last statement of a round trip's rows;
 # - deleting the outbox rows of tasks the previous pass published (`published`): their delete rides on this
 #   statement instead of a transaction of its own after each publication. Losing it costs a second publication,
 #   which the claim ignores.
-# It also reads the pass's next wake-up (the earliest backoff expiry): the pass itself never changes it (it admits
-# only jobs whose backoff ended; a victim of a preemption has none), and a backoff set meanwhile is set by an end
-# that wakes the scheduler again.
-_BEGIN_PASS = Prepared(
-    "jobservice_begin_pass",
+# A pass with no fair-share accrual due (the common case: one is due once a second at most) sends it in the nodes
+# read's round trip, ahead of the read's EXECUTE (_LOCK_PASS_AND_NODES): a round trip less. Two statements, not one:
+# the nodes read takes its snapshot after the lock is held (in one statement, a pass could read nodes and holders as
+# they were before the commit of the pass that held the lock until then, and promise its capacity again). A pass
+# whose accrual is due sends it alone: the accrual must follow the lock and precede the nodes read's facts.
+_LOCK_PASS = Prepared(
+    "jobservice_lock_pass",
     """
     WITH published AS (DELETE FROM outbox WHERE id = ANY(:published))
-    SELECT pg_try_advisory_xact_lock(:key) AS locked,
-           (SELECT min(not_before) FROM jobs WHERE status = 'pending' AND not_before > :now) AS next_wakeup
+    SELECT set_config('jobservice.pass_locked', CAST(pg_try_advisory_xact_lock(:lock_key) AS text), true) AS locked
     """,
-    {"published": "bigint[]", "key": "bigint", "now": "timestamptz"},
-)
-
-
-# _BEGIN_PASS's lock and delete, for a pass that sends no accrual (the common case: one is due once a second at
-# most): sent in the nodes read's round trip (the statement before its EXECUTE, see _load_nodes), a round trip less
-# on every pass. Whether it took the lock reaches the nodes statement through a setting local to the transaction:
-# psycopg2 returns only the last statement's rows. Two statements, not one: the nodes read takes its snapshot after
-# the lock is held (in one statement, a pass could read nodes and holders as they were before the commit of the pass
-# that held the lock until then, and promise its capacity again).
-_LOCK_PASS_SQL = (
-    "WITH published AS (DELETE FROM outbox WHERE id = ANY(CAST(:published AS bigint[]))) "
-    "SELECT set_config('jobservice.pass_locked', CAST(pg_try_advisory_xact_lock(:lock_key) AS text), true)"
+    {"published": "bigint[]", "lock_key": "bigint"},
 )
 
 
 @dataclass
 class PassStart:
-    """A pass's lock and outbox delete, sent with its nodes read (_LOCK_PASS_SQL); what they found."""
+    """A pass's lock and outbox delete (_LOCK_PASS), sent alone or with its nodes read; what they found."""
 
     published: list[int]
+    lock_sent: bool = False
     locked: bool = False
     next_wakeup: datetime | None = None
+
+    def lock(self, session: Session) -> bool:
+        """The lock alone, ahead of the nodes read (which then reads whether it was taken from the setting)."""
+        self.lock_sent = True
+        self.locked = _LOCK_PASS.execute(session, self.params()).scalar() == "true"
+        return self.locked
+
+    def params(self) -> dict[str, Any]:
+        return {"published": self.published, "lock_key": ADMISSION_LOCK}
 
 
 class _LockedOut(Exception):
@@ -139,26 +138,21 @@ def admit(session: Session, settings: Settings, now: datetime | None = None, cac
     result = AdmissionResult()
     unhandled: list[tuple[str, str]] = []
     with transaction(session):
-        start: PassStart | None = None
-        if cache is not None and not fairshare.accrual_due(now, cache.accrued_at):
-            start = PassStart(list(published))  # locks in the nodes read's round trip
-        else:
-            begun = _BEGIN_PASS.execute(session, {"key": ADMISSION_LOCK, "published": list(published), "now": now}).one()
-            if not begun.locked:
+        start = PassStart(list(published))
+        if cache is None or fairshare.accrual_due(now, cache.accrued_at):
+            if not start.lock(session):
                 result.locked_out = True
                 return result
             accrued_at = fairshare.accrue(session, now, settings.fair_share_half_life_seconds,
                                           cache.accrued_at if cache is not None else None)
             if cache is not None:
                 cache.accrued_at = accrued_at
-            result.next_wakeup = begun.next_wakeup
         try:
             snapshot = load_snapshot(session, settings, now, cache=cache, start=start)
         except _LockedOut:
             result.locked_out = True
             return result
-        if start is not None:
-            result.next_wakeup = start.next_wakeup
+        result.next_wakeup = start.next_wakeup
         with collector_paused():
             plan = policy.decide(snapshot, policy_config(settings))
         result.plan = plan
@@ -488,7 +482,8 @@ def load_snapshot(session: Session, settings: Settings, now: datetime, *, includ
 
     `cache` (the scheduler's, kept between passes) only saves decoding rows whose version it holds: with or
     without it the snapshot is the same. `start`: the admission pass's lock and outbox delete, sent first in the same
-    round trip (filled in with what they found); raises _LockedOut, having read nothing, when another pass holds the lock.
+    round trip unless sent already (filled in with what they found, and the next wake-up); raises _LockedOut, having
+    read nothing more, when another pass holds the lock.
     """
     cache = (cache or SnapshotCache()).for_settings(settings)
     stamp = now.timestamp()
@@ -600,13 +595,14 @@ def _load_nodes(session: Session, cache: SnapshotCache, alive_since: datetime, *
     the cache's own: never change them (copy). `start`: see load_snapshot."""
     params = {"alive_since": alive_since, "known": cache.node_digest, "preemption": preemption,
               "since": preempted_since, "holders_known": known_holders, "now": now}
-    if start is None:
+    if start is None or start.lock_sent:
         row = _NODES.execute(session, params).one()
     else:
         connection = session.connection()
+        _LOCK_PASS.ensure(connection)
         _NODES.ensure(connection)
-        row = connection.execute(_LOCK_PASS_AND_NODES, {**params, "published": start.published,
-                                                        "lock_key": ADMISSION_LOCK}).one()
+        row = connection.execute(_LOCK_PASS_AND_NODES, {**params, **start.params()}).one()
+    if start is not None:
         start.locked, start.next_wakeup = row.locked == "true", row.next_wakeup
         if not start.locked:
             raise _LockedOut()
@@ -641,9 +637,11 @@ _NODES = Prepared(
     {"alive_since": "timestamptz", "known": "text", "preemption": "boolean", "since": "timestamptz", "holders_known": "text",
      "now": "timestamptz"},
 )
-# _LOCK_PASS_SQL and the nodes read in one round trip: `locked` says whether the first took the lock (NULL or '' for
-# a read that sent no _LOCK_PASS_SQL: explain, a pass that sent _BEGIN_PASS), `next_wakeup` is _BEGIN_PASS's.
-_LOCK_PASS_AND_NODES = text(f"{_LOCK_PASS_SQL}; {_NODES.execute_sql}")
+# _LOCK_PASS and the nodes read in one round trip. `locked`: whether this transaction's _LOCK_PASS took the lock (NULL
+# or '' for a read with none: explain). `next_wakeup`, the pass's next wake-up (the earliest backoff expiry), is read
+# only by a pass holding the lock: the pass itself never changes it (it admits only jobs whose backoff ended; a victim
+# of a preemption has none), and a backoff set meanwhile is set by an end that wakes the scheduler again.
+_LOCK_PASS_AND_NODES = text(f"{_LOCK_PASS.execute_sql}; {_NODES.execute_sql}")
 
 
 def _load_holders(session: Session, cache: SnapshotCache, nodes: dict[tuple[str, str], capacity.NodeCapacity], now: datetime,
