@@ -89,3 +89,30 @@ def test_a_batch_the_broker_refuses_is_published_one_by_one_and_a_refused_task_d
     assert (publisher.batches, publisher.singles) == (1, 3)
     # Each once: the failed batch sent nothing (kombu discards what a batch buffered when its block raises).
     assert delivered(settings, a) == [(EXECUTE_TASK, ["job-1", "t1"]), (EXECUTE_TASK, ["job-3", "t3"])]
+
+
+def test_a_worker_s_delivered_task_leaves_no_acknowledgement_bookkeeping_in_redis_and_a_clean_stop_returns_it(
+        settings: Settings, publisher: CountingPublisher, queues: tuple[str, str]) -> None:
+    """The workers' Celery app consumes without kombu's ack emulation (workers.celery_app): a delivered message is no
+    longer written to Redis's `unacked` hash and index (two pipelines per job) for a redelivery an hour later, which
+    requeue_unclaimed makes moot. A worker that stops cleanly before starting a reserved task still puts it back."""
+    from workers.celery_app import create_celery_app
+
+    a, _ = queues
+    publisher.publish(EXECUTE_TASK, a, ["job-1", "t1"])
+    client = redis.Redis.from_url(settings.redis_url or "")
+    worker_app = create_celery_app(settings)
+    try:
+        unacked_before = client.hlen("unacked")
+        with worker_app.connection_for_read() as connection:
+            channel = connection.default_channel
+            got = channel.basic_get(a)  # reserved, not acknowledged: as a worker holds a task it has not started
+            assert got is not None
+            assert got.decode()[0] == ["job-1", "t1"]
+            assert client.llen(a) == 0
+            assert client.hlen("unacked") == unacked_before  # with ack emulation, the message would be recorded here
+        # The connection closed without an ack: the message is back in its queue, once.
+        assert delivered(settings, a) == [(EXECUTE_TASK, ["job-1", "t1"])]
+    finally:
+        worker_app.close()
+        client.close()

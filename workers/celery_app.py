@@ -43,6 +43,13 @@ def create_celery_app(settings: Settings) -> Celery:
         # This worker's queues, high-priority band first: its host's, or its Kubernetes cluster's.
         task_queues=[Queue(name) for name in worker_queues(settings)],
         task_create_missing_queues=True,
+        # No Redis-side acknowledgement bookkeeping: kombu's ack emulation recorded every delivered message in an
+        # `unacked` hash and index (a MULTI/EXEC pipeline) and removed it at the ack (another), about 0.6 ms of the
+        # worker's main process per job, to redeliver a message whose worker died after a visibility timeout (an
+        # hour). Here that redelivery would find its job taken back already: a job whose task no worker claimed
+        # returns to the backlog after CLAIM_TIMEOUT_SECONDS (scheduling.requeue_unclaimed), and the claim's token
+        # ignores a stale delivery. A warm shutdown still returns the messages it had reserved to their queues.
+        broker_transport_options={"ack_emulation": False},
     )
     if settings.worker_executor == "kubernetes":
         # A Kubernetes task only claims and launches; the process's supervisor watches every attempt to its
