@@ -15,6 +15,7 @@ from contextvars import ContextVar
 from typing import Any, TypeVar
 
 import psycopg2
+import psycopg2.extensions
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Connection, Result
 from sqlalchemy import exc as sa_exc
@@ -197,6 +198,7 @@ class Database:
             # backlog-heads query, 15 ms of index probes at 100,000 pending, took 250 ms of JIT per pass.
             connect_args={"application_name": self.application_name, "options": "-c jit=off"},
         )
+        _autocommit_without_set(self.engine)
         if ping_idle_after is not None:
             _ping_when_idle(self.engine, ping_idle_after, always_retried=True)
         elif retried_ping_idle_after is not None:
@@ -223,6 +225,32 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _autocommit_without_set(engine: Engine) -> None:
+    """Switch a connection into autocommit and back with psycopg2's `autocommit` attribute alone.
+
+    SQLAlchemy's psycopg2 dialect switches with `set_isolation_level()`: psycopg2 then sends `SET
+    default_transaction_isolation TO DEFAULT` before the connection's next statement, a round trip of its own, and
+    starts the transactions after it with `BEGIN ISOLATION LEVEL READ COMMITTED`. So every one-statement transaction in
+    autocommit (a worker's claim and end: autocommit_connection) cost two round trips, and the pool's reset of it one
+    more statement for the server. Only the switch to and from autocommit is done so, and only outside a transaction
+    (psycopg2 refuses the attribute inside one, where the dialect's way rolls it back) and while the connection keeps
+    the server's default isolation (psycopg2's `isolation_level` is None): anything else goes the dialect's way."""
+    dialect = engine.dialect
+    set_by_dialect = dialect.set_isolation_level
+
+    def set_isolation_level(dbapi_connection: Any, level: str) -> None:
+        if dbapi_connection.status == psycopg2.extensions.STATUS_READY and dbapi_connection.isolation_level is None:
+            if level == "AUTOCOMMIT":
+                dbapi_connection.autocommit = True
+                return
+            if level == dialect.default_isolation_level:
+                dbapi_connection.autocommit = False
+                return
+        set_by_dialect(dbapi_connection, level)
+
+    dialect.set_isolation_level = set_isolation_level  # type: ignore[method-assign]
 
 
 def _ping_when_idle(engine: Engine, idle_seconds: float, *, always_retried: bool) -> None:

@@ -437,3 +437,94 @@ def test_a_prepared_statement_is_prepared_once_per_database_session_and_again_on
         assert sent.count("PREPARE") == 2, sent
     finally:
         pooled.dispose()
+
+
+class QueryCountingProxy:
+    """A TCP proxy in front of the real PostgreSQL that counts the simple-query ('Q') messages its clients send: each
+    is a round trip psycopg2 waits on, whether SQLAlchemy sent it or psycopg2 itself did (a SET it owes the server)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        import socket
+
+        self.target = (host, port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.queries: list[bytes] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.target)
+            threading.Thread(target=self._pipe, args=(server, client, None), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(client, server, bytearray()), daemon=True).start()
+
+    def _pipe(self, source: Any, sink: Any, frontend: bytearray | None) -> None:
+        started = False  # the startup message has no type byte; every frontend message after it has one
+        try:
+            while chunk := source.recv(65536):
+                sink.sendall(chunk)
+                if frontend is None:
+                    continue
+                frontend += chunk
+                while True:
+                    if not started:
+                        if len(frontend) < 4 or len(frontend) < int.from_bytes(frontend[:4], "big"):
+                            break
+                        del frontend[:int.from_bytes(frontend[:4], "big")]
+                        started = True
+                        continue
+                    if len(frontend) < 5 or len(frontend) < 1 + int.from_bytes(frontend[1:5], "big"):
+                        break
+                    size = 1 + int.from_bytes(frontend[1:5], "big")
+                    if frontend[:1] == b"Q":
+                        self.queries.append(bytes(frontend[5:size]).rstrip(b"\0"))
+                    del frontend[:size]
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                try:
+                    end.close()
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_one_statement_autocommit_transaction_is_one_round_trip_and_leaves_the_connection_as_it_was(settings: Settings) -> None:
+    """Issue 14: the worker's claim and end run in autocommit (app.db.autocommit_connection). psycopg2 switched back
+    with `SET default_transaction_isolation TO DEFAULT`, a round trip before the connection's next statement: each
+    one-statement transaction took two. Now only the statement goes, and the next transaction on the pooled connection
+    is a plain one (BEGIN, in the server's default isolation)."""
+    from sqlalchemy.engine import make_url
+
+    from app.db import autocommit_connection
+
+    url = make_url(settings.database_url or "")
+    proxy = QueryCountingProxy(url.host or "127.0.0.1", url.port or 5432)
+    proxied = url.set(host="127.0.0.1", port=proxy.port, query={**url.query, "sslmode": "disable"})
+    # Not pinged at checkout (a pre-ping is a round trip of its own, and the one the workers' pool skips too).
+    database = Database(proxied.render_as_string(hide_password=False), pool_size=1, ping_idle_after=3600)
+    try:
+        with database.session() as s:  # connects: the dialect's own first statements, not counted
+            s.execute(text("SELECT 1"))
+        proxy.queries.clear()
+        for n in range(3):
+            with database.session() as s:
+                assert autocommit_connection(s).execute(text(f"SELECT {n}")).scalar() == n
+        with database.session() as s:
+            assert s.execute(text("SELECT current_setting('transaction_isolation')")).scalar() == "read committed"
+            assert s.connection().connection.dbapi_connection.autocommit is False
+        sent = [q.decode() for q in proxy.queries]
+        assert sent[:3] == ["SELECT 0", "SELECT 1", "SELECT 2"], sent
+        assert sent[3:] == ["BEGIN", "SELECT current_setting('transaction_isolation')", "ROLLBACK"], sent
+    finally:
+        database.dispose()
+        proxy.close()
