@@ -401,12 +401,13 @@ def test_an_idle_pass_admitting_a_fresh_submit_sends_three_round_trips_and_defer
     assert gpu_seconds == pytest.approx(2 * 1.5)
 
 
-def test_the_backlog_is_read_by_a_prepared_statement_only_while_the_last_pass_saw_few_heads(
+def test_the_backlog_is_read_by_a_prepared_statement_with_a_plan_that_fits_the_pass(
         database: Database, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Issue 14: planning the backlog statement cost several times running it in an idle pass, so it is prepared while
-    the backlog is small. With many heads a generic plan, blind to the limits, can run slower than a custom one: a pass
-    that follows one which saw more than PREPARED_BACKLOG_MAX_HEADS heads sends the statement's text instead. Both
-    give the same backlog."""
+    """Issue 14: planning the backlog statement cost more than running it. A pass with no full queue and no preemptor
+    waiting for its room (most passes) reads it with a statement that names neither list, prepared whatever the
+    backlog's size: its generic plan walks the pools' indexes as a custom plan does. With either list, a generic plan
+    (blind to the arrays) sorted a whole pool's backlog, so that statement is prepared only while the last pass saw at
+    most PREPARED_BACKLOG_MAX_HEADS heads, and sent as text after one that saw more. All give the same backlog."""
     monkeypatch.setattr(scheduling, "PREPARED_BACKLOG_MAX_HEADS", 2)
     now = utcnow()
     with database.engine.begin() as conn:  # no node: nothing is admitted, the backlog stays
@@ -416,17 +417,22 @@ def test_the_backlog_is_read_by_a_prepared_statement_only_while_the_last_pass_sa
             "'submitted', '[\"true\"]', 1000, 1073741824, 0, :at, :at, :at FROM generate_series(1, 3) g"), {"at": now})
     cache = scheduling.SnapshotCache()
 
-    def backlog_read(at: datetime) -> tuple[str, list[str]]:
+    def backlog_read(at: datetime, waiting: list[str] | None = None) -> tuple[str, list[str]]:
         with statements_sent(database) as sent, database.session() as s:
-            snapshot = scheduling.load_snapshot(s, settings, at, cache=cache)
+            if waiting is None:
+                backlog = scheduling.load_snapshot(s, settings, at, cache=cache).backlog
+            else:  # a preemptor waiting for its room (an id that is no job here changes no head)
+                backlog = scheduling._load_backlog(s, cache, at, [], None, False, waiting)
         reads = [s for s in sent if "jobservice_backlog" in s or "WITH RECURSIVE owners" in s]
         assert len(reads) == 1, sent
-        return ("prepared" if reads[0].startswith("EXECUTE jobservice_backlog") else "text"), sorted(j.id for j in snapshot.backlog)
+        return (reads[0].split(" (")[0].removeprefix("EXECUTE ") if reads[0].startswith("EXECUTE") else "text"), sorted(j.id for j in backlog)
 
     three = ["heads-1", "heads-2", "heads-3"]
-    assert backlog_read(now) == ("prepared", three)  # nothing seen yet
-    assert backlog_read(now) == ("text", three)  # the last pass saw 3 heads
+    assert backlog_read(now) == ("jobservice_backlog_plain", three)  # nothing seen yet
+    assert backlog_read(now) == ("jobservice_backlog_plain", three)  # the last pass saw 3 heads: still prepared
+    assert backlog_read(now, waiting=["job-elsewhere"]) == ("text", three)
     with database.engine.begin() as conn:
         conn.execute(text("DELETE FROM jobs WHERE id IN ('heads-1', 'heads-2')"))
-    assert backlog_read(now) == ("text", ["heads-3"])
-    assert backlog_read(now) == ("prepared", ["heads-3"])
+    assert backlog_read(now, waiting=["job-elsewhere"]) == ("text", ["heads-3"])
+    assert backlog_read(now, waiting=["job-elsewhere"]) == ("jobservice_backlog", ["heads-3"])
+    assert backlog_read(now) == ("jobservice_backlog_plain", ["heads-3"])
