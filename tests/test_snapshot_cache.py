@@ -160,6 +160,37 @@ def test_a_remembered_preemption_leaves_the_snapshot_when_it_leaves_the_window(d
         assert r1.preempted_by == (frozenset({"p3"}) if later < timedelta(minutes=1) else frozenset())
 
 
+def test_who_preempted_a_changed_holder_is_read_with_the_holders_in_the_nodes_statement(
+        database: Database, settings: Settings) -> None:
+    """Issue 14: a pass whose running holders changed (a claim, an end) read who had preempted them with a statement of
+    its own, a round trip (and a parse and plan) of most passes under load. It now travels with the holders."""
+    now = utcnow()
+    insert_nodes(database, now)
+    insert_jobs(database, now)
+    preemptive = settings.with_overrides(preemption_enabled=True)
+    cache = scheduling.SnapshotCache()
+    with database.session() as s, s.begin():
+        scheduling.load_snapshot(s, preemptive, now, cache=cache)
+    with database.engine.begin() as conn:  # r1 was preempted by p3 an hour ago, and its row changes now
+        conn.execute(text("INSERT INTO job_events (job_id, from_status, to_status, reason, actor, at, details) "
+                          "VALUES ('r1', 'running', 'pending', 'preempted', 'scheduler', :at, '{\"preempted_by\": \"p3\"}'), "
+                          "('r1', 'running', 'pending', 'preempted', 'scheduler', :old, '{\"preempted_by\": \"p9\"}')"),
+                     {"at": now - timedelta(hours=1), "old": now - timedelta(days=2)})
+        conn.execute(text("UPDATE jobs SET heartbeat_at = now() WHERE id = 'r1'"))
+    with statements_sent(database) as sent, database.session() as s, s.begin():
+        cached = scheduling.load_snapshot(s, preemptive, now + timedelta(seconds=1), cache=cache)
+    assert not any("preempted_by'" in statement and "job_id = ANY" in statement for statement in sent), sent
+    assert len(sent) == 2, sent  # the nodes (with the facts and the changed holders), the backlog
+    assert next(r for r in cached.running if r.id == "r1").preempted_by == frozenset({"p3"})  # p9's is out of the window
+    with database.session() as s, s.begin():
+        fresh = scheduling.load_snapshot(s, preemptive, now + timedelta(seconds=1))
+    assert canonical(cached) == canonical(fresh)
+    off = scheduling.SnapshotCache()
+    with database.session() as s, s.begin():
+        assert next(r for r in scheduling.load_snapshot(s, settings.with_overrides(preemption_enabled=False), now, cache=off).running
+                    if r.id == "r1").preempted_by == frozenset()
+
+
 def holder_changes_pass(database: Database, settings: Settings, cache: scheduling.SnapshotCache, clock: list[datetime],
                         statement: str) -> None:
     with database.engine.begin() as conn:
@@ -214,8 +245,11 @@ def test_holders_changing_while_the_nodes_do_not_recompute_only_their_nodes_and_
             assert cache.recomputed_nodes < 8, statement
 
 
-def test_a_connection_dropped_mid_pass_leaves_the_cache_as_the_last_complete_pass_left_it(
+def test_a_connection_dropped_mid_pass_leaves_a_cache_that_later_passes_read_as_a_fresh_pass_does(
         database: Database, settings: Settings, monkeypatch: Any) -> None:
+    """Each part of the cache (nodes, holders, backlog) is replaced by a complete read of it or not at all: a pass whose
+    connection drops after the nodes and holders were read (who preempted a changed holder is read with it) and before
+    the backlog leaves nothing half-decoded."""
     from sqlalchemy.exc import OperationalError
 
     preemptive = settings.with_overrides(preemption_enabled=True)
@@ -225,21 +259,22 @@ def test_a_connection_dropped_mid_pass_leaves_the_cache_as_the_last_complete_pas
     cache = scheduling.SnapshotCache()
     clock = [now]
     holder_changes_pass(database, preemptive, cache, clock, "SELECT 1")
-    real = scheduling._preempted_by
+    real = scheduling._load_backlog
 
-    def dropped(session: Any, job_ids: list[str], at: datetime) -> Any:
+    def dropped(session: Any, *args: Any, **kwargs: Any) -> Any:
         # The server ends the session after the holders were read and before the pass ends (a restart, a failover).
         session.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
-        return real(session, job_ids, at)
+        return real(session, *args, **kwargs)
 
-    with database.engine.begin() as conn:  # a holder changes: its row is decoded, so who preempted it is read
+    with database.engine.begin() as conn:  # a holder changes: its row is decoded, and who preempted it read with it
         conn.execute(text("UPDATE jobs SET placement = '[{\"node\": \"n4\", \"members\": 1, \"gpu_indices\": [2]}]', node = 'n4' "
                           "WHERE id = 'r1'"))
-    monkeypatch.setattr(scheduling, "_preempted_by", dropped)
+        conn.execute(text("UPDATE jobs SET priority = 11 WHERE id = 'p4'"))  # and a backlog row the failed pass never read
+    monkeypatch.setattr(scheduling, "_load_backlog", dropped)
     with pytest.raises(OperationalError):
         with database.session() as s, s.begin():
             scheduling.load_snapshot(s, preemptive, clock[0] + timedelta(seconds=1), cache=cache)
-    monkeypatch.setattr(scheduling, "_preempted_by", real)
+    monkeypatch.setattr(scheduling, "_load_backlog", real)
     database.engine.dispose()  # the pool's other connections went with the server's restart in real life
     for statement in ("SELECT 1", "UPDATE jobs SET holds_resources = false, status = 'succeeded' WHERE id = 'r2'"):
         holder_changes_pass(database, preemptive, cache, clock, statement)

@@ -382,12 +382,16 @@ _HOLDERS = """
     ), h AS (
         SELECT json_agg(json_build_array(c.id, c.version, f.cluster, f.placement, f.cpu_millis, f.memory_bytes, f.gpus, f.owner,
                                          f.status, f.queued_at, f.started_at, f.timeout_seconds, f.priority, f.preemptible,
-                                         f.queue)) AS holders
+                                         f.queue, p.preempted)) AS holders
         FROM (SELECT * FROM hchanged UNION ALL SELECT * FROM hdropped) c
         LEFT JOIN LATERAL (
             SELECT j.cluster, j.placement, j.cpu_millis, j.memory_bytes, j.gpus, COALESCE(j.tenant, j.owner) AS owner, j.status,
                    j.queued_at, j.started_at, j.timeout_seconds, j.priority, j.preemptible, j.queue
             FROM jobs j WHERE j.id = c.id AND c.version IS NOT NULL OFFSET 0) f ON true
+        LEFT JOIN LATERAL (
+            SELECT json_agg(json_build_array(e.details->>'preempted_by', e.at)) AS preempted FROM job_events e
+            WHERE :preemption AND f.started_at IS NOT NULL AND e.job_id = c.id AND e.to_status = 'pending'
+              AND e.at > :preempted_by_since AND e.details ? 'preempted_by') p ON true
     )
 """
 
@@ -410,6 +414,8 @@ class _HolderRow(NamedTuple):
     priority: int
     preemptible: bool
     queue: str
+    # [[preempted_by, at], ...]: who preempted it within PREEMPTED_BY_WINDOW (with preemption on, for a holder that ran).
+    preempted: list[list[str]] | None = None
 
     @classmethod
     def of(cls, values: list[Any]) -> "_HolderRow":
@@ -508,7 +514,7 @@ def load_snapshot(session: Session, settings: Settings, now: datetime, *, includ
     nodes, facts = _load_nodes(session, cache, capacity.node_alive_since(now, settings.node_lease_seconds),
                                preemption=settings.preemption_enabled, preempted_since=now - timedelta(seconds=60),
                                known_holders=known_holders_json, start=start, now=now)
-    running, deducted = _load_holders(session, cache, nodes, now, settings, known_holders, facts.holders)
+    running, deducted = _load_holders(cache, nodes, now, settings, known_holders, facts.holders)
     active = dict(facts.active)
     room = {q.name: q.max_concurrency - active.get(q.name, 0) for q in settings.queues}
     full = sorted(name for name, left in room.items() if left <= 0)
@@ -612,7 +618,8 @@ def _load_nodes(session: Session, cache: SnapshotCache, alive_since: datetime, *
     at every heartbeat but what the scheduler reads of them seldom: the statement returns a digest of that, and the rows only when the digest is not the cache's. The nodes returned are
     the cache's own: never change them (copy). `start`: see load_snapshot."""
     params = {"alive_since": alive_since, "known": cache.node_digest, "preemption": preemption,
-              "since": preempted_since, "holders_known": known_holders, "now": now}
+              "since": preempted_since, "holders_known": known_holders, "now": now,
+              "preempted_by_since": now - PREEMPTED_BY_WINDOW}
     if start is None or start.lock_sent:
         row = _NODES.execute(session, params).one()
     else:
@@ -653,7 +660,7 @@ _NODES = Prepared(
     FROM d
     """,
     {"alive_since": "timestamptz", "known": "text", "preemption": "boolean", "since": "timestamptz", "holders_known": "text",
-     "now": "timestamptz"},
+     "now": "timestamptz", "preempted_by_since": "timestamptz"},
 )
 # _LOCK_PASS and the nodes read in one round trip. `locked`: whether this transaction's _LOCK_PASS took the lock (NULL
 # or '' for a read with none: explain). `next_wakeup`, the pass's next wake-up (the earliest backoff expiry), is read
@@ -662,25 +669,23 @@ _NODES = Prepared(
 _LOCK_PASS_AND_NODES = text(f"{_LOCK_PASS.execute_sql}; {_NODES.execute_sql}")
 
 
-def _load_holders(session: Session, cache: SnapshotCache, nodes: dict[tuple[str, str], capacity.NodeCapacity], now: datetime,
+def _load_holders(cache: SnapshotCache, nodes: dict[tuple[str, str], capacity.NodeCapacity], now: datetime,
                   settings: Settings, known: dict[str, str], holders_json: list[list[Any]] | None
                   ) -> tuple[list[policy.Running], dict[tuple[str, str], capacity.NodeCapacity]]:
     """Every job holding capacity, as the policy's running attempts, and `nodes` (nothing held) with what they hold
     deducted. `nodes` is left as it is. `holders_json`: what _NODES read of them given `known` (the changed and the
-    dropped ones)."""
+    dropped ones). No database work: the cache's holders are replaced by a complete read of them or not at all."""
     stamp = now.timestamp()
     result = [_HolderRow.of(values) for values in holders_json or ()]
     rows = [row for row in result if row.version is not None]
     dropped = {row.id for row in result if row.version is None}
     old = cache.holders
-    # Who preempted each newly decoded holder (within the window): that job never preempts it again. (A preemption is
-    # recorded in the transaction that changes the victim's row: a holder known in its version needs no new read.)
-    # A holder never started (queued: admitted, not claimed yet) cannot have been preempted (see _load_backlog).
-    preempted = _preempted_by(session, [row.id for row in rows if row.started_at is not None], now) \
+    # Who preempted each newly decoded holder (within the window), read with it: that job never preempts it again. (A
+    # preemption is recorded in the transaction that changes the victim's row: a holder known in its version needs no
+    # new read.) A holder never started (queued: admitted, not claimed yet) cannot have been preempted (see _load_backlog).
+    preempted = {row.id: [(by, datetime.fromisoformat(at)) for by, at in row.preempted] for row in rows if row.preempted} \
         if settings.preemption_enabled else {}
     since = now - PREEMPTED_BY_WINDOW
-    # No database work below: the cache is replaced only once the pass read everything it needs (a connection
-    # dropped mid-pass leaves it as the last complete pass left it).
     # The known holders still holding in the same version, then the changed and new ones. A known holder whose attempt
     # depends on the pass's time (queued, stopping, past its end: valid_until) is made again from its cached row, with
     # the preemptions of it still in the window; what it holds is the same (its row is), so no node is recomputed.
