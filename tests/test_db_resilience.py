@@ -4,6 +4,7 @@ The worker-side and scheduler-side end-to-end checks (real processes) are in tes
 """
 from __future__ import annotations
 
+import socket
 import threading
 from datetime import timedelta
 from typing import Any
@@ -439,13 +440,14 @@ def test_a_prepared_statement_is_prepared_once_per_database_session_and_again_on
         pooled.dispose()
 
 
+_PROTOCOL_3 = 196608  # the startup message's protocol version field for 3.0
+
+
 class QueryCountingProxy:
     """A TCP proxy in front of the real PostgreSQL that counts the simple-query ('Q') messages its clients send: each
     is a round trip psycopg2 waits on, whether SQLAlchemy sent it or psycopg2 itself did (a SET it owes the server)."""
 
     def __init__(self, host: str, port: int) -> None:
-        import socket
-
         self.target = (host, port)
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
@@ -453,8 +455,6 @@ class QueryCountingProxy:
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
-        import socket
-
         while True:
             try:
                 client, _ = self.listener.accept()
@@ -465,7 +465,9 @@ class QueryCountingProxy:
             threading.Thread(target=self._pipe, args=(client, server, bytearray()), daemon=True).start()
 
     def _pipe(self, source: Any, sink: Any, frontend: bytearray | None) -> None:
-        started = False  # the startup message has no type byte; every frontend message after it has one
+        # Untyped messages first (an SSL or GSSAPI encryption request, then the startup message, protocol 3.0); every
+        # frontend message after the startup message starts with its type byte.
+        started = False
         try:
             while chunk := source.recv(65536):
                 sink.sendall(chunk)
@@ -476,8 +478,9 @@ class QueryCountingProxy:
                     if not started:
                         if len(frontend) < 4 or len(frontend) < int.from_bytes(frontend[:4], "big"):
                             break
-                        del frontend[:int.from_bytes(frontend[:4], "big")]
-                        started = True
+                        size = int.from_bytes(frontend[:4], "big")
+                        started = int.from_bytes(frontend[4:8], "big") == _PROTOCOL_3
+                        del frontend[:size]
                         continue
                     if len(frontend) < 5 or len(frontend) < 1 + int.from_bytes(frontend[1:5], "big"):
                         break
@@ -509,7 +512,7 @@ def test_a_one_statement_autocommit_transaction_is_one_round_trip_and_leaves_the
 
     url = make_url(settings.database_url or "")
     proxy = QueryCountingProxy(url.host or "127.0.0.1", url.port or 5432)
-    proxied = url.set(host="127.0.0.1", port=proxy.port, query={**url.query, "sslmode": "disable"})
+    proxied = url.set(host="127.0.0.1", port=proxy.port, query={**url.query, "sslmode": "disable", "gssencmode": "disable"})
     # Not pinged at checkout (a pre-ping is a round trip of its own, and the one the workers' pool skips too).
     database = Database(proxied.render_as_string(hide_password=False), pool_size=1, ping_idle_after=3600)
     try:

@@ -356,9 +356,8 @@ def _backlog_sql(*, full_or_waiting: bool) -> str:
 _BACKLOG_SQL = _backlog_sql(full_or_waiting=True)
 _BACKLOG_TYPES = {"now": "timestamptz", "full": "text[]", "per_owner": "bigint", "per_pool": "bigint", "classes": "bigint",
                   "per_class": "bigint", "known": "text", "waiting": "text[]"}
-# A pass with no full queue and no preemptor waiting for its room (most passes) reads the backlog with a statement that
-# names neither list, prepared whatever the backlog's size: its generic plan walks the same indexes as the custom plans,
-# and planning was most of the statement's cost at any size (4,000 pending, cache warm: 0.9 ms prepared, 1.9 ms as text).
+# A pass with no full queue and no preemptor waiting for its room (most passes) reads the backlog with the statement that
+# names neither list (_heads_sql), prepared whatever the backlog's size: planning it was most of its cost at any size.
 _BACKLOG_PLAIN_TYPES = {name: kind for name, kind in _BACKLOG_TYPES.items() if name not in ("full", "waiting")}
 _BACKLOG_PLAIN = Prepared("jobservice_backlog_plain", _backlog_sql(full_or_waiting=False), _BACKLOG_PLAIN_TYPES)
 # With full queues or waiting preemptors: prepared while the backlog is small, as in an idle pass (planning the
