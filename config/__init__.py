@@ -55,6 +55,17 @@ def parse_cgroup(value: str) -> str:
     raise ValueError(f"WORKER_CGROUP {value!r} is not auto, off, an absolute path or a folder name ([A-Za-z0-9._-], 64 at most)")
 
 
+def parse_launcher(value: str) -> str:
+    """WORKER_LAUNCHER: `auto` (build workers/executors/launcher.c once), `off` (sh and setpriv) or the absolute
+    path of a launcher built elsewhere."""
+    value = value.strip() or "auto"
+    if value in ("auto", "off"):
+        return value
+    if value.startswith("/") and "\0" not in value and len(value) <= 4096:
+        return value
+    raise ValueError(f"WORKER_LAUNCHER {value!r} is not auto, off or an absolute path")
+
+
 def parse_clusters(spec: str) -> tuple[tuple[str, str | None], ...]:
     """`name=context,...`; the context `in-cluster` (or none) means the pod's service account."""
     clusters = []
@@ -219,6 +230,7 @@ class Settings:
     kill_grace_seconds: float = 10.0
     worker_drain_seconds: float = 30.0
     worker_cgroup: str = "auto"
+    worker_launcher: str = "auto"
     nvidia_smi: str = "nvidia-smi"
 
     # Kubernetes: named clusters, each a kubeconfig context (or the in-cluster service account)
@@ -342,6 +354,7 @@ class Settings:
             kill_grace_seconds=_float(env, "KILL_GRACE_SECONDS", 10.0),
             worker_drain_seconds=min(86400.0, max(0.0, _float(env, "WORKER_DRAIN_SECONDS", 30.0))),
             worker_cgroup=parse_cgroup(env.get("WORKER_CGROUP", "auto")),
+            worker_launcher=parse_launcher(env.get("WORKER_LAUNCHER", "auto")),
             nvidia_smi=env.get("NVIDIA_SMI", "nvidia-smi"),
             kubernetes_clusters=parse_clusters(env.get("KUBERNETES_CLUSTERS", "")),
             kubeconfig=_optional(env, "KUBECONFIG"),

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -17,10 +18,18 @@ import pytest
 
 from workers.executors import containment
 from workers.executors.base import EndKind, JobSpec, LogLine, Outcome
+from workers.executors.launcher import launcher
 from workers.executors.local import PIECE_BYTES, LocalExecution, LocalExecutor
 
 CGROUP = containment.prepare_jobs_cgroup("auto", delegate=True)  # as a worker does before its pool starts
 MODES = ["off"] + (["auto"] if CGROUP is not None else [])
+# How members are started: through the member launcher (built here as a worker builds it) or through sh and setpriv.
+BUILT_LAUNCHER = launcher("auto", Path(tempfile.gettempdir()) / "jobservice-test-launcher")
+STARTS = ["setpriv"] + (["launcher"] if BUILT_LAUNCHER is not None else [])
+
+
+def launcher_for(start: str) -> str | None:
+    return BUILT_LAUNCHER if start == "launcher" else None
 
 
 def alive(pid: int) -> bool:
@@ -54,9 +63,10 @@ def wait_pids(path: Path, count: int, limit: float = 10) -> list[int]:
     raise AssertionError(f"{path} holds fewer than {count} pids")
 
 
-@pytest.fixture(params=MODES)
+@pytest.fixture(params=[(mode, start) for mode in MODES for start in STARTS], ids="-".join)
 def executor(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LocalExecutor]:
-    yield LocalExecutor(tmp_path / "work", kill_grace_seconds=1, cgroup=request.param)
+    mode, start = request.param
+    yield LocalExecutor(tmp_path / "work", kill_grace_seconds=1, cgroup=mode, launcher=launcher_for(start))
 
 
 # setsid: a new session; ( ... & ): a double fork whose parent exits at once; env -i: no marker either.
@@ -143,12 +153,12 @@ def test_the_job_environment_carries_the_attempt_marker(executor: LocalExecutor)
     assert lines[0].line.startswith("job-marker:0:")
 
 
-LAUNCHER = textwrap.dedent(
+WORKER_SCRIPT = textwrap.dedent(
     """
     import sys, time
     from workers.executors.local import LocalExecutor
     from tests.test_local_executor import spec
-    executor = LocalExecutor(sys.argv[1], kill_grace_seconds=1, cgroup=sys.argv[2])
+    executor = LocalExecutor(sys.argv[1], kill_grace_seconds=1, cgroup=sys.argv[2], launcher=sys.argv[4] or None)
     execution = executor.launch(spec(["sh", "-c", sys.argv[3]], job_id="job-orphaned"), lambda lines: None)
     while True:
         execution.poll()
@@ -157,12 +167,13 @@ LAUNCHER = textwrap.dedent(
 )
 
 
+@pytest.mark.parametrize("start", STARTS)
 @pytest.mark.parametrize("mode", MODES)
-def test_a_sweep_kills_what_a_dead_worker_left_running(tmp_path: Path, mode: str) -> None:
+def test_a_sweep_kills_what_a_dead_worker_left_running(tmp_path: Path, mode: str, start: str) -> None:
     pids = tmp_path / "pids"
     script = f"setsid sleep 231 & echo $! >> {pids}; (sleep 232 & echo $! >> {pids}); sleep 100"
     root = Path(__file__).resolve().parent.parent
-    worker = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(tmp_path / "work"), mode, script], cwd=root)
+    worker = subprocess.Popen([sys.executable, "-c", WORKER_SCRIPT, str(tmp_path / "work"), mode, script, launcher_for(start) or ""], cwd=root)
     try:
         started = wait_pids(pids, 2)
         os.kill(worker.pid, signal.SIGKILL)  # no cleanup of any kind: PDEATHSIG takes the member, not its escapees
@@ -210,12 +221,14 @@ def test_requests_become_cgroup_limits_where_the_controllers_are_delegated(tmp_p
         run_until_end(execution)
 
 
+@pytest.mark.parametrize("start", STARTS)
 @pytest.mark.parametrize("mode", MODES)
-def test_a_member_dies_with_its_worker(tmp_path: Path, mode: str) -> None:
-    """PR_SET_PDEATHSIG, whether set by a preexec_fn (a cgroup to join before exec) or by `setpriv` (vfork)."""
+def test_a_member_dies_with_its_worker(tmp_path: Path, mode: str, start: str) -> None:
+    """PR_SET_PDEATHSIG, whether set by the launcher or by `setpriv` (both vfork)."""
     pids = tmp_path / "pids"
     root = Path(__file__).resolve().parent.parent
-    worker = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(tmp_path / "work"), mode, f"echo $$ >> {pids}; exec sleep 233"], cwd=root)
+    worker = subprocess.Popen([sys.executable, "-c", WORKER_SCRIPT, str(tmp_path / "work"), mode, f"echo $$ >> {pids}; exec sleep 233",
+                               launcher_for(start) or ""], cwd=root)
     try:
         member = wait_pids(pids, 1)[0]
         assert alive(member)
@@ -275,6 +288,25 @@ def test_a_member_that_cannot_join_its_cgroup_never_runs(tmp_path: Path) -> None
                           "touch", str(marker)], capture_output=True, text=True, timeout=30)
     assert run.returncode == 125 and "cannot join the attempt's cgroup" in run.stderr
     assert not marker.exists()
+
+
+def test_with_a_cgroup_a_member_started_through_the_launcher_is_in_its_leaf_from_its_first_instruction(tmp_path: Path) -> None:
+    if CGROUP is None or BUILT_LAUNCHER is None:
+        pytest.skip("no writable cgroup v2, or no C compiler to build the launcher, on this host")
+    contained = containment.Containment("job-launched", 0, CGROUP, BUILT_LAUNCHER)
+    start = contained.member_setup(0, 100, 2**20)
+    start.close()
+    assert contained.cgroup is not None
+    assert start.preexec is None and start.prefix == [BUILT_LAUNCHER, str(os.getpid()), str(contained.cgroup / "m0" / "cgroup.procs")]
+    containment.sweep(CGROUP)
+    containment.unregister_execution([])
+
+    executor = LocalExecutor(tmp_path / "work", kill_grace_seconds=1, cgroup="auto", launcher=BUILT_LAUNCHER)
+    lines: list[LogLine] = []
+    execution = executor.launch(spec(["cat", "/proc/self/cgroup"], job_id="job-launched"), lines.extend)
+    assert run_until_end(execution).kind == EndKind.EXITED
+    unified = [line.line for line in lines if line.line.startswith("0::")]
+    assert unified and unified[0].endswith("/m0") and "job-launched.0." in unified[0], lines
 
 
 def test_the_program_is_found_as_exec_would_find_it(tmp_path: Path) -> None:

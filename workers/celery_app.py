@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 from typing import Any
 
 from celery import Celery, bootsteps, signals
@@ -85,15 +86,18 @@ def _configure_logging(**_: Any) -> None:
 
 @signals.worker_init.connect
 def _contain_jobs(**_: Any) -> None:
-    """Before the pool starts: set up the jobs' cgroup and kill what a previous worker on this host left running."""
+    """Before the pool starts: set up the jobs' cgroup, kill what a previous worker on this host left running,
+    and build the member launcher once (the pool's processes inherit it)."""
     if settings.worker_executor != "local":
         return
     from workers.executors import containment
+    from workers.executors.launcher import launcher
 
     try:
         containment.sweep(containment.prepare_jobs_cgroup(settings.worker_cgroup, delegate=True))
     except Exception:  # noqa: BLE001 - the node's heartbeats sweep again; a worker that cannot start helps no one
         logging.getLogger("jobservice.worker").exception("sweeping leftover job processes failed")
+    launcher(settings.worker_launcher, Path(settings.data_dir) / "bin")
 
 
 @signals.worker_ready.connect

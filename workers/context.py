@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 from app.db import Database
 from config import Settings
@@ -45,9 +46,13 @@ def build_executor(settings: Settings) -> Executor:
         )
     if settings.worker_executor != "local":
         raise ValueError(f"WORKER_EXECUTOR={settings.worker_executor!r}: use local or kubernetes")
+    from workers.executors.launcher import launcher
     from workers.executors.local import LocalExecutor
 
-    return LocalExecutor(settings.worker_workdir, settings.kill_grace_seconds, cgroup=settings.worker_cgroup)
+    return LocalExecutor(
+        settings.worker_workdir, settings.kill_grace_seconds, cgroup=settings.worker_cgroup,
+        launcher=launcher(settings.worker_launcher, Path(settings.data_dir) / "bin"),
+    )
 
 
 def served_cluster(settings: Settings) -> str:

@@ -375,8 +375,9 @@ def _remove_cgroup(cgroup: Path) -> bool:
 class Containment:
     """Everything one attempt started: members and whatever they spawned, wherever it went."""
 
-    def __init__(self, job_id: str, attempt: int, jobs_cgroup: Path | None) -> None:
+    def __init__(self, job_id: str, attempt: int, jobs_cgroup: Path | None, launcher: str | None = None) -> None:
         self.owner = owner_token()
+        self.launcher = launcher  # workers/executors/launcher.py; None: sh and setpriv, or a preexec_fn
         self.marker = f"{job_id}:{attempt}:{self.owner}"
         self.cgroup: Path | None = None
         self.members: list[int] = []
@@ -397,17 +398,15 @@ class Containment:
     def member_setup(self, rank: int, cpu_millis: int, memory_bytes: int) -> MemberStart:
         """How to start member `rank`: a preexec_fn for its child, or (None) an argv prefix, and a cleanup.
 
-        Where `pdeathsig_prefix()` exists the member needs no preexec_fn, so Popen starts it with vfork: a
-        preexec_fn forces a real fork(), which copies the page tables of this (large) worker process for every
-        member (68 ms for a 250 MB worker, against 4-5 ms). With a cgroup, a shell joins the member's leaf
-        itself (`echo 0 > cgroup.procs` moves the writer) and then execs `setpriv` and the program: nothing of
-        the member runs before it is in its cgroup.
+        A member started without a preexec_fn is started by Popen with vfork: a preexec_fn forces a real
+        fork(), which copies the page tables of this (large) worker process for every member (68 ms for a
+        250 MB worker, against 4-5 ms). The prefix joins the member's cgroup leaf (the writer of `0` to
+        cgroup.procs moves itself) and sets its death signal before the program runs: nothing of the member
+        runs outside its cgroup. Best is the launcher (one exec); else a shell joins the leaf and execs
+        `setpriv --pdeathsig`; without setpriv, a preexec_fn does both.
         """
         become_subreaper()  # idempotent; and libc is loaded here, not in the forked child
-        prefix = pdeathsig_prefix()
-        if self.cgroup is None and prefix:
-            return MemberStart(None, prefix, lambda: None)
-        fd = -1
+        procs: Path | None = None
         if self.cgroup is not None:
             leaf = self.cgroup / f"m{rank}"
             leaf.mkdir(exist_ok=True)
@@ -418,9 +417,15 @@ class Containment:
                     _write(leaf / "memory.oom.group", "1")
             if (leaf / "cpu.max").exists() and cpu_millis > 0:
                 _write(leaf / "cpu.max", cpu_max(cpu_millis))
-            if prefix:
-                return MemberStart(None, [_SHELL, "-c", _JOIN_CGROUP, str(leaf / "cgroup.procs"), *prefix], lambda: None)
-            fd = os.open(leaf / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+            procs = leaf / "cgroup.procs"
+        if self.launcher is not None:
+            return MemberStart(None, [self.launcher, str(os.getpid()), str(procs) if procs else "-"], _nothing)
+        prefix = pdeathsig_prefix()
+        if prefix:
+            if procs is None:
+                return MemberStart(None, prefix, _nothing)
+            return MemberStart(None, [_SHELL, "-c", _JOIN_CGROUP, str(procs), *prefix], _nothing)
+        fd = os.open(procs, os.O_WRONLY | os.O_CLOEXEC) if procs is not None else -1
 
         def preexec() -> None:
             # In the child, between fork and exec: only system calls (other threads' locks are not ours).
@@ -494,6 +499,10 @@ _SHELL = "/bin/sh"
 # $0: the leaf's cgroup.procs; "$@": setpriv and the member's program. Exit 125 (as `env` and `timeout` use for
 # their own failures) with a line in the job's log if the join fails: the member never runs outside its cgroup.
 _JOIN_CGROUP = 'echo 0 > "$0" || { echo "jobservice: cannot join the attempt\'s cgroup ($0)" >&2; exit 125; }; exec "$@"'
+
+
+def _nothing() -> None:
+    pass
 
 
 @dataclass(frozen=True)

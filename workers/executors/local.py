@@ -146,8 +146,8 @@ class LocalExecution:
         start = self.contained.member_setup(rank, self.spec.cpu_millis, self.spec.memory_bytes)
         command = self.spec.command
         if start.preexec is None:
-            # Started with vfork through `setpriv --pdeathsig` (see Containment.member_setup); the program is
-            # found here first, so that a missing one fails the launch as Popen's own lookup would.
+            # Started with vfork through the launcher or `setpriv --pdeathsig` (see Containment.member_setup);
+            # the program is found here first, so that a missing one fails the launch as Popen's own lookup would.
             command = [*start.prefix, _resolve(command[0], env.get("PATH"), self.folder), *command[1:]]
         try:
             process = subprocess.Popen(
@@ -258,9 +258,10 @@ class LocalExecutor:
 
     def __init__(
         self, workdir: str | Path, kill_grace_seconds: float = 10.0, cgroup: str = "auto",
-        launch_slice_seconds: float = LAUNCH_SLICE_SECONDS,
+        launch_slice_seconds: float = LAUNCH_SLICE_SECONDS, launcher: str | None = None,
     ) -> None:
         self.workdir = Path(workdir)
+        self.launcher = launcher  # workers/executors/launcher.py: None starts members through sh and setpriv
         self.kill_grace_seconds = kill_grace_seconds
         self.launch_slice_seconds = launch_slice_seconds
         self.jobs_cgroup = containment.prepare_jobs_cgroup(cgroup)
@@ -275,7 +276,7 @@ class LocalExecutor:
         spec = spec.with_rendezvous("127.0.0.1", free_port())  # members find member 0 as torch.distributed expects
         folder = self.workdir / spec.job_id / f"attempt-{spec.attempt}"
         folder.mkdir(parents=True, exist_ok=True)
-        contained = containment.Containment(spec.job_id, spec.attempt, self.jobs_cgroup)
+        contained = containment.Containment(spec.job_id, spec.attempt, self.jobs_cgroup, self.launcher)
         return LocalExecution(spec, logs, folder, contained, self.kill_grace_seconds, self.launch_slice_seconds)
 
     @staticmethod
