@@ -80,6 +80,25 @@ def test_a_pass_s_tasks_are_published_together_each_to_its_queue_in_order(
     assert delivered(settings, b)[-1] == (EXECUTE_TASK, ["job-4", "t4"])
 
 
+def test_a_task_goes_to_its_queue_without_declaring_it_and_shows_its_ids_as_its_args(
+        settings: Settings, publisher: CountingPublisher, queues: tuple[str, str]) -> None:
+    a, _ = queues
+    client = redis.Redis.from_url(settings.redis_url or "")
+    try:
+        assert publish_only(publisher, [message(1, a, ["job-1", "t1"]), message(2, a, ["job-2", "t2"])]) == [1, 2]
+        assert publish_only(publisher, [message(3, a, ["job-3", "t3"])]) == [3]
+        # Not bound: the anonymous exchange routes by queue name, and the worker declares what it consumes.
+        bound = [member for key in client.scan_iter("_kombu.binding.*") for member in client.smembers(key)]
+        assert [member for member in bound if a.encode() in member] == []
+        headers = [json.loads(raw)["headers"] for raw in reversed(client.lrange(a, 0, -1))]
+    finally:
+        client.close()
+    # What Flower shows of a task: its ids, as Celery's own repr would write them.
+    assert [(h["argsrepr"], h["kwargsrepr"]) for h in headers] == [(repr(["job-1", "t1"]), "{}"), (repr(["job-2", "t2"]), "{}"),
+                                                                    (repr(["job-3", "t3"]), "{}")]
+    assert delivered(settings, a) == [(EXECUTE_TASK, ["job-1", "t1"]), (EXECUTE_TASK, ["job-2", "t2"]), (EXECUTE_TASK, ["job-3", "t3"])]
+
+
 def test_a_batch_the_broker_refuses_is_published_one_by_one_and_a_refused_task_delays_no_other(
         settings: Settings, publisher: CountingPublisher, queues: tuple[str, str]) -> None:
     a, _ = queues
