@@ -1,6 +1,8 @@
 """The scheduling policy as a pure function: reservations, backfill, pools, fair share."""
 from __future__ import annotations
 
+import pytest
+
 from app.domain.capacity import NodeCapacity
 from app.domain.policy import (
     BACKFILL_WINDOW, CAPACITY, NEVER_FITS_LIVE, Admit, Fail, Pending, PolicyConfig, Reserve, Running, Snapshot, Usage, Wait, decide,
@@ -234,3 +236,62 @@ def test_a_request_found_unreservable_is_swept_once_and_decisions_are_unchanged(
         monkeypatch.undo()
     assert cached == uncached
     assert saved > 100  # the memory was used, on many requests
+
+
+def test_repeated_decisions_are_exactly_what_the_whole_walk_decides(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job whose shape's earlier job waited for capacity or for an unpromisable start gets the same decision without
+    the walk (policy._REPEAT_DECISIONS): over random fleets and backlogs, the plans are identical either way."""
+    import dataclasses
+    import random
+
+    from app.domain import policy as policy_module
+    from app.domain.quotas import FLEET, Quota
+
+    rng = random.Random(20261128)
+    for case in range(300):
+        nodes = [node(f"n{i}", gpus=rng.choice([0, 2, 8]), cpu=rng.choice([2000, 8000, 64_000]), slots=rng.choice([1, 4, 16]))
+                 for i in range(rng.randint(1, 4))]
+        busy = []
+        for r in range(rng.randint(0, 12)):
+            target = rng.choice(nodes)
+            if target.used_slots < target.slots and target.used_cpu_millis + 1000 <= target.cpu_millis:
+                gpus = min(rng.choice([0, 1, 2]), len(target.free_gpus))
+                busy.append(running(f"r{r}", target, gpus, ends_in=rng.choice([30.0, 600.0, float("inf")]),
+                                    owner=rng.choice(["bob", "carol"])))
+        backlog = [
+            dataclasses.replace(job(f"j{j:03d}", gpus=rng.choice([0, 0, 1, 2, 8]), priority=rng.choice([10, 50, 50, 90]),
+                                    owner=rng.choice(["alice", "bob", "carol"]), timeout=rng.choice([None, 60, 600]), at=float(j)),
+                                queue=rng.choice(["q", "r"]))
+            for j in range(rng.randint(1, 120))
+        ]
+        room = {"q": rng.randint(0, 5), "r": rng.randint(0, 50)} if rng.random() < 0.3 else None
+        quota = {"alice": [Quota("alice", FLEET, (rng.choice([1, 4]), None, None))]} if rng.random() < 0.2 else {}
+        focus = rng.choice(backlog).id if rng.random() < 0.3 else None
+        snapshot = Snapshot(NOW, nodes, busy, backlog, queue_room=room, focus=focus, quotas=quota)
+        config = PolicyConfig(reservation_depth=rng.choice([0, 1, 4]), scan_limit=rng.choice([5, 2000]))
+        monkeypatch.setattr(policy_module, "_REPEAT_DECISIONS", True)
+        fast = decide(snapshot, config)
+        monkeypatch.setattr(policy_module, "_REPEAT_DECISIONS", False)
+        walked = decide(snapshot, config)
+        assert fast.order == walked.order, case
+        assert fast.decisions == walked.decisions, case
+        assert fast.preemptions == walked.preemptions, case
+    # The shortcut is taken at all: a backlog of alike jobs behind a full node is decided mostly by it (only the jobs
+    # walked to their decision look for room among the misfits).
+    walks = 0
+    real_covers = policy_module._Misfits.covers
+
+    def counting(self: object, pending: Pending) -> bool:
+        nonlocal walks
+        walks += 1
+        return real_covers(self, pending)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(policy_module, "_REPEAT_DECISIONS", True)
+    monkeypatch.setattr(policy_module._Misfits, "covers", counting)
+    for ends_in, reasons, walked in ((float("inf"), {"NO_RESERVATION"}, 1), (600.0, {"CAPACITY"}, 5)):
+        full = node("full", gpus=0, cpu=4000, slots=4)
+        busy = [running(f"r{i}", full, 0, ends_in=ends_in) for i in range(4)]
+        walks = 0
+        plan = decide(Snapshot(NOW, [full], busy, [job(f"k{i}", timeout=None, at=float(i)) for i in range(50)]))
+        assert {d.reason for d in plan.decisions.values() if isinstance(d, Wait)} == reasons
+        assert walks == walked

@@ -68,15 +68,15 @@ class Pending:
     gpu_types: tuple[str, ...] = ()  # acceptable GPU models, preferred first; empty: any
     node_pool: str | None = None  # the worker pool that must run it; None: any
     preempted_by: frozenset[str] = frozenset()  # jobs that preempted it: it never preempts them back (no cycles)
+    # Jobs bound to other GPU types or worker pools compete for other nodes: they are other pools.
+    pool: tuple[str, bool, tuple[str, ...], str | None] = field(init=False, repr=False, compare=False)
+    shape: tuple[int, int, int, int, bool, tuple[str, ...], str | None] = field(init=False, repr=False, compare=False)
 
-    @property
-    def pool(self) -> tuple[str, bool, tuple[str, ...], str | None]:
-        # Jobs bound to other GPU types or worker pools compete for other nodes: they are other pools.
-        return ("gpu" if self.gpus > 0 else "cpu", self.has_command, self.gpu_types, self.node_pool)
-
-    @property
-    def shape(self) -> tuple[int, int, int, int, bool, tuple[str, ...], str | None]:
-        return (self.cpu_millis, self.memory_bytes, self.gpus, self.members, self.has_command, self.gpu_types, self.node_pool)
+    def __post_init__(self) -> None:
+        # Made once per entry (the scheduler keeps its entries from pass to pass), not at each of the pass's many looks.
+        object.__setattr__(self, "pool", ("gpu" if self.gpus > 0 else "cpu", self.has_command, self.gpu_types, self.node_pool))
+        object.__setattr__(self, "shape", (self.cpu_millis, self.memory_bytes, self.gpus, self.members, self.has_command,
+                                           self.gpu_types, self.node_pool))
 
     def serves(self, node: NodeCapacity) -> bool:
         return node.serves(self.gpu_types, self.node_pool)
@@ -307,6 +307,12 @@ def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCap
     # The clusters a job may run on depend only on the fleet's clusters and whether it has a command: listed once, not
     # per job (with quotas set, listing them from 1,000 nodes for each of 2,000 jobs was 200 ms of a pass).
     clusters_for = {command: _eligible_clusters(nodes, command) for command in (True, False)}
+    # shape -> (reason, message, the pool's first blocked job, duration): how the last job of that shape waited, when it
+    # waited for capacity (its pool's reservations taken) or for a start no one can promise (the timeline cannot reserve
+    # its request). A big backlog is mostly such jobs, and what decided them only stays so during a pass (a misfit keeps
+    # not fitting, reservations are only added, an unreservable request stays so until the timeline changes, which
+    # `timeline.unreservable` tells): a later job of the same shape gets the same decision without the walk to it.
+    repeat: dict[tuple, tuple[str, str, str, float]] = {}
 
     def _one(job: Pending) -> Decision:
         pool = job.pool
@@ -314,6 +320,13 @@ def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCap
         if examined[pool] > config.scan_limit and job.id != snapshot.focus:
             return Wait(job, NOT_EXAMINED, f"More than {config.scan_limit} jobs of its kind are ahead of it this pass")
         shape = job.shape
+        known = repeat.get(shape) if _REPEAT_DECISIONS else None
+        if known is not None and job.id != snapshot.focus and (room is None or room.get(job.queue, 0) > 0):
+            reason, message, blocker, duration = known
+            if reason == CAPACITY:
+                return Wait(job, CAPACITY, message, blocked_by=blocker)
+            if job.duration == duration and len(reserved[pool]) < config.reservation_depth and timeline.unreservable(job):
+                return Wait(job, NO_RESERVATION, message, blocked_by=blocker)
         problem = malformed.get(shape, "")
         if problem == "":
             problem = malformed[shape] = capacity.malformed(job.cpu_millis, job.memory_bytes, job.gpus, job.members)
@@ -381,8 +394,10 @@ def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCap
         if len(ahead) < config.reservation_depth or job.id == snapshot.focus:
             found = timeline.reserve(job, commit=len(ahead) < config.reservation_depth)
             if found is None:
-                return Wait(job, NO_RESERVATION, "What holds the capacity it needs has no timeout: no start time can be promised",
-                            blocked_by=blocked_by)
+                message = "What holds the capacity it needs has no timeout: no start time can be promised"
+                if not ledger.active:
+                    repeat[shape] = (NO_RESERVATION, message, blocker, job.duration)
+                return Wait(job, NO_RESERVATION, message, blocked_by=blocked_by)
             if len(ahead) < config.reservation_depth:
                 decision = Reserve(job, found.start, found.cluster, found.nodes)
                 ahead.append(decision)
@@ -392,6 +407,8 @@ def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCap
         message = messages.get(pool)
         if message is None:
             message = messages[pool] = _capacity_message(ahead)
+        if not ledger.active:
+            repeat[shape] = (CAPACITY, message, blocker, job.duration)
         return Wait(job, CAPACITY, message, blocked_by=blocked_by)
 
     def consider(job: Pending) -> None:
@@ -987,6 +1004,10 @@ def _strict_key(job: Pending) -> tuple[int, float, str]:
     return (-job.priority, job.submitted_at, job.id)
 
 
+# Off only in tests: a plan made with the repeated decisions (_backfill_pass) must equal one made without them.
+_REPEAT_DECISIONS = True
+
+
 def _isolated(job: Pending, decide_one: Callable[[Pending], Decision]) -> Decision:
     """One job's decision; if working it out raises, that job fails and the pass goes on."""
     try:
@@ -1216,15 +1237,23 @@ class _Shares:
                 jobs.sort(key=lambda j: (-j.priority, j.submitted_at, j.id))
                 positions[owner] = 0
                 heap.append((self.share(owner), owner))
+            if len(queues) == 1:
+                yield from next(iter(queues.values()))  # one owner in the band: nobody to take turns with
+                continue
             heapq.heapify(heap)
-            while heap:
-                _, owner = heapq.heappop(heap)
+            _, owner = heapq.heappop(heap)
+            while True:
                 jobs = queues[owner]
                 position = positions[owner]
                 yield jobs[position]
                 positions[owner] = position + 1
                 if position + 1 < len(jobs):
-                    heapq.heappush(heap, (self.share(owner), owner))
+                    # Pushed back and the lowest share popped in one: while it stays this owner, the heap is not touched.
+                    _, owner = heapq.heappushpop(heap, (self.share(owner), owner))
+                elif heap:
+                    _, owner = heapq.heappop(heap)
+                else:
+                    break
 
     def report(self) -> dict[str, OwnerShare]:
         owners = set(self.used) | set(self.held) | set(self.owners_waiting)
@@ -1340,6 +1369,10 @@ class _Timeline:
                         else:
                             steps.insert(k, (end, {i}))
         self._unreservable.clear()
+
+    def unreservable(self, job: Pending) -> bool:
+        """`reserve` would find no start for `job` (known from an earlier request like it, the timeline unchanged since)."""
+        return (job.shape, job.duration) in self._unreservable
 
     def reserve(self, job: Pending, *, commit: bool) -> _Reservation | None:
         """The earliest start (and nodes) at which `job` fits without delaying an existing reservation.
