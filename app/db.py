@@ -9,6 +9,7 @@ import logging
 import random
 import re
 import time
+from collections import namedtuple
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -58,6 +59,9 @@ class Prepared:
         self.execute_sql = f"EXECUTE {name} ({', '.join(f':{p}' for p in order)})"
         self._prepare = text(self.prepare_sql)
         self._execute = text(f"{before}; {self.execute_sql}" if before else self.execute_sql)
+        # For run_alone: the EXECUTE in psycopg2's own parameter style, and a row class per list of columns.
+        self._alone = None if before else f"EXECUTE {name} ({', '.join(f'%({p})s' for p in order)})"
+        self._row_classes: dict[tuple[str, ...], type] = {}
 
     def ensure(self, connection: Connection) -> None:
         """Prepared on this connection's database session (a round trip the first time only)."""
@@ -70,6 +74,49 @@ class Prepared:
         connection = session.connection() if isinstance(session, Session) else session
         self.ensure(connection)
         return connection.execute(self._execute, dict(params or {}))
+
+
+def run_alone(session: Session, statement: Prepared, params: Mapping[str, Any]) -> list[Any]:
+    """`statement` as a transaction of its own (autocommit: one round trip), its rows with their columns as attributes.
+
+    A session already in a transaction keeps it: the statement joins it, as with autocommit_connection. Otherwise it
+    runs straight on a connection of the session's pool, in psycopg2's autocommit, without the session: the Session,
+    its transaction, the Connection and the isolation switch and reset around one statement cost the worker's
+    claim and end about 120 us of CPU each, several times the round trip's own (benchmarks/autocommit.py). The
+    checkout is the pool's (its idle ping included); errors are SQLAlchemy's (DBAPIError), and a connection error
+    invalidates the connection, as a statement sent through SQLAlchemy would."""
+    bind = session.get_bind()
+    if session.in_transaction() or not isinstance(bind, Engine) or statement._alone is None:
+        return list(statement.execute(autocommit_connection(session), params).all())
+    pooled = bind.raw_connection()
+    sent = statement.prepare_sql
+    try:
+        connection = pooled.driver_connection
+        connection.autocommit = True
+        try:
+            done = pooled.info.setdefault(_PREPARED_INFO_KEY, set())
+            with connection.cursor() as cursor:
+                if statement.name not in done:
+                    cursor.execute(statement.prepare_sql)
+                    done.add(statement.name)
+                sent = statement._alone
+                cursor.execute(sent, params)
+                if cursor.description is None:
+                    return []
+                columns = tuple(column.name for column in cursor.description)
+                row_class = statement._row_classes.get(columns)
+                if row_class is None:
+                    row_class = statement._row_classes[columns] = namedtuple("Row", columns, rename=True)  # type: ignore[misc]
+                return [row_class._make(values) for values in cursor.fetchall()]
+        finally:
+            connection.autocommit = False
+    except psycopg2.Error as exc:
+        lost = is_connection_error(exc)
+        if lost:
+            pooled.invalidate(exc)
+        raise sa_exc.DBAPIError.instance(sent, params, exc, psycopg2.Error, connection_invalidated=lost) from exc
+    finally:
+        pooled.close()
 
 
 def sqlalchemy_url(url: str) -> str:

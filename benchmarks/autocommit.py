@@ -1,10 +1,14 @@
-"""A one-statement transaction in autocommit (a worker's claim, its end): psycopg2's way of switching back and ours.
+"""A one-statement transaction in autocommit (a worker's claim, its end): three ways, alternating rounds.
 
-app.db switches a pooled connection into autocommit and back with psycopg2's `autocommit` attribute. SQLAlchemy's
-psycopg2 dialect does it with `set_isolation_level()`, after which psycopg2 sends `SET default_transaction_isolation TO
-DEFAULT` before the connection's next statement: a round trip of its own. This runs the same statement through
-`app.db.autocommit_connection` both ways, alternating rounds, and prints the wall time per transaction, this
-process's CPU and the PostgreSQL backend's CPU (from /proc: run it on the database's machine).
+- `run_alone (app.db)`: what the claim and the end use, the prepared statement straight on a pooled psycopg2
+  connection in autocommit, without a Session;
+- `attribute (app.db)`: through a Session and `app.db.autocommit_connection`, the connection switched into autocommit
+  and back with psycopg2's `autocommit` attribute (app.db's engine);
+- `set_isolation_level (SQLAlchemy's)`: the same with the dialect's own switch, after which psycopg2 sends `SET
+  default_transaction_isolation TO DEFAULT` before the connection's next statement (a round trip of its own).
+
+It prints the wall time per transaction, this process's CPU and the PostgreSQL backend's CPU (from /proc: run it on
+the database's machine).
 
     DATABASE_URL=postgresql://postgres@127.0.0.1:5432/test python benchmarks/autocommit.py --transactions 300 --rounds 10
 """
@@ -21,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from sqlalchemy import text  # noqa: E402
 
-from app.db import Database, autocommit_connection  # noqa: E402
+from app.db import Database, Prepared, autocommit_connection, run_alone  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -38,20 +42,24 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     args = parser.parse_args()
     url = os.environ["DATABASE_URL"]
-    ways = {"attribute (app.db)": Database(url, pool_size=1), "set_isolation_level (SQLAlchemy's)": Database(url, pool_size=1)}
+    ways = {name: Database(url, pool_size=1)
+            for name in ("run_alone (app.db)", "attribute (app.db)", "set_isolation_level (SQLAlchemy's)")}
     del ways["set_isolation_level (SQLAlchemy's)"].engine.dialect.set_isolation_level  # the dialect's own method again
     pids = {}
     for name, database in ways.items():
         with database.session() as session:
             pids[name] = session.execute(text("SELECT pg_backend_pid()")).scalar()
-    statement = text("SELECT 1")
+    statement = Prepared("jobservice_bench_one", "SELECT :n::int AS n", {"n": "integer"})
     totals = {name: [0.0, 0.0, 0.0] for name in ways}
     for _ in range(args.rounds):
         for name, database in ways.items():
             wall, cpu, server = time.perf_counter(), time.process_time(), backend_cpu(pids[name])
-            for _ in range(args.transactions):
+            for n in range(args.transactions):
                 with database.session() as session:
-                    autocommit_connection(session).execute(statement).first()
+                    if name.startswith("run_alone"):
+                        run_alone(session, statement, {"n": n})
+                    else:
+                        statement.execute(autocommit_connection(session), {"n": n}).first()
             totals[name][0] += time.perf_counter() - wall
             totals[name][1] += time.process_time() - cpu
             totals[name][2] += backend_cpu(pids[name]) - server

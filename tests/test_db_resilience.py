@@ -9,6 +9,7 @@ import threading
 from datetime import timedelta
 from typing import Any
 
+import psycopg2
 import pytest
 from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
@@ -181,36 +182,96 @@ def test_an_end_report_retried_after_its_commit_returns_what_was_recorded(api: A
 
 def test_a_claim_and_a_successful_end_are_executed_by_name_each_in_one_round_trip(api: ApiClient, database: Database, settings: Settings) -> None:
     """Issue 14: a worker's claim and end, the statements of every job, are prepared once per database session
-    (planning them cost PostgreSQL more than running them), and stay compare-and-sets: a duplicate claim, a stale
-    token and a repeated end change nothing."""
-    from sqlalchemy import event
+    (planning them cost PostgreSQL more than running them), each sent alone in autocommit (app.db.run_alone: no BEGIN,
+    no COMMIT, no SET), and stay compare-and-sets: a duplicate claim, a stale token and a repeated end change nothing."""
+    from sqlalchemy.engine import make_url
 
     job_id, token = admitted_job(api, database, settings)
-    sent: list[str] = []
-    autocommitted: list[str] = []
-
-    def record(conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        sent.append(" ".join(statement.split()[:2]))
-        if conn.connection.dbapi_connection.autocommit:
-            autocommitted.append(sent[-1])
-
+    url = make_url(settings.database_url or "")
+    proxy = QueryCountingProxy(url.host or "127.0.0.1", url.port or 5432)
+    proxied = url.set(host="127.0.0.1", port=proxy.port, query={**url.query, "sslmode": "disable", "gssencmode": "disable"})
+    worker_db = Database(proxied.render_as_string(hide_password=False), pool_size=1, ping_idle_after=3600)
     report = dict(succeeded=True, retryable=False, reason="exited with code 0", actor="worker-a-1", exit_code=0)
-    event.listen(database.engine, "before_cursor_execute", record)
+    try:
+        with worker_db.session() as s:  # connects: the dialect's own first statements, not counted
+            s.execute(text("SELECT 1"))
+        proxy.queries.clear()
+        with worker_db.session() as s:
+            assert execution.claim(s, job_id, token, "worker-a-1", claim_id="c1") is not None
+        with worker_db.session() as s:
+            assert execution.end(s, settings, job_id, token, **report) == "succeeded"
+        sent = [" ".join(q.decode().split()[:2]) for q in proxy.queries]
+        assert sent == ["PREPARE jobservice_claim", "EXECUTE jobservice_claim", "PREPARE jobservice_succeed",
+                        "EXECUTE jobservice_succeed"], sent
+        proxy.queries.clear()
+        with worker_db.session() as s:
+            assert execution.claim(s, job_id, token, "worker-b-1", claim_id="c2") is None
+            assert execution.claim(s, job_id, "stale", "worker-a-1", claim_id="c1") is None
+            assert execution.end(s, settings, job_id, token, **report) == "succeeded"
+        # Prepared once per database session: the second claim went by name alone.
+        assert "PREPARE jobservice_claim" not in [" ".join(q.decode().split()[:2]) for q in proxy.queries]
+    finally:
+        worker_db.dispose()
+        proxy.close()
+    assert [e.to_status for e in events(database, job_id)] == ["pending", "queued", "running", "succeeded"]
+
+
+def test_a_statement_run_alone_is_one_round_trip_and_its_errors_are_sqlalchemy_s(settings: Settings) -> None:
+    """app.db.run_alone: the EXECUTE alone on the wire (after the PREPARE, once per database session), its rows with their
+    columns as attributes, the connection back in the pool as it was (the next transaction a plain BEGIN); a refused
+    statement is a DBAPIError that leaves the connection usable; a dropped connection is a connection error that
+    invalidates it, and the next statement runs on a new one. In a session already in a transaction it joins it."""
+    from sqlalchemy import exc as sa_exc
+    from sqlalchemy.engine import make_url
+
+    from app.db import Prepared, run_alone
+
+    divide = Prepared("jobservice_test_divide", "SELECT :a::int / :b::int AS quotient, pg_backend_pid() AS pid",
+                      {"a": "integer", "b": "integer"})
+    url = make_url(settings.database_url or "")
+    proxy = QueryCountingProxy(url.host or "127.0.0.1", url.port or 5432)
+    proxied = url.set(host="127.0.0.1", port=proxy.port, query={**url.query, "sslmode": "disable", "gssencmode": "disable"})
+    database = Database(proxied.render_as_string(hide_password=False), pool_size=1, ping_idle_after=3600)
     try:
         with database.session() as s:
-            assert execution.claim(s, job_id, token, "worker-a-1", claim_id="c1") is not None
-            assert execution.end(s, settings, job_id, token, **report) == "succeeded"
+            s.execute(text("SELECT 1"))
+        proxy.queries.clear()
+        with database.session() as s:
+            first = run_alone(s, divide, {"a": 7, "b": 2})
+        with database.session() as s:
+            second = run_alone(s, divide, {"a": 9, "b": 3})
+        assert [(r.quotient, r.pid) for r in first + second] == [(3, first[0].pid), (3, first[0].pid)]
+        with database.session() as s:
+            assert s.execute(text("SELECT current_setting('transaction_isolation')")).scalar() == "read committed"
+        sent = [q.decode() for q in proxy.queries]
+        assert [" ".join(q.split()[:2]) for q in sent[:3]] == ["PREPARE jobservice_test_divide", "EXECUTE jobservice_test_divide",
+                                                                "EXECUTE jobservice_test_divide"], sent
+        assert sent[3:] == ["BEGIN", "SELECT current_setting('transaction_isolation')", "ROLLBACK"], sent
+
+        with database.session() as s, pytest.raises(sa_exc.DBAPIError) as refused:
+            run_alone(s, divide, {"a": 1, "b": 0})
+        assert "division by zero" in str(refused.value) and not is_connection_error(refused.value)
+        with database.session() as s:
+            assert run_alone(s, divide, {"a": 4, "b": 2})[0].pid == first[0].pid  # the same connection, still good
+
+        with psycopg2.connect(settings.database_url) as admin, admin.cursor() as cursor:
+            cursor.execute("SELECT pg_terminate_backend(%s)", (first[0].pid,))
+        with database.session() as s, pytest.raises(sa_exc.DBAPIError) as dropped:
+            run_alone(s, divide, {"a": 1, "b": 1})
+        assert is_connection_error(dropped.value) and dropped.value.connection_invalidated
+        with database.session() as s:
+            again = run_alone(s, divide, {"a": 8, "b": 4})
+        assert again[0].quotient == 2 and again[0].pid != first[0].pid
+
+        with database.session() as s:  # in a transaction: the statement joins it, and its rollback undoes it
+            s.execute(text("CREATE TEMPORARY TABLE alone_probe (n int)"))
+            joined = Prepared("jobservice_test_insert", "INSERT INTO alone_probe VALUES (:n) RETURNING n", {"n": "integer"})
+            assert run_alone(s, joined, {"n": 5})[0].n == 5
+            assert s.execute(text("SELECT count(*) FROM alone_probe")).scalar() == 1
+            s.rollback()
     finally:
-        event.remove(database.engine, "before_cursor_execute", record)
-    assert "EXECUTE jobservice_claim" in sent and "EXECUTE jobservice_succeed" in sent, sent
-    assert not any(statement.startswith("WITH u") for statement in sent), sent
-    # Each one statement sent in autocommit: a transaction by itself, one round trip (no BEGIN, no COMMIT).
-    assert {"EXECUTE jobservice_claim", "EXECUTE jobservice_succeed"} <= set(autocommitted), (sent, autocommitted)
-    with database.session() as s:
-        assert execution.claim(s, job_id, token, "worker-b-1", claim_id="c2") is None
-        assert execution.claim(s, job_id, "stale", "worker-a-1", claim_id="c1") is None
-        assert execution.end(s, settings, job_id, token, **report) == "succeeded"
-    assert [e.to_status for e in events(database, job_id)] == ["pending", "queued", "running", "succeeded"]
+        database.dispose()
+        proxy.close()
 
 
 def test_a_late_end_report_never_ends_a_later_attempt(api: ApiClient, database: Database, settings: Settings) -> None:

@@ -10,7 +10,7 @@ from sqlalchemy import delete, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, object_session
 
-from app.db import Prepared, autocommit_connection, transaction
+from app.db import Prepared, run_alone, transaction
 from app.domain.capacity import LOCAL_CLUSTER
 from app.domain.jobs import SCHEDULER_CHANNEL, clear_placement, notify_scheduler, placed_nodes, record_transition, utcnow
 from app.domain.scheduling import end_attempt
@@ -120,12 +120,13 @@ def _claim_queued(
     with transaction(session):
         # One statement, a transaction of its own (as end()'s _SUCCEED): the update and its event (and the counters'
         # statement triggers) commit together. The GPU type read after it needs no transaction.
-        row = _CLAIM.execute(autocommit_connection(session), {
+        rows = run_alone(session, _CLAIM, {
             "id": job_id, "token": dispatch_token, "worker": worker_id, "now": now,
             "reason": f"started by {worker_id}", "details": json.dumps(details),
-        }).first()
-        if row is None:
+        })
+        if not rows:
             return None
+        row = rows[0]
         nodes = [str(part["node"]) for part in row.placement or []]
         return ClaimedJob(
             job_id=row.id,
@@ -275,11 +276,11 @@ def end(
             # One statement is a transaction of its own: its update, event, counters (statement triggers) and
             # wake-up commit together or not at all. The connection goes back to the pool at the block's end,
             # which restores its isolation level: the fallback below runs in a real transaction.
-            ended = _SUCCEED.execute(autocommit_connection(session), {
+            ended = run_alone(session, _SUCCEED, {
                 "id": job_id, "token": dispatch_token, "now": now, "reason": reason, "actor": actor, "exit_code": exit_code,
                 "details": json.dumps(details or {}), "channel": SCHEDULER_CHANNEL,
-            }).first()
-        if ended is not None:
+            })
+        if ended:
             return JobStatus.SUCCEEDED.value
         # Not running under this token: cancelled or preempted meanwhile, or a retry whose earlier try committed.
     with transaction(session):
