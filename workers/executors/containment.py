@@ -248,6 +248,15 @@ def _own_cgroup() -> str | None:
     return None
 
 
+def _read(path: Path) -> str:
+    """A cgroup file's text (a few bytes), read without Path.read_text's text-file machinery: read at every attempt."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.read(fd, 65536).decode()
+    finally:
+        os.close(fd)
+
+
 def _write(path: Path, value: str) -> None:
     fd = os.open(path, os.O_WRONLY)
     try:
@@ -275,8 +284,8 @@ def find_jobs_cgroup(setting: str) -> Path | None:
 
 def _enable_controllers(cgroup: Path, wanted: set[str]) -> set[str]:
     try:
-        available = set((cgroup / "cgroup.controllers").read_text().split())
-        enabled = set((cgroup / "cgroup.subtree_control").read_text().split())
+        available = set(_read(cgroup / "cgroup.controllers").split())
+        enabled = set(_read(cgroup / "cgroup.subtree_control").split()) if wanted & available else set()
     except OSError:
         return set()
     todo = (wanted & available) - enabled
@@ -339,7 +348,7 @@ def _cgroup_pids(cgroup: Path) -> set[int]:
 
 def _populated(cgroup: Path) -> bool:
     try:
-        return "populated 1" in (cgroup / "cgroup.events").read_text()
+        return "populated 1" in _read(cgroup / "cgroup.events")
     except OSError:
         return False
 
