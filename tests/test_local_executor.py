@@ -309,6 +309,33 @@ def test_with_a_cgroup_a_member_started_through_the_launcher_is_in_its_leaf_from
     assert unified and unified[0].endswith("/m0") and "job-launched.0." in unified[0], lines
 
 
+def test_job_workdir_is_the_member_s_working_folder_resolved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    monkeypatch.chdir(tmp_path)
+    executor = LocalExecutor(Path("link") / "work", kill_grace_seconds=1, cgroup="off")  # relative, through a symlink
+    lines: list[LogLine] = []
+    execution = executor.launch(spec(["sh", "-c", 'echo "$JOB_WORKDIR"; pwd -P'], job_id="job-workdir"), lines.extend)
+    assert run_until_end(execution).kind == EndKind.EXITED
+    expected = str((tmp_path / "real" / "work" / "job-workdir" / "attempt-0").resolve())
+    assert [line.line for line in lines] == [expected, expected]
+
+
+def test_an_attempt_s_cgroup_is_removed_even_with_cgroups_its_member_made_inside_its_leaf(tmp_path: Path) -> None:
+    """The end removes the leaves it made and the attempt's cgroup; a member that made cgroups of its own (it runs as
+    the worker's user, who may) has the whole tree removed, deepest first."""
+    if CGROUP is None:
+        pytest.skip("no writable cgroup v2 on this host")
+    executor = LocalExecutor(tmp_path / "work", kill_grace_seconds=1, cgroup="auto", launcher=BUILT_LAUNCHER)
+    mount = containment._cgroup2_mount()
+    script = f'd={mount}$(sed -n "s/^0:://p" /proc/self/cgroup); mkdir -p "$d/own/deeper" && echo made'
+    lines: list[LogLine] = []
+    execution = executor.launch(spec(["sh", "-c", script], job_id="job-own-cgroups"), lines.extend)
+    assert run_until_end(execution).kind == EndKind.EXITED
+    assert [line.line for line in lines] == ["made"], lines
+    assert not list(CGROUP.glob("job-own-cgroups.*")), "the attempt's cgroup, with what its member made, is removed"
+
+
 def test_the_program_is_found_as_exec_would_find_it(tmp_path: Path) -> None:
     from workers.executors.local import _resolve
 

@@ -389,13 +389,15 @@ class Containment:
         self.launcher = launcher  # workers/executors/launcher.py; None: sh and setpriv, or a preexec_fn
         self.marker = f"{job_id}:{attempt}:{self.owner}"
         self.cgroup: Path | None = None
+        self.controllers: set[str] = set()  # enabled for the members' leaves: their limits are written where they are
+        self.leaves: list[Path] = []
         self.members: list[int] = []
         self.since = _ticks_now()
         if jobs_cgroup is not None:
             cgroup = jobs_cgroup / f"{_SAFE_NAME.sub('_', job_id)}.{attempt}.{self.owner}"
             try:
                 cgroup.mkdir(exist_ok=True)
-                _enable_controllers(cgroup, {"memory", "cpu"})
+                self.controllers = _enable_controllers(cgroup, {"memory", "cpu"})
                 self.cgroup = cgroup
             except OSError as exc:
                 log.warning("no cgroup for attempt %d (%s): containment by process tree and marker", attempt, exc, extra={"job_id": job_id})
@@ -419,12 +421,14 @@ class Containment:
         if self.cgroup is not None:
             leaf = self.cgroup / f"m{rank}"
             leaf.mkdir(exist_ok=True)
-            # The requests become limits where the controllers were delegated (cpu.max / memory.max exist).
-            if (leaf / "memory.max").exists() and memory_bytes > 0:
+            self.leaves.append(leaf)
+            # The requests become limits where the controllers were delegated (enabled for the leaves: cpu.max and
+            # memory.max exist in them).
+            if "memory" in self.controllers and memory_bytes > 0:
                 _write(leaf / "memory.max", str(memory_bytes))
                 if (leaf / "memory.oom.group").exists():
                     _write(leaf / "memory.oom.group", "1")
-            if (leaf / "cpu.max").exists() and cpu_millis > 0:
+            if "cpu" in self.controllers and cpu_millis > 0:
                 _write(leaf / "cpu.max", cpu_max(cpu_millis))
             procs = leaf / "cgroup.procs"
         if self.launcher is not None:
@@ -500,7 +504,19 @@ class Containment:
         unregister_execution(self.members)
         reap_orphans()
         if self.cgroup is not None:
-            _remove_cgroup(self.cgroup)
+            try:
+                # The leaves it made, then itself: a listing of the tree (40 control files a cgroup) only when that
+                # fails, as when a member made cgroups of its own inside its leaf.
+                for leaf in self.leaves:
+                    try:
+                        os.rmdir(leaf)
+                    except FileNotFoundError:
+                        pass
+                os.rmdir(self.cgroup)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                _remove_cgroup(self.cgroup)
 
 
 _pdeathsig_prefix: list[str] | None = None

@@ -261,6 +261,9 @@ class LocalExecutor:
         launch_slice_seconds: float = LAUNCH_SLICE_SECONDS, launcher: str | None = None,
     ) -> None:
         self.workdir = Path(workdir)
+        # Resolved once (symlinks, `..`): each attempt's folder under it is then absolute and resolved as made, and
+        # JOB_WORKDIR needs no realpath walk per member.
+        self._root = self.workdir.resolve()
         self.launcher = launcher  # workers/executors/launcher.py: None starts members through sh and setpriv
         self.kill_grace_seconds = kill_grace_seconds
         self.launch_slice_seconds = launch_slice_seconds
@@ -274,7 +277,7 @@ class LocalExecutor:
                 Outcome(EndKind.LAUNCH_FAILED, "the local executor cannot run an image: the job has no command")
             )
         spec = spec.with_rendezvous("127.0.0.1", free_port())  # members find member 0 as torch.distributed expects
-        folder = self.workdir / spec.job_id / f"attempt-{spec.attempt}"
+        folder = self._root / spec.job_id / f"attempt-{spec.attempt}"
         folder.mkdir(parents=True, exist_ok=True)
         contained = containment.Containment(spec.job_id, spec.attempt, self.jobs_cgroup, self.launcher)
         return LocalExecution(spec, logs, folder, contained, self.kill_grace_seconds, self.launch_slice_seconds)
@@ -288,7 +291,7 @@ class LocalExecutor:
         mine = spec.gpu_indices[rank * per_member : (rank + 1) * per_member]
         # An empty value hides every GPU: a job that asked for none must not grab one.
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in mine)
-        env["JOB_WORKDIR"] = str(folder.resolve())
+        env["JOB_WORKDIR"] = str(folder)
         return env
 
 
