@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import delete, select, text, update
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.orm import Session, object_session
+from sqlalchemy.orm import Session
 
 from app.db import Prepared, run_alone, transaction
 from app.domain.capacity import LOCAL_CLUSTER
@@ -67,7 +67,7 @@ def claim(
             return None
         if job.status == JobStatus.RUNNING.value and claim_id is not None and job.worker_id == worker_id:
             claimed = _claim_event(session, job_id, dispatch_token, job.retry_count)
-            return _claimed(job) if claimed is not None and claimed.details.get("claim") == claim_id else None
+            return _claimed(session, job) if claimed is not None and claimed.details.get("claim") == claim_id else None
         if job.status != JobStatus.QUEUED.value:
             return None
         job.worker_id = worker_id
@@ -77,7 +77,7 @@ def claim(
         )
         job.started_at = now
         job.heartbeat_at = now
-        return _claimed(job)
+        return _claimed(session, job)
 
 
 # The node(s) an event names, as jobs.placed_nodes computes it: the job's node, else every node of its
@@ -125,26 +125,7 @@ def _claim_queued(
     })
     if not rows:
         return None
-    row = rows[0]
-    nodes = [str(part["node"]) for part in row.placement or []]
-    return ClaimedJob(
-        job_id=row.id,
-        attempt=row.retry_count,
-        image=row.image,
-        command=list(row.command) if row.command else None,
-        env=dict(row.env or {}),
-        config=dict(row.config or {}),
-        cpu_millis=row.cpu_millis,
-        memory_bytes=row.memory_bytes,
-        gpus=row.gpus,
-        members=row.gang_min_members if row.gang_enabled else 1,
-        timeout_seconds=row.timeout_seconds,
-        cluster=row.cluster or "",
-        node=row.node,
-        gpu_indices=[int(g) for g in row.gpu_indices or []],
-        gpu_type=_gpu_type_of(session, row.gpus, row.cluster, row.node or ",".join(dict.fromkeys(n for n in nodes if n))),
-        nodes=nodes,
-    )
+    return _claimed(session, rows[0])
 
 
 def _alone(session: Session, statement: Prepared, params: dict[str, Any]) -> list[Any]:
@@ -183,7 +164,9 @@ def recorded_end(session: Session, job_id: str, dispatch_token: str) -> str | No
     )
 
 
-def _claimed(job: Job) -> ClaimedJob:
+def _claimed(session: Session, job: Any) -> ClaimedJob:
+    """The attempt a claim (or a takeover) started, from its job: the ORM row, or the claim statement's row, which
+    returns the same columns under the same names."""
     return ClaimedJob(
         job_id=job.id,
         attempt=job.retry_count,
@@ -199,18 +182,11 @@ def _claimed(job: Job) -> ClaimedJob:
         cluster=job.cluster or "",
         node=job.node,
         gpu_indices=[int(g) for g in job.gpu_indices or []],
-        gpu_type=_placed_gpu_type(job),
+        # The GPU model the scheduler counted for a Kubernetes job's GPUs: the kube-scheduler must not place its
+        # members on another model. None without GPUs, on the local cluster, or over nodes of mixed models.
+        gpu_type=_gpu_type_of(session, job.gpus, job.cluster, placed_nodes(job)),
         nodes=[str(part["node"]) for part in job.placement or []],
     )
-
-
-def _placed_gpu_type(job: Job) -> str | None:
-    """The GPU model the scheduler counted for a Kubernetes job's GPUs: the kube-scheduler must not place its
-    members on another model. None without GPUs, on the local cluster, or over nodes of mixed models."""
-    session = object_session(job)
-    if session is None:
-        return None
-    return _gpu_type_of(session, job.gpus, job.cluster, placed_nodes(job))
 
 
 def _gpu_type_of(session: Session, gpus: int, cluster: str | None, placed: str | None) -> str | None:
@@ -418,7 +394,7 @@ def take_over(session: Session, job_id: str, dispatch_token: str, worker_id: str
         job.worker_id = worker_id
         job.heartbeat_at = now
         _record_takeover(session, job, previous, silent, now)
-        return _claimed(job)
+        return _claimed(session, job)
 
 
 def _record_takeover(session: Session, job: Job, previous: str | None, silent: float | None, at: datetime) -> None:

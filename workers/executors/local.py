@@ -260,10 +260,9 @@ class LocalExecutor:
         self, workdir: str | Path, kill_grace_seconds: float = 10.0, cgroup: str = "auto",
         launch_slice_seconds: float = LAUNCH_SLICE_SECONDS, launcher: str | None = None,
     ) -> None:
-        self.workdir = Path(workdir)
         # Resolved once (symlinks, `..`): each attempt's folder under it is then absolute and resolved as made, and
         # JOB_WORKDIR needs no realpath walk per member.
-        self._root = self.workdir.resolve()
+        self.workdir = Path(workdir).resolve()
         self.launcher = launcher  # workers/executors/launcher.py: None starts members through sh and setpriv
         self.kill_grace_seconds = kill_grace_seconds
         self.launch_slice_seconds = launch_slice_seconds
@@ -277,7 +276,7 @@ class LocalExecutor:
                 Outcome(EndKind.LAUNCH_FAILED, "the local executor cannot run an image: the job has no command")
             )
         spec = spec.with_rendezvous("127.0.0.1", free_port())  # members find member 0 as torch.distributed expects
-        folder = self._root / spec.job_id / f"attempt-{spec.attempt}"
+        folder = self.workdir / spec.job_id / f"attempt-{spec.attempt}"
         folder.mkdir(parents=True, exist_ok=True)
         contained = containment.Containment(spec.job_id, spec.attempt, self.jobs_cgroup, self.launcher)
         return LocalExecution(spec, logs, folder, contained, self.kill_grace_seconds, self.launch_slice_seconds)
