@@ -254,8 +254,19 @@ def test_a_statement_run_alone_is_one_round_trip_and_its_errors_are_sqlalchemy_s
         with database.session() as s:
             assert run_alone(s, divide, {"a": 4, "b": 2})[0].pid == first[0].pid  # the same connection, still good
 
-        with psycopg2.connect(settings.database_url) as admin, admin.cursor() as cursor:
-            cursor.execute("SELECT pg_terminate_backend(%s)", (first[0].pid,))
+        admin = psycopg2.connect(settings.database_url)
+        try:
+            admin.autocommit = True  # each read of pg_stat_activity a fresh snapshot
+            with admin.cursor() as cursor:
+                cursor.execute("SELECT pg_terminate_backend(%s)", (first[0].pid,))
+
+                def gone() -> bool:
+                    cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (first[0].pid,))
+                    return cursor.fetchone()[0] == 0
+
+                wait_for(gone, timeout=10, message="the terminated backend gone")  # before the next statement
+        finally:
+            admin.close()
         with database.session() as s, pytest.raises(sa_exc.DBAPIError) as dropped:
             run_alone(s, divide, {"a": 1, "b": 1})
         assert is_connection_error(dropped.value) and dropped.value.connection_invalidated
@@ -552,7 +563,13 @@ class QueryCountingProxy:
         except OSError:
             pass
         finally:
+            # shutdown before close: the other direction's thread may be blocked in recv on one of them, and a close
+            # alone neither wakes it nor sends the peer its end of stream (a client would wait for an answer forever).
             for end in (source, sink):
+                try:
+                    end.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
                 try:
                     end.close()
                 except OSError:
