@@ -238,6 +238,78 @@ def test_a_request_found_unreservable_is_swept_once_and_decisions_are_unchanged(
     assert saved > 100  # the memory was used, on many requests
 
 
+def test_an_admission_pass_that_stops_when_the_fleet_is_full_admits_fails_and_preempts_as_the_whole_walk() -> None:
+    """PolicyConfig.admissions_only (the scheduler's pass): over random fleets, backlogs (some malformed) and running
+    attempts (some preemptible), the admissions and preemptions are the whole walk's, every job the whole walk fails
+    fails, and a job failed beyond it is malformed; and the walk does stop early when every slot is taken."""
+    import dataclasses
+    import random
+
+    from app.domain.capacity import malformed
+    from app.domain.quotas import FLEET, Quota
+
+    rng = random.Random(20261128)
+    stopped = truncated = 0
+    for case in range(400):
+        nodes = [node(f"n{i}", gpus=rng.choice([0, 2, 8]), cpu=rng.choice([2000, 8000, 64_000]), slots=rng.choice([1, 2, 4, 16]))
+                 for i in range(rng.randint(1, 4))]
+        busy = []
+        for r in range(rng.randint(0, 12)):
+            target = rng.choice(nodes)
+            if target.used_slots < target.slots and target.used_cpu_millis + 1000 <= target.cpu_millis:
+                gpus = min(rng.choice([0, 1, 2]), len(target.free_gpus))
+                attempt = running(f"r{r}", target, gpus, ends_in=rng.choice([30.0, 600.0, float("inf")]),
+                                  owner=rng.choice(["bob", "carol"]))
+                busy.append(dataclasses.replace(attempt, priority=rng.choice([10, 50]), preemptible=rng.random() < 0.5,
+                                                started_at=NOW - rng.choice([5.0, 3600.0]), stopping=rng.random() < 0.05))
+        backlog = [
+            dataclasses.replace(job(f"j{j:03d}", gpus=rng.choice([0, 0, 1, 2, 8]), priority=rng.choice([10, 50, 50, 90]),
+                                    owner=rng.choice(["alice", "bob", "carol"]), timeout=rng.choice([None, 60, 600]), at=float(j),
+                                    members=rng.choice([1, 1, 1, 1, 1, 1, 1, 1, 1, 0])),
+                                queue=rng.choice(["q", "r"]))
+            for j in range(rng.randint(1, 120))
+        ]
+        room = {"q": rng.randint(0, 5), "r": rng.randint(0, 50)} if rng.random() < 0.3 else None
+        quota = {"alice": [Quota("alice", FLEET, (rng.choice([1, 4]), None, None))]} if rng.random() < 0.2 else {}
+        snapshot = Snapshot(NOW, nodes, busy, backlog, queue_room=room, quotas=quota)
+        config = PolicyConfig(reservation_depth=rng.choice([0, 1, 4]), scan_limit=rng.choice([5, 2000]),
+                              preemption=rng.random() < 0.5, preemption_min_run_seconds=60.0)
+        whole = decide(snapshot, config)
+        fast = decide(snapshot, dataclasses.replace(config, admissions_only=True))
+        assert fast.admitted == whole.admitted, case
+        assert fast.preemptions == whole.preemptions, case
+        failed = {d.job.id: d for d in fast.decisions.values() if isinstance(d, Fail)}
+        for decision in whole.decisions.values():
+            if isinstance(decision, Fail):
+                assert failed.pop(decision.job.id) == decision, case
+        assert all(malformed(d.job.cpu_millis, d.job.memory_bytes, d.job.gpus, d.job.members) for d in failed.values()), case
+        stopped += len(fast.decisions) < len(whole.decisions)
+        if fast.stopped_after is not None:
+            # Plan.stopped_after's promise (the scheduler's short backlog): each owner's first stopped_after + 1 jobs, in
+            # its own order, admit what the whole backlog admits.
+            keep = fast.stopped_after + 1
+            mine: dict[str, list[Pending]] = {}
+            for pending in sorted(backlog, key=lambda j: (-j.priority, j.submitted_at, j.id)):
+                mine.setdefault(pending.owner, []).append(pending)
+            heads = [pending for jobs in mine.values() for pending in jobs[:keep]]
+            short = decide(dataclasses.replace(snapshot, backlog=heads), dataclasses.replace(config, admissions_only=True))
+            assert short.admitted == whole.admitted, case
+            truncated += len(heads) < len(backlog)
+    assert stopped > 50  # the walk did stop early, in many cases
+    assert truncated > 20  # and the short backlogs left jobs out
+
+    # A full node behind a big backlog: the walk admits the one free slot's job and stops; a malformed job far back
+    # still fails; with a focus (an explanation) it walks everything.
+    full = node("full", gpus=0, cpu=64_000, slots=4)
+    busy = [running(f"r{i}", full, 0, ends_in=600.0) for i in range(3)]
+    backlog = [job(f"k{i:03d}", at=float(i)) for i in range(300)] + [job("bad", at=400.0, members=0)]
+    plan = decide(Snapshot(NOW, [full], busy, backlog), PolicyConfig(admissions_only=True))
+    assert [d.job.id for d in plan.admitted] == ["k000"]
+    assert isinstance(plan.decisions["bad"], Fail) and len(plan.decisions) == 2  # k000 and bad: nothing else walked
+    focused = decide(Snapshot(NOW, [full], busy, backlog, focus="k200"), PolicyConfig(admissions_only=True))
+    assert len(focused.decisions) == 301 and focused.decisions["k200"].reason == CAPACITY
+
+
 def test_repeated_decisions_are_exactly_what_the_whole_walk_decides(monkeypatch: pytest.MonkeyPatch) -> None:
     """A job whose shape's earlier job waited for capacity or for an unpromisable start gets the same decision without
     the walk (policy._REPEAT_DECISIONS): over random fleets and backlogs, the plans are identical either way."""

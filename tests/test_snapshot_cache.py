@@ -471,3 +471,63 @@ def test_the_backlog_is_read_by_a_prepared_statement_with_a_plan_that_fits_the_p
     assert backlog_read(now, waiting=["job-elsewhere"]) == ("text", ["heads-3"])
     assert backlog_read(now, waiting=["job-elsewhere"]) == ("jobservice_backlog", ["heads-3"])
     assert backlog_read(now) == ("jobservice_backlog_plain", ["heads-3"])
+
+
+def test_an_admission_pass_reads_a_short_backlog_and_the_whole_heads_only_when_its_walk_needs_them(
+        database: Database, settings: Settings) -> None:
+    """Issue 14, pass time: a pass on a busy fleet admits the few jobs at the head of the walk and stops, every worker slot
+    taken; it reads at most ADMISSION_HEADS jobs per owner and pool (not 100 and 300) while its walks stop within them.
+    A walk that does not (a job further back fits where the heads do not) reads the whole heads and admits what a pass
+    without the short read admits; the next pass then reads the whole heads at once."""
+    now = utcnow()
+    heads = scheduling.ADMISSION_HEADS
+    with database.engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO nodes (cluster, name, gpu_indices, gpu_type, cpu_millis, memory_bytes, slots, ready, heartbeat_at, started_at) "
+            "VALUES ('local', 'n1', '[0,1,2,3]', 'H100', 64000, 68719476736, 4, true, :at, :at)"), {"at": now + timedelta(hours=1)})
+        # Two slots and two GPUs held for an hour.
+        conn.execute(text(
+            "INSERT INTO jobs (id, owner, job_type, priority, queue, status, status_reason, command, cpu_millis, memory_bytes, gpus, "
+            "timeout_seconds, created_at, updated_at, pending_since, queued_at, started_at, heartbeat_at, cluster, node, placement, "
+            "holds_resources, dispatch_token) SELECT 'held-' || g, 'bob', 't', 50, 'default', 'running', 'r', '[\"true\"]', 1000, "
+            "1073741824, 1, 3600, :at, :at, :at, :at, :at, :at, 'local', 'n1', "
+            "json_build_array(json_build_object('node', 'n1', 'members', 1, 'gpu_indices', json_build_array(g - 1)))::jsonb, true, 't' "
+            "FROM generate_series(1, 2) g"), {"at": now})
+
+    def pending(prefix: str, count: int, gpus: int, timeout: int, first_second: int) -> None:
+        with database.engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO jobs (id, owner, job_type, priority, queue, status, status_reason, command, cpu_millis, memory_bytes, "
+                "gpus, timeout_seconds, created_at, updated_at, pending_since) SELECT :prefix || lpad(g::text, 3, '0'), 'alice', 't', "
+                "50, 'default', 'pending', 'submitted', '[\"true\"]', 1000, 1073741824, :gpus, :timeout, "
+                ":at + (:first + g) * interval '1 ms', :at, :at FROM generate_series(1, :count) g"),
+                {"prefix": prefix, "count": count, "gpus": gpus, "timeout": timeout, "first": first_second, "at": now - timedelta(minutes=5)})
+
+    cache = scheduling.SnapshotCache()
+
+    def admit(at: datetime) -> tuple[list[str], list[str]]:
+        with statements_sent(database) as sent, database.session() as s:
+            result = scheduling.admit(s, settings, at, cache=cache)
+        return result.admitted, [s for s in sent if not s.startswith("PREPARE") and ("jobservice_backlog" in s or "WITH RECURSIVE owners" in s)]
+
+    # Blocked: heads + 3 jobs of 4 GPUs (the first reserves the node), then a 1-GPU job short enough to backfill: it is
+    # further back in alice's order than the short backlog reaches, so only the whole heads show it.
+    pending("big-", heads + 3, 4, 600, 0)
+    pending("small-", 1, 1, 60, 1000)
+    admitted, reads = admit(now)
+    assert admitted == ["small-001"] and len(reads) == 2  # the short read, then the whole heads
+    assert cache.short_backlog is False
+    with database.engine.begin() as conn:
+        conn.execute(text("DELETE FROM jobs WHERE id LIKE 'big-%' OR id = 'small-001'"))
+
+    # Busy: two slots left and 100 CPU jobs: the two oldest are admitted, the walk stops, and from the next pass on
+    # only the short backlog is read (the first pass still reads the whole heads: the last one needed them).
+    pending("cpu-", 100, 0, 600, 2000)
+    admitted, reads = admit(now + timedelta(seconds=1))
+    assert admitted == ["cpu-001", "cpu-002"] and len(reads) == 1 and cache.short_backlog is True
+    assert len(cache.backlog) == 100  # the whole heads: alice's first 100
+    with database.engine.begin() as conn:
+        conn.execute(text("UPDATE jobs SET status = 'succeeded', holds_resources = false WHERE id = 'cpu-001'"))
+    admitted, reads = admit(now + timedelta(seconds=2))
+    assert admitted == ["cpu-003"] and len(reads) == 1
+    assert len(cache.backlog) == heads  # alice's first `heads` jobs, which are also the CPU pool's

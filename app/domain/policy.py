@@ -140,6 +140,9 @@ class PolicyConfig:
     # search is not repeated for the same shape), there only so that no backlog can make a pass unbounded.
     preemption_searches_per_pass: int = 256
     preemption_scan_limit: int = 5000  # blocked jobs examined
+    # The scheduler's own pass uses only what a plan admits, fails and preempts; with this set, the walk stops where no
+    # job could be admitted any more (see _backfill_pass). Explanations need every job's decision: they leave it off.
+    admissions_only: bool = False
 
     def weight(self, owner: str, admin_set: Mapping[str, float] | None = None) -> float:
         """What an admin set (`admin_set`, the snapshot's), else the configured weight, else the default."""
@@ -249,6 +252,10 @@ class Plan:
     shares: dict[str, OwnerShare]
     preemptions: list[Preemption] = field(default_factory=list)
     preemption_search: PreemptionSearch = field(default_factory=PreemptionSearch)
+    # With PolicyConfig.admissions_only: how many jobs the walk took in order before every worker slot was taken and it
+    # stopped (None: it did not stop early). Any backlog holding each owner's first that many jobs or more (in its own
+    # order) has the same admissions: the scheduler reads a short backlog first (scheduling.ADMISSION_HEADS).
+    stopped_after: int | None = None
 
     @property
     def admitted(self) -> list[Admit]:
@@ -422,14 +429,57 @@ def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCap
     # job within its tenant's quota, whatever their priorities, so capacity reclaimed from a borrower goes to
     # the tenant that reclaimed it, never back to the borrower.
     deferred: list[Pending] = []
-    for job in shares.order(snapshot.backlog) if config.fair_share else sorted(snapshot.backlog, key=_strict_key):
+    # Every admission takes one worker slot (its first member's) and free capacity only shrinks during the walk: once
+    # no slot is left, nothing more can be admitted, and a pass that uses only admissions, failures and preemptions
+    # need not walk on (the rest would all wait; most of a busy fleet's passes admit one or two jobs at the head of
+    # a backlog of hundreds). Not when a preemption search may follow, which looks at every job that waits.
+    stop_when_full = config.admissions_only and snapshot.focus is None and not (config.preemption and _may_preempt(snapshot, config))
+    slots_left = sum(max(0, n.slots - n.used_slots) for n in nodes) if stop_when_full else 0
+    walk = shares.order(snapshot.backlog) if config.fair_share else sorted(snapshot.backlog, key=_strict_key)
+    for taken, job in enumerate(walk):
+        if stop_when_full and slots_left <= 0:
+            plan.stopped_after = taken
+            break
         if ledger.active and job.owner in ledger.quotas and not ledger.within_nominal(
                 job.owner, (job.gpus * job.members, job.cpu_millis * job.members, job.memory_bytes * job.members)):
             deferred.append(job)
             continue
         consider(job)
+        if stop_when_full and isinstance(plan.decisions[job.id], Admit):
+            slots_left -= 1
+    else:
+        if stop_when_full and slots_left <= 0 and not deferred:
+            plan.stopped_after = len(plan.order)  # the last job of the walk took the last slot
     for job in deferred:
+        if stop_when_full and slots_left <= 0:
+            break
         consider(job)
+        if stop_when_full and isinstance(plan.decisions[job.id], Admit):
+            slots_left -= 1
+    if stop_when_full and slots_left <= 0:
+        _fail_malformed(snapshot.backlog, plan, malformed)
+
+
+def _may_preempt(snapshot: Snapshot, config: PolicyConfig) -> bool:
+    """Whether _preempt could do anything this pass: some attempt stopping, or one it may take as a victim."""
+    return any(
+        r.stopping or (r.preemptible and snapshot.now - r.started_at >= config.preemption_min_run_seconds)
+        for r in snapshot.running
+    )
+
+
+def _fail_malformed(backlog: Sequence[Pending], plan: Plan, malformed: dict[tuple, str | None]) -> None:
+    """The failures a walk stopped early (the fleet full) did not reach: a job nobody can reason about fails now,
+    wherever it stands, as the whole walk would fail it once it reached it."""
+    for job in backlog:
+        if job.id in plan.decisions:
+            continue
+        problem = malformed.get(job.shape, "")
+        if problem == "":
+            problem = malformed[job.shape] = capacity.malformed(job.cpu_millis, job.memory_bytes, job.gpus, job.members)
+        if problem:
+            plan.order.append(job.id)
+            plan.decisions[job.id] = Fail(job, f"the scheduler could not admit this job: {problem}")
 
 
 def _holding(running: Sequence[Running]) -> Iterator[tuple[str, str, quotas.Amounts]]:

@@ -147,14 +147,25 @@ def admit(session: Session, settings: Settings, now: datetime | None = None, cac
                                           cache.accrued_at if cache is not None else None)
             if cache is not None:
                 cache.accrued_at = accrued_at
+        config = policy_config(settings, admissions_only=True)
+        short = cache is not None and cache.short_backlog
         try:
-            snapshot = load_snapshot(session, settings, now, cache=cache, start=start)
+            snapshot = load_snapshot(session, settings, now, cache=cache, start=start, heads=ADMISSION_HEADS if short else None)
         except _LockedOut:
             result.locked_out = True
             return result
         result.next_wakeup = start.next_wakeup
         with collector_paused():
-            plan = policy.decide(snapshot, policy_config(settings))
+            plan = policy.decide(snapshot, config)
+        within = plan.stopped_after is not None and plan.stopped_after < ADMISSION_HEADS
+        if short and not within and len(snapshot.backlog) >= ADMISSION_HEADS:
+            # The walk needed more than the short backlog holds (or the heads were all it holds): read them all.
+            snapshot = load_snapshot(session, settings, now, cache=cache, start=start)
+            with collector_paused():
+                plan = policy.decide(snapshot, config)
+            within = plan.stopped_after is not None and plan.stopped_after < ADMISSION_HEADS
+        if cache is not None:
+            cache.short_backlog = within or len(snapshot.backlog) < ADMISSION_HEADS  # the latter: the heads all fit in it
         result.plan = plan
         for preemption in plan.preemptions:
             result.preempted += _preempt(session, preemption, now)
@@ -196,8 +207,10 @@ def admit(session: Session, settings: Settings, now: datetime | None = None, cac
     return result
 
 
-def policy_config(settings: Settings) -> policy.PolicyConfig:
+def policy_config(settings: Settings, *, admissions_only: bool = False) -> policy.PolicyConfig:
+    """`admissions_only`: for the admission pass, which uses a plan's admissions, failures and preemptions alone."""
     return policy.PolicyConfig(
+        admissions_only=admissions_only,
         reservation_depth=settings.scheduler_reservation_depth,
         half_life_seconds=settings.fair_share_half_life_seconds,
         weights=dict(settings.fair_share_weights),
@@ -269,6 +282,12 @@ def preemption_limit(settings: Settings, nodes: int) -> int:
 # index range scan; nothing sorts the whole backlog.
 BACKLOG_PER_OWNER = 100
 BACKLOG_PER_POOL = 300
+# An admission pass on a busy fleet admits the few jobs at the head of the walk and stops there, every worker slot
+# taken (policy.PolicyConfig.admissions_only); it reads first at most this many jobs per owner, pool and demand
+# class. A walk that stopped after fewer jobs than that admits exactly what it would from the whole heads (the walk
+# takes each owner's jobs in their order: policy.Plan.stopped_after); one that did not reads the whole heads and decides
+# again. Reading, sending and decoding 300 heads, and their known versions, each pass was a third of its time.
+ADMISSION_HEADS = 32
 _PENDING_COLUMNS = """
     j.id, COALESCE(j.tenant, j.owner) AS owner, j.priority, j.queue, j.created_at, j.cpu_millis, j.memory_bytes, j.gpus,
     CASE WHEN j.gang_enabled THEN j.gang_min_members ELSE 1 END AS members,
@@ -482,6 +501,9 @@ class SnapshotCache:
         # The fair-share accrual's time as the last pass's accrual statement left it: until ACCRUE_EVERY_SECONDS later
         # nothing is due, and the pass sends no accrual statement (fairshare.accrue).
         self.accrued_at: datetime | None = None
+        # Whether the next admission pass reads the short backlog first (ADMISSION_HEADS): so while the passes stop
+        # within it; after one did not, the passes read the whole heads until one stops within it again.
+        self.short_backlog = True
 
     def for_settings(self, settings: Settings) -> "SnapshotCache":
         key = (settings.preemption_enabled, settings.kill_grace_seconds, settings.job_lease_seconds, settings.job_heartbeat_seconds)
@@ -503,13 +525,15 @@ class SnapshotCache:
 
 
 def load_snapshot(session: Session, settings: Settings, now: datetime, *, include: str | None = None,
-                  cache: SnapshotCache | None = None, start: PassStart | None = None) -> policy.Snapshot:
+                  cache: SnapshotCache | None = None, start: PassStart | None = None, heads: int | None = None
+                  ) -> policy.Snapshot:
     """What the policy needs, read in the caller's transaction. `include`: a job to add if pruning left it out.
 
     `cache` (the scheduler's, kept between passes) only saves decoding rows whose version it holds: with or
     without it the snapshot is the same. `start`: the admission pass's lock and outbox delete, sent first in the same
     round trip unless sent already (filled in with what they found, and the next wake-up); raises _LockedOut, having
-    read nothing more, when another pass holds the lock.
+    read nothing more, when another pass holds the lock. `heads`: at most this many jobs of each owner, pool and demand
+    class (fewer than BACKLOG_PER_OWNER, ...): the admission pass's short backlog (ADMISSION_HEADS).
     """
     cache = (cache or SnapshotCache()).for_settings(settings)
     stamp = now.timestamp()
@@ -527,7 +551,7 @@ def load_snapshot(session: Session, settings: Settings, now: datetime, *, includ
     for cluster, victims, _ in facts.preempted:
         victims_per_cluster[cluster] += victims
     waiting = waiting_for_room(running, (preemptor for _, _, preemptor in facts.preempted))
-    backlog = _load_backlog(session, cache, now, full, include, settings.preemption_enabled, waiting)
+    backlog = _load_backlog(session, cache, now, full, include, settings.preemption_enabled, waiting, heads)
     owners = {job.owner for job in backlog} | {attempt.owner for attempt in running}
     usage = fairshare.usage_from_rows(
         ((owner, gpu, cpu, memory, datetime.fromisoformat(at)) for owner, gpu, cpu, memory, at in facts.usage if owner in owners),
@@ -573,12 +597,14 @@ def waiting_for_room(running: Iterable[policy.Running], recent_preemptors: Itera
 
 
 def _load_backlog(session: Session, cache: SnapshotCache, now: datetime, full: list[str], include: str | None,
-                  preemption: bool, waiting: Sequence[str] = ()) -> list[policy.Pending]:
-    """The backlog's heads (per owner, per pool, per demand class; `waiting`: preemptors waiting for their room, read
-    besides the pools' heads), and `include` if they left it out."""
+                  preemption: bool, waiting: Sequence[str] = (), heads: int | None = None) -> list[policy.Pending]:
+    """The backlog's heads (per owner, per pool, per demand class, each at most `heads` when given; `waiting`: preemptors
+    waiting for their room, read besides the pools' heads), and `include` if they left it out."""
     known, known_json = cache.known_rows("backlog", cache.backlog, now.timestamp())
-    params = {"now": now, "full": full, "per_owner": BACKLOG_PER_OWNER, "per_pool": BACKLOG_PER_POOL,
-              "classes": BACKLOG_DEMAND_CLASSES, "per_class": BACKLOG_PER_CLASS, "known": known_json, "waiting": list(waiting)}
+    limit = heads if heads is not None else BACKLOG_PER_POOL
+    params = {"now": now, "full": full, "per_owner": min(BACKLOG_PER_OWNER, limit), "per_pool": min(BACKLOG_PER_POOL, limit),
+              "classes": BACKLOG_DEMAND_CLASSES, "per_class": min(BACKLOG_PER_CLASS, limit), "known": known_json,
+              "waiting": list(waiting)}
     if not full and not waiting:
         result = _BACKLOG_PLAIN.execute(session, {name: params[name] for name in _BACKLOG_PLAIN_TYPES}).all()
     elif len(cache.backlog) <= PREPARED_BACKLOG_MAX_HEADS:
@@ -631,6 +657,7 @@ def _load_nodes(session: Session, cache: SnapshotCache, alive_since: datetime, *
         _LOCK_PASS.ensure(connection)
         _NODES.ensure(connection)
         row = connection.execute(_LOCK_PASS_AND_NODES, {**params, **start.params()}).one()
+        start.lock_sent = True  # a second read in the same pass (admit's whole heads) reads the nodes alone
     if start is not None:
         start.locked, start.next_wakeup = row.locked == "true", row.next_wakeup
         if not start.locked:
