@@ -60,7 +60,7 @@ def service_column(args: argparse.Namespace) -> str:
         lines += [line for line in out.splitlines() if line.startswith(("submissions/s", "request latency", "CPU ms"))]
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "dispatch.py"), "--idle", str(args.idle), "--workers", "1",
                           "--concurrency", "2"], capture_output=True, text=True, cwd=ROOT, check=True).stdout
-    lines += [line for line in out.splitlines() if line.startswith("idle dispatch")]
+    lines += [line for line in out.splitlines() if line.startswith(("idle dispatch", "  (from the job's created_at"))]
     return "\n".join(lines)
 
 

@@ -249,7 +249,7 @@ def test_an_admission_pass_that_stops_when_the_fleet_is_full_admits_fails_and_pr
     from app.domain.quotas import FLEET, Quota
 
     rng = random.Random(20261128)
-    stopped = truncated = 0
+    stopped = truncated = stopped_beside_candidates = 0
     for case in range(400):
         nodes = [node(f"n{i}", gpus=rng.choice([0, 2, 8]), cpu=rng.choice([2000, 8000, 64_000]), slots=rng.choice([1, 2, 4, 16]))
                  for i in range(rng.randint(1, 4))]
@@ -262,8 +262,9 @@ def test_an_admission_pass_that_stops_when_the_fleet_is_full_admits_fails_and_pr
                                   owner=rng.choice(["bob", "carol"]))
                 busy.append(dataclasses.replace(attempt, priority=rng.choice([10, 50]), preemptible=rng.random() < 0.5,
                                                 started_at=NOW - rng.choice([5.0, 3600.0]), stopping=rng.random() < 0.05))
+        levels = rng.choice([[10, 50, 50, 90], [10, 50], [10]])  # some backlogs cannot preempt the fleet's priority-10 or -50 jobs
         backlog = [
-            dataclasses.replace(job(f"j{j:03d}", gpus=rng.choice([0, 0, 1, 2, 8]), priority=rng.choice([10, 50, 50, 90]),
+            dataclasses.replace(job(f"j{j:03d}", gpus=rng.choice([0, 0, 1, 2, 8]), priority=rng.choice(levels),
                                     owner=rng.choice(["alice", "bob", "carol"]), timeout=rng.choice([None, 60, 600]), at=float(j),
                                     members=rng.choice([1, 1, 1, 1, 1, 1, 1, 1, 1, 0])),
                                 queue=rng.choice(["q", "r"]))
@@ -284,6 +285,8 @@ def test_an_admission_pass_that_stops_when_the_fleet_is_full_admits_fails_and_pr
                 assert failed.pop(decision.job.id) == decision, case
         assert all(malformed(d.job.cpu_millis, d.job.memory_bytes, d.job.gpus, d.job.members) for d in failed.values()), case
         stopped += len(fast.decisions) < len(whole.decisions)
+        candidates = any(r.preemptible and not r.stopping and NOW - r.started_at >= 60.0 for r in busy)
+        stopped_beside_candidates += config.preemption and candidates and len(fast.decisions) < len(whole.decisions)
         if fast.stopped_after is not None:
             # Plan.stopped_after's promise (the scheduler's short backlog): each owner's first stopped_after + 1 jobs, in
             # its own order, admit what the whole backlog admits.
@@ -297,6 +300,7 @@ def test_an_admission_pass_that_stops_when_the_fleet_is_full_admits_fails_and_pr
             truncated += len(heads) < len(backlog)
     assert stopped > 50  # the walk did stop early, in many cases
     assert truncated > 20  # and the short backlogs left jobs out
+    assert stopped_beside_candidates > 5  # also with preemption on and victims running, when nobody waiting outranks them
 
     # A full node behind a big backlog: the walk admits the one free slot's job and stops; a malformed job far back
     # still fails; with a focus (an explanation) it walks everything.

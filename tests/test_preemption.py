@@ -302,6 +302,12 @@ def test_a_tenant_under_its_quota_reclaims_borrowed_capacity_whatever_the_priori
     quotas = {"bob": [Quota("bob", "*", (2, None, None), (2, 0, 0))], "alice": [Quota("alice", "*", (2, None, None), (0, 0, 0))]}
     plan = decide(Snapshot(NOW, [a], busy, [job("mine", gpus=1, priority=10, owner="alice")], quotas=quotas), ON)
     assert victims(plan) == [["b0"]]  # bob borrows 2 GPUs: alice (within her 2) takes one back, the youngest
+    # The scheduler's own pass, stopping where no slot is left, reclaims alike although nobody waiting outranks bob.
+    full = node("a", gpus=4, slots=4)
+    on_full = [run(f"b{i}", full, 1, 90, started_ago=300 + i) for i in range(4)]
+    fast = decide(Snapshot(NOW, [full], on_full, [job("mine", gpus=1, priority=10, owner="alice")], quotas=quotas),
+                  dataclasses.replace(ON, admissions_only=True))
+    assert victims(fast) == [["b0"]]
     # Beyond her nominal quota she does not reclaim (she would be borrowing herself), and bob within his never loses one.
     plan = decide(Snapshot(NOW, [a], busy, [job("big", gpus=3, priority=10, owner="alice")], quotas=quotas), ON)
     assert plan.preemptions == []

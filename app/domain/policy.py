@@ -461,11 +461,21 @@ def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCap
 
 
 def _may_preempt(snapshot: Snapshot, config: PolicyConfig) -> bool:
-    """Whether _preempt could do anything this pass: some attempt stopping, or one it may take as a victim."""
-    return any(
-        r.stopping or (r.preemptible and snapshot.now - r.started_at >= config.preemption_min_run_seconds)
-        for r in snapshot.running
-    )
+    """Whether _preempt could do anything this pass: some attempt stopping (its room is kept for its preemptor), or one
+    it may take as a victim: of a priority below some waiting job's, or any, with quotas (a reclaim takes borrowers'
+    attempts whatever their priority). A fleet whose jobs share one priority never preempts without quotas."""
+    lowest = None
+    for r in snapshot.running:
+        if r.stopping:
+            return True
+        if r.preemptible and snapshot.now - r.started_at >= config.preemption_min_run_seconds:
+            lowest = r.priority if lowest is None else min(lowest, r.priority)
+    if lowest is None:
+        return False
+    if snapshot.quotas:
+        return True
+    # Each owner's first jobs are its highest: a short backlog (scheduling.ADMISSION_HEADS) holds the highest of all.
+    return any(job.priority > lowest for job in snapshot.backlog)
 
 
 def _fail_malformed(backlog: Sequence[Pending], plan: Plan, malformed: dict[tuple, str | None]) -> None:
