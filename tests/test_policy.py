@@ -1,6 +1,8 @@
 """The scheduling policy as a pure function: reservations, backfill, pools, fair share."""
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from app.domain.capacity import NodeCapacity
@@ -144,7 +146,6 @@ def _holding(nodes: list[NodeCapacity], cluster: str, parts, cpu: int, memory: i
 def test_backfill_never_delays_the_first_reservation_on_random_fleets() -> None:
     """Whatever is admitted now, the first reserved job still fits at its reserved start, even if every
     running and admitted job runs to its timeout (and the margin after it)."""
-    import random
 
     from app.domain.capacity import place
 
@@ -187,7 +188,6 @@ def test_backfill_never_delays_the_first_reservation_on_random_fleets() -> None:
 def test_a_request_found_unreservable_is_swept_once_and_decisions_are_unchanged(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """The timeline remembers requests for which no start exists (capacity held without timeouts) until it
     changes: a backlog of alike jobs costs one sweep per pass, and every decision is what sweeping each gives."""
-    import random
 
     from app.domain import policy
     from app.domain.capacity import place
@@ -238,12 +238,24 @@ def test_a_request_found_unreservable_is_swept_once_and_decisions_are_unchanged(
     assert saved > 100  # the memory was used, on many requests
 
 
+def random_fleet(rng: random.Random, slots: list[int]) -> tuple[list[NodeCapacity], list[Running]]:
+    """One to four nodes of random sizes, and up to twelve attempts running on them."""
+    nodes = [node(f"n{i}", gpus=rng.choice([0, 2, 8]), cpu=rng.choice([2000, 8000, 64_000]), slots=rng.choice(slots))
+             for i in range(rng.randint(1, 4))]
+    busy = []
+    for r in range(rng.randint(0, 12)):
+        target = rng.choice(nodes)
+        if target.used_slots < target.slots and target.used_cpu_millis + 1000 <= target.cpu_millis:
+            gpus = min(rng.choice([0, 1, 2]), len(target.free_gpus))
+            busy.append(running(f"r{r}", target, gpus, ends_in=rng.choice([30.0, 600.0, float("inf")]), owner=rng.choice(["bob", "carol"])))
+    return nodes, busy
+
+
 def test_an_admission_pass_that_stops_when_the_fleet_is_full_admits_fails_and_preempts_as_the_whole_walk() -> None:
     """PolicyConfig.admissions_only (the scheduler's pass): over random fleets, backlogs (some malformed) and running
     attempts (some preemptible), the admissions and preemptions are the whole walk's, every job the whole walk fails
     fails, and a job failed beyond it is malformed; and the walk does stop early when every slot is taken."""
     import dataclasses
-    import random
 
     from app.domain.capacity import malformed
     from app.domain.quotas import FLEET, Quota
@@ -251,17 +263,9 @@ def test_an_admission_pass_that_stops_when_the_fleet_is_full_admits_fails_and_pr
     rng = random.Random(20261128)
     stopped = truncated = stopped_beside_candidates = 0
     for case in range(400):
-        nodes = [node(f"n{i}", gpus=rng.choice([0, 2, 8]), cpu=rng.choice([2000, 8000, 64_000]), slots=rng.choice([1, 2, 4, 16]))
-                 for i in range(rng.randint(1, 4))]
-        busy = []
-        for r in range(rng.randint(0, 12)):
-            target = rng.choice(nodes)
-            if target.used_slots < target.slots and target.used_cpu_millis + 1000 <= target.cpu_millis:
-                gpus = min(rng.choice([0, 1, 2]), len(target.free_gpus))
-                attempt = running(f"r{r}", target, gpus, ends_in=rng.choice([30.0, 600.0, float("inf")]),
-                                  owner=rng.choice(["bob", "carol"]))
-                busy.append(dataclasses.replace(attempt, priority=rng.choice([10, 50]), preemptible=rng.random() < 0.5,
-                                                started_at=NOW - rng.choice([5.0, 3600.0]), stopping=rng.random() < 0.05))
+        nodes, busy = random_fleet(rng, slots=[1, 2, 4, 16])
+        busy = [dataclasses.replace(attempt, priority=rng.choice([10, 50]), preemptible=rng.random() < 0.5,
+                                    started_at=NOW - rng.choice([5.0, 3600.0]), stopping=rng.random() < 0.05) for attempt in busy]
         levels = rng.choice([[10, 50, 50, 90], [10, 50], [10]])  # some backlogs cannot preempt the fleet's priority-10 or -50 jobs
         backlog = [
             dataclasses.replace(job(f"j{j:03d}", gpus=rng.choice([0, 0, 1, 2, 8]), priority=rng.choice(levels),
@@ -318,22 +322,13 @@ def test_repeated_decisions_are_exactly_what_the_whole_walk_decides(monkeypatch:
     """A job whose shape's earlier job waited for capacity or for an unpromisable start gets the same decision without
     the walk (policy._REPEAT_DECISIONS): over random fleets and backlogs, the plans are identical either way."""
     import dataclasses
-    import random
 
     from app.domain import policy as policy_module
     from app.domain.quotas import FLEET, Quota
 
     rng = random.Random(20261128)
     for case in range(300):
-        nodes = [node(f"n{i}", gpus=rng.choice([0, 2, 8]), cpu=rng.choice([2000, 8000, 64_000]), slots=rng.choice([1, 4, 16]))
-                 for i in range(rng.randint(1, 4))]
-        busy = []
-        for r in range(rng.randint(0, 12)):
-            target = rng.choice(nodes)
-            if target.used_slots < target.slots and target.used_cpu_millis + 1000 <= target.cpu_millis:
-                gpus = min(rng.choice([0, 1, 2]), len(target.free_gpus))
-                busy.append(running(f"r{r}", target, gpus, ends_in=rng.choice([30.0, 600.0, float("inf")]),
-                                    owner=rng.choice(["bob", "carol"])))
+        nodes, busy = random_fleet(rng, slots=[1, 4, 16])
         backlog = [
             dataclasses.replace(job(f"j{j:03d}", gpus=rng.choice([0, 0, 1, 2, 8]), priority=rng.choice([10, 50, 50, 90]),
                                     owner=rng.choice(["alice", "bob", "carol"]), timeout=rng.choice([None, 60, 600]), at=float(j)),
