@@ -92,14 +92,23 @@ def test_a_cached_snapshot_is_the_snapshot_after_every_kind_of_change(database: 
     insert_nodes(database, now)
     insert_jobs(database, now)
     cache = scheduling.SnapshotCache()
+    ahead_cache = scheduling.SnapshotCache()
     clock = [now]
+    with_nodes = 0
 
     def both() -> tuple[Snapshot, Snapshot]:
+        nonlocal with_nodes
         clock[0] += timedelta(seconds=1)
         with database.session() as s, s.begin():
             fresh = scheduling.load_snapshot(s, settings, clock[0])
             cached = scheduling.load_snapshot(s, settings, clock[0], cache=cache)
+            # The admission pass's way (`heads`: its backlog read with the nodes, decoded from JSON, unless a queue is
+            # full or a preemptor waits), with limits as large as the whole heads': the same snapshot.
+            with statements_sent(database) as sent:
+                ahead = scheduling.load_snapshot(s, settings, clock[0], cache=ahead_cache, heads=1000)
+            with_nodes += not any("jobservice_backlog" in statement for statement in sent)
         assert canonical(cached) == canonical(fresh)
+        assert canonical(ahead) == canonical(fresh)
         return fresh, cached
 
     fresh, _ = both()
@@ -134,6 +143,7 @@ def test_a_cached_snapshot_is_the_snapshot_after_every_kind_of_change(database: 
     assert {j.id for j in cached.backlog} >= {"p99", "p11", "p4"} and "p6" not in {j.id for j in cached.backlog}
     assert next(j for j in cached.backlog if j.id == "p5").owner == "infra"
     assert {r.id for r in cached.running} == {"r1", "r2", "q1", "g1", "c1"}
+    assert with_nodes >= 10  # most reads of the backlog came with the nodes (not once a preemptor waits for its room)
 
 
 def test_a_remembered_preemption_leaves_the_snapshot_when_it_leaves_the_window(database: Database, settings: Settings) -> None:
@@ -379,12 +389,12 @@ def test_the_garbage_collector_is_paused_only_while_the_policy_decides() -> None
     assert gc.isenabled()
 
 
-def test_an_idle_pass_admitting_a_fresh_submit_sends_three_round_trips_and_defers_no_accrual(
+def test_an_idle_pass_admitting_a_fresh_submit_sends_two_round_trips_and_defers_no_accrual(
         database: Database, settings: Settings) -> None:
     """Issue 14, idle dispatch: a pass is mostly round trips when the fleet is idle. A pass that admits a job never run
-    before sends three, each executing a statement prepared once per database session: the lock (with the published
-    outbox rows' delete) and then the nodes with the pass's facts and the holders, the backlog, and the admission (with
-    its own savepoint); no accrual while none is due (the process remembers when it accrued), no read of the
+    before sends two, each executing a statement prepared once per database session: the lock (with the published
+    outbox rows' delete) and then the nodes with the pass's facts, the holders and the (short) backlog, and the
+    admission (with its own savepoint); no accrual while none is due (the process remembers when it accrued), no read of the
     preemptions of a job that never ran, no SAVEPOINT or RELEASE of their own. Accrual is only deferred: the next one
     that is due adds every second since the last (that pass sends the lock alone first, as its accrual must follow the
     lock and precede the nodes read's facts)."""
@@ -415,10 +425,10 @@ def test_an_idle_pass_admitting_a_fresh_submit_sends_three_round_trips_and_defer
 
     admit("first", now)  # accrues (the state row), decodes the node
     statements = admit("second", now + timedelta(seconds=0.5))  # the first job holds a GPU, the second one is new
-    assert len(statements) == 3, "\n".join(statements)
+    assert len(statements) == 2, "\n".join(statements)
     # Each executed by name: prepared once per database session (by an earlier pass: the session is pooled).
-    assert statements[0].startswith("EXECUTE jobservice_lock_pass")  # the lock, then the nodes read, in one round trip
-    assert statements[0].split("; ")[-1].startswith("EXECUTE jobservice_nodes"), statements[0]
+    assert statements[0].startswith("EXECUTE jobservice_lock_pass")  # the lock, then the nodes and backlog read, in one round trip
+    assert statements[0].split("; ")[-1].startswith("EXECUTE jobservice_nodes_backlog"), statements[0]
     assert all(s.startswith(("EXECUTE jobservice_", "SAVEPOINT place_all; EXECUTE jobservice_place_all")) for s in statements), statements
     assert not any(s.startswith(("SAVEPOINT sa_", "RELEASE")) for s in statements), statements
     assert not any("preempted_by'" in s and "job_id = ANY" in s for s in statements), statements
@@ -430,7 +440,7 @@ def test_an_idle_pass_admitting_a_fresh_submit_sends_three_round_trips_and_defer
     statements = admit("third", now + timedelta(seconds=1.5))
     assert sum("usage_accrued_at" in s for s in statements) == 1
     assert statements[0] == "EXECUTE jobservice_lock_pass (%(published)s, %(lock_key)s)"  # alone: the accrual follows it
-    assert statements[2].startswith("EXECUTE jobservice_nodes")
+    assert statements[2].startswith("EXECUTE jobservice_nodes_backlog")
     with database.engine.connect() as conn:
         gpu_seconds = conn.execute(text("SELECT gpu_seconds FROM fair_share_usage WHERE owner = 'alice'")).scalar()
     assert gpu_seconds == pytest.approx(2 * 1.5)
@@ -508,7 +518,7 @@ def test_an_admission_pass_reads_a_short_backlog_and_the_whole_heads_only_when_i
     def admit(at: datetime) -> tuple[list[str], list[str]]:
         with statements_sent(database) as sent, database.session() as s:
             result = scheduling.admit(s, settings, at, cache=cache)
-        return result.admitted, [s for s in sent if not s.startswith("PREPARE") and ("jobservice_backlog" in s or "WITH RECURSIVE owners" in s)]
+        return result.admitted, [s for s in sent if not s.startswith("PREPARE") and ("backlog" in s or "WITH RECURSIVE owners" in s)]
 
     # Blocked: heads + 3 jobs of 4 GPUs (the first reserves the node), then a 1-GPU job short enough to backfill: it is
     # further back in alice's order than the short backlog reaches, so only the whole heads show it.

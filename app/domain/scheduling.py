@@ -539,9 +539,14 @@ def load_snapshot(session: Session, settings: Settings, now: datetime, *, includ
     stamp = now.timestamp()
     # Every holder the cache holds, valid now or not: a holder's row is all its decoding needs, and the cache keeps it.
     known_holders, known_holders_json = cache.known_rows("holders", cache.holders, None)
+    # The admission pass's short backlog travels with the nodes, as the plain statement reads it (see _NODES_AND_BACKLOG).
+    ahead = _backlog_params(cache, now, [], heads) if heads is not None and include is None else None
     nodes, facts = _load_nodes(session, cache, capacity.node_alive_since(now, settings.node_lease_seconds),
                                preemption=settings.preemption_enabled, preempted_since=now - timedelta(seconds=60),
-                               known_holders=known_holders_json, start=start, now=now)
+                               known_holders=known_holders_json, start=start, now=now,
+                               backlog=None if ahead is None else {
+                                   **{name: ahead[1][name] for name in _BACKLOG_PLAIN_TYPES if name not in ("now", "known")},
+                                   "backlog_known": ahead[1]["known"]})
     running, deducted = _load_holders(cache, nodes, now, settings, known_holders, facts.holders)
     active = dict(facts.active)
     room = {q.name: q.max_concurrency - active.get(q.name, 0) for q in settings.queues}
@@ -551,7 +556,11 @@ def load_snapshot(session: Session, settings: Settings, now: datetime, *, includ
     for cluster, victims, _ in facts.preempted:
         victims_per_cluster[cluster] += victims
     waiting = waiting_for_room(running, (preemptor for _, _, preemptor in facts.preempted))
-    backlog = _load_backlog(session, cache, now, full, include, settings.preemption_enabled, waiting, heads)
+    if ahead is not None and not full and not waiting:
+        backlog = _backlog_from(session, cache, now, ahead[0], [_BacklogRow.of(values) for values in facts.backlog or ()],
+                                None, settings.preemption_enabled)
+    else:
+        backlog = _load_backlog(session, cache, now, full, include, settings.preemption_enabled, waiting, heads)
     owners = {job.owner for job in backlog} | {attempt.owner for attempt in running}
     usage = fairshare.usage_from_rows(
         ((owner, gpu, cpu, memory, datetime.fromisoformat(at)) for owner, gpu, cpu, memory, at in facts.usage if owner in owners),
@@ -600,17 +609,29 @@ def _load_backlog(session: Session, cache: SnapshotCache, now: datetime, full: l
                   preemption: bool, waiting: Sequence[str] = (), heads: int | None = None) -> list[policy.Pending]:
     """The backlog's heads (per owner, per pool, per demand class, each at most `heads` when given; `waiting`: preemptors
     waiting for their room, read besides the pools' heads), and `include` if they left it out."""
-    known, known_json = cache.known_rows("backlog", cache.backlog, now.timestamp())
-    limit = heads if heads is not None else BACKLOG_PER_POOL
-    params = {"now": now, "full": full, "per_owner": min(BACKLOG_PER_OWNER, limit), "per_pool": min(BACKLOG_PER_POOL, limit),
-              "classes": BACKLOG_DEMAND_CLASSES, "per_class": min(BACKLOG_PER_CLASS, limit), "known": known_json,
-              "waiting": list(waiting)}
+    known, params = _backlog_params(cache, now, full, heads, waiting)
     if not full and not waiting:
         result = _BACKLOG_PLAIN.execute(session, {name: params[name] for name in _BACKLOG_PLAIN_TYPES}).all()
     elif len(cache.backlog) <= PREPARED_BACKLOG_MAX_HEADS:
         result = _BACKLOG_PREPARED.execute(session, params).all()
     else:
         result = session.execute(_BACKLOG, params).all()
+    return _backlog_from(session, cache, now, known, result, include, preemption)
+
+
+def _backlog_params(cache: SnapshotCache, now: datetime, full: list[str], heads: int | None,
+                    waiting: Sequence[str] = ()) -> tuple[dict[str, str], dict[str, Any]]:
+    """The rows the cache holds valid now ({id: version}) and the backlog statements' parameters (`known`: their JSON)."""
+    known, known_json = cache.known_rows("backlog", cache.backlog, now.timestamp())
+    limit = heads if heads is not None else BACKLOG_PER_POOL
+    return known, {"now": now, "full": full, "per_owner": min(BACKLOG_PER_OWNER, limit), "per_pool": min(BACKLOG_PER_POOL, limit),
+                   "classes": BACKLOG_DEMAND_CLASSES, "per_class": min(BACKLOG_PER_CLASS, limit), "known": known_json,
+                   "waiting": list(waiting)}
+
+
+def _backlog_from(session: Session, cache: SnapshotCache, now: datetime, known: dict[str, str], result: Sequence[Any],
+                  include: str | None, preemption: bool) -> list[policy.Pending]:
+    """The backlog from a backlog statement's rows given the cache's `known` rows, and `include` if they left it out."""
     fresh = [r for r in result if r.version is not None]
     dropped = {r.id for r in result if r.version is None}
     old = cache.backlog
@@ -641,22 +662,25 @@ def _pending(r: Any, preempted: Any) -> _Backlogged:
 
 
 def _load_nodes(session: Session, cache: SnapshotCache, alive_since: datetime, *, preemption: bool,
-                preempted_since: datetime, known_holders: str, start: PassStart | None = None, now: datetime
-                ) -> tuple[dict[tuple[str, str], capacity.NodeCapacity], Any]:
+                preempted_since: datetime, known_holders: str, start: PassStart | None = None, now: datetime,
+                backlog: dict[str, Any] | None = None) -> tuple[dict[tuple[str, str], capacity.NodeCapacity], Any]:
     """The live, ready nodes with nothing held, by cluster and name, and the pass's small facts (_PASS_FACTS, read in
     the same round trip, with the holders changed since `known_holders` for _load_holders: `holders`). Node rows change
     at every heartbeat but what the scheduler reads of them seldom: the statement returns a digest of that, and the rows only when the digest is not the cache's. The nodes returned are
-    the cache's own: never change them (copy). `start`: see load_snapshot."""
+    the cache's own: never change them (copy). `start`: see load_snapshot. `backlog`: the plain backlog statement's
+    parameters (`backlog_known` for its `known`): the row also carries that backlog (_NODES_AND_BACKLOG)."""
     params = {"alive_since": alive_since, "known": cache.node_digest, "preemption": preemption,
               "since": preempted_since, "holders_known": known_holders, "now": now,
               "preempted_by_since": now - PREEMPTED_BY_WINDOW}
+    statement, with_lock = (_NODES, _LOCK_PASS_AND_NODES) if backlog is None else (_NODES_AND_BACKLOG, _LOCK_PASS_AND_NODES_AND_BACKLOG)
+    params = {**params, **(backlog or {})}
     if start is None or start.lock_sent:
-        row = _NODES.execute(session, params).one()
+        row = statement.execute(session, params).one()
     else:
         connection = session.connection()
         _LOCK_PASS.ensure(connection)
-        _NODES.ensure(connection)
-        row = connection.execute(_LOCK_PASS_AND_NODES, {**params, **start.params()}).one()
+        statement.ensure(connection)
+        row = connection.execute(with_lock, {**params, **start.params()}).one()
         start.lock_sent = True  # a second read in the same pass (admit's whole heads) reads the nodes alone
     if start is not None:
         start.locked, start.next_wakeup = row.locked == "true", row.next_wakeup
@@ -673,9 +697,7 @@ def _load_nodes(session: Session, cache: SnapshotCache, alive_since: datetime, *
 # cordoned nor draining), in one JSON array, its SHA-256, and the array itself only when the caller's digest differs;
 # the pass's facts (_PASS_FACTS), which need nothing from the nodes; and the jobs holding capacity that changed since
 # the cache's rows (_HOLDERS): one round trip for the three, in one snapshot.
-_NODES = Prepared(
-    "jobservice_nodes",
-    f"""
+_NODES_SQL = f"""
     WITH n AS (
         SELECT json_agg(json_build_array(cluster, name, gpu_indices, gpu_type, cpu_millis, memory_bytes, slots, pool)
                         ORDER BY cluster, name) AS rows
@@ -689,15 +711,57 @@ _NODES = Prepared(
            CASE WHEN current_setting('jobservice.pass_locked', true) = 'true' THEN
                (SELECT min(not_before) FROM jobs WHERE status = 'pending' AND not_before > :now) END AS next_wakeup
     FROM d
-    """,
-    {"alive_since": "timestamptz", "known": "text", "preemption": "boolean", "since": "timestamptz", "holders_known": "text",
-     "now": "timestamptz", "preempted_by_since": "timestamptz"},
+    """
+_NODES_TYPES = {"alive_since": "timestamptz", "known": "text", "preemption": "boolean", "since": "timestamptz",
+                "holders_known": "text", "now": "timestamptz", "preempted_by_since": "timestamptz"}
+_NODES = Prepared("jobservice_nodes", _NODES_SQL, _NODES_TYPES)
+# The admission pass's short backlog (the plain statement: no full queue, no preemptor waiting for its room, as most
+# passes find), read in the nodes' round trip as one JSON array of [id, version, *columns] (version and columns null for
+# a dropped one). A round trip of its own was on every admitted job's way to its worker. When the facts read with it
+# show a full queue or a waiting preemptor, it is not used and the backlog is read as before (_load_backlog).
+_BACKLOG_JSON_COLUMNS = ("id", "version", "owner", "priority", "queue", "created_at", "cpu_millis", "memory_bytes", "gpus",
+                         "members", "has_command", "timeout_seconds", "gpu_types", "pool", "ever_started")
+_NODES_AND_BACKLOG = Prepared(
+    "jobservice_nodes_backlog",
+    _NODES_SQL.replace(
+        "\n    FROM d\n",
+        f", (SELECT json_agg(json_build_array({', '.join('b.' + c for c in _BACKLOG_JSON_COLUMNS)})) FROM ("
+        f"{_backlog_sql(full_or_waiting=False).replace('CAST(:known AS json)', 'CAST(:backlog_known AS json)')}) b) AS backlog"
+        "\n    FROM d\n"),
+    {**_NODES_TYPES, **{name: kind for name, kind in _BACKLOG_PLAIN_TYPES.items() if name not in ("now", "known")},
+     "backlog_known": "text"},
 )
 # _LOCK_PASS and the nodes read in one round trip. `locked`: whether this transaction's _LOCK_PASS took the lock (NULL
 # or '' for a read with none: explain). `next_wakeup`, the pass's next wake-up (the earliest backoff expiry), is read
 # only by a pass holding the lock: the pass itself never changes it (it admits only jobs whose backoff ended; a victim
 # of a preemption has none), and a backoff set meanwhile is set by an end that wakes the scheduler again.
 _LOCK_PASS_AND_NODES = text(f"{_LOCK_PASS.execute_sql}; {_NODES.execute_sql}")
+_LOCK_PASS_AND_NODES_AND_BACKLOG = text(f"{_LOCK_PASS.execute_sql}; {_NODES_AND_BACKLOG.execute_sql}")
+
+
+class _BacklogRow(NamedTuple):
+    """A backlog row as _NODES_AND_BACKLOG returns it (in its JSON array), with the types the backlog statement's have."""
+
+    id: str
+    version: str | None
+    owner: str
+    priority: int
+    queue: str
+    created_at: datetime
+    cpu_millis: int
+    memory_bytes: int
+    gpus: int
+    members: int
+    has_command: bool
+    timeout_seconds: int | None
+    gpu_types: list[str] | None
+    pool: str | None
+    ever_started: bool
+
+    @classmethod
+    def of(cls, values: list[Any]) -> "_BacklogRow":
+        row = cls(*values)
+        return row._replace(created_at=datetime.fromisoformat(row.created_at)) if row.version is not None else row  # type: ignore[arg-type]
 
 
 def _load_holders(cache: SnapshotCache, nodes: dict[tuple[str, str], capacity.NodeCapacity], now: datetime,
