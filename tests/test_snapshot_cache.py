@@ -102,10 +102,11 @@ def test_a_cached_snapshot_is_the_snapshot_after_every_kind_of_change(database: 
         with database.session() as s, s.begin():
             fresh = scheduling.load_snapshot(s, settings, clock[0])
             cached = scheduling.load_snapshot(s, settings, clock[0], cache=cache)
-            # The admission pass's way (`heads`: its backlog read with the nodes, decoded from JSON, unless a queue is
-            # full or a preemptor waits), with limits as large as the whole heads': the same snapshot.
+            # The admission pass's way (`heads`, under its lock: its backlog read with the nodes, decoded from JSON,
+            # unless a queue is full or a preemptor waits), with limits as large as the whole heads': the same snapshot.
             with statements_sent(database) as sent:
-                ahead = scheduling.load_snapshot(s, settings, clock[0], cache=ahead_cache, heads=1000)
+                ahead = scheduling.load_snapshot(s, settings, clock[0], cache=ahead_cache, heads=1000,
+                                                 start=scheduling.PassStart([]))
             with_nodes += not any("jobservice_backlog" in statement for statement in sent)
         assert canonical(cached) == canonical(fresh)
         assert canonical(ahead) == canonical(fresh)
@@ -541,3 +542,31 @@ def test_an_admission_pass_reads_a_short_backlog_and_the_whole_heads_only_when_i
     admitted, reads = admit(now + timedelta(seconds=2))
     assert admitted == ["cpu-003"] and len(reads) == 1
     assert len(cache.backlog) == heads  # alice's first `heads` jobs, which are also the CPU pool's
+
+
+def test_the_backlog_read_with_the_nodes_is_read_only_by_a_pass_holding_the_lock(database: Database) -> None:
+    """A pass locked out (another scheduler's pass holds the admission lock) reads nothing beyond the lock: the short
+    backlog that travels in the nodes read (scheduling._NODES_AND_BACKLOG) is not read then, as the next wake-up is not."""
+    now = utcnow()
+    with database.engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO jobs (id, owner, job_type, priority, queue, status, status_reason, command, cpu_millis, memory_bytes, "
+            "gpus, created_at, updated_at, pending_since) VALUES ('eligible', 'alice', 't', 10, 'default', 'pending', "
+            "'submitted', '[\"true\"]', 1000, 1073741824, 0, :at, :at, :at)"), {"at": now})
+    params = {"alive_since": now - timedelta(minutes=1), "known": "", "preemption": False, "since": now, "holders_known": "{}",
+              "now": now, "preempted_by_since": now, "per_owner": 32, "per_pool": 32, "classes": 50, "per_class": 32,
+              "backlog_known": "{}"}
+
+    def backlog(locked: str) -> Any:
+        with database.session() as s, s.begin():
+            s.execute(text("SELECT set_config('jobservice.pass_locked', :locked, true)"), {"locked": locked})
+            return scheduling._NODES_AND_BACKLOG.execute(s, params).one().backlog
+
+    try:
+        assert backlog("false") is None
+        rows = backlog("true")
+        assert [row[0] for row in rows] == ["eligible"] and rows[0][1] is not None  # id, version, then its columns
+        assert scheduling._BacklogRow.of(rows[0]).created_at == now
+    finally:
+        with database.engine.begin() as conn:
+            conn.execute(text("DELETE FROM jobs WHERE id = 'eligible'"))

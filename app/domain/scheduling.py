@@ -539,8 +539,9 @@ def load_snapshot(session: Session, settings: Settings, now: datetime, *, includ
     stamp = now.timestamp()
     # Every holder the cache holds, valid now or not: a holder's row is all its decoding needs, and the cache keeps it.
     known_holders, known_holders_json = cache.known_rows("holders", cache.holders, None)
-    # The admission pass's short backlog travels with the nodes, as the plain statement reads it (see _NODES_AND_BACKLOG).
-    ahead = _backlog_params(cache, now, [], heads) if heads is not None and include is None else None
+    # The admission pass's short backlog travels with the nodes, as the plain statement reads it (see _NODES_AND_BACKLOG:
+    # only under the pass's lock, so only with `start`).
+    ahead = _backlog_params(cache, now, [], heads) if heads is not None and include is None and start is not None else None
     nodes, facts = _load_nodes(session, cache, capacity.node_alive_since(now, settings.node_lease_seconds),
                                preemption=settings.preemption_enabled, preempted_since=now - timedelta(seconds=60),
                                known_holders=known_holders_json, start=start, now=now,
@@ -718,15 +719,17 @@ _NODES = Prepared("jobservice_nodes", _NODES_SQL, _NODES_TYPES)
 # The admission pass's short backlog (the plain statement: no full queue, no preemptor waiting for its room, as most
 # passes find), read in the nodes' round trip as one JSON array of [id, version, *columns] (version and columns null for
 # a dropped one). A round trip of its own was on every admitted job's way to its worker. When the facts read with it
-# show a full queue or a waiting preemptor, it is not used and the backlog is read as before (_load_backlog).
+# show a full queue or a waiting preemptor, it is not used and the backlog is read as before (_load_backlog). Read only
+# by a pass holding the lock (as `next_wakeup`): a pass locked out reads nothing more.
 _BACKLOG_JSON_COLUMNS = ("id", "version", "owner", "priority", "queue", "created_at", "cpu_millis", "memory_bytes", "gpus",
                          "members", "has_command", "timeout_seconds", "gpu_types", "pool", "ever_started")
 _NODES_AND_BACKLOG = Prepared(
     "jobservice_nodes_backlog",
     _NODES_SQL.replace(
         "\n    FROM d\n",
-        f", (SELECT json_agg(json_build_array({', '.join('b.' + c for c in _BACKLOG_JSON_COLUMNS)})) FROM ("
-        f"{_backlog_sql(full_or_waiting=False).replace('CAST(:known AS json)', 'CAST(:backlog_known AS json)')}) b) AS backlog"
+        ", CASE WHEN current_setting('jobservice.pass_locked', true) = 'true' THEN "
+        f"(SELECT json_agg(json_build_array({', '.join('b.' + c for c in _BACKLOG_JSON_COLUMNS)})) FROM ("
+        f"{_backlog_sql(full_or_waiting=False).replace('CAST(:known AS json)', 'CAST(:backlog_known AS json)')}) b) END AS backlog"
         "\n    FROM d\n"),
     {**_NODES_TYPES, **{name: kind for name, kind in _BACKLOG_PLAIN_TYPES.items() if name not in ("now", "known")},
      "backlog_known": "text"},
