@@ -334,9 +334,7 @@ def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCap
                 return Wait(job, CAPACITY, message, blocked_by=blocker)
             if job.duration == duration and len(reserved[pool]) < config.reservation_depth and timeline.unreservable(job):
                 return Wait(job, NO_RESERVATION, message, blocked_by=blocker)
-        problem = malformed.get(shape, "")
-        if problem == "":
-            problem = malformed[shape] = capacity.malformed(job.cpu_millis, job.memory_bytes, job.gpus, job.members)
+        problem = _malformed(job, malformed)
         if problem:
             return Fail(job, f"the scheduler could not admit this job: {problem}")
         if room is not None and room.get(job.queue, 0) <= 0:
@@ -418,12 +416,13 @@ def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCap
             repeat[shape] = (CAPACITY, message, blocker, job.duration)
         return Wait(job, CAPACITY, message, blocked_by=blocked_by)
 
-    def consider(job: Pending) -> None:
+    def consider(job: Pending) -> Decision:
         plan.order.append(job.id)
         decision = _isolated(job, _one)
         plan.decisions[job.id] = decision
         if isinstance(decision, Admit):
             shares.charge(job)
+        return decision
 
     # Borrowing comes last: a job that would take its tenant beyond its nominal quota is considered after every
     # job within its tenant's quota, whatever their priorities, so capacity reclaimed from a borrower goes to
@@ -434,29 +433,22 @@ def _backfill_pass(snapshot: Snapshot, config: PolicyConfig, nodes: list[NodeCap
     # need not walk on (the rest would all wait; most of a busy fleet's passes admit one or two jobs at the head of
     # a backlog of hundreds). Not when a preemption search may follow, which looks at every job that waits.
     stop_when_full = config.admissions_only and snapshot.focus is None and not (config.preemption and _may_preempt(snapshot, config))
-    slots_left = sum(max(0, n.slots - n.used_slots) for n in nodes) if stop_when_full else 0
+    slots_left: float = sum(max(0, n.slots - n.used_slots) for n in nodes) if stop_when_full else math.inf
     walk = shares.order(snapshot.backlog) if config.fair_share else sorted(snapshot.backlog, key=_strict_key)
     for taken, job in enumerate(walk):
-        if stop_when_full and slots_left <= 0:
+        if slots_left <= 0:
             plan.stopped_after = taken
             break
         if ledger.active and job.owner in ledger.quotas and not ledger.within_nominal(
                 job.owner, (job.gpus * job.members, job.cpu_millis * job.members, job.memory_bytes * job.members)):
             deferred.append(job)
             continue
-        consider(job)
-        if stop_when_full and isinstance(plan.decisions[job.id], Admit):
-            slots_left -= 1
-    else:
-        if stop_when_full and slots_left <= 0 and not deferred:
-            plan.stopped_after = len(plan.order)  # the last job of the walk took the last slot
+        slots_left -= isinstance(consider(job), Admit)
     for job in deferred:
-        if stop_when_full and slots_left <= 0:
+        if slots_left <= 0:
             break
-        consider(job)
-        if stop_when_full and isinstance(plan.decisions[job.id], Admit):
-            slots_left -= 1
-    if stop_when_full and slots_left <= 0:
+        slots_left -= isinstance(consider(job), Admit)
+    if slots_left <= 0:
         _fail_malformed(snapshot.backlog, plan, malformed)
 
 
@@ -468,7 +460,7 @@ def _may_preempt(snapshot: Snapshot, config: PolicyConfig) -> bool:
     for r in snapshot.running:
         if r.stopping:
             return True
-        if r.preemptible and snapshot.now - r.started_at >= config.preemption_min_run_seconds:
+        if _candidate(r, snapshot.now, config):
             lowest = r.priority if lowest is None else min(lowest, r.priority)
     if lowest is None:
         return False
@@ -478,15 +470,25 @@ def _may_preempt(snapshot: Snapshot, config: PolicyConfig) -> bool:
     return any(job.priority > lowest for job in snapshot.backlog)
 
 
+def _malformed(job: Pending, known: dict[tuple, str | None]) -> str | None:
+    """capacity.malformed for the job's request, worked out once per shape in a pass (`known`)."""
+    if job.shape not in known:
+        known[job.shape] = capacity.malformed(job.cpu_millis, job.memory_bytes, job.gpus, job.members)
+    return known[job.shape]
+
+
+def _candidate(attempt: Running, now: float, config: PolicyConfig) -> bool:
+    """Whether a running attempt may be preempted: preemptible, not stopping already, running long enough."""
+    return attempt.preemptible and not attempt.stopping and now - attempt.started_at >= config.preemption_min_run_seconds
+
+
 def _fail_malformed(backlog: Sequence[Pending], plan: Plan, malformed: dict[tuple, str | None]) -> None:
     """The failures a walk stopped early (the fleet full) did not reach: a job nobody can reason about fails now,
     wherever it stands, as the whole walk would fail it once it reached it."""
     for job in backlog:
         if job.id in plan.decisions:
             continue
-        problem = malformed.get(job.shape, "")
-        if problem == "":
-            problem = malformed[job.shape] = capacity.malformed(job.cpu_millis, job.memory_bytes, job.gpus, job.members)
+        problem = _malformed(job, malformed)
         if problem:
             plan.order.append(job.id)
             plan.decisions[job.id] = Fail(job, f"the scheduler could not admit this job: {problem}")
@@ -906,10 +908,7 @@ def _preempt(snapshot: Snapshot, config: PolicyConfig, plan: Plan) -> None:
         for r in stopping:  # already preempted: what they hold is on its way back, borrowed or not
             ledger.charge(r.owner, r.cluster, (-r.amounts[0], -r.amounts[1], -r.amounts[2]))
     borrowers = {r.owner for r in snapshot.running if ledger.active and ledger.borrowing(r.owner)}
-    candidates = [
-        r for r in snapshot.running
-        if r.preemptible and not r.stopping and now - r.started_at >= config.preemption_min_run_seconds
-    ]
+    candidates = [r for r in snapshot.running if _candidate(r, now, config)]
     if not candidates and not stopping:
         return
     # The plan's free capacity is left as it is: the nodes changed here are copied first (copy on write).

@@ -545,9 +545,7 @@ def load_snapshot(session: Session, settings: Settings, now: datetime, *, includ
     nodes, facts = _load_nodes(session, cache, capacity.node_alive_since(now, settings.node_lease_seconds),
                                preemption=settings.preemption_enabled, preempted_since=now - timedelta(seconds=60),
                                known_holders=known_holders_json, start=start, now=now,
-                               backlog=None if ahead is None else {
-                                   **{name: ahead[1][name] for name in _BACKLOG_PLAIN_TYPES if name not in ("now", "known")},
-                                   "backlog_known": ahead[1]["known"]})
+                               backlog=None if ahead is None else ahead[1])
     running, deducted = _load_holders(cache, nodes, now, settings, known_holders, facts.holders)
     active = dict(facts.active)
     room = {q.name: q.max_concurrency - active.get(q.name, 0) for q in settings.queues}
@@ -668,13 +666,15 @@ def _load_nodes(session: Session, cache: SnapshotCache, alive_since: datetime, *
     """The live, ready nodes with nothing held, by cluster and name, and the pass's small facts (_PASS_FACTS, read in
     the same round trip, with the holders changed since `known_holders` for _load_holders: `holders`). Node rows change
     at every heartbeat but what the scheduler reads of them seldom: the statement returns a digest of that, and the rows only when the digest is not the cache's. The nodes returned are
-    the cache's own: never change them (copy). `start`: see load_snapshot. `backlog`: the plain backlog statement's
-    parameters (`backlog_known` for its `known`): the row also carries that backlog (_NODES_AND_BACKLOG)."""
+    the cache's own: never change them (copy). `start`: see load_snapshot. `backlog`: the backlog statements' parameters
+    (_backlog_params): the row also carries the plain statement's backlog (_NODES_AND_BACKLOG)."""
     params = {"alive_since": alive_since, "known": cache.node_digest, "preemption": preemption,
               "since": preempted_since, "holders_known": known_holders, "now": now,
               "preempted_by_since": now - PREEMPTED_BY_WINDOW}
     statement, with_lock = (_NODES, _LOCK_PASS_AND_NODES) if backlog is None else (_NODES_AND_BACKLOG, _LOCK_PASS_AND_NODES_AND_BACKLOG)
-    params = {**params, **(backlog or {})}
+    if backlog is not None:  # its `known` is the nodes' digest there: the backlog's travels as `backlog_known`
+        params.update({name: backlog[name] for name in _BACKLOG_PLAIN_TYPES if name not in ("now", "known")},
+                      backlog_known=backlog["known"])
     if start is None or start.lock_sent:
         row = statement.execute(session, params).one()
     else:
