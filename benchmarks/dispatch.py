@@ -116,9 +116,16 @@ def machine_cpu() -> tuple[float, float]:
     return (sum(values[:8]) - idle) / CLOCK_TICKS, sum(values[:8]) / CLOCK_TICKS
 
 
+def backend_applications(database: Database) -> dict[int, str]:
+    """pid -> application_name of this database's sessions (the API, the scheduler, the workers name theirs)."""
+    with database.engine.connect() as conn:
+        rows = conn.execute(text("SELECT pid, application_name FROM pg_stat_activity WHERE datname = current_database()"))
+        return {int(pid): name or "unnamed" for pid, name in rows}
+
+
 def cpu_per_job(before: dict[int, ProcessCpu], after: dict[int, ProcessCpu], machine_before: tuple[float, float],
                 machine_after: tuple[float, float], roots: dict[str, int], database_name: str, jobs: int,
-                seconds: float) -> None:
+                seconds: float, applications: dict[int, str] | None = None) -> None:
     """CPU ms per completed job for every process of the run, grouped, and how busy the whole machine was.
 
     A process that ended within the window is counted only through the parent that reaped it; a PostgreSQL
@@ -134,7 +141,9 @@ def cpu_per_job(before: dict[int, ProcessCpu], after: dict[int, ProcessCpu], mac
             walk = after[walk].ppid
         command = after[pid].cmdline
         if command.startswith("postgres:"):
-            return f"PostgreSQL backends of {database_name}" if f" {database_name} " in command else "PostgreSQL, other"
+            if f" {database_name} " not in command:
+                return "PostgreSQL, other"
+            return f"PostgreSQL backends of {database_name}: {(applications or {}).get(pid, 'ended or unnamed')}"
         if command.startswith("redis-server"):
             return "Redis"
         return "other processes (not this benchmark's)"
@@ -158,8 +167,8 @@ def cpu_per_job(before: dict[int, ProcessCpu], after: dict[int, ProcessCpu], mac
     total = machine_after[1] - machine_before[1]
     print(f"CPU per job over {seconds:.1f} s ({jobs} jobs), from /proc/<pid>/stat deltas:")
     for name, value in sorted(used.items(), key=lambda item: -item[1]):
-        print(f"  {name:<48} {value * 1000 / jobs:7.2f} ms/job  {value / seconds:5.2f} cores")
-    print(f"  {'all processes':<48} {sum(used.values()) * 1000 / jobs:7.2f} ms/job")
+        print(f"  {name:<60} {value * 1000 / jobs:7.2f} ms/job  {value / seconds:5.2f} cores")
+    print(f"  {'all processes':<60} {sum(used.values()) * 1000 / jobs:7.2f} ms/job")
     print("  workers: " + ", ".join(f"{part} {value * 1000 / jobs:.2f}" for part, value in worker_parts.items()) + " ms/job")
     print(f"machine: {busy / total * 100:.0f}% busy ({busy / seconds:.2f} of {total / seconds:.2f} cores), "
           f"load {open('/proc/loadavg').read().split()[0]}")
@@ -371,7 +380,7 @@ def main() -> None:
             stop_profilers(profilers)
             roots = {"API (gunicorn)": processes[0].pid, "scheduler": processes[1].pid, "benchmark itself": os.getpid()}
             cpu_per_job(processes_before, process_cpu(), machine_before, machine_cpu(), roots,
-                        database.engine.url.database or "", len(ids), submit_seconds)
+                        database.engine.url.database or "", len(ids), submit_seconds, backend_applications(database))
             return
         ids += warm
 
@@ -408,7 +417,7 @@ def main() -> None:
         roots = {"API (gunicorn)": processes[0].pid, "scheduler": processes[1].pid, "benchmark itself": os.getpid(),
                  **{f"worker {index} (Celery, its pool and jobs)": process.pid for index, process in enumerate(processes[2:])}}
         cpu_per_job(processes_before, processes_after, machine_before, machine_after, roots, database.engine.url.database or "",
-                    len(ids), total_seconds)
+                    len(ids), total_seconds, backend_applications(database))
     finally:
         for process in processes:
             try:

@@ -12,7 +12,8 @@ import pytest
 from sqlalchemy import event, text
 
 from app.api.schemas import GangSchema, JobCreateSchema, ResourcesSchema, RetryPolicySchema
-from app.db import Database
+from app.db import Database, transaction
+from app.domain.callers import LOCAL_ADMIN
 from app.domain import execution, idempotency
 from app.domain import jobs as jobs_domain
 from app.domain.jobs import SCHEDULER_CHANNEL, utcnow
@@ -504,6 +505,57 @@ def test_the_submit_insert_is_prepared_once_per_database_session(settings: Setti
             assert s.scalar(text("SELECT count(*) FROM jobs")) >= 7
     finally:
         server.stop()
+
+
+def test_the_submit_reads_keep_one_generic_plan_that_walks_an_index_while_jobs_fills_up(
+    settings: Settings, database: Database
+) -> None:
+    """The reads of a submit are planned once per database session, and a plan made while `jobs` was empty (analyzed
+    so: a scan and a sort were the cheapest then) must not stay cached as a scan of the whole backlog."""
+    register_node(database)
+    with database.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("ANALYZE jobs"))
+    own = Database(settings.database_url or "", pool_size=1, application_name="submit-plan-test")
+    request = jobs_domain.JobRequest(job_type="t", priority=10, image=None, config={}, resources={}, cpu_millis=100,
+                                     memory_bytes=1000, gpus=0, command=["true"])
+
+    def submit() -> jobs_domain.Submitted:
+        with own.session() as s:
+            return jobs_domain.submit(s, LOCAL_ADMIN, request, settings)
+
+    def cached_plan(job: jobs_domain.Submitted) -> str:
+        with own.session() as s, transaction(s):
+            s.execute(text(jobs_domain.PIN_GENERIC_PLAN))
+            rows = s.execute(text(f"EXPLAIN {jobs_domain.SUBMIT_READS.execute_sql}"), {
+                "quota_tenant": LOCAL_ADMIN.fair_share_owner, "queue": job.queue, "priority": job.priority,
+                "created_at": job.created_at, "id": job.id, "scan_limit": 2001}).scalars().all()
+        return "\n".join(rows)
+
+    def plans() -> tuple[int, int]:
+        with own.session() as s:
+            row = s.execute(text("SELECT generic_plans, custom_plans FROM pg_prepared_statements "
+                                 "WHERE name = :name"), {"name": jobs_domain.SUBMIT_READS.name}).one()
+        return int(row.generic_plans), int(row.custom_plans)
+
+    try:
+        first = submit()
+        assert first.queue_position == 1
+        plan = cached_plan(first)
+        assert "Seq Scan on jobs" not in plan, plan
+        assert any("Index" in line and " on jobs" in line for line in plan.splitlines()), plan
+        # The backlog grows behind the cached plan's back (no ANALYZE): the next submit still reads its position.
+        with database.engine.begin() as conn:
+            conn.execute(text(
+                """INSERT INTO jobs (id, owner, job_type, priority, queue, status, created_at, updated_at, pending_since)
+                   SELECT 'bulk-' || g, 'local', 'bulk', 10, :queue, 'pending', now() - interval '1 hour', now(), now()
+                   FROM generate_series(1, 3000) AS g"""), {"queue": first.queue})
+        second = submit()
+        assert second.queue_position == 3002
+        assert "Seq Scan on jobs" not in cached_plan(second)
+        generic, custom = plans()
+        assert generic >= 3 and custom == 0  # two submits and two EXPLAINs, none planned again with its values
+    finally:
+        own.dispose()
 
 
 def test_the_submit_transaction_itself_does_not_notify(live_server: LiveServer, api: ApiClient) -> None:

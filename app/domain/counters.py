@@ -153,8 +153,9 @@ _SIDE = """
         (SELECT count(*) FROM (
             SELECT 1 FROM jobs
             WHERE status = 'pending' AND queue = :queue AND priority = :priority AND (created_at, id) {op} (:created_at, :id)
-            LIMIT :scan_limit) AS s) AS {name}"""
-_POSITION = text(_POSITION_COUNTS + _SIDE.format(op="<", name="ahead") + "," + _SIDE.format(op=">", name="behind"))
+            {order}LIMIT :scan_limit) AS s) AS {name}"""
+_POSITION = text(_POSITION_COUNTS + _SIDE.format(op="<", name="ahead", order="") + "," +
+                 _SIDE.format(op=">", name="behind", order=""))
 
 _SAME_PRIORITY_AHEAD = text(
     """
@@ -184,7 +185,9 @@ def pending_position(session: Session, queue: str, priority: int, created_at: da
     return higher + ahead + 1
 
 
-_NEW_POSITION = text(_POSITION_COUNTS + _SIDE.format(op=">", name="behind"))
+# In the index's order: a generic plan (app.domain.jobs prepares a submit's reads), blind to :created_at, then walks
+# the admission order from the new job on rather than filtering another index's entries (or the whole table) for it.
+_NEW_POSITION = text(_POSITION_COUNTS + _SIDE.format(op=">", name="behind", order="ORDER BY priority DESC, created_at, id "))
 
 
 # For statements that read a new job's position among their own columns (parameters :queue, :priority,
