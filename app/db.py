@@ -33,10 +33,24 @@ _SESSION_ENDED_STATES = ("57P01", "57P02", "57P03")
 
 _PARAMETER = re.compile(r"(?<![:\w]):([a-z_]+)\b")
 _PREPARED_INFO_KEY = "jobservice_prepared"  # in the pooled connection's info, which SQLAlchemy clears when it closes
+# A generic plan is made from the statistics of its first execution and kept until they change (an ANALYZE): one made
+# while `jobs` was empty (a sequential scan was the cheapest then) would be kept as the table fills up, on a server
+# whose autovacuum is off or slow. So each session prepares a statement again this long after it did: the planner
+# then sizes the tables from their files, whatever their statistics say. One round trip a minute per statement.
+PREPARED_MAX_AGE_SECONDS = 60.0
+
+# Sent with a statement's EXECUTE (SET LOCAL: until the transaction ends). PostgreSQL's own choice (plan_cache_mode
+# auto) plans a statement again on every execution whenever its generic plan's estimate is worse than the custom
+# ones', however alike the plans: one with an array parameter (whose length a custom plan counts) was planned on every
+# scheduler pass, at 0.5 ms of PostgreSQL's CPU, as long as running it.
+GENERIC_PLAN = "SET LOCAL plan_cache_mode = force_generic_plan"
+# The same, the plan made with sequential scans ruled out wherever an index serves: for a statement whose plan made on
+# an empty table (a scan and a sort, the cheapest then) must never be the one kept, even for a minute.
+GENERIC_INDEXED_PLAN = f"{GENERIC_PLAN}; SET LOCAL enable_seqscan = off"
 
 
 class Prepared:
-    """A statement PREPAREd once per database session, then EXECUTEd by name.
+    """A statement PREPAREd once per database session (again every PREPARED_MAX_AGE_SECONDS), then EXECUTEd by name.
 
     psycopg2 prepares nothing: every execution of a text statement is parsed, analysed and planned again, which for
     the hot paths' statements (the scheduler's snapshot, a worker's claim) cost several times their execution
@@ -44,31 +58,49 @@ class Prepared:
     after five executions PostgreSQL keeps a generic plan when its estimate is no worse than the custom ones'.
 
     `types`: each :name of `sql` and its PostgreSQL type, in the EXECUTE's order. `before`: statements sent in the
-    same round trip ahead of the EXECUTE (a SAVEPOINT). A prepared statement lives as long as the database session
-    (a rolled-back transaction does not undo it), so one is prepared once per pooled connection.
+    same round trip ahead of the EXECUTE (a SAVEPOINT). `plan`: GENERIC_PLAN or GENERIC_INDEXED_PLAN, sent with each
+    EXECUTE; only inside a transaction (SET LOCAL does nothing outside one). A prepared statement lives as long as the
+    database session (a rolled-back transaction does not undo it).
     """
 
-    def __init__(self, name: str, sql: str, types: Mapping[str, str], *, before: str = "") -> None:
+    def __init__(self, name: str, sql: str, types: Mapping[str, str], *, before: str = "", plan: str = "") -> None:
         order = list(types)
         unknown = set(_PARAMETER.findall(sql)) - set(order)
         if unknown:
             raise ValueError(f"{name}: untyped parameters {sorted(unknown)}")
         body = _PARAMETER.sub(lambda m: f"${order.index(m.group(1)) + 1}", sql)
         self.name = name
+        self.plan = plan
         self.prepare_sql = f"PREPARE {name} ({', '.join(types.values())}) AS {body}"
+        self.reprepare_sql = f"DEALLOCATE {name}; {self.prepare_sql}"
         self.execute_sql = f"EXECUTE {name} ({', '.join(f':{p}' for p in order)})"
-        self._prepare = text(self.prepare_sql)
-        self._execute = text(f"{before}; {self.execute_sql}" if before else self.execute_sql)
+        # What a round trip of several statements embeds to run it: the plan's settings and the EXECUTE.
+        self.run_sql = f"{plan}; {self.execute_sql}" if plan else self.execute_sql
+        self._execute = text(f"{before}; {self.run_sql}" if before else self.run_sql)
         # For run_alone: the EXECUTE in psycopg2's own parameter style, and a row class per list of columns.
-        self._alone = None if before else f"EXECUTE {name} ({', '.join(f'%({p})s' for p in order)})"
+        self._alone = None if before or plan else f"EXECUTE {name} ({', '.join(f'%({p})s' for p in order)})"
         self._row_classes: dict[tuple[str, ...], type] = {}
 
+    def preparation(self, info: dict[Any, Any]) -> str | None:
+        """What to send first on the database session whose pooled connection's info this is: PREPARE the first time,
+        DEALLOCATE and PREPARE once the last one is PREPARED_MAX_AGE_SECONDS old, else nothing; counted as sent."""
+        prepared: dict[str, float] = info.setdefault(_PREPARED_INFO_KEY, {})
+        now = time.monotonic()
+        at = prepared.get(self.name)
+        if at is not None and now - at < PREPARED_MAX_AGE_SECONDS:
+            return None
+        prepared[self.name] = now
+        return self.prepare_sql if at is None else self.reprepare_sql
+
     def ensure(self, connection: Connection) -> None:
-        """Prepared on this connection's database session (a round trip the first time only)."""
-        done = connection.info.setdefault(_PREPARED_INFO_KEY, set())
-        if self.name not in done:
-            connection.execute(self._prepare)
-            done.add(self.name)
+        """Prepared on this connection's database session (a round trip the first time, and once a minute after)."""
+        sql = self.preparation(connection.info)
+        if sql is not None:
+            try:
+                connection.execute(text(sql))
+            except Exception:
+                connection.info[_PREPARED_INFO_KEY].pop(self.name, None)  # in doubt: prepared anew next time
+                raise
 
     def execute(self, session: Session | Connection, params: Mapping[str, Any] | None = None) -> Result[Any]:
         connection = session.connection() if isinstance(session, Session) else session
@@ -94,11 +126,15 @@ def run_alone(session: Session, statement: Prepared, params: Mapping[str, Any]) 
         connection = pooled.driver_connection
         connection.autocommit = True
         try:
-            done = pooled.info.setdefault(_PREPARED_INFO_KEY, set())
             with connection.cursor() as cursor:
-                if statement.name not in done:
-                    cursor.execute(statement.prepare_sql)
-                    done.add(statement.name)
+                preparation = statement.preparation(pooled.info)
+                if preparation is not None:
+                    sent = preparation
+                    try:
+                        cursor.execute(preparation)
+                    except Exception:
+                        pooled.info[_PREPARED_INFO_KEY].pop(statement.name, None)
+                        raise
                 sent = statement._alone
                 cursor.execute(sent, params)
                 if cursor.description is None:

@@ -15,7 +15,7 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.db import Database, is_connection_error, retry_on_disconnect
+from app.db import Database, is_connection_error, retry_on_disconnect, transaction
 from app.domain import execution, logs as log_store
 from app.domain.jobs import utcnow
 from app.domain.scheduling import ADMISSION_LOCK, AdmissionResult, SnapshotCache, admit, requeue_unclaimed
@@ -283,6 +283,59 @@ def test_a_statement_run_alone_is_one_round_trip_and_its_errors_are_sqlalchemy_s
     finally:
         database.dispose()
         proxy.close()
+
+
+def test_a_prepared_statement_is_planned_again_once_its_plan_is_a_minute_old(
+    settings: Settings, database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A generic plan made while `jobs` was empty (a sequential scan, the cheapest then) is kept by PostgreSQL until the
+    table's statistics change; with autovacuum off they never do. Prepared again after PREPARED_MAX_AGE_SECONDS, the
+    statement is planned from the table's size on disk: by its primary key. In a run alone too (app.db.run_alone)."""
+    from app import db as app_db
+    from app.db import GENERIC_PLAN, Prepared, run_alone
+
+    pending = Prepared("jobservice_test_pending", "SELECT id FROM jobs WHERE id = ANY(CAST(:ids AS text[])) AND status = 'pending'",
+                       {"ids": "text[]"}, plan=GENERIC_PLAN)
+    alone = Prepared("jobservice_test_status", "SELECT status FROM jobs WHERE id = :id", {"id": "text"})
+    clock = [1000.0]
+    monkeypatch.setattr(app_db.time, "monotonic", lambda: clock[0])
+    own = Database(settings.database_url or "", pool_size=1, application_name="reprepare-test")
+
+    def plan_of(statement: Prepared, parameters: str) -> str:
+        with own.session() as s, transaction(s):
+            if statement.plan:
+                s.execute(text(statement.plan))
+            return "\n".join(s.execute(text(f"EXPLAIN EXECUTE {statement.name} ({parameters})")).scalars())
+
+    with database.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("ALTER TABLE jobs SET (autovacuum_enabled = false)"))  # statistics stay those of the empty table
+        conn.execute(text("ANALYZE jobs"))
+    try:
+        with own.session() as s, transaction(s):
+            assert pending.execute(s, {"ids": ["none"]}).all() == []
+        for _ in range(6):  # PostgreSQL's auto mode keeps the generic plan after five custom ones as good
+            with own.session() as s:
+                assert run_alone(s, alone, {"id": "none"}) == []
+        with database.engine.begin() as conn:
+            conn.execute(text(
+                """INSERT INTO jobs (id, owner, job_type, priority, queue, status, created_at, updated_at, pending_since)
+                   SELECT 'bulk-' || g, 'local', 'bulk', 1, 'default', 'pending', now(), now(), now()
+                   FROM generate_series(1, 20000) AS g"""))
+        assert "Seq Scan on jobs" in plan_of(pending, "'{bulk-7}'")  # the empty table's plans, still cached
+        assert "Seq Scan on jobs" in plan_of(alone, "'bulk-7'")
+
+        clock[0] += app_db.PREPARED_MAX_AGE_SECONDS
+        with own.session() as s, transaction(s):
+            assert [row.id for row in pending.execute(s, {"ids": ["bulk-7", "none"]})] == ["bulk-7"]
+        with own.session() as s:
+            assert [row.status for row in run_alone(s, alone, {"id": "bulk-7"})] == ["pending"]
+        for statement, parameters in ((pending, "'{bulk-7}'"), (alone, "'bulk-7'")):
+            plan = plan_of(statement, parameters)
+            assert "Seq Scan" not in plan and "pk_jobs" in plan, plan
+    finally:
+        own.dispose()
+        with database.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text("ALTER TABLE jobs RESET (autovacuum_enabled)"))
 
 
 def test_a_late_end_report_never_ends_a_later_attempt(api: ApiClient, database: Database, settings: Settings) -> None:

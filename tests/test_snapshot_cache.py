@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy import event, text
 
-from app.db import Database
+from app.db import GENERIC_PLAN, Database
 from app.domain import scheduling
 from app.domain.jobs import utcnow
 from app.domain.policy import Snapshot
@@ -430,7 +430,8 @@ def test_an_idle_pass_admitting_a_fresh_submit_sends_two_round_trips_and_defers_
     # Each executed by name: prepared once per database session (by an earlier pass: the session is pooled).
     assert statements[0].startswith("EXECUTE jobservice_lock_pass")  # the lock, then the nodes and backlog read, in one round trip
     assert statements[0].split("; ")[-1].startswith("EXECUTE jobservice_nodes_backlog"), statements[0]
-    assert all(s.startswith(("EXECUTE jobservice_", "SAVEPOINT place_all; EXECUTE jobservice_place_all")) for s in statements), statements
+    assert all(s.startswith(("EXECUTE jobservice_", f"SAVEPOINT place_all; {GENERIC_PLAN}; EXECUTE jobservice_place_all"))
+               for s in statements), statements
     assert not any(s.startswith(("SAVEPOINT sa_", "RELEASE")) for s in statements), statements
     assert not any("preempted_by'" in s and "job_id = ANY" in s for s in statements), statements
     assert not any("usage_accrued_at" in s for s in statements), statements

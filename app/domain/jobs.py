@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from app.db import Prepared, first_line, is_connection_error, retried_on_disconnect, transaction
+from app.db import GENERIC_INDEXED_PLAN, Prepared, first_line, is_connection_error, retried_on_disconnect, transaction
 from app.domain import capacity, counters, idempotency, quotas
 from app.domain.idempotency import IdempotencyKey
 from app.domain.callers import Caller
@@ -212,32 +212,28 @@ _READ_NODES_AND_POSITION = (
     f"CROSS JOIN ({counters.NEW_POSITION_SQL}) AS p LEFT JOIN nodes AS n ON true"
 )
 _READ_NODES_ALONE = text(_READ_NODES)
-# Prepared, and planned once per database session: a custom plan weighed the twelve indexes of `jobs` on every
-# submit, and planning cost PostgreSQL more than running the reads (0.6 of 1.1 ms per submit). The plan is pinned by
-# what is set with it (PIN_GENERIC_PLAN): always the generic one, and made with sequential scans ruled out where an
-# index can serve, so that a plan made while `jobs` was empty (a sequential scan and a sort, the cheapest then) does
-# not stay cached as it fills up. Only its scan of `jobs` has a choice: the others read one small table each, or the
-# deltas, which have no index.
+# Prepared, with a generic plan: a custom plan weighed the twelve indexes of `jobs` on every submit, and planning cost
+# PostgreSQL more than running the reads (0.6 of 1.1 ms per submit). Its one choice, the scan of `jobs` for the jobs
+# behind the new one, is made with sequential scans ruled out (GENERIC_INDEXED_PLAN): a plan made while `jobs` was
+# empty walks the admission order from the new job all the same.
 SUBMIT_READS = Prepared(
     "jobservice_submit_reads", _READ_NODES_AND_POSITION,
     {"quota_tenant": "text", "queue": "text", "priority": "integer", "created_at": "timestamptz", "id": "text",
      "scan_limit": "integer"},
+    plan=GENERIC_INDEXED_PLAN,
 )
-# SET LOCAL: until the submit's transaction ends. What it runs after the reads (a quota check, an Idempotency-Key's
-# row, a batch's other positions) is planned with them too: index scans where one serves, as they would be anyway.
-PIN_GENERIC_PLAN = "SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL enable_seqscan = off"
 
 
 # The INSERT is prepared once per database session: planning it took about as much PostgreSQL CPU as running it
-# (psycopg2 prepares nothing), and its plan has no choice to get wrong (a function scan into two inserts). The
-# reads after it are not: a generic plan of their scans, blind to the parameters, chose a sequential scan of jobs.
+# (psycopg2 prepares nothing), and its plan has no choice to get wrong (a function scan into two inserts).
 INSERT = Prepared("jobservice_submit_insert", _INSERT_JOBS.text, {"rows": "jsonb", "owner": "text", "tenant": "text"})
-_INSERT_READ_NODES_AND_POSITION = text(
-    f"{INSERT.execute_sql}; SAVEPOINT {POSITION_SAVEPOINT}; {PIN_GENERIC_PLAN}; {SUBMIT_READS.execute_sql}")
+# The plan's settings (SET LOCAL) last until the submit's transaction ends: what it runs after the reads (a quota check,
+# an Idempotency-Key's row, a batch's other positions) is planned with them too, index scans where one serves.
+_INSERT_READ_NODES_AND_POSITION = text(f"{INSERT.execute_sql}; SAVEPOINT {POSITION_SAVEPOINT}; {SUBMIT_READS.run_sql}")
 # The same with the scheduler's wake-up, delivered by the commit (app.wakeup: a lone submit after a quiet spell).
 _INSERT_NOTIFY_READ_NODES_AND_POSITION = text(
     f"{INSERT.execute_sql}; SELECT pg_notify('{SCHEDULER_CHANNEL}', 'submit'); SAVEPOINT {POSITION_SAVEPOINT}; "
-    f"{PIN_GENERIC_PLAN}; {SUBMIT_READS.execute_sql}")
+    f"{SUBMIT_READS.run_sql}")
 
 
 _POSITION_FAILED = -1  # the first position's read failed: none is answered

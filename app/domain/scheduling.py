@@ -29,7 +29,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.orm import Session
 
-from app.db import Prepared, transaction
+from app.db import GENERIC_PLAN, Prepared, transaction
 from app.domain import capacity, fairshare, policy, pools, quotas, weights
 from app.domain.callers import SYSTEM
 from app.domain.jobs import clear_placement, notify_scheduler, record_transition, utcnow
@@ -738,8 +738,8 @@ _NODES_AND_BACKLOG = Prepared(
 # or '' for a read with none: explain). `next_wakeup`, the pass's next wake-up (the earliest backoff expiry), is read
 # only by a pass holding the lock: the pass itself never changes it (it admits only jobs whose backoff ended; a victim
 # of a preemption has none), and a backoff set meanwhile is set by an end that wakes the scheduler again.
-_LOCK_PASS_AND_NODES = text(f"{_LOCK_PASS.execute_sql}; {_NODES.execute_sql}")
-_LOCK_PASS_AND_NODES_AND_BACKLOG = text(f"{_LOCK_PASS.execute_sql}; {_NODES_AND_BACKLOG.execute_sql}")
+_LOCK_PASS_AND_NODES = text(f"{_LOCK_PASS.run_sql}; {_NODES.run_sql}")
+_LOCK_PASS_AND_NODES_AND_BACKLOG = text(f"{_LOCK_PASS.run_sql}; {_NODES_AND_BACKLOG.run_sql}")
 
 
 class _BacklogRow(NamedTuple):
@@ -988,6 +988,8 @@ _PLACE_ALL = Prepared(
     """,
     {"rows": "text", "ids": "text[]", "now": "timestamptz", "task": "text"},
     before=f"SAVEPOINT {_PLACE_ALL_SAVEPOINT}",
+    # Its custom plans count the ids' array, its generic one cannot: PostgreSQL planned it again on every pass.
+    plan=GENERIC_PLAN,
 )
 
 
