@@ -476,6 +476,18 @@ def test_a_submit_skips_the_pre_ping_and_retries_a_connection_found_dead_before_
         with database.session() as s:
             assert s.scalar(text("SELECT count(*) FROM jobs")) == before + 1
             assert s.scalar(text("SELECT count(*) FROM job_events WHERE job_id = :id"), {"id": response.json()["id"]}) == 1
+
+        # A restart ends every session: the retry's connection is pinged, not the next dead one of the pool.
+        held = [engine.connect() for _ in range(3)]
+        for connection in held:
+            connection.execute(text("SELECT 1"))
+        for connection in held:
+            connection.close()
+        for pid in backend_pids(database, "jobservice-api"):
+            with database.engine.connect() as conn:
+                conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        response = api.post("/jobs/", json=JOB)
+        assert response.status_code == 201, response.text
     finally:
         server.stop()
 

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from app.db import GENERIC_INDEXED_PLAN, Prepared, first_line, is_connection_error, retried_on_disconnect, transaction
+from app.db import GENERIC_INDEXED_PLAN, Prepared, fetch_in_transaction, first_line, is_connection_error, retried_on_disconnect, transaction
 from app.domain import capacity, counters, idempotency, quotas
 from app.domain.idempotency import IdempotencyKey
 from app.domain.callers import Caller
@@ -278,7 +278,7 @@ def insert_pending(
         INSERT.ensure(session.connection())
         SUBMIT_READS.ensure(session.connection())
         statement = _INSERT_NOTIFY_READ_NODES_AND_POSITION if wake_at_commit else _INSERT_READ_NODES_AND_POSITION
-        node_rows = session.execute(statement, params).all()
+        node_rows = fetch_in_transaction(session, statement, params)
         first.queue_position = counters.new_position_from(session, node_rows[0], first.queue, first.priority,
                                                           first.created_at, first.id)
     except Exception as exc:
@@ -370,10 +370,12 @@ def submit_many(
         except _LostBeforeCommit as lost:
             log.info("a submit met a dropped database connection before its commit; retrying it on a new one: %s",
                      first_line(lost.error))
-            try:
-                return _submit_once(session, caller, requests, settings, key, field, wake_at_commit)
-            except _LostBeforeCommit as again:
-                raise again.error from None
+    # Outside the block: the retry's connection is pinged before use, as the rest of the pool may be as dead as the one
+    # it met (a database restart ends every session).
+    try:
+        return _submit_once(session, caller, requests, settings, key, field, wake_at_commit)
+    except _LostBeforeCommit as again:
+        raise again.error from None
 
 
 class _LostBeforeCommit(Exception):
