@@ -5,6 +5,7 @@ any outbox message a crashed publisher left behind. Several schedulers may run; 
 """
 from __future__ import annotations
 
+import enum
 import gc
 import logging
 import math
@@ -25,7 +26,7 @@ from app import heartbeat
 from app.db import Database, first_line, is_connection_error, retried_on_disconnect, vacuum
 from app.dispatch import CeleryPublisher, TaskPublisher, delete_published, publish_only, publish_stale
 from app.domain import counters, idempotency, liveness, logs as log_store, pools
-from app.domain.jobs import SCHEDULER_CHANNEL, utcnow
+from app.domain.jobs import SCHEDULER_CHANNEL, SUBMIT_WAKEUP, utcnow
 from app.domain.scheduling import AdmissionResult, SnapshotCache, admit, recover_lost, requeue_unclaimed
 from config import Settings
 
@@ -41,6 +42,19 @@ STOP_CHECK_SECONDS = 0.5  # how soon a waiting scheduler sees a stop request
 # submit's way to its worker on an idle stack). A tick that meets a dead one runs again at once, on pinged connections
 # (Scheduler._tick); the liveness records outside ticks are pinged as before.
 TICK_PING_IDLE_AFTER_SECONDS = math.inf
+# Passes asked by submits alone, one after another, start at most this often however many API processes ask (each
+# one's waker sends at most one NOTIFY per app.wakeup.MIN_INTERVAL_SECONDS, so N processes asked N times as many): under
+# a submit load on a full fleet, each such pass read and weighed the backlog to admit nothing. A submit after a quiet
+# spell, and every other wake-up (an attempt's end frees a slot), is passed at once.
+SUBMIT_PASSES_MIN_INTERVAL_SECONDS = 0.05
+
+
+class Woken(enum.Enum):
+    TIMEOUT = "timeout"  # the interval, or the next due time of a pass's decisions
+    SUBMITS = "submits"  # NOTIFYs of submits alone
+    OTHER = "other"  # any other NOTIFY (an attempt ended, a cancel, a node changed), or a stop
+
+
 # Tables that every submit, admission or end appends to and a fold or pass deletes from (or updates in place).
 # Their dead rows are what the submit's position read and the pass scan: autovacuum comes a minute late at best
 # (and some servers run with it off), so at hundreds of submits a second tens of thousands of dead rows pile up
@@ -160,7 +174,9 @@ class Scheduler:
         self._record(lambda session: liveness.started(session, self.name))
         listener = self._reconnect()
         heartbeat_file = heartbeat.path_for(self.settings, "scheduler")
+        woken = Woken.OTHER
         while not stop.is_set():
+            pass_started = time.monotonic()
             try:
                 result = self._tick()
                 heartbeat.touch(heartbeat_file)  # only a tick that worked proves liveness
@@ -181,8 +197,9 @@ class Scheduler:
                 stop.wait(timeout)
                 listener = self._reconnect()
                 continue
+            submits_not_before = pass_started + SUBMIT_PASSES_MIN_INTERVAL_SECONDS if woken is Woken.SUBMITS else 0.0
             try:
-                self._wait(listener, timeout, stop)
+                woken = self._wait(listener, timeout, stop, submits_not_before)
             except psycopg2.Error as exc:
                 # The server ended the LISTEN session (restart, pg_terminate_backend): expected, not a bug.
                 log.warning("lost the LISTEN connection; reconnecting: %s", first_line(exc))
@@ -216,20 +233,30 @@ class Scheduler:
         return connection
 
     @staticmethod
-    def _wait(listener: psycopg2.extensions.connection, timeout: float, stop: threading.Event) -> None:
-        """Sleep until a notification, the timeout or `stop`; a burst of notifications makes one wake-up.
+    def _wait(listener: psycopg2.extensions.connection, timeout: float, stop: threading.Event,
+              submits_not_before: float = 0.0) -> Woken:
+        """Sleep until a notification, the timeout or `stop`; a burst of notifications makes one wake-up. Submits'
+        notifications alone wake it no earlier than `submits_not_before` (time.monotonic()): any other wakes it at once.
 
         The sleep is sliced because select() is resumed after a signal handler (PEP 475): SIGTERM would
         otherwise wait out a long SCHEDULER_INTERVAL_SECONDS before the loop saw `stop`."""
         deadline = time.monotonic() + timeout
+        submitted = False
         while not stop.is_set():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
+            now = time.monotonic()
+            if submitted and now >= submits_not_before:
+                return Woken.SUBMITS
+            remaining = (min(deadline, submits_not_before) if submitted else deadline) - now
+            if now >= deadline:
+                return Woken.SUBMITS if submitted else Woken.TIMEOUT
             if select.select([listener], [], [], min(remaining, STOP_CHECK_SECONDS)) != ([], [], []):
                 listener.poll()
+                reasons = {notification.payload for notification in listener.notifies}
                 listener.notifies.clear()
-                return
+                if reasons - {SUBMIT_WAKEUP}:
+                    return Woken.OTHER
+                submitted = bool(reasons) or submitted
+        return Woken.OTHER
 
 
 def scheduler_database(settings: Settings) -> Database:

@@ -37,7 +37,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 
 from app.db import first_line, is_connection_error
-from app.domain.jobs import SCHEDULER_CHANNEL
+from app.domain.jobs import SCHEDULER_CHANNEL, SUBMIT_WAKEUP
 
 log = logging.getLogger("jobservice.wakeup")
 
@@ -45,7 +45,7 @@ MIN_INTERVAL_SECONDS = 0.05  # between two NOTIFYs of one process: at most 20 pa
 
 
 class SchedulerWaker:
-    def __init__(self, engine: Engine, reason: str = "submit", *, min_interval: float = MIN_INTERVAL_SECONDS,
+    def __init__(self, engine: Engine, reason: str = SUBMIT_WAKEUP, *, min_interval: float = MIN_INTERVAL_SECONDS,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
         self._engine = engine
         self._reason = reason

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import time
 from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 from typing import Any
@@ -185,6 +186,46 @@ def test_a_scheduler_waiting_out_a_long_interval_stops_when_asked(e2e_settings: 
         stop.set()
         publisher.close()
         scheduler.database.dispose()
+
+
+def test_passes_asked_by_submits_alone_are_spaced_and_any_other_wake_up_is_at_once(settings: Settings) -> None:
+    """Issue 14: N API processes each ask up to 1/MIN_INTERVAL passes a second; a pass asked by submits alone right after
+    another one waits for the spacing, which an attempt's end (a slot freed) or any other wake-up does not."""
+    import threading
+
+    import psycopg2
+
+    from app.domain.jobs import SCHEDULER_CHANNEL, SUBMIT_WAKEUP
+    from app.scheduler import Scheduler, Woken
+
+    listener, notifier = psycopg2.connect(settings.database_url), psycopg2.connect(settings.database_url)
+    for connection in (listener, notifier):
+        connection.autocommit = True
+    listener.cursor().execute(f"LISTEN {SCHEDULER_CHANNEL}")
+    stop = threading.Event()
+
+    def notify(reason: str) -> None:
+        notifier.cursor().execute("SELECT pg_notify(%s, %s)", (SCHEDULER_CHANNEL, reason))
+
+    try:
+        notify(SUBMIT_WAKEUP)  # after a quiet spell (or a pass asked by something else): at once
+        assert Scheduler._wait(listener, 30, stop, 0.0) is Woken.SUBMITS
+        woken: list[Woken] = []
+        waiting = threading.Thread(target=lambda: woken.append(Scheduler._wait(listener, 30, stop, time.monotonic() + 30)))
+        waiting.start()
+        notify(SUBMIT_WAKEUP)
+        notify(SUBMIT_WAKEUP)
+        waiting.join(1.0)
+        assert waiting.is_alive() and woken == []  # deferred to the spacing's end
+        notify("attempt-ended")
+        waiting.join(10)
+        assert woken == [Woken.OTHER]
+        notify(SUBMIT_WAKEUP)  # deferred, then passed once the spacing is over
+        assert Scheduler._wait(listener, 30, stop, time.monotonic() + 0.2) is Woken.SUBMITS
+        assert Scheduler._wait(listener, 0.05, stop, 0.0) is Woken.TIMEOUT
+    finally:
+        listener.close()
+        notifier.close()
 
 
 def test_a_pass_skips_a_job_whose_row_someone_holds_and_admits_it_once_released(database: Database, e2e_settings: Settings) -> None:

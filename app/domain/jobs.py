@@ -26,6 +26,7 @@ from app.models import Job, JobEvent
 from config import Settings
 
 SCHEDULER_CHANNEL = "jobservice_scheduler"
+SUBMIT_WAKEUP = "submit"  # the payload of a submit's NOTIFY (the scheduler spaces the passes they alone ask for)
 POSITION_SAVEPOINT = "submit_position"
 FieldNamer = Callable[[int, str], str]  # (item index, field) -> the name an error gives it: `jobs.3.resources`
 log = logging.getLogger("jobservice.jobs")
@@ -232,7 +233,7 @@ INSERT = Prepared("jobservice_submit_insert", _INSERT_JOBS.text, {"rows": "jsonb
 _INSERT_READ_NODES_AND_POSITION = text(f"{INSERT.execute_sql}; SAVEPOINT {POSITION_SAVEPOINT}; {SUBMIT_READS.run_sql}")
 # The same with the scheduler's wake-up, delivered by the commit (app.wakeup: a lone submit after a quiet spell).
 _INSERT_NOTIFY_READ_NODES_AND_POSITION = text(
-    f"{INSERT.execute_sql}; SELECT pg_notify('{SCHEDULER_CHANNEL}', 'submit'); SAVEPOINT {POSITION_SAVEPOINT}; "
+    f"{INSERT.execute_sql}; SELECT pg_notify('{SCHEDULER_CHANNEL}', '{SUBMIT_WAKEUP}'); SAVEPOINT {POSITION_SAVEPOINT}; "
     f"{SUBMIT_READS.run_sql}")
 
 
