@@ -21,6 +21,7 @@ from sqlalchemy.exc import OperationalError
 from werkzeug.serving import make_server
 
 from app import create_app
+from app import db as app_db
 from app.db import Database
 from app.embedded import ensure_services
 from config import Settings
@@ -55,6 +56,14 @@ def make_token(
     now = int(time.time())
     payload: dict[str, Any] = {"sub": sub, "iat": now, "nbf": now, "exp": now + expires_in, "scope": scopes, **claims}
     return jwt.encode({k: v for k, v in payload.items() if v is not None}, key, algorithm=algorithm, headers=headers)
+
+
+@pytest.fixture(autouse=True)
+def prepared_statements_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Statements prepared once per database session for the whole run, as within a minute of service: the session-wide
+    pools outlive PREPARED_MAX_AGE_SECONDS, and tests count the round trips of a pass or a submit. The re-preparation
+    itself is tested in test_db_resilience.py."""
+    monkeypatch.setattr(app_db, "PREPARED_MAX_AGE_SECONDS", float("inf"))
 
 
 @pytest.fixture(scope="session")
