@@ -62,6 +62,10 @@ class Woken(enum.Enum):
 CHURN_TABLES = ("job_count_deltas", "job_stats_deltas", "pool_demand_deltas", "outbox", "job_counts", "pool_demand",
                 "fair_share_usage", "scheduler_state", "scheduler_heartbeats")
 VACUUM_CHURN_EVERY_SECONDS = 10.0
+# The counters' deltas are folded by the sweep, and by passes woken between sweeps this long after the last fold: every
+# submit reads the unfolded deltas of its queue (its position), and at 500 submits a second a sweep's two seconds left
+# a thousand of them to add up, about 0.3 ms of PostgreSQL CPU per submit. An idle scheduler folds with its sweep alone.
+FOLD_EVERY_SECONDS = 0.25
 
 
 class Scheduler:
@@ -72,6 +76,7 @@ class Scheduler:
         self._last_sweep = 0.0
         self._last_purge = 0.0
         self._last_vacuum = float("-inf")
+        self._last_fold = float("-inf")
         self._listen_failures = 0
         self._last_pass_recorded = float("-inf")
         self._published: list[int] = []  # outbox rows whose tasks were sent, to delete in the next pass
@@ -103,12 +108,16 @@ class Scheduler:
                     log.warning("returned a queued job to the backlog: no worker claimed it within %gs",
                                 self.settings.claim_timeout_seconds, extra={"job_id": job_id})
                 publish_stale(session, self.publisher, self.settings)
+                self._last_fold = now_mono
                 self._fold_counters(session)
                 if now_mono - self._last_vacuum >= VACUUM_CHURN_EVERY_SECONDS:
                     self._last_vacuum = now_mono
                     self._vacuum_churn()
                 if (recovered or requeued) and failed is None:  # what it freed or sent back is admitted now, as before
                     result = self._admit(session)
+            elif now_mono - self._last_fold >= FOLD_EVERY_SECONDS:  # woken between sweeps: a load is on
+                self._last_fold = now_mono
+                self._fold_counters(session)
             if now_mono - self._last_purge >= PURGE_EVERY_SECONDS:
                 self._last_purge = now_mono
                 log_store.purge_older_than(session, self.settings.log_retention_days)

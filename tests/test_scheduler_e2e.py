@@ -305,6 +305,46 @@ def test_the_scheduler_vacuums_the_tables_its_passes_and_folds_churn(e2e_setting
         assert last_vacuum is not None and last_vacuum != before[name][1], name
 
 
+def test_passes_between_sweeps_fold_the_counters_at_most_every_fold_interval(
+    e2e_settings: Settings, database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every submit adds up its queue's unfolded deltas (its position): under a load, the passes woken between two
+    sweeps fold them too, FOLD_EVERY_SECONDS apart; an idle scheduler folds with its sweep alone."""
+    from app import scheduler as scheduler_module
+    from app.dispatch import CeleryPublisher
+    from app.scheduler import SCHEDULER_APPLICATION, Scheduler
+
+    def unfolded() -> int:
+        with database.engine.connect() as conn:
+            return int(conn.execute(text("SELECT count(*) FROM job_count_deltas WHERE queue = 'q-fold'")).scalar_one())
+
+    def add_deltas() -> None:
+        with database.engine.begin() as conn:
+            conn.execute(text("INSERT INTO job_count_deltas (queue, status, priority, delta) "
+                              "SELECT 'q-fold', 'pending', 1, 1 FROM generate_series(1, 10)"))
+
+    settings = e2e_settings.with_overrides(scheduler_interval_seconds=3600.0)  # one sweep: the first tick's
+    publisher = CeleryPublisher(settings)
+    scheduler = Scheduler(settings, Database(settings.database_url or "", pool_size=2, application_name=SCHEDULER_APPLICATION),
+                          publisher)
+    monkeypatch.setattr(scheduler_module, "FOLD_EVERY_SECONDS", 3600.0)
+    try:
+        add_deltas()
+        scheduler.tick()  # the sweep folds
+        assert unfolded() == 0
+        add_deltas()
+        scheduler.tick()  # woken again at once: not yet
+        assert unfolded() == 10
+        monkeypatch.setattr(scheduler_module, "FOLD_EVERY_SECONDS", 0.0)
+        scheduler.tick()
+        assert unfolded() == 0
+        with database.engine.connect() as conn:
+            assert conn.execute(text("SELECT count FROM job_counts WHERE queue = 'q-fold'")).scalar_one() == 20
+    finally:
+        scheduler.database.dispose()
+        publisher.close()
+
+
 def test_a_tick_whose_idle_connection_died_runs_again_at_once(e2e_settings: Settings, database: Database,
                                                               caplog: pytest.LogCaptureFixture) -> None:
     """Issue 14, idle dispatch: a tick does not ping its pooled connections first (a round trip of every pass). A
