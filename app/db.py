@@ -78,30 +78,27 @@ class Prepared:
         # What a round trip of several statements embeds to run it: the plan's settings and the EXECUTE.
         self.run_sql = f"{plan}; {self.execute_sql}" if plan else self.execute_sql
         self._execute = text(f"{before}; {self.run_sql}" if before else self.run_sql)
-        # For run_alone: the EXECUTE in psycopg2's own parameter style, and a row class per list of columns.
+        # For run_alone: the EXECUTE in psycopg2's own parameter style.
         self._alone = None if before or plan else f"EXECUTE {name} ({', '.join(f'%({p})s' for p in order)})"
-        self._row_classes: dict[tuple[str, ...], type] = {}
 
     def preparation(self, info: dict[Any, Any]) -> str | None:
         """What to send first on the database session whose pooled connection's info this is: PREPARE the first time,
-        DEALLOCATE and PREPARE once the last one is PREPARED_MAX_AGE_SECONDS old, else nothing; counted as sent."""
-        prepared: dict[str, float] = info.setdefault(_PREPARED_INFO_KEY, {})
-        now = time.monotonic()
-        at = prepared.get(self.name)
-        if at is not None and now - at < PREPARED_MAX_AGE_SECONDS:
-            return None
-        prepared[self.name] = now
-        return self.prepare_sql if at is None else self.reprepare_sql
+        DEALLOCATE and PREPARE once the last one is PREPARED_MAX_AGE_SECONDS old, else nothing."""
+        at = info.get(_PREPARED_INFO_KEY, {}).get(self.name)
+        if at is None:
+            return self.prepare_sql
+        return self.reprepare_sql if time.monotonic() - at >= PREPARED_MAX_AGE_SECONDS else None
+
+    def prepared(self, info: dict[Any, Any]) -> None:
+        """Record that the preparation was sent and went through (one that failed is sent again next time)."""
+        info.setdefault(_PREPARED_INFO_KEY, {})[self.name] = time.monotonic()
 
     def ensure(self, connection: Connection) -> None:
         """Prepared on this connection's database session (a round trip the first time, and once a minute after)."""
         sql = self.preparation(connection.info)
         if sql is not None:
-            try:
-                connection.execute(text(sql))
-            except Exception:
-                connection.info[_PREPARED_INFO_KEY].pop(self.name, None)  # in doubt: prepared anew next time
-                raise
+            connection.execute(text(sql))
+            self.prepared(connection.info)
 
     def execute(self, session: Session | Connection, params: Mapping[str, Any] | None = None) -> Result[Any]:
         connection = session.connection() if isinstance(session, Session) else session
@@ -131,20 +128,11 @@ def run_alone(session: Session, statement: Prepared, params: Mapping[str, Any]) 
                 preparation = statement.preparation(pooled.info)
                 if preparation is not None:
                     sent = preparation
-                    try:
-                        cursor.execute(preparation)
-                    except Exception:
-                        pooled.info[_PREPARED_INFO_KEY].pop(statement.name, None)
-                        raise
+                    cursor.execute(preparation)
+                    statement.prepared(pooled.info)
                 sent = statement._alone
                 cursor.execute(sent, params)
-                if cursor.description is None:
-                    return []
-                columns = tuple(column.name for column in cursor.description)
-                row_class = statement._row_classes.get(columns)
-                if row_class is None:
-                    row_class = statement._row_classes[columns] = namedtuple("Row", columns, rename=True)  # type: ignore[misc]
-                return [row_class._make(values) for values in cursor.fetchall()]
+                return _rows(cursor)
         finally:
             connection.autocommit = False
     except psycopg2.Error as exc:
@@ -158,6 +146,17 @@ def run_alone(session: Session, statement: Prepared, params: Mapping[str, Any]) 
 
 _ROW_CLASSES: dict[tuple[str, ...], type] = {}
 _PYFORMAT: dict[TextClause, str] = {}
+
+
+def _rows(cursor: Any) -> list[Any]:
+    """A cursor's rows as named tuples (a class per list of columns, made once)."""
+    if cursor.description is None:
+        return []
+    columns = tuple(column.name for column in cursor.description)
+    row_class = _ROW_CLASSES.get(columns)
+    if row_class is None:
+        row_class = _ROW_CLASSES[columns] = namedtuple("Row", columns, rename=True)  # type: ignore[misc]
+    return [row_class._make(values) for values in cursor.fetchall()]
 
 
 def fetch_in_transaction(session: Session, statement: TextClause, params: Mapping[str, Any]) -> list[Any]:
@@ -176,13 +175,7 @@ def fetch_in_transaction(session: Session, statement: TextClause, params: Mappin
     try:
         connection.dispatch.before_cursor_execute(connection, cursor, sql, params, None, False)
         cursor.execute(sql, params)
-        if cursor.description is None:
-            return []
-        columns = tuple(column.name for column in cursor.description)
-        row_class = _ROW_CLASSES.get(columns)
-        if row_class is None:
-            row_class = _ROW_CLASSES[columns] = namedtuple("Row", columns, rename=True)  # type: ignore[misc]
-        return [row_class._make(values) for values in cursor.fetchall()]
+        return _rows(cursor)
     except psycopg2.Error as exc:
         # SQLAlchemy's own handling, as for a statement it executed: the error wrapped (DBAPIError), and on a disconnect
         # this connection and the pool's older ones invalidated (a restart ended them all), the transaction left for the
