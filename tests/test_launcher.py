@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -25,12 +26,20 @@ def fresh(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(launcher_module, "_resolved", {})
 
 
-@pytest.fixture
-def built(tmp_path: Path, fresh: None) -> str:
+# Where the launcher can be built without the C library (launcher.c, JOBSERVICE_NOLIBC): auto must choose that build.
+NOLIBC_HOST = platform.system() == "Linux" and platform.machine() in ("x86_64", "aarch64")
+
+
+@pytest.fixture(params=list(launcher_module.BUILDS))
+def built(request: pytest.FixtureRequest, tmp_path: Path, fresh: None) -> str:
+    """The launcher as each of its builds makes it: they must behave the same."""
     if COMPILER is None:
         pytest.skip("no C compiler on this host")
-    path = launcher("auto", tmp_path / "bin")
-    assert path is not None
+    path = launcher_module.build(tmp_path / "bin" / "jobservice-launch", [request.param])
+    if path is None:
+        if request.param == "static" or (request.param == "nolibc" and not NOLIBC_HOST):
+            pytest.skip(f"the {request.param} build is not possible on this host")
+        pytest.fail(f"the {request.param} build of the launcher failed")
     return path
 
 
@@ -47,6 +56,16 @@ def test_it_is_built_once_per_source_and_reused(tmp_path: Path, fresh: None) -> 
     launcher_module._resolved.clear()  # another process on the host: finds the build, does not redo it
     assert launcher("auto", tmp_path / "bin") == first and Path(first).stat().st_mtime_ns == built_at
     assert [p.name for p in (tmp_path / "bin").iterdir()] == [Path(first).name], "no partial build is left behind"
+
+
+@needs_compiler
+@pytest.mark.skipif(not NOLIBC_HOST, reason="the launcher needs the C library on this platform")
+def test_auto_builds_it_without_the_c_library_where_it_can(tmp_path: Path, fresh: None) -> None:
+    path = launcher("auto", tmp_path / "bin")
+    assert path is not None
+    # A static glibc carries its tunables' names ("glibc.malloc.arena_max", ...); a dynamic one names its loader.
+    image = Path(path).read_bytes()
+    assert b"glibc." not in image and b"ld-linux" not in image
 
 
 def test_it_runs_the_program_with_its_arguments_and_passes_its_exit_code_on(built: str, tmp_path: Path) -> None:

@@ -8,7 +8,8 @@ CPU (about 1.3 ms against 0.3 ms for the static launcher, `benchmarks/worker_ste
 all the CPU a job of `true` costs the host.
 
 `WORKER_LAUNCHER` chooses it: `auto` (default) builds launcher.c with the host's C compiler (`$CC`, `cc`
-or `gcc`) once into `$JOBSERVICE_DATA_DIR/bin`, named by a hash of its source, and falls back to sh and
+or `gcc`) once into `$JOBSERVICE_DATA_DIR/bin`, named by a hash of its source: without the C library where it
+can (x86-64 and arm64 Linux: BUILDS), else static, else plain; and it falls back to sh and
 setpriv where there is no compiler; `off` always uses sh and setpriv; a path names a launcher built
 elsewhere (an image built without a compiler). A launcher is used only once it ran a trial member.
 
@@ -29,8 +30,14 @@ log = logging.getLogger("jobservice.worker")
 SOURCE = Path(__file__).with_name("launcher.c")
 BUILD_TIMEOUT_SECONDS = 120
 TRIAL_TIMEOUT_SECONDS = 10
-# Static where the C library allows it: no dynamic loader to run at every member start (0.3 against 0.5 ms).
-_BUILDS = (["-O2", "-static"], ["-O2"])
+# The first that builds and runs a trial member is used. Without the C library: no start-up detecting the CPU's
+# features (CPUID, trapped by a hypervisor); a member of `true` cost 0.62, 0.97 and 1.16 ms of CPU through the three
+# on this project's VM, and `true` alone 0.57 (benchmarks/launcher.py).
+BUILDS: dict[str, list[str]] = {
+    "nolibc": ["-O2", "-static", "-nostdlib", "-ffreestanding", "-fno-builtin", "-fno-stack-protector", "-DJOBSERVICE_NOLIBC"],
+    "static": ["-O2", "-static"],
+    "dynamic": ["-O2"],
+}
 
 _resolved: dict[tuple[str, str], str | None] = {}
 
@@ -59,13 +66,14 @@ def _resolve(setting: str, cache_dir: Path) -> str | None:
     target = cache_dir.resolve() / f"jobservice-launch-{hashlib.sha256(source).hexdigest()[:16]}"
     if target.exists() and _works(str(target)):
         return str(target)
-    built = _build(target)
+    built = build(target)
     if built is None:
         log.info("no C compiler built the member launcher: members start through sh and setpriv (about 1 ms more each)")
     return built
 
 
-def _build(target: Path) -> str | None:
+def build(target: Path, builds: list[str] | None = None) -> str | None:
+    """The launcher built at `target` with the first of `builds` (names in BUILDS, all by default) that works."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         return None
@@ -74,7 +82,7 @@ def _build(target: Path) -> str | None:
     except OSError as exc:
         log.warning("cannot create %s for the member launcher: %s", target.parent, exc)
         return None
-    for flags in _BUILDS:
+    for flags in (BUILDS[name] for name in (builds or BUILDS)):
         # Built beside its final name and renamed: workers starting together never run a half-written file.
         fd, partial = tempfile.mkstemp(prefix=".launch-", dir=target.parent)
         os.close(fd)
