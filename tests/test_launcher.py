@@ -73,6 +73,18 @@ def test_it_runs_the_program_with_its_arguments_and_passes_its_exit_code_on(buil
     assert (done.returncode, done.stdout) == (3, "a b|c\n")
 
 
+def test_the_program_gets_the_environment_it_was_started_with(built: str) -> None:
+    done = run([built, str(os.getpid()), "-", "/usr/bin/env"], env={"JOB_A": "1 2", "JOB_EMPTY": "", "JOB_UTF8": "é"})
+    assert done.returncode == 0 and done.stdout.splitlines() == ["JOB_A=1 2", "JOB_EMPTY=", "JOB_UTF8=é"], done.stderr
+
+
+def test_a_launcher_that_loses_the_environment_is_not_used(tmp_path: Path, fresh: None) -> None:
+    wiping = tmp_path / "wiping"
+    wiping.write_text('#!/bin/sh\nshift 2\nexec env -i "$@"\n')  # runs the program with its arguments, in an empty environment
+    wiping.chmod(0o755)
+    assert launcher(str(wiping), tmp_path / "bin") is None
+
+
 def test_a_member_it_starts_has_the_kill_death_signal(built: str) -> None:
     # /proc shows no death signal; a process can ask for its own: prctl(PR_GET_PDEATHSIG) in a tiny Python.
     probe = "import ctypes, sys; v = ctypes.c_int(); ctypes.CDLL(None).prctl(2, ctypes.byref(v), 0, 0, 0); print(v.value)"

@@ -104,12 +104,13 @@ def build(target: Path, builds: list[str] | None = None) -> str | None:
 
 
 def _works(path: str) -> bool:
-    """It starts a member: the program runs, with its arguments, and its exit code comes back."""
+    """It starts a member: the program runs, with its arguments and its environment, and its exit code comes back."""
     shell = shutil.which("sh") or "/bin/sh"
     try:
         trial = subprocess.run(
-            [path, str(os.getpid()), "-", shell, "-c", 'exit "$0"', "7"], stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=TRIAL_TIMEOUT_SECONDS,
+            [path, str(os.getpid()), "-", shell, "-c", '[ "$JOBSERVICE_LAUNCH_TRIAL" = "a b" ] && exit "$0"', "7"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=TRIAL_TIMEOUT_SECONDS,
+            env={**os.environ, "JOBSERVICE_LAUNCH_TRIAL": "a b"},
         )
     except (OSError, subprocess.SubprocessError):
         return False
