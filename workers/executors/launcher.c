@@ -23,12 +23,13 @@
  */
 #define LAUNCH_FAILED 125
 #define EXEC_FAILED 127
-#define PR_SET_PDEATHSIG_OPTION 1
-#define SIGKILL_NUMBER 9
 #define BOURNE_SHELL "/bin/sh"
 
 #ifdef JOBSERVICE_NOLIBC
 
+/* The kernel's values (uapi headers), the same on x86-64 and arm64. */
+#define PR_SET_PDEATHSIG 1
+#define SIGKILL 9
 #define O_WRONLY 01
 #define O_CLOEXEC 02000000
 #define ENOEXEC 8
@@ -94,7 +95,7 @@ static long checked(long result) {
 static int open_for_writing(const char *path) { return (int)checked(sys6(NR_OPENAT, AT_FDCWD, (long)path, O_WRONLY | O_CLOEXEC, 0, 0)); }
 static long write_some(int fd, const char *data, unsigned long size) { return checked(sys6(NR_WRITE, fd, (long)data, (long)size, 0, 0)); }
 static void close_fd(int fd) { sys6(NR_CLOSE, fd, 0, 0, 0, 0); }
-static int set_death_signal(void) { return (int)checked(sys6(NR_PRCTL, PR_SET_PDEATHSIG_OPTION, SIGKILL_NUMBER, 0, 0, 0)); }
+static int set_death_signal(void) { return (int)checked(sys6(NR_PRCTL, PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)); }
 static long parent_pid(void) { return sys6(NR_GETPPID, 0, 0, 0, 0, 0); }
 static void exec(const char *path, char **argv, char **envp) { checked(sys6(NR_EXECVE, (long)path, (long)argv, (long)envp, 0, 0)); }
 static int error_number(void) { return last_error; }
